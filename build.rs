@@ -1,0 +1,28 @@
+//! Compiles `proto/` to Rust with tonic + prost. The .proto files are parsed by
+//! `protox` (a pure-Rust protobuf compiler), so no `protoc` binary is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/process.proto", "proto/filesystem.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+
+    // The encoded descriptor set also feeds gRPC reflection.
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("envd_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // `Process.Connect` would clash with the generated `connect()` constructor.
+        .build_transport(false)
+        .bytes(".")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! Command-line flags and their defaults, in one struct.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::listen::ListenUrl;
+
+/// The listener used when no `--listen` is given: loopback only.
+pub const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:49983";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// envd: the in-VM agent serving the process and filesystem services.
+#[derive(Debug, Parser)]
+#[command(name = "envd", version)]
+pub struct Config {
+    /// Where to listen; repeatable. tcp://HOST:PORT, unix:///PATH (a stale
+    /// socket file is replaced; the socket gets mode 0600) or vsock://CID:PORT
+    /// (CID -1 = any, the guest side). Default: tcp://127.0.0.1:49983.
+    #[arg(long = "listen", value_name = "URL")]
+    pub listen: Vec<ListenUrl>,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing
+    /// directive such as "envd=debug". Overrides RUST_LOG. Default: info.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Recent output kept per process for re-attach without loss (bytes;
+    /// at least 65536).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(65536..=(1u64 << 32)))]
+    pub output_buffer: u64,
+
+    /// How long an ended process stays available to Connect (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub exit_retention: u64,
+
+    /// User for requests that name none (no `authorization: Basic` header).
+    /// Default: the user envd runs as (root in a VM).
+    #[arg(long, value_name = "USER")]
+    pub default_user: Option<String>,
+}
+
+impl Config {
+    pub fn listeners(&self) -> Vec<ListenUrl> {
+        if self.listen.is_empty() {
+            vec![DEFAULT_LISTEN.parse().expect("the default listen URL is valid")]
+        } else {
+            self.listen.clone()
+        }
+    }
+
+    pub fn process_settings(&self) -> crate::process::Settings {
+        crate::process::Settings {
+            output_buffer: usize::try_from(self.output_buffer).unwrap_or(usize::MAX),
+            exit_retention: Duration::from_secs(self.exit_retention),
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Defaults that apply to every request and can change at run time
+//! (the E2B `/init` endpoint sets them): default user and global environment.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+#[derive(Debug)]
+pub struct Defaults {
+    user: RwLock<String>,
+    envs: RwLock<BTreeMap<String, String>>,
+}
+
+impl Defaults {
+    pub fn new(user: String) -> Self {
+        Self {
+            user: RwLock::new(user),
+            envs: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn user(&self) -> String {
+        self.user.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_user(&self, user: String) {
+        *self.user.write().unwrap_or_else(|e| e.into_inner()) = user;
+    }
+
+    /// The global environment added to every process (below the request's own).
+    pub fn envs(&self) -> BTreeMap<String, String> {
+        self.envs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_envs(&self, envs: BTreeMap<String, String>) {
+        *self.envs.write().unwrap_or_else(|e| e.into_inner()) = envs;
+    }
+}

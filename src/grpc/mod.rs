@@ -1,0 +1,19 @@
+//! Native gRPC (tonic) adapters: thin glue from tonic requests to the service
+//! logic. Each handler parses the [`RequestContext`], calls the service and
+//! maps errors through [`crate::status`].
+
+pub mod process;
+
+use crate::defaults::Defaults;
+use crate::request::RequestContext;
+
+/// Largest request message envd decodes (4 MiB, tonic's usual limit). Bigger
+/// inputs must be split (e.g. StreamInput chunks).
+pub const MAX_DECODE: usize = 4 << 20;
+/// Largest response message envd encodes. Output chunks are at most 64 KiB.
+pub const MAX_ENCODE: usize = 16 << 20;
+
+fn context<T>(req: &tonic::Request<T>, defaults: &Defaults) -> Result<RequestContext, tonic::Status> {
+    let headers = req.metadata().clone().into_headers();
+    Ok(RequestContext::from_headers(&headers, defaults)?)
+}

@@ -1,0 +1,18 @@
+//! envd: the agent inside every sandbox microVM.
+//!
+//! Service logic lives in [`process`] (and later `filesystem`), written once
+//! against the prost types in [`proto`]; [`grpc`] adapts it to tonic, and
+//! [`status`] is the one map from errors to status codes.
+
+pub mod config;
+pub mod defaults;
+pub mod grpc;
+pub mod listen;
+pub mod logging;
+pub mod paths;
+pub mod process;
+pub mod proto;
+pub mod request;
+pub mod server;
+pub mod status;
+pub mod users;

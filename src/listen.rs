@@ -1,0 +1,163 @@
+//! Listener URLs (`tcp://`, `unix://`, `vsock://`) and accepting connections
+//! on any of them as one kind of byte stream.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+
+/// Mode of a Unix socket envd creates: owner (normally root) only.
+pub const UNIX_SOCKET_MODE: u32 = 0o600;
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenUrl {
+    /// `tcp://HOST:PORT` (port 0 picks a free port).
+    Tcp(String),
+    /// `unix:///absolute/path`
+    Unix(PathBuf),
+    /// `vsock://CID:PORT`; CID `-1` means any (the guest side).
+    Vsock { cid: u32, port: u32 },
+}
+
+impl FromStr for ListenUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| format!("'{s}': expected tcp://HOST:PORT, unix:///PATH or vsock://CID:PORT"))?;
+        match scheme {
+            "tcp" => {
+                let (host, port) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("'{s}': missing :PORT"))?;
+                if host.is_empty() {
+                    return Err(format!("'{s}': missing host (use 0.0.0.0 for all interfaces)"));
+                }
+                port.parse::<u16>().map_err(|_| format!("'{s}': bad port '{port}'"))?;
+                Ok(ListenUrl::Tcp(rest.to_owned()))
+            }
+            "unix" => {
+                if !rest.starts_with('/') {
+                    return Err(format!("'{s}': the socket path must be absolute (unix:///path)"));
+                }
+                Ok(ListenUrl::Unix(PathBuf::from(rest)))
+            }
+            "vsock" => {
+                let (cid, port) = rest
+                    .split_once(':')
+                    .ok_or_else(|| format!("'{s}': expected vsock://CID:PORT"))?;
+                let cid = if cid == "-1" {
+                    VMADDR_CID_ANY
+                } else {
+                    cid.parse().map_err(|_| format!("'{s}': bad CID '{cid}'"))?
+                };
+                let port = port.parse().map_err(|_| format!("'{s}': bad port '{port}'"))?;
+                Ok(ListenUrl::Vsock { cid, port })
+            }
+            other => Err(format!("'{s}': unknown scheme '{other}' (tcp, unix or vsock)")),
+        }
+    }
+}
+
+impl fmt::Display for ListenUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenUrl::Tcp(a) => write!(f, "tcp://{a}"),
+            ListenUrl::Unix(p) => write!(f, "unix://{}", p.display()),
+            ListenUrl::Vsock { cid, port } if *cid == VMADDR_CID_ANY => write!(f, "vsock://-1:{port}"),
+            ListenUrl::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+        }
+    }
+}
+
+/// Any accepted connection.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+    Vsock(VsockListener),
+}
+
+impl Listener {
+    pub async fn bind(url: &ListenUrl) -> io::Result<Listener> {
+        match url {
+            ListenUrl::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr.as_str()).await?)),
+            ListenUrl::Unix(path) => {
+                remove_stale_socket(path)?;
+                let l = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))?;
+                Ok(Listener::Unix(l))
+            }
+            ListenUrl::Vsock { cid, port } => Ok(Listener::Vsock(VsockListener::bind(VsockAddr::new(*cid, *port))?)),
+        }
+    }
+
+    /// The URL actually bound (with the real port when port 0 was asked).
+    pub fn local_url(&self, asked: &ListenUrl) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map_or_else(|_| asked.to_string(), |a| format!("tcp://{a}")),
+            Listener::Vsock(l) => match l.local_addr() {
+                Ok(a) if a.cid() == VMADDR_CID_ANY => format!("vsock://-1:{}", a.port()),
+                Ok(a) => format!("vsock://{}:{}", a.cid(), a.port()),
+                Err(_) => asked.to_string(),
+            },
+            Listener::Unix(_) => asked.to_string(),
+        }
+    }
+
+    pub async fn accept(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            Listener::Vsock(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
+/// A leftover socket file from an earlier run is replaced; any other file at
+/// that path is an error (envd never deletes what it did not create).
+fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_urls() {
+        assert_eq!("tcp://127.0.0.1:49983".parse(), Ok(ListenUrl::Tcp("127.0.0.1:49983".into())));
+        assert_eq!("unix:///run/envd.sock".parse(), Ok(ListenUrl::Unix("/run/envd.sock".into())));
+        assert_eq!(
+            "vsock://-1:49983".parse(),
+            Ok(ListenUrl::Vsock { cid: VMADDR_CID_ANY, port: 49983 })
+        );
+        assert_eq!("vsock://-1:49983".parse::<ListenUrl>().unwrap().to_string(), "vsock://-1:49983");
+        for bad in ["127.0.0.1:1", "tcp://:1", "tcp://h:x", "unix://rel", "vsock://a:1", "http://x:1"] {
+            assert!(bad.parse::<ListenUrl>().is_err(), "{bad} accepted");
+        }
+    }
+}

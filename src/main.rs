@@ -1,0 +1,84 @@
+//! The envd binary: flags, logging, listeners, then serve until told to stop.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+use envd::config::Config;
+use envd::defaults::Defaults;
+use envd::listen::Listener;
+use envd::process::{ProcessService, Reaper};
+use envd::users::User;
+use envd::{logging, server};
+
+fn main() -> ExitCode {
+    ensure_std_fds();
+    let cfg = Config::parse();
+    logging::init(&cfg);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("envd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("envd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// fds 0-2 must be open so that no pipe or socket envd creates lands on them
+/// (children get their stdio by dup2 onto 0-2).
+fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD on any integer is harmless; it only reports EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // SAFETY: opening /dev/null with a static C string; the lowest
+            // free fd is the one just found closed.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+}
+
+async fn run(cfg: Config) -> Result<(), String> {
+    let reaper = Reaper::start().map_err(|e| format!("cannot start the child reaper: {e}"))?;
+    let default_user = match &cfg.default_user {
+        Some(u) => {
+            User::lookup(u).map_err(|e| format!("--default-user: {e}"))?;
+            u.clone()
+        }
+        None => User::current().map_err(|e| e.to_string())?.name,
+    };
+    let defaults = Arc::new(Defaults::new(default_user));
+    let process = Arc::new(ProcessService::new(reaper, defaults, cfg.process_settings()));
+    let routes = server::routes(process).await?;
+
+    let mut bound = Vec::new();
+    for url in cfg.listeners() {
+        let listener = Listener::bind(&url)
+            .await
+            .map_err(|e| format!("cannot listen on {url}: {e}"))?;
+        let local = listener.local_url(&url);
+        tracing::info!(url = %local, "listening");
+        bound.push((listener, local));
+    }
+    for (listener, local) in bound {
+        tokio::spawn(server::serve(listener, local, routes.clone()));
+    }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "envd ready");
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! One process envd started: identity, output log, input side and lifecycle
+//! flags. Shared (`Arc`) by the table, the RPCs and its own I/O tasks.
+
+use std::sync::Arc;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::sync::{watch, Mutex};
+
+use super::output::OutputLog;
+use super::pty::Pty;
+use crate::proto::process::ProcessConfig;
+use crate::status::{Error, Result};
+
+/// Where input to the process goes.
+#[derive(Debug)]
+pub enum Input {
+    /// A stdin pipe; `None` once closed.
+    Pipe(Mutex<Option<pipe::Sender>>),
+    Pty(Arc<Pty>),
+    /// Started with `stdin=false`: stdin is /dev/null.
+    Null,
+}
+
+#[derive(Debug)]
+pub struct Process {
+    pub pid: u32,
+    pub tag: Option<String>,
+    pub config: ProcessConfig,
+    /// Start order, to break ties between equal tags or reused pids.
+    pub seq: u64,
+    pub output: Arc<OutputLog>,
+    pub input: Input,
+    /// Becomes true when the process (the group leader) has exited.
+    pub exited: watch::Sender<bool>,
+}
+
+impl Process {
+    pub fn is_running(&self) -> bool {
+        !*self.exited.borrow()
+    }
+
+    fn ensure_running(&self) -> Result<()> {
+        if self.is_running() {
+            Ok(())
+        } else {
+            Err(Error::not_found(format!("process {} has ended", self.pid)))
+        }
+    }
+
+    /// Delivers `sig` to the process's whole process group.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        self.ensure_running()?;
+        kill_group(self.pid, sig)
+    }
+
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<()> {
+        self.ensure_running()?;
+        match &self.input {
+            Input::Pipe(stdin) => {
+                let mut guard = stdin.lock().await;
+                let w = guard.as_mut().ok_or_else(|| {
+                    Error::precondition(format!("stdin of process {} is closed", self.pid))
+                })?;
+                w.write_all(data)
+                    .await
+                    .map_err(|e| Error::io(format!("write to stdin of process {}", self.pid), &e))
+            }
+            Input::Pty(_) => Err(Error::precondition(format!(
+                "process {} runs on a pty: send pty input instead of stdin",
+                self.pid
+            ))),
+            Input::Null => Err(self.no_stdin()),
+        }
+    }
+
+    pub async fn write_pty(&self, data: &[u8]) -> Result<()> {
+        self.ensure_running()?;
+        match &self.input {
+            Input::Pty(pty) => pty
+                .write_all(data)
+                .await
+                .map_err(|e| Error::io(format!("write to pty of process {}", self.pid), &e)),
+            _ => Err(self.no_pty()),
+        }
+    }
+
+    /// Closes stdin (EOF for the child). Idempotent.
+    pub async fn close_stdin(&self) -> Result<()> {
+        self.ensure_running()?;
+        match &self.input {
+            Input::Pipe(stdin) => {
+                stdin.lock().await.take();
+                Ok(())
+            }
+            Input::Pty(_) => Err(Error::precondition(format!(
+                "process {} runs on a pty, which has no separate stdin; send Ctrl-D (0x04) as pty input",
+                self.pid
+            ))),
+            Input::Null => Err(self.no_stdin()),
+        }
+    }
+
+    pub fn resize(&self, cols: u32, rows: u32) -> Result<()> {
+        self.ensure_running()?;
+        match &self.input {
+            Input::Pty(pty) => pty.resize(cols, rows),
+            _ => Err(self.no_pty()),
+        }
+    }
+
+    fn no_stdin(&self) -> Error {
+        Error::precondition(format!(
+            "process {} was started without stdin (stdin=false)",
+            self.pid
+        ))
+    }
+
+    fn no_pty(&self) -> Error {
+        Error::precondition(format!("process {} does not run on a pty", self.pid))
+    }
+}
+
+/// Signals process group `pgid` (never 0 or 1: that would hit envd or everyone).
+pub fn kill_group(pgid: u32, sig: Signal) -> Result<()> {
+    let pgid = i32::try_from(pgid).ok().filter(|p| *p > 1).ok_or_else(|| {
+        Error::internal(format!("refusing to signal process group {pgid}"))
+    })?;
+    killpg(Pid::from_raw(pgid), sig).map_err(|e| match e {
+        nix::errno::Errno::ESRCH => Error::not_found(format!("process group {pgid} has ended")),
+        e => Error::io(format!("signal process group {pgid}"), &e.into()),
+    })
+}

@@ -1,0 +1,143 @@
+//! The tasks that run alongside a process: output pumps (fd → output log) and
+//! the supervisor (exit status, deadline kill, drain, `end`, table update).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use nix::sys::signal::Signal;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::exit::end_event;
+use super::handle::{kill_group, Process};
+use super::output::{OutputLog, Source};
+use super::pty::Pty;
+use super::reaper::ExitStatus;
+use super::table::ProcessTable;
+
+/// Bytes read per chunk from a pipe or pty.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// After the process exits, output is read until EOF; if a descendant keeps
+/// the pipe or pty open, reading stops once it stays silent this long.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// Output fds of a started process, on envd's side.
+#[derive(Debug)]
+pub enum OutputFds {
+    Pipes {
+        stdout: pipe::Receiver,
+        stderr: pipe::Receiver,
+    },
+    Pty(Arc<Pty>),
+}
+
+/// Resolves once the process has exited and then `DRAIN_IDLE` has passed.
+async fn exited_and_idle(exited: &mut watch::Receiver<bool>) {
+    if exited.wait_for(|e| *e).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(DRAIN_IDLE).await;
+}
+
+async fn pump_pipe(mut rx: pipe::Receiver, source: Source, log: Arc<OutputLog>, mut exited: watch::Receiver<bool>) {
+    let mut buf = BytesMut::new();
+    loop {
+        buf.reserve(READ_CHUNK);
+        let read = tokio::select! {
+            r = rx.read_buf(&mut buf) => r,
+            () = exited_and_idle(&mut exited) => break,
+        };
+        match read {
+            Ok(0) => break,
+            Ok(_) => log.append(source, buf.split().freeze()).await,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "output pipe read failed");
+                break;
+            }
+        }
+    }
+}
+
+async fn pump_pty(pty: Arc<Pty>, log: Arc<OutputLog>, mut exited: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let read = tokio::select! {
+            r = pty.read(&mut buf) => r,
+            () = exited_and_idle(&mut exited) => break,
+        };
+        match read {
+            Ok(0) => break,
+            Ok(n) => log.append(Source::Pty, bytes::Bytes::copy_from_slice(&buf[..n])).await,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "pty read failed");
+                break;
+            }
+        }
+    }
+}
+
+/// Starts the pumps and the supervisor of a just-spawned process.
+pub fn run(
+    process: Arc<Process>,
+    fds: OutputFds,
+    exit: oneshot::Receiver<ExitStatus>,
+    deadline: Option<Instant>,
+    table: Arc<ProcessTable>,
+) {
+    let log = process.output.clone();
+    let pumps: Vec<JoinHandle<()>> = match fds {
+        OutputFds::Pipes { stdout, stderr } => vec![
+            tokio::spawn(pump_pipe(stdout, Source::Stdout, log.clone(), process.exited.subscribe())),
+            tokio::spawn(pump_pipe(stderr, Source::Stderr, log.clone(), process.exited.subscribe())),
+        ],
+        OutputFds::Pty(pty) => vec![tokio::spawn(pump_pty(pty, log.clone(), process.exited.subscribe()))],
+    };
+    tokio::spawn(supervise(process, pumps, exit, deadline, table));
+}
+
+async fn supervise(
+    process: Arc<Process>,
+    pumps: Vec<JoinHandle<()>>,
+    mut exit: oneshot::Receiver<ExitStatus>,
+    deadline: Option<Instant>,
+    table: Arc<ProcessTable>,
+) {
+    let pid = process.pid;
+    let status = match deadline {
+        None => exit.await,
+        Some(at) => tokio::select! {
+            s = &mut exit => s,
+            () = tokio::time::sleep_until(at) => {
+                tracing::info!(pid, "process deadline reached; killing its process group");
+                if let Err(e) = kill_group(pid, Signal::SIGKILL) {
+                    tracing::warn!(pid, error = %e, "deadline kill failed");
+                }
+                exit.await
+            }
+        },
+    };
+    // Exited: no longer listed or signalable; the pumps start their drain.
+    process.exited.send_replace(true);
+    table.mark_ended(&process);
+    for p in pumps {
+        let _ = p.await;
+    }
+    let end = match status {
+        Ok(s) => end_event(s),
+        Err(_) => crate::proto::process::process_event::EndEvent {
+            exit_code: -1,
+            exited: false,
+            status: "unknown".into(),
+            error: Some("exit status was lost".into()),
+        },
+    };
+    tracing::debug!(pid, status = %end.status, "process ended");
+    process.output.finish(end);
+}

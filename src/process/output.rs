@@ -1,0 +1,303 @@
+//! A process's output history: a bounded log of chunks with absolute byte
+//! offsets, read by any number of subscribers, ended by the process's `end`.
+//!
+//! Offsets count every output byte of the process (stdout, stderr and pty
+//! together) from 0, in the order envd read them. The log keeps the most recent
+//! `capacity` bytes (plus at most one read chunk), so a client that re-attaches
+//! can resume from an offset without loss, or learn exactly how much is gone.
+//!
+//! Back-pressure: a producer never lets an *attached* subscriber fall more than
+//! `capacity` bytes behind; it waits instead, which in turn stops reading the
+//! pipe and so blocks the child's `write()`. With no subscriber attached the
+//! producer never waits and the oldest output is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::proto::process::process_event::EndEvent;
+use crate::status::{Error, Result};
+
+/// Which output a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Stdout,
+    Stderr,
+    Pty,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    offset: u64,
+    source: Source,
+    data: Bytes,
+}
+
+impl Chunk {
+    fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    chunks: VecDeque<Chunk>,
+    /// Offset of the oldest retained byte.
+    start: u64,
+    /// Offset one past the newest byte.
+    end: u64,
+    /// Subscriber id → offset of the next byte it will read.
+    cursors: HashMap<u64, u64>,
+    next_id: u64,
+    finished: Option<EndEvent>,
+}
+
+impl Inner {
+    fn retained(&self) -> u64 {
+        self.end - self.start
+    }
+    fn slowest(&self) -> Option<u64> {
+        self.cursors.values().copied().min()
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct OutputLog {
+    inner: Mutex<Inner>,
+    capacity: u64,
+    /// Bumped on every change; producers and subscribers wait on it.
+    changed: watch::Sender<()>,
+}
+
+/// What a subscriber reads next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Data(Source, Bytes),
+    End(EndEvent),
+}
+
+impl OutputLog {
+    pub fn new(capacity: usize) -> Arc<OutputLog> {
+        Arc::new(OutputLog {
+            inner: Mutex::new(Inner::default()),
+            capacity: capacity as u64,
+            changed: watch::Sender::new(()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_replace(());
+    }
+
+    /// Appends output, waiting while an attached subscriber is too far behind.
+    pub async fn append(&self, source: Source, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        let mut rx = self.changed.subscribe();
+        loop {
+            rx.mark_unchanged();
+            {
+                let mut g = self.lock();
+                let fits = match g.slowest() {
+                    None => true,
+                    Some(c) => c == g.end || g.end - c + data.len() as u64 <= self.capacity,
+                };
+                if fits {
+                    let offset = g.end;
+                    g.end += data.len() as u64;
+                    g.chunks.push_back(Chunk {
+                        offset,
+                        source,
+                        data,
+                    });
+                    let slowest = g.slowest().unwrap_or(u64::MAX);
+                    while g.retained() > self.capacity {
+                        match g.chunks.front() {
+                            Some(c) if c.end() <= slowest => {
+                                g.start = c.end();
+                                g.chunks.pop_front();
+                            }
+                            _ => break,
+                        }
+                    }
+                    drop(g);
+                    self.notify();
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Marks the output complete; subscribers read `end` after the last byte.
+    pub fn finish(&self, end: EndEvent) {
+        self.lock().finished = Some(end);
+        self.notify();
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.lock().finished.is_some()
+    }
+
+    /// A subscriber for output from now on.
+    pub fn subscribe_live(self: &Arc<Self>) -> Subscription {
+        let mut g = self.lock();
+        let at = g.end;
+        self.register(&mut g, at)
+    }
+
+    /// A subscriber for everything still retained.
+    pub fn subscribe_retained(self: &Arc<Self>) -> Subscription {
+        let mut g = self.lock();
+        let at = g.start;
+        self.register(&mut g, at)
+    }
+
+    /// A subscriber from `offset`. Returns it with the offset it actually
+    /// starts at and how many requested bytes were already dropped.
+    pub fn subscribe_from(self: &Arc<Self>, offset: u64) -> Result<(Subscription, u64, u64)> {
+        let mut g = self.lock();
+        if offset > g.end {
+            return Err(Error::invalid(format!(
+                "resume offset {offset} is beyond the end of the output ({})",
+                g.end
+            )));
+        }
+        let at = offset.max(g.start);
+        let lost = at - offset;
+        Ok((self.register(&mut g, at), at, lost))
+    }
+
+    fn register(self: &Arc<Self>, g: &mut Inner, at: u64) -> Subscription {
+        let id = g.next_id;
+        g.next_id += 1;
+        g.cursors.insert(id, at);
+        Subscription {
+            log: self.clone(),
+            id,
+            rx: self.changed.subscribe(),
+        }
+    }
+}
+
+/// A reader of an [`OutputLog`]. Dropping it detaches (and releases any
+/// producer waiting on it).
+#[derive(Debug)]
+pub struct Subscription {
+    log: Arc<OutputLog>,
+    id: u64,
+    rx: watch::Receiver<()>,
+}
+
+impl Subscription {
+    /// The next chunk, or the end. Cancel-safe: the cursor only moves in the
+    /// same poll that returns the data.
+    pub async fn next(&mut self) -> Next {
+        loop {
+            self.rx.mark_unchanged();
+            if let Some(next) = self.try_next() {
+                return next;
+            }
+            if self.rx.changed().await.is_err() {
+                // The log is gone; cannot happen while we hold an Arc to it.
+                continue;
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Next> {
+        let mut g = self.log.lock();
+        let cursor = *g.cursors.get(&self.id)?;
+        if cursor < g.end {
+            let cursor = cursor.max(g.start);
+            let idx = g.chunks.partition_point(|c| c.end() <= cursor);
+            let chunk = &g.chunks[idx];
+            let skip = (cursor - chunk.offset) as usize;
+            let next = Next::Data(chunk.source, chunk.data.slice(skip..));
+            let new_cursor = chunk.end();
+            g.cursors.insert(self.id, new_cursor);
+            drop(g);
+            self.log.notify();
+            return Some(next);
+        }
+        g.finished.clone().map(Next::End)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.log.lock().cursors.remove(&self.id);
+        self.log.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn end() -> EndEvent {
+        EndEvent {
+            exit_code: 0,
+            exited: true,
+            status: "exit status 0".into(),
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn drops_oldest_without_subscribers_and_reports_loss() {
+        let log = OutputLog::new(10);
+        for i in 0..5u8 {
+            log.append(Source::Stdout, Bytes::from(vec![i; 4])).await;
+        }
+        // 20 bytes written, capacity 10: the oldest chunks are gone.
+        let (mut sub, at, lost) = log.subscribe_from(0).unwrap();
+        assert_eq!(at, 12);
+        assert_eq!(lost, 12);
+        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from(vec![3; 4])));
+        assert!(log.subscribe_from(21).is_err());
+    }
+
+    #[tokio::test]
+    async fn resume_mid_chunk_and_end() {
+        let log = OutputLog::new(100);
+        log.append(Source::Stdout, Bytes::from_static(b"hello")).await;
+        log.append(Source::Stderr, Bytes::from_static(b"world")).await;
+        log.finish(end());
+        let (mut sub, at, lost) = log.subscribe_from(3).unwrap();
+        assert_eq!((at, lost), (3, 0));
+        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from_static(b"lo")));
+        assert_eq!(sub.next().await, Next::Data(Source::Stderr, Bytes::from_static(b"world")));
+        assert_eq!(sub.next().await, Next::End(end()));
+    }
+
+    #[tokio::test]
+    async fn slow_subscriber_applies_back_pressure() {
+        let log = OutputLog::new(8);
+        let mut sub = log.subscribe_live();
+        log.append(Source::Stdout, Bytes::from_static(b"12345678")).await;
+        let producer = {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(Source::Stdout, Bytes::from_static(b"9")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!producer.is_finished(), "producer must wait for the subscriber");
+        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from_static(b"12345678")));
+        producer.await.unwrap();
+        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from_static(b"9")));
+        drop(sub);
+        // Detached: the producer no longer waits.
+        log.append(Source::Stdout, Bytes::from_static(b"abcdefghij")).await;
+    }
+}

@@ -1,0 +1,95 @@
+//! The one owner of every child wait in envd.
+//!
+//! envd never uses `tokio::process` or `std::process::Child::wait`: every
+//! child is forked by [`Reaper::spawn`] and reaped here by `waitpid(-1)` on
+//! SIGCHLD. envd is a child subreaper, so processes orphaned by a command are
+//! re-parented to envd and reaped here too (and the same loop serves envd as
+//! PID 1). Spawning holds the waiter lock across fork and registration, so a
+//! child that exits at once cannot be reaped before its waiter exists.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+#[derive(Debug, Default)]
+pub struct Reaper {
+    waiters: Mutex<HashMap<i32, oneshot::Sender<ExitStatus>>>,
+}
+
+impl Reaper {
+    /// Makes envd a subreaper and starts reaping on SIGCHLD. Must run inside
+    /// the tokio runtime, before any child is spawned.
+    pub fn start() -> io::Result<Arc<Reaper>> {
+        if nix::unistd::getpid().as_raw() != 1 {
+            nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)?;
+        }
+        let reaper = Arc::new(Reaper::default());
+        let mut sigchld = signal(SignalKind::child())?;
+        let r = reaper.clone();
+        tokio::spawn(async move {
+            loop {
+                r.reap_all();
+                if sigchld.recv().await.is_none() {
+                    break;
+                }
+            }
+        });
+        Ok(reaper)
+    }
+
+    /// Runs `fork` (which must return the new child's pid) with reaping held
+    /// off, and registers the child so its exit status is delivered to the
+    /// returned receiver.
+    pub fn spawn<F>(&self, fork: F) -> io::Result<(i32, oneshot::Receiver<ExitStatus>)>
+    where
+        F: FnOnce() -> io::Result<i32>,
+    {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = fork()?;
+        let (tx, rx) = oneshot::channel();
+        waiters.insert(pid, tx);
+        Ok((pid, rx))
+    }
+
+    /// Collects every exited child; delivers statuses of registered ones.
+    fn reap_all(&self) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Exited(code)),
+                Ok(WaitStatus::Signaled(pid, sig, core_dumped)) => (
+                    pid,
+                    ExitStatus::Signaled {
+                        signal: sig as i32,
+                        core_dumped,
+                    },
+                ),
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "waitpid failed");
+                    return;
+                }
+            };
+            match waiters.remove(&pid.as_raw()) {
+                Some(tx) => {
+                    let _ = tx.send(status);
+                }
+                None => tracing::debug!(pid = pid.as_raw(), ?status, "reaped orphan"),
+            }
+        }
+    }
+}

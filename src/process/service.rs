@@ -1,0 +1,200 @@
+//! `process.Process` logic, written once against the prost types. Protocol
+//! adapters (gRPC now, Connect later) parse a [`RequestContext`] and call in.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+
+use super::events::{self, EventStream};
+use super::handle::Process;
+use super::launch;
+use super::lifecycle;
+use super::output::OutputLog;
+use super::reaper::Reaper;
+use super::table::ProcessTable;
+use crate::defaults::Defaults;
+use crate::proto::process::process_event::StartEvent;
+use crate::proto::process::process_input::Input as InputKind;
+use crate::proto::process::stream_input_request::Event as InputEvent;
+use crate::proto::process::*;
+use crate::request::RequestContext;
+use crate::status::{Error, Result};
+
+/// Tunables of the process service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Output retained per process for re-attach (bytes).
+    pub output_buffer: usize,
+    /// How long an ended process stays visible to `Connect`.
+    pub exit_retention: Duration,
+    /// At most this many ended processes are kept.
+    pub max_exit_records: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            output_buffer: 1 << 20,
+            exit_retention: Duration::from_secs(60),
+            max_exit_records: 256,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ProcessService {
+    table: Arc<ProcessTable>,
+    reaper: Arc<Reaper>,
+    defaults: Arc<Defaults>,
+    settings: Settings,
+    seq: AtomicU64,
+}
+
+impl ProcessService {
+    pub fn new(reaper: Arc<Reaper>, defaults: Arc<Defaults>, settings: Settings) -> Self {
+        Self {
+            table: Arc::new(ProcessTable::new(settings.exit_retention, settings.max_exit_records)),
+            reaper,
+            defaults,
+            settings,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn defaults(&self) -> &Arc<Defaults> {
+        &self.defaults
+    }
+
+    /// Starts a process. Its lifetime is bounded by the request deadline.
+    pub fn start(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
+        let launch = launch::prepare(&req, &ctx.user, &self.defaults.envs())?;
+        let config = req.process.unwrap_or_default();
+        let output = OutputLog::new(self.settings.output_buffer);
+        // Subscribed before the child exists: no early output is missed.
+        let sub = output.subscribe_live();
+        let (pid, exit) = self
+            .reaper
+            .spawn(|| launch.prepared.fork_exec())
+            .map_err(|e| Error::io(format!("start '{}'", config.cmd), &e))?;
+        // Closes the child's ends of the pipes / the pty slave in envd.
+        drop(launch.prepared);
+        let pid = pid as u32;
+        tracing::info!(pid, cmd = %config.cmd, user = %ctx.user.name, tag = ?req.tag, "process started");
+        let process = Arc::new(Process {
+            pid,
+            tag: req.tag,
+            config,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            output,
+            input: launch.input,
+            exited: tokio::sync::watch::Sender::new(false),
+        });
+        self.table.insert(process.clone());
+        lifecycle::run(process, launch.output, exit, ctx.deadline, self.table.clone());
+        Ok(events::stream(start_event(pid), sub, ctx.keepalive, None))
+    }
+
+    /// Re-attaches to a process: live output (E2B), or replay from an offset.
+    /// An ended process replays its retained output and its `end`.
+    pub fn connect(&self, ctx: &RequestContext, req: ConnectRequest) -> Result<EventStream> {
+        let p = self.table.find_any(req.process.as_ref())?;
+        let (sub, start) = match req.resume_offset {
+            Some(offset) => {
+                let (sub, at, lost) = p.output.subscribe_from(offset)?;
+                let mut start = start_event(p.pid);
+                start.output_offset = Some(at);
+                start.output_lost = Some(lost);
+                (sub, start)
+            }
+            None if p.is_running() => (p.output.subscribe_live(), start_event(p.pid)),
+            None => (p.output.subscribe_retained(), start_event(p.pid)),
+        };
+        Ok(events::stream(start, sub, ctx.keepalive, ctx.deadline))
+    }
+
+    pub fn list(&self) -> ListResponse {
+        ListResponse {
+            processes: self
+                .table
+                .running()
+                .into_iter()
+                .map(|p| ProcessInfo {
+                    config: Some(p.config.clone()),
+                    pid: p.pid,
+                    tag: p.tag.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn update(&self, req: UpdateRequest) -> Result<UpdateResponse> {
+        let p = self.table.find_running(req.process.as_ref())?;
+        if let Some(pty) = req.pty {
+            let size = pty
+                .size
+                .ok_or_else(|| Error::invalid("pty.size (cols, rows) is required to resize"))?;
+            p.resize(size.cols, size.rows)?;
+        }
+        Ok(UpdateResponse {})
+    }
+
+    pub fn send_signal(&self, req: SendSignalRequest) -> Result<SendSignalResponse> {
+        let sig = super::exit::to_signal(req.signal)?;
+        let p = self.table.find_running(req.process.as_ref())?;
+        tracing::info!(pid = p.pid, signal = %sig, "signal to process group");
+        p.signal(sig)?;
+        Ok(SendSignalResponse {})
+    }
+
+    pub async fn send_input(&self, req: SendInputRequest) -> Result<SendInputResponse> {
+        let p = self.table.find_running(req.process.as_ref())?;
+        write_input(&p, req.input).await?;
+        Ok(SendInputResponse {})
+    }
+
+    /// Client-streamed input: `start{selector}` first, then data in order.
+    pub async fn stream_input<S>(&self, mut input: S) -> Result<StreamInputResponse>
+    where
+        S: Stream<Item = Result<StreamInputRequest>> + Unpin,
+    {
+        let p = match input.next().await.transpose()?.and_then(|m| m.event) {
+            Some(InputEvent::Start(s)) => self.table.find_running(s.process.as_ref())?,
+            Some(_) => return Err(Error::invalid("the first StreamInput message must be 'start'")),
+            None => return Err(Error::invalid("StreamInput ended before its 'start' message")),
+        };
+        while let Some(msg) = input.next().await.transpose()? {
+            match msg.event {
+                Some(InputEvent::Data(d)) => write_input(&p, d.input).await?,
+                Some(InputEvent::Keepalive(_)) | None => {}
+                Some(InputEvent::Start(_)) => {
+                    return Err(Error::invalid("StreamInput may contain only one 'start' message"))
+                }
+            }
+        }
+        Ok(StreamInputResponse {})
+    }
+
+    pub async fn close_stdin(&self, req: CloseStdinRequest) -> Result<CloseStdinResponse> {
+        let p = self.table.find_running(req.process.as_ref())?;
+        p.close_stdin().await?;
+        Ok(CloseStdinResponse {})
+    }
+}
+
+fn start_event(pid: u32) -> StartEvent {
+    StartEvent {
+        pid,
+        output_offset: None,
+        output_lost: None,
+    }
+}
+
+async fn write_input(p: &Process, input: Option<ProcessInput>) -> Result<()> {
+    match input.and_then(|i| i.input) {
+        Some(InputKind::Stdin(data)) => p.write_stdin(&data).await,
+        Some(InputKind::Pty(data)) => p.write_pty(&data).await,
+        None => Err(Error::invalid("input (stdin or pty bytes) is required")),
+    }
+}

@@ -1,0 +1,14 @@
+//! Generated protobuf and gRPC types (see `build.rs`).
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+pub mod process {
+    tonic::include_proto!("process");
+}
+
+pub mod filesystem {
+    tonic::include_proto!("filesystem");
+}
+
+/// Encoded `FileDescriptorSet` of every proto package, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("envd_descriptor");
