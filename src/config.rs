@@ -55,7 +55,9 @@ pub struct Config {
 impl Config {
     pub fn listeners(&self) -> Vec<ListenUrl> {
         if self.listen.is_empty() {
-            vec![DEFAULT_LISTEN.parse().expect("the default listen URL is valid")]
+            vec![DEFAULT_LISTEN
+                .parse()
+                .expect("the default listen URL is valid")]
         } else {
             self.listen.clone()
         }

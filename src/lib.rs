@@ -4,6 +4,7 @@
 //! against the prost types in [`proto`]; [`grpc`] adapts it to tonic, and
 //! [`status`] is the one map from errors to status codes.
 
+pub mod client;
 pub mod config;
 pub mod defaults;
 pub mod grpc;

@@ -29,23 +29,28 @@ impl FromStr for ListenUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| format!("'{s}': expected tcp://HOST:PORT, unix:///PATH or vsock://CID:PORT"))?;
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            format!("'{s}': expected tcp://HOST:PORT, unix:///PATH or vsock://CID:PORT")
+        })?;
         match scheme {
             "tcp" => {
                 let (host, port) = rest
                     .rsplit_once(':')
                     .ok_or_else(|| format!("'{s}': missing :PORT"))?;
                 if host.is_empty() {
-                    return Err(format!("'{s}': missing host (use 0.0.0.0 for all interfaces)"));
+                    return Err(format!(
+                        "'{s}': missing host (use 0.0.0.0 for all interfaces)"
+                    ));
                 }
-                port.parse::<u16>().map_err(|_| format!("'{s}': bad port '{port}'"))?;
+                port.parse::<u16>()
+                    .map_err(|_| format!("'{s}': bad port '{port}'"))?;
                 Ok(ListenUrl::Tcp(rest.to_owned()))
             }
             "unix" => {
                 if !rest.starts_with('/') {
-                    return Err(format!("'{s}': the socket path must be absolute (unix:///path)"));
+                    return Err(format!(
+                        "'{s}': the socket path must be absolute (unix:///path)"
+                    ));
                 }
                 Ok(ListenUrl::Unix(PathBuf::from(rest)))
             }
@@ -58,10 +63,14 @@ impl FromStr for ListenUrl {
                 } else {
                     cid.parse().map_err(|_| format!("'{s}': bad CID '{cid}'"))?
                 };
-                let port = port.parse().map_err(|_| format!("'{s}': bad port '{port}'"))?;
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("'{s}': bad port '{port}'"))?;
                 Ok(ListenUrl::Vsock { cid, port })
             }
-            other => Err(format!("'{s}': unknown scheme '{other}' (tcp, unix or vsock)")),
+            other => Err(format!(
+                "'{s}': unknown scheme '{other}' (tcp, unix or vsock)"
+            )),
         }
     }
 }
@@ -71,7 +80,9 @@ impl fmt::Display for ListenUrl {
         match self {
             ListenUrl::Tcp(a) => write!(f, "tcp://{a}"),
             ListenUrl::Unix(p) => write!(f, "unix://{}", p.display()),
-            ListenUrl::Vsock { cid, port } if *cid == VMADDR_CID_ANY => write!(f, "vsock://-1:{port}"),
+            ListenUrl::Vsock { cid, port } if *cid == VMADDR_CID_ANY => {
+                write!(f, "vsock://-1:{port}")
+            }
             ListenUrl::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
         }
     }
@@ -99,14 +110,18 @@ impl Listener {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))?;
                 Ok(Listener::Unix(l))
             }
-            ListenUrl::Vsock { cid, port } => Ok(Listener::Vsock(VsockListener::bind(VsockAddr::new(*cid, *port))?)),
+            ListenUrl::Vsock { cid, port } => Ok(Listener::Vsock(VsockListener::bind(
+                VsockAddr::new(*cid, *port),
+            )?)),
         }
     }
 
     /// The URL actually bound (with the real port when port 0 was asked).
     pub fn local_url(&self, asked: &ListenUrl) -> String {
         match self {
-            Listener::Tcp(l) => l.local_addr().map_or_else(|_| asked.to_string(), |a| format!("tcp://{a}")),
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| asked.to_string(), |a| format!("tcp://{a}")),
             Listener::Vsock(l) => match l.local_addr() {
                 Ok(a) if a.cid() == VMADDR_CID_ANY => format!("vsock://-1:{}", a.port()),
                 Ok(a) => format!("vsock://{}:{}", a.cid(), a.port()),
@@ -149,14 +164,33 @@ mod tests {
 
     #[test]
     fn parse_urls() {
-        assert_eq!("tcp://127.0.0.1:49983".parse(), Ok(ListenUrl::Tcp("127.0.0.1:49983".into())));
-        assert_eq!("unix:///run/envd.sock".parse(), Ok(ListenUrl::Unix("/run/envd.sock".into())));
+        assert_eq!(
+            "tcp://127.0.0.1:49983".parse(),
+            Ok(ListenUrl::Tcp("127.0.0.1:49983".into()))
+        );
+        assert_eq!(
+            "unix:///run/envd.sock".parse(),
+            Ok(ListenUrl::Unix("/run/envd.sock".into()))
+        );
         assert_eq!(
             "vsock://-1:49983".parse(),
-            Ok(ListenUrl::Vsock { cid: VMADDR_CID_ANY, port: 49983 })
+            Ok(ListenUrl::Vsock {
+                cid: VMADDR_CID_ANY,
+                port: 49983
+            })
         );
-        assert_eq!("vsock://-1:49983".parse::<ListenUrl>().unwrap().to_string(), "vsock://-1:49983");
-        for bad in ["127.0.0.1:1", "tcp://:1", "tcp://h:x", "unix://rel", "vsock://a:1", "http://x:1"] {
+        assert_eq!(
+            "vsock://-1:49983".parse::<ListenUrl>().unwrap().to_string(),
+            "vsock://-1:49983"
+        );
+        for bad in [
+            "127.0.0.1:1",
+            "tcp://:1",
+            "tcp://h:x",
+            "unix://rel",
+            "vsock://a:1",
+            "http://x:1",
+        ] {
             assert!(bad.parse::<ListenUrl>().is_err(), "{bad} accepted");
         }
     }

@@ -17,7 +17,10 @@ fn main() -> ExitCode {
     ensure_std_fds();
     let cfg = Config::parse();
     logging::init(&cfg);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("envd: cannot start the async runtime: {e}");
@@ -57,7 +60,11 @@ async fn run(cfg: Config) -> Result<(), String> {
         None => User::current().map_err(|e| e.to_string())?.name,
     };
     let defaults = Arc::new(Defaults::new(default_user));
-    let process = Arc::new(ProcessService::new(reaper, defaults, cfg.process_settings()));
+    let process = Arc::new(ProcessService::new(
+        reaper,
+        defaults,
+        cfg.process_settings(),
+    ));
     let routes = server::routes(process).await?;
 
     let mut bound = Vec::new();

@@ -95,9 +95,10 @@ fn timeout(headers: &HeaderMap) -> Result<Option<Duration>> {
     };
     let grpc = match header_str(headers, "grpc-timeout")? {
         None => None,
-        Some(v) => Some(parse_grpc_timeout(v).ok_or_else(|| {
-            Error::invalid(format!("grpc-timeout is malformed: {v:?}"))
-        })?),
+        Some(v) => Some(
+            parse_grpc_timeout(v)
+                .ok_or_else(|| Error::invalid(format!("grpc-timeout is malformed: {v:?}")))?,
+        ),
     };
     Ok(match (connect, grpc) {
         (Some(a), Some(b)) => Some(a.min(b)),

@@ -61,8 +61,11 @@ impl Error {
     pub fn io(what: impl std::fmt::Display, err: &io::Error) -> Self {
         let code = match err.raw_os_error() {
             Some(libc::ENOENT) => Code::NotFound,
-            Some(libc::ENOTDIR) | Some(libc::EISDIR) | Some(libc::EINVAL)
-            | Some(libc::ENAMETOOLONG) | Some(libc::ELOOP) => Code::InvalidArgument,
+            Some(libc::ENOTDIR)
+            | Some(libc::EISDIR)
+            | Some(libc::EINVAL)
+            | Some(libc::ENAMETOOLONG)
+            | Some(libc::ELOOP) => Code::InvalidArgument,
             Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Code::AlreadyExists,
             Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Code::PermissionDenied,
             Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EMFILE) | Some(libc::ENFILE)

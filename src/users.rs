@@ -22,7 +22,9 @@ impl User {
     /// Looks a user up by name. An unknown user is `UNAUTHENTICATED`, as in E2B.
     pub fn lookup(name: &str) -> Result<User> {
         if name.is_empty() || name.contains('\0') {
-            return Err(Error::unauthenticated(format!("invalid user name {name:?}")));
+            return Err(Error::unauthenticated(format!(
+                "invalid user name {name:?}"
+            )));
         }
         let pw = nix::unistd::User::from_name(name)
             .map_err(|e| Error::internal(format!("looking up user '{name}': {e}")))?

@@ -13,7 +13,10 @@ pub const MAX_DECODE: usize = 4 << 20;
 /// Largest response message envd encodes. Output chunks are at most 64 KiB.
 pub const MAX_ENCODE: usize = 16 << 20;
 
-fn context<T>(req: &tonic::Request<T>, defaults: &Defaults) -> Result<RequestContext, tonic::Status> {
+fn context<T>(
+    req: &tonic::Request<T>,
+    defaults: &Defaults,
+) -> Result<RequestContext, tonic::Status> {
     let headers = req.metadata().clone().into_headers();
     Ok(RequestContext::from_headers(&headers, defaults)?)
 }

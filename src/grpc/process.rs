@@ -43,21 +43,34 @@ impl Process for ProcessGrpc {
 
     type ConnectStream = RpcStream<ConnectResponse>;
 
-    async fn connect(&self, req: Request<ConnectRequest>) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn connect(
+        &self,
+        req: Request<ConnectRequest>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
         let ctx = context(&req, self.svc.defaults())?;
         let s = self.svc.connect(&ctx, req.into_inner())?;
-        Ok(Response::new(events(s, |e| ConnectResponse { event: Some(e) })))
+        Ok(Response::new(events(s, |e| ConnectResponse {
+            event: Some(e),
+        })))
     }
 
     type StartStream = RpcStream<StartResponse>;
 
-    async fn start(&self, req: Request<StartRequest>) -> Result<Response<Self::StartStream>, Status> {
+    async fn start(
+        &self,
+        req: Request<StartRequest>,
+    ) -> Result<Response<Self::StartStream>, Status> {
         let ctx = context(&req, self.svc.defaults())?;
         let s = self.svc.start(&ctx, req.into_inner())?;
-        Ok(Response::new(events(s, |e| StartResponse { event: Some(e) })))
+        Ok(Response::new(events(s, |e| StartResponse {
+            event: Some(e),
+        })))
     }
 
-    async fn update(&self, req: Request<UpdateRequest>) -> Result<Response<UpdateResponse>, Status> {
+    async fn update(
+        &self,
+        req: Request<UpdateRequest>,
+    ) -> Result<Response<UpdateResponse>, Status> {
         context(&req, self.svc.defaults())?;
         Ok(Response::new(self.svc.update(req.into_inner())?))
     }
@@ -67,23 +80,37 @@ impl Process for ProcessGrpc {
         req: Request<Streaming<StreamInputRequest>>,
     ) -> Result<Response<StreamInputResponse>, Status> {
         context(&req, self.svc.defaults())?;
-        let input = req
-            .into_inner()
-            .map(|r| r.map_err(|s| Error::new(Code::InvalidArgument, format!("input stream: {}", s.message()))));
+        let input = req.into_inner().map(|r| {
+            r.map_err(|s| {
+                Error::new(
+                    Code::InvalidArgument,
+                    format!("input stream: {}", s.message()),
+                )
+            })
+        });
         Ok(Response::new(self.svc.stream_input(input).await?))
     }
 
-    async fn send_input(&self, req: Request<SendInputRequest>) -> Result<Response<SendInputResponse>, Status> {
+    async fn send_input(
+        &self,
+        req: Request<SendInputRequest>,
+    ) -> Result<Response<SendInputResponse>, Status> {
         context(&req, self.svc.defaults())?;
         Ok(Response::new(self.svc.send_input(req.into_inner()).await?))
     }
 
-    async fn send_signal(&self, req: Request<SendSignalRequest>) -> Result<Response<SendSignalResponse>, Status> {
+    async fn send_signal(
+        &self,
+        req: Request<SendSignalRequest>,
+    ) -> Result<Response<SendSignalResponse>, Status> {
         context(&req, self.svc.defaults())?;
         Ok(Response::new(self.svc.send_signal(req.into_inner())?))
     }
 
-    async fn close_stdin(&self, req: Request<CloseStdinRequest>) -> Result<Response<CloseStdinResponse>, Status> {
+    async fn close_stdin(
+        &self,
+        req: Request<CloseStdinRequest>,
+    ) -> Result<Response<CloseStdinResponse>, Status> {
         context(&req, self.svc.defaults())?;
         Ok(Response::new(self.svc.close_stdin(req.into_inner()).await?))
     }

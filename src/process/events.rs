@@ -9,7 +9,9 @@ use futures_util::Stream;
 use tokio::time::Instant;
 
 use super::output::{Next, Source, Subscription};
-use crate::proto::process::process_event::{data_event::Output, DataEvent, Event, KeepAlive, StartEvent};
+use crate::proto::process::process_event::{
+    data_event::Output, DataEvent, Event, KeepAlive, StartEvent,
+};
 use crate::proto::process::ProcessEvent;
 use crate::status::{Code, Error, Result};
 
@@ -28,7 +30,12 @@ fn event(e: Event) -> ProcessEvent {
 }
 
 /// Builds the stream. `deadline` bounds the stream only (not the process).
-pub fn stream(start: StartEvent, sub: Subscription, keepalive: Duration, deadline: Option<Instant>) -> EventStream {
+pub fn stream(
+    start: StartEvent,
+    sub: Subscription,
+    keepalive: Duration,
+    deadline: Option<Instant>,
+) -> EventStream {
     let state = State {
         start: Some(start),
         sub,

@@ -95,7 +95,10 @@ mod tests {
             signal: 9,
             core_dumped: false,
         });
-        assert_eq!((e.exit_code, e.exited, e.status.as_str()), (-1, false, "signal: killed"));
+        assert_eq!(
+            (e.exit_code, e.exited, e.status.as_str()),
+            (-1, false, "signal: killed")
+        );
     }
 
     #[test]

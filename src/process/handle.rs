@@ -125,9 +125,10 @@ impl Process {
 
 /// Signals process group `pgid` (never 0 or 1: that would hit envd or everyone).
 pub fn kill_group(pgid: u32, sig: Signal) -> Result<()> {
-    let pgid = i32::try_from(pgid).ok().filter(|p| *p > 1).ok_or_else(|| {
-        Error::internal(format!("refusing to signal process group {pgid}"))
-    })?;
+    let pgid = i32::try_from(pgid)
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| Error::internal(format!("refusing to signal process group {pgid}")))?;
     killpg(Pid::from_raw(pgid), sig).map_err(|e| match e {
         nix::errno::Errno::ESRCH => Error::not_found(format!("process group {pgid} has ended")),
         e => Error::io(format!("signal process group {pgid}"), &e.into()),

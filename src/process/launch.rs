@@ -33,7 +33,11 @@ pub struct Launch {
     pub output: OutputFds,
 }
 
-pub fn prepare(req: &StartRequest, user: &User, global_envs: &BTreeMap<String, String>) -> Result<Launch> {
+pub fn prepare(
+    req: &StartRequest,
+    user: &User,
+    global_envs: &BTreeMap<String, String>,
+) -> Result<Launch> {
     let config = req
         .process
         .as_ref()
@@ -56,7 +60,10 @@ pub fn prepare(req: &StartRequest, user: &User, global_envs: &BTreeMap<String, S
             let (cols, rows) = pty.size.map_or(DEFAULT_PTY, |s| (s.cols, s.rows));
             let (master, slave) = Pty::open(cols, rows)?;
             let master = Arc::new(master);
-            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::io("duplicate pty fd", &e));
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|e| Error::io("duplicate pty fd", &e))
+            };
             let stdio = ChildStdio {
                 stdin: dup(&slave)?,
                 stdout: dup(&slave)?,
@@ -73,11 +80,16 @@ pub fn prepare(req: &StartRequest, user: &User, global_envs: &BTreeMap<String, S
                 let tx = pipe::Sender::from_owned_fd(w).map_err(|e| Error::io("stdin pipe", &e))?;
                 (r, Input::Pipe(tokio::sync::Mutex::new(Some(tx))))
             } else {
-                let null = open("/dev/null", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-                    .map_err(Error::from)?;
+                let null = open(
+                    "/dev/null",
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(Error::from)?;
                 (null, Input::Null)
             };
-            let rx = |fd| pipe::Receiver::from_owned_fd(fd).map_err(|e| Error::io("output pipe", &e));
+            let rx =
+                |fd| pipe::Receiver::from_owned_fd(fd).map_err(|e| Error::io("output pipe", &e));
             let output = OutputFds::Pipes {
                 stdout: rx(out_r)?,
                 stderr: rx(err_r)?,
@@ -91,7 +103,15 @@ pub fn prepare(req: &StartRequest, user: &User, global_envs: &BTreeMap<String, S
             (stdio, input, output)
         }
     };
-    let prepared = Prepared::new(&config.cmd, program, &config.args, &envs, &cwd, creds, stdio)?;
+    let prepared = Prepared::new(
+        &config.cmd,
+        program,
+        &config.args,
+        &envs,
+        &cwd,
+        creds,
+        stdio,
+    )?;
     Ok(Launch {
         prepared,
         input,
@@ -115,8 +135,14 @@ fn working_dir(cwd: Option<&str>, user: &User) -> Result<PathBuf> {
             check_searchable(&dir, &m, user)?;
             Ok(dir)
         }
-        Ok(_) => Err(Error::invalid(format!("cwd '{}' is not a directory", dir.display()))),
-        Err(_) => Err(Error::invalid(format!("cwd '{}' does not exist", dir.display()))),
+        Ok(_) => Err(Error::invalid(format!(
+            "cwd '{}' is not a directory",
+            dir.display()
+        ))),
+        Err(_) => Err(Error::invalid(format!(
+            "cwd '{}' does not exist",
+            dir.display()
+        ))),
     }
 }
 

@@ -44,7 +44,12 @@ async fn exited_and_idle(exited: &mut watch::Receiver<bool>) {
     tokio::time::sleep(DRAIN_IDLE).await;
 }
 
-async fn pump_pipe(mut rx: pipe::Receiver, source: Source, log: Arc<OutputLog>, mut exited: watch::Receiver<bool>) {
+async fn pump_pipe(
+    mut rx: pipe::Receiver,
+    source: Source,
+    log: Arc<OutputLog>,
+    mut exited: watch::Receiver<bool>,
+) {
     let mut buf = BytesMut::new();
     loop {
         buf.reserve(READ_CHUNK);
@@ -73,7 +78,10 @@ async fn pump_pty(pty: Arc<Pty>, log: Arc<OutputLog>, mut exited: watch::Receive
         };
         match read {
             Ok(0) => break,
-            Ok(n) => log.append(Source::Pty, bytes::Bytes::copy_from_slice(&buf[..n])).await,
+            Ok(n) => {
+                log.append(Source::Pty, bytes::Bytes::copy_from_slice(&buf[..n]))
+                    .await
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::debug!(error = %e, "pty read failed");
@@ -94,10 +102,24 @@ pub fn run(
     let log = process.output.clone();
     let pumps: Vec<JoinHandle<()>> = match fds {
         OutputFds::Pipes { stdout, stderr } => vec![
-            tokio::spawn(pump_pipe(stdout, Source::Stdout, log.clone(), process.exited.subscribe())),
-            tokio::spawn(pump_pipe(stderr, Source::Stderr, log.clone(), process.exited.subscribe())),
+            tokio::spawn(pump_pipe(
+                stdout,
+                Source::Stdout,
+                log.clone(),
+                process.exited.subscribe(),
+            )),
+            tokio::spawn(pump_pipe(
+                stderr,
+                Source::Stderr,
+                log.clone(),
+                process.exited.subscribe(),
+            )),
         ],
-        OutputFds::Pty(pty) => vec![tokio::spawn(pump_pty(pty, log.clone(), process.exited.subscribe()))],
+        OutputFds::Pty(pty) => vec![tokio::spawn(pump_pty(
+            pty,
+            log.clone(),
+            process.exited.subscribe(),
+        ))],
     };
     tokio::spawn(supervise(process, pumps, exit, deadline, table));
 }

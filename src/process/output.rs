@@ -265,20 +265,31 @@ mod tests {
         let (mut sub, at, lost) = log.subscribe_from(0).unwrap();
         assert_eq!(at, 12);
         assert_eq!(lost, 12);
-        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from(vec![3; 4])));
+        assert_eq!(
+            sub.next().await,
+            Next::Data(Source::Stdout, Bytes::from(vec![3; 4]))
+        );
         assert!(log.subscribe_from(21).is_err());
     }
 
     #[tokio::test]
     async fn resume_mid_chunk_and_end() {
         let log = OutputLog::new(100);
-        log.append(Source::Stdout, Bytes::from_static(b"hello")).await;
-        log.append(Source::Stderr, Bytes::from_static(b"world")).await;
+        log.append(Source::Stdout, Bytes::from_static(b"hello"))
+            .await;
+        log.append(Source::Stderr, Bytes::from_static(b"world"))
+            .await;
         log.finish(end());
         let (mut sub, at, lost) = log.subscribe_from(3).unwrap();
         assert_eq!((at, lost), (3, 0));
-        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from_static(b"lo")));
-        assert_eq!(sub.next().await, Next::Data(Source::Stderr, Bytes::from_static(b"world")));
+        assert_eq!(
+            sub.next().await,
+            Next::Data(Source::Stdout, Bytes::from_static(b"lo"))
+        );
+        assert_eq!(
+            sub.next().await,
+            Next::Data(Source::Stderr, Bytes::from_static(b"world"))
+        );
         assert_eq!(sub.next().await, Next::End(end()));
     }
 
@@ -286,18 +297,29 @@ mod tests {
     async fn slow_subscriber_applies_back_pressure() {
         let log = OutputLog::new(8);
         let mut sub = log.subscribe_live();
-        log.append(Source::Stdout, Bytes::from_static(b"12345678")).await;
+        log.append(Source::Stdout, Bytes::from_static(b"12345678"))
+            .await;
         let producer = {
             let log = log.clone();
             tokio::spawn(async move { log.append(Source::Stdout, Bytes::from_static(b"9")).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!producer.is_finished(), "producer must wait for the subscriber");
-        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from_static(b"12345678")));
+        assert!(
+            !producer.is_finished(),
+            "producer must wait for the subscriber"
+        );
+        assert_eq!(
+            sub.next().await,
+            Next::Data(Source::Stdout, Bytes::from_static(b"12345678"))
+        );
         producer.await.unwrap();
-        assert_eq!(sub.next().await, Next::Data(Source::Stdout, Bytes::from_static(b"9")));
+        assert_eq!(
+            sub.next().await,
+            Next::Data(Source::Stdout, Bytes::from_static(b"9"))
+        );
         drop(sub);
         // Detached: the producer no longer waits.
-        log.append(Source::Stdout, Bytes::from_static(b"abcdefghij")).await;
+        log.append(Source::Stdout, Bytes::from_static(b"abcdefghij"))
+            .await;
     }
 }

@@ -45,7 +45,7 @@ impl Pty {
     /// child will use as its controlling terminal.
     pub fn open(cols: u32, rows: u32) -> Result<(Pty, OwnedFd)> {
         let ws = winsize(cols, rows)?;
-        let pair = openpty(Some(&ws), None).map_err(|e| Error::from(e))?;
+        let pair = openpty(Some(&ws), None).map_err(Error::from)?;
         let io_err = |e: io::Error| Error::io("configure pty", &e);
         set_cloexec(&pair.master).map_err(io_err)?;
         set_cloexec(&pair.slave).map_err(io_err)?;
@@ -58,8 +58,8 @@ impl Pty {
         // SAFETY: `pair.master` is an open fd that the AsyncFd takes ownership
         // of; an OwnedFd always returns the same fd and stays open until the
         // AsyncFd is dropped.
-        let master = unsafe { AsyncFd::register(pair.master) }
-            .map_err(|e| io_err(io::Error::from(e)))?;
+        let master =
+            unsafe { AsyncFd::register(pair.master) }.map_err(|e| io_err(io::Error::from(e)))?;
         Ok((
             Pty {
                 master,
@@ -86,7 +86,8 @@ impl Pty {
         let _serialised = self.write_lock.lock().await;
         while !data.is_empty() {
             let mut guard = self.master.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => return Err(e),

@@ -55,7 +55,10 @@ pub struct ProcessService {
 impl ProcessService {
     pub fn new(reaper: Arc<Reaper>, defaults: Arc<Defaults>, settings: Settings) -> Self {
         Self {
-            table: Arc::new(ProcessTable::new(settings.exit_retention, settings.max_exit_records)),
+            table: Arc::new(ProcessTable::new(
+                settings.exit_retention,
+                settings.max_exit_records,
+            )),
             reaper,
             defaults,
             settings,
@@ -92,7 +95,13 @@ impl ProcessService {
             exited: tokio::sync::watch::Sender::new(false),
         });
         self.table.insert(process.clone());
-        lifecycle::run(process, launch.output, exit, ctx.deadline, self.table.clone());
+        lifecycle::run(
+            process,
+            launch.output,
+            exit,
+            ctx.deadline,
+            self.table.clone(),
+        );
         Ok(events::stream(start_event(pid), sub, ctx.keepalive, None))
     }
 
@@ -161,15 +170,25 @@ impl ProcessService {
     {
         let p = match input.next().await.transpose()?.and_then(|m| m.event) {
             Some(InputEvent::Start(s)) => self.table.find_running(s.process.as_ref())?,
-            Some(_) => return Err(Error::invalid("the first StreamInput message must be 'start'")),
-            None => return Err(Error::invalid("StreamInput ended before its 'start' message")),
+            Some(_) => {
+                return Err(Error::invalid(
+                    "the first StreamInput message must be 'start'",
+                ))
+            }
+            None => {
+                return Err(Error::invalid(
+                    "StreamInput ended before its 'start' message",
+                ))
+            }
         };
         while let Some(msg) = input.next().await.transpose()? {
             match msg.event {
                 Some(InputEvent::Data(d)) => write_input(&p, d.input).await?,
                 Some(InputEvent::Keepalive(_)) | None => {}
                 Some(InputEvent::Start(_)) => {
-                    return Err(Error::invalid("StreamInput may contain only one 'start' message"))
+                    return Err(Error::invalid(
+                        "StreamInput may contain only one 'start' message",
+                    ))
                 }
             }
         }

@@ -82,7 +82,10 @@ pub fn resolve_program(cmd: &str, path: &str) -> Vec<u8> {
             fallback.get_or_insert(candidate);
         }
     }
-    fallback.map_or_else(|| cmd.as_bytes().to_vec(), |p| p.into_os_string().into_vec())
+    fallback.map_or_else(
+        || cmd.as_bytes().to_vec(),
+        |p| p.into_os_string().into_vec(),
+    )
 }
 
 use std::os::unix::ffi::OsStringExt;
@@ -112,7 +115,10 @@ impl Prepared {
             envp.push(cstring("environment variable", format!("{k}={v}"))?);
         }
         let ptrs = |v: &Vec<CString>| -> Vec<*const libc::c_char> {
-            v.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect()
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain([std::ptr::null()])
+                .collect()
         };
         let cwd_c = cstring("cwd", OsStr::as_bytes(cwd.as_os_str()))?;
         Ok(Prepared {

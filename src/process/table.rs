@@ -66,7 +66,8 @@ impl ProcessTable {
         if g.running.get(&p.pid).is_some_and(|r| Arc::ptr_eq(r, p)) {
             g.running.remove(&p.pid);
         }
-        g.ended.push_back((Instant::now() + self.retention, p.clone()));
+        g.ended
+            .push_back((Instant::now() + self.retention, p.clone()));
         g.expire(Instant::now(), self.max_ended);
     }
 
@@ -95,7 +96,10 @@ impl ProcessTable {
         let g = self.lock();
         let ended = g.ended.iter().map(|(_, p)| p);
         match selector(sel)? {
-            Selector::Pid(pid) => ended.filter(|p| p.pid == *pid).max_by_key(|p| p.seq).cloned(),
+            Selector::Pid(pid) => ended
+                .filter(|p| p.pid == *pid)
+                .max_by_key(|p| p.seq)
+                .cloned(),
             Selector::Tag(tag) => newest(ended, tag),
         }
         .ok_or_else(|| not_found(sel))

@@ -1,0 +1,28 @@
+# envd — run `make help` for the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: help run test check deps bench build
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+run: ## Build and run envd on the default listener (tcp://127.0.0.1:49983).
+	$(CARGO) run --bin envd -- $(ARGS)
+
+build: ## Build envd (debug).
+	$(CARGO) build --bin envd
+
+deps: ## Install what the build and tests need (Rust components; nothing else yet).
+	@command -v $(CARGO) >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
+	@if command -v rustup >/dev/null; then rustup component add rustfmt clippy >/dev/null 2>&1 || true; fi
+
+check: deps ## Formatting and lints (warnings are errors).
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test: deps check ## Install what is needed, then run the whole test suite.
+	$(CARGO) test --all-targets
+
+bench: deps ## Benchmarks: figures as ratios against baselines measured in the same run.
+	$(CARGO) bench --bench process

@@ -1,0 +1,293 @@
+//! Test harness: starts the real `envd` binary on a temporary Unix socket and
+//! an ephemeral loopback TCP port, and offers small helpers over the tonic
+//! client. Shared by the integration test files.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envd::proto::process::process_client::ProcessClient;
+use envd::proto::process::process_event::{data_event::Output, EndEvent, Event};
+use envd::proto::process::*;
+use futures_util::{Stream, StreamExt};
+use tonic::transport::Channel;
+
+pub struct Envd {
+    child: Child,
+    pub tcp: String,
+    pub unix: String,
+    pub log: Log,
+    _dir: tempfile::TempDir,
+}
+
+impl Envd {
+    /// Starts envd with a Unix and a TCP listener plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Envd {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("envd.sock");
+        let unix = format!("unix://{}", sock.display());
+        let mut args = vec![
+            "--listen".to_owned(),
+            unix.clone(),
+            "--listen".into(),
+            "tcp://127.0.0.1:0".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, urls, log) = spawn(&args).unwrap_or_else(|e| panic!("envd did not start: {e}"));
+        let tcp = urls
+            .iter()
+            .find(|u| u.starts_with("tcp://"))
+            .cloned()
+            .expect("tcp listener");
+        Envd {
+            child,
+            tcp,
+            unix,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn client(&self) -> ProcessClient<Channel> {
+        ProcessClient::new(envd::client::dial(&self.tcp).await.unwrap())
+    }
+
+    pub async fn unix_client(&self) -> ProcessClient<Channel> {
+        ProcessClient::new(envd::client::dial(&self.unix).await.unwrap())
+    }
+}
+
+impl Drop for Envd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns envd with `args`; waits for "envd ready". Returns the child, the
+/// bound listener URLs and its log lines so far (kept up to date).
+/// envd's log lines, kept up to date by a reader thread.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+pub fn spawn(args: &[String]) -> Result<(Child, Vec<String>, Log), String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_envd"))
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("ENVD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut urls = Vec::new();
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("listening") {
+                if let Some(u) = line.split_whitespace().find_map(|w| w.strip_prefix("url=")) {
+                    urls.push(u.to_owned());
+                }
+            }
+            if line.contains("envd ready") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Ok(urls.clone()));
+                }
+            }
+            log2.lock().unwrap().push(line);
+        }
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(Err(log2.lock().unwrap().join("\n")));
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(urls)) => Ok((child, urls, log)),
+        Ok(Err(log)) => {
+            let _ = child.wait();
+            Err(format!("envd exited early:\n{log}"))
+        }
+        Err(_) => {
+            let _ = child.kill();
+            Err("envd not ready within 20 s".into())
+        }
+    }
+}
+
+pub fn cmd(cmd: &str, args: &[&str]) -> StartRequest {
+    StartRequest {
+        process: Some(ProcessConfig {
+            cmd: cmd.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn sh(script: &str) -> StartRequest {
+    cmd("/bin/sh", &["-c", script])
+}
+
+pub fn by_pid(pid: u32) -> Option<ProcessSelector> {
+    Some(ProcessSelector {
+        selector: Some(process_selector::Selector::Pid(pid)),
+    })
+}
+
+pub fn by_tag(tag: &str) -> Option<ProcessSelector> {
+    Some(ProcessSelector {
+        selector: Some(process_selector::Selector::Tag(tag.into())),
+    })
+}
+
+/// A request with extra metadata.
+pub fn with_meta<T>(msg: T, meta: &[(&'static str, &str)]) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    for (k, v) in meta {
+        req.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    req
+}
+
+/// `authorization: Basic base64("<user>:")`
+pub fn as_user<T>(msg: T, user: &str) -> tonic::Request<T> {
+    use base64::Engine;
+    let v = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
+    );
+    with_meta(msg, &[("authorization", &v)])
+}
+
+/// Everything a Start/Connect stream said.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub pid: u32,
+    pub start: Option<process_event::StartEvent>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub pty: Vec<u8>,
+    pub keepalives: usize,
+    pub end: Option<EndEvent>,
+    /// Event kinds in order: 's' start, 'd' data, 'k' keepalive, 'e' end.
+    pub order: String,
+}
+
+impl Outcome {
+    pub fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+    pub fn end(&self) -> &EndEvent {
+        self.end.as_ref().expect("stream had no end event")
+    }
+    pub fn record(&mut self, ev: ProcessEvent) {
+        match ev.event.expect("event without content") {
+            Event::Start(s) => {
+                self.pid = s.pid;
+                self.start = Some(s);
+                self.order.push('s');
+            }
+            Event::Data(d) => {
+                match d.output.expect("data without output") {
+                    Output::Stdout(b) => self.stdout.extend_from_slice(&b),
+                    Output::Stderr(b) => self.stderr.extend_from_slice(&b),
+                    Output::Pty(b) => self.pty.extend_from_slice(&b),
+                }
+                self.order.push('d');
+            }
+            Event::Keepalive(_) => {
+                self.keepalives += 1;
+                self.order.push('k');
+            }
+            Event::End(e) => {
+                self.end = Some(e);
+                self.order.push('e');
+            }
+        }
+    }
+}
+
+pub trait HasEvent {
+    fn event(self) -> ProcessEvent;
+}
+impl HasEvent for StartResponse {
+    fn event(self) -> ProcessEvent {
+        self.event.expect("response without event")
+    }
+}
+impl HasEvent for ConnectResponse {
+    fn event(self) -> ProcessEvent {
+        self.event.expect("response without event")
+    }
+}
+
+/// Reads a stream to its end (60 s at most).
+pub async fn collect<T: HasEvent>(
+    s: impl Stream<Item = Result<T, tonic::Status>> + Unpin,
+) -> Outcome {
+    tokio::time::timeout(Duration::from_secs(60), collect_inner(s))
+        .await
+        .expect("stream did not end within 60 s")
+}
+
+async fn collect_inner<T: HasEvent>(
+    mut s: impl Stream<Item = Result<T, tonic::Status>> + Unpin,
+) -> Outcome {
+    let mut o = Outcome::default();
+    while let Some(item) = s.next().await {
+        o.record(item.expect("stream error").event());
+    }
+    o
+}
+
+/// Runs a command to completion over `client`.
+pub async fn run(
+    client: &mut ProcessClient<Channel>,
+    req: impl tonic::IntoRequest<StartRequest>,
+) -> Outcome {
+    let s = client.start(req).await.expect("Start failed").into_inner();
+    collect(s).await
+}
+
+/// Reads events until `pred` holds on the outcome so far (30 s at most).
+pub async fn read_until<T: HasEvent>(
+    s: &mut (impl Stream<Item = Result<T, tonic::Status>> + Unpin),
+    o: &mut Outcome,
+    pred: impl Fn(&Outcome) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !pred(o) {
+            let item = s
+                .next()
+                .await
+                .expect("stream ended early")
+                .expect("stream error");
+            o.record(item.event());
+        }
+    })
+    .await
+    .expect("condition not reached within 30 s");
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    r.expect_err("expected an error").code()
+}
