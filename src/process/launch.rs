@@ -1,4 +1,4 @@
-//! Turns a `StartRequest` into a prepared fork/exec: user, environment,
+//! Turns a `StartRequest` into a prepared clone/exec: user, environment,
 //! working directory, program path and stdio (pipes or a pty).
 
 use std::collections::BTreeMap;
@@ -25,7 +25,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// Terminal size when a pty is asked for without one.
 const DEFAULT_PTY: (u32, u32) = (80, 24);
 
-/// A command ready to fork, and envd's ends of its stdio.
+/// A command ready to start, and envd's ends of its stdio.
 #[derive(Debug)]
 pub struct Launch {
     pub prepared: Prepared,

@@ -1,10 +1,10 @@
 //! The one owner of every child wait in envd.
 //!
 //! envd never uses `tokio::process` or `std::process::Child::wait`: every
-//! child is forked by [`Reaper::spawn`] and reaped here by `waitpid(-1)` on
+//! child is started by [`Reaper::spawn`] and reaped here by `waitpid(-1)` on
 //! SIGCHLD. envd is a child subreaper, so processes orphaned by a command are
 //! re-parented to envd and reaped here too (and the same loop serves envd as
-//! PID 1). Spawning holds the waiter lock across fork and registration, so a
+//! PID 1). Spawning holds the waiter lock across clone and registration, so a
 //! child that exits at once cannot be reaped before its waiter exists.
 
 use std::collections::HashMap;
@@ -50,15 +50,15 @@ impl Reaper {
         Ok(reaper)
     }
 
-    /// Runs `fork` (which must return the new child's pid) with reaping held
+    /// Runs `start` (which must return the new child's pid) with reaping held
     /// off, and registers the child so its exit status is delivered to the
     /// returned receiver.
-    pub fn spawn<F>(&self, fork: F) -> io::Result<(i32, oneshot::Receiver<ExitStatus>)>
+    pub fn spawn<F>(&self, start: F) -> io::Result<(i32, oneshot::Receiver<ExitStatus>)>
     where
         F: FnOnce() -> io::Result<i32>,
     {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        let pid = fork()?;
+        let pid = start()?;
         let (tx, rx) = oneshot::channel();
         waiters.insert(pid, tx);
         Ok((pid, rx))

@@ -79,7 +79,7 @@ impl ProcessService {
         let sub = output.subscribe_live();
         let (pid, exit) = self
             .reaper
-            .spawn(|| launch.prepared.fork_exec())
+            .spawn(|| launch.prepared.spawn())
             .map_err(|e| Error::io(format!("start '{}'", config.cmd), &e))?;
         // Closes the child's ends of the pipes / the pty slave in envd.
         drop(launch.prepared);

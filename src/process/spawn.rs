@@ -1,10 +1,10 @@
-//! fork + exec of one command, with everything allocated before the fork.
+//! Starting one command (clone + exec), with everything allocated beforehand.
 //!
-//! envd is multi-threaded, so between fork and exec the child may only make
-//! async-signal-safe calls: no allocation, no locks, no NSS. [`Prepared`] holds
+//! envd is multi-threaded and the child shares its memory until exec, so the
+//! child may only make async-signal-safe calls: no allocation, no locks, no NSS. [`Prepared`] holds
 //! every C string, pointer array and group list, built in the parent; the child
 //! only runs raw syscalls on them. The child:
-//! - resets its signal mask and every disposition (envd ignores SIGPIPE),
+//! - resets every signal disposition (envd ignores SIGPIPE), then its mask,
 //! - becomes a session and process-group leader (`setsid`), so signals and
 //!   timeouts reach the whole group,
 //! - takes the pty slave as controlling terminal, or the pipes, as fds 0-2,
@@ -137,31 +137,57 @@ impl Prepared {
         })
     }
 
-    /// Forks and execs. Returns the child's pid (also its pgid and sid).
-    pub fn fork_exec(&self) -> io::Result<i32> {
-        // SAFETY: fork is called with all data prepared; the child branch only
-        // runs `child_after_fork`, which makes async-signal-safe calls only and
-        // never returns.
-        match unsafe { libc::fork() } {
-            -1 => Err(io::Error::last_os_error()),
-            // SAFETY: we are the freshly forked child.
-            0 => unsafe { self.child_after_fork() },
-            pid => Ok(pid),
+    /// Starts the child and execs. Returns its pid (also its pgid and sid).
+    ///
+    /// Uses `clone(CLONE_VM | CLONE_VFORK)` on a private stack, as
+    /// `posix_spawn` does: nothing of envd's memory is copied or marked
+    /// copy-on-write, and this thread waits only until the child has exec'd
+    /// (or failed). All signals are blocked around the clone so no handler of
+    /// envd's can run in the child before it resets them.
+    pub fn spawn(&self) -> io::Result<i32> {
+        let stack = ChildStack::new()?;
+        // SAFETY: sigset operations on local, initialised sets.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; pthread_sigmask only affects this thread.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         }
+        // SAFETY: `child_entry` runs on `stack` (mapped, with a guard page,
+        // alive until clone returns, which with CLONE_VFORK is after the child
+        // exec'd or exited); it only makes async-signal-safe raw syscalls on
+        // `self`, which outlives the call.
+        let pid = unsafe {
+            libc::clone(
+                child_entry,
+                stack.top(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (self as *const Prepared).cast_mut().cast(),
+            )
+        };
+        let err = io::Error::last_os_error();
+        // SAFETY: restores this thread's previous mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        if pid == -1 {
+            return Err(err);
+        }
+        Ok(pid)
     }
 
     /// The child side. Never returns.
     ///
     /// # Safety
-    /// Must only be called in the child right after `fork`.
-    unsafe fn child_after_fork(&self) -> ! {
-        // SAFETY (whole block): only async-signal-safe libc calls on data built
-        // before the fork; pointers stay valid because `self` is alive until
-        // exec or _exit.
+    /// Must only run in the cloned child. It shares envd's memory, so it
+    /// writes nothing but its own stack, and changes credentials with raw
+    /// syscalls (libc's wrappers would signal envd's threads to change theirs).
+    unsafe fn child_after_clone(&self) -> ! {
+        // SAFETY (whole block): only async-signal-safe calls on data built
+        // before the clone; pointers stay valid because `self` is alive until
+        // exec or _exit (the parent is suspended by CLONE_VFORK).
         unsafe {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Signals arrive blocked (see `spawn`): default every disposition
+            // first, then unblock, so no envd handler ever runs here.
             let mut dfl: libc::sigaction = std::mem::zeroed();
             dfl.sa_sigaction = libc::SIG_DFL;
             for sig in 1..libc::SIGRTMAX() {
@@ -169,6 +195,9 @@ impl Prepared {
                     libc::sigaction(sig, &dfl, std::ptr::null_mut());
                 }
             }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
 
             libc::setsid();
             let s = &self.stdio;
@@ -186,9 +215,10 @@ impl Prepared {
             }
 
             if let Some(c) = &self.creds {
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
-                    || libc::setgid(c.gid) != 0
-                    || libc::setuid(c.uid) != 0
+                let (uid, gid) = (c.uid as libc::c_long, c.gid as libc::c_long);
+                if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0
+                    || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
                 {
                     fail(&self.msg_no_creds, 126);
                 }
@@ -210,10 +240,66 @@ impl Prepared {
     }
 }
 
+/// Entry point of the cloned child.
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `&Prepared` passed by `spawn`, alive while the
+    // parent is suspended; we are the cloned child.
+    unsafe { (*(arg as *const Prepared)).child_after_clone() }
+}
+
+/// The cloned child's stack: private anonymous memory with a guard page.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    const SIZE: usize = 128 * 1024;
+    const GUARD: usize = 4096;
+
+    fn new() -> io::Result<ChildStack> {
+        let len = Self::SIZE + Self::GUARD;
+        // SAFETY: anonymous private mapping, no fd; checked for MAP_FAILED.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the lowest page of our own mapping becomes the guard.
+        if unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The highest address (stacks grow down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of our mapping; mmap returns page-aligned
+        // memory, so the end is 16-byte aligned.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in `new`.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
 /// Writes `prefix`, the current errno's text and a newline to fd 2, then exits.
 ///
 /// # Safety
-/// Child-after-fork only; async-signal-safe calls.
+/// Cloned child only; async-signal-safe calls.
 unsafe fn fail(prefix: &[u8], code: i32) -> ! {
     // SAFETY: errno location is thread-local and valid; strerror is not
     // async-signal-safe, so a fixed table of the likely errnos is used.
@@ -238,7 +324,7 @@ unsafe fn fail(prefix: &[u8], code: i32) -> ! {
 }
 
 /// # Safety
-/// Child-after-fork only; `write(2)` is async-signal-safe.
+/// Cloned child only; `write(2)` is async-signal-safe.
 unsafe fn write_all(mut buf: &[u8]) {
     while !buf.is_empty() {
         // SAFETY: buf is a valid slice for its length.
