@@ -2,7 +2,10 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test check deps bench build
+MUSL := x86_64-unknown-linux-musl
+STATIC_BIN := target/$(MUSL)/release/envd
+
+.PHONY: help run test check deps bench build static
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -24,5 +27,10 @@ check: deps ## Formatting and lints (warnings are errors).
 test: deps check ## Install what is needed, then run the whole test suite.
 	$(CARGO) test --all-targets
 
-bench: deps ## Benchmarks: figures as ratios against baselines measured in the same run.
-	$(CARGO) bench --bench process
+static: deps ## Build the fully static release binary (musl) at target/x86_64-unknown-linux-musl/release/envd.
+	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
+	$(CARGO) build --release --target $(MUSL) --bin envd
+	@ls -l $(STATIC_BIN)
+
+bench: static ## Benchmarks of the static binary: figures as ratios against baselines measured in the same run.
+	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench process

@@ -1,7 +1,10 @@
 //! User accounts: lookup by name, home directory and group memberships.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use nix::unistd::{Gid, Uid};
 
@@ -20,12 +23,30 @@ pub struct User {
 
 impl User {
     /// Looks a user up by name. An unknown user is `UNAUTHENTICATED`, as in E2B.
+    /// Results are cached until `/etc/passwd` or `/etc/group` changes.
     pub fn lookup(name: &str) -> Result<User> {
         if name.is_empty() || name.contains('\0') {
             return Err(Error::unauthenticated(format!(
                 "invalid user name {name:?}"
             )));
         }
+        let stamp = DbStamp::now();
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.stamp != stamp {
+            cache.stamp = stamp;
+            cache.users.clear();
+        }
+        if let Some(u) = cache.users.get(name) {
+            return Ok(u.clone());
+        }
+        let user = Self::lookup_uncached(name)?;
+        if cache.users.len() < CACHE_MAX {
+            cache.users.insert(name.to_owned(), user.clone());
+        }
+        Ok(user)
+    }
+
+    fn lookup_uncached(name: &str) -> Result<User> {
         let pw = nix::unistd::User::from_name(name)
             .map_err(|e| Error::internal(format!("looking up user '{name}': {e}")))?
             .ok_or_else(|| Error::unauthenticated(format!("unknown user '{name}'")))?;
@@ -56,3 +77,32 @@ impl User {
         }
     }
 }
+
+/// At most this many users are cached.
+const CACHE_MAX: usize = 256;
+
+/// Change times of the account databases; a different stamp empties the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct DbStamp([Option<(SystemTime, u64)>; 2]);
+
+impl DbStamp {
+    fn now() -> Self {
+        let of = |p: &str| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, std::os::unix::fs::MetadataExt::ino(&m))))
+        };
+        DbStamp([of("/etc/passwd"), of("/etc/group")])
+    }
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    stamp: DbStamp,
+    users: BTreeMap<String, User>,
+}
+
+static CACHE: Mutex<Cache> = Mutex::new(Cache {
+    stamp: DbStamp([None, None]),
+    users: BTreeMap::new(),
+});

@@ -145,7 +145,7 @@ impl Prepared {
     /// (or failed). All signals are blocked around the clone so no handler of
     /// envd's can run in the child before it resets them.
     pub fn spawn(&self) -> io::Result<i32> {
-        let stack = ChildStack::new()?;
+        let stack = ChildStack::take()?;
         // SAFETY: sigset operations on local, initialised sets.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
         let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -169,6 +169,7 @@ impl Prepared {
         let err = io::Error::last_os_error();
         // SAFETY: restores this thread's previous mask.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        stack.give_back();
         if pid == -1 {
             return Err(err);
         }
@@ -190,7 +191,9 @@ impl Prepared {
             // first, then unblock, so no envd handler ever runs here.
             let mut dfl: libc::sigaction = std::mem::zeroed();
             dfl.sa_sigaction = libc::SIG_DFL;
-            for sig in 1..libc::SIGRTMAX() {
+            // envd installs no real-time signal handlers; the standard ones
+            // (and SIGPIPE, which Rust ignores) are all below 32.
+            for sig in 1..32 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                     libc::sigaction(sig, &dfl, std::ptr::null_mut());
                 }
@@ -253,9 +256,28 @@ struct ChildStack {
     len: usize,
 }
 
+// SAFETY: the mapping is owned by the struct and not tied to any thread.
+unsafe impl Send for ChildStack {}
+
+/// One spare stack: spawns are serialised by the reaper's lock, so one is
+/// enough to avoid an mmap/munmap per spawn.
+static SPARE_STACK: std::sync::Mutex<Option<ChildStack>> = std::sync::Mutex::new(None);
+
 impl ChildStack {
     const SIZE: usize = 128 * 1024;
     const GUARD: usize = 4096;
+
+    fn take() -> io::Result<ChildStack> {
+        let spare = SPARE_STACK.lock().unwrap_or_else(|e| e.into_inner()).take();
+        spare.map_or_else(ChildStack::new, Ok)
+    }
+
+    fn give_back(self) {
+        let mut spare = SPARE_STACK.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.is_none() {
+            *spare = Some(self);
+        }
+    }
 
     fn new() -> io::Result<ChildStack> {
         let len = Self::SIZE + Self::GUARD;

@@ -70,13 +70,19 @@ impl Drop for Envd {
     }
 }
 
+/// The envd under test: `ENVD_BIN` if set (e.g. the static release build
+/// for benchmarks), else the binary cargo built for this test run.
+pub fn binary() -> String {
+    std::env::var("ENVD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_envd").to_owned())
+}
+
 /// Spawns envd with `args`; waits for "envd ready". Returns the child, the
 /// bound listener URLs and its log lines so far (kept up to date).
 /// envd's log lines, kept up to date by a reader thread.
 pub type Log = Arc<Mutex<Vec<String>>>;
 
 pub fn spawn(args: &[String]) -> Result<(Child, Vec<String>, Log), String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_envd"))
+    let mut child = Command::new(binary())
         .args(args)
         .env(
             "RUST_LOG",
