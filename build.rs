@@ -4,7 +4,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/process.proto", "proto/filesystem.proto"];
+    let protos = [
+        "proto/process.proto",
+        "proto/filesystem.proto",
+        "proto/transfer.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

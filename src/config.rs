@@ -46,6 +46,16 @@ pub struct Config {
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub exit_retention: u64,
 
+    /// Events buffered per polling watcher (CreateWatcher); beyond it events
+    /// are dropped and the next GetWatcherEvents reports how many.
+    #[arg(long, value_name = "EVENTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub watcher_buffer: u64,
+
+    /// Polling watchers nobody polls for this long are removed (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub watcher_idle_timeout: u64,
+
     /// User for requests that name none (no `authorization: Basic` header).
     /// Default: the user envd runs as (root in a VM).
     #[arg(long, value_name = "USER")]
@@ -60,6 +70,13 @@ impl Config {
                 .expect("the default listen URL is valid")]
         } else {
             self.listen.clone()
+        }
+    }
+
+    pub fn filesystem_settings(&self) -> crate::filesystem::Settings {
+        crate::filesystem::Settings {
+            watcher_buffer: usize::try_from(self.watcher_buffer).unwrap_or(usize::MAX),
+            watcher_idle: Duration::from_secs(self.watcher_idle_timeout.max(1)),
         }
     }
 

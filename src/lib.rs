@@ -7,7 +7,9 @@
 pub mod client;
 pub mod config;
 pub mod defaults;
+pub mod filesystem;
 pub mod grpc;
+pub mod ids;
 pub mod listen;
 pub mod logging;
 pub mod paths;

@@ -8,6 +8,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use envd::config::Config;
 use envd::defaults::Defaults;
+use envd::filesystem::FilesystemService;
 use envd::listen::Listener;
 use envd::process::{ProcessService, Reaper};
 use envd::users::User;
@@ -65,7 +66,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         defaults,
         cfg.process_settings(),
     ));
-    let routes = server::routes(process).await?;
+    let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
+    let routes = server::routes(process, filesystem).await?;
 
     let mut bound = Vec::new();
     for url in cfg.listeners() {

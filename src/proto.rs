@@ -10,5 +10,14 @@ pub mod filesystem {
     tonic::include_proto!("filesystem");
 }
 
+/// envd's own packages (`envd.*`).
+pub mod envd {
+    pub mod transfer {
+        tonic::include_proto!("envd.transfer");
+    }
+}
+
+pub use envd::transfer;
+
 /// Encoded `FileDescriptorSet` of every proto package, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("envd_descriptor");

@@ -10,10 +10,14 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tonic::service::Routes;
 
+use crate::filesystem::FilesystemService;
+use crate::grpc::filesystem::FilesystemGrpc;
 use crate::grpc::process::ProcessGrpc;
 use crate::listen::Listener;
 use crate::process::ProcessService;
+use crate::proto::filesystem::filesystem_server::FilesystemServer;
 use crate::proto::process::process_server::ProcessServer;
+use crate::proto::transfer::transfer_server::TransferServer;
 
 /// HTTP/2 flow-control windows: large enough for full-speed output streams.
 const STREAM_WINDOW: u32 = 4 << 20;
@@ -22,9 +26,17 @@ const CONNECTION_WINDOW: u32 = 8 << 20;
 const MAX_STREAMS: u32 = 1024;
 
 /// Builds the router with every service.
-pub async fn routes(process: Arc<ProcessService>) -> Result<Routes, String> {
+pub async fn routes(
+    process: Arc<ProcessService>,
+    filesystem: Arc<FilesystemService>,
+) -> Result<Routes, String> {
+    let fs = FilesystemGrpc::new(filesystem, process.defaults().clone());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<ProcessServer<ProcessGrpc>>().await;
+    health
+        .set_serving::<FilesystemServer<FilesystemGrpc>>()
+        .await;
+    health.set_serving::<TransferServer<FilesystemGrpc>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -34,6 +46,8 @@ pub async fn routes(process: Arc<ProcessService>) -> Result<Routes, String> {
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
     Ok(Routes::new(ProcessGrpc::server(process))
+        .add_service(fs.filesystem_server())
+        .add_service(fs.transfer_server())
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

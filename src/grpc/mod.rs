@@ -2,6 +2,7 @@
 //! logic. Each handler parses the [`RequestContext`], calls the service and
 //! maps errors through [`crate::status`].
 
+pub mod filesystem;
 pub mod process;
 
 use crate::defaults::Defaults;

@@ -1,0 +1,11 @@
+//! The filesystem service: entries, listing, mutations, watches, transfers.
+
+pub mod entry;
+pub mod list;
+pub mod ops;
+pub mod service;
+pub mod transfer;
+pub mod watch;
+pub mod watchers;
+
+pub use service::{FilesystemService, Settings};

@@ -1,0 +1,199 @@
+//! `filesystem.Filesystem` and `envd.transfer.Transfer` logic, written once
+//! against the prost types.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+
+use super::entry::{entry_info, Names};
+use super::list::list_dir;
+use super::ops;
+use super::transfer::{self, ReadStream};
+use super::watch::{watch_dir, WatchOptions};
+use super::watchers::Watchers;
+use crate::paths;
+use crate::proto::filesystem::watch_dir_response::{Event, KeepAlive, StartEvent};
+use crate::proto::filesystem::*;
+use crate::proto::transfer::{ReadFileRequest, WriteFileRequest, WriteFileResponse};
+use crate::request::RequestContext;
+use crate::status::{Code, Error, Result};
+
+/// Tunables of the filesystem service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Events buffered per polling watcher.
+    pub watcher_buffer: usize,
+    /// Polling watchers not polled for this long are removed.
+    pub watcher_idle: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            watcher_buffer: 10_000,
+            watcher_idle: Duration::from_secs(600),
+        }
+    }
+}
+
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchDirResponse>> + Send>>;
+
+#[derive(Debug)]
+pub struct FilesystemService {
+    watchers: Arc<Watchers>,
+}
+
+fn resolve(ctx: &RequestContext, path: &str) -> Result<PathBuf> {
+    paths::resolve(path, &ctx.user)
+}
+
+fn entry(path: &std::path::Path) -> Result<EntryInfo> {
+    entry_info(path, path, &mut Names::default())
+}
+
+impl FilesystemService {
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            watchers: Watchers::new(settings.watcher_buffer, settings.watcher_idle),
+        }
+    }
+
+    pub fn stat(&self, ctx: &RequestContext, req: StatRequest) -> Result<StatResponse> {
+        let path = resolve(ctx, &req.path)?;
+        Ok(StatResponse {
+            entry: Some(entry(&path)?),
+        })
+    }
+
+    pub fn make_dir(&self, ctx: &RequestContext, req: MakeDirRequest) -> Result<MakeDirResponse> {
+        let path = resolve(ctx, &req.path)?;
+        ops::make_dir(&path, &ctx.user)?;
+        Ok(MakeDirResponse {
+            entry: Some(entry(&path)?),
+        })
+    }
+
+    pub fn move_entry(&self, ctx: &RequestContext, req: MoveRequest) -> Result<MoveResponse> {
+        let src = resolve(ctx, &req.source)?;
+        let dst = resolve(ctx, &req.destination)?;
+        ops::move_path(&src, &dst, &ctx.user)?;
+        Ok(MoveResponse {
+            entry: Some(entry(&dst)?),
+        })
+    }
+
+    pub fn list_dir(&self, ctx: &RequestContext, req: ListDirRequest) -> Result<ListDirResponse> {
+        let shown = resolve(ctx, &req.path)?;
+        // A symlinked root is followed (only the root).
+        let real = std::fs::canonicalize(&shown).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                Error::precondition(format!("'{}': symlink loop", shown.display()))
+            }
+            _ => Error::io(shown.display(), &e),
+        })?;
+        Ok(ListDirResponse {
+            entries: list_dir(&real, &shown, req.depth)?,
+        })
+    }
+
+    pub fn remove(&self, ctx: &RequestContext, req: RemoveRequest) -> Result<RemoveResponse> {
+        let path = resolve(ctx, &req.path)?;
+        if path == std::path::Path::new("/") {
+            return Err(Error::invalid("refusing to remove '/'"));
+        }
+        ops::remove_path(&path)?;
+        Ok(RemoveResponse {})
+    }
+
+    /// `start` once the watch is armed, then events and keepalives; an error
+    /// (overflow, limits) ends the stream.
+    pub fn watch_dir(&self, ctx: &RequestContext, req: WatchDirRequest) -> Result<WatchStream> {
+        let path = resolve(ctx, &req.path)?;
+        let watch = watch_dir(
+            &path,
+            WatchOptions {
+                recursive: req.recursive,
+                include_entry: req.include_entry,
+                allow_network_mounts: req.allow_network_mounts,
+            },
+        )?;
+        let keepalive = ctx.keepalive;
+        let deadline = ctx.deadline;
+        let state = (Some(watch), true);
+        let msg = |e: Event| WatchDirResponse { event: Some(e) };
+        Ok(Box::pin(futures_util::stream::unfold(
+            state,
+            move |(watch, first)| async move {
+                let mut watch = watch?;
+                if first {
+                    return Some((Ok(msg(Event::Start(StartEvent {}))), (Some(watch), false)));
+                }
+                let until_deadline = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    item = watch.events.recv() => match item {
+                        Some(Ok(ev)) => Some((Ok(msg(Event::Filesystem(ev))), (Some(watch), false))),
+                        Some(Err(e)) => Some((Err(e), (None, false))),
+                        None => None,
+                    },
+                    () = tokio::time::sleep(keepalive) => Some((Ok(msg(Event::Keepalive(KeepAlive {}))), (Some(watch), false))),
+                    () = until_deadline => Some((Err(Error::new(Code::DeadlineExceeded, "watch deadline exceeded")), (None, false))),
+                }
+            },
+        )))
+    }
+
+    pub fn create_watcher(
+        &self,
+        ctx: &RequestContext,
+        req: CreateWatcherRequest,
+    ) -> Result<CreateWatcherResponse> {
+        let path = resolve(ctx, &req.path)?;
+        let id = self.watchers.create(
+            &path,
+            WatchOptions {
+                recursive: req.recursive,
+                include_entry: req.include_entry,
+                allow_network_mounts: req.allow_network_mounts,
+            },
+        )?;
+        Ok(CreateWatcherResponse { watcher_id: id })
+    }
+
+    pub fn get_watcher_events(
+        &self,
+        req: GetWatcherEventsRequest,
+    ) -> Result<GetWatcherEventsResponse> {
+        Ok(GetWatcherEventsResponse {
+            events: self.watchers.poll(&req.watcher_id)?,
+        })
+    }
+
+    pub fn remove_watcher(&self, req: RemoveWatcherRequest) -> Result<RemoveWatcherResponse> {
+        self.watchers.remove(&req.watcher_id)?;
+        Ok(RemoveWatcherResponse {})
+    }
+
+    pub async fn read_file(
+        &self,
+        ctx: &RequestContext,
+        req: ReadFileRequest,
+    ) -> Result<ReadStream> {
+        let path = resolve(ctx, &req.path)?;
+        transfer::read_file(path, req.offset.unwrap_or(0), req.length).await
+    }
+
+    pub async fn write_file<S>(&self, ctx: &RequestContext, input: S) -> Result<WriteFileResponse>
+    where
+        S: Stream<Item = Result<WriteFileRequest>> + Unpin,
+    {
+        transfer::write_file(input, &ctx.user, |p| resolve(ctx, p)).await
+    }
+}

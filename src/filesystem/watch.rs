@@ -1,0 +1,283 @@
+//! Directory watches on inotify (through `notify`), shared by the WatchDir
+//! stream and the polling watchers.
+//!
+//! Recursion is managed here rather than by notify: every directory gets its
+//! own non-recursive watch, and a directory that appears later is first
+//! watched and then scanned, with a synthetic CREATE for everything already in
+//! it, so files created inside a new directory before its watch was armed are
+//! not lost (duplicates of the overlap are dropped). A kernel queue overflow
+//! or a full internal queue ends the watch with DATA_LOSS; hitting the inotify
+//! limits is RESOURCE_EXHAUSTED naming the limit.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use notify::event::{EventKind, ModifyKind, RenameMode};
+use notify::{INotifyWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::entry::{entry_info, Names};
+use crate::proto::filesystem::{EventType, FilesystemEvent};
+use crate::status::{Code, Error, Result};
+
+/// Raw notify events queued between notify's thread and the translator.
+const RAW_QUEUE: usize = 16 * 1024;
+/// Translated events queued for the consumer (stream or polling buffer).
+const OUT_QUEUE: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    pub recursive: bool,
+    pub include_entry: bool,
+    pub allow_network_mounts: bool,
+}
+
+/// What a watch yields: events, then possibly one error that ends it.
+pub type WatchItem = Result<FilesystemEvent>;
+
+/// An armed watch. Dropping it stops watching.
+pub struct DirWatch {
+    pub events: mpsc::Receiver<WatchItem>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for DirWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirWatch").finish_non_exhaustive()
+    }
+}
+
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Validates `root` and arms the watch; events flow once this returns.
+pub fn watch_dir(root: &Path, opts: WatchOptions) -> Result<DirWatch> {
+    let meta = std::fs::metadata(root).map_err(|e| Error::io(root.display(), &e))?;
+    if !meta.is_dir() {
+        return Err(Error::invalid(format!(
+            "'{}' is not a directory",
+            root.display()
+        )));
+    }
+    if !opts.allow_network_mounts {
+        if let Some(fs) = network_fs(root) {
+            return Err(Error::precondition(format!(
+                "'{}' is on a {fs} network filesystem, where inotify misses remote changes; \
+                 set allow_network_mounts to watch it anyway",
+                root.display()
+            )));
+        }
+    }
+    let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let overflow = overflow.clone();
+        move |res: notify::Result<notify::Event>| {
+            if raw_tx.try_send(res).is_err() {
+                overflow.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    let watcher = INotifyWatcher::new(handler, notify::Config::default())
+        .map_err(|e| notify_error(&e, root))?;
+    let watcher = Arc::new(Mutex::new(watcher));
+    let mut tr = Translator {
+        root: root.to_path_buf(),
+        opts,
+        watcher,
+        synthesized: HashSet::new(),
+        names: Names::default(),
+    };
+    tr.add_tree(root, false, &mut Vec::new())?;
+    let (tx, rx) = mpsc::channel(OUT_QUEUE);
+    let task = tokio::spawn(tr.run(raw_rx, tx, overflow));
+    Ok(DirWatch { events: rx, task })
+}
+
+struct Translator {
+    root: PathBuf,
+    opts: WatchOptions,
+    watcher: Arc<Mutex<INotifyWatcher>>,
+    /// Paths announced by a scan; their real CREATE (if any) is dropped.
+    synthesized: HashSet<PathBuf>,
+    names: Names,
+}
+
+impl Translator {
+    async fn run(
+        mut self,
+        mut raw: mpsc::Receiver<notify::Result<notify::Event>>,
+        tx: mpsc::Sender<WatchItem>,
+        overflow: Arc<AtomicBool>,
+    ) {
+        while let Some(res) = raw.recv().await {
+            if overflow.load(Ordering::Relaxed) {
+                let _ = tx.send(Err(lost())).await;
+                return;
+            }
+            let mut out = Vec::new();
+            if let Err(e) = self.translate(res, &mut out) {
+                for ev in out {
+                    let _ = tx.send(Ok(ev)).await;
+                }
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            for ev in out {
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn translate(
+        &mut self,
+        res: notify::Result<notify::Event>,
+        out: &mut Vec<FilesystemEvent>,
+    ) -> Result<()> {
+        let ev = res.map_err(|e| notify_error(&e, &self.root))?;
+        if ev.need_rescan() {
+            return Err(lost());
+        }
+        let kind = match ev.kind {
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                EventType::Create
+            }
+            EventKind::Modify(ModifyKind::Data(_)) => EventType::Write,
+            EventKind::Modify(ModifyKind::Metadata(_)) => EventType::Chmod,
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)) => EventType::Rename,
+            EventKind::Remove(_) => EventType::Remove,
+            _ => return Ok(()),
+        };
+        for path in ev.paths {
+            if kind == EventType::Create && self.synthesized.remove(&path) {
+                continue;
+            }
+            let is_new_dir = kind == EventType::Create
+                && self.opts.recursive
+                && std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            out.push(self.event(&path, kind));
+            if is_new_dir {
+                self.add_tree(&path, true, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, path: &Path, kind: EventType) -> FilesystemEvent {
+        let name = path
+            .strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned();
+        let entry = if self.opts.include_entry
+            && matches!(
+                kind,
+                EventType::Create | EventType::Write | EventType::Chmod
+            ) {
+            entry_info(path, path, &mut self.names).ok()
+        } else {
+            None
+        };
+        FilesystemEvent {
+            name,
+            r#type: kind as i32,
+            entry,
+        }
+    }
+
+    /// Watches `dir` (and, when recursive, every directory below it, not
+    /// through symlinks). With `announce`, entries found are reported as
+    /// CREATE events: they appeared before their directory was watched.
+    fn add_tree(
+        &mut self,
+        dir: &Path,
+        announce: bool,
+        out: &mut Vec<FilesystemEvent>,
+    ) -> Result<()> {
+        self.watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|e| notify_error(&e, dir))?;
+        if !self.opts.recursive && !announce {
+            return Ok(());
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Ok(()); // vanished meanwhile
+        };
+        let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            if announce {
+                if self.synthesized.len() >= RAW_QUEUE {
+                    self.synthesized.clear();
+                }
+                self.synthesized.insert(path.clone());
+                out.push(self.event(&path, EventType::Create));
+            }
+            if self.opts.recursive && e.file_type().is_ok_and(|t| t.is_dir()) {
+                self.add_tree(&path, announce, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lost() -> Error {
+    Error::new(
+        Code::DataLoss,
+        "the inotify event queue overflowed; events were lost (watch again and rescan)",
+    )
+}
+
+fn read_limit(name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/fs/inotify/{name}"))
+        .map_or_else(|_| "?".into(), |s| s.trim().to_owned())
+}
+
+fn notify_error(e: &notify::Error, path: &Path) -> Error {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => Error::new(
+            Code::ResourceExhausted,
+            format!(
+                "inotify watch limit reached while watching '{}' (fs.inotify.max_user_watches = {})",
+                path.display(),
+                read_limit("max_user_watches")
+            ),
+        ),
+        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::EMFILE) => Error::new(
+            Code::ResourceExhausted,
+            format!(
+                "inotify instance limit reached (fs.inotify.max_user_instances = {})",
+                read_limit("max_user_instances")
+            ),
+        ),
+        notify::ErrorKind::Io(io) => Error::io(format!("watch {}", path.display()), io),
+        notify::ErrorKind::PathNotFound => Error::not_found(format!("'{}' does not exist", path.display())),
+        _ => Error::internal(format!("watch {}: {e}", path.display())),
+    }
+}
+
+/// The network filesystem `path` is on, if any.
+fn network_fs(path: &Path) -> Option<&'static str> {
+    let st = nix::sys::statfs::statfs(path).ok()?;
+    let magic = st.filesystem_type().0 as i64;
+    Some(match magic {
+        0x6969 => "NFS",
+        0x517B => "SMB",
+        0xFF53_4D42 => "CIFS",
+        0xFE53_4D42 => "SMB2",
+        0x6573_5546 => "FUSE",
+        0x0102_1997 => "9P",
+        0x00C3_6400 => "Ceph",
+        _ => return None,
+    })
+}

@@ -1,0 +1,150 @@
+//! Polling watchers (CreateWatcher / GetWatcherEvents / RemoveWatcher): each
+//! buffers at most `capacity` events; when full, further events are counted as
+//! lost and the next poll says so. Watchers nobody polls for `idle` are removed.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::watch::{watch_dir, WatchOptions};
+use crate::proto::filesystem::FilesystemEvent;
+use crate::status::{Code, Error, Result};
+
+#[derive(Debug)]
+pub struct Watchers {
+    map: Mutex<HashMap<String, Arc<Polled>>>,
+    capacity: usize,
+    idle: Duration,
+}
+
+#[derive(Debug)]
+struct Polled {
+    /// Shared with the filling task, which holds only a `Weak`.
+    state: Arc<Mutex<PollState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct PollState {
+    events: VecDeque<FilesystemEvent>,
+    lost: u64,
+    error: Option<Error>,
+    last_poll: Instant,
+}
+
+impl Drop for Polled {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Watchers {
+    /// Creates the registry and its sweeper (must run inside the runtime).
+    pub fn new(capacity: usize, idle: Duration) -> Arc<Watchers> {
+        let w = Arc::new(Watchers {
+            map: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            idle,
+        });
+        let weak = Arc::downgrade(&w);
+        tokio::spawn(async move {
+            let period = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(w) = weak.upgrade() else { return };
+                w.sweep();
+            }
+        });
+        w
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        lock(&self.map).retain(|id, p| {
+            let keep = now.duration_since(lock(&p.state).last_poll) < self.idle;
+            if !keep {
+                tracing::info!(watcher = %id, "removing a watcher nobody polled");
+            }
+            keep
+        });
+    }
+
+    pub fn create(&self, root: &Path, opts: WatchOptions) -> Result<String> {
+        let mut watch = watch_dir(root, opts)?;
+        let state = Arc::new(Mutex::new(PollState {
+            events: VecDeque::new(),
+            lost: 0,
+            error: None,
+            last_poll: Instant::now(),
+        }));
+        let capacity = self.capacity;
+        let sink = Arc::downgrade(&state);
+        let task = tokio::spawn(async move {
+            while let Some(item) = watch.events.recv().await {
+                let Some(state) = sink.upgrade() else { return };
+                let mut s = lock(&state);
+                match item {
+                    Ok(ev) if s.events.len() < capacity => s.events.push_back(ev),
+                    Ok(_) => s.lost += 1,
+                    Err(e) => {
+                        s.error = Some(e);
+                        return;
+                    }
+                }
+            }
+        });
+        let id = format!("w{}", crate::ids::random_id(20));
+        let polled = Arc::new(Polled { state, task });
+        lock(&self.map).insert(id.clone(), polled);
+        Ok(id)
+    }
+
+    /// Returns and clears the buffered events. If events were dropped since
+    /// the last poll, this poll fails with DATA_LOSS saying how many (the
+    /// buffered events stay for the next poll).
+    pub fn poll(&self, id: &str) -> Result<Vec<FilesystemEvent>> {
+        let p = lock(&self.map)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| unknown(id))?;
+        let mut s = lock(&p.state);
+        s.last_poll = Instant::now();
+        if s.lost > 0 {
+            let lost = std::mem::take(&mut s.lost);
+            return Err(Error::new(
+                Code::DataLoss,
+                format!(
+                    "watcher {id}: {lost} events were dropped because its buffer ({} events) was full; \
+                     the buffered events are returned by the next call",
+                    self.capacity
+                ),
+            ));
+        }
+        if s.events.is_empty() {
+            if let Some(e) = &s.error {
+                return Err(e.clone());
+            }
+        }
+        Ok(s.events.drain(..).collect())
+    }
+
+    pub fn remove(&self, id: &str) -> Result<()> {
+        lock(&self.map)
+            .remove(id)
+            .map(|_| ())
+            .ok_or_else(|| unknown(id))
+    }
+}
+
+fn unknown(id: &str) -> Error {
+    Error::not_found(format!(
+        "watcher '{id}' not found (removed, or not polled for too long)"
+    ))
+}
