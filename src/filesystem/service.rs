@@ -50,6 +50,13 @@ fn resolve(ctx: &RequestContext, path: &str) -> Result<PathBuf> {
     paths::resolve(path, &ctx.user)
 }
 
+/// Runs blocking filesystem work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::internal(format!("filesystem task failed: {e}"))))
+}
+
 fn entry(path: &std::path::Path) -> Result<EntryInfo> {
     entry_info(path, path, &mut Names::default())
 }
@@ -61,50 +68,73 @@ impl FilesystemService {
         }
     }
 
-    pub fn stat(&self, ctx: &RequestContext, req: StatRequest) -> Result<StatResponse> {
+    pub async fn stat(&self, ctx: &RequestContext, req: StatRequest) -> Result<StatResponse> {
         let path = resolve(ctx, &req.path)?;
-        Ok(StatResponse {
-            entry: Some(entry(&path)?),
+        blocking(move || {
+            Ok(StatResponse {
+                entry: Some(entry(&path)?),
+            })
         })
+        .await
     }
 
-    pub fn make_dir(&self, ctx: &RequestContext, req: MakeDirRequest) -> Result<MakeDirResponse> {
+    pub async fn make_dir(
+        &self,
+        ctx: &RequestContext,
+        req: MakeDirRequest,
+    ) -> Result<MakeDirResponse> {
         let path = resolve(ctx, &req.path)?;
-        ops::make_dir(&path, &ctx.user)?;
-        Ok(MakeDirResponse {
-            entry: Some(entry(&path)?),
+        let user = ctx.user.clone();
+        blocking(move || {
+            ops::make_dir(&path, &user)?;
+            Ok(MakeDirResponse {
+                entry: Some(entry(&path)?),
+            })
         })
+        .await
     }
 
-    pub fn move_entry(&self, ctx: &RequestContext, req: MoveRequest) -> Result<MoveResponse> {
+    pub async fn move_entry(&self, ctx: &RequestContext, req: MoveRequest) -> Result<MoveResponse> {
         let src = resolve(ctx, &req.source)?;
         let dst = resolve(ctx, &req.destination)?;
-        ops::move_path(&src, &dst, &ctx.user)?;
-        Ok(MoveResponse {
-            entry: Some(entry(&dst)?),
+        let user = ctx.user.clone();
+        blocking(move || {
+            ops::move_path(&src, &dst, &user)?;
+            Ok(MoveResponse {
+                entry: Some(entry(&dst)?),
+            })
         })
+        .await
     }
 
-    pub fn list_dir(&self, ctx: &RequestContext, req: ListDirRequest) -> Result<ListDirResponse> {
+    pub async fn list_dir(
+        &self,
+        ctx: &RequestContext,
+        req: ListDirRequest,
+    ) -> Result<ListDirResponse> {
         let shown = resolve(ctx, &req.path)?;
+        blocking(move || Self::list_blocking(&shown, req.depth)).await
+    }
+
+    fn list_blocking(shown: &std::path::Path, depth: u32) -> Result<ListDirResponse> {
         // A symlinked root is followed (only the root).
-        let real = std::fs::canonicalize(&shown).map_err(|e| match e.raw_os_error() {
+        let real = std::fs::canonicalize(shown).map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => {
                 Error::precondition(format!("'{}': symlink loop", shown.display()))
             }
             _ => Error::io(shown.display(), &e),
         })?;
         Ok(ListDirResponse {
-            entries: list_dir(&real, &shown, req.depth)?,
+            entries: list_dir(&real, shown, depth)?,
         })
     }
 
-    pub fn remove(&self, ctx: &RequestContext, req: RemoveRequest) -> Result<RemoveResponse> {
+    pub async fn remove(&self, ctx: &RequestContext, req: RemoveRequest) -> Result<RemoveResponse> {
         let path = resolve(ctx, &req.path)?;
         if path == std::path::Path::new("/") {
             return Err(Error::invalid("refusing to remove '/'"));
         }
-        ops::remove_path(&path)?;
+        blocking(move || ops::remove_path(&path)).await?;
         Ok(RemoveResponse {})
     }
 

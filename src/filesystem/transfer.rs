@@ -120,12 +120,11 @@ where
         }
         copy_in(&mut input, &mut f, &path).await?;
     } else {
-        let tmp = sibling_temp(&path);
-        let result = replace(&mut input, &tmp, &path, mode, user).await;
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result?;
+        // Removed on any failure, and also when the client goes away and
+        // this future is dropped mid-upload.
+        let tmp = TempFile(Some(sibling_temp(&path)));
+        replace(&mut input, tmp.path(), &path, mode, user).await?;
+        tmp.keep();
     }
     Ok(WriteFileResponse {
         entry: Some(entry_info(&path, &path, &mut Names::default())?),
@@ -173,4 +172,26 @@ where
     f.flush()
         .await
         .map_err(|e| Error::io(format!("write {}", path.display()), &e))
+}
+
+/// A temporary file that is deleted on drop unless kept.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// It has been renamed into place: nothing to delete.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

@@ -57,7 +57,7 @@ fn client_stream<T>(s: Streaming<T>) -> impl Stream<Item = crate::status::Result
 impl Filesystem for FilesystemGrpc {
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
         let ctx = context(&req, &self.defaults)?;
-        Ok(Response::new(self.svc.stat(&ctx, req.into_inner())?))
+        Ok(Response::new(self.svc.stat(&ctx, req.into_inner()).await?))
     }
 
     async fn make_dir(
@@ -65,12 +65,16 @@ impl Filesystem for FilesystemGrpc {
         req: Request<MakeDirRequest>,
     ) -> Result<Response<MakeDirResponse>, Status> {
         let ctx = context(&req, &self.defaults)?;
-        Ok(Response::new(self.svc.make_dir(&ctx, req.into_inner())?))
+        Ok(Response::new(
+            self.svc.make_dir(&ctx, req.into_inner()).await?,
+        ))
     }
 
     async fn r#move(&self, req: Request<MoveRequest>) -> Result<Response<MoveResponse>, Status> {
         let ctx = context(&req, &self.defaults)?;
-        Ok(Response::new(self.svc.move_entry(&ctx, req.into_inner())?))
+        Ok(Response::new(
+            self.svc.move_entry(&ctx, req.into_inner()).await?,
+        ))
     }
 
     async fn list_dir(
@@ -78,7 +82,9 @@ impl Filesystem for FilesystemGrpc {
         req: Request<ListDirRequest>,
     ) -> Result<Response<ListDirResponse>, Status> {
         let ctx = context(&req, &self.defaults)?;
-        Ok(Response::new(self.svc.list_dir(&ctx, req.into_inner())?))
+        Ok(Response::new(
+            self.svc.list_dir(&ctx, req.into_inner()).await?,
+        ))
     }
 
     async fn remove(
@@ -86,7 +92,9 @@ impl Filesystem for FilesystemGrpc {
         req: Request<RemoveRequest>,
     ) -> Result<Response<RemoveResponse>, Status> {
         let ctx = context(&req, &self.defaults)?;
-        Ok(Response::new(self.svc.remove(&ctx, req.into_inner())?))
+        Ok(Response::new(
+            self.svc.remove(&ctx, req.into_inner()).await?,
+        ))
     }
 
     type WatchDirStream = RpcStream<WatchDirResponse>;

@@ -8,9 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use envd::proto::filesystem::filesystem_client::FilesystemClient;
 use envd::proto::process::process_client::ProcessClient;
 use envd::proto::process::process_event::{data_event::Output, EndEvent, Event};
 use envd::proto::process::*;
+use envd::proto::transfer::transfer_client::TransferClient;
 use futures_util::{Stream, StreamExt};
 use tonic::transport::Channel;
 
@@ -60,6 +62,14 @@ impl Envd {
 
     pub async fn unix_client(&self) -> ProcessClient<Channel> {
         ProcessClient::new(envd::client::dial(&self.unix).await.unwrap())
+    }
+
+    pub async fn fs(&self) -> FilesystemClient<Channel> {
+        FilesystemClient::new(envd::client::dial(&self.unix).await.unwrap())
+    }
+
+    pub async fn transfer(&self) -> TransferClient<Channel> {
+        TransferClient::new(envd::client::dial(&self.unix).await.unwrap())
     }
 }
 
