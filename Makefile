@@ -29,8 +29,10 @@ test: deps check ## Install what is needed, then run the whole test suite.
 
 static: deps ## Build the fully static release binary (musl) at target/x86_64-unknown-linux-musl/release/envd.
 	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
+	@command -v musl-gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq musl-tools; }
 	$(CARGO) build --release --target $(MUSL) --bin envd
 	@ls -l $(STATIC_BIN)
 
 bench: static ## Benchmarks of the static binary: figures as ratios against baselines measured in the same run.
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench process
+	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench filesystem

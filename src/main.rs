@@ -14,7 +14,32 @@ use envd::process::{ProcessService, Reaper};
 use envd::users::User;
 use envd::{logging, server};
 
+/// The static (musl) build uses mimalloc: musl's allocator has one global lock
+/// and maps/unmaps every large buffer, which made transfers 3-5x slower.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Freed memory goes back to the OS after 50 ms instead of mimalloc's default
+/// 1 s: long enough that buffers in flight are reused (0 ms halved transfer
+/// throughput), short enough that peak RSS follows what is really in flight.
+fn tune_allocator() {
+    #[cfg(target_env = "musl")]
+    const PURGE_DELAY_MS: std::ffi::c_long = 50;
+    // `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (the bindings
+    // name only some options; `mi_option_eager_commit_delay` = 14 precedes it).
+    #[cfg(target_env = "musl")]
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    #[cfg(target_env = "musl")]
+    // SAFETY: setting a documented mimalloc option to a valid value; it is
+    // read whenever mimalloc decides to purge.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS)
+    };
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     ensure_std_fds();
     let cfg = Config::parse();
     logging::init(&cfg);

@@ -20,8 +20,8 @@ use crate::proto::process::process_server::ProcessServer;
 use crate::proto::transfer::transfer_server::TransferServer;
 
 /// HTTP/2 flow-control windows: large enough for full-speed output streams.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 8 << 20;
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
 /// Concurrent RPCs per connection.
 const MAX_STREAMS: u32 = 1024;
 
@@ -60,7 +60,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
-        .max_frame_size(64 * 1024);
+        .max_frame_size(256 * 1024);
     b
 }
 

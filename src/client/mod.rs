@@ -9,14 +9,17 @@ use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
 /// Flow-control windows matching the server's, for full-speed streams.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 8 << 20;
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Larger HTTP/2 frames: fewer frames per MiB of output or file data.
+const MAX_FRAME: u32 = 256 * 1024;
 
 /// Dials `tcp://HOST:PORT` or `unix:///path`.
 pub async fn dial(url: &str) -> Result<Channel, String> {
     let endpoint = Endpoint::from_static("http://envd")
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
     let fail = |e: tonic::transport::Error| format!("cannot connect to {url}: {e}");
     if let Some(addr) = url.strip_prefix("tcp://") {
         let addr = addr.to_owned();

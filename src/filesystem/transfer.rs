@@ -1,14 +1,12 @@
 //! Streamed file transfer (envd.transfer): bounded chunks out, atomic
 //! replace in. Memory stays bounded whatever the file size.
 
-use std::io::SeekFrom;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use bytes::BytesMut;
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::entry::{entry_info, Names};
 use super::ops::{chown_to, ensure_dir, sibling_temp};
@@ -24,53 +22,65 @@ const DEFAULT_MODE: u32 = 0o644;
 
 pub type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadFileResponse>> + Send>>;
 
-/// Opens `path` and streams `length` bytes (default: all) from `offset`.
+/// Chunks in flight between the disk thread and the network, each way.
+const PIPELINE: usize = 2;
+
+/// Opens `path` and streams `length` bytes (default: all) from `offset`. A
+/// blocking thread reads ahead at most `PIPELINE` chunks.
 pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Result<ReadStream> {
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| Error::io(path.display(), &e))?;
-    let meta = file
-        .metadata()
-        .await
-        .map_err(|e| Error::io(path.display(), &e))?;
-    if meta.is_dir() {
-        return Err(Error::invalid(format!(
-            "'{}' is a directory",
-            path.display()
-        )));
-    }
-    if offset > 0 {
-        file.seek(SeekFrom::Start(offset))
-            .await
-            .map_err(|e| Error::io(path.display(), &e))?;
-    }
-    let remaining = length.unwrap_or(u64::MAX);
-    let state = (file, remaining, path, false);
-    Ok(Box::pin(futures_util::stream::unfold(
-        state,
-        |(mut file, remaining, path, done)| async move {
-            if done || remaining == 0 {
-                return None;
-            }
+    let opened = path.clone();
+    let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+        let file = std::fs::File::open(&opened).map_err(|e| Error::io(opened.display(), &e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(opened.display(), &e))?;
+        if meta.is_dir() {
+            return Err(Error::invalid(format!(
+                "'{}' is a directory",
+                opened.display()
+            )));
+        }
+        Ok(file)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("open task failed: {e}")))??;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadFileResponse>>(PIPELINE);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut pos = offset;
+        let mut remaining = length.unwrap_or(u64::MAX);
+        while remaining > 0 {
             let want = READ_CHUNK.min(usize::try_from(remaining).unwrap_or(usize::MAX));
-            let mut buf = BytesMut::with_capacity(want);
-            while buf.len() < want {
-                match file.read_buf(&mut buf).await {
+            let mut buf = BytesMut::zeroed(want);
+            let mut filled = 0;
+            while filled < want {
+                match file.read_at(&mut buf[filled..], pos + filled as u64) {
                     Ok(0) => break,
-                    Ok(_) => {}
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        return Some((Err(Error::io(path.display(), &e)), (file, 0, path, true)))
+                        let _ = tx.blocking_send(Err(Error::io(path.display(), &e)));
+                        return;
                     }
                 }
             }
-            if buf.is_empty() {
-                return None;
+            if filled == 0 {
+                return;
             }
-            let left = remaining - buf.len() as u64;
-            let item = Ok(ReadFileResponse { data: buf.freeze() });
-            Some((item, (file, left, path, false)))
-        },
-    )))
+            buf.truncate(filled);
+            pos += filled as u64;
+            remaining -= filled as u64;
+            if tx
+                .blocking_send(Ok(ReadFileResponse { data: buf.freeze() }))
+                .is_err()
+            {
+                return; // the client went away
+            }
+        }
+    });
+    Ok(Box::pin(futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+    })))
 }
 
 /// Receives a header then data chunks. `resolve` maps the header's path.
@@ -108,17 +118,16 @@ where
         .or_else(|| existing.as_ref().map(|m| m.mode() & 0o7777))
         .unwrap_or(DEFAULT_MODE);
     if header.append {
-        let mut f = tokio::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .mode(mode)
             .open(&path)
-            .await
             .map_err(|e| Error::io(path.display(), &e))?;
         if existing.is_none() {
             chown_to(&path, user)?;
         }
-        copy_in(&mut input, &mut f, &path).await?;
+        copy_in(&mut input, f, &path).await?;
     } else {
         // Removed on any failure, and also when the client goes away and
         // this future is dropped mid-upload.
@@ -137,41 +146,64 @@ async fn replace<S>(input: &mut S, tmp: &Path, path: &Path, mode: u32, user: &Us
 where
     S: Stream<Item = Result<WriteFileRequest>> + Unpin,
 {
-    let mut f = tokio::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(tmp)
-        .await
         .map_err(|e| Error::io(format!("create {}", tmp.display()), &e))?;
-    copy_in(input, &mut f, path).await?;
+    let f = copy_in(input, f, path).await?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .await
         .map_err(|e| Error::io(tmp.display(), &e))?;
     drop(f);
     chown_to(tmp, user)?;
     std::fs::rename(tmp, path).map_err(|e| Error::io(format!("replace {}", path.display()), &e))
 }
 
-async fn copy_in<S>(input: &mut S, f: &mut tokio::fs::File, path: &Path) -> Result<()>
+/// Streams the data messages into `file` through a blocking writer thread,
+/// with at most `PIPELINE` chunks in flight.
+async fn copy_in<S>(input: &mut S, file: std::fs::File, path: &Path) -> Result<std::fs::File>
 where
     S: Stream<Item = Result<WriteFileRequest>> + Unpin,
 {
-    while let Some(msg) = input.next().await.transpose()? {
-        match msg.message {
-            Some(Message::Data(data)) => f
-                .write_all(&data)
-                .await
-                .map_err(|e| Error::io(format!("write {}", path.display()), &e))?,
-            Some(Message::Header(_)) => {
-                return Err(Error::invalid("WriteFile may carry only one header"))
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPELINE);
+    let shown = path.display().to_string();
+    let writer = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+        use std::io::Write;
+        let mut file = file;
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all(&chunk)
+                .map_err(|e| Error::io(format!("write {shown}"), &e))?;
+        }
+        Ok(file)
+    });
+    let mut failed = None;
+    while let Some(msg) = input.next().await {
+        match msg.map(|m| m.message) {
+            Ok(Some(Message::Data(data))) => {
+                if tx.send(data).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
             }
-            None => {}
+            Ok(Some(Message::Header(_))) => {
+                failed = Some(Error::invalid("WriteFile may carry only one header"));
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
     }
-    f.flush()
+    drop(tx);
+    let written = writer
         .await
-        .map_err(|e| Error::io(format!("write {}", path.display()), &e))
+        .map_err(|e| Error::internal(format!("write task failed: {e}")))?;
+    match failed {
+        Some(e) => Err(e),
+        None => written,
+    }
 }
 
 /// A temporary file that is deleted on drop unless kept.
