@@ -56,6 +56,11 @@ pub struct Config {
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub watcher_idle_timeout: u64,
 
+    /// Require this access token (read from the file, trailing newline
+    /// removed) on every request but GET /health, as if set by /init.
+    #[arg(long, value_name = "PATH")]
+    pub access_token_file: Option<std::path::PathBuf>,
+
     /// User for requests that name none (no `authorization: Basic` header).
     /// Default: the user envd runs as (root in a VM).
     #[arg(long, value_name = "USER")]
@@ -71,6 +76,23 @@ impl Config {
         } else {
             self.listen.clone()
         }
+    }
+
+    /// The access token from `--access-token-file`, if given.
+    pub fn access_token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.access_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--access-token-file {}: {e}", path.display()))?;
+        let token = text.trim_end_matches(['\r', '\n']).to_owned();
+        if token.is_empty() {
+            return Err(format!(
+                "--access-token-file {}: the file is empty",
+                path.display()
+            ));
+        }
+        Ok(Some(token))
     }
 
     pub fn filesystem_settings(&self) -> crate::filesystem::Settings {

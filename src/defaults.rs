@@ -7,6 +7,7 @@ use std::sync::RwLock;
 #[derive(Debug)]
 pub struct Defaults {
     user: RwLock<String>,
+    workdir: RwLock<Option<String>>,
     envs: RwLock<BTreeMap<String, String>>,
 }
 
@@ -14,6 +15,7 @@ impl Defaults {
     pub fn new(user: String) -> Self {
         Self {
             user: RwLock::new(user),
+            workdir: RwLock::new(None),
             envs: RwLock::new(BTreeMap::new()),
         }
     }
@@ -24,6 +26,18 @@ impl Defaults {
 
     pub fn set_user(&self, user: String) {
         *self.user.write().unwrap_or_else(|e| e.into_inner()) = user;
+    }
+
+    /// Working directory of processes started without `cwd` (default: home).
+    pub fn workdir(&self) -> Option<String> {
+        self.workdir
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_workdir(&self, dir: Option<String>) {
+        *self.workdir.write().unwrap_or_else(|e| e.into_inner()) = dir;
     }
 
     /// The global environment added to every process (below the request's own).

@@ -4,11 +4,14 @@
 //! against the prost types in [`proto`]; [`grpc`] adapts it to tonic, and
 //! [`status`] is the one map from errors to status codes.
 
+pub mod auth;
 pub mod client;
 pub mod config;
+pub mod connect;
 pub mod defaults;
 pub mod filesystem;
 pub mod grpc;
+pub mod http;
 pub mod ids;
 pub mod listen;
 pub mod logging;

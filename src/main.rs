@@ -6,6 +6,7 @@ use std::sync::Arc;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
+use envd::auth::Auth;
 use envd::config::Config;
 use envd::defaults::Defaults;
 use envd::filesystem::FilesystemService;
@@ -92,7 +93,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         cfg.process_settings(),
     ));
     let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
-    let routes = server::routes(process, filesystem).await?;
+    let auth = Arc::new(Auth::new(cfg.access_token()?));
+    let router = server::Router::new(process, filesystem, auth).await?;
 
     let mut bound = Vec::new();
     for url in cfg.listeners() {
@@ -104,7 +106,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         bound.push((listener, local));
     }
     for (listener, local) in bound {
-        tokio::spawn(server::serve(listener, local, routes.clone()));
+        tokio::spawn(server::serve(listener, local, router.clone()));
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "envd ready");
 

@@ -1,32 +1,178 @@
-//! One router for every listener: the gRPC services plus health and
-//! reflection, served over HTTP/2 (and HTTP/1.1, for the Connect adapter to
-//! come) on any accepted connection.
+//! One router for every listener: native gRPC (tonic, HTTP/2), the Connect
+//! protocol and the REST endpoints, on the same port, routed by content type
+//! and path; access control and CORS in front of all three.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tonic::service::Routes;
+use tower::ServiceExt;
 
+use crate::auth::{Auth, Verdict, TOKEN_HEADER};
+use crate::connect::{is_connect_path, ConnectRouter, HttpBody};
 use crate::filesystem::FilesystemService;
 use crate::grpc::filesystem::FilesystemGrpc;
 use crate::grpc::process::ProcessGrpc;
+use crate::http::{query, Rest, RestRouter};
 use crate::listen::Listener;
 use crate::process::ProcessService;
 use crate::proto::filesystem::filesystem_server::FilesystemServer;
 use crate::proto::process::process_server::ProcessServer;
 use crate::proto::transfer::transfer_server::TransferServer;
+use crate::status::Error;
 
-/// HTTP/2 flow-control windows: large enough for full-speed output streams.
+/// HTTP/2 flow-control windows: large enough for full-speed streams, small
+/// enough to keep what a connection can buffer in envd bounded.
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
 /// Concurrent RPCs per connection.
 const MAX_STREAMS: u32 = 1024;
 
-/// Builds the router with every service.
-pub async fn routes(
+/// Everything a request can reach.
+#[derive(Clone)]
+pub struct Router {
+    grpc: Routes,
+    connect: Arc<ConnectRouter>,
+    rest: Arc<RestRouter>,
+    auth: Arc<Auth>,
+}
+
+impl Router {
+    pub async fn new(
+        process: Arc<ProcessService>,
+        filesystem: Arc<FilesystemService>,
+        auth: Arc<Auth>,
+    ) -> Result<Router, String> {
+        let defaults = process.defaults().clone();
+        Ok(Router {
+            grpc: grpc_routes(process.clone(), filesystem.clone()).await?,
+            connect: Arc::new(ConnectRouter::new(process, filesystem, defaults.clone())),
+            rest: Arc::new(RestRouter::new(defaults, auth.clone())),
+            auth,
+        })
+    }
+
+    /// Routes one request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        if req.method() == http::Method::OPTIONS {
+            return preflight(&req);
+        }
+        let grpc = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        let path = req.uri().path().to_owned();
+        let connect = !grpc && is_connect_path(&path);
+        let mut response = match self.authorize(&req, &path) {
+            Err(e) if grpc => grpc_error(e),
+            Err(e) if connect => crate::connect::unary_error(&e),
+            Err(e) => Rest::from(e).response(),
+            Ok(()) if grpc => match self.grpc.clone().oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            },
+            Ok(()) if connect => self.connect.handle(req).await,
+            Ok(()) => self.rest.handle(req).await,
+        };
+        cors(&mut response);
+        response
+    }
+
+    /// Token (or, for `/files`, signature) checks. `GET /health` is open;
+    /// `/init` authenticates itself.
+    fn authorize(&self, req: &Request<Incoming>, path: &str) -> Result<(), Error> {
+        let method = req.method();
+        if (path == "/health" && (method == http::Method::GET || method == http::Method::HEAD))
+            || (path == "/init" && method == http::Method::POST)
+        {
+            return Ok(());
+        }
+        let presented = req.headers().get(TOKEN_HEADER).map(HeaderValue::as_bytes);
+        let verdict = self.auth.check_token(presented);
+        let files =
+            path == "/files" && (method == http::Method::GET || method == http::Method::POST);
+        let verdict = match verdict {
+            // A signed URL stands in for the token on /files (but a wrong
+            // token is never rescued by a signature).
+            Verdict::Missing if files => self.signature_verdict(req),
+            v => v,
+        };
+        match verdict {
+            Verdict::Allowed => Ok(()),
+            Verdict::Missing => Err(Error::unauthenticated(
+                "unauthorized access, please provide a valid access token (X-Access-Token) or method signing if supported",
+            )),
+            Verdict::Rejected => Err(Error::unauthenticated("invalid access token or signature")),
+        }
+    }
+
+    fn signature_verdict(&self, req: &Request<Incoming>) -> Verdict {
+        let q = query(req);
+        let Some(signature) = q.get("signature") else {
+            return Verdict::Missing;
+        };
+        let op = if req.method() == http::Method::GET {
+            "read"
+        } else {
+            "write"
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.auth.check_signature(
+            q.get("path").map_or("", String::as_str),
+            op,
+            q.get("username").map_or("", String::as_str),
+            signature,
+            q.get("signature_expiration").map(String::as_str),
+            now,
+        )
+    }
+}
+
+fn grpc_error(e: Error) -> Response<HttpBody> {
+    let (parts, ()) = tonic::Status::from(e).into_http::<()>().into_parts();
+    Response::from_parts(parts, HttpBody::default())
+}
+
+/// CORS as E2B's envd does it: any origin, the usual methods, any header.
+fn cors(r: &mut Response<HttpBody>) {
+    let h = r.headers_mut();
+    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    h.insert(
+        "access-control-expose-headers",
+        HeaderValue::from_static(
+            "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Connect-Protocol-Version, Location, Cache-Control, X-Content-Type-Options, X-Envd-Version",
+        ),
+    );
+}
+
+fn preflight(req: &Request<Incoming>) -> Response<HttpBody> {
+    let mut r = Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header(
+            "access-control-allow-methods",
+            "HEAD, GET, POST, PUT, PATCH, DELETE",
+        )
+        .header("access-control-max-age", "7200");
+    if let Some(h) = req.headers().get("access-control-request-headers") {
+        r = r.header("access-control-allow-headers", h.clone());
+    }
+    let mut r = r
+        .body(HttpBody::default())
+        .expect("static response parts are valid");
+    cors(&mut r);
+    r
+}
+
+/// The gRPC services, health and reflection.
+async fn grpc_routes(
     process: Arc<ProcessService>,
     filesystem: Arc<FilesystemService>,
 ) -> Result<Routes, String> {
@@ -56,6 +202,7 @@ pub async fn routes(
 
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().keep_alive(true);
     b.http2()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -65,14 +212,18 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts connections forever; each is served on its own task.
-pub async fn serve(listener: Listener, url: String, routes: Routes) {
+pub async fn serve(listener: Listener, url: String, router: Router) {
     let builder = http_builder();
     loop {
         match listener.accept().await {
             Ok(conn) => {
-                let svc = TowerToHyperService::new(routes.clone());
+                let router = router.clone();
                 let builder = builder.clone();
                 tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let router = router.clone();
+                        async move { Ok::<_, Infallible>(router.handle(req).await) }
+                    });
                     if let Err(e) = builder.serve_connection(TokioIo::new(conn), svc).await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }

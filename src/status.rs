@@ -19,6 +19,7 @@ pub enum Code {
     DeadlineExceeded,
     DataLoss,
     Internal,
+    Unimplemented,
 }
 
 /// An error of the service logic: a code and a message naming the object.
@@ -101,6 +102,54 @@ impl From<Code> for tonic::Code {
             Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
             Code::DataLoss => tonic::Code::DataLoss,
             Code::Internal => tonic::Code::Internal,
+            Code::Unimplemented => tonic::Code::Unimplemented,
+        }
+    }
+}
+
+impl Code {
+    /// The Connect protocol's name for the code.
+    pub fn connect_name(self) -> &'static str {
+        match self {
+            Code::InvalidArgument => "invalid_argument",
+            Code::NotFound => "not_found",
+            Code::AlreadyExists => "already_exists",
+            Code::PermissionDenied => "permission_denied",
+            Code::Unauthenticated => "unauthenticated",
+            Code::FailedPrecondition => "failed_precondition",
+            Code::ResourceExhausted => "resource_exhausted",
+            Code::DeadlineExceeded => "deadline_exceeded",
+            Code::DataLoss => "data_loss",
+            Code::Internal => "internal",
+            Code::Unimplemented => "unimplemented",
+        }
+    }
+
+    /// The HTTP status of a Connect unary error (Connect's code table) and of
+    /// REST errors.
+    pub fn http_status(self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            Code::InvalidArgument | Code::FailedPrecondition => S::BAD_REQUEST,
+            Code::NotFound => S::NOT_FOUND,
+            Code::AlreadyExists => S::CONFLICT,
+            Code::PermissionDenied => S::FORBIDDEN,
+            Code::Unauthenticated => S::UNAUTHORIZED,
+            Code::ResourceExhausted => S::TOO_MANY_REQUESTS,
+            Code::DeadlineExceeded => S::GATEWAY_TIMEOUT,
+            Code::Unimplemented => S::NOT_IMPLEMENTED,
+            Code::DataLoss | Code::Internal => S::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl Code {
+    /// The HTTP status of a REST (`/files`, `/init`, ...) error: as for
+    /// Connect, except that a full disk is 507 Insufficient Storage.
+    pub fn rest_status(self) -> http::StatusCode {
+        match self {
+            Code::ResourceExhausted => http::StatusCode::INSUFFICIENT_STORAGE,
+            other => other.http_status(),
         }
     }
 }

@@ -222,7 +222,7 @@ impl FilesystemService {
 
     pub async fn write_file<S>(&self, ctx: &RequestContext, input: S) -> Result<WriteFileResponse>
     where
-        S: Stream<Item = Result<WriteFileRequest>> + Unpin,
+        S: Stream<Item = Result<WriteFileRequest>> + Unpin + Send,
     {
         transfer::write_file(input, &ctx.user, |p| resolve(ctx, p)).await
     }

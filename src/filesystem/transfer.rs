@@ -5,10 +5,10 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
-use super::entry::{entry_info, Names};
+use super::entry::{entry_info, set_metadata, Names};
 use super::ops::{chown_to, ensure_dir, sibling_temp};
 use crate::proto::transfer::write_file_request::Message;
 use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileResponse, WriteHeader};
@@ -83,6 +83,20 @@ pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Resul
     })))
 }
 
+/// What to write where. Shared by gRPC WriteFile and HTTP `POST /files`.
+#[derive(Debug, Clone, Default)]
+pub struct WriteSpec {
+    pub path: PathBuf,
+    /// Permission bits (default: those of the file replaced, else 0644).
+    pub mode: Option<u32>,
+    /// Append in place instead of replacing atomically.
+    pub append: bool,
+    /// The bytes are gzip-compressed; store them decompressed.
+    pub gzip: bool,
+    /// `user.e2b.*` attributes to set (replacing) on the file.
+    pub metadata: Option<Vec<(String, String)>>,
+}
+
 /// Receives a header then data chunks. `resolve` maps the header's path.
 pub async fn write_file<S>(
     mut input: S,
@@ -90,7 +104,7 @@ pub async fn write_file<S>(
     resolve: impl FnOnce(&str) -> Result<PathBuf>,
 ) -> Result<WriteFileResponse>
 where
-    S: Stream<Item = Result<WriteFileRequest>> + Unpin,
+    S: Stream<Item = Result<WriteFileRequest>> + Unpin + Send,
 {
     let header: WriteHeader = match input.next().await.transpose()?.and_then(|m| m.message) {
         Some(Message::Header(h)) => h,
@@ -101,95 +115,138 @@ where
         }
         None => return Err(Error::invalid("WriteFile ended before its header")),
     };
-    let path = resolve(&header.path)?;
+    let spec = WriteSpec {
+        path: resolve(&header.path)?,
+        mode: header.mode,
+        append: header.append,
+        ..Default::default()
+    };
+    let data = input.filter_map(|m| async move {
+        match m.map(|m| m.message) {
+            Ok(Some(Message::Data(d))) => Some(Ok(d)),
+            Ok(Some(Message::Header(_))) => {
+                Some(Err(Error::invalid("WriteFile may carry only one header")))
+            }
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    });
+    let path = spec.path.clone();
+    write_bytes(spec, user, Box::pin(data)).await?;
+    Ok(WriteFileResponse {
+        entry: Some(entry_info(&path, &path, &mut Names::default())?),
+    })
+}
+
+/// Writes a stream of bytes to `spec.path`: parents created for the user,
+/// ownership to the user, and (unless appending) an atomic replace through a
+/// temporary file beside the target, removed on any failure or cancellation.
+pub async fn write_bytes<S>(spec: WriteSpec, user: &User, data: S) -> Result<()>
+where
+    S: Stream<Item = Result<Bytes>> + Unpin,
+{
+    let path = &spec.path;
     if let Some(parent) = path.parent() {
         ensure_dir(parent, user)?;
     }
-    let existing = std::fs::metadata(&path).ok();
+    let existing = std::fs::metadata(path).ok();
     if existing.as_ref().is_some_and(|m| m.is_dir()) {
         return Err(Error::invalid(format!(
             "'{}' is a directory",
             path.display()
         )));
     }
-    let mode = header
+    let mode = spec
         .mode
         .map(|m| m & 0o7777)
         .or_else(|| existing.as_ref().map(|m| m.mode() & 0o7777))
         .unwrap_or(DEFAULT_MODE);
-    if header.append {
+    if spec.append {
         let f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .mode(mode)
-            .open(&path)
+            .open(path)
             .map_err(|e| Error::io(path.display(), &e))?;
         if existing.is_none() {
-            chown_to(&path, user)?;
+            chown_to(path, user)?;
         }
-        copy_in(&mut input, f, &path).await?;
-    } else {
-        // Removed on any failure, and also when the client goes away and
-        // this future is dropped mid-upload.
-        let tmp = TempFile(Some(sibling_temp(&path)));
-        replace(&mut input, tmp.path(), &path, mode, user).await?;
-        tmp.keep();
+        copy_in(data, f, path, spec.gzip).await?;
+        if let Some(meta) = &spec.metadata {
+            set_metadata(path, meta)?;
+        }
+        return Ok(());
     }
-    Ok(WriteFileResponse {
-        entry: Some(entry_info(&path, &path, &mut Names::default())?),
-    })
-}
-
-/// Writes everything into `tmp`, gives it its mode and owner, and renames it
-/// over `path`.
-async fn replace<S>(input: &mut S, tmp: &Path, path: &Path, mode: u32, user: &User) -> Result<()>
-where
-    S: Stream<Item = Result<WriteFileRequest>> + Unpin,
-{
+    // Removed on any failure, and also when the client goes away and this
+    // future is dropped mid-upload.
+    let tmp = TempFile(Some(sibling_temp(path)));
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(tmp)
-        .map_err(|e| Error::io(format!("create {}", tmp.display()), &e))?;
-    let f = copy_in(input, f, path).await?;
+        .open(tmp.path())
+        .map_err(|e| Error::io(format!("create {}", tmp.path().display()), &e))?;
+    let f = copy_in(data, f, path, spec.gzip).await?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(tmp.display(), &e))?;
+        .map_err(|e| Error::io(tmp.path().display(), &e))?;
     drop(f);
-    chown_to(tmp, user)?;
-    std::fs::rename(tmp, path).map_err(|e| Error::io(format!("replace {}", path.display()), &e))
+    chown_to(tmp.path(), user)?;
+    if let Some(meta) = &spec.metadata {
+        set_metadata(tmp.path(), meta)?;
+    }
+    std::fs::rename(tmp.path(), path)
+        .map_err(|e| Error::io(format!("replace {}", path.display()), &e))?;
+    tmp.keep();
+    Ok(())
 }
 
-/// Streams the data messages into `file` through a blocking writer thread,
-/// with at most `PIPELINE` chunks in flight.
-async fn copy_in<S>(input: &mut S, file: std::fs::File, path: &Path) -> Result<std::fs::File>
+/// Streams `data` into `file` through a blocking writer thread, with at most
+/// `PIPELINE` chunks in flight; gzip data is decompressed on that thread.
+async fn copy_in<S>(
+    mut data: S,
+    file: std::fs::File,
+    path: &Path,
+    gzip: bool,
+) -> Result<std::fs::File>
 where
-    S: Stream<Item = Result<WriteFileRequest>> + Unpin,
+    S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPELINE);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE);
     let shown = path.display().to_string();
     let writer = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
         use std::io::Write;
-        let mut file = file;
-        while let Some(chunk) = rx.blocking_recv() {
-            file.write_all(&chunk)
-                .map_err(|e| Error::io(format!("write {shown}"), &e))?;
+        let fail = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::InvalidInput
+            | std::io::ErrorKind::InvalidData
+            | std::io::ErrorKind::UnexpectedEof
+                if gzip =>
+            {
+                Error::invalid(format!("upload to {shown} is not valid gzip: {e}"))
+            }
+            _ => Error::io(format!("write {shown}"), &e),
+        };
+        if gzip {
+            let mut out = flate2::write::GzDecoder::new(file);
+            while let Some(chunk) = rx.blocking_recv() {
+                out.write_all(&chunk).map_err(fail)?;
+            }
+            out.finish().map_err(fail)
+        } else {
+            let mut file = file;
+            while let Some(chunk) = rx.blocking_recv() {
+                file.write_all(&chunk).map_err(fail)?;
+            }
+            Ok(file)
         }
-        Ok(file)
     });
     let mut failed = None;
-    while let Some(msg) = input.next().await {
-        match msg.map(|m| m.message) {
-            Ok(Some(Message::Data(data))) => {
-                if tx.send(data).await.is_err() {
+    while let Some(chunk) = data.next().await {
+        match chunk {
+            Ok(bytes) => {
+                if tx.send(bytes).await.is_err() {
                     break; // the writer failed; its error is reported below
                 }
             }
-            Ok(Some(Message::Header(_))) => {
-                failed = Some(Error::invalid("WriteFile may carry only one header"));
-                break;
-            }
-            Ok(None) => {}
             Err(e) => {
                 failed = Some(e);
                 break;

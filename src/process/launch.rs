@@ -37,6 +37,7 @@ pub fn prepare(
     req: &StartRequest,
     user: &User,
     global_envs: &BTreeMap<String, String>,
+    default_workdir: Option<&str>,
 ) -> Result<Launch> {
     let config = req
         .process
@@ -45,7 +46,14 @@ pub fn prepare(
     if config.cmd.is_empty() {
         return Err(Error::invalid("process.cmd is empty"));
     }
-    let cwd = working_dir(config.cwd.as_deref(), user)?;
+    let cwd = working_dir(
+        config
+            .cwd
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .or(default_workdir),
+        user,
+    )?;
     let envs = environment(user, global_envs, &config.envs);
     let path = envs
         .iter()
@@ -123,7 +131,8 @@ fn new_pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", &e.into()))
 }
 
-/// `cwd` as given (E2B path rules), or the user's home (or `/` without one).
+/// `cwd` as given (E2B path rules; else the default workdir), or the user's
+/// home (or `/` without one).
 fn working_dir(cwd: Option<&str>, user: &User) -> Result<PathBuf> {
     let dir = match cwd {
         Some(c) if !c.is_empty() => paths::resolve(c, user)?,

@@ -72,7 +72,8 @@ impl ProcessService {
 
     /// Starts a process. Its lifetime is bounded by the request deadline.
     pub fn start(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
-        let launch = launch::prepare(&req, &ctx.user, &self.defaults.envs())?;
+        let workdir = self.defaults.workdir();
+        let launch = launch::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
         let config = req.process.unwrap_or_default();
         let output = OutputLog::new(self.settings.output_buffer);
         // Subscribed before the child exists: no early output is missed.

@@ -1,0 +1,99 @@
+//! Connect streaming envelopes: `[flags u8][length u32 BE][message]`. Flag
+//! 0x01 = compressed, 0x02 = end of stream (a JSON `{"error":…}` or `{}`).
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Body;
+use http_body_util::BodyExt;
+
+use crate::status::{Code, Error, Result};
+
+pub const FLAG_COMPRESSED: u8 = 0x01;
+pub const FLAG_END: u8 = 0x02;
+
+/// Frames one message.
+pub fn frame(flags: u8, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + payload.len());
+    b.extend_from_slice(&[flags]);
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    b.freeze()
+}
+
+/// The end-of-stream envelope: `{}` or `{"error":{"code","message"}}`.
+pub fn end_frame(error: Option<&Error>) -> Bytes {
+    let body = match error {
+        None => serde_json::json!({}),
+        Some(e) => {
+            serde_json::json!({"error": {"code": e.code.connect_name(), "message": e.message}})
+        }
+    };
+    frame(FLAG_END, body.to_string().as_bytes())
+}
+
+/// Reads envelopes from a request body, incrementally.
+pub struct EnvelopeReader<B> {
+    body: B,
+    buf: BytesMut,
+    max: usize,
+    done: bool,
+}
+
+impl<B> EnvelopeReader<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    pub fn new(body: B, max: usize) -> Self {
+        Self {
+            body,
+            buf: BytesMut::new(),
+            max,
+            done: false,
+        }
+    }
+
+    /// The next envelope's flags and payload; `None` at a clean end.
+    pub async fn next(&mut self) -> Result<Option<(u8, Bytes)>> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len > self.max {
+                    return Err(Error::new(
+                        Code::ResourceExhausted,
+                        format!(
+                            "message of {len} bytes exceeds the limit of {} bytes",
+                            self.max
+                        ),
+                    ));
+                }
+                if self.buf.len() >= 5 + len {
+                    let flags = self.buf[0];
+                    self.buf.advance(5);
+                    return Ok(Some((flags, self.buf.split_to(len).freeze())));
+                }
+            }
+            if self.done {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Error::invalid(format!(
+                        "truncated envelope: the body ended inside a message ({} bytes left over)",
+                        self.buf.len()
+                    )))
+                };
+            }
+            match self.body.frame().await {
+                None => self.done = true,
+                Some(Err(e)) => {
+                    return Err(Error::invalid(format!("reading the request body: {e}")))
+                }
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}

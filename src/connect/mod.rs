@@ -1,0 +1,387 @@
+//! The Connect protocol (unary, server- and client-streaming; JSON and binary
+//! proto; HTTP/1.1 and HTTP/2) over the same service logic as gRPC. Only
+//! framing, codecs and error rendering live here; every RPC is the service's.
+
+pub mod codec;
+pub mod envelope;
+mod routes;
+
+use std::future::Future;
+use std::io::Read;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use prost::Message;
+use tokio::time::Instant;
+
+pub use codec::Codec;
+use envelope::{end_frame, frame, EnvelopeReader, FLAG_COMPRESSED, FLAG_END};
+pub use routes::{is_connect_path, ConnectRouter};
+
+use crate::status::{Code, Error, Result};
+
+pub type HttpBody = tonic::body::Body;
+
+/// Largest request message accepted (as for gRPC).
+pub const MAX_MESSAGE: usize = crate::grpc::MAX_DECODE;
+
+/// The shape of an RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Unary,
+    ServerStream,
+    ClientStream,
+}
+
+/// What a request said about framing: codec and request compression.
+#[derive(Debug, Clone, Copy)]
+pub struct Wire {
+    pub codec: Codec,
+    /// The request body (unary) or its compressed envelopes (streams) are gzip.
+    pub gzip: bool,
+    pub deadline: Option<Instant>,
+}
+
+impl Wire {
+    /// Reads content type, protocol version and compression; a mismatch is an
+    /// error response already.
+    pub fn from_headers(
+        kind: Kind,
+        headers: &HeaderMap,
+    ) -> std::result::Result<Wire, Response<HttpBody>> {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let ct = header("content-type").unwrap_or("");
+        let base = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let codec = match (kind, base.as_str()) {
+            (Kind::Unary, "application/json")
+            | (Kind::ServerStream | Kind::ClientStream, "application/connect+json") => Codec::Json,
+            (Kind::Unary, "application/proto")
+            | (Kind::ServerStream | Kind::ClientStream, "application/connect+proto") => {
+                Codec::Proto
+            }
+            _ => {
+                let want = if kind == Kind::Unary {
+                    "application/json or application/proto"
+                } else {
+                    "application/connect+json or application/connect+proto"
+                };
+                let e = Error::invalid(format!(
+                    "unsupported content-type {ct:?}; this method takes {want}"
+                ));
+                let mut r = unary_error(&e);
+                *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+                return Err(r);
+            }
+        };
+        let fail = |e: Error| {
+            if kind == Kind::Unary {
+                unary_error(&e)
+            } else {
+                stream_error(codec, &e)
+            }
+        };
+        if let Some(v) = header("connect-protocol-version") {
+            if v != "1" {
+                return Err(fail(Error::invalid(format!(
+                    "connect-protocol-version {v:?} is not supported (1 is)"
+                ))));
+            }
+        }
+        let enc_header = if kind == Kind::Unary {
+            "content-encoding"
+        } else {
+            "connect-content-encoding"
+        };
+        let gzip = match header(enc_header).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("identity") | Some("") => false,
+            Some("gzip") => true,
+            Some(other) => {
+                return Err(fail(Error::new(
+                    Code::Unimplemented,
+                    format!("{enc_header} {other:?} is not supported (gzip and identity are)"),
+                )))
+            }
+        };
+        Ok(Wire {
+            codec,
+            gzip,
+            deadline: None,
+        })
+    }
+}
+
+fn json_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> Response<HttpBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(HttpBody::new(Full::new(Bytes::from(body))))
+        .expect("static response parts are valid")
+}
+
+/// A unary error: Connect's HTTP status and `{"code","message"}`.
+pub fn unary_error(e: &Error) -> Response<HttpBody> {
+    let body = serde_json::json!({"code": e.code.connect_name(), "message": e.message});
+    json_response(
+        e.code.http_status(),
+        "application/json",
+        body.to_string().into_bytes(),
+    )
+}
+
+fn stream_content_type(codec: Codec) -> &'static str {
+    match codec {
+        Codec::Json => "application/connect+json",
+        Codec::Proto => "application/connect+proto",
+    }
+}
+
+/// A streaming response that carries only an error (HTTP 200, end-stream).
+pub fn stream_error(codec: Codec, e: &Error) -> Response<HttpBody> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", stream_content_type(codec))
+        .body(HttpBody::new(Full::new(end_frame(Some(e)))))
+        .expect("static response parts are valid")
+}
+
+fn gunzip(data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data)
+        .take(MAX_MESSAGE as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::invalid(format!("bad gzip data: {e}")))?;
+    if out.len() > MAX_MESSAGE {
+        return Err(too_big(out.len()));
+    }
+    Ok(out)
+}
+
+fn too_big(len: usize) -> Error {
+    Error::new(
+        Code::ResourceExhausted,
+        format!("message of {len} bytes exceeds the limit of {MAX_MESSAGE} bytes"),
+    )
+}
+
+async fn with_deadline<T>(
+    deadline: Option<Instant>,
+    f: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match deadline {
+        None => f.await,
+        Some(at) => tokio::time::timeout_at(at, f).await.unwrap_or_else(|_| {
+            Err(Error::new(
+                Code::DeadlineExceeded,
+                "the request deadline passed",
+            ))
+        }),
+    }
+}
+
+/// Unary: one message in, one out.
+pub async fn unary<Req, Resp, F, Fut>(
+    wire: Wire,
+    body: Incoming,
+    names: (&str, &str),
+    f: F,
+) -> Response<HttpBody>
+where
+    Req: Message + Default,
+    Resp: Message,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Resp>>,
+{
+    let result = async {
+        let raw = http_body_util::Limited::new(body, MAX_MESSAGE)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    too_big(MAX_MESSAGE + 1)
+                } else {
+                    Error::invalid(format!("reading the request body: {e}"))
+                }
+            })?
+            .to_bytes();
+        let raw = if wire.gzip {
+            Bytes::from(gunzip(&raw)?)
+        } else {
+            raw
+        };
+        let req: Req = codec::decode(wire.codec, names.0, &raw)?;
+        let resp = with_deadline(wire.deadline, f(req)).await?;
+        codec::encode(wire.codec, names.1, &resp)
+    }
+    .await;
+    match result {
+        Ok(bytes) => json_response(
+            StatusCode::OK,
+            match wire.codec {
+                Codec::Json => "application/json",
+                Codec::Proto => "application/proto",
+            },
+            bytes,
+        ),
+        Err(e) => unary_error(&e),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send>>;
+
+/// Decodes one envelope's payload.
+fn decode_envelope<Req: Message + Default>(
+    wire: Wire,
+    name: &str,
+    flags: u8,
+    payload: &[u8],
+) -> Result<Req> {
+    if flags & FLAG_COMPRESSED != 0 {
+        if !wire.gzip {
+            return Err(Error::invalid(
+                "compressed envelope without connect-content-encoding",
+            ));
+        }
+        codec::decode(wire.codec, name, &gunzip(payload)?)
+    } else {
+        codec::decode(wire.codec, name, payload)
+    }
+}
+
+/// The request messages of a streaming call, decoded as they arrive.
+fn request_stream<Req>(wire: Wire, body: Incoming, name: &'static str) -> BoxStream<Req>
+where
+    Req: Message + Default + Send + 'static,
+{
+    let reader = EnvelopeReader::new(body, MAX_MESSAGE);
+    Box::pin(futures_util::stream::unfold(
+        Some(reader),
+        move |reader| async move {
+            let mut reader = reader?;
+            loop {
+                return match reader.next().await {
+                    Ok(None) => None,
+                    Ok(Some((flags, _))) if flags & FLAG_END != 0 => continue,
+                    Ok(Some((flags, payload))) => {
+                        Some((decode_envelope(wire, name, flags, &payload), Some(reader)))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                };
+            }
+        },
+    ))
+}
+
+/// Streams responses as envelopes; an error ends the stream in its trailer.
+fn stream_response<Resp>(
+    wire: Wire,
+    name: &'static str,
+    responses: BoxStream<Resp>,
+) -> Response<HttpBody>
+where
+    Resp: Message + 'static,
+{
+    let codec = wire.codec;
+    let deadline = wire.deadline;
+    let frames = futures_util::stream::unfold(Some(responses), move |s| async move {
+        let mut s = s?;
+        let next = match deadline {
+            None => s.next().await,
+            Some(at) => tokio::time::timeout_at(at, s.next())
+                .await
+                .unwrap_or_else(|_| {
+                    Some(Err(Error::new(
+                        Code::DeadlineExceeded,
+                        "the stream deadline passed",
+                    )))
+                }),
+        };
+        let (bytes, rest) = match next {
+            None => (end_frame(None), None),
+            Some(Ok(msg)) => match codec::encode(codec, name, &msg) {
+                Ok(b) => (frame(0, &b), Some(s)),
+                Err(e) => (end_frame(Some(&e)), None),
+            },
+            Some(Err(e)) => (end_frame(Some(&e)), None),
+        };
+        Some((Ok::<_, std::convert::Infallible>(Frame::data(bytes)), rest))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", stream_content_type(codec))
+        .body(HttpBody::new(StreamBody::new(frames)))
+        .expect("static response parts are valid")
+}
+
+/// Server streaming: one message in, a stream out.
+pub async fn server_stream<Req, Resp, F>(
+    wire: Wire,
+    body: Incoming,
+    names: (&'static str, &'static str),
+    f: F,
+) -> Response<HttpBody>
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message + 'static,
+    F: FnOnce(Req) -> Result<BoxStream<Resp>>,
+{
+    let mut input = request_stream::<Req>(wire, body, names.0);
+    let req = match input.next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return stream_error(wire.codec, &e),
+        None => {
+            return stream_error(
+                wire.codec,
+                &Error::invalid(format!("missing the {} message", names.0)),
+            )
+        }
+    };
+    match f(req) {
+        Ok(s) => stream_response(wire, names.1, s),
+        Err(e) => stream_error(wire.codec, &e),
+    }
+}
+
+/// Client streaming: a stream in, one message out (as a stream response).
+pub async fn client_stream<Req, Resp, F, Fut>(
+    wire: Wire,
+    body: Incoming,
+    names: (&'static str, &'static str),
+    f: F,
+) -> Response<HttpBody>
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Send + 'static,
+    F: FnOnce(BoxStream<Req>) -> Fut,
+    Fut: Future<Output = Result<Resp>>,
+{
+    let input = request_stream::<Req>(wire, body, names.0);
+    let result = with_deadline(wire.deadline, f(input)).await;
+    let once: BoxStream<Resp> = Box::pin(futures_util::stream::iter([result]));
+    stream_response(
+        Wire {
+            deadline: None,
+            ..wire
+        },
+        names.1,
+        once,
+    )
+}

@@ -1,0 +1,438 @@
+//! `GET /files` (download, Range, gzip), `POST /files` (multipart or
+//! octet-stream upload, gzip bodies, metadata headers, atomic), and
+//! `POST /files/compose`.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use hyper::body::Incoming;
+
+use super::{json, query, user_of, Rest, RestResult};
+use crate::connect::HttpBody;
+use crate::defaults::Defaults;
+use crate::filesystem::entry::{entry_info, Names};
+use crate::filesystem::ops::sibling_temp;
+use crate::filesystem::transfer::{read_file, write_bytes, WriteSpec};
+use crate::paths;
+use crate::status::{Error, Result};
+use crate::users::User;
+
+fn resolve(path: &str, user: &User) -> std::result::Result<PathBuf, Rest> {
+    if path.is_empty() {
+        return Err(Rest::new(
+            StatusCode::BAD_REQUEST,
+            "the path query parameter is required",
+        ));
+    }
+    Ok(paths::resolve(path, user)?)
+}
+
+fn content_type(path: &std::path::Path) -> &'static str {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("txt" | "log" | "md" | "py" | "rs" | "sh" | "csv") => "text/plain; charset=utf-8",
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        Some("json") => "application/json",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("svg") => "image/svg+xml",
+        Some("pdf") => "application/pdf",
+        Some("zip") => "application/zip",
+        Some("gz") => "application/gzip",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A single `bytes=` range of a file of `size` bytes: (start, length).
+fn parse_range(value: &str, size: u64) -> Option<std::result::Result<(u64, u64), ()>> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // multiple ranges: serve the whole file
+    }
+    let (a, b) = spec.split_once('-')?;
+    let r = match (a.trim(), b.trim()) {
+        ("", "") => Err(()),
+        ("", n) => match n.parse::<u64>() {
+            Ok(n) if n > 0 && size > 0 => Ok((size.saturating_sub(n), n.min(size))),
+            _ => Err(()),
+        },
+        (s, e) => match (
+            s.parse::<u64>(),
+            if e.is_empty() {
+                Ok(size.saturating_sub(1))
+            } else {
+                e.parse::<u64>()
+            },
+        ) {
+            (Ok(s), Ok(e)) if s < size && s <= e => Ok((s, e.min(size - 1) - s + 1)),
+            _ => Err(()),
+        },
+    };
+    Some(r)
+}
+
+fn wants_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("accept-encoding")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|enc| {
+            let mut it = enc.split(';');
+            let name = it.next().unwrap_or("").trim();
+            let q0 = it.any(|p| p.trim().replace(' ', "") == "q=0");
+            name.eq_ignore_ascii_case("gzip") && !q0
+        })
+}
+
+pub async fn download(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
+    let q = query(&req);
+    let user = user_of(&q, defaults)?;
+    let path = resolve(q.get("path").map_or("", String::as_str), &user)?;
+    let meta = std::fs::metadata(&path).map_err(|e| Rest::from(Error::io(path.display(), &e)))?;
+    if meta.is_dir() {
+        return Err(Rest::new(
+            StatusCode::BAD_REQUEST,
+            format!("'{}' is a directory", path.display()),
+        ));
+    }
+    let size = meta.len();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut builder = Response::builder()
+        .header("content-type", content_type(&path))
+        .header(
+            "content-disposition",
+            format!("inline; filename=\"{}\"", name.replace('"', "")),
+        )
+        .header("vary", "Accept-Encoding")
+        .header("accept-ranges", "bytes");
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_range(v, size));
+    let (status, offset, length) = match range {
+        Some(Ok((start, len))) => {
+            builder = builder.header(
+                "content-range",
+                format!("bytes {start}-{}/{size}", start + len - 1),
+            );
+            (StatusCode::PARTIAL_CONTENT, start, len)
+        }
+        Some(Err(())) => {
+            return Response::builder()
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header("content-range", format!("bytes */{size}"))
+                .body(HttpBody::default())
+                .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+        }
+        None => (StatusCode::OK, 0, size),
+    };
+    let chunks = read_file(path, offset, Some(length))
+        .await?
+        .map(|r| r.map(|m| m.data));
+    let gzip = status == StatusCode::OK && wants_gzip(req.headers());
+    let body = if gzip {
+        builder = builder.header("content-encoding", "gzip");
+        HttpBody::new(StreamBody::new(gzip_stream(chunks)))
+    } else {
+        builder = builder.header("content-length", length);
+        HttpBody::new(StreamBody::new(chunks.map(|r| {
+            r.map(Frame::data)
+                .map_err(|e| std::io::Error::other(e.message))
+        })))
+    };
+    builder
+        .status(status)
+        .body(body)
+        .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Compresses a byte stream with gzip as it is sent.
+fn gzip_stream(
+    chunks: impl Stream<Item = Result<Bytes>> + Send + Unpin + 'static,
+) -> impl Stream<Item = std::result::Result<Frame<Bytes>, std::io::Error>> + Send {
+    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    futures_util::stream::unfold(Some((chunks, encoder)), |state| async move {
+        let (mut chunks, mut enc) = state?;
+        loop {
+            match chunks.next().await {
+                Some(Ok(data)) => {
+                    let out = tokio::task::block_in_place(|| {
+                        enc.write_all(&data).map(|()| std::mem::take(enc.get_mut()))
+                    });
+                    match out {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => {
+                            return Some((Ok(Frame::data(Bytes::from(out))), Some((chunks, enc))))
+                        }
+                        Err(e) => return Some((Err(e), None)),
+                    }
+                }
+                Some(Err(e)) => return Some((Err(std::io::Error::other(e.message)), None)),
+                None => {
+                    return match enc.finish() {
+                        Ok(tail) => Some((Ok(Frame::data(Bytes::from(tail))), None)),
+                        Err(e) => Some((Err(e), None)),
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// `X-Metadata-<key>: <value>` headers (keys lowercased; printable ASCII).
+fn metadata(headers: &HeaderMap) -> std::result::Result<Option<Vec<(String, String)>>, Rest> {
+    let mut out = Vec::new();
+    let mut total = 0;
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix("x-metadata-") else {
+            continue;
+        };
+        let value = value
+            .to_str()
+            .ok()
+            .filter(|v| v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            .ok_or_else(|| {
+                Rest::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("metadata {key}: only printable ASCII is allowed"),
+                )
+            })?;
+        if key.is_empty() || key.len() > 246 {
+            return Err(Rest::new(
+                StatusCode::BAD_REQUEST,
+                format!("metadata key {key:?} must be 1..=246 bytes"),
+            ));
+        }
+        total += key.len() + value.len();
+        out.push((key.to_owned(), value.to_owned()));
+    }
+    if total > 4096 {
+        return Err(Rest::new(
+            StatusCode::BAD_REQUEST,
+            "metadata exceeds 4096 bytes in total",
+        ));
+    }
+    Ok((!out.is_empty()).then_some(out))
+}
+
+fn body_bytes(body: Incoming) -> impl Stream<Item = Result<Bytes>> + Unpin + Send {
+    Box::pin(BodyStream::new(body).filter_map(|f| async move {
+        match f {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(Error::invalid(format!("reading the upload: {e}")))),
+        }
+    }))
+}
+
+fn written(path: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "path": path.to_string_lossy(),
+        "name": path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        "type": "file",
+    })
+}
+
+pub async fn upload(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
+    let q = query(&req);
+    let user = user_of(&q, defaults)?;
+    let headers = req.headers().clone();
+    let meta = metadata(&headers)?;
+    let gzip = match headers
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+    {
+        None | Some("identity") | Some("") => false,
+        Some(e) if e.eq_ignore_ascii_case("gzip") => true,
+        Some(other) => {
+            return Err(Rest::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("content-encoding {other:?} is not supported"),
+            ))
+        }
+    };
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let query_path = q.get("path").filter(|p| !p.is_empty()).cloned();
+    let mut results = Vec::new();
+    if ct.to_ascii_lowercase().starts_with("multipart/form-data") {
+        if gzip {
+            return Err(Rest::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "gzip is supported for octet-stream uploads only",
+            ));
+        }
+        let boundary = multer::parse_boundary(&ct)
+            .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("multipart: {e}")))?;
+        let stream = BodyStream::new(req.into_body()).filter_map(|f| async move {
+            match f {
+                Ok(frame) => frame.into_data().ok().map(Ok::<_, std::io::Error>),
+                Err(e) => Some(Err(std::io::Error::other(e))),
+            }
+        });
+        let mut parts = multer::Multipart::new(stream, boundary);
+        let mut seen = HashSet::new();
+        while let Some(field) = parts
+            .next_field()
+            .await
+            .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("multipart: {e}")))?
+        {
+            if field.name() != Some("file") {
+                continue;
+            }
+            let dest = query_path
+                .clone()
+                .or_else(|| field.file_name().map(str::to_owned))
+                .unwrap_or_default();
+            let path = resolve(&dest, &user)?;
+            if !seen.insert(path.clone()) {
+                return Err(Rest::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("two parts write to '{}'", path.display()),
+                ));
+            }
+            let data = field.map(|r| r.map_err(|e| Error::invalid(format!("multipart: {e}"))));
+            let spec = WriteSpec {
+                path: path.clone(),
+                metadata: meta.clone(),
+                ..Default::default()
+            };
+            write_bytes(spec, &user, Box::pin(data)).await?;
+            results.push(written(&path));
+        }
+        if results.is_empty() {
+            return Err(Rest::new(
+                StatusCode::BAD_REQUEST,
+                "no part named 'file' in the upload",
+            ));
+        }
+    } else {
+        let path = resolve(query_path.as_deref().unwrap_or(""), &user)?;
+        let spec = WriteSpec {
+            path: path.clone(),
+            gzip,
+            metadata: meta,
+            ..Default::default()
+        };
+        write_bytes(spec, &user, body_bytes(req.into_body())).await?;
+        results.push(written(&path));
+    }
+    Ok(json(StatusCode::OK, &results))
+}
+
+#[derive(serde::Deserialize)]
+struct ComposeRequest {
+    source_paths: Vec<String>,
+    destination: String,
+    #[serde(default)]
+    username: Option<String>,
+}
+
+pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
+    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?
+        .to_bytes();
+    let c: ComposeRequest = serde_json::from_slice(&body)
+        .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
+    let name = c
+        .username
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| defaults.user());
+    let user = User::lookup(&name).map_err(|e| Rest::new(StatusCode::UNAUTHORIZED, e.message))?;
+    if c.source_paths.is_empty() {
+        return Err(Rest::new(StatusCode::BAD_REQUEST, "source_paths is empty"));
+    }
+    let sources = c
+        .source_paths
+        .iter()
+        .map(|p| resolve(p, &user))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let dest = resolve(&c.destination, &user)?;
+    let entry = tokio::task::spawn_blocking(move || compose_blocking(&sources, &dest, &user))
+        .await
+        .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let bytes =
+        crate::connect::codec::encode(crate::connect::Codec::Json, "filesystem.EntryInfo", &entry)?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json; charset=utf-8")
+        .body(HttpBody::new(http_body_util::Full::new(Bytes::from(bytes))))
+        .expect("static response parts are valid"))
+}
+
+fn compose_blocking(
+    sources: &[PathBuf],
+    dest: &std::path::Path,
+    user: &User,
+) -> Result<crate::proto::filesystem::EntryInfo> {
+    for s in sources {
+        let m = std::fs::metadata(s).map_err(|e| Error::io(s.display(), &e))?;
+        if m.is_dir() {
+            return Err(Error::invalid(format!("'{}' is a directory", s.display())));
+        }
+    }
+    if let Some(parent) = dest.parent() {
+        crate::filesystem::ops::ensure_dir(parent, user)?;
+    }
+    let tmp = sibling_temp(dest);
+    let result = (|| {
+        let mut out = std::fs::File::create_new(&tmp).map_err(|e| Error::io(tmp.display(), &e))?;
+        for s in sources {
+            let mut f = std::fs::File::open(s).map_err(|e| Error::io(s.display(), &e))?;
+            std::io::copy(&mut f, &mut out)
+                .map_err(|e| Error::io(format!("write {}", dest.display()), &e))?;
+        }
+        drop(out);
+        crate::filesystem::ops::chown_to(&tmp, user)?;
+        std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest.display(), &e))
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    for s in sources {
+        if s != dest {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+    entry_info(dest, dest, &mut Names::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 10))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 10))));
+        assert_eq!(parse_range("bytes=-5", 100), Some(Ok((95, 5))));
+        assert_eq!(parse_range("bytes=95-200", 100), Some(Ok((95, 5))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
+}

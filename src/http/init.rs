@@ -1,0 +1,106 @@
+//! `POST /init`: the orchestrator's initialisation. All fields optional:
+//! `accessToken` (set, or clear when absent), `envVars` (replace the global
+//! set), `defaultUser`, `defaultWorkdir`, `timestamp` (set the clock when it is
+//! more than 50 ms behind or 5 s ahead).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{empty, Rest, RestResult, ENVD_VERSION};
+use crate::auth::{Auth, Verdict, TOKEN_HEADER};
+use crate::defaults::Defaults;
+use crate::users::User;
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct InitRequest {
+    access_token: Option<String>,
+    env_vars: Option<BTreeMap<String, String>>,
+    default_user: Option<String>,
+    default_workdir: Option<String>,
+    timestamp: Option<String>,
+}
+
+pub async fn handle(req: Request<Incoming>, defaults: &Defaults, auth: &Auth) -> RestResult {
+    let presented = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .map(|v| v.as_bytes().to_vec());
+    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?
+        .to_bytes();
+    let init: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        InitRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?
+    };
+    // Once a token is set, only its holder may re-initialise: by header, or by
+    // sending the same token again.
+    if auth.is_set() {
+        let by_header = auth.check_token(presented.as_deref()) == Verdict::Allowed;
+        let by_body = init
+            .access_token
+            .as_deref()
+            .is_some_and(|t| auth.check_token(Some(t.as_bytes())) == Verdict::Allowed);
+        if !by_header && !by_body {
+            return Err(Rest::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: /init needs the current access token",
+            ));
+        }
+    }
+    if let Some(user) = init.default_user.as_deref().filter(|u| !u.is_empty()) {
+        User::lookup(user).map_err(|e| {
+            Rest::new(
+                StatusCode::BAD_REQUEST,
+                format!("defaultUser: {}", e.message),
+            )
+        })?;
+        defaults.set_user(user.to_owned());
+    }
+    if let Some(dir) = init.default_workdir.filter(|d| !d.is_empty()) {
+        defaults.set_workdir(Some(dir));
+    }
+    if let Some(envs) = init.env_vars {
+        defaults.set_envs(envs);
+    }
+    if let Some(ts) = init.timestamp.as_deref() {
+        sync_clock(ts)?;
+    }
+    auth.set(init.access_token);
+    tracing::info!(token_set = auth.is_set(), "initialised by /init");
+    let mut r = empty(StatusCode::NO_CONTENT);
+    r.headers_mut()
+        .insert("x-envd-version", ENVD_VERSION.parse().expect("valid"));
+    Ok(r)
+}
+
+/// Sets the wall clock to `ts` (RFC 3339) when it is > 50 ms behind or > 5 s ahead.
+fn sync_clock(ts: &str) -> Result<(), Rest> {
+    let t: prost_types::Timestamp = ts.parse().map_err(|_| {
+        Rest::new(
+            StatusCode::BAD_REQUEST,
+            format!("timestamp {ts:?} is not RFC 3339"),
+        )
+    })?;
+    let target = UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+    let now = SystemTime::now();
+    let behind = target.duration_since(now).unwrap_or_default();
+    let ahead = now.duration_since(target).unwrap_or_default();
+    if behind <= Duration::from_millis(50) && ahead <= Duration::from_secs(5) {
+        return Ok(());
+    }
+    let spec = nix::sys::time::TimeSpec::new(t.seconds, i64::from(t.nanos));
+    match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, spec) {
+        Ok(()) => tracing::info!(?behind, ?ahead, "clock set by /init"),
+        Err(e) => tracing::warn!(error = %e, "cannot set the clock"),
+    }
+    Ok(())
+}
