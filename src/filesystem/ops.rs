@@ -113,6 +113,11 @@ pub fn sibling_temp(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.envd-{unique}.tmp"))
 }
 
+/// Whether a file name is one made by [`sibling_temp`].
+pub fn is_sibling_temp(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp") && name.contains(".envd-")
+}
+
 /// Recursive copy that keeps symlinks as links and preserves mode, owner and
 /// modification time.
 fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {

@@ -145,6 +145,17 @@ impl Translator {
         if ev.need_rescan() {
             return Err(lost());
         }
+        // An atomic upload (envd's temporary file renamed over the target)
+        // replaced the target's content: report it written, as an in-place
+        // write would be.
+        if let EventKind::Modify(ModifyKind::Name(RenameMode::Both)) = ev.kind {
+            if let [from, to] = ev.paths.as_slice() {
+                if is_envd_temp(from) && !is_envd_temp(to) {
+                    out.push(self.event(to, EventType::Write));
+                }
+            }
+            return Ok(());
+        }
         let kind = match ev.kind {
             EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
                 EventType::Create
@@ -156,6 +167,9 @@ impl Translator {
             _ => return Ok(()),
         };
         for path in ev.paths {
+            if is_envd_temp(&path) {
+                continue; // envd's own temporary files are not the user's
+            }
             if kind == EventType::Create && self.synthesized.remove(&path) {
                 continue;
             }
@@ -229,6 +243,13 @@ impl Translator {
         }
         Ok(())
     }
+}
+
+/// envd's temporary upload files (see `ops::sibling_temp`).
+fn is_envd_temp(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(crate::filesystem::ops::is_sibling_temp)
 }
 
 fn lost() -> Error {
