@@ -5,7 +5,9 @@ CARGO ?= cargo
 MUSL := x86_64-unknown-linux-musl
 STATIC_BIN := target/$(MUSL)/release/envd
 
-.PHONY: help run test check deps bench build static
+SDK_VENV := .cache/sdk-venv
+
+.PHONY: help run test check deps sdk-deps bench build static
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -20,11 +22,18 @@ deps: ## Install what the build and tests need (Rust components; nothing else ye
 	@command -v $(CARGO) >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 	@if command -v rustup >/dev/null; then rustup component add rustfmt clippy >/dev/null 2>&1 || true; fi
 
+sdk-deps: ## Install the official E2B SDKs the tests drive envd with (Python venv, npm).
+	@test -x $(SDK_VENV)/bin/python || python3 -m venv $(SDK_VENV)
+	@$(SDK_VENV)/bin/python -c 'import e2b' 2>/dev/null || $(SDK_VENV)/bin/pip install -q -r tests/sdk/requirements.txt
+	@if command -v npm >/dev/null; then \
+	  test -d tests/sdk/js/node_modules/e2b || (cd tests/sdk/js && npm install --no-audit --no-fund --loglevel=error); \
+	else echo "npm not found: the JS SDK suite will be skipped"; fi
+
 check: deps ## Formatting and lints (warnings are errors).
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: deps check ## Install what is needed, then run the whole test suite.
+test: deps sdk-deps check ## Install what is needed, then run the whole test suite.
 	$(CARGO) test --all-targets
 
 static: deps ## Build the fully static release binary (musl) at target/x86_64-unknown-linux-musl/release/envd.

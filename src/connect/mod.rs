@@ -53,7 +53,7 @@ impl Wire {
     pub fn from_headers(
         kind: Kind,
         headers: &HeaderMap,
-    ) -> std::result::Result<Wire, Response<HttpBody>> {
+    ) -> std::result::Result<Wire, Box<Response<HttpBody>>> {
         let header = |name: &str| {
             headers
                 .get(name)
@@ -85,15 +85,15 @@ impl Wire {
                 ));
                 let mut r = unary_error(&e);
                 *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-                return Err(r);
+                return Err(Box::new(r));
             }
         };
         let fail = |e: Error| {
-            if kind == Kind::Unary {
+            Box::new(if kind == Kind::Unary {
                 unary_error(&e)
             } else {
                 stream_error(codec, &e)
-            }
+            })
         };
         if let Some(v) = header("connect-protocol-version") {
             if v != "1" {

@@ -91,7 +91,7 @@ impl ConnectRouter {
         }
         let mut wire = match Wire::from_headers(kind, &parts.headers) {
             Ok(w) => w,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         let ctx = match RequestContext::from_headers(&parts.headers, &self.defaults) {
             Ok(c) => c,

@@ -1,0 +1,583 @@
+//! The Connect protocol, the REST endpoints and access control, over raw
+//! HTTP/1.1 against the real binary.
+
+mod common;
+
+use std::io::Write;
+
+use common::http::{envelope, request, Reply};
+use common::*;
+use prost::Message;
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+const STREAM_JSON: (&str, &str) = ("content-type", "application/connect+json");
+
+fn post_json(url: &str, path: &str, body: &str) -> Reply {
+    request(url, "POST", path, &[JSON], body.as_bytes())
+}
+
+/// Runs a command through Connect streaming JSON; returns the envelopes.
+fn start(url: &str, extra: &[(&str, &str)], body: &str) -> Reply {
+    let mut h = vec![STREAM_JSON, ("connect-protocol-version", "1")];
+    h.extend_from_slice(extra);
+    request(
+        url,
+        "POST",
+        "/process.Process/Start",
+        &h,
+        &envelope(0, body.as_bytes()),
+    )
+}
+
+#[test]
+fn connect_unary_json_and_proto() {
+    let envd = Envd::start(&[]);
+    let r = post_json(&envd.tcp, "/process.Process/List", "{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/json"));
+    assert_eq!(r.json(), serde_json::json!({}));
+
+    let dir = tempfile::tempdir().unwrap();
+    let req = envd::proto::filesystem::StatRequest {
+        path: dir.path().to_str().unwrap().into(),
+    };
+    let r = request(
+        &envd.tcp,
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        &[("content-type", "application/proto")],
+        &req.encode_to_vec(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/proto"));
+    let resp = envd::proto::filesystem::StatResponse::decode(r.body.as_slice()).unwrap();
+    assert_eq!(
+        resp.entry.unwrap().r#type,
+        envd::proto::filesystem::FileType::Directory as i32
+    );
+
+    // JSON names: lowerCamelCase out, enums by name, int64 as string.
+    let body = format!(r#"{{"path":"{}"}}"#, dir.path().display());
+    let e = post_json(&envd.tcp, "/filesystem.Filesystem/Stat", &body).json();
+    assert_eq!(e["entry"]["type"], "FILE_TYPE_DIRECTORY");
+    assert!(e["entry"]["modifiedTime"].as_str().unwrap().ends_with('Z'));
+    assert!(e["entry"]["size"].is_string());
+
+    // gzip-compressed request body.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body.as_bytes()).unwrap();
+    let r = request(
+        &envd.tcp,
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        &[JSON, ("content-encoding", "gzip")],
+        &gz.finish().unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn connect_server_stream_over_chunked_http1() {
+    let envd = Envd::start(&[]);
+    let r = start(
+        &envd.tcp,
+        &[("transfer-encoding", "chunked")],
+        r#"{"process":{"cmd":"/bin/sh","args":["-c","echo hi; exit 3"]},"stdin":false}"#,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/connect+json"));
+    let env = r.envelopes();
+    let msgs: Vec<serde_json::Value> = env
+        .iter()
+        .map(|(_, p)| serde_json::from_slice(p).unwrap())
+        .collect();
+    assert!(msgs[0]["event"]["start"]["pid"].as_u64().unwrap() > 1);
+    let out: Vec<&str> = msgs
+        .iter()
+        .filter_map(|m| m["event"]["data"]["stdout"].as_str())
+        .collect();
+    assert_eq!(out, ["aGkK"]); // base64("hi\n")
+    let end = &msgs[msgs.len() - 2]["event"]["end"];
+    assert_eq!(end["exitCode"], 3);
+    assert_eq!(end["status"], "exit status 3");
+    let (flags, last) = env.last().unwrap();
+    assert_eq!(*flags, 2);
+    assert_eq!(last, b"{}");
+}
+
+#[test]
+fn connect_bad_input_gets_connect_errors_and_server_keeps_serving() {
+    let envd = Envd::start(&[]);
+    let u = &envd.tcp;
+    let r = post_json(u, "/process.Process/List", "{not json");
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (400, Some("invalid_argument"))
+    );
+    let r = request(
+        u,
+        "POST",
+        "/process.Process/List",
+        &[("content-type", "text/plain")],
+        b"{}",
+    );
+    assert_eq!(r.status, 415);
+    let r = post_json(u, "/process.Process/Nope", "{}");
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (404, Some("unimplemented"))
+    );
+    let r = request(u, "GET", "/process.Process/List", &[], b"");
+    assert_eq!(r.status, 405);
+    let r = request(
+        u,
+        "POST",
+        "/process.Process/List",
+        &[JSON, ("connect-protocol-version", "2")],
+        b"{}",
+    );
+    assert_eq!(r.json()["code"], "invalid_argument");
+    let r = request(
+        u,
+        "POST",
+        "/process.Process/List",
+        &[JSON, ("content-encoding", "br")],
+        b"{}",
+    );
+    assert_eq!(r.json()["code"], "unimplemented");
+    let r = post_json(
+        u,
+        "/process.Process/SendSignal",
+        r#"{"process":{"pid":999999},"signal":"SIGNAL_SIGTERM"}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let r = post_json(
+        u,
+        "/process.Process/SendSignal",
+        r#"{"process":{"pid":1},"signal":4}"#,
+    );
+    assert_eq!(r.json()["code"], "invalid_argument");
+    // Oversized unary body.
+    let big = format!(r#"{{"path":"{}"}}"#, "x".repeat(5 << 20));
+    let r = post_json(u, "/filesystem.Filesystem/Stat", &big);
+    assert_eq!(r.json()["code"], "resource_exhausted");
+
+    // Streams: a truncated envelope, an oversized frame, a missing message,
+    // a bad keepalive header: errors in the end-stream message.
+    let mut truncated = envelope(0, br#"{"process":{"cmd":"true"}}"#);
+    truncated.truncate(10);
+    let r = request(
+        u,
+        "POST",
+        "/process.Process/Start",
+        &[STREAM_JSON],
+        &truncated,
+    );
+    let (flags, err) = r.envelopes().pop().unwrap();
+    assert_eq!(flags, 2);
+    assert!(String::from_utf8_lossy(&err).contains("invalid_argument"));
+    let mut huge = vec![0u8];
+    huge.extend_from_slice(&(64u32 << 20).to_be_bytes());
+    let r = request(u, "POST", "/process.Process/Start", &[STREAM_JSON], &huge);
+    assert!(String::from_utf8_lossy(&r.envelopes().pop().unwrap().1).contains("resource_exhausted"));
+    let r = request(u, "POST", "/process.Process/Start", &[STREAM_JSON], b"");
+    assert!(String::from_utf8_lossy(&r.envelopes().pop().unwrap().1).contains("invalid_argument"));
+    let r = start(
+        u,
+        &[("keepalive-ping-interval", "0")],
+        r#"{"process":{"cmd":"true"}}"#,
+    );
+    assert!(String::from_utf8_lossy(&r.envelopes().pop().unwrap().1).contains("invalid_argument"));
+    let r = start(
+        u,
+        &[],
+        r#"{"process":{"cmd":"/no/such/dir/x"},"stdin":false}"#,
+    );
+    let last = r.envelopes();
+    assert!(String::from_utf8_lossy(&last[last.len() - 2].1).contains("\"exitCode\":127"));
+
+    // Client streaming: data before start.
+    let data = envelope(0, br#"{"data":{"input":{"stdin":"eA=="}}}"#);
+    let r = request(
+        u,
+        "POST",
+        "/process.Process/StreamInput",
+        &[STREAM_JSON],
+        &data,
+    );
+    assert!(String::from_utf8_lossy(&r.envelopes().pop().unwrap().1).contains("invalid_argument"));
+
+    // Still serving.
+    assert_eq!(post_json(u, "/process.Process/List", "{}").status, 200);
+}
+
+#[test]
+fn rest_health_metrics_envs_and_init() {
+    let envd = Envd::start(&[]);
+    let u = &envd.tcp;
+    let r = request(u, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 204);
+    let m = request(u, "GET", "/metrics", &[], b"").json();
+    for k in [
+        "ts",
+        "cpu_count",
+        "cpu_used_pct",
+        "mem_total",
+        "mem_used",
+        "mem_cache",
+        "disk_used",
+        "disk_total",
+    ] {
+        assert!(m.get(k).is_some(), "metrics lack {k}: {m}");
+    }
+    assert!(m["mem_total"].as_u64().unwrap() > 0);
+    let r = post_json(
+        u,
+        "/init",
+        r#"{"envVars":{"GLOBAL_X":"1"},"defaultWorkdir":"/tmp"}"#,
+    );
+    assert_eq!(r.status, 204);
+    assert!(r.header("x-envd-version").is_some());
+    assert_eq!(
+        request(u, "GET", "/envs", &[], b"").json(),
+        serde_json::json!({"GLOBAL_X":"1"})
+    );
+    // Applied to later processes: global env and default workdir.
+    let r = start(
+        u,
+        &[],
+        r#"{"process":{"cmd":"/bin/sh","args":["-c","echo $GLOBAL_X; pwd"]},"stdin":false}"#,
+    );
+    let out: String = r
+        .envelopes()
+        .iter()
+        .filter_map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).ok())
+        .filter_map(|m| m["event"]["data"]["stdout"].as_str().map(str::to_owned))
+        .collect();
+    use base64::Engine;
+    let out = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(out)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(out, "1\n/tmp\n");
+    assert_eq!(post_json(u, "/init", "{bad").status, 400);
+    assert_eq!(request(u, "DELETE", "/health", &[], b"").status, 405);
+    assert_eq!(request(u, "GET", "/nowhere", &[], b"").status, 404);
+    // CORS preflight.
+    let r = request(
+        u,
+        "OPTIONS",
+        "/files",
+        &[
+            ("origin", "http://x"),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "x-access-token"),
+        ],
+        b"",
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("x-access-token")
+    );
+}
+
+#[test]
+fn files_upload_download_range_gzip_metadata_compose() {
+    let envd = Envd::start(&[]);
+    let u = &envd.tcp;
+    let dir = tempfile::Builder::new()
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let f = dir.path().join("up/file.txt");
+    let q = format!("/files?path={}", f.display());
+    let r = request(
+        u,
+        "POST",
+        &q,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("x-metadata-Owner", "team-a"),
+        ],
+        b"0123456789",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()[0]["name"], "file.txt");
+    assert_eq!(std::fs::read(&f).unwrap(), b"0123456789");
+    let stat = post_json(
+        u,
+        "/filesystem.Filesystem/Stat",
+        &format!(r#"{{"path":"{}"}}"#, f.display()),
+    )
+    .json();
+    assert_eq!(stat["entry"]["metadata"]["owner"], "team-a");
+
+    let r = request(u, "GET", &q, &[], b"");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"0123456789"[..]));
+    assert!(r
+        .header("content-disposition")
+        .unwrap()
+        .contains("file.txt"));
+    let r = request(u, "GET", &q, &[("range", "bytes=2-4")], b"");
+    assert_eq!((r.status, r.body.as_slice()), (206, &b"234"[..]));
+    assert_eq!(r.header("content-range"), Some("bytes 2-4/10"));
+    assert_eq!(
+        request(u, "GET", &q, &[("range", "bytes=50-")], b"").status,
+        416
+    );
+    let r = request(u, "GET", &q, &[("accept-encoding", "gzip")], b"");
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(r.body.as_slice()),
+        &mut plain,
+    )
+    .unwrap();
+    assert_eq!(plain, b"0123456789");
+
+    // gzip upload body.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(b"compressed upload").unwrap();
+    let r = request(
+        u,
+        "POST",
+        &q,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+        ],
+        &gz.finish().unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&f).unwrap(), b"compressed upload");
+
+    // Multipart, two files named by their part filenames.
+    let a = dir.path().join("m/a.txt");
+    let b = dir.path().join("m/b.txt");
+    let body = format!(
+        "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\n\r\nAAA\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\n\r\nBBB\r\n--XyZ--\r\n",
+        a.display(),
+        b.display()
+    );
+    let r = request(
+        u,
+        "POST",
+        "/files",
+        &[("content-type", "multipart/form-data; boundary=XyZ")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    assert_eq!(std::fs::read(&b).unwrap(), b"BBB");
+
+    // Compose a + b → c; sources removed.
+    let c = dir.path().join("m/c.txt");
+    let body = format!(
+        r#"{{"source_paths":["{}","{}"],"destination":"{}"}}"#,
+        a.display(),
+        b.display(),
+        c.display()
+    );
+    let r = post_json(u, "/files/compose", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&c).unwrap(), b"AAABBB");
+    assert!(!a.exists() && !b.exists());
+
+    // Errors.
+    let missing = format!("/files?path={}/none", dir.path().display());
+    assert_eq!(request(u, "GET", &missing, &[], b"").status, 404);
+    let as_dir = format!("/files?path={}", dir.path().display());
+    assert_eq!(request(u, "GET", &as_dir, &[], b"").status, 400);
+    let bad_user = format!("{q}&username=no-such-user-envd");
+    assert_eq!(request(u, "GET", &bad_user, &[], b"").status, 401);
+    assert_eq!(
+        request(
+            u,
+            "POST",
+            "/files",
+            &[("content-type", "application/octet-stream")],
+            b"x"
+        )
+        .status,
+        400
+    );
+    let r = request(u, "GET", &missing, &[], b"");
+    assert_eq!(r.json()["code"], 404);
+}
+
+#[test]
+fn access_token_on_every_protocol_and_signatures() {
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "s3cret\n").unwrap();
+    let envd = Envd::start(&["--access-token-file", token_file.path().to_str().unwrap()]);
+    let u = &envd.tcp;
+    let tok = ("x-access-token", "s3cret");
+    // Open: health only.
+    assert_eq!(request(u, "GET", "/health", &[], b"").status, 204);
+    let r = post_json(u, "/process.Process/List", "{}");
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    assert_eq!(
+        request(u, "POST", "/process.Process/List", &[JSON, tok], b"{}").status,
+        200
+    );
+    let r = request(
+        u,
+        "POST",
+        "/process.Process/List",
+        &[JSON, ("x-access-token", "wrong")],
+        b"{}",
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(request(u, "GET", "/envs", &[], b"").status, 401);
+    assert_eq!(request(u, "GET", "/envs", &[tok], b"").status, 200);
+    assert_eq!(request(u, "GET", "/metrics", &[], b"").status, 401);
+
+    // /files with signatures.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.txt");
+    std::fs::write(&path, "signed").unwrap();
+    let p = path.to_str().unwrap();
+    let future = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600)
+        .to_string();
+    let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+    let sig = enc(&envd::auth::sign(p, "read", "", "s3cret", Some(&future)));
+    let url = format!("/files?path={p}&signature={sig}&signature_expiration={future}");
+    let r = request(u, "GET", &url, &[], b"");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"signed"[..]));
+    // Expired, wrong operation, tampered, or with a wrong token header.
+    let sig_old = enc(&envd::auth::sign(p, "read", "", "s3cret", Some("1000")));
+    assert_eq!(
+        request(
+            u,
+            "GET",
+            &format!("/files?path={p}&signature={sig_old}&signature_expiration=1000"),
+            &[],
+            b""
+        )
+        .status,
+        401
+    );
+    let wsig = enc(&envd::auth::sign(p, "write", "", "s3cret", None));
+    assert_eq!(
+        request(
+            u,
+            "GET",
+            &format!("/files?path={p}&signature={wsig}"),
+            &[],
+            b""
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        request(
+            u,
+            "POST",
+            &format!("/files?path={p}&signature={wsig}"),
+            &[("content-type", "application/octet-stream")],
+            b"w"
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        request(u, "GET", &url, &[("x-access-token", "wrong")], b"").status,
+        401
+    );
+    assert_eq!(
+        request(u, "GET", &format!("/files?path={p}"), &[], b"").status,
+        401
+    );
+
+    // gRPC over the same port: UNAUTHENTICATED without the token.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = envd.client().await;
+        let err = c
+            .list(envd::proto::process::ListRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        let ok = c
+            .list(with_meta(
+                envd::proto::process::ListRequest {},
+                &[("x-access-token", "s3cret")],
+            ))
+            .await;
+        assert!(ok.is_ok());
+    });
+
+    // /init: only the holder of the token may re-initialise (and rotate it).
+    assert_eq!(
+        post_json(u, "/init", r#"{"accessToken":"other"}"#).status,
+        401
+    );
+    let r = request(
+        u,
+        "POST",
+        "/init",
+        &[JSON, tok],
+        br#"{"accessToken":"rotated"}"#,
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(request(u, "GET", "/envs", &[tok], b"").status, 401);
+    assert_eq!(
+        request(u, "GET", "/envs", &[("x-access-token", "rotated")], b"").status,
+        200
+    );
+    let log = envd.log.lock().unwrap().join("\n");
+    assert!(
+        !log.contains("s3cret") && !log.contains("rotated"),
+        "a token reached the log"
+    );
+}
+
+#[test]
+fn files_disk_full_is_507_and_leaves_nothing() {
+    if !is_root() {
+        eprintln!("SKIP files_disk_full_is_507: needs root to mount a small tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status();
+    if !ok.map(|s| s.success()).unwrap_or(false) {
+        eprintln!("SKIP files_disk_full_is_507: cannot mount tmpfs here");
+        return;
+    }
+    let envd = Envd::start(&[]);
+    let target = mnt.join("f");
+    std::fs::write(&target, "old").unwrap();
+    let r = request(
+        &envd.tcp,
+        "POST",
+        &format!("/files?path={}", target.display()),
+        &[("content-type", "application/octet-stream")],
+        &vec![7u8; 3 << 20],
+    );
+    let entries = std::fs::read_dir(&mnt).unwrap().count();
+    let content = std::fs::read_to_string(&target).unwrap();
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert_eq!(content, "old");
+    assert_eq!(entries, 1, "partial upload left behind");
+}
