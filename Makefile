@@ -34,7 +34,7 @@ check: deps ## Formatting and lints (warnings are errors).
 	$(CARGO) clippy --all-targets -- -D warnings
 
 test: deps sdk-deps check ## Install what is needed, then run the whole test suite.
-	$(CARGO) test --all-targets
+	$(CARGO) test
 
 static: deps ## Build the fully static release binary (musl) at target/x86_64-unknown-linux-musl/release/envd.
 	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
@@ -42,6 +42,7 @@ static: deps ## Build the fully static release binary (musl) at target/x86_64-un
 	$(CARGO) build --release --target $(MUSL) --bin envd
 	@ls -l $(STATIC_BIN)
 
-bench: static ## Benchmarks of the static binary: figures as ratios against baselines measured in the same run.
+bench: static sdk-deps ## Benchmarks of the static binary: figures as ratios against baselines measured in the same run.
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench process
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench filesystem
+	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench compat
