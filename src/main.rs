@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
@@ -13,7 +14,7 @@ use envd::filesystem::FilesystemService;
 use envd::listen::Listener;
 use envd::process::{ProcessService, Reaper};
 use envd::users::User;
-use envd::{logging, server};
+use envd::{init, logging, sd, server};
 
 /// The static (musl) build uses mimalloc: musl's allocator has one global lock
 /// and maps/unmaps every large buffer, which made transfers 3-5x slower.
@@ -41,26 +42,58 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
+    let pid1 = init::is_pid1();
+    if pid1 {
+        init::mount_basics();
+    }
+    sd::take_env();
     ensure_std_fds();
-    let cfg = Config::parse();
+    let (cfg, modules) = if pid1 {
+        // No flags reach PID 1: options come from the kernel command line.
+        let (args, modules) = init::cmdline();
+        let argv = std::iter::once("envd".to_owned()).chain(args);
+        let cfg = Config::try_parse_from(argv).unwrap_or_else(|e| {
+            eprintln!("envd(init): bad envd.* options ({e}); using defaults");
+            Config::parse_from(["envd", "--listen", init::PID1_DEFAULT_LISTEN])
+        });
+        (cfg, modules)
+    } else {
+        (Config::parse(), Vec::new())
+    };
     logging::init(&cfg);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    if pid1 {
+        tracing::info!("running as PID 1");
+        init::load_modules(&modules);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
+        Err(e) if pid1 => {
+            eprintln!("envd(init): cannot start the async runtime: {e}");
+            init::power_off(Duration::from_secs(5));
+        }
         Err(e) => {
             eprintln!("envd: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(run(cfg, pid1))));
+    if pid1 {
+        match &result {
+            Ok(Err(e)) => tracing::error!("{e}"),
+            Err(_) => tracing::error!("envd panicked"),
+            Ok(Ok(())) => {}
+        }
+        // The runtime stays alive, so orphans are still reaped meanwhile.
+        init::power_off(Duration::from_secs(5));
+    }
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             tracing::error!("{e}");
             eprintln!("envd: {e}");
             ExitCode::FAILURE
         }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
@@ -77,7 +110,7 @@ fn ensure_std_fds() {
     }
 }
 
-async fn run(cfg: Config) -> Result<(), String> {
+async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
     let reaper = Reaper::start().map_err(|e| format!("cannot start the child reaper: {e}"))?;
     let default_user = match &cfg.default_user {
         Some(u) => {
@@ -87,34 +120,62 @@ async fn run(cfg: Config) -> Result<(), String> {
         None => User::current().map_err(|e| e.to_string())?.name,
     };
     let defaults = Arc::new(Defaults::new(default_user));
-    let process = Arc::new(ProcessService::new(
-        reaper,
-        defaults,
-        cfg.process_settings(),
-    ));
+    let process = Arc::new(ProcessService::new(reaper, defaults, cfg.process_settings()));
     let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
     let auth = Arc::new(Auth::new(cfg.access_token()?));
     let router = server::Router::new(process, filesystem, auth).await?;
 
-    let mut bound = Vec::new();
     for url in cfg.listeners() {
-        let listener = Listener::bind(&url)
-            .await
-            .map_err(|e| format!("cannot listen on {url}: {e}"))?;
-        let local = listener.local_url(&url);
-        tracing::info!(url = %local, "listening");
-        bound.push((listener, local));
-    }
-    for (listener, local) in bound {
-        tokio::spawn(server::serve(listener, local, router.clone()));
+        match Listener::bind(&url).await {
+            Ok(listener) => {
+                let local = listener.local_url(&url);
+                tracing::info!(url = %local, "listening");
+                tokio::spawn(server::serve(listener, local, router.clone()));
+            }
+            // PID 1 never gives up: e.g. the vsock device may appear later.
+            Err(e) if pid1 => {
+                tracing::error!(%url, error = %e, "cannot listen yet; retrying every second");
+                tokio::spawn(bind_later(url, router.clone()));
+            }
+            Err(e) => return Err(format!("cannot listen on {url}: {e}")),
+        }
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "envd ready");
+    sd::ready();
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    // As PID 1, busybox's `poweroff`/`halt` send SIGUSR2/SIGUSR1, and the
+    // kernel SIGPWR: all mean shut down.
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
+    let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = usr1.recv() => "SIGUSR1",
+            _ = usr2.recv() => "SIGUSR2",
+            _ = pwr.recv() => "SIGPWR",
+        };
+        if pid1 || matches!(name, "SIGTERM" | "SIGINT") {
+            tracing::info!("{name}: shutting down");
+            break;
+        }
+        tracing::info!("{name} ignored (not PID 1)");
     }
+    sd::stopping();
     Ok(())
+}
+
+async fn bind_later(url: envd::listen::ListenUrl, router: server::Router) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(listener) = Listener::bind(&url).await {
+            let local = listener.local_url(&url);
+            tracing::info!(url = %local, "listening");
+            server::serve(listener, local, router).await;
+            return;
+        }
+    }
 }

@@ -891,3 +891,20 @@ fn help_explains_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[tokio::test]
+async fn children_get_a_normal_oom_score() {
+    if !is_root() {
+        eprintln!("SKIP children_get_a_normal_oom_score: lowering envd's OOM score needs root");
+        return;
+    }
+    let envd = Envd::start(&[]);
+    if let Err(e) = std::fs::write(format!("/proc/{}/oom_score_adj", envd.pid()), "-1000") {
+        eprintln!("SKIP children_get_a_normal_oom_score: cannot lower envd's OOM score here ({e}; needs CAP_SYS_RESOURCE)");
+        return;
+    }
+    let mut c = envd.client().await;
+    // A fresh envd reads its own score once, at its first spawn.
+    let o = run(&mut c, cmd("cat", &["/proc/self/oom_score_adj"])).await;
+    assert_eq!(o.out(), "0\n");
+}

@@ -9,6 +9,8 @@
 //!   timeouts reach the whole group,
 //! - takes the pty slave as controlling terminal, or the pipes, as fds 0-2,
 //! - closes every other fd (no envd fd leaks into a child),
+//! - resets its OOM score to 0 when envd's own is adjusted (systemd gives envd
+//!   -1000; its commands must stay killable),
 //! - drops to the user (`setgroups`, `setgid`, `setuid`), then `chdir`s as that
 //!   user, then `execve`s. If exec fails it writes a shell-style message to its
 //!   stderr and exits 127 (not found) or 126 (cannot execute).
@@ -54,6 +56,17 @@ pub struct Prepared {
     msg_no_exec: Vec<u8>,
     msg_no_cwd: Vec<u8>,
     msg_no_creds: Vec<u8>,
+    /// envd's own OOM score is not 0 (e.g. -1000 under systemd): reset the
+    /// child's to 0 so the kernel may pick it over envd.
+    reset_oom: bool,
+}
+
+/// Whether envd's `oom_score_adj` differs from the default 0.
+fn own_oom_score_adjusted() -> bool {
+    static ADJUSTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ADJUSTED.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/oom_score_adj").is_ok_and(|v| v.trim() != "0")
+    })
 }
 
 // SAFETY: the raw pointers point into the CStrings owned by the same struct,
@@ -134,6 +147,7 @@ impl Prepared {
             msg_no_exec: format!("envd: {cmd}: cannot execute: ").into_bytes(),
             msg_no_cwd: format!("envd: cannot enter {}: ", cwd.display()).into_bytes(),
             msg_no_creds: b"envd: cannot switch user: ".to_vec(),
+            reset_oom: own_oom_score_adjusted(),
         })
     }
 
@@ -217,6 +231,15 @@ impl Prepared {
                 }
             }
 
+            if self.reset_oom {
+                // Raising the score needs no privilege; done before the uid
+                // changes, while /proc/self is still writable by us.
+                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                }
+            }
             if let Some(c) = &self.creds {
                 let (uid, gid) = (c.uid as libc::c_long, c.gid as libc::c_long);
                 if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0

@@ -1,0 +1,165 @@
+//! Duties of envd as PID 1 (`init=/usr/bin/envd`, or `/init` in an
+//! initramfs): mount what is missing, read options from the kernel command
+//! line, load listed kernel modules, reap every orphan (the reaper does that
+//! for any process), and on a shutdown signal end all processes gracefully,
+//! sync and power the machine off. PID 1 must never exit.
+//!
+//! Kernel command line options (there are no flags for PID 1):
+//! - `envd.listen=URL[,URL...]`: listeners (default: `vsock://-1:49983`);
+//! - `envd.log=FILTER`: log filter;
+//! - `envd.modules=/path/a.ko[,/path/b.ko...]`: modules to load, in order,
+//!   before listening (missing files are skipped with a warning);
+//! - `envd.args=ARG[,ARG...]`: any other envd flags.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+/// Listener used as PID 1 when the command line names none.
+pub const PID1_DEFAULT_LISTEN: &str = "vsock://-1:49983";
+
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+/// Mounts proc, sys, devtmpfs, devpts, /run and /tmp where missing.
+pub fn mount_basics() {
+    let mounts: [(&str, &str, &str, &str); 6] = [
+        ("proc", "/proc", "proc", ""),
+        ("sysfs", "/sys", "sysfs", ""),
+        ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
+        ("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666"),
+        ("tmpfs", "/run", "tmpfs", "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", "mode=1777"),
+    ];
+    for (source, target, fstype, data) in mounts {
+        if is_mounted(target) {
+            continue;
+        }
+        let _ = std::fs::create_dir_all(target);
+        let data = (!data.is_empty()).then_some(data);
+        match nix::mount::mount(Some(source), target, Some(fstype), nix::mount::MsFlags::empty(), data) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => eprintln!("envd(init): mount {fstype} on {target}: {e}"),
+        }
+    }
+    // Programs expect /dev/ptmx to reach the devpts instance.
+    if !std::path::Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    if std::env::var_os("PATH").is_none() {
+        // SAFETY: called before any thread exists (start of main, PID 1).
+        unsafe { std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") };
+    }
+}
+
+fn is_mounted(target: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target)))
+        .unwrap_or(false)
+}
+
+/// `envd.*` options from `/proc/cmdline` as envd flags, plus modules to load.
+pub fn cmdline() -> (Vec<String>, Vec<String>) {
+    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    parse_cmdline(&text)
+}
+
+fn parse_cmdline(text: &str) -> (Vec<String>, Vec<String>) {
+    let mut args = Vec::new();
+    let mut modules = Vec::new();
+    let mut listen = false;
+    for word in text.split_whitespace() {
+        let Some((key, value)) = word.split_once('=') else { continue };
+        let values = value.split(',').filter(|v| !v.is_empty()).map(str::to_owned);
+        match key {
+            "envd.listen" => {
+                listen = true;
+                for v in values {
+                    args.extend(["--listen".to_owned(), v]);
+                }
+            }
+            "envd.log" => args.extend(["--log-level".to_owned(), value.to_owned()]),
+            "envd.modules" => modules.extend(values),
+            "envd.args" => args.extend(values),
+            _ => {}
+        }
+    }
+    if !listen {
+        args.extend(["--listen".to_owned(), PID1_DEFAULT_LISTEN.to_owned()]);
+    }
+    (args, modules)
+}
+
+/// Loads kernel modules in order (`finit_module`); already loaded is fine.
+pub fn load_modules(paths: &[String]) {
+    for path in paths {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(module = %path, error = %e, "module not loaded");
+                continue;
+            }
+        };
+        let params = CString::default();
+        // SAFETY: finit_module reads the module from an open fd we own; the
+        // parameter string is a valid empty C string.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_finit_module, std::os::fd::AsRawFd::as_raw_fd(&file), params.as_ptr(), 0)
+        };
+        let err = std::io::Error::last_os_error();
+        if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
+            tracing::warn!(module = %path, error = %err, "module not loaded");
+        } else {
+            tracing::info!(module = %path, "module loaded");
+        }
+    }
+}
+
+/// Ends every other process (SIGTERM, then SIGKILL after `grace`), syncs
+/// and powers off. Never returns.
+pub fn power_off(grace: Duration) -> ! {
+    tracing::info!("PID 1 shutdown: terminating all processes");
+    // SAFETY: kill(-1) from PID 1 signals every process except PID 1 itself.
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && others_alive() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(100));
+    nix::unistd::sync();
+    tracing::info!("PID 1 shutdown: powering off");
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // Not allowed to power off (e.g. in a container): never exit anyway.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Whether any process other than PID 1 and kernel threads is left.
+fn others_alive() -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != 1)
+        .any(|pid| {
+            // Kernel threads have an empty cmdline; zombies are reaped by us.
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_command_line() {
+        let (args, mods) = parse_cmdline("console=ttyS0 envd.listen=vsock://-1:1024,tcp://0.0.0.0:49983 envd.log=debug envd.modules=/a.ko,/b.ko quiet");
+        assert_eq!(args, ["--listen", "vsock://-1:1024", "--listen", "tcp://0.0.0.0:49983", "--log-level", "debug"]);
+        assert_eq!(mods, ["/a.ko", "/b.ko"]);
+        let (args, _) = parse_cmdline("quiet");
+        assert_eq!(args, ["--listen", PID1_DEFAULT_LISTEN]);
+    }
+}

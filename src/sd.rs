@@ -1,0 +1,68 @@
+//! systemd integration without a dependency: `READY=1` on `$NOTIFY_SOCKET`
+//! once every listener is bound, and watchdog pings at half of
+//! `$WATCHDOG_USEC`. The variables are taken out of envd's environment at
+//! start-up, so they never reach a child either way.
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+struct Notify {
+    socket: String,
+    watchdog: Option<Duration>,
+}
+
+static NOTIFY: OnceLock<Option<Notify>> = OnceLock::new();
+
+/// Reads and removes the systemd variables. Call before any thread exists.
+pub fn take_env() {
+    let socket = std::env::var("NOTIFY_SOCKET").ok();
+    let watchdog = std::env::var("WATCHDOG_USEC").ok().and_then(|u| u.parse::<u64>().ok());
+    let for_us = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_none_or(|p| p == std::process::id());
+    for v in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        // SAFETY: single-threaded at this point (start of main).
+        unsafe { std::env::remove_var(v) };
+    }
+    let _ = NOTIFY.set(socket.map(|socket| Notify {
+        socket,
+        watchdog: watchdog.filter(|_| for_us).map(Duration::from_micros),
+    }));
+}
+
+fn send(state: &str) {
+    let Some(Some(n)) = NOTIFY.get() else { return };
+    let Ok(sock) = UnixDatagram::unbound() else { return };
+    let result = if let Some(abstract_name) = n.socket.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &n.socket)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Tells systemd envd is ready, and starts watchdog pings if asked for.
+pub fn ready() {
+    send("READY=1");
+    if let Some(Some(Notify { watchdog: Some(every), .. })) = NOTIFY.get() {
+        let period = *every / 2;
+        tracing::info!(?period, "systemd watchdog enabled");
+        tokio::spawn(async move {
+            loop {
+                send("WATCHDOG=1");
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+}
+
+/// Tells systemd envd is stopping.
+pub fn stopping() {
+    send("STOPPING=1");
+}
