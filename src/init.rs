@@ -27,7 +27,12 @@ pub fn mount_basics() {
         ("proc", "/proc", "proc", ""),
         ("sysfs", "/sys", "sysfs", ""),
         ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
-        ("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            "gid=5,mode=620,ptmxmode=666",
+        ),
         ("tmpfs", "/run", "tmpfs", "mode=0755"),
         ("tmpfs", "/tmp", "tmpfs", "mode=1777"),
     ];
@@ -37,7 +42,13 @@ pub fn mount_basics() {
         }
         let _ = std::fs::create_dir_all(target);
         let data = (!data.is_empty()).then_some(data);
-        match nix::mount::mount(Some(source), target, Some(fstype), nix::mount::MsFlags::empty(), data) {
+        match nix::mount::mount(
+            Some(source),
+            target,
+            Some(fstype),
+            nix::mount::MsFlags::empty(),
+            data,
+        ) {
             Ok(()) => {}
             Err(nix::errno::Errno::EBUSY) => {}
             Err(e) => eprintln!("envd(init): mount {fstype} on {target}: {e}"),
@@ -49,7 +60,12 @@ pub fn mount_basics() {
     }
     if std::env::var_os("PATH").is_none() {
         // SAFETY: called before any thread exists (start of main, PID 1).
-        unsafe { std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") };
+        unsafe {
+            std::env::set_var(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+        };
     }
 }
 
@@ -70,8 +86,13 @@ fn parse_cmdline(text: &str) -> (Vec<String>, Vec<String>) {
     let mut modules = Vec::new();
     let mut listen = false;
     for word in text.split_whitespace() {
-        let Some((key, value)) = word.split_once('=') else { continue };
-        let values = value.split(',').filter(|v| !v.is_empty()).map(str::to_owned);
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
+        let values = value
+            .split(',')
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned);
         match key {
             "envd.listen" => {
                 listen = true;
@@ -105,7 +126,12 @@ pub fn load_modules(paths: &[String]) {
         // SAFETY: finit_module reads the module from an open fd we own; the
         // parameter string is a valid empty C string.
         let rc = unsafe {
-            libc::syscall(libc::SYS_finit_module, std::os::fd::AsRawFd::as_raw_fd(&file), params.as_ptr(), 0)
+            libc::syscall(
+                libc::SYS_finit_module,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                params.as_ptr(),
+                0,
+            )
         };
         let err = std::io::Error::last_os_error();
         if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
@@ -140,7 +166,9 @@ pub fn power_off(grace: Duration) -> ! {
 
 /// Whether any process other than PID 1 and kernel threads is left.
 fn others_alive() -> bool {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
     rd.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| *pid != 1)
@@ -157,7 +185,17 @@ mod tests {
     #[test]
     fn kernel_command_line() {
         let (args, mods) = parse_cmdline("console=ttyS0 envd.listen=vsock://-1:1024,tcp://0.0.0.0:49983 envd.log=debug envd.modules=/a.ko,/b.ko quiet");
-        assert_eq!(args, ["--listen", "vsock://-1:1024", "--listen", "tcp://0.0.0.0:49983", "--log-level", "debug"]);
+        assert_eq!(
+            args,
+            [
+                "--listen",
+                "vsock://-1:1024",
+                "--listen",
+                "tcp://0.0.0.0:49983",
+                "--log-level",
+                "debug"
+            ]
+        );
         assert_eq!(mods, ["/a.ko", "/b.ko"]);
         let (args, _) = parse_cmdline("quiet");
         assert_eq!(args, ["--listen", PID1_DEFAULT_LISTEN]);

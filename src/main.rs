@@ -65,7 +65,10 @@ fn main() -> ExitCode {
         tracing::info!("running as PID 1");
         init::load_modules(&modules);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) if pid1 => {
             eprintln!("envd(init): cannot start the async runtime: {e}");
@@ -76,7 +79,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(run(cfg, pid1))));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(run(cfg, pid1))
+    }));
     if pid1 {
         match &result {
             Ok(Err(e)) => tracing::error!("{e}"),
@@ -120,7 +125,11 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
         None => User::current().map_err(|e| e.to_string())?.name,
     };
     let defaults = Arc::new(Defaults::new(default_user));
-    let process = Arc::new(ProcessService::new(reaper, defaults, cfg.process_settings()));
+    let process = Arc::new(ProcessService::new(
+        reaper,
+        defaults,
+        cfg.process_settings(),
+    ));
     let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
     let auth = Arc::new(Auth::new(cfg.access_token()?));
     let router = server::Router::new(process, filesystem, auth).await?;

@@ -17,12 +17,21 @@ static NOTIFY: OnceLock<Option<Notify>> = OnceLock::new();
 /// Reads and removes the systemd variables. Call before any thread exists.
 pub fn take_env() {
     let socket = std::env::var("NOTIFY_SOCKET").ok();
-    let watchdog = std::env::var("WATCHDOG_USEC").ok().and_then(|u| u.parse::<u64>().ok());
+    let watchdog = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|u| u.parse::<u64>().ok());
     let for_us = std::env::var("WATCHDOG_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
         .is_none_or(|p| p == std::process::id());
-    for v in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+    for v in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
         // SAFETY: single-threaded at this point (start of main).
         unsafe { std::env::remove_var(v) };
     }
@@ -34,7 +43,9 @@ pub fn take_env() {
 
 fn send(state: &str) {
     let Some(Some(n)) = NOTIFY.get() else { return };
-    let Ok(sock) = UnixDatagram::unbound() else { return };
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
     let result = if let Some(abstract_name) = n.socket.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt;
         std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
@@ -50,7 +61,11 @@ fn send(state: &str) {
 /// Tells systemd envd is ready, and starts watchdog pings if asked for.
 pub fn ready() {
     send("READY=1");
-    if let Some(Some(Notify { watchdog: Some(every), .. })) = NOTIFY.get() {
+    if let Some(Some(Notify {
+        watchdog: Some(every),
+        ..
+    })) = NOTIFY.get()
+    {
         let period = *every / 2;
         tracing::info!(?period, "systemd watchdog enabled");
         tokio::spawn(async move {

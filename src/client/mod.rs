@@ -1,10 +1,19 @@
-//! Host-side client: dial envd at a URL and get a gRPC channel for the
-//! generated clients (`ProcessClient::new(channel)`).
+//! Host-side client: dial envd and get a gRPC channel for the generated
+//! clients (`ProcessClient::new(channel)`, `FilesystemClient`, ...).
+//!
+//! URLs:
+//! - `tcp://HOST:PORT`, `unix:///path`;
+//! - `vsock://CID:PORT`: kernel AF_VSOCK (the host side of a VM);
+//! - `hvsock:///path/to/vsock.sock:PORT`: Firecracker / Cloud Hypervisor /
+//!   vhost-device-vsock "hybrid vsock": connect to the Unix socket, send
+//!   `CONNECT <port>\n`, expect `OK <n>\n`, then speak HTTP/2 on the stream.
 
 use std::io;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
@@ -14,36 +23,131 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 /// Larger HTTP/2 frames: fewer frames per MiB of output or file data.
 const MAX_FRAME: u32 = 256 * 1024;
 
-/// Dials `tcp://HOST:PORT` or `unix:///path`.
+/// Where envd is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+    Vsock { cid: u32, port: u32 },
+    Hybrid { socket: PathBuf, port: u32 },
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let bad = |what: &str| format!("'{url}': {what}");
+        if let Some(addr) = url.strip_prefix("tcp://") {
+            Ok(Target::Tcp(addr.to_owned()))
+        } else if let Some(path) = url.strip_prefix("unix://") {
+            Ok(Target::Unix(PathBuf::from(path)))
+        } else if let Some(rest) = url.strip_prefix("vsock://") {
+            let (cid, port) = rest
+                .split_once(':')
+                .ok_or_else(|| bad("expected vsock://CID:PORT"))?;
+            Ok(Target::Vsock {
+                cid: cid.parse().map_err(|_| bad("bad CID"))?,
+                port: port.parse().map_err(|_| bad("bad port"))?,
+            })
+        } else if let Some(rest) = url.strip_prefix("hvsock://") {
+            let (path, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| bad("expected hvsock:///path/vsock.sock:PORT"))?;
+            Ok(Target::Hybrid {
+                socket: PathBuf::from(path),
+                port: port.parse().map_err(|_| bad("bad port"))?,
+            })
+        } else {
+            Err(bad("expected tcp://, unix://, vsock:// or hvsock://"))
+        }
+    }
+}
+
+/// The hybrid-vsock handshake on a connected Unix socket.
+pub async fn hybrid_handshake(s: &mut UnixStream, port: u32) -> io::Result<()> {
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    let mut line = Vec::with_capacity(16);
+    let mut byte = [0u8; 1];
+    // Byte by byte: anything after the newline belongs to the stream.
+    while line.last() != Some(&b'\n') {
+        if s.read(&mut byte).await? == 0 || line.len() > 64 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "hybrid vsock: no OK (is the guest listening?)",
+            ));
+        }
+        line.push(byte[0]);
+    }
+    if line.starts_with(b"OK ") {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("hybrid vsock: {:?}", String::from_utf8_lossy(&line).trim()),
+        ))
+    }
+}
+
+/// Dials envd at `url`.
 pub async fn dial(url: &str) -> Result<Channel, String> {
+    let target: Target = url.parse()?;
     let endpoint = Endpoint::from_static("http://envd")
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME);
-    let fail = |e: tonic::transport::Error| format!("cannot connect to {url}: {e}");
-    if let Some(addr) = url.strip_prefix("tcp://") {
-        let addr = addr.to_owned();
-        endpoint
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let addr = addr.clone();
-                async move {
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let target = target.clone();
+        async move {
+            let io: Box<dyn crate::listen::Conn> = match target {
+                Target::Tcp(addr) => {
                     let s = TcpStream::connect(addr).await?;
                     s.set_nodelay(true)?;
-                    Ok::<_, io::Error>(TokioIo::new(s))
+                    Box::new(s)
                 }
-            }))
-            .await
-            .map_err(fail)
-    } else if let Some(path) = url.strip_prefix("unix://") {
-        let path = PathBuf::from(path);
-        endpoint
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let path = path.clone();
-                async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .map_err(fail)
-    } else {
-        Err(format!("'{url}': expected tcp://HOST:PORT or unix:///PATH"))
+                Target::Unix(path) => Box::new(UnixStream::connect(path).await?),
+                Target::Vsock { cid, port } => Box::new(
+                    tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port))
+                        .await?,
+                ),
+                Target::Hybrid { socket, port } => {
+                    let mut s = UnixStream::connect(socket).await?;
+                    hybrid_handshake(&mut s, port).await?;
+                    Box::new(s)
+                }
+            };
+            Ok::<_, io::Error>(TokioIo::new(io))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))
+}
+
+/// Dials until envd answers a health check (a VM booting), or `timeout`.
+pub async fn wait_ready(url: &str, timeout: Duration) -> Result<Channel, String> {
+    let start = Instant::now();
+    loop {
+        let attempt = async {
+            let ch = dial(url).await?;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(ch)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(ch)) => return Ok(ch),
+            Ok(Err(e)) if start.elapsed() >= timeout => {
+                return Err(format!("envd not ready at {url} after {timeout:?}: {e}"))
+            }
+            Err(_) if start.elapsed() >= timeout => {
+                return Err(format!("envd not ready at {url} after {timeout:?}"))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }

@@ -234,7 +234,10 @@ impl Prepared {
             if self.reset_oom {
                 // Raising the score needs no privilege; done before the uid
                 // changes, while /proc/self is still writable by us.
-                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
                 if fd >= 0 {
                     libc::write(fd, b"0\n".as_ptr().cast(), 2);
                     libc::close(fd);
