@@ -7,7 +7,7 @@ STATIC_BIN := target/$(MUSL)/release/envd
 
 SDK_VENV := .cache/sdk-venv
 
-.PHONY: help run test check deps sdk-deps bench build static
+.PHONY: help run test check deps sdk-deps bench build static qemu-deps qemu-test
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -33,8 +33,16 @@ check: deps ## Formatting and lints (warnings are errors).
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: deps sdk-deps check ## Install what is needed, then run the whole test suite.
+test: deps sdk-deps check ## Install what is needed, then run the whole test suite (QEMU included when possible).
 	$(CARGO) test
+	$(MAKE) qemu-test
+
+qemu-deps: ## Install QEMU, the guest kernel, busybox, vhost-device-vsock (root; cached in .cache/qemu).
+	@bash tests/vm/setup.sh || echo "QEMU tests will be skipped (see above)"
+
+qemu-test: qemu-deps ## Boot envd in QEMU microVMs and drive it over vsock (skips with a reason without root/QEMU).
+	@if [ -x $(CURDIR)/.cache/qemu/tools/bin/vhost-device-vsock ]; then $(MAKE) static; fi
+	ENVD_STATIC=$(CURDIR)/$(STATIC_BIN) $(CARGO) test --test qemu -- --nocapture --test-threads=1
 
 static: deps ## Build the fully static release binary (musl) at target/x86_64-unknown-linux-musl/release/envd.
 	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)

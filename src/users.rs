@@ -47,15 +47,38 @@ impl User {
     }
 
     fn lookup_uncached(name: &str) -> Result<User> {
-        let pw = nix::unistd::User::from_name(name)
-            .map_err(|e| Error::internal(format!("looking up user '{name}': {e}")))?
-            .ok_or_else(|| Error::unauthenticated(format!("unknown user '{name}'")))?;
-        Ok(Self::from_passwd(pw))
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(pw)) => Ok(Self::from_passwd(pw)),
+            // A minimal image (an initramfs) may have no /etc/passwd: root
+            // still exists.
+            Ok(None) | Err(_) if name == "root" => Ok(Self::bare_root()),
+            Ok(None) => Err(Error::unauthenticated(format!("unknown user '{name}'"))),
+            Err(e) => Err(Error::internal(format!("looking up user '{name}': {e}"))),
+        }
+    }
+
+    /// Root when the account database does not know it.
+    fn bare_root() -> User {
+        let home = if std::path::Path::new("/root").is_dir() {
+            "/root"
+        } else {
+            "/"
+        };
+        User {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            home: PathBuf::from(home),
+            groups: vec![0],
+        }
     }
 
     /// The user envd itself runs as.
     pub fn current() -> Result<User> {
         let uid = Uid::effective();
+        if uid.is_root() {
+            return Self::lookup("root");
+        }
         let pw = nix::unistd::User::from_uid(uid)
             .map_err(|e| Error::internal(format!("looking up uid {uid}: {e}")))?
             .ok_or_else(|| Error::internal(format!("uid {uid} has no passwd entry")))?;
