@@ -264,3 +264,80 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     let console = vm.console();
     assert!(console.contains("powering off"), "{console}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_restarts_envd_and_the_client_reconnects() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP systemd_restarts_envd: {why}");
+        return;
+    }
+    let a = vm::assets().unwrap();
+    let Some(rootfs) = vm::debian_rootfs() else {
+        eprintln!(
+            "SKIP systemd_restarts_envd: no cached Debian rootfs (tests/vm/setup.sh makes it)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = vm::systemd_image(&a, &rootfs, dir.path());
+    let initrd = vm::switch_root_initramfs(&a, dir.path());
+    let vm = vm::Vm::boot(&a, dir.path(), &initrd, "", Some(&img), 512);
+    let url = vm.url();
+    let ready = |timeout| envd::client::wait_ready(&url, timeout);
+    let ch = match ready(Duration::from_secs(120)).await {
+        Ok(ch) => ch,
+        Err(e) => panic!("{e}\nconsole:\n{}", vm.console()),
+    };
+    eprintln!(
+        "envd (systemd service) reachable {:.2} s after QEMU start",
+        vm.started.elapsed().as_secs_f64()
+    );
+    let mut p = ProcessClient::new(ch);
+    let o = run(&mut p, sh("echo $PPID; systemctl is-active envd; env")).await;
+    let out = o.out();
+    let lines: Vec<&str> = out.lines().collect();
+    let old_pid: u32 = lines[0].parse().unwrap();
+    assert_eq!(lines[1], "active");
+    assert!(
+        !o.out().contains("NOTIFY_SOCKET") && !o.out().contains("WATCHDOG_"),
+        "systemd variables leaked: {}",
+        o.out()
+    );
+    // A user process that must survive envd's restart (KillMode=process).
+    let o = run(&mut p, sh("sleep 1000 >/dev/null 2>&1 & echo $!")).await;
+    let sleeper = o.out().trim().to_owned();
+
+    // kill -9 envd from inside the guest; its stream breaks.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        p.start(sh(&format!("kill -9 {old_pid}"))),
+    )
+    .await;
+    let t0 = Instant::now();
+    let ch = ready(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("envd not restarted: {e}\n{}", vm.console()));
+    eprintln!(
+        "reconnected {:.2} s after kill -9",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut p = ProcessClient::new(ch);
+    let o = run(&mut p, sh(&format!("echo $PPID; systemctl show -p NRestarts --value envd; kill -0 {sleeper} && echo sleeper-alive"))).await;
+    let out = o.out();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_ne!(
+        lines[0].parse::<u32>().unwrap(),
+        old_pid,
+        "same envd pid after kill -9"
+    );
+    assert!(
+        lines[1].parse::<u32>().unwrap() >= 1,
+        "NRestarts: {}",
+        lines[1]
+    );
+    assert_eq!(
+        lines.get(2).copied(),
+        Some("sleeper-alive"),
+        "the user process died with envd"
+    );
+}

@@ -63,9 +63,11 @@ pub fn assets() -> Result<Assets, String> {
     if !Path::new("/bin/busybox").exists() {
         return Err("busybox-static not installed".into());
     }
+    // Set by `make qemu-test` after `make static`, so plain `cargo test`
+    // never boots VMs with a stale binary.
     let envd = std::env::var_os("ENVD_STATIC")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/x86_64-unknown-linux-musl/release/envd"));
+        .ok_or("ENVD_STATIC is not set (make qemu-test runs these tests)")?;
     if !envd.exists() {
         return Err(format!(
             "no static envd at {} (make static)",
@@ -257,4 +259,70 @@ impl Drop for Vm {
         let _ = self.vdv.kill();
         let _ = self.vdv.wait();
     }
+}
+
+/// The cached minimal Debian (systemd) tree, if tests/vm/setup.sh made it.
+pub fn debian_rootfs() -> Option<PathBuf> {
+    let r = root().join(".cache/qemu/rootfs");
+    r.join("sbin/init").exists().then_some(r)
+}
+
+/// An ext4 image of the Debian tree with envd installed as a systemd
+/// service (the repository's unit), vsock loaded by modules-load.d.
+pub fn systemd_image(a: &Assets, rootfs: &Path, dir: &Path) -> PathBuf {
+    let tree = dir.join("rootfs");
+    sh(&format!("cp -a {} {}", rootfs.display(), tree.display()));
+    let kver = a.modules.parent().unwrap();
+    let ver = kver.file_name().unwrap().to_string_lossy().into_owned();
+    sh(&format!(
+        "mkdir -p {0}/lib/modules && cp -a {1} {0}/lib/modules/ && chroot {0} depmod {2}",
+        tree.display(),
+        kver.display(),
+        ver
+    ));
+    std::fs::create_dir_all(tree.join("etc/modules-load.d")).unwrap();
+    std::fs::write(
+        tree.join("etc/modules-load.d/vsock.conf"),
+        "vmw_vsock_virtio_transport\n",
+    )
+    .unwrap();
+    std::fs::copy(&a.envd, tree.join("usr/bin/envd")).unwrap();
+    std::fs::copy(
+        a.root.join("systemd/envd.service"),
+        tree.join("etc/systemd/system/envd.service"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(tree.join("etc/systemd/system/sysinit.target.wants")).unwrap();
+    let _ = std::os::unix::fs::symlink(
+        "/etc/systemd/system/envd.service",
+        tree.join("etc/systemd/system/sysinit.target.wants/envd.service"),
+    );
+    std::fs::write(tree.join("etc/fstab"), "/dev/vda / ext4 rw,noatime 0 1\n").unwrap();
+    let img = dir.join("rootfs.img");
+    sh(&format!(
+        "mkfs.ext4 -q -F -L root -d {} {} 1G",
+        tree.display(),
+        img.display()
+    ));
+    sh(&format!("rm -rf {}", tree.display()));
+    img
+}
+
+/// A busybox initramfs that mounts /dev/vda and switch_roots into systemd.
+pub fn switch_root_initramfs(a: &Assets, dir: &Path) -> PathBuf {
+    let script = dir.join("init.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do\n\
+           insmod /lib/modules/$m.ko\n\
+         done\n\
+         for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.05; done\n\
+         mount -t ext4 /dev/vda /newroot\n\
+         mount --move /dev /newroot/dev; umount /proc /sys\n\
+         exec switch_root /newroot /sbin/init\n",
+    )
+    .unwrap();
+    initramfs(a, dir, &script, &["drivers/block/virtio_blk"])
 }

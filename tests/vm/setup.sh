@@ -38,4 +38,12 @@ fi
 if [ ! -x "$C/tools/bin/vhost-device-vsock" ]; then
   cargo install -q --locked vhost-device-vsock --version 0.3.0 --root "$C/tools"
 fi
+# A minimal Debian with systemd for the systemd VM (cached; ~1 min once).
+if [ ! -x "$C/rootfs/sbin/init" ]; then
+  mirror=$(sed -n 's/^URIs: //p' "$src" | head -1)
+  rm -rf "$C/rootfs.tmp"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm "$C/rootfs.tmp" "$mirror" >/dev/null
+  chroot "$C/rootfs.tmp" passwd -d root >/dev/null
+  mv "$C/rootfs.tmp" "$C/rootfs"
+fi
 echo "qemu-setup: ok"
