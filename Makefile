@@ -6,6 +6,8 @@ MUSL := x86_64-unknown-linux-musl
 STATIC_BIN := target/$(MUSL)/release/envd
 
 SDK_VENV := .cache/sdk-venv
+# Parallel test threads per test binary (each test starts its own envd).
+TEST_THREADS ?= 4
 
 .PHONY: help run test check deps sdk-deps bench build static qemu-deps qemu-test
 
@@ -33,16 +35,14 @@ check: deps ## Formatting and lints (warnings are errors).
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: deps sdk-deps check ## Install what is needed, then run the whole test suite (QEMU included when possible).
-	$(CARGO) test
-	$(MAKE) qemu-test
+test: deps sdk-deps check static qemu-deps ## Install what is needed, then run the whole suite (QEMU tests when root).
+	ENVD_STATIC=$(CURDIR)/$(STATIC_BIN) $(CARGO) test -- --test-threads=$(TEST_THREADS)
 
 qemu-deps: ## Install QEMU, the guest kernel, busybox, vhost-device-vsock (root; cached in .cache/qemu).
 	@bash tests/vm/setup.sh || echo "QEMU tests will be skipped (see above)"
 
-qemu-test: qemu-deps ## Boot envd in QEMU microVMs and drive it over vsock (skips with a reason without root/QEMU).
-	@if [ -x $(CURDIR)/.cache/qemu/tools/bin/vhost-device-vsock ]; then $(MAKE) static; fi
-	ENVD_STATIC=$(CURDIR)/$(STATIC_BIN) $(CARGO) test --test qemu -- --nocapture --test-threads=1
+qemu-test: static qemu-deps ## Boot envd in QEMU microVMs and drive it over vsock (skips with a reason without root/QEMU).
+	ENVD_STATIC=$(CURDIR)/$(STATIC_BIN) $(CARGO) test --test qemu --test size -- --nocapture --test-threads=1
 
 static: deps ## Build the fully static release binary (musl) at target/x86_64-unknown-linux-musl/release/envd.
 	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
