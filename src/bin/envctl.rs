@@ -329,7 +329,7 @@ async fn exec_interactive(
     }
     let result = exec_session(ctx, command, cols, rows).await;
     if let Some(t) = &saved {
-        let _ = termios::tcsetattr(&std::io::stdin(), termios::SetArg::TCSANOW, t);
+        let _ = termios::tcsetattr(std::io::stdin(), termios::SetArg::TCSANOW, t);
     }
     result
 }
