@@ -298,6 +298,7 @@ async fn run(ctx: &Ctx, command: Vec<String>, pty: Option<(u32, u32)>) -> Result
 }
 
 fn terminal_size() -> (u32, u32) {
+    // SAFETY: an all-zero winsize is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ writes one winsize into a valid struct.
     let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;

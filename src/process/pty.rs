@@ -55,11 +55,11 @@ impl Pty {
             FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
         )
         .map_err(Error::from)?;
-        // SAFETY: `pair.master` is an open fd that the AsyncFd takes ownership
-        // of; an OwnedFd always returns the same fd and stays open until the
-        // AsyncFd is dropped.
-        let master =
-            unsafe { AsyncFd::register(pair.master) }.map_err(|e| io_err(io::Error::from(e)))?;
+        let registered =
+            // SAFETY: `pair.master` is an open fd that the AsyncFd owns; an
+            // OwnedFd always returns the same fd until the AsyncFd is dropped.
+            unsafe { AsyncFd::register(pair.master) };
+        let master = registered.map_err(|e| io_err(io::Error::from(e)))?;
         Ok((
             Pty {
                 master,

@@ -160,18 +160,19 @@ impl Prepared {
     /// envd's can run in the child before it resets them.
     pub fn spawn(&self) -> io::Result<i32> {
         let stack = ChildStack::take()?;
-        // SAFETY: sigset operations on local, initialised sets.
+        // SAFETY: an all-zero sigset_t is a valid (empty) set.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
         let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: as above; pthread_sigmask only affects this thread.
         unsafe {
             libc::sigfillset(&mut all);
             libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         }
-        // SAFETY: `child_entry` runs on `stack` (mapped, with a guard page,
-        // alive until clone returns, which with CLONE_VFORK is after the child
-        // exec'd or exited); it only makes async-signal-safe raw syscalls on
-        // `self`, which outlives the call.
+        // `child_entry` runs on `stack` (mapped, with a guard page, alive until
+        // clone returns, which with CLONE_VFORK is after the child exec'd or
+        // exited); it only makes async-signal-safe raw syscalls on `self`.
+        // SAFETY: see above; `self` outlives the call.
         let pid = unsafe {
             libc::clone(
                 child_entry,
@@ -197,7 +198,7 @@ impl Prepared {
     /// writes nothing but its own stack, and changes credentials with raw
     /// syscalls (libc's wrappers would signal envd's threads to change theirs).
     unsafe fn child_after_clone(&self) -> ! {
-        // SAFETY (whole block): only async-signal-safe calls on data built
+        // SAFETY: (whole block) only async-signal-safe calls on data built
         // before the clone; pointers stay valid because `self` is alive until
         // exec or _exit (the parent is suspended by CLONE_VFORK).
         unsafe {
