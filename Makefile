@@ -50,7 +50,9 @@ static: deps ## Build the fully static release binary (musl) at target/x86_64-un
 	$(CARGO) build --release --target $(MUSL) --bin envd
 	@ls -l $(STATIC_BIN)
 
-bench: static sdk-deps ## Benchmarks of the static binary: figures as ratios against baselines measured in the same run.
+bench: static sdk-deps qemu-deps ## Benchmarks of the static binary: figures as ratios against baselines measured in the same run.
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench process
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench filesystem
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench compat
+	$(CARGO) build --release --target $(MUSL) --example vsock_peer
+	ENVD_STATIC=$(CURDIR)/$(STATIC_BIN) VSOCK_PEER=$(CURDIR)/target/$(MUSL)/release/examples/vsock_peer $(CARGO) bench --bench vm

@@ -1,0 +1,170 @@
+//! `make bench` in a QEMU microVM (TCG) over hybrid vsock, when QEMU is
+//! available: boot-to-ready, Start(/bin/true) round trip beside a raw vsock
+//! echo round trip, and 64 MiB transfers beside a raw vsock stream.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/vm/mod.rs"]
+mod vm;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use envd::proto::process::process_client::ProcessClient;
+use envd::proto::transfer::transfer_client::TransferClient;
+use envd::proto::transfer::*;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB64: usize = 64 << 20;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+async fn raw(vm: &vm::Vm, port: u32) -> tokio::net::UnixStream {
+    let t = Instant::now();
+    loop {
+        if let Ok(mut s) = tokio::net::UnixStream::connect(vm.dir.join("vsock.sock")).await {
+            if envd::client::hybrid_handshake(&mut s, port).await.is_ok() {
+                return s;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "vsock peer on port {port} never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmarks run under `cargo bench` / `make bench` only");
+        return;
+    }
+    println!("== envd in a QEMU microVM (TCG) over hybrid vsock");
+    if !is_root() {
+        println!("skipped: needs root");
+        return;
+    }
+    let a = match vm::assets() {
+        Ok(a) => a,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
+    };
+    let peer = PathBuf::from(std::env::var("VSOCK_PEER").unwrap_or_default());
+    if !peer.exists() {
+        println!("skipped: VSOCK_PEER (the static vsock_peer example) is not set");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The initramfs with the raw peer beside envd.
+    let initrd = vm::initramfs(&a, dir.path(), &a.envd, &[]);
+    let extra = dir.path().join("initramfs/bin/vsock-peer");
+    std::fs::copy(&peer, &extra).unwrap();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {0}/initramfs && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > {1}", dir.path().display(), initrd.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let append = format!("{} envd.listen=vsock://-1:{}", vm::modules_arg(), vm::PORT);
+    let vm = vm::Vm::boot(&a, dir.path(), &initrd, &append, None, 256);
+    let ch = envd::client::wait_ready(&vm.url(), Duration::from_secs(90)).await.unwrap();
+    println!("boot to ready (QEMU start -> first successful RPC): {:.2} s", vm.started.elapsed().as_secs_f64());
+    let mut p = ProcessClient::new(ch.clone());
+    for (mode, port, arg) in [("echo", 5001, ""), ("sink", 5002, ""), ("source", 5003, "67108864")] {
+        let _ = p.start(sh(&format!("/bin/vsock-peer {mode} {port} {arg}"))).await.unwrap();
+    }
+
+    // Round trips.
+    run(&mut p, cmd("/bin/true", &[])).await;
+    let starts: Vec<Duration> = {
+        let mut v = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            let o = run(&mut p, cmd("/bin/true", &[])).await;
+            v.push(t.elapsed());
+            assert_eq!(o.end().exit_code, 0);
+        }
+        v
+    };
+    let mut echo = raw(&vm, 5001).await;
+    let mut buf = [0u8; 64];
+    let echoes: Vec<Duration> = {
+        let mut v = Vec::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            echo.write_all(&[7u8; 64]).await.unwrap();
+            echo.read_exact(&mut buf).await.unwrap();
+            v.push(t.elapsed());
+        }
+        v
+    };
+    // In-guest context: a bare spawn of /bin/true timed by the guest's shell.
+    let o = run(&mut p, sh("s=$(date +%s%N); i=0; while [ $i -lt 20 ]; do /bin/true; i=$((i+1)); done; e=$(date +%s%N); echo $(( (e-s)/20000 ))")).await;
+    let (st, ec) = (median(starts), median(echoes));
+    println!(
+        "Start(/bin/true)->end  median {:>8.2} ms = {:.1}x a raw 64 B vsock echo ({:.3} ms) (target <= 2x); a bare spawn in the guest takes ~{} us",
+        st.as_secs_f64() * 1e3,
+        st.as_secs_f64() / ec.as_secs_f64(),
+        ec.as_secs_f64() * 1e3,
+        o.out().trim()
+    );
+
+    // 64 MiB each way: envd Transfer vs the raw peer.
+    let block = vec![0x5au8; 1 << 20];
+    let mut sink = raw(&vm, 5002).await;
+    let t = Instant::now();
+    for _ in 0..64 {
+        sink.write_all(&block).await.unwrap();
+    }
+    sink.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    sink.read_exact(&mut count).await.unwrap();
+    let raw_up = MIB64 as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(u64::from_be_bytes(count) as usize, MIB64);
+    let mut source = raw(&vm, 5003).await;
+    let t = Instant::now();
+    let mut got = 0usize;
+    let mut rbuf = vec![0u8; 1 << 20];
+    loop {
+        let n = source.read(&mut rbuf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let raw_down = MIB64 as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(got, MIB64);
+
+    let mut tr = TransferClient::new(ch);
+    let header = WriteFileRequest {
+        message: Some(write_file_request::Message::Header(WriteHeader { path: "/tmp/bench.bin".into(), ..Default::default() })),
+    };
+    let chunk = bytes::Bytes::from(block);
+    let data = (0..64).map(move |_| WriteFileRequest { message: Some(write_file_request::Message::Data(chunk.clone())) });
+    let t = Instant::now();
+    tr.write_file(futures_util::stream::iter(std::iter::once(header).chain(data))).await.unwrap();
+    let up = MIB64 as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut s = tr.read_file(ReadFileRequest { path: "/tmp/bench.bin".into(), offset: None, length: None }).await.unwrap().into_inner();
+    let mut n = 0;
+    while let Some(m) = s.next().await {
+        n += m.unwrap().data.len();
+    }
+    assert_eq!(n, MIB64);
+    let down = MIB64 as f64 / t.elapsed().as_secs_f64();
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!("raw vsock stream 64 MiB        host->guest {:>6.0} MiB/s  guest->host {:>6.0} MiB/s", mib(raw_up), mib(raw_down));
+    println!(
+        "envd Transfer 64 MiB           write {:>6.0} MiB/s = {:.2}x  read {:>6.0} MiB/s = {:.2}x (target >= 0.7x)",
+        mib(up),
+        up / raw_up,
+        mib(down),
+        down / raw_down
+    );
+}
