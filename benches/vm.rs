@@ -32,7 +32,10 @@ async fn raw(vm: &vm::Vm, port: u32) -> tokio::net::UnixStream {
                 return s;
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "vsock peer on port {port} never came up");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "vsock peer on port {port} never came up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -67,17 +70,33 @@ async fn main() {
     std::fs::copy(&peer, &extra).unwrap();
     let status = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("cd {0}/initramfs && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > {1}", dir.path().display(), initrd.display()))
+        .arg(format!(
+            "cd {0}/initramfs && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > {1}",
+            dir.path().display(),
+            initrd.display()
+        ))
         .status()
         .unwrap();
     assert!(status.success());
     let append = format!("{} envd.listen=vsock://-1:{}", vm::modules_arg(), vm::PORT);
     let vm = vm::Vm::boot(&a, dir.path(), &initrd, &append, None, 256);
-    let ch = envd::client::wait_ready(&vm.url(), Duration::from_secs(90)).await.unwrap();
-    println!("boot to ready (QEMU start -> first successful RPC): {:.2} s", vm.started.elapsed().as_secs_f64());
+    let ch = envd::client::wait_ready(&vm.url(), Duration::from_secs(90))
+        .await
+        .unwrap();
+    println!(
+        "boot to ready (QEMU start -> first successful RPC): {:.2} s",
+        vm.started.elapsed().as_secs_f64()
+    );
     let mut p = ProcessClient::new(ch.clone());
-    for (mode, port, arg) in [("echo", 5001, ""), ("sink", 5002, ""), ("source", 5003, "67108864")] {
-        let _ = p.start(sh(&format!("/bin/vsock-peer {mode} {port} {arg}"))).await.unwrap();
+    for (mode, port, arg) in [
+        ("echo", 5001, ""),
+        ("sink", 5002, ""),
+        ("source", 5003, "67108864"),
+    ] {
+        let _ = p
+            .start(sh(&format!("/bin/vsock-peer {mode} {port} {arg}")))
+            .await
+            .unwrap();
     }
 
     // Round trips.
@@ -143,15 +162,32 @@ async fn main() {
 
     let mut tr = TransferClient::new(ch);
     let header = WriteFileRequest {
-        message: Some(write_file_request::Message::Header(WriteHeader { path: "/tmp/bench.bin".into(), ..Default::default() })),
+        message: Some(write_file_request::Message::Header(WriteHeader {
+            path: "/tmp/bench.bin".into(),
+            ..Default::default()
+        })),
     };
     let chunk = bytes::Bytes::from(block);
-    let data = (0..64).map(move |_| WriteFileRequest { message: Some(write_file_request::Message::Data(chunk.clone())) });
+    let data = (0..64).map(move |_| WriteFileRequest {
+        message: Some(write_file_request::Message::Data(chunk.clone())),
+    });
     let t = Instant::now();
-    tr.write_file(futures_util::stream::iter(std::iter::once(header).chain(data))).await.unwrap();
+    tr.write_file(futures_util::stream::iter(
+        std::iter::once(header).chain(data),
+    ))
+    .await
+    .unwrap();
     let up = MIB64 as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let mut s = tr.read_file(ReadFileRequest { path: "/tmp/bench.bin".into(), offset: None, length: None }).await.unwrap().into_inner();
+    let mut s = tr
+        .read_file(ReadFileRequest {
+            path: "/tmp/bench.bin".into(),
+            offset: None,
+            length: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut n = 0;
     while let Some(m) = s.next().await {
         n += m.unwrap().data.len();
@@ -159,7 +195,11 @@ async fn main() {
     assert_eq!(n, MIB64);
     let down = MIB64 as f64 / t.elapsed().as_secs_f64();
     let mib = |b: f64| b / (1 << 20) as f64;
-    println!("raw vsock stream 64 MiB        host->guest {:>6.0} MiB/s  guest->host {:>6.0} MiB/s", mib(raw_up), mib(raw_down));
+    println!(
+        "raw vsock stream 64 MiB        host->guest {:>6.0} MiB/s  guest->host {:>6.0} MiB/s",
+        mib(raw_up),
+        mib(raw_down)
+    );
     println!(
         "envd Transfer 64 MiB           write {:>6.0} MiB/s = {:.2}x  read {:>6.0} MiB/s = {:.2}x (target >= 0.7x)",
         mib(up),

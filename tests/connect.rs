@@ -254,19 +254,20 @@ fn rest_health_metrics_envs_and_init() {
         &[],
         r#"{"process":{"cmd":"/bin/sh","args":["-c","echo $GLOBAL_X; pwd"]},"stdin":false}"#,
     );
-    let out: String = r
+    use base64::Engine;
+    // Each data event is base64 on its own; decode them one by one.
+    let out: Vec<u8> = r
         .envelopes()
         .iter()
         .filter_map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).ok())
         .filter_map(|m| m["event"]["data"]["stdout"].as_str().map(str::to_owned))
+        .flat_map(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap()
+        })
         .collect();
-    use base64::Engine;
-    let out = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(out)
-            .unwrap(),
-    )
-    .unwrap();
+    let out = String::from_utf8(out).unwrap();
     assert_eq!(out, "1\n/tmp\n");
     assert_eq!(post_json(u, "/init", "{bad").status, 400);
     assert_eq!(request(u, "DELETE", "/health", &[], b"").status, 405);
@@ -549,21 +550,11 @@ fn access_token_on_every_protocol_and_signatures() {
 
 #[test]
 fn files_disk_full_is_507_and_leaves_nothing() {
-    if !is_root() {
-        eprintln!("SKIP files_disk_full_is_507: needs root to mount a small tmpfs");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .status();
-    if !ok.map(|s| s.success()).unwrap_or(false) {
-        eprintln!("SKIP files_disk_full_is_507: cannot mount tmpfs here");
+    let Some(tmpfs) = Tmpfs::mount("files_disk_full_is_507", &mnt, "size=1m") else {
         return;
-    }
+    };
     let envd = Envd::start(&[]);
     let target = mnt.join("f");
     std::fs::write(&target, "old").unwrap();
@@ -576,7 +567,7 @@ fn files_disk_full_is_507_and_leaves_nothing() {
     );
     let entries = std::fs::read_dir(&mnt).unwrap().count();
     let content = std::fs::read_to_string(&target).unwrap();
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    drop(tmpfs);
     assert_eq!(r.status, 507, "{}", r.text());
     assert_eq!(content, "old");
     assert_eq!(entries, 1, "partial upload left behind");

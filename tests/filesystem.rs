@@ -355,29 +355,11 @@ async fn user_owns_what_it_creates_and_relative_paths_are_home() {
 
 #[tokio::test]
 async fn move_across_filesystems() {
-    if !is_root() {
-        eprintln!("SKIP move_across_filesystems: needs root to mount a tmpfs");
-        return;
-    }
     let dir = scratch();
     let mnt = dir.path().join("tmpfs");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .map(|s| s.success());
-    if ok.ok() != Some(true) {
-        eprintln!("SKIP move_across_filesystems: cannot mount tmpfs here");
+    let Some(_tmpfs) = Tmpfs::mount("move_across_filesystems", &mnt, "size=64m") else {
         return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    };
     let envd = Envd::start(&[]);
     let mut fs = envd.fs().await;
     let src = dir.path().join("tree");
@@ -837,28 +819,11 @@ fn tokio_stream_from<T: Send + 'static>(
 
 #[tokio::test]
 async fn disk_full_is_resource_exhausted_and_leaves_nothing() {
-    if !is_root() {
-        eprintln!("SKIP disk_full_is_resource_exhausted: needs root to mount a small tmpfs");
-        return;
-    }
     let dir = scratch();
     let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .status();
-    if !ok.map(|s| s.success()).unwrap_or(false) {
-        eprintln!("SKIP disk_full_is_resource_exhausted: cannot mount tmpfs here");
+    let Some(_tmpfs) = Tmpfs::mount("disk_full_is_resource_exhausted", &mnt, "size=1m") else {
         return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    };
     let envd = Envd::start(&[]);
     let mut t = envd.transfer().await;
     let path = mnt.join("big");

@@ -245,7 +245,7 @@ where
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send>>;
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send>>;
 
 /// Decodes one envelope's payload.
 fn decode_envelope<Req: Message + Default>(
@@ -332,7 +332,7 @@ where
 }
 
 /// Server streaming: one message in, a stream out.
-pub async fn server_stream<Req, Resp, F>(
+pub async fn server_stream<Req, Resp, F, Fut>(
     wire: Wire,
     body: Incoming,
     names: (&'static str, &'static str),
@@ -341,7 +341,8 @@ pub async fn server_stream<Req, Resp, F>(
 where
     Req: Message + Default + Send + 'static,
     Resp: Message + 'static,
-    F: FnOnce(Req) -> Result<BoxStream<Resp>>,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<BoxStream<Resp>>>,
 {
     let mut input = request_stream::<Req>(wire, body, names.0);
     let req = match input.next().await {
@@ -354,7 +355,7 @@ where
             )
         }
     };
-    match f(req) {
+    match f(req).await {
         Ok(s) => stream_response(wire, names.1, s),
         Err(e) => stream_error(wire.codec, &e),
     }

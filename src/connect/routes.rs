@@ -6,12 +6,11 @@ use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{client_stream, server_stream, unary, unary_error, HttpBody, Kind, Wire};
+use super::{client_stream, server_stream, unary, unary_error, BoxStream, HttpBody, Kind, Wire};
 use crate::defaults::Defaults;
 use crate::filesystem::FilesystemService;
 use crate::process::ProcessService;
 use crate::proto::process::*;
-use crate::proto::transfer::*;
 use crate::request::RequestContext;
 use crate::status::{Code, Error};
 
@@ -130,11 +129,11 @@ impl ConnectRouter {
                     wire,
                     body,
                     ("process.StartRequest", "process.StartResponse"),
-                    |req: StartRequest| {
+                    |req: StartRequest| async {
                         let s = p.start(&ctx, req)?;
-                        Ok(Box::pin(
-                            s.map(|r| r.map(|e| StartResponse { event: Some(e) })),
-                        ))
+                        let s: BoxStream<StartResponse> =
+                            Box::pin(s.map(|r| r.map(|e| StartResponse { event: Some(e) })));
+                        Ok(s)
                     },
                 )
                 .await
@@ -144,11 +143,11 @@ impl ConnectRouter {
                     wire,
                     body,
                     ("process.ConnectRequest", "process.ConnectResponse"),
-                    |req: ConnectRequest| {
+                    |req: ConnectRequest| async {
                         let s = p.connect(&ctx, req)?;
-                        Ok(Box::pin(
-                            s.map(|r| r.map(|e| ConnectResponse { event: Some(e) })),
-                        ))
+                        let s: BoxStream<ConnectResponse> =
+                            Box::pin(s.map(|r| r.map(|e| ConnectResponse { event: Some(e) })));
+                        Ok(s)
                     },
                 )
                 .await
@@ -248,7 +247,7 @@ impl ConnectRouter {
                     wire,
                     body,
                     ("filesystem.WatchDirRequest", "filesystem.WatchDirResponse"),
-                    |r| fs.watch_dir(&ctx, r),
+                    |r| async { fs.watch_dir(&ctx, r) },
                 )
                 .await
             }
@@ -289,26 +288,16 @@ impl ConnectRouter {
                 .await
             }
             "/envd.transfer.Transfer/ReadFile" => {
-                // The file is opened before the response starts.
-                let mut input = super::request_stream::<ReadFileRequest>(
+                server_stream(
                     wire,
                     body,
-                    "envd.transfer.ReadFileRequest",
-                );
-                let req = match input.next().await {
-                    Some(Ok(r)) => r,
-                    Some(Err(e)) => return super::stream_error(wire.codec, &e),
-                    None => {
-                        return super::stream_error(
-                            wire.codec,
-                            &Error::invalid("missing the ReadFileRequest message"),
-                        )
-                    }
-                };
-                match fs.read_file(&ctx, req).await {
-                    Ok(s) => super::stream_response(wire, "envd.transfer.ReadFileResponse", s),
-                    Err(e) => super::stream_error(wire.codec, &e),
-                }
+                    (
+                        "envd.transfer.ReadFileRequest",
+                        "envd.transfer.ReadFileResponse",
+                    ),
+                    |r| fs.read_file(&ctx, r),
+                )
+                .await
             }
             "/envd.transfer.Transfer/WriteFile" => {
                 client_stream(

@@ -50,6 +50,15 @@ fn resolve(ctx: &RequestContext, path: &str) -> Result<PathBuf> {
     paths::resolve(path, &ctx.user)
 }
 
+/// The watch options of WatchDir and CreateWatcher (same fields).
+fn options(recursive: bool, include_entry: bool, allow_network_mounts: bool) -> WatchOptions {
+    WatchOptions {
+        recursive,
+        include_entry,
+        allow_network_mounts,
+    }
+}
+
 /// Runs blocking filesystem work off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -144,11 +153,7 @@ impl FilesystemService {
         let path = resolve(ctx, &req.path)?;
         let watch = watch_dir(
             &path,
-            WatchOptions {
-                recursive: req.recursive,
-                include_entry: req.include_entry,
-                allow_network_mounts: req.allow_network_mounts,
-            },
+            options(req.recursive, req.include_entry, req.allow_network_mounts),
         )?;
         let keepalive = ctx.keepalive;
         let deadline = ctx.deadline;
@@ -188,11 +193,7 @@ impl FilesystemService {
         let path = resolve(ctx, &req.path)?;
         let id = self.watchers.create(
             &path,
-            WatchOptions {
-                recursive: req.recursive,
-                include_entry: req.include_entry,
-                allow_network_mounts: req.allow_network_mounts,
-            },
+            options(req.recursive, req.include_entry, req.allow_network_mounts),
         )?;
         Ok(CreateWatcherResponse { watcher_id: id })
     }

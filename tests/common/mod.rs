@@ -309,3 +309,32 @@ pub fn is_root() -> bool {
 pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
     r.expect_err("expected an error").code()
 }
+
+/// A tmpfs mounted for a test, unmounted on drop. `None` (after printing why)
+/// when mounting is not possible here (not root, no mount permission).
+pub struct Tmpfs(pub std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(test: &str, at: &std::path::Path, options: &str) -> Option<Tmpfs> {
+        if !is_root() {
+            eprintln!("SKIP {test}: needs root to mount a tmpfs");
+            return None;
+        }
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .status();
+        if !ok.map(|s| s.success()).unwrap_or(false) {
+            eprintln!("SKIP {test}: cannot mount a tmpfs here");
+            return None;
+        }
+        Some(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
