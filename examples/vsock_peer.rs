@@ -30,12 +30,17 @@ async fn main() -> std::io::Result<()> {
                     }
                 },
                 "sink" => {
+                    let mut len = [0u8; 8];
+                    if s.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let want = u64::from_be_bytes(len);
                     let mut total = 0u64;
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 {
-                            break;
+                    while total < want {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => total += n as u64,
                         }
-                        total += n as u64;
                     }
                     let _ = s.write_all(&total.to_be_bytes()).await;
                 }
