@@ -183,12 +183,16 @@ async fn grpc_routes(
         .set_serving::<FilesystemServer<FilesystemGrpc>>()
         .await;
     health.set_serving::<TransferServer<FilesystemGrpc>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+    // envd's packages and the health service, for `grpcurl list` and friends.
+    let descriptors = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = descriptors()
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = descriptors()
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
     Ok(Routes::new(ProcessGrpc::server(process))

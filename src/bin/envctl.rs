@@ -215,13 +215,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             Ok(0)
         }
         Cmd::Kill { pid, signal } => {
-            let name = if signal.starts_with("SIGNAL_") {
-                signal
-            } else {
-                format!("SIGNAL_{}", signal.to_ascii_uppercase())
-            };
-            let sig =
-                Signal::from_str_name(&name).ok_or_else(|| format!("unknown signal {name}"))?;
+            let sig = parse_signal(&signal).ok_or_else(|| format!("unknown signal {signal:?}"))?;
             let mut p = ProcessClient::new(ctx.channel.clone());
             p.send_signal(ctx.req(SendSignalRequest {
                 process: Some(ProcessSelector {
@@ -234,6 +228,20 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             Ok(0)
         }
     }
+}
+
+/// `TERM`, `SIGTERM`, `SIGNAL_SIGTERM` or `15`.
+fn parse_signal(s: &str) -> Option<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n)
+            .ok()
+            .filter(|s| *s != Signal::Unspecified);
+    }
+    let upper = s.to_ascii_uppercase();
+    let bare = upper
+        .trim_start_matches("SIGNAL_")
+        .trim_start_matches("SIG");
+    Signal::from_str_name(&format!("SIGNAL_SIG{bare}"))
 }
 
 fn config(command: Vec<String>) -> ProcessConfig {
