@@ -572,3 +572,59 @@ fn files_disk_full_is_507_and_leaves_nothing() {
     assert_eq!(content, "old");
     assert_eq!(entries, 1, "partial upload left behind");
 }
+
+#[tokio::test]
+async fn connect_over_http2_prior_knowledge() {
+    use http_body_util::{BodyExt, Full};
+    let envd = Envd::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(common::http::addr(&envd.tcp))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let post = |path: &str, ct: &str, body: Vec<u8>| {
+        ::http::Request::post(format!("http://envd{path}"))
+            .header("content-type", ct)
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    };
+    // Unary and server-streaming on one HTTP/2 connection.
+    let r = send
+        .send_request(post(
+            "/process.Process/List",
+            "application/json",
+            b"{}".to_vec(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.version(), ::http::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let body = envelope(0, br#"{"process":{"cmd":"echo","args":["over","h2"]}}"#);
+    let r = send
+        .send_request(post(
+            "/process.Process/Start",
+            "application/connect+json",
+            body,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "application/connect+json");
+    let bytes = r.into_body().collect().await.unwrap().to_bytes();
+    let reply = Reply {
+        status: 200,
+        headers: vec![],
+        body: bytes.to_vec(),
+    };
+    let text: String = reply
+        .envelopes()
+        .iter()
+        .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert!(text.contains(r#""stdout":"b3ZlciBoMgo=""#), "{text}"); // base64("over h2\n")
+    assert!(text.contains(r#""exited":true"#), "{text}");
+}
