@@ -80,9 +80,7 @@ async fn signal_endings_use_go_wording() {
         (Signal::Sigterm, "signal: terminated"),
         (Signal::Sigusr1, "signal: user defined signal 1"),
     ] {
-        let mut s = c.start(cmd("sleep", &["30"])).await.unwrap().into_inner();
-        let mut o = Outcome::default();
-        read_until(&mut s, &mut o, |o| o.pid != 0).await;
+        let (mut s, mut o) = started(&mut c, cmd("sleep", &["30"])).await;
         c.send_signal(SendSignalRequest {
             process: by_pid(o.pid),
             signal: sig as i32,
@@ -200,9 +198,7 @@ async fn user_switching_with_groups() {
 async fn stdin_pipe_send_input_and_close() {
     let envd = Envd::start(&[]);
     let mut c = envd.client().await;
-    let mut s = c.start(cmd("cat", &[])).await.unwrap().into_inner();
-    let mut o = Outcome::default();
-    read_until(&mut s, &mut o, |o| o.pid != 0).await;
+    let (mut s, mut o) = started(&mut c, cmd("cat", &[])).await;
     let input = |b: &str| {
         Some(ProcessInput {
             input: Some(process_input::Input::Stdin(b.as_bytes().to_vec().into())),
@@ -258,12 +254,7 @@ async fn close_stdin_is_idempotent_and_input_after_close_fails() {
         })
         .await;
     assert_eq!(code(r), Code::FailedPrecondition);
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-    })
-    .await
-    .unwrap();
+    kill(&mut c, o.pid).await;
 }
 
 #[tokio::test]
@@ -294,21 +285,14 @@ async fn stdin_false_is_dev_null() {
         ),
         Code::FailedPrecondition
     );
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-    })
-    .await
-    .unwrap();
+    kill(&mut c, o.pid).await;
 }
 
 #[tokio::test]
 async fn stream_input_requires_start_first() {
     let envd = Envd::start(&[]);
     let mut c = envd.client().await;
-    let mut s = c.start(cmd("cat", &[])).await.unwrap().into_inner();
-    let mut o = Outcome::default();
-    read_until(&mut s, &mut o, |o| o.pid != 0).await;
+    let (mut s, mut o) = started(&mut c, cmd("cat", &[])).await;
     use stream_input_request::{DataEvent, Event, StartEvent};
     let data = |b: &str| StreamInputRequest {
         event: Some(Event::Data(DataEvent {
@@ -397,9 +381,7 @@ async fn pty_size_resize_and_input() {
     assert!(o.stdout.is_empty() && o.stderr.is_empty());
 
     // Resizing a non-pty process is refused.
-    let mut s = c.start(cmd("sleep", &["5"])).await.unwrap().into_inner();
-    let mut o = Outcome::default();
-    read_until(&mut s, &mut o, |o| o.pid != 0).await;
+    let (_stream, o) = started(&mut c, cmd("sleep", &["5"])).await;
     let r = c
         .update(UpdateRequest {
             process: by_pid(o.pid),
@@ -409,12 +391,7 @@ async fn pty_size_resize_and_input() {
         })
         .await;
     assert_eq!(code(r), Code::FailedPrecondition);
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-    })
-    .await
-    .unwrap();
+    kill(&mut c, o.pid).await;
 }
 
 #[tokio::test]
@@ -426,9 +403,7 @@ async fn list_and_connect_with_many_tags() {
     for i in 0..6 {
         let mut req = sh("echo tick; sleep 30");
         req.tag = Some(format!("tag-{i}"));
-        let mut s = c.start(req).await.unwrap().into_inner();
-        let mut o = Outcome::default();
-        read_until(&mut s, &mut o, |o| o.pid != 0).await;
+        let (s, o) = started(&mut c, req).await;
         pids.push(o.pid);
         streams.push(s);
     }
@@ -464,12 +439,7 @@ async fn list_and_connect_with_many_tags() {
         .await;
     assert_eq!(code(r), Code::NotFound);
     for pid in &pids {
-        c.send_signal(SendSignalRequest {
-            process: by_pid(*pid),
-            signal: Signal::Sigkill as i32,
-        })
-        .await
-        .unwrap();
+        kill(&mut c, *pid).await;
     }
     drop((streams, untagged));
 }
@@ -492,12 +462,7 @@ async fn kill_reaches_the_whole_group_and_orphans_are_reaped() {
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
     let grandchild: u32 = o.out().trim().parse().unwrap();
     assert!(proc_state(grandchild).is_some());
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-    })
-    .await
-    .unwrap();
+    kill(&mut c, o.pid).await;
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     // Killed, re-parented to envd (a subreaper) and reaped: no zombie left.
@@ -631,12 +596,7 @@ async fn resume_reports_lost_output() {
         })
         .await;
     assert_eq!(code(bad), Code::InvalidArgument);
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-    })
-    .await
-    .unwrap();
+    kill(&mut c, o.pid).await;
 }
 
 #[tokio::test]

@@ -68,9 +68,7 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     assert_eq!(o.end().exit_code, 3);
 
     // stdin.
-    let mut s = p.start(cmd("cat", &[])).await.unwrap().into_inner();
-    let mut o = Outcome::default();
-    read_until(&mut s, &mut o, |o| o.pid != 0).await;
+    let (mut s, mut o) = started(&mut p, cmd("cat", &[])).await;
     let input = Some(ProcessInput {
         input: Some(process_input::Input::Stdin(b"via vsock\n".to_vec().into())),
     });

@@ -338,3 +338,24 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Starts a process and reads its stream up to the `start` event.
+pub async fn started(
+    c: &mut ProcessClient<Channel>,
+    req: impl tonic::IntoRequest<StartRequest>,
+) -> (tonic::Streaming<StartResponse>, Outcome) {
+    let mut s = c.start(req).await.expect("Start failed").into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.pid != 0).await;
+    (s, o)
+}
+
+/// SIGKILLs a process group by pid.
+pub async fn kill(c: &mut ProcessClient<Channel>, pid: u32) {
+    c.send_signal(SendSignalRequest {
+        process: by_pid(pid),
+        signal: Signal::Sigkill as i32,
+    })
+    .await
+    .expect("SendSignal failed");
+}
