@@ -66,6 +66,7 @@ pub fn assets() -> Result<Assets, String> {
     // Set by `make qemu-test` after `make static`, so plain `cargo test`
     // never boots VMs with a stale binary.
     let envd = std::env::var_os("ENVD_STATIC")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .ok_or("ENVD_STATIC is not set (make qemu-test runs these tests)")?;
     if !envd.exists() {
