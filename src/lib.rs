@@ -11,6 +11,7 @@ pub mod connect;
 pub mod defaults;
 pub mod filesystem;
 pub mod grpc;
+pub mod h2;
 pub mod http;
 pub mod ids;
 pub mod init;

@@ -18,6 +18,7 @@ use crate::connect::{is_connect_path, ConnectRouter, HttpBody};
 use crate::filesystem::FilesystemService;
 use crate::grpc::filesystem::FilesystemGrpc;
 use crate::grpc::process::ProcessGrpc;
+use crate::h2::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::http::{query, Rest, RestRouter};
 use crate::listen::Listener;
 use crate::process::ProcessService;
@@ -26,10 +27,6 @@ use crate::proto::process::process_server::ProcessServer;
 use crate::proto::transfer::transfer_server::TransferServer;
 use crate::status::Error;
 
-/// HTTP/2 flow-control windows: large enough for full-speed streams, small
-/// enough to keep what a connection can buffer in envd bounded.
-const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 4 << 20;
 /// Concurrent RPCs per connection.
 const MAX_STREAMS: u32 = 1024;
 
@@ -211,7 +208,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
-        .max_frame_size(256 * 1024);
+        .max_frame_size(MAX_FRAME);
     b
 }
 

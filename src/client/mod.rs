@@ -17,11 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
-/// Flow-control windows matching the server's, for full-speed streams.
-const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 4 << 20;
-/// Larger HTTP/2 frames: fewer frames per MiB of output or file data.
-const MAX_FRAME: u32 = 256 * 1024;
+use crate::h2::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 /// Where envd is.
 #[derive(Debug, Clone, PartialEq, Eq)]

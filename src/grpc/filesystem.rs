@@ -6,14 +6,13 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::context;
+use super::{client_stream, context};
 use crate::defaults::Defaults;
 use crate::filesystem::FilesystemService;
 use crate::proto::filesystem::filesystem_server::{Filesystem, FilesystemServer};
 use crate::proto::filesystem::*;
 use crate::proto::transfer::transfer_server::{Transfer, TransferServer};
 use crate::proto::transfer::*;
-use crate::status::{Code, Error};
 
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -39,18 +38,6 @@ impl FilesystemGrpc {
             .max_decoding_message_size(super::MAX_DECODE)
             .max_encoding_message_size(super::MAX_ENCODE)
     }
-}
-
-/// Client-stream errors (a client that goes away mid-upload) as our errors.
-fn client_stream<T>(s: Streaming<T>) -> impl Stream<Item = crate::status::Result<T>> + Unpin {
-    s.map(|r| {
-        r.map_err(|st| {
-            Error::new(
-                Code::InvalidArgument,
-                format!("input stream: {}", st.message()),
-            )
-        })
-    })
 }
 
 #[tonic::async_trait]

@@ -14,6 +14,22 @@ pub const MAX_DECODE: usize = 4 << 20;
 /// Largest response message envd encodes. Output chunks are at most 64 KiB.
 pub const MAX_ENCODE: usize = 16 << 20;
 
+/// A client stream's transport errors (a client that goes away mid-stream)
+/// as service errors.
+fn client_stream<T>(
+    s: tonic::Streaming<T>,
+) -> impl futures_util::Stream<Item = crate::status::Result<T>> + Unpin {
+    use futures_util::StreamExt;
+    s.map(|r| {
+        r.map_err(|st| {
+            crate::status::Error::new(
+                crate::status::Code::InvalidArgument,
+                format!("input stream: {}", st.message()),
+            )
+        })
+    })
+}
+
 fn context<T>(
     req: &tonic::Request<T>,
     defaults: &Defaults,

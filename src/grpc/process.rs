@@ -6,11 +6,10 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::context;
+use super::{client_stream, context};
 use crate::process::ProcessService;
 use crate::proto::process::process_server::{Process, ProcessServer};
 use crate::proto::process::*;
-use crate::status::{Code, Error};
 
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -80,14 +79,7 @@ impl Process for ProcessGrpc {
         req: Request<Streaming<StreamInputRequest>>,
     ) -> Result<Response<StreamInputResponse>, Status> {
         context(&req, self.svc.defaults())?;
-        let input = req.into_inner().map(|r| {
-            r.map_err(|s| {
-                Error::new(
-                    Code::InvalidArgument,
-                    format!("input stream: {}", s.message()),
-                )
-            })
-        });
+        let input = client_stream(req.into_inner());
         Ok(Response::new(self.svc.stream_input(input).await?))
     }
 

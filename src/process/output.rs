@@ -145,10 +145,6 @@ impl OutputLog {
         self.notify();
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.lock().finished.is_some()
-    }
-
     /// A subscriber for output from now on.
     pub fn subscribe_live(self: &Arc<Self>) -> Subscription {
         let mut g = self.lock();
