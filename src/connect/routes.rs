@@ -247,7 +247,7 @@ impl ConnectRouter {
                     wire,
                     body,
                     ("filesystem.WatchDirRequest", "filesystem.WatchDirResponse"),
-                    |r| async { fs.watch_dir(&ctx, r) },
+                    |r| fs.watch_dir(&ctx, r),
                 )
                 .await
             }
@@ -259,7 +259,7 @@ impl ConnectRouter {
                         "filesystem.CreateWatcherRequest",
                         "filesystem.CreateWatcherResponse",
                     ),
-                    |r| async { fs.create_watcher(&ctx, r) },
+                    |r| fs.create_watcher(&ctx, r),
                 )
                 .await
             }

@@ -1,10 +1,12 @@
 //! The filesystem service: entries, listing, mutations, watches, transfers.
 
 pub mod entry;
+pub mod inotify;
 pub mod list;
 pub mod ops;
 pub mod service;
 pub mod transfer;
+pub mod tree;
 pub mod watch;
 pub mod watchers;
 

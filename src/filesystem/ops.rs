@@ -3,7 +3,7 @@
 //! remove is `rm -rf` and succeeds on a missing path.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::status::{Code, Error, Result};
@@ -22,32 +22,42 @@ pub fn chown_to(path: &Path, user: &User) -> Result<()> {
 /// Creates `dir` and any missing parents (mode 0755); each directory created
 /// here is owned by `user`. Returns whether `dir` itself was created.
 pub fn ensure_dir(dir: &Path, user: &User) -> Result<bool> {
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => return Ok(false),
-        Ok(_) => match std::fs::metadata(dir) {
-            Ok(m) if m.is_dir() => return Ok(false),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "'{}' exists and is not a directory",
-                    dir.display()
-                )))
-            }
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(dir.display(), &e)),
-    }
-    if let Some(parent) = dir.parent() {
-        ensure_dir(parent, user)?;
-    }
-    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
-        Ok(()) => {
-            chown_to(dir, user)?;
-            Ok(true)
+    // Walk up to the deepest existing ancestor, then create downwards.
+    let mut missing = Vec::new();
+    let mut at = dir;
+    loop {
+        match std::fs::symlink_metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => match std::fs::metadata(at) {
+                Ok(m) if m.is_dir() => break,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "'{}' exists and is not a directory",
+                        at.display()
+                    )))
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(at),
+            Err(e) => return Err(Error::io(at.display(), &e)),
         }
-        // Created concurrently by someone else: fine.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
-        Err(e) => Err(mkdir_error(dir, &e)),
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
     }
+    let mut created = false;
+    for d in missing.into_iter().rev() {
+        created = match std::fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => {
+                chown_to(d, user)?;
+                true
+            }
+            // Created concurrently by someone else: fine.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => false,
+            Err(e) => return Err(mkdir_error(d, &e)),
+        };
+    }
+    Ok(created)
 }
 
 fn mkdir_error(dir: &Path, e: &io::Error) -> Error {
@@ -83,7 +93,7 @@ pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
             let tmp = sibling_temp(dst);
-            let copied = copy_tree(src, &tmp);
+            let copied = super::tree::copy_tree(src, &tmp);
             if let Err(e) = copied {
                 let _ = remove_path(&tmp);
                 return Err(Error::io(
@@ -104,53 +114,30 @@ pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
     }
 }
 
-/// A hidden, unique name in the same directory as `path`.
+/// Prefix and suffix of envd's temporary files (see [`sibling_temp`]).
+const TEMP_PREFIX: &str = ".envd-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// A hidden, unique name in the same directory as `path`. Its length is fixed
+/// (22 bytes) and independent of the target's name, so every legal target
+/// name, up to 255 bytes, has a temporary sibling.
 pub fn sibling_temp(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map_or_else(|| "x".into(), |n| n.to_string_lossy().into_owned());
     let unique = crate::ids::random_id(12);
-    path.with_file_name(format!(".{name}.envd-{unique}.tmp"))
+    path.with_file_name(format!("{TEMP_PREFIX}{unique}{TEMP_SUFFIX}"))
 }
 
 /// Whether a file name is one made by [`sibling_temp`].
-pub fn is_sibling_temp(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(".tmp") && name.contains(".envd-")
-}
-
-/// Recursive copy that keeps symlinks as links and preserves mode, owner and
-/// modification time.
-fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
-    let meta = std::fs::symlink_metadata(src)?;
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
-    } else if ft.is_dir() {
-        std::fs::DirBuilder::new().mode(0o700).create(dst)?;
-        for entry in std::fs::read_dir(src)? {
-            let entry = entry?;
-            copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
-        }
-        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-    } else {
-        std::fs::copy(src, dst)?;
-    }
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
-    }
-    if !ft.is_symlink() {
-        let mtime = std::time::UNIX_EPOCH
-            + std::time::Duration::new(meta.mtime() as u64, meta.mtime_nsec() as u32);
-        let f = std::fs::File::open(dst)?;
-        f.set_modified(mtime)?;
-    }
-    Ok(())
+pub fn is_sibling_temp(name: &[u8]) -> bool {
+    name.len() == TEMP_PREFIX.len() + 12 + TEMP_SUFFIX.len()
+        && name.starts_with(TEMP_PREFIX.as_bytes())
+        && name.ends_with(TEMP_SUFFIX.as_bytes())
 }
 
 /// `rm -rf`: a missing path is success; a symlink is removed, not followed.
+/// Directory trees of any depth are removed iteratively.
 pub fn remove_path(path: &Path) -> Result<()> {
     let r = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(m) if m.is_dir() => super::tree::remove_dir_tree(path),
         Ok(_) => std::fs::remove_file(path),
         Err(e) => Err(e),
     };

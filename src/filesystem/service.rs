@@ -149,12 +149,17 @@ impl FilesystemService {
 
     /// `start` once the watch is armed, then events and keepalives; an error
     /// (overflow, limits) ends the stream.
-    pub fn watch_dir(&self, ctx: &RequestContext, req: WatchDirRequest) -> Result<WatchStream> {
+    pub async fn watch_dir(
+        &self,
+        ctx: &RequestContext,
+        req: WatchDirRequest,
+    ) -> Result<WatchStream> {
         let path = resolve(ctx, &req.path)?;
         let watch = watch_dir(
-            &path,
+            path,
             options(req.recursive, req.include_entry, req.allow_network_mounts),
-        )?;
+        )
+        .await?;
         let keepalive = ctx.keepalive;
         let deadline = ctx.deadline;
         let state = (Some(watch), true);
@@ -185,16 +190,19 @@ impl FilesystemService {
         )))
     }
 
-    pub fn create_watcher(
+    pub async fn create_watcher(
         &self,
         ctx: &RequestContext,
         req: CreateWatcherRequest,
     ) -> Result<CreateWatcherResponse> {
         let path = resolve(ctx, &req.path)?;
-        let id = self.watchers.create(
-            &path,
-            options(req.recursive, req.include_entry, req.allow_network_mounts),
-        )?;
+        let id = self
+            .watchers
+            .create(
+                path,
+                options(req.recursive, req.include_entry, req.allow_network_mounts),
+            )
+            .await?;
         Ok(CreateWatcherResponse { watcher_id: id })
     }
 

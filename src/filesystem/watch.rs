@@ -5,27 +5,27 @@
 //! own non-recursive watch, and a directory that appears later is first
 //! watched and then scanned, with a synthetic CREATE for everything already in
 //! it, so files created inside a new directory before its watch was armed are
-//! not lost (duplicates of the overlap are dropped). A kernel queue overflow
+//! not lost (duplicates of the overlap are dropped). All watches share one
+//! inotify instance ([`super::inotify`]). A kernel queue overflow
 //! or a full internal queue ends the watch with DATA_LOSS; hitting the inotify
 //! limits is RESOURCE_EXHAUSTED naming the limit.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 
 use notify::event::{EventKind, ModifyKind, RenameMode};
-use notify::{INotifyWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::entry::{entry_info, Names};
+use super::inotify::{Hub, RawEvent, Subscription, RAW_QUEUE};
 use crate::proto::filesystem::{EventType, FilesystemEvent};
 use crate::status::{Code, Error, Result};
 
-/// Raw notify events queued between notify's thread and the translator.
-const RAW_QUEUE: usize = 16 * 1024;
 /// Translated events queued for the consumer (stream or polling buffer).
 const OUT_QUEUE: usize = 1024;
+/// Raw events translated per trip to a blocking thread.
+const BATCH: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -55,9 +55,19 @@ impl Drop for DirWatch {
     }
 }
 
-/// Validates `root` and arms the watch; events flow once this returns.
-pub fn watch_dir(root: &Path, opts: WatchOptions) -> Result<DirWatch> {
-    let meta = std::fs::metadata(root).map_err(|e| Error::io(root.display(), &e))?;
+/// Validates `root` and arms the watch on a blocking thread (arming a large
+/// tree walks all of it); events flow once this returns.
+pub async fn watch_dir(root: PathBuf, opts: WatchOptions) -> Result<DirWatch> {
+    let (tr, events) = tokio::task::spawn_blocking(move || arm(root, opts))
+        .await
+        .map_err(|e| Error::internal(format!("watch task failed: {e}")))??;
+    let (tx, rx) = mpsc::channel(OUT_QUEUE);
+    let task = tokio::spawn(tr.run(events, tx));
+    Ok(DirWatch { events: rx, task })
+}
+
+fn arm(root: PathBuf, opts: WatchOptions) -> Result<(Translator, mpsc::Receiver<RawEvent>)> {
+    let meta = std::fs::metadata(&root).map_err(|e| Error::io(root.display(), &e))?;
     if !meta.is_dir() {
         return Err(Error::invalid(format!(
             "'{}' is not a directory",
@@ -65,7 +75,7 @@ pub fn watch_dir(root: &Path, opts: WatchOptions) -> Result<DirWatch> {
         )));
     }
     if !opts.allow_network_mounts {
-        if let Some(fs) = network_fs(root) {
+        if let Some(fs) = network_fs(&root) {
             return Err(Error::precondition(format!(
                 "'{}' is on a {fs} network filesystem, where inotify misses remote changes; \
                  set allow_network_mounts to watch it anyway",
@@ -73,74 +83,71 @@ pub fn watch_dir(root: &Path, opts: WatchOptions) -> Result<DirWatch> {
             )));
         }
     }
-    let (raw_tx, raw_rx) = mpsc::channel(RAW_QUEUE);
-    let overflow = Arc::new(AtomicBool::new(false));
-    let handler = {
-        let overflow = overflow.clone();
-        move |res: notify::Result<notify::Event>| {
-            if raw_tx.try_send(res).is_err() {
-                overflow.store(true, Ordering::Relaxed);
-            }
-        }
-    };
-    let watcher = INotifyWatcher::new(handler, notify::Config::default())
-        .map_err(|e| notify_error(&e, root))?;
-    let watcher = Arc::new(Mutex::new(watcher));
+    let mut sub = Hub::global().subscribe()?;
+    let events = std::mem::replace(&mut sub.events, mpsc::channel(1).1);
     let mut tr = Translator {
-        root: root.to_path_buf(),
+        root: root.clone(),
         opts,
-        watcher,
+        sub,
         synthesized: HashSet::new(),
         names: Names::default(),
     };
-    tr.add_tree(root, false, &mut Vec::new())?;
-    let (tx, rx) = mpsc::channel(OUT_QUEUE);
-    let task = tokio::spawn(tr.run(raw_rx, tx, overflow));
-    Ok(DirWatch { events: rx, task })
+    tr.add_tree(&root, false, &mut Vec::new())?;
+    Ok((tr, events))
 }
 
 struct Translator {
     root: PathBuf,
     opts: WatchOptions,
-    watcher: Arc<Mutex<INotifyWatcher>>,
+    sub: Subscription,
     /// Paths announced by a scan; their real CREATE (if any) is dropped.
     synthesized: HashSet<PathBuf>,
     names: Names,
 }
 
 impl Translator {
-    async fn run(
-        mut self,
-        mut raw: mpsc::Receiver<notify::Result<notify::Event>>,
-        tx: mpsc::Sender<WatchItem>,
-        overflow: Arc<AtomicBool>,
-    ) {
-        while let Some(res) = raw.recv().await {
-            if overflow.load(Ordering::Relaxed) {
+    /// Translates batches of raw events on a blocking thread (translation
+    /// stats files and may scan new directory trees) and forwards them.
+    async fn run(mut self, mut raw: mpsc::Receiver<RawEvent>, tx: mpsc::Sender<WatchItem>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            if raw.recv_many(&mut batch, BATCH).await == 0 {
+                return;
+            }
+            if self.sub.overflow.load(Ordering::Relaxed) {
                 let _ = tx.send(Err(lost())).await;
                 return;
             }
-            let mut out = Vec::new();
-            if let Err(e) = self.translate(res, &mut out) {
-                for ev in out {
-                    let _ = tx.send(Ok(ev)).await;
+            let work = std::mem::take(&mut batch);
+            let joined = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                let mut failed = None;
+                for res in work {
+                    if let Err(e) = self.translate(res, &mut out) {
+                        failed = Some(e);
+                        break;
+                    }
                 }
-                let _ = tx.send(Err(e)).await;
+                (self, out, failed)
+            })
+            .await;
+            let Ok((tr, out, failed)) = joined else {
                 return;
-            }
+            };
+            self = tr;
             for ev in out {
                 if tx.send(Ok(ev)).await.is_err() {
                     return;
                 }
             }
+            if let Some(e) = failed {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
         }
     }
 
-    fn translate(
-        &mut self,
-        res: notify::Result<notify::Event>,
-        out: &mut Vec<FilesystemEvent>,
-    ) -> Result<()> {
+    fn translate(&mut self, res: RawEvent, out: &mut Vec<FilesystemEvent>) -> Result<()> {
         let ev = res.map_err(|e| notify_error(&e, &self.root))?;
         if ev.need_rescan() {
             return Err(lost());
@@ -150,7 +157,7 @@ impl Translator {
         // write would be.
         if let EventKind::Modify(ModifyKind::Name(RenameMode::Both)) = ev.kind {
             if let [from, to] = ev.paths.as_slice() {
-                if is_envd_temp(from) && !is_envd_temp(to) {
+                if is_envd_temp(from) && !is_envd_temp(to) && self.covers(to) {
                     out.push(self.event(to, EventType::Write));
                 }
             }
@@ -167,7 +174,7 @@ impl Translator {
             _ => return Ok(()),
         };
         for path in ev.paths {
-            if is_envd_temp(&path) {
+            if is_envd_temp(&path) || !self.covers(&path) {
                 continue; // envd's own temporary files are not the user's
             }
             if kind == EventType::Create && self.synthesized.remove(&path) {
@@ -182,6 +189,12 @@ impl Translator {
             }
         }
         Ok(())
+    }
+
+    /// Whether `path` is inside this watch (the hub also routes events on a
+    /// watched directory itself, which may be another watch's root).
+    fn covers(&self, path: &Path) -> bool {
+        path.starts_with(&self.root)
     }
 
     fn event(&mut self, path: &Path, kind: EventType) -> FilesystemEvent {
@@ -206,40 +219,47 @@ impl Translator {
         }
     }
 
-    /// Watches `dir` (and, when recursive, every directory below it, not
-    /// through symlinks). With `announce`, entries found are reported as
+    /// Watches `top` (and, when recursive, every directory below it, not
+    /// through symlinks), iteratively: the tree's depth is not bounded by
+    /// anything envd controls. With `announce`, entries found are reported as
     /// CREATE events: they appeared before their directory was watched.
+    /// envd's own temporary files are neither announced nor entered.
     fn add_tree(
         &mut self,
-        dir: &Path,
+        top: &Path,
         announce: bool,
         out: &mut Vec<FilesystemEvent>,
     ) -> Result<()> {
-        self.watcher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(|e| notify_error(&e, dir))?;
-        if !self.opts.recursive && !announce {
-            return Ok(());
-        }
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return Ok(()); // vanished meanwhile
-        };
-        let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let path = e.path();
-            if announce {
-                if self.synthesized.len() >= RAW_QUEUE {
-                    self.synthesized.clear();
+        let mut pending = vec![top.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            self.sub.watch(&dir).map_err(|e| notify_error(&e, &dir))?;
+            if !self.opts.recursive && !announce {
+                continue;
+            }
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue; // vanished meanwhile
+            };
+            let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+            entries.sort_by_key(|e| e.file_name());
+            let mut subdirs = Vec::new();
+            for e in entries {
+                let path = e.path();
+                if is_envd_temp(&path) {
+                    continue;
                 }
-                self.synthesized.insert(path.clone());
-                out.push(self.event(&path, EventType::Create));
+                if announce {
+                    if self.synthesized.len() >= RAW_QUEUE {
+                        self.synthesized.clear();
+                    }
+                    self.synthesized.insert(path.clone());
+                    out.push(self.event(&path, EventType::Create));
+                }
+                if self.opts.recursive && e.file_type().is_ok_and(|t| t.is_dir()) {
+                    subdirs.push(path);
+                }
             }
-            if self.opts.recursive && e.file_type().is_ok_and(|t| t.is_dir()) {
-                self.add_tree(&path, announce, out)?;
-            }
+            // Popped in name order.
+            pending.extend(subdirs.into_iter().rev());
         }
         Ok(())
     }
@@ -248,8 +268,7 @@ impl Translator {
 /// envd's temporary upload files (see `ops::sibling_temp`).
 fn is_envd_temp(path: &Path) -> bool {
     path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(crate::filesystem::ops::is_sibling_temp)
+        .is_some_and(|n| super::ops::is_sibling_temp(n.as_encoded_bytes()))
 }
 
 fn lost() -> Error {

@@ -3,7 +3,7 @@
 //! lost and the next poll says so. Watchers nobody polls for `idle` are removed.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -76,8 +76,8 @@ impl Watchers {
         });
     }
 
-    pub fn create(&self, root: &Path, opts: WatchOptions) -> Result<String> {
-        let mut watch = watch_dir(root, opts)?;
+    pub async fn create(&self, root: PathBuf, opts: WatchOptions) -> Result<String> {
+        let mut watch = watch_dir(root, opts).await?;
         let state = Arc::new(Mutex::new(PollState {
             events: VecDeque::new(),
             lost: 0,

@@ -91,7 +91,7 @@ impl Filesystem for FilesystemGrpc {
         req: Request<WatchDirRequest>,
     ) -> Result<Response<Self::WatchDirStream>, Status> {
         let ctx = context(&req, &self.defaults)?;
-        let s = self.svc.watch_dir(&ctx, req.into_inner())?;
+        let s = self.svc.watch_dir(&ctx, req.into_inner()).await?;
         Ok(Response::new(Box::pin(s.map(|r| r.map_err(Status::from)))))
     }
 
@@ -101,7 +101,7 @@ impl Filesystem for FilesystemGrpc {
     ) -> Result<Response<CreateWatcherResponse>, Status> {
         let ctx = context(&req, &self.defaults)?;
         Ok(Response::new(
-            self.svc.create_watcher(&ctx, req.into_inner())?,
+            self.svc.create_watcher(&ctx, req.into_inner()).await?,
         ))
     }
 

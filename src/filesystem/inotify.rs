@@ -1,0 +1,261 @@
+//! One inotify instance (through `notify`) shared by every watch envd runs.
+//!
+//! The kernel limits inotify instances per user (`max_user_instances`, 128 by
+//! default) and envd usually runs as the same user as the sandbox's code; one
+//! instance per watch let 128 idle watchers break `inotify_init()` in the
+//! user's own programs. Here each directory has one kernel watch however many
+//! subscriptions want it (reference counted), events are routed to the
+//! subscriptions watching the event's directory, and the number of
+//! subscriptions is capped.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use notify::{INotifyWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::status::{Code, Error, Result};
+
+/// Raw notify events queued per subscription between notify's thread and the
+/// subscription's translator. When full, the subscription is marked as
+/// having lost events.
+pub const RAW_QUEUE: usize = 16 * 1024;
+
+/// Default cap on concurrent subscriptions (WatchDir streams and polling
+/// watchers together).
+pub const DEFAULT_MAX_WATCHES: usize = 256;
+
+pub type RawEvent = notify::Result<notify::Event>;
+
+#[derive(Default)]
+struct Table {
+    /// Watched directory → the subscriptions that asked for it.
+    dirs: HashMap<PathBuf, HashSet<u64>>,
+    subs: HashMap<u64, Sink>,
+}
+
+struct Sink {
+    tx: mpsc::Sender<RawEvent>,
+    overflow: Arc<AtomicBool>,
+    dirs: HashSet<PathBuf>,
+}
+
+impl Sink {
+    fn deliver(&self, ev: RawEvent) {
+        if self.tx.try_send(ev).is_err() {
+            self.overflow.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The shared instance. Lock order: `watcher`, then `table`; notify's thread
+/// (the event handler) takes only `table`.
+pub struct Hub {
+    table: Arc<Mutex<Table>>,
+    watcher: Mutex<Option<INotifyWatcher>>,
+    next_id: AtomicU64,
+    max: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    /// The process-wide hub.
+    pub fn global() -> &'static Hub {
+        static HUB: OnceLock<Hub> = OnceLock::new();
+        HUB.get_or_init(|| Hub {
+            table: Arc::default(),
+            watcher: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            max: AtomicU64::new(DEFAULT_MAX_WATCHES as u64),
+        })
+    }
+
+    /// Sets the cap on concurrent subscriptions.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max.max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// A new subscription, or RESOURCE_EXHAUSTED at the cap.
+    pub fn subscribe(&'static self) -> Result<Subscription> {
+        let (tx, rx) = mpsc::channel(RAW_QUEUE);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut t = lock(&self.table);
+        let max = self.max.load(Ordering::Relaxed);
+        if t.subs.len() as u64 >= max {
+            return Err(Error::new(
+                Code::ResourceExhausted,
+                format!(
+                    "envd already runs {max} watches (WatchDir streams and watchers); \
+                     remove a watcher or end a stream first (--max-watches)"
+                ),
+            ));
+        }
+        t.subs.insert(
+            id,
+            Sink {
+                tx,
+                overflow: overflow.clone(),
+                dirs: HashSet::new(),
+            },
+        );
+        Ok(Subscription {
+            hub: self,
+            id,
+            events: rx,
+            overflow,
+        })
+    }
+
+    /// Runs `f` with the watcher, creating the inotify instance on first use.
+    fn with_watcher<T>(
+        &self,
+        g: &mut Option<INotifyWatcher>,
+        f: impl FnOnce(&mut INotifyWatcher) -> notify::Result<T>,
+    ) -> notify::Result<T> {
+        if g.is_none() {
+            let table = self.table.clone();
+            let handler = move |ev: RawEvent| dispatch(&table, ev);
+            *g = Some(INotifyWatcher::new(handler, notify::Config::default())?);
+        }
+        f(g.as_mut().expect("created above"))
+    }
+
+    fn add(&self, id: u64, dir: &Path) -> notify::Result<()> {
+        let mut w = lock(&self.watcher);
+        let first = {
+            let mut t = lock(&self.table);
+            let Some(sink) = t.subs.get_mut(&id) else {
+                return Ok(());
+            };
+            if !sink.dirs.insert(dir.to_path_buf()) {
+                return Ok(()); // this subscription has it already
+            }
+            let users = t.dirs.entry(dir.to_path_buf()).or_default();
+            users.insert(id);
+            users.len() == 1
+        };
+        if !first {
+            return Ok(());
+        }
+        let r = self.with_watcher(&mut w, |w| w.watch(dir, RecursiveMode::NonRecursive));
+        if r.is_err() {
+            let mut t = lock(&self.table);
+            t.dirs.remove(dir);
+            if let Some(s) = t.subs.get_mut(&id) {
+                s.dirs.remove(dir);
+            }
+        }
+        r
+    }
+
+    fn remove(&self, id: u64) {
+        let mut w = lock(&self.watcher);
+        let unused: Vec<PathBuf> = {
+            let mut t = lock(&self.table);
+            let Some(sink) = t.subs.remove(&id) else {
+                return;
+            };
+            sink.dirs
+                .into_iter()
+                .filter(|d| match t.dirs.get_mut(d) {
+                    Some(users) => {
+                        users.remove(&id);
+                        if users.is_empty() {
+                            t.dirs.remove(d);
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    None => false,
+                })
+                .collect()
+        };
+        if let Some(w) = w.as_mut() {
+            for d in unused {
+                // Already gone when the directory was deleted: fine.
+                let _ = w.unwatch(&d);
+            }
+        }
+    }
+
+    /// Subscriptions currently open (for tests and metrics).
+    pub fn subscriptions(&self) -> usize {
+        lock(&self.table).subs.len()
+    }
+}
+
+/// Routes one event (on notify's thread) to every subscription watching the
+/// directory of one of its paths (or the path itself, for events on a watched
+/// directory). Errors and queue overflows go to everyone.
+fn dispatch(table: &Mutex<Table>, ev: RawEvent) {
+    let t = lock(table);
+    let event = match ev {
+        Ok(e) if !e.need_rescan() && !e.paths.is_empty() => e,
+        other => {
+            for sink in t.subs.values() {
+                sink.deliver(clone_event(&other));
+            }
+            return;
+        }
+    };
+    let mut targets: Vec<u64> = Vec::new();
+    for p in &event.paths {
+        for dir in [p.parent(), Some(p.as_path())].into_iter().flatten() {
+            if let Some(users) = t.dirs.get(dir) {
+                targets.extend(users.iter().copied());
+            }
+        }
+    }
+    targets.sort_unstable();
+    targets.dedup();
+    for id in targets {
+        if let Some(sink) = t.subs.get(&id) {
+            sink.deliver(Ok(event.clone()));
+        }
+    }
+}
+
+fn clone_event(ev: &RawEvent) -> RawEvent {
+    match ev {
+        Ok(e) => Ok(e.clone()),
+        Err(e) => Err(notify::Error::generic(&e.to_string())),
+    }
+}
+
+/// One consumer's view of the hub: the directories it watches and the raw
+/// events in them. Dropping it releases its watches.
+pub struct Subscription {
+    hub: &'static Hub,
+    id: u64,
+    pub events: mpsc::Receiver<RawEvent>,
+    /// Set when an event could not be queued (the consumer fell behind).
+    pub overflow: Arc<AtomicBool>,
+}
+
+impl Subscription {
+    /// Watches `dir` (not its subdirectories) for this subscription.
+    pub fn watch(&self, dir: &Path) -> notify::Result<()> {
+        self.hub.add(self.id, dir)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.remove(self.id);
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
