@@ -56,6 +56,25 @@ pub struct Config {
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub watcher_idle_timeout: u64,
 
+    /// Connections open at once. At the cap the longest-idle connection is
+    /// closed to admit a new one. Also bounded by half the open-file limit.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub max_connections: u64,
+
+    /// A connection with no request in flight for this long is closed
+    /// (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: u64,
+
+    /// Directory watches at once (WatchDir streams and polling watchers
+    /// together); beyond it, RESOURCE_EXHAUSTED. All share one inotify
+    /// instance.
+    #[arg(long, value_name = "N", default_value_t = crate::filesystem::inotify::DEFAULT_MAX_WATCHES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_watches: u64,
+
     /// Require this access token (read from the file, trailing newline
     /// removed) on every request but GET /health, as if set by /init.
     #[arg(long, value_name = "PATH")]
@@ -99,6 +118,16 @@ impl Config {
         crate::filesystem::Settings {
             watcher_buffer: usize::try_from(self.watcher_buffer).unwrap_or(usize::MAX),
             watcher_idle: Duration::from_secs(self.watcher_idle_timeout.max(1)),
+        }
+    }
+
+    /// Connection limits; the cap never exceeds half the open-file limit
+    /// `nofile` (each connection is one fd; commands and files need others).
+    pub fn conn_limits(&self, nofile: u64) -> crate::connections::ConnLimits {
+        let by_fds = (nofile / 2).max(16);
+        crate::connections::ConnLimits {
+            max: usize::try_from(self.max_connections.min(by_fds)).unwrap_or(usize::MAX),
+            idle: Duration::from_secs(self.idle_timeout),
         }
     }
 

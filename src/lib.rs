@@ -5,9 +5,11 @@
 //! [`status`] is the one map from errors to status codes.
 
 pub mod auth;
+pub mod body;
 pub mod client;
 pub mod config;
 pub mod connect;
+pub mod connections;
 pub mod defaults;
 pub mod filesystem;
 pub mod grpc;
@@ -15,6 +17,7 @@ pub mod h2;
 pub mod http;
 pub mod ids;
 pub mod init;
+pub mod limits;
 pub mod listen;
 pub mod logging;
 pub mod paths;

@@ -9,6 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use envd::auth::Auth;
 use envd::config::Config;
+use envd::connections::Connections;
 use envd::defaults::Defaults;
 use envd::filesystem::FilesystemService;
 use envd::listen::Listener;
@@ -116,6 +117,16 @@ fn ensure_std_fds() {
 }
 
 async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
+    let (before, nofile) = envd::limits::raise_nofile();
+    let conns = Connections::new(cfg.conn_limits(nofile));
+    tracing::info!(
+        nofile_before = before,
+        nofile,
+        max_connections = conns.limits().max,
+        "open-file limit"
+    );
+    envd::filesystem::inotify::Hub::global()
+        .set_max(usize::try_from(cfg.max_watches).unwrap_or(usize::MAX));
     let reaper = Reaper::start().map_err(|e| format!("cannot start the child reaper: {e}"))?;
     let default_user = match &cfg.default_user {
         Some(u) => {
@@ -139,12 +150,12 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
             Ok(listener) => {
                 let local = listener.local_url(&url);
                 tracing::info!(url = %local, "listening");
-                tokio::spawn(server::serve(listener, local, router.clone()));
+                tokio::spawn(server::serve(listener, local, router.clone(), conns.clone()));
             }
             // PID 1 never gives up: e.g. the vsock device may appear later.
             Err(e) if pid1 => {
                 tracing::error!(%url, error = %e, "cannot listen yet; retrying every second");
-                tokio::spawn(bind_later(url, router.clone()));
+                tokio::spawn(bind_later(url, router.clone(), conns.clone()));
             }
             Err(e) => return Err(format!("cannot listen on {url}: {e}")),
         }
@@ -177,13 +188,17 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
     Ok(())
 }
 
-async fn bind_later(url: envd::listen::ListenUrl, router: server::Router) {
+async fn bind_later(
+    url: envd::listen::ListenUrl,
+    router: server::Router,
+    conns: Arc<Connections>,
+) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Ok(listener) = Listener::bind(&url).await {
             let local = listener.local_url(&url);
             tracing::info!(url = %local, "listening");
-            server::serve(listener, local, router).await;
+            server::serve(listener, local, router, conns).await;
             return;
         }
     }

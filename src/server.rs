@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
 use crate::auth::{Auth, Verdict, TOKEN_HEADER};
+use crate::connections::{Connections, Tracked};
 use crate::connect::{is_connect_path, ConnectRouter, HttpBody};
 use crate::filesystem::FilesystemService;
 use crate::grpc::filesystem::FilesystemGrpc;
@@ -201,10 +202,19 @@ async fn grpc_routes(
         .prepare())
 }
 
+/// An HTTP/1.1 request's headers must arrive within this time.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection asked to close gets this long to finish what it is doing.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().keep_alive(true);
+    b.http1()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
     b.http2()
+        .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
@@ -212,29 +222,64 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Accepts connections forever; each is served on its own task.
-pub async fn serve(listener: Listener, url: String, router: Router) {
+/// Accepts connections forever; each is served on its own task, tracked by
+/// `conns` (cap, idle timeout, eviction).
+pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<Connections>) {
     let builder = http_builder();
     loop {
-        match listener.accept().await {
-            Ok(conn) => {
-                let router = router.clone();
-                let builder = builder.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let router = router.clone();
-                        async move { Ok::<_, Infallible>(router.handle(req).await) }
-                    });
-                    if let Err(e) = builder.serve_connection(TokioIo::new(conn), svc).await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
+        let conn = match listener.accept().await {
+            Ok(conn) => conn,
             Err(e) => {
-                // E.g. EMFILE: back off instead of spinning.
-                tracing::warn!(url, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Out of fds (EMFILE/ENFILE): close the longest-idle
+                // connection and retry; otherwise back off briefly.
+                let freed = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                    && conns.evict_one();
+                tracing::warn!(url, error = %e, freed, "accept failed");
+                let pause = if freed { 10 } else { 100 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                continue;
             }
-        }
+        };
+        let Some(reg) = conns.admit() else {
+            tracing::warn!(url, open = conns.count(), "connection refused: at the connection cap and none is idle");
+            drop(conn);
+            continue;
+        };
+        let router = router.clone();
+        let builder = builder.clone();
+        let idle = conns.limits().idle;
+        tokio::spawn(async move {
+            let tracked = reg.conn.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                let router = router.clone();
+                let guard = tracked.begin();
+                async move {
+                    let response = router.handle(req).await;
+                    Ok::<_, Infallible>(response.map(|b| HttpBody::new(Tracked::new(b, guard))))
+                }
+            });
+            let served = builder.serve_connection(TokioIo::new(conn), svc);
+            tokio::pin!(served);
+            let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    r = served.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    () = reg.conn.close.notified() => break,
+                    () = tokio::time::sleep(tick) => {
+                        if reg.conn.idle_for() >= idle {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Idle too long or evicted: GOAWAY / close, then drop it.
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+        });
     }
 }

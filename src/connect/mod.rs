@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{Full, StreamBody};
 use hyper::body::Incoming;
 use prost::Message;
 use tokio::time::Instant;
@@ -211,17 +211,7 @@ where
     Fut: Future<Output = Result<Resp>>,
 {
     let result = async {
-        let raw = http_body_util::Limited::new(body, MAX_MESSAGE)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    too_big(MAX_MESSAGE + 1)
-                } else {
-                    Error::invalid(format!("reading the request body: {e}"))
-                }
-            })?
-            .to_bytes();
+        let raw = crate::body::read_to_end(body, MAX_MESSAGE).await?;
         let raw = if wire.gzip {
             Bytes::from(gunzip(&raw)?)
         } else {

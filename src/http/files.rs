@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, BodyStream, StreamBody};
+use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Incoming;
 
 use super::{json, query, user_of, Rest, RestResult};
@@ -350,11 +350,7 @@ struct ComposeRequest {
 }
 
 pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
-    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
-        .collect()
-        .await
-        .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?
-        .to_bytes();
+    let body = super::read_json_body(req.into_body(), 1 << 20).await?;
     let c: ComposeRequest = serde_json::from_slice(&body)
         .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let name = c

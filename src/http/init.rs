@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{empty, Rest, RestResult, ENVD_VERSION};
@@ -25,36 +24,46 @@ struct InitRequest {
     timestamp: Option<String>,
 }
 
+/// Largest `/init` body from a caller that has shown no token yet although
+/// one is set (the body must then carry the current token).
+const UNPROVEN_LIMIT: usize = 16 << 10;
+/// Largest `/init` body otherwise.
+const LIMIT: usize = 1 << 20;
+
 pub async fn handle(req: Request<Incoming>, defaults: &Defaults, auth: &Auth) -> RestResult {
-    let presented = req
-        .headers()
-        .get(TOKEN_HEADER)
-        .map(|v| v.as_bytes().to_vec());
-    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
-        .collect()
-        .await
-        .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?
-        .to_bytes();
+    // Once a token is set, only its holder may re-initialise: by header, or by
+    // sending the same token again in the body. A wrong header is refused
+    // before any of the body is read; without one, only a small body is read.
+    let by_header = match req.headers().get(TOKEN_HEADER) {
+        Some(v) if auth.is_set() => match auth.check_token(Some(v.as_bytes())) {
+            Verdict::Allowed => true,
+            _ => return Err(unauthorized()),
+        },
+        _ => false,
+    };
+    let limit = if auth.is_set() && !by_header {
+        UNPROVEN_LIMIT
+    } else {
+        LIMIT
+    };
+    let body = super::read_json_body(req.into_body(), limit).await?;
     let init: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
         InitRequest::default()
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?
     };
-    // Once a token is set, only its holder may re-initialise: by header, or by
-    // sending the same token again.
-    if auth.is_set() {
-        let by_header = auth.check_token(presented.as_deref()) == Verdict::Allowed;
+    if auth.is_set() && !by_header {
         let by_body = init
             .access_token
             .as_deref()
             .is_some_and(|t| auth.check_token(Some(t.as_bytes())) == Verdict::Allowed);
-        if !by_header && !by_body {
-            return Err(Rest::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized: /init needs the current access token",
-            ));
+        if !by_body {
+            return Err(unauthorized());
         }
+    }
+    if let Some(envs) = &init.env_vars {
+        validate_envs(envs)?;
     }
     if let Some(user) = init.default_user.as_deref().filter(|u| !u.is_empty()) {
         User::lookup(user).map_err(|e| {
@@ -80,6 +89,36 @@ pub async fn handle(req: Request<Incoming>, defaults: &Defaults, auth: &Auth) ->
     r.headers_mut()
         .insert("x-envd-version", ENVD_VERSION.parse().expect("valid"));
     Ok(r)
+}
+
+fn unauthorized() -> Rest {
+    Rest::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized: /init needs the current access token",
+    )
+}
+
+/// Names must be non-empty, without `=` or NUL; values without NUL (execve
+/// could not pass them, and every later Start would fail).
+fn validate_envs(envs: &BTreeMap<String, String>) -> Result<(), Rest> {
+    for (k, v) in envs {
+        let bad = if k.is_empty() {
+            Some("an empty name")
+        } else if k.contains('=') {
+            Some("'=' in its name")
+        } else if k.contains('\0') || v.contains('\0') {
+            Some("a NUL byte")
+        } else {
+            None
+        };
+        if let Some(why) = bad {
+            return Err(Rest::new(
+                StatusCode::BAD_REQUEST,
+                format!("envVars: variable {k:?} has {why}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Sets the wall clock to `ts` (RFC 3339) when it is > 50 ms behind or > 5 s ahead.

@@ -103,6 +103,20 @@ impl From<Error> for Rest {
 
 pub type RestResult = Result<Response<HttpBody>, Rest>;
 
+/// A JSON request body of at most `limit` bytes (see [`crate::body`]); a body
+/// that does not arrive in time is 408.
+pub async fn read_json_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, Rest> {
+    crate::body::read_to_end(body, limit).await.map_err(|e| {
+        if e.code == crate::status::Code::DeadlineExceeded {
+            Rest::new(StatusCode::REQUEST_TIMEOUT, e.message)
+        } else if e.code == crate::status::Code::ResourceExhausted && e.message.contains("limit") {
+            Rest::new(StatusCode::PAYLOAD_TOO_LARGE, e.message)
+        } else {
+            Rest::from(e)
+        }
+    })
+}
+
 pub fn empty(status: StatusCode) -> Response<HttpBody> {
     Response::builder()
         .status(status)

@@ -59,6 +59,8 @@ pub struct Prepared {
     /// envd's own OOM score is not 0 (e.g. -1000 under systemd): reset the
     /// child's to 0 so the kernel may pick it over envd.
     reset_oom: bool,
+    /// The open-file limit envd started with (envd raises its own).
+    nofile: Option<libc::rlimit>,
 }
 
 /// Whether envd's `oom_score_adj` differs from the default 0.
@@ -148,6 +150,7 @@ impl Prepared {
             msg_no_cwd: format!("envd: cannot enter {}: ", cwd.display()).into_bytes(),
             msg_no_creds: b"envd: cannot switch user: ".to_vec(),
             reset_oom: own_oom_score_adjusted(),
+            nofile: crate::limits::child_nofile(),
         })
     }
 
@@ -232,6 +235,16 @@ impl Prepared {
                 }
             }
 
+            if let Some(lim) = &self.nofile {
+                // Back to the limit envd was given (it raised its own).
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    libc::RLIMIT_NOFILE,
+                    lim as *const libc::rlimit,
+                    std::ptr::null_mut::<libc::rlimit>(),
+                );
+            }
             if self.reset_oom {
                 // Raising the score needs no privilege; done before the uid
                 // changes, while /proc/self is still writable by us.

@@ -1,0 +1,199 @@
+//! Every open connection, so that none can hold envd's resources for free.
+//!
+//! A connection is *idle* while it has no request in flight (a request is in
+//! flight from its headers until its response body is finished or dropped).
+//! Idle connections are closed after the idle timeout; HTTP/1.1 headers must
+//! arrive within the header timeout (hyper enforces it). The number of open
+//! connections is capped: at the cap, or when `accept` fails for lack of file
+//! descriptors, the longest-idle connection is closed to make room, so envd
+//! keeps answering however many idle connections a caller opens. With no
+//! idle connection to close, a new connection is refused.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Limits on connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections open at once.
+    pub max: usize,
+    /// An idle connection is closed after this long.
+    pub idle: Duration,
+}
+
+#[derive(Debug)]
+pub struct Connections {
+    limits: ConnLimits,
+    open: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+/// One open connection's state.
+#[derive(Debug)]
+pub struct Conn {
+    id: u64,
+    in_flight: AtomicUsize,
+    /// When it last became idle.
+    idle_since: Mutex<Instant>,
+    /// Told to close (evicted to make room).
+    pub close: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Connections {
+    pub fn new(limits: ConnLimits) -> Arc<Connections> {
+        Arc::new(Connections {
+            limits,
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> ConnLimits {
+        self.limits
+    }
+
+    /// Registers a new connection, closing the longest-idle one if envd is at
+    /// its cap. `None`: at the cap with nothing idle; refuse it.
+    pub fn admit(self: &Arc<Self>) -> Option<Registered> {
+        let mut open = lock(&self.open);
+        if open.len() >= self.limits.max {
+            // Evicted connections close promptly (they are idle); allow a
+            // little headroom while they do, never more.
+            let headroom = self.limits.max / 8 + 1;
+            if open.len() >= self.limits.max + headroom || !evict_idlest(&open) {
+                return None;
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            close: Notify::new(),
+        });
+        open.insert(id, conn.clone());
+        Some(Registered {
+            set: self.clone(),
+            conn,
+        })
+    }
+
+    /// Closes the longest-idle connection (after `accept` ran out of fds).
+    pub fn evict_one(&self) -> bool {
+        evict_idlest(&lock(&self.open))
+    }
+
+    pub fn count(&self) -> usize {
+        lock(&self.open).len()
+    }
+}
+
+fn evict_idlest(open: &HashMap<u64, Arc<Conn>>) -> bool {
+    let victim = open
+        .values()
+        .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+        .min_by_key(|c| *lock(&c.idle_since));
+    match victim {
+        Some(c) => {
+            c.close.notify_one();
+            true
+        }
+        None => false,
+    }
+}
+
+/// A connection's registration; dropping it unregisters.
+#[derive(Debug)]
+pub struct Registered {
+    set: Arc<Connections>,
+    pub conn: Arc<Conn>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.set.open).remove(&self.conn.id);
+    }
+}
+
+impl Conn {
+    /// Marks a request in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// How long it has been idle (zero while a request is in flight).
+    pub fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        lock(&self.idle_since).elapsed()
+    }
+}
+
+/// A request in flight.
+#[derive(Debug)]
+pub struct InFlight(Arc<Conn>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.idle_since) = Instant::now();
+        }
+    }
+}
+
+/// A response body that keeps its request in flight until it is finished.
+pub struct Tracked<B> {
+    inner: B,
+    guard: Option<InFlight>,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, guard: InFlight) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.guard = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
