@@ -2,27 +2,40 @@
 //! home, relative paths are under the user's home, absolute paths are used as
 //! given (lexically cleaned of `.` and `..`), `~other` is refused.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::status::{Error, Result};
 use crate::users::User;
 
 pub fn resolve(path: &str, user: &User) -> Result<PathBuf> {
-    if path.contains('\0') {
-        return Err(Error::invalid(format!("path {path:?} contains a NUL byte")));
-    }
-    let joined = if path == "~" {
-        user.home.clone()
-    } else if let Some(rest) = path.strip_prefix("~/") {
-        user.home.join(rest)
-    } else if path.starts_with('~') {
+    resolve_bytes(path.as_bytes(), user)
+}
+
+/// [`resolve`] for a path given as bytes (file names need not be UTF-8).
+pub fn resolve_bytes(path: &[u8], user: &User) -> Result<PathBuf> {
+    let shown = || String::from_utf8_lossy(path).into_owned();
+    if path.contains(&0) {
         return Err(Error::invalid(format!(
-            "path '{path}': only '~' (the requesting user's home) is supported"
+            "path {:?} contains a NUL byte",
+            shown()
         )));
-    } else if Path::new(path).is_absolute() {
-        PathBuf::from(path)
+    }
+    let os = |b: &[u8]| Path::new(OsStr::from_bytes(b)).to_path_buf();
+    let joined = if path == b"~" {
+        user.home.clone()
+    } else if let Some(rest) = path.strip_prefix(b"~/") {
+        user.home.join(os(rest))
+    } else if path.starts_with(b"~") {
+        return Err(Error::invalid(format!(
+            "path '{}': only '~' (the requesting user's home) is supported",
+            shown()
+        )));
+    } else if path.starts_with(b"/") {
+        os(path)
     } else {
-        user.home.join(path)
+        user.home.join(os(path))
     };
     Ok(clean(&joined))
 }
@@ -66,5 +79,10 @@ mod tests {
         assert_eq!(resolve("/etc/./x", &u).unwrap(), PathBuf::from("/etc/x"));
         assert_eq!(resolve("/../..", &u).unwrap(), PathBuf::from("/"));
         assert!(resolve("~root/x", &u).is_err());
+        assert!(resolve("/a\0b", &u).is_err());
+        assert_eq!(
+            resolve_bytes(b"/tmp/\xff\xfe", &u).unwrap().as_os_str().as_bytes(),
+            b"/tmp/\xff\xfe"
+        );
     }
 }

@@ -124,11 +124,11 @@ impl Router {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         self.auth.check_signature(
-            q.get("path").map_or("", String::as_str),
+            &q.get("path").unwrap_or_default(),
             op,
-            q.get("username").map_or("", String::as_str),
-            signature,
-            q.get("signature_expiration").map(String::as_str),
+            &q.get("username").unwrap_or_default(),
+            &signature,
+            q.get("signature_expiration").as_deref(),
             now,
         )
     }

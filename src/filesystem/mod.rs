@@ -1,5 +1,6 @@
 //! The filesystem service: entries, listing, mutations, watches, transfers.
 
+pub mod compose;
 pub mod entry;
 pub mod inotify;
 pub mod list;

@@ -15,8 +15,8 @@ use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileRespon
 use crate::status::{Error, Result};
 use crate::users::User;
 
-/// Largest chunk sent by ReadFile.
-pub const READ_CHUNK: usize = 1 << 20;
+/// Largest chunk sent by ReadFile (and read per disk read of a download).
+pub const TRANSFER_CHUNK: usize = 1 << 20;
 /// Mode of new files when the request names none (0666 less umask 022).
 const DEFAULT_MODE: u32 = 0o644;
 
@@ -25,32 +25,89 @@ pub type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadFileResponse>> + Send
 /// Chunks in flight between the disk thread and the network, each way.
 const PIPELINE: usize = 2;
 
-/// Opens `path` and streams `length` bytes (default: all) from `offset`. A
-/// blocking thread reads ahead at most `PIPELINE` chunks.
-pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Result<ReadStream> {
-    let opened = path.clone();
-    let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
-        let file = std::fs::File::open(&opened).map_err(|e| Error::io(opened.display(), &e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(opened.display(), &e))?;
-        if meta.is_dir() {
-            return Err(Error::invalid(format!(
-                "'{}' is a directory",
-                opened.display()
-            )));
-        }
-        Ok(file)
+/// A file opened for reading, with the size it had when opened.
+#[derive(Debug)]
+pub struct OpenedFile {
+    pub file: std::fs::File,
+    pub size: u64,
+}
+
+/// Opens `path` for reading. The open never blocks (`O_NONBLOCK`: a FIFO
+/// without a writer would hang a thread forever) and only regular files are
+/// accepted (a FIFO, device or socket may block or never end). Size and
+/// content then come from the same open file, so a concurrent replace of the
+/// path cannot mix one file's length with another's bytes.
+pub fn open_regular(path: &Path) -> Result<OpenedFile> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| Error::io(path.display(), &e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path.display(), &e))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::invalid(format!("'{}' is a directory", path.display())));
+    }
+    if !ft.is_file() {
+        return Err(Error::invalid(format!(
+            "'{}' is not a regular file (a {}); only regular files can be read",
+            path.display(),
+            kind_name(&ft)
+        )));
+    }
+    Ok(OpenedFile {
+        file,
+        size: meta.len(),
     })
-    .await
-    .map_err(|e| Error::internal(format!("open task failed: {e}")))??;
+}
+
+/// What a non-regular file is, for messages.
+pub fn kind_name(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "directory"
+    } else {
+        "regular file"
+    }
+}
+
+/// Opens `path` off the async workers (see [`open_regular`]).
+pub async fn open_for_read(path: PathBuf) -> Result<OpenedFile> {
+    tokio::task::spawn_blocking(move || open_regular(&path))
+        .await
+        .map_err(|e| Error::internal(format!("open task failed: {e}")))?
+}
+
+/// Streams `length` bytes (default: to the end) of `opened` from `offset`. A
+/// blocking thread reads ahead at most `PIPELINE` chunks. With `exact` (the
+/// length was promised to the client, e.g. as Content-Length), a file that
+/// ends early (truncated meanwhile) ends the stream with an error rather than
+/// silently short.
+pub fn stream_file(
+    opened: OpenedFile,
+    shown: PathBuf,
+    offset: u64,
+    length: Option<u64>,
+    exact: bool,
+) -> ReadStream {
+    let file = opened.file;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadFileResponse>>(PIPELINE);
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
         let mut pos = offset;
         let mut remaining = length.unwrap_or(u64::MAX);
         while remaining > 0 {
-            let want = READ_CHUNK.min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            let want = TRANSFER_CHUNK.min(usize::try_from(remaining).unwrap_or(usize::MAX));
             let mut buf = BytesMut::zeroed(want);
             let mut filled = 0;
             while filled < want {
@@ -59,12 +116,18 @@ pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Resul
                     Ok(n) => filled += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Error::io(path.display(), &e)));
+                        let _ = tx.blocking_send(Err(Error::io(shown.display(), &e)));
                         return;
                     }
                 }
             }
             if filled == 0 {
+                if exact {
+                    let _ = tx.blocking_send(Err(Error::new(
+                        crate::status::Code::DataLoss,
+                        format!("'{}' shrank while it was being read", shown.display()),
+                    )));
+                }
                 return;
             }
             buf.truncate(filled);
@@ -78,9 +141,14 @@ pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Resul
             }
         }
     });
-    Ok(Box::pin(futures_util::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx)
-    })))
+    Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// ReadFile: opens `path` and streams `length` bytes (default: to the end)
+/// from `offset`.
+pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Result<ReadStream> {
+    let opened = open_for_read(path.clone()).await?;
+    Ok(stream_file(opened, path, offset, length, false))
 }
 
 /// What to write where. Shared by gRPC WriteFile and HTTP `POST /files`.
@@ -131,31 +199,68 @@ where
             Err(e) => Some(Err(e)),
         }
     });
-    let path = spec.path.clone();
-    write_bytes(spec, user, Box::pin(data)).await?;
+    let path = write_bytes(spec, user, Box::pin(data)).await?;
     Ok(WriteFileResponse {
         entry: Some(entry_info(&path, &path, &mut Names::default())?),
     })
 }
 
+/// Symlinks followed before a write: as many as the kernel follows.
+const MAX_LINK_HOPS: usize = 40;
+
+/// The file a write to `path` lands on: a symlink is written through (as
+/// E2B does), to its final target. The target must be a regular file or not
+/// exist yet: envd never replaces a device, FIFO, socket or directory.
+pub fn write_target(path: &Path) -> Result<PathBuf> {
+    let mut at = path.to_path_buf();
+    for _ in 0..MAX_LINK_HOPS {
+        let meta = match std::fs::symlink_metadata(&at) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(at),
+            // A parent that is not a directory, and the like.
+            Err(e) => return Err(Error::io(at.display(), &e)),
+        };
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let link = std::fs::read_link(&at).map_err(|e| Error::io(at.display(), &e))?;
+            at = match at.parent() {
+                Some(dir) => dir.join(link),
+                None => link,
+            };
+            continue;
+        }
+        if ft.is_dir() {
+            return Err(Error::invalid(format!("'{}' is a directory", at.display())));
+        }
+        if !ft.is_file() {
+            return Err(Error::invalid(format!(
+                "'{}' is a {}; envd writes only regular files",
+                at.display(),
+                kind_name(&ft)
+            )));
+        }
+        return Ok(at);
+    }
+    Err(Error::invalid(format!(
+        "'{}': too many levels of symbolic links",
+        path.display()
+    )))
+}
+
 /// Writes a stream of bytes to `spec.path`: parents created for the user,
 /// ownership to the user, and (unless appending) an atomic replace through a
 /// temporary file beside the target, removed on any failure or cancellation.
-pub async fn write_bytes<S>(spec: WriteSpec, user: &User, data: S) -> Result<()>
+/// A symlink at the path is written through. Returns the path written.
+pub async fn write_bytes<S>(spec: WriteSpec, user: &User, data: S) -> Result<PathBuf>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    let path = &spec.path;
-    if let Some(parent) = path.parent() {
+    if let Some(parent) = spec.path.parent() {
         ensure_dir(parent, user)?;
     }
+    let target = write_target(&spec.path)?;
+    let path = &target;
     let existing = std::fs::metadata(path).ok();
-    if existing.as_ref().is_some_and(|m| m.is_dir()) {
-        return Err(Error::invalid(format!(
-            "'{}' is a directory",
-            path.display()
-        )));
-    }
     let mode = spec
         .mode
         .map(|m| m & 0o7777)
@@ -175,7 +280,7 @@ where
         if let Some(meta) = &spec.metadata {
             set_metadata(path, meta)?;
         }
-        return Ok(());
+        return Ok(target);
     }
     // Removed on any failure, and also when the client goes away and this
     // future is dropped mid-upload.
@@ -197,7 +302,7 @@ where
     std::fs::rename(tmp.path(), path)
         .map_err(|e| Error::io(format!("replace {}", path.display()), &e))?;
     tmp.keep();
-    Ok(())
+    Ok(target)
 }
 
 /// Streams `data` into `file` through a blocking writer thread, with at most
@@ -215,15 +320,14 @@ where
     let shown = path.display().to_string();
     let writer = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
         use std::io::Write;
-        let fail = |e: std::io::Error| match e.kind() {
-            std::io::ErrorKind::InvalidInput
-            | std::io::ErrorKind::InvalidData
-            | std::io::ErrorKind::UnexpectedEof
-                if gzip =>
-            {
+        // With gzip, an error that is not the OS's (ENOSPC and the like) is
+        // the decoder's: bad input, including bytes after the gzip stream.
+        let fail = |e: std::io::Error| {
+            if gzip && e.raw_os_error().is_none() {
                 Error::invalid(format!("upload to {shown} is not valid gzip: {e}"))
+            } else {
+                Error::io(format!("write {shown}"), &e)
             }
-            _ => Error::io(format!("write {shown}"), &e),
         };
         if gzip {
             let mut out = flate2::write::GzDecoder::new(file);

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -16,21 +17,42 @@ use hyper::body::Incoming;
 use super::{json, query, user_of, Rest, RestResult};
 use crate::connect::HttpBody;
 use crate::defaults::Defaults;
-use crate::filesystem::entry::{entry_info, Names};
-use crate::filesystem::ops::sibling_temp;
-use crate::filesystem::transfer::{read_file, write_bytes, WriteSpec};
+use crate::filesystem::compose;
+use crate::filesystem::transfer::{open_for_read, stream_file, write_bytes, WriteSpec};
 use crate::paths;
 use crate::status::{Error, Result};
 use crate::users::User;
 
-fn resolve(path: &str, user: &User) -> std::result::Result<PathBuf, Rest> {
+fn resolve(path: &[u8], user: &User) -> std::result::Result<PathBuf, Rest> {
     if path.is_empty() {
         return Err(Rest::new(
             StatusCode::BAD_REQUEST,
             "the path query parameter is required",
         ));
     }
-    Ok(paths::resolve(path, user)?)
+    Ok(paths::resolve_bytes(path, user)?)
+}
+
+/// `Content-Disposition` for a file name of any bytes (RFC 6266): an ASCII
+/// `filename` fallback and the exact name percent-encoded in `filename*`.
+fn content_disposition(name: &[u8]) -> String {
+    let fallback: String = name
+        .iter()
+        .map(|&b| match b {
+            b'"' | b'\\' => '_',
+            0x20..=0x7e => char::from(b),
+            _ => '_',
+        })
+        .collect();
+    let mut encoded = String::with_capacity(name.len() * 3);
+    for &b in name {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("inline; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
 }
 
 fn content_type(path: &std::path::Path) -> &'static str {
@@ -101,25 +123,14 @@ fn wants_gzip(headers: &HeaderMap) -> bool {
 pub async fn download(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
     let q = query(&req);
     let user = user_of(&q, defaults)?;
-    let path = resolve(q.get("path").map_or("", String::as_str), &user)?;
-    let meta = std::fs::metadata(&path).map_err(|e| Rest::from(Error::io(path.display(), &e)))?;
-    if meta.is_dir() {
-        return Err(Rest::new(
-            StatusCode::BAD_REQUEST,
-            format!("'{}' is a directory", path.display()),
-        ));
-    }
-    let size = meta.len();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let path = resolve(q.bytes("path").unwrap_or_default(), &user)?;
+    // One open file gives both the size and the bytes.
+    let opened = open_for_read(path.clone()).await?;
+    let size = opened.size;
+    let name = path.file_name().map_or(&[][..], |n| n.as_bytes());
     let mut builder = Response::builder()
         .header("content-type", content_type(&path))
-        .header(
-            "content-disposition",
-            format!("inline; filename=\"{}\"", name.replace('"', "")),
-        )
+        .header("content-disposition", content_disposition(name))
         .header("vary", "Accept-Encoding")
         .header("accept-ranges", "bytes");
     let range = req
@@ -144,9 +155,7 @@ pub async fn download(req: Request<Incoming>, defaults: &Defaults) -> RestResult
         }
         None => (StatusCode::OK, 0, size),
     };
-    let chunks = read_file(path, offset, Some(length))
-        .await?
-        .map(|r| r.map(|m| m.data));
+    let chunks = stream_file(opened, path, offset, Some(length), true).map(|r| r.map(|m| m.data));
     let gzip = status == StatusCode::OK && wants_gzip(req.headers());
     let body = if gzip {
         builder = builder.header("content-encoding", "gzip");
@@ -274,7 +283,7 @@ pub async fn upload(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let query_path = q.get("path").filter(|p| !p.is_empty()).cloned();
+    let query_path = q.bytes("path").filter(|p| !p.is_empty()).map(<[u8]>::to_vec);
     let mut results = Vec::new();
     if ct.to_ascii_lowercase().starts_with("multipart/form-data") {
         if gzip {
@@ -303,7 +312,7 @@ pub async fn upload(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
             }
             let dest = query_path
                 .clone()
-                .or_else(|| field.file_name().map(str::to_owned))
+                .or_else(|| field.file_name().map(|n| n.as_bytes().to_vec()))
                 .unwrap_or_default();
             let path = resolve(&dest, &user)?;
             if !seen.insert(path.clone()) {
@@ -328,7 +337,7 @@ pub async fn upload(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
             ));
         }
     } else {
-        let path = resolve(query_path.as_deref().unwrap_or(""), &user)?;
+        let path = resolve(query_path.as_deref().unwrap_or_default(), &user)?;
         let spec = WriteSpec {
             path: path.clone(),
             gzip,
@@ -358,63 +367,18 @@ pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult 
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| defaults.user());
     let user = User::lookup(&name).map_err(|e| Rest::new(StatusCode::UNAUTHORIZED, e.message))?;
-    if c.source_paths.is_empty() {
-        return Err(Rest::new(StatusCode::BAD_REQUEST, "source_paths is empty"));
-    }
     let sources = c
         .source_paths
         .iter()
-        .map(|p| resolve(p, &user))
+        .map(|p| resolve(p.as_bytes(), &user))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let dest = resolve(&c.destination, &user)?;
-    let entry = tokio::task::spawn_blocking(move || compose_blocking(&sources, &dest, &user))
+    let dest = resolve(c.destination.as_bytes(), &user)?;
+    let requested = dest.clone();
+    tokio::task::spawn_blocking(move || compose::compose(&sources, &dest, &user))
         .await
         .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let bytes =
-        crate::connect::codec::encode(crate::connect::Codec::Json, "filesystem.EntryInfo", &entry)?;
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json; charset=utf-8")
-        .body(HttpBody::new(http_body_util::Full::new(Bytes::from(bytes))))
-        .expect("static response parts are valid"))
-}
-
-fn compose_blocking(
-    sources: &[PathBuf],
-    dest: &std::path::Path,
-    user: &User,
-) -> Result<crate::proto::filesystem::EntryInfo> {
-    for s in sources {
-        let m = std::fs::metadata(s).map_err(|e| Error::io(s.display(), &e))?;
-        if m.is_dir() {
-            return Err(Error::invalid(format!("'{}' is a directory", s.display())));
-        }
-    }
-    if let Some(parent) = dest.parent() {
-        crate::filesystem::ops::ensure_dir(parent, user)?;
-    }
-    let tmp = sibling_temp(dest);
-    let result = (|| {
-        let mut out = std::fs::File::create_new(&tmp).map_err(|e| Error::io(tmp.display(), &e))?;
-        for s in sources {
-            let mut f = std::fs::File::open(s).map_err(|e| Error::io(s.display(), &e))?;
-            std::io::copy(&mut f, &mut out)
-                .map_err(|e| Error::io(format!("write {}", dest.display()), &e))?;
-        }
-        drop(out);
-        crate::filesystem::ops::chown_to(&tmp, user)?;
-        std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest.display(), &e))
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    for s in sources {
-        if s != dest {
-            let _ = std::fs::remove_file(s);
-        }
-    }
-    entry_info(dest, dest, &mut Names::default())
+    // E2B's shape: the path as requested (a symlink is written through).
+    Ok(json(StatusCode::OK, &written(&requested)))
 }
 
 #[cfg(test)]
