@@ -42,6 +42,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(65536..=(1u64 << 32)))]
     pub output_buffer: u64,
 
+    /// Output kept by all processes together (bytes). Beyond it, each
+    /// process's oldest unread output is dropped down to 64 KiB and
+    /// re-attaching clients are told how much was lost.
+    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20,
+          value_parser = clap::value_parser!(u64).range(65536..=(1u64 << 40)))]
+    pub output_budget: u64,
+
     /// How long an ended process stays available to Connect (seconds).
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub exit_retention: u64,
@@ -134,6 +141,7 @@ impl Config {
     pub fn process_settings(&self) -> crate::process::Settings {
         crate::process::Settings {
             output_buffer: usize::try_from(self.output_buffer).unwrap_or(usize::MAX),
+            output_budget: self.output_budget,
             exit_retention: Duration::from_secs(self.exit_retention),
             ..Default::default()
         }

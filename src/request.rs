@@ -33,7 +33,8 @@ impl RequestContext {
         Ok(Self {
             user,
             keepalive: keepalive(headers)?,
-            deadline: timeout(headers)?.map(|t| Instant::now() + t),
+            // A timeout too far away to represent is no deadline at all.
+            deadline: timeout(headers)?.and_then(|t| Instant::now().checked_add(t)),
         })
     }
 }

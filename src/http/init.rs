@@ -129,7 +129,12 @@ fn sync_clock(ts: &str) -> Result<(), Rest> {
             format!("timestamp {ts:?} is not RFC 3339"),
         )
     })?;
-    let target = UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+    let target = UNIX_EPOCH
+        .checked_add(Duration::new(
+            u64::try_from(t.seconds).unwrap_or(0),
+            u32::try_from(t.nanos).unwrap_or(0).min(999_999_999),
+        ))
+        .ok_or_else(|| Rest::new(StatusCode::BAD_REQUEST, format!("timestamp {ts:?} is out of range")))?;
     let now = SystemTime::now();
     let behind = target.duration_since(now).unwrap_or_default();
     let ahead = now.duration_since(target).unwrap_or_default();

@@ -14,11 +14,50 @@ use super::pty::Pty;
 use crate::proto::process::ProcessConfig;
 use crate::status::{Error, Result};
 
+/// A stdin pipe. Writers take turns on `writer`; closing does not wait for
+/// a writer blocked on a child that never reads: it raises `closed`, which
+/// makes the writer give up, then drops the pipe.
+#[derive(Debug)]
+pub struct StdinPipe {
+    writer: Mutex<Option<pipe::Sender>>,
+    closed: watch::Sender<bool>,
+}
+
+impl StdinPipe {
+    pub fn new(tx: pipe::Sender) -> Self {
+        Self {
+            writer: Mutex::new(Some(tx)),
+            closed: watch::Sender::new(false),
+        }
+    }
+
+    async fn write(&self, pid: u32, data: &[u8]) -> Result<()> {
+        let mut closed = self.closed.subscribe();
+        let closed_err = || Error::precondition(format!("stdin of process {pid} is closed"));
+        let mut guard = tokio::select! {
+            g = self.writer.lock() => g,
+            _ = closed.wait_for(|c| *c) => return Err(closed_err()),
+        };
+        let w = guard.as_mut().ok_or_else(closed_err)?;
+        tokio::select! {
+            r = w.write_all(data) => r.map_err(|e| Error::io(format!("write to stdin of process {pid}"), &e)),
+            _ = closed.wait_for(|c| *c) => Err(Error::precondition(format!(
+                "stdin of process {pid} was closed while this input was being written \
+                 (the process was not reading it); part of it may have been delivered"
+            ))),
+        }
+    }
+
+    async fn close(&self) {
+        self.closed.send_replace(true);
+        self.writer.lock().await.take();
+    }
+}
+
 /// Where input to the process goes.
 #[derive(Debug)]
 pub enum Input {
-    /// A stdin pipe; `None` once closed.
-    Pipe(Mutex<Option<pipe::Sender>>),
+    Pipe(StdinPipe),
     Pty(Arc<Pty>),
     /// Started with `stdin=false`: stdin is /dev/null.
     Null,
@@ -59,15 +98,7 @@ impl Process {
     pub async fn write_stdin(&self, data: &[u8]) -> Result<()> {
         self.ensure_running()?;
         match &self.input {
-            Input::Pipe(stdin) => {
-                let mut guard = stdin.lock().await;
-                let w = guard.as_mut().ok_or_else(|| {
-                    Error::precondition(format!("stdin of process {} is closed", self.pid))
-                })?;
-                w.write_all(data)
-                    .await
-                    .map_err(|e| Error::io(format!("write to stdin of process {}", self.pid), &e))
-            }
+            Input::Pipe(stdin) => stdin.write(self.pid, data).await,
             Input::Pty(_) => Err(Error::precondition(format!(
                 "process {} runs on a pty: send pty input instead of stdin",
                 self.pid
@@ -92,7 +123,7 @@ impl Process {
         self.ensure_running()?;
         match &self.input {
             Input::Pipe(stdin) => {
-                stdin.lock().await.take();
+                stdin.close().await;
                 Ok(())
             }
             Input::Pty(_) => Err(Error::precondition(format!(

@@ -86,7 +86,7 @@ pub fn prepare(
             let (stdin, input) = if req.stdin.unwrap_or(true) {
                 let (r, w) = new_pipe()?;
                 let tx = pipe::Sender::from_owned_fd(w).map_err(|e| Error::io("stdin pipe", &e))?;
-                (r, Input::Pipe(tokio::sync::Mutex::new(Some(tx))))
+                (r, Input::Pipe(super::handle::StdinPipe::new(tx)))
             } else {
                 let null = open(
                     "/dev/null",

@@ -10,8 +10,15 @@
 //! `capacity` bytes behind; it waits instead, which in turn stops reading the
 //! pipe and so blocks the child's `write()`. With no subscriber attached the
 //! producer never waits and the oldest output is dropped.
+//!
+//! All logs together also share one [`Budget`]: while the total retained
+//! exceeds it, a producer trims its own log's oldest (already read) output
+//! down to [`FLOOR`], so many unattached processes cannot add up to unbounded
+//! memory. Dropped output is reported on re-attach as `output_lost`, as for
+//! the per-process cap.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -63,11 +70,40 @@ impl Inner {
     }
 }
 
+/// Output a log keeps even when the shared budget is exceeded.
+pub const FLOOR: u64 = 64 * 1024;
+
+/// Output retained by all logs together, and its limit.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicU64,
+    max: u64,
+}
+
+impl Budget {
+    pub fn new(max: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: AtomicU64::new(0),
+            max,
+        })
+    }
+
+    /// Bytes retained now, by all logs.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        self.used() > self.max
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct OutputLog {
     inner: Mutex<Inner>,
     capacity: u64,
+    budget: Arc<Budget>,
     /// Bumped on every change; producers and subscribers wait on it.
     changed: watch::Sender<()>,
 }
@@ -80,10 +116,11 @@ pub enum Next {
 }
 
 impl OutputLog {
-    pub fn new(capacity: usize) -> Arc<OutputLog> {
+    pub fn new(capacity: usize, budget: Arc<Budget>) -> Arc<OutputLog> {
         Arc::new(OutputLog {
             inner: Mutex::new(Inner::default()),
             capacity: capacity as u64,
+            budget,
             changed: watch::Sender::new(()),
         })
     }
@@ -118,12 +155,20 @@ impl OutputLog {
                         source,
                         data,
                     });
+                    self.budget
+                        .used
+                        .fetch_add(data_len(&g), Ordering::Relaxed);
                     let slowest = g.slowest().unwrap_or(u64::MAX);
-                    while g.retained() > self.capacity {
+                    let floor = FLOOR.min(self.capacity);
+                    while g.retained() > self.capacity
+                        || (g.retained() > floor && self.budget.over())
+                    {
                         match g.chunks.front() {
                             Some(c) if c.end() <= slowest => {
+                                let freed = c.data.len() as u64;
                                 g.start = c.end();
                                 g.chunks.pop_front();
+                                self.budget.used.fetch_sub(freed, Ordering::Relaxed);
                             }
                             _ => break,
                         }
@@ -183,6 +228,18 @@ impl OutputLog {
             id,
             rx: self.changed.subscribe(),
         }
+    }
+}
+
+/// The size of the chunk just appended (the newest).
+fn data_len(g: &Inner) -> u64 {
+    g.chunks.back().map_or(0, |c| c.data.len() as u64)
+}
+
+impl Drop for OutputLog {
+    fn drop(&mut self) {
+        let retained = self.lock().retained();
+        self.budget.used.fetch_sub(retained, Ordering::Relaxed);
     }
 }
 
@@ -253,7 +310,7 @@ mod tests {
 
     #[tokio::test]
     async fn drops_oldest_without_subscribers_and_reports_loss() {
-        let log = OutputLog::new(10);
+        let log = OutputLog::new(10, Budget::new(u64::MAX));
         for i in 0..5u8 {
             log.append(Source::Stdout, Bytes::from(vec![i; 4])).await;
         }
@@ -269,8 +326,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn shared_budget_trims_to_the_floor_and_is_returned() {
+        let budget = Budget::new(3 * FLOOR);
+        let logs: Vec<_> = (0..4)
+            .map(|_| OutputLog::new(4 * FLOOR as usize, budget.clone()))
+            .collect();
+        for log in &logs {
+            for _ in 0..4 {
+                log.append(Source::Stdout, Bytes::from(vec![0; FLOOR as usize]))
+                    .await;
+            }
+        }
+        // Over budget: later logs were trimmed to the floor.
+        assert!(budget.used() <= 3 * FLOOR + 4 * FLOOR, "{}", budget.used());
+        let (_, at, lost) = logs[3].subscribe_from(0).unwrap();
+        assert_eq!((at, lost), (3 * FLOOR, 3 * FLOOR));
+        drop(logs);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
     async fn resume_mid_chunk_and_end() {
-        let log = OutputLog::new(100);
+        let log = OutputLog::new(100, Budget::new(u64::MAX));
         log.append(Source::Stdout, Bytes::from_static(b"hello"))
             .await;
         log.append(Source::Stderr, Bytes::from_static(b"world"))
@@ -291,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_subscriber_applies_back_pressure() {
-        let log = OutputLog::new(8);
+        let log = OutputLog::new(8, Budget::new(u64::MAX));
         let mut sub = log.subscribe_live();
         log.append(Source::Stdout, Bytes::from_static(b"12345678"))
             .await;

@@ -11,7 +11,7 @@ use super::events::{self, EventStream};
 use super::handle::Process;
 use super::launch;
 use super::lifecycle;
-use super::output::OutputLog;
+use super::output::{Budget, OutputLog};
 use super::reaper::Reaper;
 use super::table::ProcessTable;
 use crate::defaults::Defaults;
@@ -27,6 +27,8 @@ use crate::status::{Error, Result};
 pub struct Settings {
     /// Output retained per process for re-attach (bytes).
     pub output_buffer: usize,
+    /// Output retained by all processes together (bytes).
+    pub output_budget: u64,
     /// How long an ended process stays visible to `Connect`.
     pub exit_retention: Duration,
     /// At most this many ended processes are kept.
@@ -37,6 +39,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             output_buffer: 1 << 20,
+            output_budget: 32 << 20,
             exit_retention: Duration::from_secs(60),
             max_exit_records: 256,
         }
@@ -49,6 +52,7 @@ pub struct ProcessService {
     reaper: Arc<Reaper>,
     defaults: Arc<Defaults>,
     settings: Settings,
+    budget: Arc<Budget>,
     seq: AtomicU64,
 }
 
@@ -61,6 +65,7 @@ impl ProcessService {
             )),
             reaper,
             defaults,
+            budget: Budget::new(settings.output_budget),
             settings,
             seq: AtomicU64::new(0),
         }
@@ -75,7 +80,7 @@ impl ProcessService {
         let workdir = self.defaults.workdir();
         let launch = launch::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
         let config = req.process.unwrap_or_default();
-        let output = OutputLog::new(self.settings.output_buffer);
+        let output = OutputLog::new(self.settings.output_buffer, self.budget.clone());
         // Subscribed before the child exists: no early output is missed.
         let sub = output.subscribe_live();
         let (pid, exit) = self

@@ -67,7 +67,7 @@ impl ProcessTable {
             g.running.remove(&p.pid);
         }
         g.ended
-            .push_back((Instant::now() + self.retention, p.clone()));
+            .push_back((far_or(Instant::now(), self.retention), p.clone()));
         g.expire(Instant::now(), self.max_ended);
     }
 
@@ -124,4 +124,11 @@ fn not_found(sel: Option<&ProcessSelector>) -> Error {
         Some(Selector::Tag(tag)) => Error::not_found(format!("process with tag '{tag}' not found")),
         None => Error::invalid("process selector (pid or tag) is required"),
     }
+}
+
+/// `now + d`, or about a century ahead when that is not representable.
+fn far_or(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
 }
