@@ -1,8 +1,9 @@
 //! Reading a whole request body into memory, bounded three ways: per request
 //! (a size limit), in total (one budget shared by every body being read, so
 //! many slow uploads cannot add up), and in time (a body must arrive within
-//! [`BODY_TIMEOUT`]).
+//! the body timeout, `--body-timeout`, 30 s by default).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -13,8 +14,22 @@ use tokio::sync::Semaphore;
 
 use crate::status::{Code, Error, Result};
 
-/// A buffered body must be complete within this time.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A buffered body must be complete within this time unless set otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+static TIMEOUT_MS: AtomicU64 = AtomicU64::new(30_000);
+
+/// Sets the body timeout (from `--body-timeout`).
+pub fn set_timeout(t: Duration) {
+    TIMEOUT_MS.store(
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1),
+        Ordering::Relaxed,
+    );
+}
+
+fn timeout() -> Duration {
+    Duration::from_millis(TIMEOUT_MS.load(Ordering::Relaxed))
+}
 
 /// Bytes of request bodies being buffered at once, across all requests.
 pub const TOTAL_BUDGET: usize = 64 << 20;
@@ -31,14 +46,12 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    match tokio::time::timeout(BODY_TIMEOUT, read(body, limit)).await {
+    let t = timeout();
+    match tokio::time::timeout(t, read(body, limit)).await {
         Ok(r) => r,
         Err(_) => Err(Error::new(
             Code::DeadlineExceeded,
-            format!(
-                "the request body did not arrive within {} s",
-                BODY_TIMEOUT.as_secs()
-            ),
+            format!("the request body did not arrive within {t:?}"),
         )),
     }
 }
@@ -48,28 +61,34 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let mut buf = BytesMut::new();
+    // Chunks as they came, joined once at the end: growing one buffer would
+    // hold up to twice the body while it arrives.
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
     let mut held = None::<tokio::sync::SemaphorePermit<'static>>;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Error::invalid(format!("reading the request body: {e}")))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        if buf.len() + data.len() > limit {
+        if total + data.len() > limit {
             return Err(too_big(limit));
         }
         let n = u32::try_from(data.len()).map_err(|_| too_big(limit))?;
-        let permit = budget().try_acquire_many(n).map_err(|_| {
-            Error::new(
-                Code::ResourceExhausted,
-                "envd is receiving too many request bodies at once; retry shortly",
-            )
-        })?;
+        let permit = budget().try_acquire_many(n).map_err(|_| busy())?;
         match &mut held {
             Some(h) => h.merge(permit),
             None => held = Some(permit),
         }
-        buf.extend_from_slice(&data);
+        total += data.len();
+        chunks.push(data);
+    }
+    if chunks.len() == 1 {
+        return Ok(chunks.pop().unwrap_or_default());
+    }
+    let mut buf = BytesMut::with_capacity(total);
+    for c in chunks {
+        buf.extend_from_slice(&c);
     }
     Ok(buf.freeze())
 }
@@ -81,3 +100,11 @@ pub fn too_big(limit: usize) -> Error {
         format!("the request body exceeds the limit of {limit} bytes"),
     )
 }
+
+/// The shared budget is spent.
+fn busy() -> Error {
+    Error::new(Code::ResourceExhausted, BUSY)
+}
+
+/// The message of [`busy`] (REST answers it with 503).
+pub const BUSY: &str = "envd is receiving too many request bodies at once; retry shortly";

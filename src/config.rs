@@ -75,6 +75,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout: u64,
 
+    /// A request body envd buffers (Connect unary calls, /init, compose)
+    /// must arrive within this time (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout: u64,
+
     /// Directory watches at once (WatchDir streams and polling watchers
     /// together); beyond it, RESOURCE_EXHAUSTED. All share one inotify
     /// instance.

@@ -125,6 +125,7 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
         max_connections = conns.limits().max,
         "open-file limit"
     );
+    envd::body::set_timeout(Duration::from_secs(cfg.body_timeout));
     envd::filesystem::inotify::Hub::global()
         .set_max(usize::try_from(cfg.max_watches).unwrap_or(usize::MAX));
     let reaper = Reaper::start().map_err(|e| format!("cannot start the child reaper: {e}"))?;

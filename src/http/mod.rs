@@ -109,7 +109,9 @@ pub async fn read_json_body(body: Incoming, limit: usize) -> Result<bytes::Bytes
     crate::body::read_to_end(body, limit).await.map_err(|e| {
         if e.code == crate::status::Code::DeadlineExceeded {
             Rest::new(StatusCode::REQUEST_TIMEOUT, e.message)
-        } else if e.code == crate::status::Code::ResourceExhausted && e.message.contains("limit") {
+        } else if e.message == crate::body::BUSY {
+            Rest::new(StatusCode::SERVICE_UNAVAILABLE, e.message)
+        } else if e.code == crate::status::Code::ResourceExhausted {
             Rest::new(StatusCode::PAYLOAD_TOO_LARGE, e.message)
         } else {
             Rest::from(e)

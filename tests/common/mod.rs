@@ -29,6 +29,16 @@ pub struct Envd {
 impl Envd {
     /// Starts envd with a Unix and a TCP listener plus `extra` flags.
     pub fn start(extra: &[&str]) -> Envd {
+        Self::start_with(extra, None)
+    }
+
+    /// Like [`Envd::start`], after `ulimit <ulimit>` in the shell that
+    /// execs envd (e.g. "-Sn 256": soft open-file limit 256).
+    pub fn start_with_ulimit(extra: &[&str], ulimit: &str) -> Envd {
+        Self::start_with(extra, Some(ulimit))
+    }
+
+    fn start_with(extra: &[&str], ulimit: Option<&str>) -> Envd {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("envd.sock");
         let unix = format!("unix://{}", sock.display());
@@ -39,7 +49,23 @@ impl Envd {
             "tcp://127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, urls, log) = spawn(&args).unwrap_or_else(|e| panic!("envd did not start: {e}"));
+        let cmd = match ulimit {
+            None => {
+                let mut c = Command::new(binary());
+                c.args(&args);
+                c
+            }
+            Some(u) => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg(format!("ulimit {u} && exec \"$0\" \"$@\""))
+                    .arg(binary())
+                    .args(&args);
+                c
+            }
+        };
+        let (child, urls, log) =
+            spawn_command(cmd).unwrap_or_else(|e| panic!("envd did not start: {e}"));
         let tcp = urls
             .iter()
             .find(|u| u.starts_with("tcp://"))
@@ -94,8 +120,15 @@ pub fn binary() -> String {
 pub type Log = Arc<Mutex<Vec<String>>>;
 
 pub fn spawn(args: &[String]) -> Result<(Child, Vec<String>, Log), String> {
-    let mut child = Command::new(binary())
-        .args(args)
+    let mut cmd = Command::new(binary());
+    cmd.args(args);
+    spawn_command(cmd)
+}
+
+/// Like [`spawn`], for a command prepared by the caller (e.g. a wrapper that
+/// sets limits before it execs envd).
+pub fn spawn_command(mut cmd: Command) -> Result<(Child, Vec<String>, Log), String> {
+    let mut child = cmd
         .env(
             "RUST_LOG",
             std::env::var("ENVD_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -1,0 +1,711 @@
+//! Regression tests for the hardening issue: each test reproduces one way a
+//! caller or a process inside the sandbox could crash envd, exhaust it or
+//! corrupt data, against the real binary over real sockets.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::http::{addr, request, Reply};
+use common::*;
+use envd::proto::filesystem::*;
+use envd::proto::process::*;
+use envd::proto::transfer::ReadFileRequest;
+use futures_util::StreamExt;
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// envd still answers `/health` (and so has not crashed or stalled).
+fn healthy(e: &Envd) {
+    let r = request(&e.tcp, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 204, "envd no longer answers /health");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// fds of `pid` whose link target contains `what`.
+fn fds_like(pid: u32, what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains(what))
+        .count()
+}
+
+/// A chain of `levels` nested directories `d/d/d/...` under `root`.
+fn deep_chain(root: &Path, levels: usize) -> PathBuf {
+    let mut p = root.to_path_buf();
+    for _ in 0..levels {
+        p.push("d");
+    }
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("leaf"), b"x").unwrap();
+    p
+}
+
+/// Deep enough to overflow a worker's stack when walked recursively
+/// (~1,750 levels did), shallow enough for paths under PATH_MAX.
+const DEEP: usize = 1_950;
+
+// Defect 1: trees of any depth are walked without recursion.
+#[tokio::test]
+async fn deep_trees_do_not_crash_watch_list_remove_or_move() {
+    let e = Envd::start(&[]);
+    let mut fs = e.fs().await;
+    let dir = tempfile::tempdir().unwrap();
+    let watched = dir.path().join("w");
+    std::fs::create_dir(&watched).unwrap();
+    let mut stream = fs
+        .watch_dir(WatchDirRequest {
+            path: s(&watched),
+            recursive: true,
+            ..Default::default()
+        })
+        .await
+        .expect("WatchDir")
+        .into_inner();
+    stream.next().await.unwrap().unwrap(); // start
+    let poller = fs
+        .create_watcher(CreateWatcherRequest {
+            path: s(&watched),
+            recursive: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .watcher_id;
+
+    // A sandboxed process moves a deep tree into the watched directory.
+    let outside = dir.path().join("t");
+    deep_chain(&outside, DEEP);
+    std::fs::rename(&outside, watched.join("t")).unwrap();
+    // The watch scans the new tree; the last event is the deepest leaf.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen_leaf = false;
+    while !seen_leaf && Instant::now() < deadline {
+        let item = tokio::time::timeout(Duration::from_secs(30), stream.next()).await;
+        match item {
+            Ok(Some(Ok(r))) => {
+                if let Some(watch_dir_response::Event::Filesystem(ev)) = r.event {
+                    seen_leaf = ev.name.ends_with("/leaf");
+                }
+            }
+            other => panic!("watch stream ended: {other:?}"),
+        }
+    }
+    assert!(seen_leaf, "the deep leaf was never reported");
+    healthy(&e);
+    let polled = fs
+        .get_watcher_events(GetWatcherEventsRequest {
+            watcher_id: poller.clone(),
+        })
+        .await
+        .expect("polling watcher survives");
+    assert!(!polled.into_inner().events.is_empty());
+
+    // ListDir with an unbounded depth.
+    let listed = fs
+        .list_dir(ListDirRequest {
+            path: s(&watched),
+            depth: u32::MAX,
+        })
+        .await
+        .expect("ListDir")
+        .into_inner();
+    assert_eq!(listed.entries.len(), DEEP + 2); // t, DEEP-1 more d, leaf... + t itself
+
+    // Remove the whole tree.
+    fs.remove(RemoveRequest {
+        path: s(&watched.join("t")),
+    })
+    .await
+    .expect("Remove");
+    assert!(!watched.join("t").exists());
+    healthy(&e);
+}
+
+// Defect 1 (move): a deep tree across filesystems is copied iteratively.
+// Defect 7: a pre-1970 mtime is copied, not a panic, and no temp file stays.
+#[tokio::test]
+async fn cross_filesystem_move_of_deep_trees_and_old_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("tmpfs");
+    let Some(_tmpfs) = Tmpfs::mount("cross_filesystem_move", &mnt, "size=64m") else {
+        return;
+    };
+    let e = Envd::start(&[]);
+    let mut fs = e.fs().await;
+    let src = dir.path().join("tree");
+    deep_chain(&src, 1_500);
+    let old = src.join("old");
+    std::fs::write(&old, b"1969").unwrap();
+    let status = std::process::Command::new("touch")
+        .args(["-m", "-d", "1969-07-20 20:17:00 UTC"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dst = mnt.join("moved");
+    fs.r#move(MoveRequest {
+        source: s(&src),
+        destination: s(&dst),
+    })
+    .await
+    .expect("Move across filesystems");
+    assert!(!src.exists());
+    let m = std::fs::metadata(dst.join("old")).unwrap();
+    assert!(m.mtime() < 0, "mtime not preserved: {}", m.mtime());
+    let leftovers: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n != "moved")
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    healthy(&e);
+}
+
+// Defect 2: /init with a wrong token is refused before its body is read; an
+// unproven caller may send only a small body; bodies have a time limit.
+#[test]
+fn init_checks_the_token_before_the_body_and_bounds_it() {
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "secret").unwrap();
+    let tf = s(token_file.path());
+    let e = Envd::start(&["--access-token-file", &tf, "--body-timeout", "2"]);
+    // Announce 1 MiB, send none of it: the answer must not wait for it.
+    let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(
+        b"POST /init HTTP/1.1\r\nhost: envd\r\nx-access-token: wrong\r\ncontent-length: 1048576\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // No token shown: a body above 16 KiB is refused.
+    let big = format!(r#"{{"accessToken":"secret","envVars":{{"A":"{}"}}}}"#, "x".repeat(20_000));
+    let r = request(&e.tcp, "POST", "/init", &[("content-type", "application/json")], big.as_bytes());
+    assert_eq!(r.status, 413, "{}", r.text());
+
+    // A body that never completes times out.
+    let t = Instant::now();
+    let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(
+        b"POST /init HTTP/1.1\r\nhost: envd\r\nx-access-token: secret\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    let n = c.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(t.elapsed() < Duration::from_secs(15));
+    healthy(&e);
+}
+
+// Defect 2: many slow unauthenticated bodies cannot add up.
+#[test]
+fn slow_bodies_share_one_budget() {
+    let e = Envd::start(&["--body-timeout", "60"]);
+    let before = rss_kib(e.pid());
+    let body = vec![b' '; (1 << 20) - 1];
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..150 {
+        let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        // A refused body is answered and its connection closed mid-write.
+        let _ = c
+            .write_all(b"POST /init HTTP/1.1\r\nhost: envd\r\ncontent-length: 1048576\r\n\r\n")
+            .and_then(|()| c.write_all(&body));
+        held.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for c in &mut held {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 12];
+        if let Ok(n) = c.read(&mut buf) {
+            if buf[..n].starts_with(b"HTTP/1.1 503") {
+                refused += 1;
+            }
+        }
+    }
+    let grown_mib = rss_kib(e.pid()).saturating_sub(before) / 1024;
+    assert!(refused > 0, "no body was refused by the shared budget");
+    assert!(grown_mib < 110, "RSS grew by {grown_mib} MiB");
+    drop(held);
+    healthy(&e);
+}
+
+// Defect 3: envd raises its own soft fd limit; commands get the original.
+#[tokio::test]
+async fn envd_raises_its_fd_limit_but_not_its_commands() {
+    let e = Envd::start_with_ulimit(&[], "-Sn 256");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", e.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let hard: u64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert_eq!(soft, hard, "soft limit not raised: {line}");
+
+    let mut c = e.client().await;
+    let o = run(&mut c, sh("ulimit -Sn")).await;
+    assert_eq!(o.out().trim(), "256", "commands must keep the original limit");
+}
+
+// Defect 3: idle and half-sent connections cannot exhaust fds, even when
+// the hard limit is low.
+#[tokio::test]
+async fn idle_connections_cannot_exhaust_fds() {
+    let e = Envd::start_with_ulimit(&["--idle-timeout", "2"], "-n 256");
+    // Far more idle connections (some with half a request) than fds.
+    let mut idle = Vec::new();
+    for i in 0..400 {
+        let Ok(mut c) = TcpStream::connect(addr(&e.tcp)) else {
+            break;
+        };
+        if i % 2 == 0 {
+            let _ = c.write_all(b"GET /health HTTP/1.1\r\nhost: en");
+        }
+        idle.push(c);
+    }
+    // envd still answers, on a new connection and with a command.
+    healthy(&e);
+    let mut c = e.client().await;
+    assert_eq!(run(&mut c, sh("echo ok")).await.out(), "ok\n");
+
+    // A half-sent request is closed after the idle timeout.
+    let mut slow = TcpStream::connect(addr(&e.tcp)).unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost: en").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = slow.read(&mut buf).unwrap_or(0);
+    assert!(n == 0 || !buf.starts_with(b"HTTP/1.1 2"), "served a half request");
+    assert!(t.elapsed() < Duration::from_secs(15), "half request kept open");
+}
+
+// Defect 4: size and content of a download come from the same file.
+#[test]
+fn downloads_during_atomic_replace_are_never_mixed() {
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("f");
+    std::fs::write(&target, vec![b'a'; 1_000]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (b, n) = if i % 2 == 0 { (b'b', 3_000) } else { (b'a', 1_000) };
+                let tmp = dir.join(format!("tmp{i}"));
+                std::fs::write(&tmp, vec![b; n]).unwrap();
+                std::fs::rename(&tmp, dir.join("f")).unwrap();
+                i += 1;
+            }
+        })
+    };
+    let q = format!("/files?path={}", s(&target));
+    for _ in 0..1_500 {
+        let r = request(&e.tcp, "GET", &q, &[], b"");
+        assert_eq!(r.status, 200);
+        let ok = r.body == vec![b'a'; 1_000] || r.body == vec![b'b'; 3_000];
+        assert!(ok, "mixed download: {} bytes", r.body.len());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+}
+
+fn mkfifo(p: &Path) {
+    nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+}
+
+// Defects 5 and 6: special files are refused, never opened blocking, never
+// replaced; writes go through symlinks; compose takes regular files only.
+#[tokio::test]
+async fn special_files_are_refused_and_symlinks_written_through() {
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let q = format!("/files?path={}", s(&fifo));
+    // Many at once: none may hang a thread.
+    let handles: Vec<_> = (0..64)
+        .map(|_| {
+            let (u, q) = (e.tcp.clone(), q.clone());
+            std::thread::spawn(move || request(&u, "GET", &q, &[], b"").status)
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 400);
+    }
+    let mut t = e.transfer().await;
+    let r = t
+        .read_file(ReadFileRequest {
+            path: s(&fifo),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::InvalidArgument);
+
+    // Upload onto the FIFO: refused, the FIFO stays.
+    let up = format!("/files?path={}", s(&fifo));
+    let r = request(&e.tcp, "POST", &up, &[("content-type", "application/octet-stream")], b"x");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    if is_root() {
+        let dev = dir.path().join("null");
+        nix::sys::stat::mknod(
+            &dev,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+        let up = format!("/files?path={}", s(&dev));
+        let r = request(&e.tcp, "POST", &up, &[("content-type", "application/octet-stream")], b"x");
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(std::fs::symlink_metadata(&dev).unwrap().file_type().is_char_device());
+    } else {
+        eprintln!("SKIP device-node part: needs root for mknod");
+    }
+
+    // Upload onto a symlink writes through it.
+    let real = dir.path().join("real");
+    std::fs::write(&real, b"old").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink("real", &link).unwrap();
+    let up = format!("/files?path={}", s(&link));
+    let r = request(&e.tcp, "POST", &up, &[("content-type", "application/octet-stream")], b"new");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(&real).unwrap(), b"new");
+
+    // Compose: non-regular sources and source == destination are 400, and
+    // nothing is deleted.
+    let compose = |sources: &[&Path], dest: &Path| {
+        let body = serde_json::json!({
+            "source_paths": sources.iter().map(|p| s(p)).collect::<Vec<_>>(),
+            "destination": s(dest),
+        });
+        request(
+            &e.tcp,
+            "POST",
+            "/files/compose",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let r = compose(&[&real, &fifo], &dir.path().join("c"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = compose(&[&real, Path::new("/dev/zero")], &dir.path().join("c"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = compose(&[&real], &real);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = compose(&[&real], &link);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(real.exists() && fifo.exists());
+    // A good compose answers with E2B's shape.
+    let other = dir.path().join("other");
+    std::fs::write(&other, b"+").unwrap();
+    let dest = dir.path().join("c");
+    let r = compose(&[&real, &other], &dest);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"path": s(&dest), "name": "c", "type": "file"})
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), b"new+");
+    healthy(&e);
+}
+
+fn upload(e: &Envd, path_query: &str, body: &[u8]) -> Reply {
+    request(
+        &e.tcp,
+        "POST",
+        &format!("/files?path={path_query}"),
+        &[("content-type", "application/octet-stream")],
+        body,
+    )
+}
+
+/// Percent-encodes every byte but unreserved ASCII.
+fn pct(b: &[u8]) -> String {
+    b.iter()
+        .map(|&c| {
+            if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
+                char::from(c).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect()
+}
+
+// Defects 8 and 9, non-UTF-8 names, gzip junk.
+#[test]
+fn every_legal_name_uploads_and_downloads() {
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    // A name with a newline and control bytes.
+    let odd = dir.path().join("a\nb\x01\"c");
+    std::fs::write(&odd, b"odd").unwrap();
+    let r = request(&e.tcp, "GET", &format!("/files?path={}", pct(odd.as_os_str().as_bytes())), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, b"odd");
+    let cd = r.header("content-disposition").unwrap();
+    assert!(cd.contains("filename*=UTF-8''a%0Ab%01%22c"), "{cd}");
+
+    // 233..=255-byte names (the temporary file used to be 23 bytes longer).
+    for len in [233, 240, 255] {
+        let name = "n".repeat(len);
+        let p = dir.path().join(&name);
+        let r = upload(&e, &pct(p.as_os_str().as_bytes()), b"long");
+        assert_eq!(r.status, 200, "{len}: {}", r.text());
+        assert_eq!(std::fs::read(&p).unwrap(), b"long");
+    }
+
+    // Non-UTF-8 names, both ways.
+    let raw = [dir.path().as_os_str().as_bytes(), b"/\xff\xfe.bin"].concat();
+    let p = Path::new(std::ffi::OsStr::from_bytes(&raw));
+    let r = upload(&e, &pct(&raw), b"bytes");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(p).unwrap(), b"bytes");
+    let r = request(&e.tcp, "GET", &format!("/files?path={}", pct(&raw)), &[], b"");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"bytes"[..]));
+
+    // gzip with trailing junk is bad input, not a server error.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(b"payload").unwrap();
+    let mut body = gz.finish().unwrap();
+    body.extend_from_slice(b"junk after the gzip stream");
+    let p = dir.path().join("gz");
+    let r = request(
+        &e.tcp,
+        "POST",
+        &format!("/files?path={}", s(&p)),
+        &[("content-type", "application/octet-stream"), ("content-encoding", "gzip")],
+        &body,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(!p.exists());
+}
+
+// Defect 10: CloseStdin does not wait behind a SendInput that is blocked on
+// a child that never reads.
+#[tokio::test]
+async fn close_stdin_while_input_is_blocked() {
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let mut req = sh("sleep 30");
+    req.stdin = Some(true);
+    let (_stream, o) = started(&mut c, req).await;
+    let pid = o.pid;
+    let mut writer = e.client().await;
+    let blocked = tokio::spawn(async move {
+        writer
+            .send_input(SendInputRequest {
+                process: by_pid(pid),
+                input: Some(ProcessInput {
+                    input: Some(process_input::Input::Stdin(vec![b'x'; 1 << 20].into())),
+                }),
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!blocked.is_finished(), "the pipe should be full");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        c.close_stdin(CloseStdinRequest {
+            process: by_pid(pid),
+        }),
+    )
+    .await
+    .expect("CloseStdin hung behind SendInput")
+    .expect("CloseStdin failed");
+    let r = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("SendInput still blocked")
+        .unwrap();
+    assert_eq!(code(r), tonic::Code::FailedPrecondition);
+    kill(&mut c, pid).await;
+}
+
+// Defect 12: a scan of a new directory does not show envd's temporary files.
+#[tokio::test]
+async fn uploads_into_new_directories_show_no_temp_files() {
+    let e = Envd::start(&[]);
+    let mut fs = e.fs().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut stream = fs
+        .watch_dir(WatchDirRequest {
+            path: s(dir.path()),
+            recursive: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    for i in 0..10 {
+        let p = dir.path().join(format!("new{i}/sub/file"));
+        let r = upload(&e, &s(&p), b"data");
+        assert_eq!(r.status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut names = Vec::new();
+    while let Ok(Some(Ok(r))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        if let Some(watch_dir_response::Event::Filesystem(ev)) = r.event {
+            names.push(ev.name);
+        }
+    }
+    assert!(names.iter().any(|n| n.ends_with("sub/file")), "{names:?}");
+    let temps: Vec<_> = names.iter().filter(|n| n.contains(".envd-")).collect();
+    assert!(temps.is_empty(), "temporary files reported: {temps:?}");
+}
+
+// Bounds: all watches share one inotify instance and are capped.
+#[tokio::test]
+async fn watchers_share_one_inotify_instance_and_are_capped() {
+    let e = Envd::start(&["--max-watches", "150"]);
+    let mut fs = e.fs().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..150 {
+        let id = fs
+            .create_watcher(CreateWatcherRequest {
+                path: s(dir.path()),
+                ..Default::default()
+            })
+            .await
+            .expect("CreateWatcher")
+            .into_inner()
+            .watcher_id;
+        ids.push(id);
+    }
+    assert_eq!(fds_like(e.pid(), "inotify"), 1);
+    let r = fs
+        .create_watcher(CreateWatcherRequest {
+            path: s(dir.path()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::ResourceExhausted);
+    // Every watcher still sees events; removing one frees a slot.
+    std::fs::write(dir.path().join("x"), b"1").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in [&ids[0], &ids[149]] {
+        let evs = fs
+            .get_watcher_events(GetWatcherEventsRequest {
+                watcher_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        assert!(evs.iter().any(|e| e.name == "x"), "{evs:?}");
+    }
+    fs.remove_watcher(RemoveWatcherRequest {
+        watcher_id: ids[0].clone(),
+    })
+    .await
+    .unwrap();
+    fs.create_watcher(CreateWatcherRequest {
+        path: s(dir.path()),
+        ..Default::default()
+    })
+    .await
+    .expect("a slot was freed");
+}
+
+// Bounds: output kept for unattached processes has a global budget.
+#[tokio::test]
+async fn unattached_output_has_a_global_budget() {
+    let e = Envd::start(&["--output-budget", "8388608"]);
+    let mut c = e.client().await;
+    let mut pids = Vec::new();
+    for _ in 0..40 {
+        let (stream, o) = started(&mut c, sh("head -c 2097152 /dev/zero; sleep 30")).await;
+        drop(stream); // detached: output is retained for re-attach
+        pids.push(o.pid);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_mib = rss_kib(e.pid()) / 1024;
+    assert!(rss_mib < 60, "RSS {rss_mib} MiB with an 8 MiB output budget");
+    let mut lost_total = 0;
+    for pid in &pids {
+        let mut s = c
+            .connect(ConnectRequest {
+                process: by_pid(*pid),
+                resume_offset: Some(0),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut o = Outcome::default();
+        read_until(&mut s, &mut o, |o| o.start.is_some()).await;
+        lost_total += o.start.as_ref().unwrap().output_lost.unwrap_or(0);
+    }
+    assert!(lost_total > 0, "nothing reported lost");
+    for pid in pids {
+        kill(&mut c, pid).await;
+    }
+}
+
+// Bounds: /init refuses environment variables no process could get.
+#[test]
+fn init_validates_env_vars() {
+    let e = Envd::start(&[]);
+    for bad in [
+        r#"{"envVars":{"":"x"}}"#,
+        r#"{"envVars":{"A=B":"x"}}"#,
+        r#"{"envVars":{"A":"x\u0000y"}}"#,
+    ] {
+        let r = request(&e.tcp, "POST", "/init", &[("content-type", "application/json")], bad.as_bytes());
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    let r = request(&e.tcp, "GET", "/envs", &[], b"");
+    assert_eq!(r.json(), serde_json::json!({}));
+}
+
+// A request timeout too large to represent is not a crash.
+#[test]
+fn huge_timeouts_are_no_deadline() {
+    let e = Envd::start(&[]);
+    let r = request(
+        &e.tcp,
+        "POST",
+        "/process.Process/List",
+        &[
+            ("content-type", "application/json"),
+            ("connect-timeout-ms", "18446744073709551615"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    healthy(&e);
+}
