@@ -26,7 +26,7 @@ deps: ## Install what the build and tests need (Rust components; nothing else ye
 
 sdk-deps: ## Install the official E2B SDKs the tests drive envd with (Python venv, npm).
 	@test -x $(SDK_VENV)/bin/python || python3 -m venv $(SDK_VENV)
-	@$(SDK_VENV)/bin/python -c 'import e2b' 2>/dev/null || $(SDK_VENV)/bin/pip install -q -r tests/sdk/requirements.txt
+	@$(SDK_VENV)/bin/python -c 'import e2b, grpc' 2>/dev/null || $(SDK_VENV)/bin/pip install -q -r tests/sdk/requirements.txt
 	@if command -v npm >/dev/null; then \
 	  test -d tests/sdk/js/node_modules/e2b || (cd tests/sdk/js && npm install --no-audit --no-fund --loglevel=error); \
 	else echo "npm not found: the JS SDK suite will be skipped"; fi

@@ -27,4 +27,5 @@ pub mod request;
 pub mod sd;
 pub mod server;
 pub mod status;
+pub mod unix_authority;
 pub mod users;

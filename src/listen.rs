@@ -138,7 +138,11 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }
-            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            // gRPC clients that send the socket path as :authority (see
+            // `unix_authority`) are served too.
+            Listener::Unix(l) => Box::new(crate::unix_authority::AuthorityFix::new(
+                l.accept().await?.0,
+            )),
             Listener::Vsock(l) => Box::new(l.accept().await?.0),
         })
     }

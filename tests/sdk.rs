@@ -64,3 +64,33 @@ fn js_sdk_suite() {
     let envd = Envd::start(&[]);
     run_suite("node", &["suite.mjs"], &js, &envd);
 }
+
+/// grpc-core sends a Unix socket's path as `:authority`; envd must serve it.
+#[test]
+fn grpcio_over_unix_socket() {
+    let python = root().join(".cache/sdk-venv/bin/python");
+    let has_grpc = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import grpc"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !has_grpc {
+        eprintln!("SKIP grpcio_over_unix_socket: no grpcio in the SDK virtualenv; run `make sdk-deps` (make test does)");
+        return;
+    }
+    let envd = Envd::start(&[]);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new(&python)
+        .arg("tests/sdk/grpcio_unix.py")
+        .arg(&envd.unix)
+        .arg(file.path())
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("3 passed, 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
