@@ -12,6 +12,8 @@ pub mod connect;
 pub mod connections;
 pub mod defaults;
 pub mod filesystem;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod h2;
 pub mod http;

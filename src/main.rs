@@ -151,7 +151,12 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
             Ok(listener) => {
                 let local = listener.local_url(&url);
                 tracing::info!(url = %local, "listening");
-                tokio::spawn(server::serve(listener, local, router.clone(), conns.clone()));
+                tokio::spawn(server::serve(
+                    listener,
+                    local,
+                    router.clone(),
+                    conns.clone(),
+                ));
             }
             // PID 1 never gives up: e.g. the vsock device may appear later.
             Err(e) if pid1 => {
@@ -189,11 +194,7 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
     Ok(())
 }
 
-async fn bind_later(
-    url: envd::listen::ListenUrl,
-    router: server::Router,
-    conns: Arc<Connections>,
-) {
+async fn bind_later(url: envd::listen::ListenUrl, router: server::Router, conns: Arc<Connections>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Ok(listener) = Listener::bind(&url).await {

@@ -81,7 +81,10 @@ mod tests {
         assert!(resolve("~root/x", &u).is_err());
         assert!(resolve("/a\0b", &u).is_err());
         assert_eq!(
-            resolve_bytes(b"/tmp/\xff\xfe", &u).unwrap().as_os_str().as_bytes(),
+            resolve_bytes(b"/tmp/\xff\xfe", &u)
+                .unwrap()
+                .as_os_str()
+                .as_bytes(),
             b"/tmp/\xff\xfe"
         );
     }

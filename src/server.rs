@@ -14,8 +14,8 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 
 use crate::auth::{Auth, Verdict, TOKEN_HEADER};
-use crate::connections::{Connections, Tracked};
 use crate::connect::{is_connect_path, ConnectRouter, HttpBody};
+use crate::connections::{Connections, Tracked};
 use crate::filesystem::FilesystemService;
 use crate::grpc::filesystem::FilesystemGrpc;
 use crate::grpc::process::ProcessGrpc;
@@ -241,7 +241,11 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
             }
         };
         let Some(reg) = conns.admit() else {
-            tracing::warn!(url, open = conns.count(), "connection refused: at the connection cap and none is idle");
+            tracing::warn!(
+                url,
+                open = conns.count(),
+                "connection refused: at the connection cap and none is idle"
+            );
             drop(conn);
             continue;
         };

@@ -117,7 +117,9 @@ impl<S> AuthorityFix<S> {
                     let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
                     if kind != HEADERS && kind != CONTINUATION {
                         if self.block.is_some() {
-                            return Err(protocol("a header block was interrupted by another frame"));
+                            return Err(protocol(
+                                "a header block was interrupted by another frame",
+                            ));
                         }
                         self.output.put(self.input.split_to(FRAME_HEADER));
                         self.passing = len;
@@ -143,7 +145,9 @@ impl<S> AuthorityFix<S> {
                 let mut p = payload;
                 let mut pad = 0;
                 if flags & PADDED != 0 {
-                    let (&n, rest) = p.split_first().ok_or_else(|| protocol("empty padded frame"))?;
+                    let (&n, rest) = p
+                        .split_first()
+                        .ok_or_else(|| protocol("empty padded frame"))?;
                     pad = usize::from(n);
                     p = rest;
                 }
@@ -157,7 +161,11 @@ impl<S> AuthorityFix<S> {
                     None
                 };
                 let body = p
-                    .get(..p.len().checked_sub(pad).ok_or_else(|| protocol("bad padding"))?)
+                    .get(
+                        ..p.len()
+                            .checked_sub(pad)
+                            .ok_or_else(|| protocol("bad padding"))?,
+                    )
                     .ok_or_else(|| protocol("bad padding"))?;
                 self.block = Some(Block {
                     stream,
@@ -232,8 +240,20 @@ impl<S> AuthorityFix<S> {
     }
 }
 
+/// Runs the inbound rewrite over `input` as if it arrived in one read: the
+/// bytes the server would see, or the error that closes the connection.
+pub fn process_all(input: &[u8]) -> io::Result<Vec<u8>> {
+    let mut fix = AuthorityFix::new(());
+    fix.input.extend_from_slice(input);
+    fix.process()?;
+    Ok(fix.output.to_vec())
+}
+
 fn protocol(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("HTTP/2 over Unix socket: {msg}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("HTTP/2 over Unix socket: {msg}"),
+    )
 }
 
 /// Whether `v` parses as a URI authority (what h2 accepts).
@@ -360,7 +380,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -398,10 +422,7 @@ mod tests {
     }
 
     fn run(input: &[u8]) -> io::Result<Vec<u8>> {
-        let mut fix = AuthorityFix::new(());
-        fix.input.extend_from_slice(input);
-        fix.process()?;
-        Ok(fix.output.to_vec())
+        process_all(input)
     }
 
     #[test]

@@ -204,8 +204,17 @@ fn init_checks_the_token_before_the_body_and_bounds_it() {
     );
 
     // No token shown: a body above 16 KiB is refused.
-    let big = format!(r#"{{"accessToken":"secret","envVars":{{"A":"{}"}}}}"#, "x".repeat(20_000));
-    let r = request(&e.tcp, "POST", "/init", &[("content-type", "application/json")], big.as_bytes());
+    let big = format!(
+        r#"{{"accessToken":"secret","envVars":{{"A":"{}"}}}}"#,
+        "x".repeat(20_000)
+    );
+    let r = request(
+        &e.tcp,
+        "POST",
+        "/init",
+        &[("content-type", "application/json")],
+        big.as_bytes(),
+    );
     assert_eq!(r.status, 413, "{}", r.text());
 
     // A body that never completes times out.
@@ -265,14 +274,21 @@ fn slow_bodies_share_one_budget() {
 async fn envd_raises_its_fd_limit_but_not_its_commands() {
     let e = Envd::start_with_ulimit(&[], "-Sn 256");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", e.pid())).unwrap();
-    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
     let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
     let hard: u64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
     assert_eq!(soft, hard, "soft limit not raised: {line}");
 
     let mut c = e.client().await;
     let o = run(&mut c, sh("ulimit -Sn")).await;
-    assert_eq!(o.out().trim(), "256", "commands must keep the original limit");
+    assert_eq!(
+        o.out().trim(),
+        "256",
+        "commands must keep the original limit"
+    );
 }
 
 // Defect 3: idle and half-sent connections cannot exhaust fds, even when
@@ -282,11 +298,11 @@ async fn idle_connections_cannot_exhaust_fds() {
     let e = Envd::start_with_ulimit(&["--idle-timeout", "2"], "-n 256");
     // Far more idle connections (some with half a request) than fds.
     let mut idle = Vec::new();
-    for i in 0..400 {
+    for i in 0..400u32 {
         let Ok(mut c) = TcpStream::connect(addr(&e.tcp)) else {
             break;
         };
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let _ = c.write_all(b"GET /health HTTP/1.1\r\nhost: en");
         }
         idle.push(c);
@@ -299,12 +315,19 @@ async fn idle_connections_cannot_exhaust_fds() {
     // A half-sent request is closed after the idle timeout.
     let mut slow = TcpStream::connect(addr(&e.tcp)).unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nhost: en").unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let t = Instant::now();
     let mut buf = [0u8; 16];
     let n = slow.read(&mut buf).unwrap_or(0);
-    assert!(n == 0 || !buf.starts_with(b"HTTP/1.1 2"), "served a half request");
-    assert!(t.elapsed() < Duration::from_secs(15), "half request kept open");
+    assert!(
+        n == 0 || !buf.starts_with(b"HTTP/1.1 2"),
+        "served a half request"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "half request kept open"
+    );
 }
 
 // Defect 4: size and content of a download come from the same file.
@@ -321,7 +344,11 @@ fn downloads_during_atomic_replace_are_never_mixed() {
         std::thread::spawn(move || {
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (b, n) = if i % 2 == 0 { (b'b', 3_000) } else { (b'a', 1_000) };
+                let (b, n) = if i.is_multiple_of(2) {
+                    (b'b', 3_000)
+                } else {
+                    (b'a', 1_000)
+                };
                 let tmp = dir.join(format!("tmp{i}"));
                 std::fs::write(&tmp, vec![b; n]).unwrap();
                 std::fs::rename(&tmp, dir.join("f")).unwrap();
@@ -374,9 +401,18 @@ async fn special_files_are_refused_and_symlinks_written_through() {
 
     // Upload onto the FIFO: refused, the FIFO stays.
     let up = format!("/files?path={}", s(&fifo));
-    let r = request(&e.tcp, "POST", &up, &[("content-type", "application/octet-stream")], b"x");
+    let r = request(
+        &e.tcp,
+        "POST",
+        &up,
+        &[("content-type", "application/octet-stream")],
+        b"x",
+    );
     assert_eq!(r.status, 400, "{}", r.text());
-    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
     if is_root() {
         let dev = dir.path().join("null");
         nix::sys::stat::mknod(
@@ -387,9 +423,18 @@ async fn special_files_are_refused_and_symlinks_written_through() {
         )
         .unwrap();
         let up = format!("/files?path={}", s(&dev));
-        let r = request(&e.tcp, "POST", &up, &[("content-type", "application/octet-stream")], b"x");
+        let r = request(
+            &e.tcp,
+            "POST",
+            &up,
+            &[("content-type", "application/octet-stream")],
+            b"x",
+        );
         assert_eq!(r.status, 400, "{}", r.text());
-        assert!(std::fs::symlink_metadata(&dev).unwrap().file_type().is_char_device());
+        assert!(std::fs::symlink_metadata(&dev)
+            .unwrap()
+            .file_type()
+            .is_char_device());
     } else {
         eprintln!("SKIP device-node part: needs root for mknod");
     }
@@ -400,9 +445,18 @@ async fn special_files_are_refused_and_symlinks_written_through() {
     let link = dir.path().join("link");
     std::os::unix::fs::symlink("real", &link).unwrap();
     let up = format!("/files?path={}", s(&link));
-    let r = request(&e.tcp, "POST", &up, &[("content-type", "application/octet-stream")], b"new");
+    let r = request(
+        &e.tcp,
+        "POST",
+        &up,
+        &[("content-type", "application/octet-stream")],
+        b"new",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(std::fs::read(&real).unwrap(), b"new");
 
     // Compose: non-regular sources and source == destination are 400, and
@@ -474,7 +528,13 @@ fn every_legal_name_uploads_and_downloads() {
     // A name with a newline and control bytes.
     let odd = dir.path().join("a\nb\x01\"c");
     std::fs::write(&odd, b"odd").unwrap();
-    let r = request(&e.tcp, "GET", &format!("/files?path={}", pct(odd.as_os_str().as_bytes())), &[], b"");
+    let r = request(
+        &e.tcp,
+        "GET",
+        &format!("/files?path={}", pct(odd.as_os_str().as_bytes())),
+        &[],
+        b"",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.body, b"odd");
     let cd = r.header("content-disposition").unwrap();
@@ -495,7 +555,13 @@ fn every_legal_name_uploads_and_downloads() {
     let r = upload(&e, &pct(&raw), b"bytes");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(std::fs::read(p).unwrap(), b"bytes");
-    let r = request(&e.tcp, "GET", &format!("/files?path={}", pct(&raw)), &[], b"");
+    let r = request(
+        &e.tcp,
+        "GET",
+        &format!("/files?path={}", pct(&raw)),
+        &[],
+        b"",
+    );
     assert_eq!((r.status, r.body.as_slice()), (200, &b"bytes"[..]));
 
     // gzip with trailing junk is bad input, not a server error.
@@ -508,7 +574,10 @@ fn every_legal_name_uploads_and_downloads() {
         &e.tcp,
         "POST",
         &format!("/files?path={}", s(&p)),
-        &[("content-type", "application/octet-stream"), ("content-encoding", "gzip")],
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+        ],
         &body,
     );
     assert_eq!(r.status, 400, "{}", r.text());
@@ -655,7 +724,10 @@ async fn unattached_output_has_a_global_budget() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_mib = rss_kib(e.pid()) / 1024;
-    assert!(rss_mib < 60, "RSS {rss_mib} MiB with an 8 MiB output budget");
+    assert!(
+        rss_mib < 60,
+        "RSS {rss_mib} MiB with an 8 MiB output budget"
+    );
     let mut lost_total = 0;
     for pid in &pids {
         let mut s = c
@@ -685,7 +757,13 @@ fn init_validates_env_vars() {
         r#"{"envVars":{"A=B":"x"}}"#,
         r#"{"envVars":{"A":"x\u0000y"}}"#,
     ] {
-        let r = request(&e.tcp, "POST", "/init", &[("content-type", "application/json")], bad.as_bytes());
+        let r = request(
+            &e.tcp,
+            "POST",
+            "/init",
+            &[("content-type", "application/json")],
+            bad.as_bytes(),
+        );
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
     let r = request(&e.tcp, "GET", "/envs", &[], b"");

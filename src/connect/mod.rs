@@ -163,7 +163,8 @@ pub fn stream_error(codec: Codec, e: &Error) -> Response<HttpBody> {
         .expect("static response parts are valid")
 }
 
-fn gunzip(data: &[u8]) -> Result<Vec<u8>> {
+/// Decompresses a gzip message, refusing more than [`MAX_MESSAGE`] bytes.
+pub fn gunzip(data: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(data)
         .take(MAX_MESSAGE as u64 + 1)

@@ -42,8 +42,9 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
             // Exactly the size seen at open: a source that grows meanwhile
             // cannot fill the disk.
             let mut limited = std::io::Read::take(&mut f.file, f.size);
-            std::io::copy(&mut limited, &mut out)
-                .map_err(|e| Error::io(format!("copy {} to {}", s.display(), dest.display()), &e))?;
+            std::io::copy(&mut limited, &mut out).map_err(|e| {
+                Error::io(format!("copy {} to {}", s.display(), dest.display()), &e)
+            })?;
         }
         drop(out);
         chown_to(&tmp, user)?;

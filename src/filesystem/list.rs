@@ -25,7 +25,8 @@ pub fn list_dir(real: &Path, shown: &Path, depth: u32) -> Result<Vec<EntryInfo>>
     let levels = depth.max(1);
     // Depth-first, in name order, without recursion: each frame holds a
     // directory's remaining entries (reversed, so `pop` yields name order).
-    let mut stack = vec![Frame::read(real, shown, levels).map_err(|e| Error::io(real.display(), &e))?];
+    let mut stack =
+        vec![Frame::read(real, shown, levels).map_err(|e| Error::io(real.display(), &e))?];
     while let Some(top) = stack.last_mut() {
         let Some(e) = top.entries.pop() else {
             stack.pop();

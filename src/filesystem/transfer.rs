@@ -46,7 +46,10 @@ pub fn open_regular(path: &Path) -> Result<OpenedFile> {
     let meta = file.metadata().map_err(|e| Error::io(path.display(), &e))?;
     let ft = meta.file_type();
     if ft.is_dir() {
-        return Err(Error::invalid(format!("'{}' is a directory", path.display())));
+        return Err(Error::invalid(format!(
+            "'{}' is a directory",
+            path.display()
+        )));
     }
     if !ft.is_file() {
         return Err(Error::invalid(format!(

@@ -218,12 +218,21 @@ mod tests {
         let mut dir = std::fs::File::open(root).unwrap();
         for _ in 0..depth {
             nix::sys::stat::mkdirat(dir.as_fd(), "d", Mode::from_bits_truncate(0o755)).unwrap();
-            std::fs::write(format!("/proc/self/fd/{}/f", {
-                use std::os::fd::AsRawFd;
-                dir.as_raw_fd()
-            }), b"x")
+            std::fs::write(
+                format!("/proc/self/fd/{}/f", {
+                    use std::os::fd::AsRawFd;
+                    dir.as_raw_fd()
+                }),
+                b"x",
+            )
             .unwrap();
-            let fd = nix::fcntl::openat(dir.as_fd(), "d", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+            let fd = nix::fcntl::openat(
+                dir.as_fd(),
+                "d",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
             dir = std::fs::File::from(fd);
         }
     }

@@ -9,11 +9,12 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Incoming;
 
+use super::headers::{content_disposition, content_type, metadata, parse_range, wants_gzip};
 use super::{json, query, user_of, Rest, RestResult};
 use crate::connect::HttpBody;
 use crate::defaults::Defaults;
@@ -31,93 +32,6 @@ fn resolve(path: &[u8], user: &User) -> std::result::Result<PathBuf, Rest> {
         ));
     }
     Ok(paths::resolve_bytes(path, user)?)
-}
-
-/// `Content-Disposition` for a file name of any bytes (RFC 6266): an ASCII
-/// `filename` fallback and the exact name percent-encoded in `filename*`.
-fn content_disposition(name: &[u8]) -> String {
-    let fallback: String = name
-        .iter()
-        .map(|&b| match b {
-            b'"' | b'\\' => '_',
-            0x20..=0x7e => char::from(b),
-            _ => '_',
-        })
-        .collect();
-    let mut encoded = String::with_capacity(name.len() * 3);
-    for &b in name {
-        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
-            encoded.push(char::from(b));
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
-    format!("inline; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
-}
-
-fn content_type(path: &std::path::Path) -> &'static str {
-    match path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        Some("txt" | "log" | "md" | "py" | "rs" | "sh" | "csv") => "text/plain; charset=utf-8",
-        Some("html" | "htm") => "text/html; charset=utf-8",
-        Some("json") => "application/json",
-        Some("js") => "text/javascript; charset=utf-8",
-        Some("css") => "text/css; charset=utf-8",
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("gif") => "image/gif",
-        Some("svg") => "image/svg+xml",
-        Some("pdf") => "application/pdf",
-        Some("zip") => "application/zip",
-        Some("gz") => "application/gzip",
-        _ => "application/octet-stream",
-    }
-}
-
-/// A single `bytes=` range of a file of `size` bytes: (start, length).
-fn parse_range(value: &str, size: u64) -> Option<std::result::Result<(u64, u64), ()>> {
-    let spec = value.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None; // multiple ranges: serve the whole file
-    }
-    let (a, b) = spec.split_once('-')?;
-    let r = match (a.trim(), b.trim()) {
-        ("", "") => Err(()),
-        ("", n) => match n.parse::<u64>() {
-            Ok(n) if n > 0 && size > 0 => Ok((size.saturating_sub(n), n.min(size))),
-            _ => Err(()),
-        },
-        (s, e) => match (
-            s.parse::<u64>(),
-            if e.is_empty() {
-                Ok(size.saturating_sub(1))
-            } else {
-                e.parse::<u64>()
-            },
-        ) {
-            (Ok(s), Ok(e)) if s < size && s <= e => Ok((s, e.min(size - 1) - s + 1)),
-            _ => Err(()),
-        },
-    };
-    Some(r)
-}
-
-fn wants_gzip(headers: &HeaderMap) -> bool {
-    headers
-        .get_all("accept-encoding")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|enc| {
-            let mut it = enc.split(';');
-            let name = it.next().unwrap_or("").trim();
-            let q0 = it.any(|p| p.trim().replace(' ', "") == "q=0");
-            name.eq_ignore_ascii_case("gzip") && !q0
-        })
 }
 
 pub async fn download(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
@@ -206,42 +120,6 @@ fn gzip_stream(
     })
 }
 
-/// `X-Metadata-<key>: <value>` headers (keys lowercased; printable ASCII).
-fn metadata(headers: &HeaderMap) -> std::result::Result<Option<Vec<(String, String)>>, Rest> {
-    let mut out = Vec::new();
-    let mut total = 0;
-    for (name, value) in headers {
-        let Some(key) = name.as_str().strip_prefix("x-metadata-") else {
-            continue;
-        };
-        let value = value
-            .to_str()
-            .ok()
-            .filter(|v| v.bytes().all(|b| (0x20..0x7f).contains(&b)))
-            .ok_or_else(|| {
-                Rest::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("metadata {key}: only printable ASCII is allowed"),
-                )
-            })?;
-        if key.is_empty() || key.len() > 246 {
-            return Err(Rest::new(
-                StatusCode::BAD_REQUEST,
-                format!("metadata key {key:?} must be 1..=246 bytes"),
-            ));
-        }
-        total += key.len() + value.len();
-        out.push((key.to_owned(), value.to_owned()));
-    }
-    if total > 4096 {
-        return Err(Rest::new(
-            StatusCode::BAD_REQUEST,
-            "metadata exceeds 4096 bytes in total",
-        ));
-    }
-    Ok((!out.is_empty()).then_some(out))
-}
-
 fn body_bytes(body: Incoming) -> impl Stream<Item = Result<Bytes>> + Unpin + Send {
     Box::pin(BodyStream::new(body).filter_map(|f| async move {
         match f {
@@ -283,7 +161,10 @@ pub async fn upload(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let query_path = q.bytes("path").filter(|p| !p.is_empty()).map(<[u8]>::to_vec);
+    let query_path = q
+        .bytes("path")
+        .filter(|p| !p.is_empty())
+        .map(<[u8]>::to_vec);
     let mut results = Vec::new();
     if ct.to_ascii_lowercase().starts_with("multipart/form-data") {
         if gzip {
@@ -379,20 +260,4 @@ pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult 
         .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     // E2B's shape: the path as requested (a symlink is written through).
     Ok(json(StatusCode::OK, &written(&requested)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 10))));
-        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 10))));
-        assert_eq!(parse_range("bytes=-5", 100), Some(Ok((95, 5))));
-        assert_eq!(parse_range("bytes=95-200", 100), Some(Ok((95, 5))));
-        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
-    }
 }

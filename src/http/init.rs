@@ -134,7 +134,12 @@ fn sync_clock(ts: &str) -> Result<(), Rest> {
             u64::try_from(t.seconds).unwrap_or(0),
             u32::try_from(t.nanos).unwrap_or(0).min(999_999_999),
         ))
-        .ok_or_else(|| Rest::new(StatusCode::BAD_REQUEST, format!("timestamp {ts:?} is out of range")))?;
+        .ok_or_else(|| {
+            Rest::new(
+                StatusCode::BAD_REQUEST,
+                format!("timestamp {ts:?} is out of range"),
+            )
+        })?;
     let now = SystemTime::now();
     let behind = target.duration_since(now).unwrap_or_default();
     let ahead = now.duration_since(target).unwrap_or_default();

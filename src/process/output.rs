@@ -155,9 +155,7 @@ impl OutputLog {
                         source,
                         data,
                     });
-                    self.budget
-                        .used
-                        .fetch_add(data_len(&g), Ordering::Relaxed);
+                    self.budget.used.fetch_add(data_len(&g), Ordering::Relaxed);
                     let slowest = g.slowest().unwrap_or(u64::MAX);
                     let floor = FLOOR.min(self.capacity);
                     while g.retained() > self.capacity
