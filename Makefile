@@ -9,7 +9,7 @@ SDK_VENV := .cache/sdk-venv
 # Parallel test threads per test binary (each test starts its own envd).
 TEST_THREADS ?= 4
 
-.PHONY: help run test check deps sdk-deps bench build static qemu-deps qemu-test
+.PHONY: help run test check deps sdk-deps bench build static qemu-deps qemu-test fuzz fuzz-deps
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -59,5 +59,13 @@ bench: static sdk-deps qemu-deps ## Benchmarks of the static binary: figures as 
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench process
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench filesystem
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench compat
+	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --bench soak
 	$(CARGO) build --release --target $(MUSL) --example vsock_peer
 	ENVD_STATIC=$(CURDIR)/$(STATIC_BIN) VSOCK_PEER=$(CURDIR)/target/$(MUSL)/release/examples/vsock_peer $(CARGO) bench --bench vm
+
+fuzz-deps: ## Install the nightly toolchain and cargo-fuzz (libFuzzer) for `make fuzz`.
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+
+fuzz: fuzz-deps ## Fuzz every parser of untrusted input, FUZZ_SECONDS (default 60) per target; grows fuzz/corpus.
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) fuzz/run.sh
