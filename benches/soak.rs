@@ -180,7 +180,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let e = Envd::start(&["--log-level", "warn"]);
+    let e = Envd::start(&[]);
     println!("soak: {} (ENVD_BIN or the debug build)", binary());
 
     println!("1. {total} Start(/bin/true), {CLIENTS} concurrent clients");

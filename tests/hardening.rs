@@ -787,3 +787,27 @@ fn huge_timeouts_are_no_deadline() {
     assert_eq!(r.status, 200, "{}", r.text());
     healthy(&e);
 }
+
+// Found by the soak benchmark: ended processes kept their stdin pipe or pty
+// master open while their exit record was retained (up to 256 fds).
+#[tokio::test]
+async fn ended_processes_hold_no_fds() {
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    run(&mut c, sh("true")).await;
+    let before = fds_like(e.pid(), "");
+    for i in 0..40u32 {
+        let mut req = sh("echo done");
+        req.stdin = Some(true);
+        if i.is_multiple_of(4) {
+            req.pty = Some(Pty {
+                size: Some(pty::Size { cols: 80, rows: 24 }),
+            });
+        }
+        let o = run(&mut c, req).await;
+        assert_eq!(o.end().exit_code, 0);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = fds_like(e.pid(), "");
+    assert!(after <= before + 4, "fds grew from {before} to {after}");
+}

@@ -58,7 +58,8 @@ impl StdinPipe {
 #[derive(Debug)]
 pub enum Input {
     Pipe(StdinPipe),
-    Pty(Arc<Pty>),
+    /// The pty master; `None` once the process has ended.
+    Pty(std::sync::Mutex<Option<Arc<Pty>>>),
     /// Started with `stdin=false`: stdin is /dev/null.
     Null,
 }
@@ -110,7 +111,8 @@ impl Process {
     pub async fn write_pty(&self, data: &[u8]) -> Result<()> {
         self.ensure_running()?;
         match &self.input {
-            Input::Pty(pty) => pty
+            Input::Pty(_) => self
+                .pty()?
                 .write_all(data)
                 .await
                 .map_err(|e| Error::io(format!("write to pty of process {}", self.pid), &e)),
@@ -137,8 +139,31 @@ impl Process {
     pub fn resize(&self, cols: u32, rows: u32) -> Result<()> {
         self.ensure_running()?;
         match &self.input {
-            Input::Pty(pty) => pty.resize(cols, rows),
+            Input::Pty(_) => self.pty()?.resize(cols, rows),
             _ => Err(self.no_pty()),
+        }
+    }
+
+    fn pty(&self) -> Result<Arc<Pty>> {
+        match &self.input {
+            Input::Pty(pty) => pty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .ok_or_else(|| Error::not_found(format!("process {} has ended", self.pid))),
+            _ => Err(self.no_pty()),
+        }
+    }
+
+    /// Closes envd's input side once the process has ended and its output
+    /// is drained, so a retained exit record holds no fds.
+    pub async fn release_input(&self) {
+        match &self.input {
+            Input::Pipe(stdin) => stdin.close().await,
+            Input::Pty(pty) => {
+                pty.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }
+            Input::Null => {}
         }
     }
 

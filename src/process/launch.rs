@@ -78,7 +78,11 @@ pub fn prepare(
                 stderr: slave,
                 controlling_tty: true,
             };
-            (stdio, Input::Pty(master.clone()), OutputFds::Pty(master))
+            (
+                stdio,
+                Input::Pty(std::sync::Mutex::new(Some(master.clone()))),
+                OutputFds::Pty(master),
+            )
         }
         None => {
             let (out_r, out_w) = new_pipe()?;

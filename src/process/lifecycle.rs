@@ -151,6 +151,7 @@ async fn supervise(
     for p in pumps {
         let _ = p.await;
     }
+    process.release_input().await;
     let end = match status {
         Ok(s) => end_event(s),
         Err(_) => crate::proto::process::process_event::EndEvent {
