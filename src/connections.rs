@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,6 +35,8 @@ pub struct Connections {
     limits: ConnLimits,
     open: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
+    /// Connections told to close that have not closed yet.
+    closing: AtomicUsize,
 }
 
 /// One open connection's state.
@@ -46,6 +48,10 @@ pub struct Conn {
     idle_since: Mutex<Instant>,
     /// Told to close (evicted to make room).
     pub close: Notify,
+    /// Already chosen for eviction (never chosen twice).
+    evicted: AtomicBool,
+    /// Requests begun on it so far.
+    requests: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,6 +64,7 @@ impl Connections {
             limits,
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            closing: AtomicUsize::new(0),
         })
     }
 
@@ -69,11 +76,12 @@ impl Connections {
     /// its cap. `None`: at the cap with nothing idle; refuse it.
     pub fn admit(self: &Arc<Self>) -> Option<Registered> {
         let mut open = lock(&self.open);
-        if open.len() >= self.limits.max {
+        let closing = self.closing.load(Ordering::Acquire);
+        if open.len().saturating_sub(closing) >= self.limits.max {
             // Evicted connections close promptly (they are idle); allow a
             // little headroom while they do, never more.
             let headroom = self.limits.max / 8 + 1;
-            if open.len() >= self.limits.max + headroom || !evict_idlest(&open) {
+            if closing >= headroom || !self.evict_idlest(&open) {
                 return None;
             }
         }
@@ -83,6 +91,8 @@ impl Connections {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             close: Notify::new(),
+            evicted: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
         });
         open.insert(id, conn.clone());
         Some(Registered {
@@ -93,25 +103,29 @@ impl Connections {
 
     /// Closes the longest-idle connection (after `accept` ran out of fds).
     pub fn evict_one(&self) -> bool {
-        evict_idlest(&lock(&self.open))
+        self.evict_idlest(&lock(&self.open))
+    }
+
+    fn evict_idlest(&self, open: &HashMap<u64, Arc<Conn>>) -> bool {
+        let victim = open
+            .values()
+            .filter(|c| {
+                c.in_flight.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Relaxed)
+            })
+            .min_by_key(|c| *lock(&c.idle_since));
+        match victim {
+            Some(c) => {
+                c.evicted.store(true, Ordering::Relaxed);
+                self.closing.fetch_add(1, Ordering::AcqRel);
+                c.close.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn count(&self) -> usize {
         lock(&self.open).len()
-    }
-}
-
-fn evict_idlest(open: &HashMap<u64, Arc<Conn>>) -> bool {
-    let victim = open
-        .values()
-        .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
-        .min_by_key(|c| *lock(&c.idle_since));
-    match victim {
-        Some(c) => {
-            c.close.notify_one();
-            true
-        }
-        None => false,
     }
 }
 
@@ -125,14 +139,24 @@ pub struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         lock(&self.set.open).remove(&self.conn.id);
+        if self.conn.evicted.load(Ordering::Relaxed) {
+            self.set.closing.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
 impl Conn {
     /// Marks a request in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    /// Whether a request has ever begun on it (else there is no client
+    /// state to say goodbye to: it can simply be dropped).
+    pub fn ever_used(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
     }
 
     /// How long it has been idle (zero while a request is in flight).

@@ -204,8 +204,10 @@ async fn grpc_routes(
 
 /// An HTTP/1.1 request's headers must arrive within this time.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection asked to close gets this long to finish what it is doing.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// A connection asked to close (idle: no request in flight) gets this long
+/// to say goodbye (HTTP/2 GOAWAY) before it is dropped; one that has not even
+/// finished its first request head is dropped then too.
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
 
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -281,9 +283,12 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
                     }
                 }
             }
-            // Idle too long or evicted: GOAWAY / close, then drop it.
-            served.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+            // Idle too long or evicted: GOAWAY / close, then drop it. One
+            // that never completed a request head is just dropped.
+            if reg.conn.ever_used() {
+                served.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+            }
         });
     }
 }
