@@ -21,12 +21,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
 
+    // `prost::Name` on every message: the Connect route table takes message
+    // names from the types instead of hand-typed strings.
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         // `Process.Connect` would clash with the generated `connect()` constructor.
         .build_transport(false)
         .bytes(".")
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }

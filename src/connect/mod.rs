@@ -16,7 +16,7 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{Full, StreamBody};
 use hyper::body::Incoming;
-use prost::Message;
+use prost::{Message, Name};
 use tokio::time::Instant;
 
 pub use codec::Codec;
@@ -199,15 +199,10 @@ async fn with_deadline<T>(
 }
 
 /// Unary: one message in, one out.
-pub async fn unary<Req, Resp, F, Fut>(
-    wire: Wire,
-    body: Incoming,
-    names: (&str, &str),
-    f: F,
-) -> Response<HttpBody>
+pub async fn unary<Req, Resp, F, Fut>(wire: Wire, body: Incoming, f: F) -> Response<HttpBody>
 where
-    Req: Message + Default,
-    Resp: Message,
+    Req: Message + Default + Name,
+    Resp: Message + Name,
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Resp>>,
 {
@@ -218,9 +213,9 @@ where
         } else {
             raw
         };
-        let req: Req = codec::decode(wire.codec, names.0, &raw)?;
+        let req: Req = codec::decode(wire.codec, &Req::full_name(), &raw)?;
         let resp = with_deadline(wire.deadline, f(req)).await?;
-        codec::encode(wire.codec, names.1, &resp)
+        codec::encode(wire.codec, &Resp::full_name(), &resp)
     }
     .await;
     match result {
@@ -258,22 +253,24 @@ fn decode_envelope<Req: Message + Default>(
 }
 
 /// The request messages of a streaming call, decoded as they arrive.
-fn request_stream<Req>(wire: Wire, body: Incoming, name: &'static str) -> BoxStream<Req>
+fn request_stream<Req>(wire: Wire, body: Incoming) -> BoxStream<Req>
 where
-    Req: Message + Default + Send + 'static,
+    Req: Message + Default + Name + Send + 'static,
 {
+    let name = Req::full_name();
     let reader = EnvelopeReader::new(body, MAX_MESSAGE);
     Box::pin(futures_util::stream::unfold(
-        Some(reader),
-        move |reader| async move {
-            let mut reader = reader?;
+        Some((reader, name)),
+        move |state| async move {
+            let (mut reader, name) = state?;
             loop {
                 return match reader.next().await {
                     Ok(None) => None,
                     Ok(Some((flags, _))) if flags & FLAG_END != 0 => continue,
-                    Ok(Some((flags, payload))) => {
-                        Some((decode_envelope(wire, name, flags, &payload), Some(reader)))
-                    }
+                    Ok(Some((flags, payload))) => Some((
+                        decode_envelope(wire, &name, flags, &payload),
+                        Some((reader, name)),
+                    )),
                     Err(e) => Some((Err(e), None)),
                 };
             }
@@ -282,38 +279,38 @@ where
 }
 
 /// Streams responses as envelopes; an error ends the stream in its trailer.
-fn stream_response<Resp>(
-    wire: Wire,
-    name: &'static str,
-    responses: BoxStream<Resp>,
-) -> Response<HttpBody>
+fn stream_response<Resp>(wire: Wire, responses: BoxStream<Resp>) -> Response<HttpBody>
 where
-    Resp: Message + 'static,
+    Resp: Message + Name + 'static,
 {
     let codec = wire.codec;
     let deadline = wire.deadline;
-    let frames = futures_util::stream::unfold(Some(responses), move |s| async move {
-        let mut s = s?;
-        let next = match deadline {
-            None => s.next().await,
-            Some(at) => tokio::time::timeout_at(at, s.next())
-                .await
-                .unwrap_or_else(|_| {
-                    Some(Err(Error::new(
-                        Code::DeadlineExceeded,
-                        "the stream deadline passed",
-                    )))
-                }),
-        };
-        let (bytes, rest) = match next {
-            None => (end_frame(None), None),
-            Some(Ok(msg)) => match codec::encode(codec, name, &msg) {
-                Ok(b) => (frame(0, &b), Some(s)),
-                Err(e) => (end_frame(Some(&e)), None),
-            },
-            Some(Err(e)) => (end_frame(Some(&e)), None),
-        };
-        Some((Ok::<_, std::convert::Infallible>(Frame::data(bytes)), rest))
+    let name = Resp::full_name();
+    let frames = futures_util::stream::unfold(Some(responses), move |s| {
+        let name = name.clone();
+        async move {
+            let mut s = s?;
+            let next = match deadline {
+                None => s.next().await,
+                Some(at) => tokio::time::timeout_at(at, s.next())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Some(Err(Error::new(
+                            Code::DeadlineExceeded,
+                            "the stream deadline passed",
+                        )))
+                    }),
+            };
+            let (bytes, rest) = match next {
+                None => (end_frame(None), None),
+                Some(Ok(msg)) => match codec::encode(codec, &name, &msg) {
+                    Ok(b) => (frame(0, &b), Some(s)),
+                    Err(e) => (end_frame(Some(&e)), None),
+                },
+                Some(Err(e)) => (end_frame(Some(&e)), None),
+            };
+            Some((Ok::<_, std::convert::Infallible>(Frame::data(bytes)), rest))
+        }
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -326,28 +323,27 @@ where
 pub async fn server_stream<Req, Resp, F, Fut>(
     wire: Wire,
     body: Incoming,
-    names: (&'static str, &'static str),
     f: F,
 ) -> Response<HttpBody>
 where
-    Req: Message + Default + Send + 'static,
-    Resp: Message + 'static,
+    Req: Message + Default + Name + Send + 'static,
+    Resp: Message + Name + 'static,
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<BoxStream<Resp>>>,
 {
-    let mut input = request_stream::<Req>(wire, body, names.0);
+    let mut input = request_stream::<Req>(wire, body);
     let req = match input.next().await {
         Some(Ok(r)) => r,
         Some(Err(e)) => return stream_error(wire.codec, &e),
         None => {
             return stream_error(
                 wire.codec,
-                &Error::invalid(format!("missing the {} message", names.0)),
+                &Error::invalid(format!("missing the {} message", Req::full_name())),
             )
         }
     };
     match f(req).await {
-        Ok(s) => stream_response(wire, names.1, s),
+        Ok(s) => stream_response(wire, s),
         Err(e) => stream_error(wire.codec, &e),
     }
 }
@@ -356,16 +352,15 @@ where
 pub async fn client_stream<Req, Resp, F, Fut>(
     wire: Wire,
     body: Incoming,
-    names: (&'static str, &'static str),
     f: F,
 ) -> Response<HttpBody>
 where
-    Req: Message + Default + Send + 'static,
-    Resp: Message + Send + 'static,
+    Req: Message + Default + Name + Send + 'static,
+    Resp: Message + Name + Send + 'static,
     F: FnOnce(BoxStream<Req>) -> Fut,
     Fut: Future<Output = Result<Resp>>,
 {
-    let input = request_stream::<Req>(wire, body, names.0);
+    let input = request_stream::<Req>(wire, body);
     let result = with_deadline(wire.deadline, f(input)).await;
     let once: BoxStream<Resp> = Box::pin(futures_util::stream::iter([result]));
     stream_response(
@@ -373,7 +368,6 @@ where
             deadline: None,
             ..wire
         },
-        names.1,
         once,
     )
 }

@@ -1,59 +1,231 @@
-//! Connect dispatch: path → RPC of the shared service logic.
+//! Connect dispatch: one table of routes, one line per RPC. Each route ties
+//! its path to its call kind, request and response types (names from
+//! `prost::Name`) and handler, so a mismatch cannot compile.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use prost::{Message, Name};
 
 use super::{client_stream, server_stream, unary, unary_error, BoxStream, HttpBody, Kind, Wire};
 use crate::defaults::Defaults;
 use crate::filesystem::FilesystemService;
 use crate::process::ProcessService;
+use crate::proto::filesystem::filesystem_server::SERVICE_NAME as FILESYSTEM;
+use crate::proto::process::process_server::SERVICE_NAME as PROCESS;
 use crate::proto::process::*;
+use crate::proto::transfer::transfer_server::SERVICE_NAME as TRANSFER;
+use crate::proto::transfer::*;
 use crate::request::RequestContext;
-use crate::status::{Code, Error};
+use crate::status::{Code, Error, Result};
 
-const SERVICES: [&str; 3] = [
-    "/process.Process/",
-    "/filesystem.Filesystem/",
-    "/envd.transfer.Transfer/",
-];
+/// What a route's handler can reach.
+#[derive(Debug)]
+struct Services {
+    process: Arc<ProcessService>,
+    fs: Arc<FilesystemService>,
+}
+
+type Svc = Arc<Services>;
+type Reply = Pin<Box<dyn Future<Output = Response<HttpBody>> + Send>>;
+type Call = Box<dyn Fn(Svc, Wire, RequestContext, Incoming) -> Reply + Send + Sync>;
+
+/// One RPC: its call kind, whether the request deadline bounds the call, and
+/// how to call it.
+struct Route {
+    kind: Kind,
+    deadline_bounds_call: bool,
+    call: Call,
+}
+
+impl Route {
+    /// The request deadline does not bound the call itself (Start: it bounds
+    /// the process, and so the stream, instead).
+    fn unbounded(mut self) -> Self {
+        self.deadline_bounds_call = false;
+        self
+    }
+}
+
+fn unary_route<Req, Resp, Fut>(
+    f: impl Fn(Svc, RequestContext, Req) -> Fut + Send + Sync + Copy + 'static,
+) -> Route
+where
+    Req: Message + Default + Name + Send + 'static,
+    Resp: Message + Name + 'static,
+    Fut: Future<Output = Result<Resp>> + Send + 'static,
+{
+    Route {
+        kind: Kind::Unary,
+        deadline_bounds_call: true,
+        call: Box::new(move |svc, wire, ctx, body| {
+            Box::pin(unary(wire, body, move |req| f(svc, ctx, req)))
+        }),
+    }
+}
+
+fn server_stream_route<Req, Resp, Fut>(
+    f: impl Fn(Svc, RequestContext, Req) -> Fut + Send + Sync + Copy + 'static,
+) -> Route
+where
+    Req: Message + Default + Name + Send + 'static,
+    Resp: Message + Name + 'static,
+    Fut: Future<Output = Result<BoxStream<Resp>>> + Send + 'static,
+{
+    Route {
+        kind: Kind::ServerStream,
+        deadline_bounds_call: true,
+        call: Box::new(move |svc, wire, ctx, body| {
+            Box::pin(server_stream(wire, body, move |req| f(svc, ctx, req)))
+        }),
+    }
+}
+
+fn client_stream_route<Req, Resp, Fut>(
+    f: impl Fn(Svc, RequestContext, BoxStream<Req>) -> Fut + Send + Sync + Copy + 'static,
+) -> Route
+where
+    Req: Message + Default + Name + Send + 'static,
+    Resp: Message + Name + Send + 'static,
+    Fut: Future<Output = Result<Resp>> + Send + 'static,
+{
+    Route {
+        kind: Kind::ClientStream,
+        deadline_bounds_call: true,
+        call: Box::new(move |svc, wire, ctx, body| {
+            Box::pin(client_stream(wire, body, move |input| f(svc, ctx, input)))
+        }),
+    }
+}
+
+/// Wraps process events in a response type.
+fn events<T: Send + 'static>(
+    s: crate::process::events::EventStream,
+    wrap: fn(ProcessEvent) -> T,
+) -> BoxStream<T> {
+    Box::pin(s.map(move |r| r.map(wrap)))
+}
+
+/// Every RPC envd serves over Connect.
+fn routes() -> Vec<(String, Route)> {
+    let path = |service: &str, method: &str| format!("/{service}/{method}");
+    vec![
+        (
+            path(PROCESS, "List"),
+            unary_route(|s, _, _: ListRequest| async move { Ok(s.process.list()) }),
+        ),
+        (
+            path(PROCESS, "Start"),
+            server_stream_route(|s, c, r| async move {
+                Ok(events(s.process.start(&c, r)?, |e| StartResponse {
+                    event: Some(e),
+                }))
+            })
+            .unbounded(),
+        ),
+        (
+            path(PROCESS, "Connect"),
+            server_stream_route(|s, c, r| async move {
+                Ok(events(s.process.connect(&c, r)?, |e| ConnectResponse {
+                    event: Some(e),
+                }))
+            }),
+        ),
+        (
+            path(PROCESS, "Update"),
+            unary_route(|s, _, r| async move { s.process.update(r) }),
+        ),
+        (
+            path(PROCESS, "SendInput"),
+            unary_route(|s, _, r| async move { s.process.send_input(r).await }),
+        ),
+        (
+            path(PROCESS, "SendSignal"),
+            unary_route(|s, _, r| async move { s.process.send_signal(r) }),
+        ),
+        (
+            path(PROCESS, "CloseStdin"),
+            unary_route(|s, _, r| async move { s.process.close_stdin(r).await }),
+        ),
+        (
+            path(PROCESS, "StreamInput"),
+            client_stream_route(|s, _, input| async move { s.process.stream_input(input).await }),
+        ),
+        (
+            path(FILESYSTEM, "Stat"),
+            unary_route(|s, c, r| async move { s.fs.stat(&c, r).await }),
+        ),
+        (
+            path(FILESYSTEM, "MakeDir"),
+            unary_route(|s, c, r| async move { s.fs.make_dir(&c, r).await }),
+        ),
+        (
+            path(FILESYSTEM, "Move"),
+            unary_route(|s, c, r| async move { s.fs.move_entry(&c, r).await }),
+        ),
+        (
+            path(FILESYSTEM, "ListDir"),
+            unary_route(|s, c, r| async move { s.fs.list_dir(&c, r).await }),
+        ),
+        (
+            path(FILESYSTEM, "Remove"),
+            unary_route(|s, c, r| async move { s.fs.remove(&c, r).await }),
+        ),
+        (
+            path(FILESYSTEM, "WatchDir"),
+            server_stream_route(|s, c, r| async move { s.fs.watch_dir(&c, r).await }),
+        ),
+        (
+            path(FILESYSTEM, "CreateWatcher"),
+            unary_route(|s, c, r| async move { s.fs.create_watcher(&c, r).await }),
+        ),
+        (
+            path(FILESYSTEM, "GetWatcherEvents"),
+            unary_route(|s, _, r| async move { s.fs.get_watcher_events(r) }),
+        ),
+        (
+            path(FILESYSTEM, "RemoveWatcher"),
+            unary_route(|s, _, r| async move { s.fs.remove_watcher(r) }),
+        ),
+        (
+            path(TRANSFER, "ReadFile"),
+            server_stream_route(
+                |s, c, r: ReadFileRequest| async move { s.fs.read_file(&c, r).await },
+            ),
+        ),
+        (
+            path(TRANSFER, "WriteFile"),
+            client_stream_route(|s, c, input| async move { s.fs.write_file(&c, input).await }),
+        ),
+    ]
+}
 
 /// Whether a path belongs to one of envd's RPC services.
 pub fn is_connect_path(path: &str) -> bool {
-    SERVICES.iter().any(|s| path.starts_with(s))
-}
-
-fn kind_of(path: &str) -> Option<Kind> {
-    Some(match path {
-        "/process.Process/Start"
-        | "/process.Process/Connect"
-        | "/filesystem.Filesystem/WatchDir"
-        | "/envd.transfer.Transfer/ReadFile" => Kind::ServerStream,
-        "/process.Process/StreamInput" | "/envd.transfer.Transfer/WriteFile" => Kind::ClientStream,
-        "/process.Process/List"
-        | "/process.Process/Update"
-        | "/process.Process/SendInput"
-        | "/process.Process/SendSignal"
-        | "/process.Process/CloseStdin"
-        | "/filesystem.Filesystem/Stat"
-        | "/filesystem.Filesystem/MakeDir"
-        | "/filesystem.Filesystem/Move"
-        | "/filesystem.Filesystem/ListDir"
-        | "/filesystem.Filesystem/Remove"
-        | "/filesystem.Filesystem/CreateWatcher"
-        | "/filesystem.Filesystem/GetWatcherEvents"
-        | "/filesystem.Filesystem/RemoveWatcher" => Kind::Unary,
-        _ => return None,
+    [PROCESS, FILESYSTEM, TRANSFER].iter().any(|service| {
+        path.strip_prefix('/')
+            .and_then(|p| p.strip_prefix(service))
+            .is_some_and(|rest| rest.starts_with('/'))
     })
 }
 
-#[derive(Debug)]
 pub struct ConnectRouter {
-    process: Arc<ProcessService>,
-    fs: Arc<FilesystemService>,
+    services: Svc,
     defaults: Arc<Defaults>,
+    routes: HashMap<String, Route>,
+}
+
+impl std::fmt::Debug for ConnectRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectRouter")
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnectRouter {
@@ -63,16 +235,16 @@ impl ConnectRouter {
         defaults: Arc<Defaults>,
     ) -> Self {
         Self {
-            process,
-            fs,
+            services: Arc::new(Services { process, fs }),
             defaults,
+            routes: routes().into_iter().collect(),
         }
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
-        let Some(kind) = kind_of(path) else {
+        let Some(route) = self.routes.get(path) else {
             let mut r = unary_error(&Error::new(
                 Code::Unimplemented,
                 format!("unknown method {path}"),
@@ -88,6 +260,7 @@ impl ConnectRouter {
             *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             return r;
         }
+        let kind = route.kind;
         let mut wire = match Wire::from_headers(kind, &parts.headers) {
             Ok(w) => w,
             Err(response) => return *response,
@@ -97,224 +270,9 @@ impl ConnectRouter {
             Err(e) if kind == Kind::Unary => return unary_error(&e),
             Err(e) => return super::stream_error(wire.codec, &e),
         };
-        // Unary calls are bounded here; Start bounds its process (and so its
-        // stream) itself; other streams are bounded by the stream deadline.
-        if path != "/process.Process/Start" {
+        if route.deadline_bounds_call {
             wire.deadline = ctx.deadline;
         }
-        self.dispatch(path, wire, ctx, body).await
-    }
-
-    async fn dispatch(
-        &self,
-        path: &str,
-        wire: Wire,
-        ctx: RequestContext,
-        body: Incoming,
-    ) -> Response<HttpBody> {
-        let p = &self.process;
-        let fs = &self.fs;
-        match path {
-            "/process.Process/List" => {
-                unary(
-                    wire,
-                    body,
-                    ("process.ListRequest", "process.ListResponse"),
-                    |_: ListRequest| async { Ok(p.list()) },
-                )
-                .await
-            }
-            "/process.Process/Start" => {
-                server_stream(
-                    wire,
-                    body,
-                    ("process.StartRequest", "process.StartResponse"),
-                    |req: StartRequest| async {
-                        let s = p.start(&ctx, req)?;
-                        let s: BoxStream<StartResponse> =
-                            Box::pin(s.map(|r| r.map(|e| StartResponse { event: Some(e) })));
-                        Ok(s)
-                    },
-                )
-                .await
-            }
-            "/process.Process/Connect" => {
-                server_stream(
-                    wire,
-                    body,
-                    ("process.ConnectRequest", "process.ConnectResponse"),
-                    |req: ConnectRequest| async {
-                        let s = p.connect(&ctx, req)?;
-                        let s: BoxStream<ConnectResponse> =
-                            Box::pin(s.map(|r| r.map(|e| ConnectResponse { event: Some(e) })));
-                        Ok(s)
-                    },
-                )
-                .await
-            }
-            "/process.Process/Update" => {
-                unary(
-                    wire,
-                    body,
-                    ("process.UpdateRequest", "process.UpdateResponse"),
-                    |r| async { p.update(r) },
-                )
-                .await
-            }
-            "/process.Process/SendInput" => {
-                unary(
-                    wire,
-                    body,
-                    ("process.SendInputRequest", "process.SendInputResponse"),
-                    |r| p.send_input(r),
-                )
-                .await
-            }
-            "/process.Process/SendSignal" => {
-                unary(
-                    wire,
-                    body,
-                    ("process.SendSignalRequest", "process.SendSignalResponse"),
-                    |r| async { p.send_signal(r) },
-                )
-                .await
-            }
-            "/process.Process/CloseStdin" => {
-                unary(
-                    wire,
-                    body,
-                    ("process.CloseStdinRequest", "process.CloseStdinResponse"),
-                    |r| p.close_stdin(r),
-                )
-                .await
-            }
-            "/process.Process/StreamInput" => {
-                client_stream(
-                    wire,
-                    body,
-                    ("process.StreamInputRequest", "process.StreamInputResponse"),
-                    |input| p.stream_input(input),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/Stat" => {
-                unary(
-                    wire,
-                    body,
-                    ("filesystem.StatRequest", "filesystem.StatResponse"),
-                    |r| fs.stat(&ctx, r),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/MakeDir" => {
-                unary(
-                    wire,
-                    body,
-                    ("filesystem.MakeDirRequest", "filesystem.MakeDirResponse"),
-                    |r| fs.make_dir(&ctx, r),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/Move" => {
-                unary(
-                    wire,
-                    body,
-                    ("filesystem.MoveRequest", "filesystem.MoveResponse"),
-                    |r| fs.move_entry(&ctx, r),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/ListDir" => {
-                unary(
-                    wire,
-                    body,
-                    ("filesystem.ListDirRequest", "filesystem.ListDirResponse"),
-                    |r| fs.list_dir(&ctx, r),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/Remove" => {
-                unary(
-                    wire,
-                    body,
-                    ("filesystem.RemoveRequest", "filesystem.RemoveResponse"),
-                    |r| fs.remove(&ctx, r),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/WatchDir" => {
-                server_stream(
-                    wire,
-                    body,
-                    ("filesystem.WatchDirRequest", "filesystem.WatchDirResponse"),
-                    |r| fs.watch_dir(&ctx, r),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/CreateWatcher" => {
-                unary(
-                    wire,
-                    body,
-                    (
-                        "filesystem.CreateWatcherRequest",
-                        "filesystem.CreateWatcherResponse",
-                    ),
-                    |r| fs.create_watcher(&ctx, r),
-                )
-                .await
-            }
-            "/filesystem.Filesystem/GetWatcherEvents" => {
-                unary(
-                    wire,
-                    body,
-                    (
-                        "filesystem.GetWatcherEventsRequest",
-                        "filesystem.GetWatcherEventsResponse",
-                    ),
-                    |r| async { fs.get_watcher_events(r) },
-                )
-                .await
-            }
-            "/filesystem.Filesystem/RemoveWatcher" => {
-                unary(
-                    wire,
-                    body,
-                    (
-                        "filesystem.RemoveWatcherRequest",
-                        "filesystem.RemoveWatcherResponse",
-                    ),
-                    |r| async { fs.remove_watcher(r) },
-                )
-                .await
-            }
-            "/envd.transfer.Transfer/ReadFile" => {
-                server_stream(
-                    wire,
-                    body,
-                    (
-                        "envd.transfer.ReadFileRequest",
-                        "envd.transfer.ReadFileResponse",
-                    ),
-                    |r| fs.read_file(&ctx, r),
-                )
-                .await
-            }
-            "/envd.transfer.Transfer/WriteFile" => {
-                client_stream(
-                    wire,
-                    body,
-                    (
-                        "envd.transfer.WriteFileRequest",
-                        "envd.transfer.WriteFileResponse",
-                    ),
-                    |input| fs.write_file(&ctx, input),
-                )
-                .await
-            }
-            _ => unary_error(&Error::new(
-                Code::Unimplemented,
-                format!("unknown method {path}"),
-            )),
-        }
+        (route.call)(self.services.clone(), wire, ctx, body).await
     }
 }
