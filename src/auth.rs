@@ -123,6 +123,18 @@ pub fn sign(
     )
 }
 
+/// The error for a request refused by `verdict` (Missing or Rejected).
+pub fn refusal(verdict: Verdict) -> crate::status::Error {
+    match verdict {
+        Verdict::Rejected => {
+            crate::status::Error::unauthenticated("invalid access token or signature")
+        }
+        _ => crate::status::Error::unauthenticated(
+            "unauthorized access, please provide a valid access token (X-Access-Token) or method signing if supported",
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,6 @@ pub mod filesystem;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;
-pub mod h2;
 pub mod http;
 pub mod ids;
 pub mod init;
@@ -31,3 +30,4 @@ pub mod server;
 pub mod status;
 pub mod unix_authority;
 pub mod users;
+pub mod wire;

@@ -13,20 +13,21 @@ use hyper_util::server::conn::auto;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
-use crate::auth::{Auth, Verdict, TOKEN_HEADER};
-use crate::connect::{is_connect_path, ConnectRouter, HttpBody};
+use crate::auth::{refusal, Auth, Verdict, TOKEN_HEADER};
+use crate::connect::{is_connect_path, ConnectRouter};
 use crate::connections::{Connections, Tracked};
 use crate::filesystem::FilesystemService;
 use crate::grpc::filesystem::FilesystemGrpc;
 use crate::grpc::process::ProcessGrpc;
-use crate::h2::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
-use crate::http::{query, Rest, RestRouter};
+use crate::http::{Access, Rest, RestRouter};
 use crate::listen::Listener;
 use crate::process::ProcessService;
 use crate::proto::filesystem::filesystem_server::FilesystemServer;
 use crate::proto::process::process_server::ProcessServer;
 use crate::proto::transfer::transfer_server::TransferServer;
 use crate::status::Error;
+use crate::wire::HttpBody;
+use crate::wire::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 /// Concurrent RPCs per connection.
 const MAX_STREAMS: u32 = 1024;
@@ -65,72 +66,35 @@ impl Router {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/grpc"));
-        let path = req.uri().path().to_owned();
-        let connect = !grpc && is_connect_path(&path);
-        let mut response = match self.authorize(&req, &path) {
+        let path = req.uri().path();
+        let connect = !grpc && is_connect_path(path);
+        let access = if grpc || connect {
+            Access::Token
+        } else {
+            RestRouter::access(req.method(), path)
+        };
+        let presented = req.headers().get(TOKEN_HEADER).map(HeaderValue::as_bytes);
+        // With no token shown, a signed URL may stand in for it (checked by
+        // the REST router); a wrong token is never rescued by a signature.
+        let verdict = match (access, self.auth.check_token(presented)) {
+            (Access::Open, _) => Ok(false),
+            (_, Verdict::Allowed) => Ok(false),
+            (Access::TokenOrSignature, Verdict::Missing) => Ok(true),
+            (_, v) => Err(refusal(v)),
+        };
+        let mut response = match verdict {
             Err(e) if grpc => grpc_error(e),
             Err(e) if connect => crate::connect::unary_error(&e),
             Err(e) => Rest::from(e).response(),
-            Ok(()) if grpc => match self.grpc.clone().oneshot(req).await {
+            Ok(_) if grpc => match self.grpc.clone().oneshot(req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             },
-            Ok(()) if connect => self.connect.handle(req).await,
-            Ok(()) => self.rest.handle(req).await,
+            Ok(_) if connect => self.connect.handle(req).await,
+            Ok(signed) => self.rest.handle(req, signed).await,
         };
         cors(&mut response);
         response
-    }
-
-    /// Token (or, for `/files`, signature) checks. `GET /health` is open;
-    /// `/init` authenticates itself.
-    fn authorize(&self, req: &Request<Incoming>, path: &str) -> Result<(), Error> {
-        let method = req.method();
-        if (path == "/health" && (method == http::Method::GET || method == http::Method::HEAD))
-            || (path == "/init" && method == http::Method::POST)
-        {
-            return Ok(());
-        }
-        let presented = req.headers().get(TOKEN_HEADER).map(HeaderValue::as_bytes);
-        let verdict = self.auth.check_token(presented);
-        let files =
-            path == "/files" && (method == http::Method::GET || method == http::Method::POST);
-        let verdict = match verdict {
-            // A signed URL stands in for the token on /files (but a wrong
-            // token is never rescued by a signature).
-            Verdict::Missing if files => self.signature_verdict(req),
-            v => v,
-        };
-        match verdict {
-            Verdict::Allowed => Ok(()),
-            Verdict::Missing => Err(Error::unauthenticated(
-                "unauthorized access, please provide a valid access token (X-Access-Token) or method signing if supported",
-            )),
-            Verdict::Rejected => Err(Error::unauthenticated("invalid access token or signature")),
-        }
-    }
-
-    fn signature_verdict(&self, req: &Request<Incoming>) -> Verdict {
-        let q = query(req);
-        let Some(signature) = q.get("signature") else {
-            return Verdict::Missing;
-        };
-        let op = if req.method() == http::Method::GET {
-            "read"
-        } else {
-            "write"
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.auth.check_signature(
-            &q.get("path").unwrap_or_default(),
-            op,
-            &q.get("username").unwrap_or_default(),
-            &signature,
-            q.get("signature_expiration").as_deref(),
-            now,
-        )
     }
 }
 

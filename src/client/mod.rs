@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::h2::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use crate::wire::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 /// Where envd is.
 #[derive(Debug, Clone, PartialEq, Eq)]

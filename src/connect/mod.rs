@@ -25,10 +25,10 @@ pub use routes::{is_connect_path, ConnectRouter};
 
 use crate::status::{Code, Error, Result};
 
-pub type HttpBody = tonic::body::Body;
+pub use crate::wire::HttpBody;
 
 /// Largest request message accepted (as for gRPC).
-pub const MAX_MESSAGE: usize = crate::grpc::MAX_DECODE;
+pub const MAX_MESSAGE: usize = crate::wire::MAX_DECODE;
 
 /// The shape of an RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

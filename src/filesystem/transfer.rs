@@ -91,67 +91,136 @@ pub async fn open_for_read(path: PathBuf) -> Result<OpenedFile> {
         .map_err(|e| Error::internal(format!("open task failed: {e}")))?
 }
 
-/// Streams `length` bytes (default: to the end) of `opened` from `offset`. A
-/// blocking thread reads ahead at most `PIPELINE` chunks. With `exact` (the
-/// length was promised to the client, e.g. as Content-Length), a file that
-/// ends early (truncated meanwhile) ends the stream with an error rather than
-/// silently short.
-pub fn stream_file(
-    opened: OpenedFile,
-    shown: PathBuf,
-    offset: u64,
-    length: Option<u64>,
-    exact: bool,
-) -> ReadStream {
-    let file = opened.file;
+/// What part of an open file to stream, and how.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadPlan {
+    pub offset: u64,
+    /// Bytes to read (default: to the end).
+    pub length: Option<u64>,
+    /// The length was promised to the client (e.g. as Content-Length): a
+    /// file that ends early (truncated meanwhile) ends the stream with an
+    /// error rather than silently short.
+    pub exact: bool,
+    /// Compress the bytes with gzip (on the disk thread).
+    pub gzip: bool,
+}
+
+/// Streams part of `opened` (see [`ReadPlan`]). A blocking thread reads (and
+/// compresses) ahead at most `PIPELINE` chunks, so disk, compression and
+/// network overlap with bounded memory.
+pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan) -> ReadStream {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadFileResponse>>(PIPELINE);
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        let mut pos = offset;
-        let mut remaining = length.unwrap_or(u64::MAX);
-        while remaining > 0 {
-            let want = TRANSFER_CHUNK.min(usize::try_from(remaining).unwrap_or(usize::MAX));
-            let mut buf = BytesMut::zeroed(want);
-            let mut filled = 0;
-            while filled < want {
-                match file.read_at(&mut buf[filled..], pos + filled as u64) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Error::io(shown.display(), &e)));
-                        return;
+        let send = |r: Result<Bytes>| {
+            tx.blocking_send(r.map(|data| ReadFileResponse { data }))
+                .is_ok()
+        };
+        let mut gz = plan
+            .gzip
+            .then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut chunks = FileChunks::new(&opened.file, &shown, plan);
+        for chunk in chunks.by_ref() {
+            let chunk = match (chunk, gz.as_mut()) {
+                (Ok(data), Some(enc)) => {
+                    use std::io::Write;
+                    match enc.write_all(&data) {
+                        Ok(()) if enc.get_ref().is_empty() => continue,
+                        Ok(()) => Ok(Bytes::from(std::mem::take(enc.get_mut()))),
+                        Err(e) => Err(Error::io(format!("compress {}", shown.display()), &e)),
                     }
                 }
+                (other, _) => other,
+            };
+            let failed = chunk.is_err();
+            if !send(chunk) || failed {
+                return; // the client went away, or the read failed
             }
-            if filled == 0 {
-                if exact {
-                    let _ = tx.blocking_send(Err(Error::new(
-                        crate::status::Code::DataLoss,
-                        format!("'{}' shrank while it was being read", shown.display()),
-                    )));
-                }
-                return;
-            }
-            buf.truncate(filled);
-            pos += filled as u64;
-            remaining -= filled as u64;
-            if tx
-                .blocking_send(Ok(ReadFileResponse { data: buf.freeze() }))
-                .is_err()
-            {
-                return; // the client went away
-            }
+        }
+        if let Some(enc) = gz {
+            let tail = enc
+                .finish()
+                .map(Bytes::from)
+                .map_err(|e| Error::io(format!("compress {}", shown.display()), &e));
+            send(tail);
         }
     });
     Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// The chunks of a [`ReadPlan`], read with `pread` from one open file.
+struct FileChunks<'a> {
+    file: &'a std::fs::File,
+    shown: &'a Path,
+    pos: u64,
+    remaining: u64,
+    exact: bool,
+    done: bool,
+}
+
+impl<'a> FileChunks<'a> {
+    fn new(file: &'a std::fs::File, shown: &'a Path, plan: ReadPlan) -> Self {
+        Self {
+            file,
+            shown,
+            pos: plan.offset,
+            remaining: plan.length.unwrap_or(u64::MAX),
+            exact: plan.exact,
+            done: false,
+        }
+    }
+}
+
+impl Iterator for FileChunks<'_> {
+    type Item = Result<Bytes>;
+
+    fn next(&mut self) -> Option<Result<Bytes>> {
+        use std::os::unix::fs::FileExt;
+        if self.done || self.remaining == 0 {
+            return None;
+        }
+        let want = TRANSFER_CHUNK.min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let mut buf = BytesMut::zeroed(want);
+        let mut filled = 0;
+        while filled < want {
+            match self
+                .file
+                .read_at(&mut buf[filled..], self.pos + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(Error::io(self.shown.display(), &e)));
+                }
+            }
+        }
+        if filled == 0 {
+            self.done = true;
+            return self.exact.then(|| {
+                Err(Error::new(
+                    crate::status::Code::DataLoss,
+                    format!("'{}' shrank while it was being read", self.shown.display()),
+                ))
+            });
+        }
+        buf.truncate(filled);
+        self.pos += filled as u64;
+        self.remaining -= filled as u64;
+        Some(Ok(buf.freeze()))
+    }
 }
 
 /// ReadFile: opens `path` and streams `length` bytes (default: to the end)
 /// from `offset`.
 pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Result<ReadStream> {
     let opened = open_for_read(path.clone()).await?;
-    Ok(stream_file(opened, path, offset, length, false))
+    let plan = ReadPlan {
+        offset,
+        length,
+        ..Default::default()
+    };
+    Ok(stream_file(opened, path, plan))
 }
 
 /// What to write where. Shared by gRPC WriteFile and HTTP `POST /files`.

@@ -29,14 +29,14 @@ impl FilesystemGrpc {
 
     pub fn filesystem_server(&self) -> FilesystemServer<FilesystemGrpc> {
         FilesystemServer::new(self.clone())
-            .max_decoding_message_size(super::MAX_DECODE)
-            .max_encoding_message_size(super::MAX_ENCODE)
+            .max_decoding_message_size(crate::wire::MAX_DECODE)
+            .max_encoding_message_size(crate::wire::MAX_ENCODE)
     }
 
     pub fn transfer_server(&self) -> TransferServer<FilesystemGrpc> {
         TransferServer::new(self.clone())
-            .max_decoding_message_size(super::MAX_DECODE)
-            .max_encoding_message_size(super::MAX_ENCODE)
+            .max_decoding_message_size(crate::wire::MAX_DECODE)
+            .max_encoding_message_size(crate::wire::MAX_ENCODE)
     }
 }
 

@@ -8,12 +8,6 @@ pub mod process;
 use crate::defaults::Defaults;
 use crate::request::RequestContext;
 
-/// Largest request message envd decodes (4 MiB, tonic's usual limit). Bigger
-/// inputs must be split (e.g. StreamInput chunks).
-pub const MAX_DECODE: usize = 4 << 20;
-/// Largest response message envd encodes. Output chunks are at most 64 KiB.
-pub const MAX_ENCODE: usize = 16 << 20;
-
 /// A client stream's transport errors (a client that goes away mid-stream)
 /// as service errors.
 fn client_stream<T>(

@@ -21,8 +21,8 @@ pub struct ProcessGrpc {
 impl ProcessGrpc {
     pub fn server(svc: Arc<ProcessService>) -> ProcessServer<ProcessGrpc> {
         ProcessServer::new(ProcessGrpc { svc })
-            .max_decoding_message_size(super::MAX_DECODE)
-            .max_encoding_message_size(super::MAX_ENCODE)
+            .max_decoding_message_size(crate::wire::MAX_DECODE)
+            .max_encoding_message_size(crate::wire::MAX_ENCODE)
     }
 }
 

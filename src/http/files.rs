@@ -1,48 +1,52 @@
 //! `GET /files` (download, Range, gzip), `POST /files` (multipart or
-//! octet-stream upload, gzip bodies, metadata headers, atomic), and
-//! `POST /files/compose`.
+//! octet-stream upload, gzip bodies, metadata headers) and
+//! `POST /files/compose`: HTTP in and out only. Reading, writing and
+//! composing files is `filesystem::transfer` and `filesystem::compose`.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Incoming;
 
 use super::headers::{content_disposition, content_type, metadata, parse_range, wants_gzip};
-use super::{json, query, user_of, Rest, RestResult};
-use crate::connect::HttpBody;
+use super::{json, read_json_body, user_of, Query, Rest, RestResult};
 use crate::defaults::Defaults;
 use crate::filesystem::compose;
-use crate::filesystem::transfer::{open_for_read, stream_file, write_bytes, WriteSpec};
+use crate::filesystem::transfer::{open_for_read, stream_file, write_bytes, ReadPlan, WriteSpec};
 use crate::paths;
 use crate::status::{Error, Result};
 use crate::users::User;
+use crate::wire::HttpBody;
 
-fn resolve(path: &[u8], user: &User) -> std::result::Result<PathBuf, Rest> {
+/// Largest compose request body.
+const COMPOSE_BODY_LIMIT: usize = 1 << 20;
+
+fn resolve(path: &[u8], user: &User) -> Result<PathBuf> {
     if path.is_empty() {
-        return Err(Rest::new(
-            StatusCode::BAD_REQUEST,
-            "the path query parameter is required",
-        ));
+        return Err(Error::invalid("the path query parameter is required"));
     }
-    Ok(paths::resolve_bytes(path, user)?)
+    paths::resolve_bytes(path, user)
 }
 
-pub async fn download(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
-    let q = query(&req);
+fn built(b: http::response::Builder, body: HttpBody) -> RestResult {
+    b.body(body)
+        .map_err(|e| Rest::from(Error::internal(e.to_string())))
+}
+
+pub async fn download(req: Request<Incoming>, q: Query, defaults: &Defaults) -> RestResult {
     let user = user_of(&q, defaults)?;
     let path = resolve(q.bytes("path").unwrap_or_default(), &user)?;
     // One open file gives both the size and the bytes.
     let opened = open_for_read(path.clone()).await?;
     let size = opened.size;
     let name = path.file_name().map_or(&[][..], |n| n.as_bytes());
-    let mut builder = Response::builder()
+    let mut response = Response::builder()
         .header("content-type", content_type(&path))
         .header("content-disposition", content_disposition(name))
         .header("vary", "Accept-Encoding")
@@ -52,84 +56,42 @@ pub async fn download(req: Request<Incoming>, defaults: &Defaults) -> RestResult
         .get("range")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_range(v, size));
-    let (status, offset, length) = match range {
+    let mut plan = ReadPlan {
+        length: Some(size),
+        exact: true,
+        ..Default::default()
+    };
+    match range {
         Some(Ok((start, len))) => {
-            builder = builder.header(
-                "content-range",
-                format!("bytes {start}-{}/{size}", start + len - 1),
-            );
-            (StatusCode::PARTIAL_CONTENT, start, len)
+            let last = start + len - 1;
+            response = response
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header("content-range", format!("bytes {start}-{last}/{size}"));
+            plan.offset = start;
+            plan.length = Some(len);
         }
         Some(Err(())) => {
-            return Response::builder()
+            let refused = Response::builder()
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header("content-range", format!("bytes */{size}"))
-                .body(HttpBody::default())
-                .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+                .header("content-range", format!("bytes */{size}"));
+            return built(refused, HttpBody::default());
         }
-        None => (StatusCode::OK, 0, size),
-    };
-    let chunks = stream_file(opened, path, offset, Some(length), true).map(|r| r.map(|m| m.data));
-    let gzip = status == StatusCode::OK && wants_gzip(req.headers());
-    let body = if gzip {
-        builder = builder.header("content-encoding", "gzip");
-        HttpBody::new(StreamBody::new(gzip_stream(chunks)))
+        None => plan.gzip = wants_gzip(req.headers()),
+    }
+    response = if plan.gzip {
+        response.header("content-encoding", "gzip")
     } else {
-        builder = builder.header("content-length", length);
-        HttpBody::new(StreamBody::new(chunks.map(|r| {
-            r.map(Frame::data)
-                .map_err(|e| std::io::Error::other(e.message))
-        })))
+        response.header("content-length", plan.length.unwrap_or(size))
     };
-    builder
-        .status(status)
-        .body(body)
-        .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    let frames = stream_file(opened, path, plan).map(|r| {
+        r.map(|m| Frame::data(m.data))
+            .map_err(|e| std::io::Error::other(e.message))
+    });
+    built(response, HttpBody::new(StreamBody::new(frames)))
 }
 
-/// Compresses a byte stream with gzip as it is sent.
-fn gzip_stream(
-    chunks: impl Stream<Item = Result<Bytes>> + Send + Unpin + 'static,
-) -> impl Stream<Item = std::result::Result<Frame<Bytes>, std::io::Error>> + Send {
-    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    futures_util::stream::unfold(Some((chunks, encoder)), |state| async move {
-        let (mut chunks, mut enc) = state?;
-        loop {
-            match chunks.next().await {
-                Some(Ok(data)) => {
-                    let out = tokio::task::block_in_place(|| {
-                        enc.write_all(&data).map(|()| std::mem::take(enc.get_mut()))
-                    });
-                    match out {
-                        Ok(out) if out.is_empty() => continue,
-                        Ok(out) => {
-                            return Some((Ok(Frame::data(Bytes::from(out))), Some((chunks, enc))))
-                        }
-                        Err(e) => return Some((Err(e), None)),
-                    }
-                }
-                Some(Err(e)) => return Some((Err(std::io::Error::other(e.message)), None)),
-                None => {
-                    return match enc.finish() {
-                        Ok(tail) => Some((Ok(Frame::data(Bytes::from(tail))), None)),
-                        Err(e) => Some((Err(e), None)),
-                    }
-                }
-            }
-        }
-    })
-}
-
-fn body_bytes(body: Incoming) -> impl Stream<Item = Result<Bytes>> + Unpin + Send {
-    Box::pin(BodyStream::new(body).filter_map(|f| async move {
-        match f {
-            Ok(frame) => frame.into_data().ok().map(Ok),
-            Err(e) => Some(Err(Error::invalid(format!("reading the upload: {e}")))),
-        }
-    }))
-}
-
-fn written(path: &std::path::Path) -> serde_json::Value {
+/// `{"path","name","type":"file"}`: what E2B answers for a written file.
+fn written(path: &Path) -> serde_json::Value {
     serde_json::json!({
         "path": path.to_string_lossy(),
         "name": path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -137,98 +99,121 @@ fn written(path: &std::path::Path) -> serde_json::Value {
     })
 }
 
-pub async fn upload(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
-    let q = query(&req);
-    let user = user_of(&q, defaults)?;
-    let headers = req.headers().clone();
-    let meta = metadata(&headers)?;
-    let gzip = match headers
+/// Whether the body is gzip (`Content-Encoding`); another coding is 415.
+fn gzip_body(headers: &HeaderMap) -> std::result::Result<bool, Rest> {
+    let coding = headers
         .get("content-encoding")
         .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+        .map(str::trim);
+    match coding {
+        None | Some("identity") | Some("") => Ok(false),
+        Some(e) if e.eq_ignore_ascii_case("gzip") => Ok(true),
+        Some(other) => Err(Rest::http(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content-encoding {other:?} is not supported"),
+        )),
+    }
+}
+
+/// The request body as a byte stream.
+fn body_bytes(body: Incoming) -> impl Stream<Item = std::io::Result<Bytes>> + Unpin + Send {
+    Box::pin(BodyStream::new(body).filter_map(|f| async move {
+        match f {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(std::io::Error::other(e))),
+        }
+    }))
+}
+
+/// The files of an upload, each written as it arrives.
+struct Upload<'a> {
+    user: &'a User,
+    metadata: Option<Vec<(String, String)>>,
+    gzip: bool,
+    written: Vec<serde_json::Value>,
+    seen: HashSet<PathBuf>,
+}
+
+impl Upload<'_> {
+    /// Writes one file (atomically, see `filesystem::transfer`).
+    async fn file<S>(&mut self, dest: &[u8], data: S) -> Result<()>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
     {
-        None | Some("identity") | Some("") => false,
-        Some(e) if e.eq_ignore_ascii_case("gzip") => true,
-        Some(other) => {
-            return Err(Rest::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("content-encoding {other:?} is not supported"),
-            ))
+        let path = resolve(dest, self.user)?;
+        if !self.seen.insert(path.clone()) {
+            return Err(Error::invalid(format!(
+                "two parts write to '{}'",
+                path.display()
+            )));
         }
-    };
-    let ct = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let query_path = q
-        .bytes("path")
-        .filter(|p| !p.is_empty())
-        .map(<[u8]>::to_vec);
-    let mut results = Vec::new();
-    if ct.to_ascii_lowercase().starts_with("multipart/form-data") {
-        if gzip {
-            return Err(Rest::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "gzip is supported for octet-stream uploads only",
-            ));
-        }
-        let boundary = multer::parse_boundary(&ct)
-            .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("multipart: {e}")))?;
-        let stream = BodyStream::new(req.into_body()).filter_map(|f| async move {
-            match f {
-                Ok(frame) => frame.into_data().ok().map(Ok::<_, std::io::Error>),
-                Err(e) => Some(Err(std::io::Error::other(e))),
-            }
-        });
-        let mut parts = multer::Multipart::new(stream, boundary);
-        let mut seen = HashSet::new();
-        while let Some(field) = parts
-            .next_field()
-            .await
-            .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("multipart: {e}")))?
-        {
-            if field.name() != Some("file") {
-                continue;
-            }
-            let dest = query_path
-                .clone()
-                .or_else(|| field.file_name().map(|n| n.as_bytes().to_vec()))
-                .unwrap_or_default();
-            let path = resolve(&dest, &user)?;
-            if !seen.insert(path.clone()) {
-                return Err(Rest::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("two parts write to '{}'", path.display()),
-                ));
-            }
-            let data = field.map(|r| r.map_err(|e| Error::invalid(format!("multipart: {e}"))));
-            let spec = WriteSpec {
-                path: path.clone(),
-                metadata: meta.clone(),
-                ..Default::default()
-            };
-            write_bytes(spec, &user, Box::pin(data)).await?;
-            results.push(written(&path));
-        }
-        if results.is_empty() {
-            return Err(Rest::new(
-                StatusCode::BAD_REQUEST,
-                "no part named 'file' in the upload",
-            ));
-        }
-    } else {
-        let path = resolve(query_path.as_deref().unwrap_or_default(), &user)?;
         let spec = WriteSpec {
             path: path.clone(),
-            gzip,
-            metadata: meta,
+            gzip: self.gzip,
+            metadata: self.metadata.clone(),
             ..Default::default()
         };
-        write_bytes(spec, &user, body_bytes(req.into_body())).await?;
-        results.push(written(&path));
+        write_bytes(spec, self.user, data).await?;
+        // E2B's answer names the path as requested (a symlink is written
+        // through).
+        self.written.push(written(&path));
+        Ok(())
     }
-    Ok(json(StatusCode::OK, &results))
+}
+
+pub async fn upload(req: Request<Incoming>, q: Query, defaults: &Defaults) -> RestResult {
+    let user = user_of(&q, defaults)?;
+    let (parts, body) = req.into_parts();
+    let content_type = parts
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut upload = Upload {
+        user: &user,
+        metadata: metadata(&parts.headers)?,
+        gzip: gzip_body(&parts.headers)?,
+        written: Vec::new(),
+        seen: HashSet::new(),
+    };
+    let query_path = q.bytes("path").filter(|p| !p.is_empty());
+    let multipart = content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data");
+    if !multipart {
+        let data = body_bytes(body)
+            .map(|r| r.map_err(|e| Error::invalid(format!("reading the upload: {e}"))));
+        upload.file(query_path.unwrap_or_default(), data).await?;
+        return Ok(json(StatusCode::OK, &upload.written));
+    }
+    if upload.gzip {
+        return Err(Rest::http(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "gzip is supported for octet-stream uploads only",
+        ));
+    }
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| Error::invalid(format!("multipart: {e}")))?;
+    let mut fields = multer::Multipart::new(body_bytes(body), boundary);
+    while let Some(field) = fields
+        .next_field()
+        .await
+        .map_err(|e| Error::invalid(format!("multipart: {e}")))?
+    {
+        if field.name() != Some("file") {
+            continue;
+        }
+        let dest = query_path
+            .map(<[u8]>::to_vec)
+            .or_else(|| field.file_name().map(|n| n.as_bytes().to_vec()))
+            .unwrap_or_default();
+        let data = field.map(|r| r.map_err(|e| Error::invalid(format!("multipart: {e}"))));
+        upload.file(&dest, data).await?;
+    }
+    if upload.written.is_empty() {
+        return Err(Error::invalid("no part named 'file' in the upload").into());
+    }
+    Ok(json(StatusCode::OK, &upload.written))
 }
 
 #[derive(serde::Deserialize)]
@@ -240,24 +225,24 @@ struct ComposeRequest {
 }
 
 pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
-    let body = super::read_json_body(req.into_body(), 1 << 20).await?;
-    let c: ComposeRequest = serde_json::from_slice(&body)
-        .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
+    let body = read_json_body(req.into_body(), COMPOSE_BODY_LIMIT).await?;
+    let c: ComposeRequest =
+        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad JSON: {e}")))?;
     let name = c
         .username
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| defaults.user());
-    let user = User::lookup(&name).map_err(|e| Rest::new(StatusCode::UNAUTHORIZED, e.message))?;
+    let user = User::lookup(&name).map_err(|e| Error::unauthenticated(e.message))?;
     let sources = c
         .source_paths
         .iter()
         .map(|p| resolve(p.as_bytes(), &user))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let dest = resolve(c.destination.as_bytes(), &user)?;
     let requested = dest.clone();
     tokio::task::spawn_blocking(move || compose::compose(&sources, &dest, &user))
         .await
-        .map_err(|e| Rest::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        .map_err(|e| Error::internal(format!("compose task failed: {e}")))??;
     // E2B's shape: the path as requested (a symlink is written through).
     Ok(json(StatusCode::OK, &written(&requested)))
 }

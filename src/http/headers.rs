@@ -2,9 +2,9 @@
 //! `Accept-Encoding`, MIME types, `Content-Disposition`, `X-Metadata-*`.
 //! Pure functions of their input (the fuzz targets call them directly).
 
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 
-use super::Rest;
+use crate::status::{Error, Result};
 
 /// `Content-Disposition` for a file name of any bytes (RFC 6266): an ASCII
 /// `filename` fallback and the exact name percent-encoded in `filename*`.
@@ -96,7 +96,7 @@ pub fn wants_gzip(headers: &HeaderMap) -> bool {
 }
 
 /// `X-Metadata-<key>: <value>` headers (keys lowercased; printable ASCII).
-pub fn metadata(headers: &HeaderMap) -> std::result::Result<Option<Vec<(String, String)>>, Rest> {
+pub fn metadata(headers: &HeaderMap) -> Result<Option<Vec<(String, String)>>> {
     let mut out = Vec::new();
     let mut total = 0;
     for (name, value) in headers {
@@ -108,25 +108,18 @@ pub fn metadata(headers: &HeaderMap) -> std::result::Result<Option<Vec<(String, 
             .ok()
             .filter(|v| v.bytes().all(|b| (0x20..0x7f).contains(&b)))
             .ok_or_else(|| {
-                Rest::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("metadata {key}: only printable ASCII is allowed"),
-                )
+                Error::invalid(format!("metadata {key}: only printable ASCII is allowed"))
             })?;
         if key.is_empty() || key.len() > 246 {
-            return Err(Rest::new(
-                StatusCode::BAD_REQUEST,
-                format!("metadata key {key:?} must be 1..=246 bytes"),
-            ));
+            return Err(Error::invalid(format!(
+                "metadata key {key:?} must be 1..=246 bytes"
+            )));
         }
         total += key.len() + value.len();
         out.push((key.to_owned(), value.to_owned()));
     }
     if total > 4096 {
-        return Err(Rest::new(
-            StatusCode::BAD_REQUEST,
-            "metadata exceeds 4096 bytes in total",
-        ));
+        return Err(Error::invalid("metadata exceeds 4096 bytes in total"));
     }
     Ok((!out.is_empty()).then_some(out))
 }

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use super::{empty, Rest, RestResult, ENVD_VERSION};
 use crate::auth::{Auth, Verdict, TOKEN_HEADER};
 use crate::defaults::Defaults;
+use crate::status::Error;
 use crate::users::User;
 
 #[derive(serde::Deserialize, Default)]
@@ -51,7 +52,7 @@ pub async fn handle(req: Request<Incoming>, defaults: &Defaults, auth: &Auth) ->
         InitRequest::default()
     } else {
         serde_json::from_slice(&body)
-            .map_err(|e| Rest::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?
+            .map_err(|e| Rest::from(Error::invalid(format!("bad JSON: {e}"))))?
     };
     if auth.is_set() && !by_header {
         let by_body = init
@@ -66,12 +67,8 @@ pub async fn handle(req: Request<Incoming>, defaults: &Defaults, auth: &Auth) ->
         validate_envs(envs)?;
     }
     if let Some(user) = init.default_user.as_deref().filter(|u| !u.is_empty()) {
-        User::lookup(user).map_err(|e| {
-            Rest::new(
-                StatusCode::BAD_REQUEST,
-                format!("defaultUser: {}", e.message),
-            )
-        })?;
+        User::lookup(user)
+            .map_err(|e| Rest::from(Error::invalid(format!("defaultUser: {}", e.message))))?;
         defaults.set_user(user.to_owned());
     }
     if let Some(dir) = init.default_workdir.filter(|d| !d.is_empty()) {
@@ -92,10 +89,9 @@ pub async fn handle(req: Request<Incoming>, defaults: &Defaults, auth: &Auth) ->
 }
 
 fn unauthorized() -> Rest {
-    Rest::new(
-        StatusCode::UNAUTHORIZED,
+    Rest::from(Error::unauthenticated(
         "unauthorized: /init needs the current access token",
-    )
+    ))
 }
 
 /// Names must be non-empty, without `=` or NUL; values without NUL (execve
@@ -112,10 +108,9 @@ fn validate_envs(envs: &BTreeMap<String, String>) -> Result<(), Rest> {
             None
         };
         if let Some(why) = bad {
-            return Err(Rest::new(
-                StatusCode::BAD_REQUEST,
-                format!("envVars: variable {k:?} has {why}"),
-            ));
+            return Err(Rest::from(Error::invalid(format!(
+                "envVars: variable {k:?} has {why}"
+            ))));
         }
     }
     Ok(())
@@ -123,23 +118,15 @@ fn validate_envs(envs: &BTreeMap<String, String>) -> Result<(), Rest> {
 
 /// Sets the wall clock to `ts` (RFC 3339) when it is > 50 ms behind or > 5 s ahead.
 fn sync_clock(ts: &str) -> Result<(), Rest> {
-    let t: prost_types::Timestamp = ts.parse().map_err(|_| {
-        Rest::new(
-            StatusCode::BAD_REQUEST,
-            format!("timestamp {ts:?} is not RFC 3339"),
-        )
-    })?;
+    let t: prost_types::Timestamp = ts
+        .parse()
+        .map_err(|_| Rest::from(Error::invalid(format!("timestamp {ts:?} is not RFC 3339"))))?;
     let target = UNIX_EPOCH
         .checked_add(Duration::new(
             u64::try_from(t.seconds).unwrap_or(0),
             u32::try_from(t.nanos).unwrap_or(0).min(999_999_999),
         ))
-        .ok_or_else(|| {
-            Rest::new(
-                StatusCode::BAD_REQUEST,
-                format!("timestamp {ts:?} is out of range"),
-            )
-        })?;
+        .ok_or_else(|| Rest::from(Error::invalid(format!("timestamp {ts:?} is out of range"))))?;
     let now = SystemTime::now();
     let behind = target.duration_since(now).unwrap_or_default();
     let ahead = now.duration_since(target).unwrap_or_default();

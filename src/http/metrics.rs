@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use http::StatusCode;
 
 use super::{json, Rest, RestResult};
+use crate::status::Error;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -41,12 +42,7 @@ fn meminfo() -> Option<(u64, u64, u64)> {
 
 impl Metrics {
     pub fn handle(&self) -> RestResult {
-        let fail = || {
-            Rest::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "cannot read system metrics",
-            )
-        };
+        let fail = || Rest::from(Error::internal("cannot read system metrics"));
         let now = cpu_jiffies().ok_or_else(fail)?;
         let pct = {
             let mut last = self.last_cpu.lock().unwrap_or_else(|e| e.into_inner());

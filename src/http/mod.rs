@@ -5,8 +5,8 @@ mod files;
 pub mod headers;
 mod init;
 mod metrics;
+mod query;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,15 +14,26 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::auth::Auth;
-use crate::connect::HttpBody;
+use crate::auth::{Auth, Verdict};
 use crate::defaults::Defaults;
 use crate::status::Error;
 use crate::users::User;
+use crate::wire::HttpBody;
 
 /// The envd version reported in `X-Envd-Version` (E2B feature gates start at
 /// 0.6.4, so envd reports the E2B protocol level it implements).
 pub const ENVD_VERSION: &str = "0.6.13";
+
+/// Who may call a REST endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (`/health`; `/init` authenticates itself).
+    Open,
+    /// The access token, when one is set.
+    Token,
+    /// The access token, or else a signed URL (`/files`).
+    TokenOrSignature,
+}
 
 #[derive(Debug)]
 pub struct RestRouter {
@@ -40,7 +51,19 @@ impl RestRouter {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+    /// The access rule of an endpoint.
+    pub fn access(method: &http::Method, path: &str) -> Access {
+        match (method.as_str(), path) {
+            ("GET" | "HEAD", "/health") | ("POST", "/init") => Access::Open,
+            ("GET" | "POST", "/files") => Access::TokenOrSignature,
+            _ => Access::Token,
+        }
+    }
+
+    /// Serves `req`. With `signed`, the caller showed no token and the
+    /// request must carry a valid signature (checked here, where the query
+    /// is parsed once for both the check and the handler).
+    pub async fn handle(&self, req: Request<Incoming>, signed: bool) -> Response<HttpBody> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let result = match (method.as_str(), path.as_str()) {
@@ -48,16 +71,22 @@ impl RestRouter {
             ("GET", "/metrics") => self.metrics.handle(),
             ("GET", "/envs") => Ok(json(StatusCode::OK, &self.defaults.envs())),
             ("POST", "/init") => init::handle(req, &self.defaults, &self.auth).await,
-            ("GET", "/files") => files::download(req, &self.defaults).await,
-            ("POST", "/files") => files::upload(req, &self.defaults).await,
+            ("GET", "/files") => match self.signed_query(&req, "read", signed) {
+                Ok(q) => files::download(req, q, &self.defaults).await,
+                Err(e) => Err(e),
+            },
+            ("POST", "/files") => match self.signed_query(&req, "write", signed) {
+                Ok(q) => files::upload(req, q, &self.defaults).await,
+                Err(e) => Err(e),
+            },
             ("POST", "/files/compose") => files::compose(req, &self.defaults).await,
             (_, "/health" | "/metrics" | "/envs" | "/init" | "/files" | "/files/compose") => {
-                Err(Rest::new(
+                Err(Rest::http(
                     StatusCode::METHOD_NOT_ALLOWED,
                     format!("{method} is not allowed on {path}"),
                 ))
             }
-            _ => Err(Rest::new(
+            _ => Err(Rest::http(
                 StatusCode::NOT_FOUND,
                 format!("no such endpoint: {path}"),
             )),
@@ -70,6 +99,33 @@ impl RestRouter {
         }
         response
     }
+
+    /// The request's query; with `signed`, only if its signature for `op`
+    /// is valid.
+    fn signed_query(&self, req: &Request<Incoming>, op: &str, signed: bool) -> Result<Query, Rest> {
+        let q = query(req);
+        if !signed {
+            return Ok(q);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let verdict = match q.get("signature") {
+            None => Verdict::Missing,
+            Some(signature) => self.auth.check_signature(
+                &q.get("path").unwrap_or_default(),
+                op,
+                &q.get("username").unwrap_or_default(),
+                &signature,
+                q.get("signature_expiration").as_deref(),
+                now,
+            ),
+        };
+        match verdict {
+            Verdict::Allowed => Ok(q),
+            v => Err(Rest::from(crate::auth::refusal(v))),
+        }
+    }
 }
 
 /// A REST error: an HTTP status and a message.
@@ -80,7 +136,7 @@ pub struct Rest {
 }
 
 impl Rest {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn http(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -98,7 +154,7 @@ impl Rest {
 
 impl From<Error> for Rest {
     fn from(e: Error) -> Self {
-        Rest::new(e.code.rest_status(), e.message)
+        Rest::http(e.code.rest_status(), e.message)
     }
 }
 
@@ -109,11 +165,11 @@ pub type RestResult = Result<Response<HttpBody>, Rest>;
 pub async fn read_json_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, Rest> {
     crate::body::read_to_end(body, limit).await.map_err(|e| {
         if e.code == crate::status::Code::DeadlineExceeded {
-            Rest::new(StatusCode::REQUEST_TIMEOUT, e.message)
+            Rest::http(StatusCode::REQUEST_TIMEOUT, e.message)
         } else if e.message == crate::body::BUSY {
-            Rest::new(StatusCode::SERVICE_UNAVAILABLE, e.message)
+            Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message)
         } else if e.code == crate::status::Code::ResourceExhausted {
-            Rest::new(StatusCode::PAYLOAD_TOO_LARGE, e.message)
+            Rest::http(StatusCode::PAYLOAD_TOO_LARGE, e.message)
         } else {
             Rest::from(e)
         }
@@ -136,73 +192,13 @@ pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp
         .expect("static response parts are valid")
 }
 
-/// Query parameters, percent-decoded; the first of repeated names wins.
-/// Values are kept as bytes: a file name need not be UTF-8.
-#[derive(Debug, Default)]
-pub struct Query(HashMap<String, Vec<u8>>);
-
-impl Query {
-    pub fn parse(raw: &str) -> Query {
-        let mut out = HashMap::new();
-        for pair in raw.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let key = String::from_utf8_lossy(&percent_decode(k)).into_owned();
-            out.entry(key).or_insert_with(|| percent_decode(v));
-        }
-        Query(out)
-    }
-
-    /// A parameter as text (invalid UTF-8 replaced).
-    pub fn get(&self, name: &str) -> Option<String> {
-        self.0
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    }
-
-    /// A parameter as the bytes sent.
-    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
-        self.0.get(name).map(Vec::as_slice)
-    }
-}
-
-/// `application/x-www-form-urlencoded` decoding to bytes: `+` is a space,
-/// `%XX` a byte; a malformed escape is kept literally.
-pub fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| {
-            char::from(c)
-                .to_digit(16)
-                .and_then(|d| u8::try_from(d).ok())
-        };
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h * 16 + l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
-}
-
-/// The request's query parameters.
-pub fn query(req: &Request<Incoming>) -> Query {
-    Query::parse(req.uri().query().unwrap_or(""))
-}
-
 /// The user named by `username`, else the default user. Unknown → 401.
 pub fn user_of(q: &Query, defaults: &Defaults) -> Result<User, Rest> {
     let name = q
         .get("username")
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| defaults.user());
-    User::lookup(&name).map_err(|e| Rest::new(StatusCode::UNAUTHORIZED, e.message))
+    User::lookup(&name).map_err(|e| Rest::from(Error::unauthenticated(e.message)))
 }
+
+pub use query::{percent_decode, query, Query};
