@@ -6,6 +6,16 @@ use clap::{Parser, ValueEnum};
 
 use crate::listen::ListenUrl;
 
+/// Defaults live with what they configure (`Settings::default()` of each
+/// service); the flags take them from there.
+fn process_defaults() -> crate::process::Settings {
+    crate::process::Settings::default()
+}
+
+fn fs_defaults() -> crate::filesystem::Settings {
+    crate::filesystem::Settings::default()
+}
+
 /// The listener used when no `--listen` is given: loopback only.
 pub const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:49983";
 
@@ -38,29 +48,29 @@ pub struct Config {
 
     /// Recent output kept per process for re-attach without loss (bytes;
     /// at least 65536).
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+    #[arg(long, value_name = "BYTES", default_value_t = process_defaults().output_buffer as u64,
           value_parser = clap::value_parser!(u64).range(65536..=(1u64 << 32)))]
     pub output_buffer: u64,
 
     /// Output kept by all processes together (bytes). Beyond it, each
     /// process's oldest unread output is dropped down to 64 KiB and
     /// re-attaching clients are told how much was lost.
-    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20,
+    #[arg(long, value_name = "BYTES", default_value_t = process_defaults().output_budget,
           value_parser = clap::value_parser!(u64).range(65536..=(1u64 << 40)))]
     pub output_budget: u64,
 
     /// How long an ended process stays available to Connect (seconds).
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    #[arg(long, value_name = "SECONDS", default_value_t = process_defaults().exit_retention.as_secs())]
     pub exit_retention: u64,
 
     /// Events buffered per polling watcher (CreateWatcher); beyond it events
     /// are dropped and the next GetWatcherEvents reports how many.
-    #[arg(long, value_name = "EVENTS", default_value_t = 10_000,
+    #[arg(long, value_name = "EVENTS", default_value_t = fs_defaults().watcher_buffer as u64,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub watcher_buffer: u64,
 
     /// Polling watchers nobody polls for this long are removed (seconds).
-    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    #[arg(long, value_name = "SECONDS", default_value_t = fs_defaults().watcher_idle.as_secs())]
     pub watcher_idle_timeout: u64,
 
     /// Connections open at once. At the cap the longest-idle connection is
@@ -77,7 +87,7 @@ pub struct Config {
 
     /// A request body envd buffers (Connect unary calls, /init, compose)
     /// must arrive within this time (seconds).
-    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::body::DEFAULT_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub body_timeout: u64,
 
@@ -149,7 +159,7 @@ impl Config {
             output_buffer: usize::try_from(self.output_buffer).unwrap_or(usize::MAX),
             output_budget: self.output_budget,
             exit_retention: Duration::from_secs(self.exit_retention),
-            ..Default::default()
+            ..process_defaults()
         }
     }
 }

@@ -63,7 +63,7 @@ pub fn mount_basics() {
         unsafe {
             std::env::set_var(
                 "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                crate::process::DEFAULT_PATH,
             )
         };
     }

@@ -139,12 +139,12 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
     let defaults = Arc::new(Defaults::new(default_user));
     let process = Arc::new(ProcessService::new(
         reaper,
-        defaults,
+        defaults.clone(),
         cfg.process_settings(),
     ));
     let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
     let auth = Arc::new(Auth::new(cfg.access_token()?));
-    let router = server::Router::new(process, filesystem, auth).await?;
+    let router = server::Router::new(process, filesystem, defaults, auth).await?;
 
     for url in cfg.listeners() {
         match Listener::bind(&url).await {

@@ -16,6 +16,7 @@ use tower::ServiceExt;
 use crate::auth::{refusal, Auth, Verdict, TOKEN_HEADER};
 use crate::connect::{is_connect_path, ConnectRouter};
 use crate::connections::{Connections, Tracked};
+use crate::defaults::Defaults;
 use crate::filesystem::FilesystemService;
 use crate::grpc::filesystem::FilesystemGrpc;
 use crate::grpc::process::ProcessGrpc;
@@ -45,11 +46,11 @@ impl Router {
     pub async fn new(
         process: Arc<ProcessService>,
         filesystem: Arc<FilesystemService>,
+        defaults: Arc<Defaults>,
         auth: Arc<Auth>,
     ) -> Result<Router, String> {
-        let defaults = process.defaults().clone();
         Ok(Router {
-            grpc: grpc_routes(process.clone(), filesystem.clone()).await?,
+            grpc: grpc_routes(process.clone(), filesystem.clone(), defaults.clone()).await?,
             connect: Arc::new(ConnectRouter::new(process, filesystem, defaults.clone())),
             rest: Arc::new(RestRouter::new(defaults, auth.clone())),
             auth,
@@ -137,8 +138,9 @@ fn preflight(req: &Request<Incoming>) -> Response<HttpBody> {
 async fn grpc_routes(
     process: Arc<ProcessService>,
     filesystem: Arc<FilesystemService>,
+    defaults: Arc<Defaults>,
 ) -> Result<Routes, String> {
-    let fs = FilesystemGrpc::new(filesystem, process.defaults().clone());
+    let fs = FilesystemGrpc::new(filesystem, defaults.clone());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<ProcessServer<ProcessGrpc>>().await;
     health
@@ -157,7 +159,7 @@ async fn grpc_routes(
     let reflection_v1alpha = descriptors()
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
-    Ok(Routes::new(ProcessGrpc::server(process))
+    Ok(Routes::new(ProcessGrpc::server(process, defaults))
         .add_service(fs.filesystem_server())
         .add_service(fs.transfer_server())
         .add_service(health_svc)

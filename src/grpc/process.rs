@@ -7,6 +7,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{client_stream, context};
+use crate::defaults::Defaults;
 use crate::process::ProcessService;
 use crate::proto::process::process_server::{Process, ProcessServer};
 use crate::proto::process::*;
@@ -16,11 +17,12 @@ type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Debug, Clone)]
 pub struct ProcessGrpc {
     svc: Arc<ProcessService>,
+    defaults: Arc<Defaults>,
 }
 
 impl ProcessGrpc {
-    pub fn server(svc: Arc<ProcessService>) -> ProcessServer<ProcessGrpc> {
-        ProcessServer::new(ProcessGrpc { svc })
+    pub fn server(svc: Arc<ProcessService>, defaults: Arc<Defaults>) -> ProcessServer<ProcessGrpc> {
+        ProcessServer::new(ProcessGrpc { svc, defaults })
             .max_decoding_message_size(crate::wire::MAX_DECODE)
             .max_encoding_message_size(crate::wire::MAX_ENCODE)
     }
@@ -36,7 +38,7 @@ fn events<T: Send + 'static>(
 #[tonic::async_trait]
 impl Process for ProcessGrpc {
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        context(&req, self.svc.defaults())?;
+        context(&req, &self.defaults)?;
         Ok(Response::new(self.svc.list()))
     }
 
@@ -46,7 +48,7 @@ impl Process for ProcessGrpc {
         &self,
         req: Request<ConnectRequest>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let ctx = context(&req, self.svc.defaults())?;
+        let ctx = context(&req, &self.defaults)?;
         let s = self.svc.connect(&ctx, req.into_inner())?;
         Ok(Response::new(events(s, |e| ConnectResponse {
             event: Some(e),
@@ -59,7 +61,7 @@ impl Process for ProcessGrpc {
         &self,
         req: Request<StartRequest>,
     ) -> Result<Response<Self::StartStream>, Status> {
-        let ctx = context(&req, self.svc.defaults())?;
+        let ctx = context(&req, &self.defaults)?;
         let s = self.svc.start(&ctx, req.into_inner())?;
         Ok(Response::new(events(s, |e| StartResponse {
             event: Some(e),
@@ -70,7 +72,7 @@ impl Process for ProcessGrpc {
         &self,
         req: Request<UpdateRequest>,
     ) -> Result<Response<UpdateResponse>, Status> {
-        context(&req, self.svc.defaults())?;
+        context(&req, &self.defaults)?;
         Ok(Response::new(self.svc.update(req.into_inner())?))
     }
 
@@ -78,7 +80,7 @@ impl Process for ProcessGrpc {
         &self,
         req: Request<Streaming<StreamInputRequest>>,
     ) -> Result<Response<StreamInputResponse>, Status> {
-        context(&req, self.svc.defaults())?;
+        context(&req, &self.defaults)?;
         let input = client_stream(req.into_inner());
         Ok(Response::new(self.svc.stream_input(input).await?))
     }
@@ -87,7 +89,7 @@ impl Process for ProcessGrpc {
         &self,
         req: Request<SendInputRequest>,
     ) -> Result<Response<SendInputResponse>, Status> {
-        context(&req, self.svc.defaults())?;
+        context(&req, &self.defaults)?;
         Ok(Response::new(self.svc.send_input(req.into_inner()).await?))
     }
 
@@ -95,7 +97,7 @@ impl Process for ProcessGrpc {
         &self,
         req: Request<SendSignalRequest>,
     ) -> Result<Response<SendSignalResponse>, Status> {
-        context(&req, self.svc.defaults())?;
+        context(&req, &self.defaults)?;
         Ok(Response::new(self.svc.send_signal(req.into_inner())?))
     }
 
@@ -103,7 +105,7 @@ impl Process for ProcessGrpc {
         &self,
         req: Request<CloseStdinRequest>,
     ) -> Result<Response<CloseStdinResponse>, Status> {
-        context(&req, self.svc.defaults())?;
+        context(&req, &self.defaults)?;
         Ok(Response::new(self.svc.close_stdin(req.into_inner()).await?))
     }
 }

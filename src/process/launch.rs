@@ -21,7 +21,7 @@ use crate::status::{Error, Result};
 use crate::users::User;
 
 /// PATH for children when envd itself has none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Terminal size when a pty is asked for without one.
 const DEFAULT_PTY: (u32, u32) = (80, 24);
 

@@ -12,5 +12,6 @@ pub mod service;
 pub mod spawn;
 pub mod table;
 
+pub use launch::DEFAULT_PATH;
 pub use reaper::Reaper;
 pub use service::{ProcessService, Settings};

@@ -71,10 +71,6 @@ impl ProcessService {
         }
     }
 
-    pub fn defaults(&self) -> &Arc<Defaults> {
-        &self.defaults
-    }
-
     /// Starts a process. Its lifetime is bounded by the request deadline.
     pub fn start(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
         let workdir = self.defaults.workdir();
