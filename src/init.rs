@@ -60,12 +60,7 @@ pub fn mount_basics() {
     }
     if std::env::var_os("PATH").is_none() {
         // SAFETY: called before any thread exists (start of main, PID 1).
-        unsafe {
-            std::env::set_var(
-                "PATH",
-                crate::process::DEFAULT_PATH,
-            )
-        };
+        unsafe { std::env::set_var("PATH", crate::process::DEFAULT_PATH) };
     }
 }
 

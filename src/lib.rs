@@ -28,6 +28,7 @@ pub mod request;
 pub mod sd;
 pub mod server;
 pub mod status;
+pub mod streams;
 pub mod unix_authority;
 pub mod users;
 pub mod wire;

@@ -2,11 +2,10 @@
 //! against the prost types.
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 
 use super::entry::{entry_info, Names};
 use super::list::list_dir;
@@ -19,7 +18,8 @@ use crate::proto::filesystem::watch_dir_response::{Event, KeepAlive, StartEvent}
 use crate::proto::filesystem::*;
 use crate::proto::transfer::{ReadFileRequest, WriteFileRequest, WriteFileResponse};
 use crate::request::RequestContext;
-use crate::status::{Code, Error, Result};
+use crate::status::{Error, Result};
+use crate::streams::{framed, BoxStream, Pacing};
 
 /// Tunables of the filesystem service.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl Default for Settings {
     }
 }
 
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchDirResponse>> + Send>>;
+pub type WatchStream = BoxStream<WatchDirResponse>;
 
 #[derive(Debug)]
 pub struct FilesystemService {
@@ -160,34 +160,20 @@ impl FilesystemService {
             options(req.recursive, req.include_entry, req.allow_network_mounts),
         )
         .await?;
-        let keepalive = ctx.keepalive;
-        let deadline = ctx.deadline;
-        let state = (Some(watch), true);
         let msg = |e: Event| WatchDirResponse { event: Some(e) };
-        Ok(Box::pin(futures_util::stream::unfold(
-            state,
-            move |(watch, first)| async move {
-                let mut watch = watch?;
-                if first {
-                    return Some((Ok(msg(Event::Start(StartEvent {}))), (Some(watch), false)));
-                }
-                let until_deadline = async {
-                    match deadline {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    item = watch.events.recv() => match item {
-                        Some(Ok(ev)) => Some((Ok(msg(Event::Filesystem(ev))), (Some(watch), false))),
-                        Some(Err(e)) => Some((Err(e), (None, false))),
-                        None => None,
-                    },
-                    () = tokio::time::sleep(keepalive) => Some((Ok(msg(Event::Keepalive(KeepAlive {}))), (Some(watch), false))),
-                    () = until_deadline => Some((Err(Error::new(Code::DeadlineExceeded, "watch deadline exceeded")), (None, false))),
-                }
+        let pacing = Pacing {
+            keepalive: ctx.keepalive,
+            keepalive_item: || WatchDirResponse {
+                event: Some(Event::Keepalive(KeepAlive {})),
             },
-        )))
+            deadline: ctx.deadline,
+            deadline_message: "watch deadline exceeded",
+        };
+        // The watch lives as long as the stream (dropping it stops watching).
+        let mut watch = watch;
+        let events = futures_util::stream::poll_fn(move |cx| watch.events.poll_recv(cx))
+            .map(move |item| item.map(|ev| msg(Event::Filesystem(ev))));
+        Ok(framed(msg(Event::Start(StartEvent {})), events, pacing))
     }
 
     pub async fn create_watcher(

@@ -2,7 +2,6 @@
 //! keepalives, then exactly one `end`. Dropping the stream (client gone) only
 //! detaches; the process keeps running.
 
-use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -13,20 +12,34 @@ use crate::proto::process::process_event::{
     data_event::Output, DataEvent, Event, KeepAlive, StartEvent,
 };
 use crate::proto::process::ProcessEvent;
-use crate::status::{Code, Error, Result};
+use crate::status::Result;
+use crate::streams::{framed, BoxStream, Pacing};
 
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<ProcessEvent>> + Send>>;
-
-struct State {
-    start: Option<StartEvent>,
-    sub: Subscription,
-    keepalive: Duration,
-    deadline: Option<Instant>,
-    done: bool,
-}
+pub type EventStream = BoxStream<ProcessEvent>;
 
 fn event(e: Event) -> ProcessEvent {
     ProcessEvent { event: Some(e) }
+}
+
+/// A subscription's output as events, ending after the `end` event.
+fn output_events(sub: Subscription) -> impl Stream<Item = Result<ProcessEvent>> + Send + Unpin {
+    Box::pin(futures_util::stream::unfold(Some(sub), |sub| async move {
+        let mut sub = sub?;
+        Some(match sub.next().await {
+            Next::Data(source, bytes) => {
+                let output = match source {
+                    Source::Stdout => Output::Stdout(bytes),
+                    Source::Stderr => Output::Stderr(bytes),
+                    Source::Pty => Output::Pty(bytes),
+                };
+                let data = DataEvent {
+                    output: Some(output),
+                };
+                (Ok(event(Event::Data(data))), Some(sub))
+            }
+            Next::End(end) => (Ok(event(Event::End(end))), None),
+        })
+    }))
 }
 
 /// Builds the stream. `deadline` bounds the stream only (not the process).
@@ -36,46 +49,11 @@ pub fn stream(
     keepalive: Duration,
     deadline: Option<Instant>,
 ) -> EventStream {
-    let state = State {
-        start: Some(start),
-        sub,
+    let pacing = Pacing {
         keepalive,
+        keepalive_item: || event(Event::Keepalive(KeepAlive {})),
         deadline,
-        done: false,
+        deadline_message: "stream deadline exceeded; the process keeps running",
     };
-    Box::pin(futures_util::stream::unfold(state, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        if let Some(start) = st.start.take() {
-            return Some((Ok(event(Event::Start(start))), st));
-        }
-        let deadline = async {
-            match st.deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        let item = tokio::select! {
-            next = st.sub.next() => Ok(match next {
-                Next::Data(source, bytes) => event(Event::Data(DataEvent {
-                    output: Some(match source {
-                        Source::Stdout => Output::Stdout(bytes),
-                        Source::Stderr => Output::Stderr(bytes),
-                        Source::Pty => Output::Pty(bytes),
-                    }),
-                })),
-                Next::End(end) => {
-                    st.done = true;
-                    event(Event::End(end))
-                }
-            }),
-            () = tokio::time::sleep(st.keepalive) => Ok(event(Event::Keepalive(KeepAlive {}))),
-            () = deadline => {
-                st.done = true;
-                Err(Error::new(Code::DeadlineExceeded, "stream deadline exceeded; the process keeps running"))
-            }
-        };
-        Some((item, st))
-    }))
+    framed(event(Event::Start(start)), output_events(sub), pacing)
 }

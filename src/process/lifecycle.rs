@@ -20,7 +20,7 @@ use super::reaper::ExitStatus;
 use super::table::ProcessTable;
 
 /// Bytes read per chunk from a pipe or pty.
-pub const READ_CHUNK: usize = 64 * 1024;
+pub const PIPE_READ_CHUNK: usize = 64 * 1024;
 
 /// After the process exits, output is read until EOF; if a descendant keeps
 /// the pipe or pty open, reading stops once it stays silent this long.
@@ -44,17 +44,43 @@ async fn exited_and_idle(exited: &mut watch::Receiver<bool>) {
     tokio::time::sleep(DRAIN_IDLE).await;
 }
 
-async fn pump_pipe(
-    mut rx: pipe::Receiver,
+/// One output fd of a process, read in chunks of at most [`PIPE_READ_CHUNK`].
+enum OutputReader {
+    Pipe(pipe::Receiver),
+    Pty(Arc<Pty>),
+}
+
+impl OutputReader {
+    /// Appends what is available to `buf`; `Ok(0)` at end of output.
+    async fn read(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            OutputReader::Pipe(rx) => {
+                buf.reserve(PIPE_READ_CHUNK);
+                rx.read_buf(buf).await
+            }
+            OutputReader::Pty(pty) => {
+                let start = buf.len();
+                buf.resize(start + PIPE_READ_CHUNK, 0);
+                let n = pty.read(&mut buf[start..]).await;
+                buf.truncate(start + *n.as_ref().unwrap_or(&0));
+                n
+            }
+        }
+    }
+}
+
+/// Copies one output fd into the log until end of output, or until the
+/// process has exited and the fd stayed silent for `DRAIN_IDLE`.
+async fn pump(
+    mut reader: OutputReader,
     source: Source,
     log: Arc<OutputLog>,
     mut exited: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::new();
     loop {
-        buf.reserve(READ_CHUNK);
         let read = tokio::select! {
-            r = rx.read_buf(&mut buf) => r,
+            r = reader.read(&mut buf) => r,
             () = exited_and_idle(&mut exited) => break,
         };
         match read {
@@ -62,29 +88,7 @@ async fn pump_pipe(
             Ok(_) => log.append(source, buf.split().freeze()).await,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                tracing::debug!(error = %e, "output pipe read failed");
-                break;
-            }
-        }
-    }
-}
-
-async fn pump_pty(pty: Arc<Pty>, log: Arc<OutputLog>, mut exited: watch::Receiver<bool>) {
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        let read = tokio::select! {
-            r = pty.read(&mut buf) => r,
-            () = exited_and_idle(&mut exited) => break,
-        };
-        match read {
-            Ok(0) => break,
-            Ok(n) => {
-                log.append(Source::Pty, bytes::Bytes::copy_from_slice(&buf[..n]))
-                    .await
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "pty read failed");
+                tracing::debug!(error = %e, ?source, "output read failed");
                 break;
             }
         }
@@ -100,27 +104,24 @@ pub fn run(
     table: Arc<ProcessTable>,
 ) {
     let log = process.output.clone();
-    let pumps: Vec<JoinHandle<()>> = match fds {
+    let readers = match fds {
         OutputFds::Pipes { stdout, stderr } => vec![
-            tokio::spawn(pump_pipe(
-                stdout,
-                Source::Stdout,
-                log.clone(),
-                process.exited.subscribe(),
-            )),
-            tokio::spawn(pump_pipe(
-                stderr,
-                Source::Stderr,
-                log.clone(),
-                process.exited.subscribe(),
-            )),
+            (OutputReader::Pipe(stdout), Source::Stdout),
+            (OutputReader::Pipe(stderr), Source::Stderr),
         ],
-        OutputFds::Pty(pty) => vec![tokio::spawn(pump_pty(
-            pty,
-            log.clone(),
-            process.exited.subscribe(),
-        ))],
+        OutputFds::Pty(pty) => vec![(OutputReader::Pty(pty), Source::Pty)],
     };
+    let pumps: Vec<JoinHandle<()>> = readers
+        .into_iter()
+        .map(|(reader, source)| {
+            tokio::spawn(pump(
+                reader,
+                source,
+                log.clone(),
+                process.exited.subscribe(),
+            ))
+        })
+        .collect();
     tokio::spawn(supervise(process, pumps, exit, deadline, table));
 }
 
