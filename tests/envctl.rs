@@ -26,8 +26,12 @@ fn run_exits_with_the_commands_code_and_streams_output() {
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
-    let out = envctl(&envd, &["run", "sh", "-c", "kill -TERM $$"]);
-    assert_eq!(out.status.code(), Some(128 + 15));
+    // Any signal, like a shell: 128 + its number.
+    for (sig, n) in [("TERM", 15), ("INT", 2), ("USR1", 10), ("KILL", 9)] {
+        let script = format!("kill -{sig} $$");
+        let out = envctl(&envd, &["run", "sh", "-c", &script]);
+        assert_eq!(out.status.code(), Some(128 + n), "SIG{sig}");
+    }
 }
 
 #[test]

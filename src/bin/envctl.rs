@@ -78,13 +78,15 @@ enum Cmd {
     },
 }
 
-struct Ctx {
-    channel: Channel,
+/// Who envctl acts as: the request headers every call carries.
+#[derive(Clone)]
+struct Identity {
     user: Option<String>,
     token: Option<String>,
 }
 
-impl Ctx {
+impl Identity {
+    /// `msg` with `authorization: Basic` (the user) and `x-access-token`.
     fn req<T>(&self, msg: T) -> tonic::Request<T> {
         use base64::Engine;
         let mut r = tonic::Request::new(msg);
@@ -93,15 +95,25 @@ impl Ctx {
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(format!("{u}:"))
             );
-            r.metadata_mut()
-                .insert("authorization", v.parse().expect("ascii"));
-        }
-        if let Some(t) = &self.token {
-            if let Ok(v) = t.parse() {
-                r.metadata_mut().insert("x-access-token", v);
+            if let Ok(v) = v.parse() {
+                r.metadata_mut().insert("authorization", v);
             }
         }
+        if let Some(t) = self.token.as_ref().and_then(|t| t.parse().ok()) {
+            r.metadata_mut().insert("x-access-token", t);
+        }
         r
+    }
+}
+
+struct Ctx {
+    channel: Channel,
+    id: Identity,
+}
+
+impl Ctx {
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        self.id.req(msg)
     }
 }
 
@@ -117,8 +129,10 @@ async fn main() -> ExitCode {
     };
     let ctx = Ctx {
         channel,
-        user: cli.user,
-        token: cli.token,
+        id: Identity {
+            user: cli.user,
+            token: cli.token,
+        },
     };
     match dispatch(&ctx, cli.cmd).await {
         Ok(code) => ExitCode::from(code),
@@ -253,17 +267,43 @@ fn config(command: Vec<String>) -> ProcessConfig {
     }
 }
 
-/// Exit code of an end event: the code, or 128 + signal like a shell.
+/// Exit code of an end event: the code, or 128 + signal like a shell (from
+/// the structured fields; 255 when envd could not tell).
 fn exit_code(end: &process_event::EndEvent) -> u8 {
-    if end.exited {
-        end.exit_code.clamp(0, 255) as u8
-    } else {
-        let sig =
-            end.status
-                .strip_prefix("signal: ")
-                .map_or(9, |s| if s == "terminated" { 15 } else { 9 });
-        128 + sig
+    let code = match (end.exited, end.signal) {
+        (true, _) => end.exit_code,
+        (false, Some(sig)) => 128 + sig,
+        (false, None) => 255,
+    };
+    u8::try_from(code.clamp(0, 255)).unwrap_or(255)
+}
+
+/// Prints a process's output until its end; returns its exit code. With
+/// `merged`, stderr goes to stdout too (a terminal session).
+async fn follow<T>(
+    mut s: tonic::Streaming<T>,
+    event: fn(T) -> Option<ProcessEvent>,
+    merged: bool,
+) -> Result<u8, String> {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    while let Some(msg) = s.next().await {
+        let msg = msg.map_err(|e| e.message().to_owned())?;
+        match event(msg).and_then(|e| e.event) {
+            Some(Event::Data(d)) => match d.output {
+                Some(Output::Stderr(b)) if !merged => {
+                    let _ = err.write_all(&b);
+                }
+                Some(Output::Stdout(b) | Output::Pty(b) | Output::Stderr(b)) => {
+                    let _ = out.write_all(&b);
+                    let _ = out.flush();
+                }
+                None => {}
+            },
+            Some(Event::End(end)) => return Ok(exit_code(&end)),
+            _ => {}
+        }
     }
+    Err("the stream ended without an end event".into())
 }
 
 async fn run(ctx: &Ctx, command: Vec<String>, pty: Option<(u32, u32)>) -> Result<u8, String> {
@@ -276,33 +316,12 @@ async fn run(ctx: &Ctx, command: Vec<String>, pty: Option<(u32, u32)>) -> Result
         stdin: Some(false),
         tag: None,
     };
-    let mut s = p
+    let s = p
         .start(ctx.req(req))
         .await
         .map_err(|e| e.message().to_owned())?
         .into_inner();
-    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-    while let Some(msg) = s.next().await {
-        match msg
-            .map_err(|e| e.message().to_owned())?
-            .event
-            .and_then(|e| e.event)
-        {
-            Some(Event::Data(d)) => match d.output {
-                Some(Output::Stdout(b)) | Some(Output::Pty(b)) => {
-                    let _ = out.write_all(&b);
-                    let _ = out.flush();
-                }
-                Some(Output::Stderr(b)) => {
-                    let _ = err.write_all(&b);
-                }
-                None => {}
-            },
-            Some(Event::End(end)) => return Ok(exit_code(&end)),
-            _ => {}
-        }
-    }
-    Err("the stream ended without an end event".into())
+    follow(s, |m: StartResponse| m.event, false).await
 }
 
 fn terminal_size() -> (u32, u32) {
@@ -408,7 +427,7 @@ async fn exec_session(ctx: &Ctx, command: Vec<String>, cols: u32, rows: u32) -> 
             size: Some(pty::Size { cols, rows }),
         }),
     };
-    let token = ctx.token.clone();
+    let id = ctx.id.clone();
     tokio::spawn(async move {
         let Ok(mut winch) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
@@ -417,33 +436,10 @@ async fn exec_session(ctx: &Ctx, command: Vec<String>, cols: u32, rows: u32) -> 
         };
         while winch.recv().await.is_some() {
             let (c, r) = terminal_size();
-            let mut req = tonic::Request::new(resize_req(c, r));
-            if let Some(t) = token.as_ref().and_then(|t| t.parse().ok()) {
-                req.metadata_mut().insert("x-access-token", t);
-            }
-            let _ = p3.update(req).await;
+            let _ = p3.update(id.req(resize_req(c, r))).await;
         }
     });
-    let mut out = std::io::stdout();
-    while let Some(msg) = s.next().await {
-        match msg
-            .map_err(|e| e.message().to_owned())?
-            .event
-            .and_then(|e| e.event)
-        {
-            Some(Event::Data(d)) => {
-                if let Some(Output::Pty(b)) | Some(Output::Stdout(b)) | Some(Output::Stderr(b)) =
-                    d.output
-                {
-                    let _ = out.write_all(&b);
-                    let _ = out.flush();
-                }
-            }
-            Some(Event::End(end)) => return Ok(exit_code(&end)),
-            _ => {}
-        }
-    }
-    Err("the stream ended without an end event".into())
+    follow(s, |m: StartResponse| m.event, true).await
 }
 
 fn tokio_stream_from<T: Send + 'static>(

@@ -93,6 +93,7 @@ mod tests {
                     exited: true,
                     status: "exit status 3".into(),
                     error: None,
+                    signal: None,
                 })),
             }),
         };

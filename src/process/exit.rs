@@ -16,6 +16,7 @@ pub fn end_event(status: ExitStatus) -> EndEvent {
             exited: true,
             status: format!("exit status {code}"),
             error: None,
+            signal: None,
         },
         ExitStatus::Signaled {
             signal,
@@ -29,6 +30,7 @@ pub fn end_event(status: ExitStatus) -> EndEvent {
                 if core_dumped { " (core dumped)" } else { "" }
             ),
             error: None,
+            signal: Some(signal),
         },
     }
 }

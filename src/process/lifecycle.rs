@@ -160,6 +160,7 @@ async fn supervise(
             exited: false,
             status: "unknown".into(),
             error: Some("exit status was lost".into()),
+            signal: None,
         },
     };
     tracing::debug!(pid, status = %end.status, "process ended");

@@ -303,6 +303,7 @@ mod tests {
             exited: true,
             status: "exit status 0".into(),
             error: None,
+            signal: None,
         }
     }
 
