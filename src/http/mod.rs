@@ -201,4 +201,4 @@ pub fn user_of(q: &Query, defaults: &Defaults) -> Result<User, Rest> {
     User::lookup(&name).map_err(|e| Rest::from(Error::unauthenticated(e.message)))
 }
 
-pub use query::{percent_decode, query, Query};
+pub use query::{query, Query};

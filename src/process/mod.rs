@@ -1,17 +1,22 @@
 //! The process service: spawning, supervising and talking to commands.
+//!
+//! A command goes start (`service.rs`, the RPC) → prepare (`prepare.rs`:
+//! request → everything the child needs) → spawn (`spawn.rs`, registered
+//! with `reaper.rs`) → supervise (`supervise.rs`: output pumps, deadline,
+//! exit, `end`). `started.rs` holds a started `Process`.
 
 pub mod events;
 pub mod exit;
-pub mod handle;
-pub mod launch;
-pub mod lifecycle;
 pub mod output;
+pub mod prepare;
 pub mod pty;
 pub mod reaper;
 pub mod service;
 pub mod spawn;
+pub mod started;
+pub mod supervise;
 pub mod table;
 
-pub use launch::DEFAULT_PATH;
+pub use prepare::DEFAULT_PATH;
 pub use reaper::Reaper;
 pub use service::{ProcessService, Settings};

@@ -1,5 +1,5 @@
 //! `process.Process` logic, written once against the prost types. Protocol
-//! adapters (gRPC now, Connect later) parse a [`RequestContext`] and call in.
+//! adapters (gRPC, Connect) parse a [`RequestContext`] and call in.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,11 +8,11 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 
 use super::events::{self, EventStream};
-use super::handle::Process;
-use super::launch;
-use super::lifecycle;
 use super::output::{Budget, OutputLog};
+use super::prepare;
 use super::reaper::Reaper;
+use super::started::Process;
+use super::supervise::supervise;
 use super::table::ProcessTable;
 use crate::defaults::Defaults;
 use crate::proto::process::process_event::StartEvent;
@@ -74,7 +74,7 @@ impl ProcessService {
     /// Starts a process. Its lifetime is bounded by the request deadline.
     pub fn start(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
         let workdir = self.defaults.workdir();
-        let launch = launch::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
+        let launch = prepare::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
         let config = req.process.unwrap_or_default();
         let output = OutputLog::new(self.settings.output_buffer, self.budget.clone());
         // Subscribed before the child exists: no early output is missed.
@@ -97,7 +97,7 @@ impl ProcessService {
             exited: tokio::sync::watch::Sender::new(false),
         });
         self.table.insert(process.clone());
-        lifecycle::run(
+        supervise(
             process,
             launch.output,
             exit,

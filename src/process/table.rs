@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::handle::Process;
+use super::started::Process;
 use crate::proto::process::process_selector::Selector;
 use crate::proto::process::ProcessSelector;
 use crate::status::{Error, Result};

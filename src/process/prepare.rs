@@ -11,10 +11,10 @@ use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 use tokio::net::unix::pipe;
 
-use super::handle::Input;
-use super::lifecycle::OutputFds;
 use super::pty::Pty;
 use super::spawn::{resolve_program, ChildStdio, Credentials, Prepared};
+use super::started::Input;
+use super::supervise::OutputFds;
 use crate::paths;
 use crate::proto::process::StartRequest;
 use crate::status::{Error, Result};
@@ -90,7 +90,7 @@ pub fn prepare(
             let (stdin, input) = if req.stdin.unwrap_or(true) {
                 let (r, w) = new_pipe()?;
                 let tx = pipe::Sender::from_owned_fd(w).map_err(|e| Error::io("stdin pipe", &e))?;
-                (r, Input::Pipe(super::handle::StdinPipe::new(tx)))
+                (r, Input::Pipe(super::started::StdinPipe::new(tx)))
             } else {
                 let null = open(
                     "/dev/null",

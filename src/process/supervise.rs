@@ -1,4 +1,4 @@
-//! The tasks that run alongside a process: output pumps (fd → output log) and
+//! Supervision: the tasks that run alongside a process: output pumps (fd → output log) and
 //! the supervisor (exit status, deadline kill, drain, `end`, table update).
 
 use std::sync::Arc;
@@ -13,10 +13,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::exit::end_event;
-use super::handle::{kill_group, Process};
 use super::output::{OutputLog, Source};
 use super::pty::Pty;
 use super::reaper::ExitStatus;
+use super::started::{kill_group, Process};
 use super::table::ProcessTable;
 
 /// Bytes read per chunk from a pipe or pty.
@@ -96,7 +96,7 @@ async fn pump(
 }
 
 /// Starts the pumps and the supervisor of a just-spawned process.
-pub fn run(
+pub fn supervise(
     process: Arc<Process>,
     fds: OutputFds,
     exit: oneshot::Receiver<ExitStatus>,
@@ -122,10 +122,10 @@ pub fn run(
             ))
         })
         .collect();
-    tokio::spawn(supervise(process, pumps, exit, deadline, table));
+    tokio::spawn(await_end(process, pumps, exit, deadline, table));
 }
 
-async fn supervise(
+async fn await_end(
     process: Arc<Process>,
     pumps: Vec<JoinHandle<()>>,
     mut exit: oneshot::Receiver<ExitStatus>,
