@@ -98,7 +98,7 @@ fn raw_copy(dir: &Path) -> (f64, f64) {
     let mut c = TcpStream::connect(addr).unwrap();
     let n = std::io::copy(&mut c, &mut std::io::sink()).unwrap();
     src.join().unwrap();
-    assert_eq!(n as usize, GIB);
+    assert_eq!(usize::try_from(n).unwrap(), GIB);
     (up, mibs(GIB, t.elapsed().as_secs_f64()))
 }
 
@@ -132,7 +132,7 @@ fn files_transfer(dir: &Path) {
         target.display()
     )
     .unwrap();
-    let n = std::io::copy(&mut s, &mut std::io::sink()).unwrap() as usize;
+    let n = usize::try_from(std::io::copy(&mut s, &mut std::io::sink()).unwrap()).unwrap();
     assert!(n > GIB);
     let down = mibs(GIB, t.elapsed().as_secs_f64());
     std::fs::remove_file(&target).unwrap();

@@ -152,7 +152,7 @@ async fn main() {
     let mut count = [0u8; 8];
     sink.read_exact(&mut count).await.unwrap();
     let raw_up = MIB64 as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(u64::from_be_bytes(count) as usize, MIB64);
+    assert_eq!(usize::try_from(u64::from_be_bytes(count)).unwrap(), MIB64);
     let mut source = raw(&vm, 5003).await;
     let t = Instant::now();
     let mut got = 0usize;

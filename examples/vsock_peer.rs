@@ -47,7 +47,7 @@ async fn main() -> std::io::Result<()> {
                 "source" => {
                     let mut left = bytes;
                     while left > 0 {
-                        let n = left.min(buf.len() as u64) as usize;
+                        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
                         if s.write_all(&buf[..n]).await.is_err() {
                             return;
                         }

@@ -24,7 +24,7 @@ pub fn random_id(len: usize) -> String {
 fn fill_random(buf: &mut [u8]) {
     // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n == buf.len() as isize {
+    if usize::try_from(n).ok() == Some(buf.len()) {
         return;
     }
     // Kernels without getrandom(2): the device file.
@@ -37,8 +37,10 @@ fn fill_random(buf: &mut [u8]) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
+    let seed = seed.to_le_bytes();
     for (i, b) in buf.iter_mut().enumerate() {
-        *b = (seed >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(151);
+        let salt = u8::try_from(i % 256).unwrap_or(0).wrapping_mul(151);
+        *b = seed[i % seed.len()] ^ salt;
     }
 }
 

@@ -414,7 +414,7 @@ mod tests {
     use super::*;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut v = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        let mut v = u32::try_from(payload.len()).unwrap().to_be_bytes()[1..].to_vec();
         v.extend_from_slice(&[kind, flags]);
         v.extend_from_slice(&stream.to_be_bytes());
         v.extend_from_slice(payload);

@@ -641,7 +641,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect()
 }
@@ -693,7 +693,7 @@ async fn streamed_256_mib_round_trip() {
         .into_inner()
         .entry
         .unwrap();
-    assert_eq!(e.size as usize, CHUNK * CHUNKS);
+    assert_eq!(usize::try_from(e.size).unwrap(), CHUNK * CHUNKS);
 
     let mut rs = t
         .read_file(ReadFileRequest {

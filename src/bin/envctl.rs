@@ -543,7 +543,7 @@ async fn copy(ctx: &Ctx, from: &str, to: &str) -> Result<u8, String> {
                 .await
                 .ok()
                 .and_then(|r| r.into_inner().entry)
-                .map(|e| e.size as u64);
+                .and_then(|e| u64::try_from(e.size).ok());
             let mut s = t
                 .read_file(ctx.req(ReadFileRequest {
                     path: remote.to_owned(),

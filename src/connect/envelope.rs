@@ -14,7 +14,8 @@ pub const FLAG_END: u8 = 0x02;
 pub fn frame(flags: u8, payload: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(5 + payload.len());
     b.extend_from_slice(&[flags]);
-    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    let len = u32::try_from(payload.len()).expect("messages are bounded far below 4 GiB");
+    b.extend_from_slice(&len.to_be_bytes());
     b.extend_from_slice(payload);
     b.freeze()
 }

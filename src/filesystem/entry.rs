@@ -83,14 +83,14 @@ pub fn from_metadata(path: &Path, shown: &Path, meta: &Metadata, names: &mut Nam
             kind as i32
         },
         path: shown.to_string_lossy().into_owned(),
-        size: meta.size() as i64,
+        size: i64::try_from(meta.size()).unwrap_or(i64::MAX),
         mode: mode & 0o777,
         permissions: permissions(meta.mode()),
         owner: names.user(meta.uid()),
         group: names.group(meta.gid()),
         modified_time: Some(prost_types::Timestamp {
             seconds: meta.mtime(),
-            nanos: meta.mtime_nsec() as i32,
+            nanos: i32::try_from(meta.mtime_nsec()).unwrap_or(0),
         }),
         symlink_target,
         metadata: if is_symlink {
@@ -157,10 +157,10 @@ fn metadata(path: &Path) -> HashMap<String, String> {
     let mut names = vec![0u8; 4096];
     // SAFETY: the buffer is valid for its length; the path is NUL-terminated.
     let n = unsafe { libc::llistxattr(cpath.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if n <= 0 {
+    let Some(n) = usize::try_from(n).ok().filter(|n| *n > 0) else {
         return out;
-    }
-    names.truncate(n as usize);
+    };
+    names.truncate(n);
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let Ok(name) = std::str::from_utf8(name) else {
             continue;
@@ -181,10 +181,10 @@ fn metadata(path: &Path) -> HashMap<String, String> {
                 value.len(),
             )
         };
-        if len < 0 {
-            continue;
-        }
-        value.truncate(len as usize);
+        let Ok(len) = usize::try_from(len) else {
+            continue; // -1: gone meanwhile, or too large
+        };
+        value.truncate(len);
         if let Ok(v) = String::from_utf8(value) {
             out.insert(key.to_owned(), v);
         }

@@ -273,7 +273,8 @@ impl Subscription {
             let cursor = cursor.max(g.start);
             let idx = g.chunks.partition_point(|c| c.end() <= cursor);
             let chunk = &g.chunks[idx];
-            let skip = (cursor - chunk.offset) as usize;
+            // Within the chunk, so below its (usize) length.
+            let skip = usize::try_from(cursor - chunk.offset).unwrap_or(0);
             let next = Next::Data(chunk.source, chunk.data.slice(skip..));
             let new_cursor = chunk.end();
             g.cursors.insert(self.id, new_cursor);
@@ -328,12 +329,15 @@ mod tests {
     async fn shared_budget_trims_to_the_floor_and_is_returned() {
         let budget = Budget::new(3 * FLOOR);
         let logs: Vec<_> = (0..4)
-            .map(|_| OutputLog::new(4 * FLOOR as usize, budget.clone()))
+            .map(|_| OutputLog::new(4 * usize::try_from(FLOOR).unwrap(), budget.clone()))
             .collect();
         for log in &logs {
             for _ in 0..4 {
-                log.append(Source::Stdout, Bytes::from(vec![0; FLOOR as usize]))
-                    .await;
+                log.append(
+                    Source::Stdout,
+                    Bytes::from(vec![0; usize::try_from(FLOOR).unwrap()]),
+                )
+                .await;
             }
         }
         // Over budget: later logs were trimmed to the floor.

@@ -85,7 +85,8 @@ impl ProcessService {
             .map_err(|e| Error::io(format!("start '{}'", config.cmd), &e))?;
         // Closes the child's ends of the pipes / the pty slave in envd.
         drop(launch.prepared);
-        let pid = pid as u32;
+        // A spawned child's pid is positive.
+        let pid = pid.unsigned_abs();
         tracing::info!(pid, cmd = %config.cmd, user = %ctx.user.name, tag = ?req.tag, "process started");
         let process = Arc::new(Process {
             pid,

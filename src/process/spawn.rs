@@ -17,7 +17,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -194,75 +194,31 @@ impl Prepared {
         Ok(pid)
     }
 
-    /// The child side. Never returns.
+    /// The child side, in order: signals, session and stdio, other fds,
+    /// limits, OOM score, credentials, working directory, exec. Never
+    /// returns.
     ///
     /// # Safety
     /// Must only run in the cloned child. It shares envd's memory, so it
-    /// writes nothing but its own stack, and changes credentials with raw
+    /// writes nothing but its own stack, makes only async-signal-safe calls
+    /// on data built before the clone (alive: the parent is suspended by
+    /// CLONE_VFORK until exec or exit), and changes credentials with raw
     /// syscalls (libc's wrappers would signal envd's threads to change theirs).
     unsafe fn child_after_clone(&self) -> ! {
-        // SAFETY: (whole block) only async-signal-safe calls on data built
-        // before the clone; pointers stay valid because `self` is alive until
-        // exec or _exit (the parent is suspended by CLONE_VFORK).
+        // SAFETY: we are the cloned child (this function's contract), which
+        // is each step's only requirement; `self` outlives the exec.
         unsafe {
-            // Signals arrive blocked (see `spawn`): default every disposition
-            // first, then unblock, so no envd handler ever runs here.
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            // envd installs no real-time signal handlers; the standard ones
-            // (and SIGPIPE, which Rust ignores) are all below 32.
-            for sig in 1..32 {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
-                }
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-
-            libc::setsid();
-            let s = &self.stdio;
-            if s.controlling_tty {
-                libc::ioctl(s.stdin.as_raw_fd(), libc::TIOCSCTTY, 0);
-            }
-            // envd keeps fds 0-2 open (see main), so these sources are >= 3.
-            libc::dup2(s.stdin.as_raw_fd(), 0);
-            libc::dup2(s.stdout.as_raw_fd(), 1);
-            libc::dup2(s.stderr.as_raw_fd(), 2);
-            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-                for fd in 3..4096 {
-                    libc::close(fd);
-                }
-            }
-
+            child::reset_signals();
+            child::session_and_stdio(&self.stdio);
+            child::close_other_fds();
             if let Some(lim) = &self.nofile {
-                // Back to the limit envd was given (it raised its own).
-                libc::syscall(
-                    libc::SYS_prlimit64,
-                    0,
-                    libc::RLIMIT_NOFILE,
-                    lim as *const libc::rlimit,
-                    std::ptr::null_mut::<libc::rlimit>(),
-                );
+                child::restore_nofile(lim);
             }
             if self.reset_oom {
-                // Raising the score needs no privilege; done before the uid
-                // changes, while /proc/self is still writable by us.
-                let fd = libc::open(
-                    c"/proc/self/oom_score_adj".as_ptr(),
-                    libc::O_WRONLY | libc::O_CLOEXEC,
-                );
-                if fd >= 0 {
-                    libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                    libc::close(fd);
-                }
+                child::reset_oom_score();
             }
             if let Some(c) = &self.creds {
-                let (uid, gid) = (c.uid as libc::c_long, c.gid as libc::c_long);
-                if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0
-                    || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
-                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
-                {
+                if !child::become_user(c) {
                     fail(&self.msg_no_creds, 126);
                 }
             }
@@ -279,6 +235,124 @@ impl Prepared {
                 libc::_exit(127);
             }
             fail(&self.msg_no_exec, 126)
+        }
+    }
+}
+
+/// The steps of the cloned child. Every function here is unsafe for the same
+/// reason: it may only run in the child between clone and exec, and makes only
+/// async-signal-safe calls.
+mod child {
+    use std::os::fd::AsRawFd;
+
+    use super::{ChildStdio, Credentials};
+
+    /// Signals arrive blocked (see `spawn`): default every disposition
+    /// first, then unblock, so no envd handler ever runs in the child.
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn reset_signals() {
+        // SAFETY: zeroed sigaction/sigset_t are valid values; the calls only
+        // change this process's signal state.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            // envd installs no real-time signal handlers; the standard ones
+            // (and SIGPIPE, which Rust ignores) are all below 32.
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        }
+    }
+
+    /// A new session (and the pty as controlling terminal), then stdio.
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn session_and_stdio(s: &ChildStdio) {
+        // SAFETY: the fds are open (owned by `s`, alive until exec); envd
+        // keeps fds 0-2 open (see main), so these sources are >= 3.
+        unsafe {
+            libc::setsid();
+            if s.controlling_tty {
+                libc::ioctl(s.stdin.as_raw_fd(), libc::TIOCSCTTY, 0);
+            }
+            libc::dup2(s.stdin.as_raw_fd(), 0);
+            libc::dup2(s.stdout.as_raw_fd(), 1);
+            libc::dup2(s.stderr.as_raw_fd(), 2);
+        }
+    }
+
+    /// Closes every fd above stdio (envd's sockets, pipes, files).
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn close_other_fds() {
+        // SAFETY: closing fds affects only this process's table (the child
+        // has its own: no CLONE_FILES).
+        unsafe {
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+                for fd in 3..4096 {
+                    libc::close(fd);
+                }
+            }
+        }
+    }
+
+    /// Back to the open-file limit envd was given (it raised its own).
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn restore_nofile(lim: &libc::rlimit) {
+        // SAFETY: prlimit on ourselves (pid 0) reads one rlimit.
+        unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                libc::RLIMIT_NOFILE,
+                std::ptr::from_ref(lim),
+                std::ptr::null_mut::<libc::rlimit>(),
+            );
+        }
+    }
+
+    /// OOM score 0, so the kernel may pick the command over envd. Raising
+    /// the score needs no privilege; done before the uid changes, while
+    /// /proc/self is still writable by us.
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn reset_oom_score() {
+        // SAFETY: a static C string path; the fd is ours and closed here.
+        unsafe {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+            }
+        }
+    }
+
+    /// Groups, gid, uid: raw syscalls for this thread only. False on failure.
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn become_user(c: &Credentials) -> bool {
+        let (uid, gid) = (libc::c_long::from(c.uid), libc::c_long::from(c.gid));
+        // SAFETY: the group list is a valid slice for its length.
+        unsafe {
+            libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) == 0
+                && libc::syscall(libc::SYS_setresgid, gid, gid, gid) == 0
+                && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
         }
     }
 }
@@ -391,10 +465,10 @@ unsafe fn write_all(mut buf: &[u8]) {
     while !buf.is_empty() {
         // SAFETY: buf is a valid slice for its length.
         let n = unsafe { libc::write(2, buf.as_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return;
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => buf = &buf[n.min(buf.len())..],
+            _ => return,
         }
-        buf = &buf[n as usize..];
     }
 }
 

@@ -147,7 +147,7 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 /// One Connect envelope.
 pub fn envelope(flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut v = vec![flags];
-    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
     v.extend_from_slice(payload);
     v
 }
