@@ -192,7 +192,7 @@ impl<S> AuthorityFix<S> {
 
     /// Decodes a complete block and writes it back out, re-encoded.
     fn emit(&mut self, block: Block) -> io::Result<()> {
-        check_size_updates(&block.fragment)?;
+        check_block(&block.fragment)?;
         let decoder = &mut self.decoder;
         let fields = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             decoder.decode(&block.fragment)
@@ -261,20 +261,56 @@ fn valid_authority(v: &[u8]) -> bool {
     http::uri::Authority::try_from(v).is_ok()
 }
 
-/// Dynamic table size updates (only at a block's start) may not exceed what
-/// envd's server announced; the decoder would otherwise grow without bound.
-fn check_size_updates(mut block: &[u8]) -> io::Result<()> {
-    while let Some(&b) = block.first() {
-        if b & 0xe0 != 0x20 {
-            return Ok(());
+/// Checks a header block's structure before the decoder sees it: every
+/// integer and string length well-formed and inside the block, indexes not
+/// 0, and dynamic table size updates only at the block's start and never
+/// above what envd's server announced (the decoder would otherwise grow
+/// without bound, and it panics on some malformed input).
+fn check_block(block: &[u8]) -> io::Result<()> {
+    let bad = || protocol("malformed header block");
+    let mut at = 0;
+    let mut fields = 0;
+    while at < block.len() {
+        let b = block[at];
+        let int = |prefix| decode_int(&block[at..], prefix).ok_or_else(bad);
+        if b & 0x80 != 0 {
+            // Indexed field.
+            let (index, used) = int(7)?;
+            if index == 0 {
+                return Err(bad());
+            }
+            at += used;
+        } else if b & 0xe0 == 0x20 {
+            // Dynamic table size update.
+            let (size, used) = int(5)?;
+            if fields > 0 || size > TABLE_SIZE as u64 {
+                return Err(protocol("bad dynamic table size update"));
+            }
+            at += used;
+            continue;
+        } else {
+            // Literal: with incremental indexing (6-bit index) or without /
+            // never indexed (4-bit index); index 0 means a literal name.
+            let prefix = if b & 0x40 != 0 { 6 } else { 4 };
+            let (index, used) = int(prefix)?;
+            at += used;
+            if index == 0 {
+                at = skip_string(block, at).ok_or_else(bad)?;
+            }
+            at = skip_string(block, at).ok_or_else(bad)?;
         }
-        let (size, used) = decode_int(block, 5).ok_or_else(|| protocol("bad table size update"))?;
-        if size > TABLE_SIZE as u64 {
-            return Err(protocol("table size update above the announced size"));
-        }
-        block = &block[used..];
+        fields += 1;
     }
     Ok(())
+}
+
+/// The offset after the string literal at `at` (H bit, 7-bit length, bytes).
+fn skip_string(block: &[u8], at: usize) -> Option<usize> {
+    let (len, used) = decode_int(block.get(at..)?, 7)?;
+    let end = at
+        .checked_add(used)?
+        .checked_add(usize::try_from(len).ok()?)?;
+    (end <= block.len()).then_some(end)
 }
 
 /// An HPACK integer with an `prefix`-bit prefix: (value, bytes used).
@@ -286,7 +322,7 @@ fn decode_int(b: &[u8], prefix: u32) -> Option<(u64, usize)> {
     }
     let mut value = max;
     for (i, &byte) in b.iter().enumerate().skip(1).take(8) {
-        value += u64::from(byte & 0x7f) << (7 * (i - 1));
+        value = value.checked_add(u64::from(byte & 0x7f) << (7 * (i - 1)))?;
         if byte & 0x80 == 0 {
             return Some((value, i + 1));
         }
@@ -452,6 +488,23 @@ mod tests {
     fn http1_passes_through() {
         let req = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
         assert_eq!(run(req).unwrap(), req);
+    }
+
+    #[test]
+    fn malformed_blocks_are_refused_before_decoding() {
+        // Found by fuzzing: a size update after a field, with a truncated
+        // integer, made the decoder panic.
+        let crash = [
+            0, 0, 16, 1, 37, 0, 0, 114, 0, 126, 0, 0, 0, 126, 0, 0, 4, 1, 0, 0, 0, 18, 1, 87, 63,
+            0, 18, 255, 255, 255, 255, 255,
+        ];
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&crash);
+        assert!(run(&input).is_err());
+        // A string longer than the block.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &[0x40, 0x05, b'a']));
+        assert!(run(&input).is_err());
     }
 
     #[test]
