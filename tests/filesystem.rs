@@ -296,7 +296,10 @@ async fn make_dir_move_remove() {
 #[tokio::test]
 async fn user_owns_what_it_creates_and_relative_paths_are_home() {
     if !is_root() {
-        eprintln!("SKIP user_owns_what_it_creates: needs root to create a user and chown");
+        skip(
+            "user_owns_what_it_creates",
+            "needs root to create a user and chown",
+        );
         return;
     }
     let user = "envdfsuser";
@@ -404,36 +407,13 @@ async fn next_fs_event(s: &mut tonic::Streaming<WatchDirResponse>) -> Filesystem
     }
 }
 
-async fn start_watch(
-    fs: &mut envd::proto::filesystem::filesystem_client::FilesystemClient<
-        tonic::transport::Channel,
-    >,
-    path: &Path,
-    recursive: bool,
-) -> tonic::Streaming<WatchDirResponse> {
-    let mut s = fs
-        .watch_dir(WatchDirRequest {
-            path: s(path),
-            recursive,
-            include_entry: true,
-            allow_network_mounts: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    match s.next().await.unwrap().unwrap().event.unwrap() {
-        WEvent::Start(_) => s,
-        other => panic!("first watch event {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn watch_reports_create_write_chmod_rename_remove() {
     let envd = Envd::start(&[]);
     let mut fs = envd.fs().await;
     let dir = scratch();
     let root = dir.path();
-    let mut w = start_watch(&mut fs, root, false).await;
+    let mut w = watch(&mut fs, root, false).await;
     let f = root.join("f");
     std::fs::write(&f, "1").unwrap();
     let mut seen = Vec::new();
@@ -467,7 +447,7 @@ async fn recursive_watch_sees_files_in_new_directories() {
     let dir = scratch();
     let root = dir.path();
     std::fs::create_dir(root.join("old")).unwrap();
-    let mut w = start_watch(&mut fs, root, true).await;
+    let mut w = watch(&mut fs, root, true).await;
     // A directory and files inside it at once, and deeper still.
     std::fs::create_dir_all(root.join("new/deeper")).unwrap();
     std::fs::write(root.join("new/inside"), "x").unwrap();
@@ -540,17 +520,7 @@ async fn polling_watcher_events_and_overflow() {
     let envd = Envd::start(&["--watcher-buffer", "5"]);
     let mut fs = envd.fs().await;
     let dir = scratch();
-    let id = fs
-        .create_watcher(CreateWatcherRequest {
-            path: s(dir.path()),
-            recursive: false,
-            include_entry: false,
-            allow_network_mounts: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .watcher_id;
+    let id = create_watcher(&mut fs, dir.path(), false).await.unwrap();
     assert!(id.starts_with('w') && id.len() == 21, "{id}");
     std::fs::write(dir.path().join("one"), "").unwrap();
     let mut got = Vec::new();
@@ -615,15 +585,7 @@ async fn idle_watchers_are_removed() {
     let envd = Envd::start(&["--watcher-idle-timeout", "1"]);
     let mut fs = envd.fs().await;
     let dir = scratch();
-    let id = fs
-        .create_watcher(CreateWatcherRequest {
-            path: s(dir.path()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .watcher_id;
+    let id = create_watcher(&mut fs, dir.path(), false).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert_eq!(
         code(

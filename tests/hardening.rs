@@ -69,26 +69,8 @@ async fn deep_trees_do_not_crash_watch_list_remove_or_move() {
     let dir = tempfile::tempdir().unwrap();
     let watched = dir.path().join("w");
     std::fs::create_dir(&watched).unwrap();
-    let mut stream = fs
-        .watch_dir(WatchDirRequest {
-            path: s(&watched),
-            recursive: true,
-            ..Default::default()
-        })
-        .await
-        .expect("WatchDir")
-        .into_inner();
-    stream.next().await.unwrap().unwrap(); // start
-    let poller = fs
-        .create_watcher(CreateWatcherRequest {
-            path: s(&watched),
-            recursive: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .watcher_id;
+    let mut stream = watch(&mut fs, &watched, true).await;
+    let poller = create_watcher(&mut fs, &watched, true).await.unwrap();
 
     // A sandboxed process moves a deep tree into the watched directory.
     let outside = dir.path().join("t");
@@ -455,7 +437,7 @@ async fn special_files_are_refused_and_symlinks_written_through() {
             .file_type()
             .is_char_device());
     } else {
-        eprintln!("SKIP device-node part: needs root for mknod");
+        skip("device-node part", "needs root for mknod");
     }
 
     // Upload onto a symlink writes through it.
@@ -614,16 +596,10 @@ async fn close_stdin_while_input_is_blocked() {
     let (_stream, o) = started(&mut c, req).await;
     let pid = o.pid;
     let mut writer = e.client().await;
-    let blocked = tokio::spawn(async move {
-        writer
-            .send_input(SendInputRequest {
-                process: by_pid(pid),
-                input: Some(ProcessInput {
-                    input: Some(process_input::Input::Stdin(vec![b'x'; 1 << 20].into())),
-                }),
-            })
-            .await
-    });
+    let blocked =
+        tokio::spawn(
+            async move { send_input(&mut writer, pid, stdin_input(&[b'x'; 1 << 20])).await },
+        );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!blocked.is_finished(), "the pipe should be full");
     tokio::time::timeout(
@@ -649,16 +625,7 @@ async fn uploads_into_new_directories_show_no_temp_files() {
     let e = Envd::start(&[]);
     let mut fs = e.fs().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut stream = fs
-        .watch_dir(WatchDirRequest {
-            path: s(dir.path()),
-            recursive: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    stream.next().await.unwrap().unwrap();
+    let mut stream = watch(&mut fs, dir.path(), true).await;
     for i in 0..10 {
         let p = dir.path().join(format!("new{i}/sub/file"));
         let r = upload(&e, &s(&p), b"data");
@@ -684,24 +651,14 @@ async fn watchers_share_one_inotify_instance_and_are_capped() {
     let dir = tempfile::tempdir().unwrap();
     let mut ids = Vec::new();
     for _ in 0..150 {
-        let id = fs
-            .create_watcher(CreateWatcherRequest {
-                path: s(dir.path()),
-                ..Default::default()
-            })
-            .await
-            .expect("CreateWatcher")
-            .into_inner()
-            .watcher_id;
-        ids.push(id);
+        ids.push(
+            create_watcher(&mut fs, dir.path(), false)
+                .await
+                .expect("CreateWatcher"),
+        );
     }
     assert_eq!(fds_like(e.pid(), "inotify"), 1);
-    let r = fs
-        .create_watcher(CreateWatcherRequest {
-            path: s(dir.path()),
-            ..Default::default()
-        })
-        .await;
+    let r = create_watcher(&mut fs, dir.path(), false).await;
     assert_eq!(code(r), tonic::Code::ResourceExhausted);
     // Every watcher still sees events; removing one frees a slot.
     std::fs::write(dir.path().join("x"), b"1").unwrap();
@@ -722,12 +679,9 @@ async fn watchers_share_one_inotify_instance_and_are_capped() {
     })
     .await
     .unwrap();
-    fs.create_watcher(CreateWatcherRequest {
-        path: s(dir.path()),
-        ..Default::default()
-    })
-    .await
-    .expect("a slot was freed");
+    create_watcher(&mut fs, dir.path(), false)
+        .await
+        .expect("a slot was freed");
 }
 
 // Bounds: output kept for unattached processes has a global budget.

@@ -157,7 +157,10 @@ fn ensure_test_user() {
 #[tokio::test]
 async fn user_switching_with_groups() {
     if !is_root() {
-        eprintln!("SKIP user_switching_with_groups: needs root to create a user and switch to it");
+        skip(
+            "user_switching_with_groups",
+            "needs root to create a user and switch to it",
+        );
         return;
     }
     ensure_test_user();
@@ -199,17 +202,9 @@ async fn stdin_pipe_send_input_and_close() {
     let envd = Envd::start(&[]);
     let mut c = envd.client().await;
     let (mut s, mut o) = started(&mut c, cmd("cat", &[])).await;
-    let input = |b: &str| {
-        Some(ProcessInput {
-            input: Some(process_input::Input::Stdin(b.as_bytes().to_vec().into())),
-        })
-    };
-    c.send_input(SendInputRequest {
-        process: by_pid(o.pid),
-        input: input("hello\n"),
-    })
-    .await
-    .unwrap();
+    send_input(&mut c, o.pid, stdin_input(b"hello\n"))
+        .await
+        .unwrap();
     read_until(&mut s, &mut o, |o| o.out() == "hello\n").await;
     c.close_stdin(CloseStdinRequest {
         process: by_pid(o.pid),
@@ -244,15 +239,7 @@ async fn close_stdin_is_idempotent_and_input_after_close_fails() {
         .await
         .unwrap();
     }
-    let input = Some(ProcessInput {
-        input: Some(process_input::Input::Stdin(b"x".to_vec().into())),
-    });
-    let r = c
-        .send_input(SendInputRequest {
-            process: by_pid(o.pid),
-            input,
-        })
-        .await;
+    let r = send_input(&mut c, o.pid, stdin_input(b"x")).await;
     assert_eq!(code(r), Code::FailedPrecondition);
     kill(&mut c, o.pid).await;
 }
@@ -266,15 +253,7 @@ async fn stdin_false_is_dev_null() {
     let mut s = c.start(req).await.unwrap().into_inner();
     let mut o = Outcome::default();
     read_until(&mut s, &mut o, |o| o.out() == "done\n").await;
-    let input = Some(ProcessInput {
-        input: Some(process_input::Input::Stdin(b"x".to_vec().into())),
-    });
-    let r = c
-        .send_input(SendInputRequest {
-            process: by_pid(o.pid),
-            input,
-        })
-        .await;
+    let r = send_input(&mut c, o.pid, stdin_input(b"x")).await;
     assert_eq!(code(r), Code::FailedPrecondition);
     assert_eq!(
         code(
@@ -349,15 +328,9 @@ async fn pty_size_resize_and_input() {
     read_until(&mut s, &mut o, |o| text(o).contains("ready")).await;
     assert!(text(&o).contains("/dev/pts/"), "{}", text(&o));
     assert!(text(&o).contains("30 100"), "{}", text(&o));
-    let input = Some(ProcessInput {
-        input: Some(process_input::Input::Pty(b"hello\n".to_vec().into())),
-    });
-    c.send_input(SendInputRequest {
-        process: by_pid(o.pid),
-        input,
-    })
-    .await
-    .unwrap();
+    send_input(&mut c, o.pid, pty_input(b"hello\n"))
+        .await
+        .unwrap();
     read_until(&mut s, &mut o, |o| text(o).contains("armed")).await;
     assert!(text(&o).contains("got hello"), "{}", text(&o));
     c.update(UpdateRequest {
@@ -810,7 +783,10 @@ async fn bind_failure_names_the_url() {
 #[tokio::test]
 async fn vsock_listener_binds() {
     if !std::path::Path::new("/dev/vsock").exists() {
-        eprintln!("SKIP vsock_listener_binds: /dev/vsock does not exist on this machine");
+        skip_on_this_machine(
+            "vsock_listener_binds",
+            "/dev/vsock does not exist on this machine",
+        );
         return;
     }
     let port = 40000 + std::process::id() % 20000;
@@ -827,7 +803,10 @@ async fn vsock_listener_binds() {
                     || e.contains("not supported")
                     || e.contains("No such device")) =>
         {
-            eprintln!("SKIP vsock_listener_binds: no vsock transport here: {e}");
+            skip_on_this_machine(
+                "vsock_listener_binds",
+                &format!("no vsock transport here: {e}"),
+            );
         }
         Err(e) => panic!("{e}"),
     }
@@ -855,12 +834,18 @@ fn help_explains_every_flag() {
 #[tokio::test]
 async fn children_get_a_normal_oom_score() {
     if !is_root() {
-        eprintln!("SKIP children_get_a_normal_oom_score: lowering envd's OOM score needs root");
+        skip(
+            "children_get_a_normal_oom_score",
+            "lowering envd's OOM score needs root",
+        );
         return;
     }
     let envd = Envd::start(&[]);
     if let Err(e) = std::fs::write(format!("/proc/{}/oom_score_adj", envd.pid()), "-1000") {
-        eprintln!("SKIP children_get_a_normal_oom_score: cannot lower envd's OOM score here ({e}; needs CAP_SYS_RESOURCE)");
+        skip(
+            "children_get_a_normal_oom_score",
+            &format!("cannot lower envd's OOM score here ({e}; needs CAP_SYS_RESOURCE)"),
+        );
         return;
     }
     let mut c = envd.client().await;

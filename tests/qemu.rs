@@ -35,7 +35,7 @@ fn digest(chunks: &[Vec<u8>]) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envd_as_pid1_in_an_initramfs_vm() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP envd_as_pid1_in_an_initramfs_vm: {why}");
+        skip("envd_as_pid1_in_an_initramfs_vm", &why);
         return;
     }
     let a = vm::assets().unwrap();
@@ -266,13 +266,14 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_restarts_envd_and_the_client_reconnects() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP systemd_restarts_envd: {why}");
+        skip("systemd_restarts_envd", &why);
         return;
     }
     let a = vm::assets().unwrap();
     let Some(rootfs) = vm::debian_rootfs() else {
-        eprintln!(
-            "SKIP systemd_restarts_envd: no cached Debian rootfs (tests/vm/setup.sh makes it)"
+        skip(
+            "systemd_restarts_envd",
+            "no cached Debian rootfs (tests/vm/setup.sh makes it)",
         );
         return;
     };

@@ -40,7 +40,10 @@ fn root() -> &'static Path {
 fn python_sdk_suite() {
     let python = root().join(".cache/sdk-venv/bin/python");
     if !python.exists() {
-        eprintln!("SKIP python_sdk_suite: no SDK virtualenv; run `make sdk-deps` (make test does)");
+        skip(
+            "python_sdk_suite",
+            "no SDK virtualenv; run `make sdk-deps` (make test does)",
+        );
         return;
     }
     let envd = Envd::start(&[]);
@@ -58,7 +61,10 @@ fn js_sdk_suite() {
     if !js.join("node_modules/e2b").exists()
         || Command::new("node").arg("--version").output().is_err()
     {
-        eprintln!("SKIP js_sdk_suite: node or tests/sdk/js/node_modules missing; run `make sdk-deps` (make test does)");
+        skip(
+            "js_sdk_suite",
+            "node or tests/sdk/js/node_modules missing; run `make sdk-deps` (make test does)",
+        );
         return;
     }
     let envd = Envd::start(&[]);
@@ -75,7 +81,10 @@ fn grpcio_over_unix_socket() {
             .status()
             .is_ok_and(|s| s.success());
     if !has_grpc {
-        eprintln!("SKIP grpcio_over_unix_socket: no grpcio in the SDK virtualenv; run `make sdk-deps` (make test does)");
+        skip(
+            "grpcio_over_unix_socket",
+            "no grpcio in the SDK virtualenv; run `make sdk-deps` (make test does)",
+        );
         return;
     }
     let envd = Envd::start(&[]);

@@ -4,6 +4,10 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod skip;
+
+#[allow(unused_imports)]
+pub use skip::{skip, skip_on_this_machine};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -350,7 +354,7 @@ pub struct Tmpfs(pub std::path::PathBuf);
 impl Tmpfs {
     pub fn mount(test: &str, at: &std::path::Path, options: &str) -> Option<Tmpfs> {
         if !is_root() {
-            eprintln!("SKIP {test}: needs root to mount a tmpfs");
+            skip(test, "needs root to mount a tmpfs");
             return None;
         }
         std::fs::create_dir_all(at).ok()?;
@@ -359,7 +363,7 @@ impl Tmpfs {
             .arg(at)
             .status();
         if !ok.map(|s| s.success()).unwrap_or(false) {
-            eprintln!("SKIP {test}: cannot mount a tmpfs here");
+            skip(test, "cannot mount a tmpfs here");
             return None;
         }
         Some(Tmpfs(at.to_path_buf()))
@@ -391,4 +395,77 @@ pub async fn kill(c: &mut ProcessClient<Channel>, pid: u32) {
     })
     .await
     .expect("SendSignal failed");
+}
+
+/// `ProcessInput` of stdin bytes.
+pub fn stdin_input(data: &[u8]) -> Option<ProcessInput> {
+    Some(ProcessInput {
+        input: Some(process_input::Input::Stdin(data.to_vec().into())),
+    })
+}
+
+/// `ProcessInput` of pty bytes.
+pub fn pty_input(data: &[u8]) -> Option<ProcessInput> {
+    Some(ProcessInput {
+        input: Some(process_input::Input::Pty(data.to_vec().into())),
+    })
+}
+
+/// SendInput of `input` to `pid`.
+pub async fn send_input(
+    c: &mut ProcessClient<Channel>,
+    pid: u32,
+    input: Option<ProcessInput>,
+) -> Result<tonic::Response<SendInputResponse>, tonic::Status> {
+    c.send_input(SendInputRequest {
+        process: by_pid(pid),
+        input,
+    })
+    .await
+}
+
+type FsClient = FilesystemClient<Channel>;
+
+/// A WatchDir stream, armed: its `start` event has been read.
+pub async fn watch(
+    fs: &mut FsClient,
+    path: &std::path::Path,
+    recursive: bool,
+) -> tonic::Streaming<envd::proto::filesystem::WatchDirResponse> {
+    use envd::proto::filesystem::{watch_dir_response::Event as W, WatchDirRequest};
+    let mut s = fs
+        .watch_dir(WatchDirRequest {
+            path: path.display().to_string(),
+            recursive,
+            include_entry: true,
+            allow_network_mounts: false,
+        })
+        .await
+        .expect("WatchDir")
+        .into_inner();
+    match s
+        .next()
+        .await
+        .expect("watch stream")
+        .expect("watch event")
+        .event
+    {
+        Some(W::Start(_)) => s,
+        other => panic!("first watch event {other:?}"),
+    }
+}
+
+/// CreateWatcher on `path`: the watcher id, or the error.
+pub async fn create_watcher(
+    fs: &mut FsClient,
+    path: &std::path::Path,
+    recursive: bool,
+) -> Result<String, tonic::Status> {
+    fs.create_watcher(envd::proto::filesystem::CreateWatcherRequest {
+        path: path.display().to_string(),
+        recursive,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().watcher_id)
 }
