@@ -1,8 +1,8 @@
 //! The one place where internal errors become status codes.
 //!
-//! Service logic returns [`Error`]; the gRPC adapter turns it into a
-//! `tonic::Status` here (and the Connect / HTTP adapters will map the same
-//! [`Code`] to their own wire codes here too). Messages name the object.
+//! Service logic returns [`Error`]; here its [`Code`] becomes a gRPC status,
+//! a Connect code and HTTP status, and a REST status. Messages name the
+//! object.
 
 use std::io;
 
