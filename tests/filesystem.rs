@@ -557,14 +557,7 @@ async fn polling_watcher_events_and_overflow() {
     let err = r.expect_err("overflow must be reported");
     assert_eq!(err.code(), Code::DataLoss);
     assert!(err.message().contains("dropped"), "{}", err.message());
-    let kept = fs
-        .get_watcher_events(GetWatcherEventsRequest {
-            watcher_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let kept = poll_watcher(&mut fs, &id).await.unwrap();
     assert_eq!(kept.len(), 5);
     fs.remove_watcher(RemoveWatcherRequest {
         watcher_id: id.clone(),

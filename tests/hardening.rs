@@ -95,14 +95,9 @@ async fn deep_trees_do_not_crash_watch_list_remove_or_move() {
     // The polling watcher scans the same tree; it gets there too.
     let mut polled = 0;
     for _ in 0..300 {
-        polled += fs
-            .get_watcher_events(GetWatcherEventsRequest {
-                watcher_id: poller.clone(),
-            })
+        polled += poll_watcher(&mut fs, &poller)
             .await
             .expect("polling watcher survives")
-            .into_inner()
-            .events
             .len();
         if polled > DEEP {
             break;
@@ -401,14 +396,7 @@ async fn special_files_are_refused_and_symlinks_written_through() {
     assert_eq!(code(r), tonic::Code::InvalidArgument);
 
     // Upload onto the FIFO: refused, the FIFO stays.
-    let up = format!("/files?path={}", s(&fifo));
-    let r = request(
-        &e.tcp,
-        "POST",
-        &up,
-        &[("content-type", "application/octet-stream")],
-        b"x",
-    );
+    let r = upload(&e, &s(&fifo), b"x");
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(std::fs::symlink_metadata(&fifo)
         .unwrap()
@@ -423,14 +411,7 @@ async fn special_files_are_refused_and_symlinks_written_through() {
             nix::sys::stat::makedev(1, 3),
         )
         .unwrap();
-        let up = format!("/files?path={}", s(&dev));
-        let r = request(
-            &e.tcp,
-            "POST",
-            &up,
-            &[("content-type", "application/octet-stream")],
-            b"x",
-        );
+        let r = upload(&e, &s(&dev), b"x");
         assert_eq!(r.status, 400, "{}", r.text());
         assert!(std::fs::symlink_metadata(&dev)
             .unwrap()
@@ -664,14 +645,7 @@ async fn watchers_share_one_inotify_instance_and_are_capped() {
     std::fs::write(dir.path().join("x"), b"1").unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     for id in [&ids[0], &ids[149]] {
-        let evs = fs
-            .get_watcher_events(GetWatcherEventsRequest {
-                watcher_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+        let evs = poll_watcher(&mut fs, id).await.unwrap();
         assert!(evs.iter().any(|e| e.name == "x"), "{evs:?}");
     }
     fs.remove_watcher(RemoveWatcherRequest {

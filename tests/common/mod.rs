@@ -469,3 +469,15 @@ pub async fn create_watcher(
     .await
     .map(|r| r.into_inner().watcher_id)
 }
+
+/// GetWatcherEvents: the events, or the error.
+pub async fn poll_watcher(
+    fs: &mut FsClient,
+    id: &str,
+) -> Result<Vec<envd::proto::filesystem::FilesystemEvent>, tonic::Status> {
+    fs.get_watcher_events(envd::proto::filesystem::GetWatcherEventsRequest {
+        watcher_id: id.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner().events)
+}
