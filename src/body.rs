@@ -12,7 +12,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
-use crate::status::{Code, Error, Result};
+use crate::status::{Code, Error};
 
 /// A buffered body must be complete within this time unless set otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,24 +39,61 @@ fn budget() -> &'static Semaphore {
     BUDGET.get_or_init(|| Semaphore::new(TOTAL_BUDGET))
 }
 
-/// Reads `body` to its end: at most `limit` bytes, within [`BODY_TIMEOUT`],
+/// Why a body could not be read. Each protocol answers these in its own
+/// way (REST: 413, 503, 408; Connect through [`Error`]).
+#[derive(Debug)]
+pub enum BodyError {
+    /// Over the per-request limit (bytes).
+    TooLarge(usize),
+    /// The shared budget is spent: too many bodies in flight.
+    Busy,
+    /// It did not arrive within the body timeout.
+    Timeout(Duration),
+    /// The transport failed mid-body.
+    Read(String),
+}
+
+impl From<BodyError> for Error {
+    fn from(e: BodyError) -> Self {
+        let message = e.to_string();
+        let code = match e {
+            BodyError::TooLarge(_) | BodyError::Busy => Code::ResourceExhausted,
+            BodyError::Timeout(_) => Code::DeadlineExceeded,
+            BodyError::Read(_) => Code::InvalidArgument,
+        };
+        Error::new(code, message)
+    }
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge(limit) => {
+                write!(f, "the request body exceeds the limit of {limit} bytes")
+            }
+            BodyError::Busy => {
+                f.write_str("envd is receiving too many request bodies at once; retry shortly")
+            }
+            BodyError::Timeout(t) => write!(f, "the request body did not arrive within {t:?}"),
+            BodyError::Read(e) => write!(f, "reading the request body: {e}"),
+        }
+    }
+}
+
+/// Reads `body` to its end: at most `limit` bytes, within the body timeout,
 /// within the shared budget.
-pub async fn read_to_end<B>(body: B, limit: usize) -> Result<Bytes>
+pub async fn read_to_end<B>(body: B, limit: usize) -> std::result::Result<Bytes, BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     let t = timeout();
-    match tokio::time::timeout(t, read(body, limit)).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::new(
-            Code::DeadlineExceeded,
-            format!("the request body did not arrive within {t:?}"),
-        )),
-    }
+    tokio::time::timeout(t, read(body, limit))
+        .await
+        .unwrap_or(Err(BodyError::Timeout(t)))
 }
 
-async fn read<B>(mut body: B, limit: usize) -> Result<Bytes>
+async fn read<B>(mut body: B, limit: usize) -> std::result::Result<Bytes, BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -67,15 +104,15 @@ where
     let mut total = 0usize;
     let mut held = None::<tokio::sync::SemaphorePermit<'static>>;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Error::invalid(format!("reading the request body: {e}")))?;
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
         if total + data.len() > limit {
-            return Err(too_big(limit));
+            return Err(BodyError::TooLarge(limit));
         }
-        let n = u32::try_from(data.len()).map_err(|_| too_big(limit))?;
-        let permit = budget().try_acquire_many(n).map_err(|_| busy())?;
+        let n = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge(limit))?;
+        let permit = budget().try_acquire_many(n).map_err(|_| BodyError::Busy)?;
         match &mut held {
             Some(h) => h.merge(permit),
             None => held = Some(permit),
@@ -92,19 +129,3 @@ where
     }
     Ok(buf.freeze())
 }
-
-/// A body over its size limit.
-pub fn too_big(limit: usize) -> Error {
-    Error::new(
-        Code::ResourceExhausted,
-        format!("the request body exceeds the limit of {limit} bytes"),
-    )
-}
-
-/// The shared budget is spent.
-fn busy() -> Error {
-    Error::new(Code::ResourceExhausted, BUSY)
-}
-
-/// The message of [`busy`] (REST answers it with 503).
-pub const BUSY: &str = "envd is receiving too many request bodies at once; retry shortly";

@@ -160,19 +160,18 @@ impl From<Error> for Rest {
 
 pub type RestResult = Result<Response<HttpBody>, Rest>;
 
-/// A JSON request body of at most `limit` bytes (see [`crate::body`]); a body
-/// that does not arrive in time is 408.
+/// A JSON request body of at most `limit` bytes (see [`crate::body`]): over
+/// the limit is 413, the shared budget spent 503, too slow 408.
 pub async fn read_json_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, Rest> {
+    use crate::body::BodyError;
     crate::body::read_to_end(body, limit).await.map_err(|e| {
-        if e.code == crate::status::Code::DeadlineExceeded {
-            Rest::http(StatusCode::REQUEST_TIMEOUT, e.message)
-        } else if e.message == crate::body::BUSY {
-            Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message)
-        } else if e.code == crate::status::Code::ResourceExhausted {
-            Rest::http(StatusCode::PAYLOAD_TOO_LARGE, e.message)
-        } else {
-            Rest::from(e)
-        }
+        let status = match e {
+            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Read(_) => return Rest::from(Error::from(e)),
+        };
+        Rest::http(status, e.to_string())
     })
 }
 
