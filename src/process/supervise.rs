@@ -47,7 +47,9 @@ async fn exited_and_idle(exited: &mut watch::Receiver<bool>) {
 /// One output fd of a process, read in chunks of at most [`PIPE_READ_CHUNK`].
 enum OutputReader {
     Pipe(pipe::Receiver),
-    Pty(Arc<Pty>),
+    /// The pty and a scratch buffer, zeroed once (the pty reads into a
+    /// slice; output is usually a few bytes at a time).
+    Pty(Arc<Pty>, Box<[u8]>),
 }
 
 impl OutputReader {
@@ -58,12 +60,10 @@ impl OutputReader {
                 buf.reserve(PIPE_READ_CHUNK);
                 rx.read_buf(buf).await
             }
-            OutputReader::Pty(pty) => {
-                let start = buf.len();
-                buf.resize(start + PIPE_READ_CHUNK, 0);
-                let n = pty.read(&mut buf[start..]).await;
-                buf.truncate(start + *n.as_ref().unwrap_or(&0));
-                n
+            OutputReader::Pty(pty, scratch) => {
+                let n = pty.read(scratch).await?;
+                buf.extend_from_slice(&scratch[..n]);
+                Ok(n)
             }
         }
     }
@@ -109,7 +109,10 @@ pub fn supervise(
             (OutputReader::Pipe(stdout), Source::Stdout),
             (OutputReader::Pipe(stderr), Source::Stderr),
         ],
-        OutputFds::Pty(pty) => vec![(OutputReader::Pty(pty), Source::Pty)],
+        OutputFds::Pty(pty) => {
+            let scratch = vec![0; PIPE_READ_CHUNK].into_boxed_slice();
+            vec![(OutputReader::Pty(pty, scratch), Source::Pty)]
+        }
     };
     let pumps: Vec<JoinHandle<()>> = readers
         .into_iter()
