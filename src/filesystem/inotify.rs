@@ -80,8 +80,9 @@ impl Hub {
         self.max.store(max.max(1) as u64, Ordering::Relaxed);
     }
 
-    /// A new subscription, or RESOURCE_EXHAUSTED at the cap.
-    pub fn subscribe(&'static self) -> Result<Subscription> {
+    /// A new subscription and the receiver of its raw events, or
+    /// RESOURCE_EXHAUSTED at the cap.
+    pub fn subscribe(&'static self) -> Result<(Subscription, mpsc::Receiver<RawEvent>)> {
         let (tx, rx) = mpsc::channel(RAW_QUEUE);
         let overflow = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -104,12 +105,12 @@ impl Hub {
                 dirs: HashSet::new(),
             },
         );
-        Ok(Subscription {
+        let sub = Subscription {
             hub: self,
             id,
-            events: rx,
             overflow,
-        })
+        };
+        Ok((sub, rx))
     }
 
     /// Runs `f` with the watcher, creating the inotify instance on first use.
@@ -184,11 +185,6 @@ impl Hub {
             }
         }
     }
-
-    /// Subscriptions currently open (for tests and metrics).
-    pub fn subscriptions(&self) -> usize {
-        lock(&self.table).subs.len()
-    }
 }
 
 /// Routes one event (on notify's thread) to every subscription watching the
@@ -229,12 +225,12 @@ fn clone_event(ev: &RawEvent) -> RawEvent {
     }
 }
 
-/// One consumer's view of the hub: the directories it watches and the raw
-/// events in them. Dropping it releases its watches.
+/// One consumer's view of the hub: the directories it watches (its raw
+/// events arrive on the receiver `subscribe` returned). Dropping it releases
+/// its watches.
 pub struct Subscription {
     hub: &'static Hub,
     id: u64,
-    pub events: mpsc::Receiver<RawEvent>,
     /// Set when an event could not be queued (the consumer fell behind).
     pub overflow: Arc<AtomicBool>,
 }

@@ -83,8 +83,7 @@ fn arm(root: PathBuf, opts: WatchOptions) -> Result<(Translator, mpsc::Receiver<
             )));
         }
     }
-    let mut sub = Hub::global().subscribe()?;
-    let events = std::mem::replace(&mut sub.events, mpsc::channel(1).1);
+    let (sub, events) = Hub::global().subscribe()?;
     let mut tr = Translator {
         root: root.clone(),
         opts,
