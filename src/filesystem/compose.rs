@@ -18,8 +18,9 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
     if sources.is_empty() {
         return Err(Error::invalid("source_paths is empty"));
     }
-    let dest = write_target(dest)?;
-    let dest_id = std::fs::metadata(&dest).ok().map(|m| (m.dev(), m.ino()));
+    let target = write_target(dest)?;
+    let dest_id = target.existing.as_ref().map(|m| (m.dev(), m.ino()));
+    let dest = target.path;
     let mut opened = Vec::with_capacity(sources.len());
     for s in sources {
         let f = open_regular(s)?;

@@ -38,30 +38,38 @@ pub struct OpenedFile {
 /// content then come from the same open file, so a concurrent replace of the
 /// path cannot mix one file's length with another's bytes.
 pub fn open_regular(path: &Path) -> Result<OpenedFile> {
+    open_regular_io(path).map_err(|e| match e.raw_os_error() {
+        None if e.kind() == std::io::ErrorKind::InvalidInput => Error::invalid(e.to_string()),
+        _ => Error::io(path.display(), &e),
+    })
+}
+
+/// [`open_regular`] with `io::Error`s (a non-regular file is `InvalidInput`).
+pub fn open_regular_io(path: &Path) -> std::io::Result<OpenedFile> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| Error::io(path.display(), &e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path.display(), &e))?;
+        .open(path)?;
+    let meta = file.metadata()?;
     let ft = meta.file_type();
-    if ft.is_dir() {
-        return Err(Error::invalid(format!(
-            "'{}' is a directory",
-            path.display()
-        )));
-    }
-    if !ft.is_file() {
-        return Err(Error::invalid(format!(
+    let refused = if ft.is_dir() {
+        format!("'{}' is a directory", path.display())
+    } else if !ft.is_file() {
+        format!(
             "'{}' is not a regular file (a {}); only regular files can be read",
             path.display(),
             kind_name(&ft)
-        )));
-    }
-    Ok(OpenedFile {
-        file,
-        size: meta.len(),
-    })
+        )
+    } else {
+        return Ok(OpenedFile {
+            file,
+            size: meta.len(),
+        });
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        refused,
+    ))
 }
 
 /// What a non-regular file is, for messages.
@@ -118,8 +126,8 @@ pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan) -> ReadSt
         let mut gz = plan
             .gzip
             .then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-        let mut chunks = FileChunks::new(&opened.file, &shown, plan);
-        for chunk in chunks.by_ref() {
+        let chunks = FileChunks::new(&opened.file, &shown, plan);
+        for chunk in chunks {
             let chunk = match (chunk, gz.as_mut()) {
                 (Ok(data), Some(enc)) => {
                     use std::io::Write;
@@ -280,15 +288,28 @@ where
 /// Symlinks followed before a write: as many as the kernel follows.
 const MAX_LINK_HOPS: usize = 40;
 
+/// Where a write lands, and what is there now.
+#[derive(Debug)]
+pub struct WriteTarget {
+    pub path: PathBuf,
+    /// The regular file being replaced, if any.
+    pub existing: Option<std::fs::Metadata>,
+}
+
 /// The file a write to `path` lands on: a symlink is written through (as
 /// E2B does), to its final target. The target must be a regular file or not
 /// exist yet: envd never replaces a device, FIFO, socket or directory.
-pub fn write_target(path: &Path) -> Result<PathBuf> {
+pub fn write_target(path: &Path) -> Result<WriteTarget> {
     let mut at = path.to_path_buf();
     for _ in 0..MAX_LINK_HOPS {
         let meta = match std::fs::symlink_metadata(&at) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(at),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(WriteTarget {
+                    path: at,
+                    existing: None,
+                })
+            }
             // A parent that is not a directory, and the like.
             Err(e) => return Err(Error::io(at.display(), &e)),
         };
@@ -311,7 +332,10 @@ pub fn write_target(path: &Path) -> Result<PathBuf> {
                 kind_name(&ft)
             )));
         }
-        return Ok(at);
+        return Ok(WriteTarget {
+            path: at,
+            existing: Some(meta),
+        });
     }
     Err(Error::invalid(format!(
         "'{}': too many levels of symbolic links",
@@ -330,9 +354,11 @@ where
     if let Some(parent) = spec.path.parent() {
         ensure_dir(parent, user)?;
     }
-    let target = write_target(&spec.path)?;
+    let WriteTarget {
+        path: target,
+        existing,
+    } = write_target(&spec.path)?;
     let path = &target;
-    let existing = std::fs::metadata(path).ok();
     let mode = spec
         .mode
         .map(|m| m & 0o7777)

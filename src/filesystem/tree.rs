@@ -143,7 +143,9 @@ fn copy_leaf(src: &Path, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()>
     if ft.is_symlink() {
         std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
     } else if ft.is_file() {
-        let mut from = std::fs::File::open(src)?;
+        // Non-blocking and checked again on the open fd: the entry may have
+        // been swapped for a FIFO since it was stat'ed.
+        let mut from = super::transfer::open_regular_io(src)?.file;
         let mut to = std::fs::File::create_new(dst)?;
         io::copy(&mut from, &mut to)?;
     } else {
