@@ -5,16 +5,12 @@ mod common;
 
 use std::io::Write;
 
-use common::http::{envelope, request, Reply};
+use common::http::{envelope, post_json, request, Reply};
 use common::*;
 use prost::Message;
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 const STREAM_JSON: (&str, &str) = ("content-type", "application/connect+json");
-
-fn post_json(url: &str, path: &str, body: &str) -> Reply {
-    request(url, "POST", path, &[JSON], body.as_bytes())
-}
 
 /// Runs a command through Connect streaming JSON; returns the envelopes.
 fn start(url: &str, extra: &[(&str, &str)], body: &str) -> Reply {

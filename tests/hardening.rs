@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::http::{addr, request, Reply};
+use common::http::{addr, post_json, request, Reply};
 use common::*;
 use envd::proto::filesystem::*;
 use envd::proto::process::*;
@@ -196,13 +196,7 @@ fn init_checks_the_token_before_the_body_and_bounds_it() {
         r#"{{"accessToken":"secret","envVars":{{"A":"{}"}}}}"#,
         "x".repeat(20_000)
     );
-    let r = request(
-        &e.tcp,
-        "POST",
-        "/init",
-        &[("content-type", "application/json")],
-        big.as_bytes(),
-    );
+    let r = post_json(&e.tcp, "/init", &big);
     assert_eq!(r.status, 413, "{}", r.text());
 
     // A body that never completes times out.
@@ -448,13 +442,7 @@ async fn special_files_are_refused_and_symlinks_written_through() {
             "source_paths": sources.iter().map(|p| s(p)).collect::<Vec<_>>(),
             "destination": s(dest),
         });
-        request(
-            &e.tcp,
-            "POST",
-            "/files/compose",
-            &[("content-type", "application/json")],
-            body.to_string().as_bytes(),
-        )
+        post_json(&e.tcp, "/files/compose", &body.to_string())
     };
     let r = compose(&[&real, &fifo], &dir.path().join("c"));
     assert_eq!(r.status, 400, "{}", r.text());
@@ -704,13 +692,7 @@ fn init_validates_env_vars() {
         r#"{"envVars":{"A=B":"x"}}"#,
         r#"{"envVars":{"A":"x\u0000y"}}"#,
     ] {
-        let r = request(
-            &e.tcp,
-            "POST",
-            "/init",
-            &[("content-type", "application/json")],
-            bad.as_bytes(),
-        );
+        let r = post_json(&e.tcp, "/init", bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
     let r = request(&e.tcp, "GET", "/envs", &[], b"");

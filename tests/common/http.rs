@@ -82,6 +82,17 @@ pub fn request(
     read_reply(&mut s)
 }
 
+/// POSTs a JSON body.
+pub fn post_json(url: &str, path: &str, body: &str) -> Reply {
+    request(
+        url,
+        "POST",
+        path,
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
 pub fn read_reply(s: &mut TcpStream) -> Reply {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
