@@ -452,6 +452,10 @@ async fn special_files_are_refused_and_symlinks_written_through() {
     assert_eq!(r.status, 400, "{}", r.text());
     let r = compose(&[&real], &link);
     assert_eq!(r.status, 400, "{}", r.text());
+    // Every source is held open until the copy: their number is bounded.
+    let many: Vec<&Path> = std::iter::repeat_n(real.as_path(), 1001).collect();
+    let r = compose(&many, &dir.path().join("c"));
+    assert_eq!(r.status, 400, "{}", r.text());
     assert!(real.exists() && fifo.exists());
     // A good compose answers with E2B's shape.
     let other = dir.path().join("other");

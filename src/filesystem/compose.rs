@@ -9,6 +9,10 @@ use super::transfer::{open_regular, write_target};
 use crate::status::{Error, Result};
 use crate::users::User;
 
+/// Most sources one compose takes: each is held open until the copy, so the
+/// count a caller sends must not be able to exhaust envd's fds.
+pub const MAX_SOURCES: usize = 1000;
+
 /// Concatenates `sources` into `dest` (created for `user`) through a
 /// temporary file renamed over it, then removes the sources. Sources must be
 /// regular files (a device or FIFO could block or never end) and none may be
@@ -17,6 +21,12 @@ use crate::users::User;
 pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf> {
     if sources.is_empty() {
         return Err(Error::invalid("source_paths is empty"));
+    }
+    if sources.len() > MAX_SOURCES {
+        return Err(Error::invalid(format!(
+            "source_paths has {} paths; at most {MAX_SOURCES} are allowed",
+            sources.len()
+        )));
     }
     let target = write_target(dest)?;
     let dest_id = target.existing.as_ref().map(|m| (m.dev(), m.ino()));
