@@ -744,3 +744,30 @@ async fn ended_processes_hold_no_fds() {
     let after = fds_like(e.pid(), "");
     assert!(after <= before + 4, "fds grew from {before} to {after}");
 }
+
+// The answer to a multipart upload lists every file written: their number is
+// bounded.
+#[test]
+fn multipart_uploads_write_a_bounded_number_of_files() {
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut body = Vec::new();
+    for i in 0..10_001 {
+        let part = format!(
+            "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}/f{i}\"\r\n\r\nx\r\n",
+            s(dir.path())
+        );
+        body.extend_from_slice(part.as_bytes());
+    }
+    body.extend_from_slice(b"--B--\r\n");
+    let r = request(
+        &e.tcp,
+        "POST",
+        "/files",
+        &[("content-type", "multipart/form-data; boundary=B")],
+        &body,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("at most 10000 files"), "{}", r.text());
+    healthy(&e);
+}

@@ -24,6 +24,9 @@ use crate::status::{Error, Result};
 use crate::users::User;
 use crate::wire::HttpBody;
 
+/// Most files one multipart upload writes (the answer lists each one).
+const MAX_UPLOAD_PARTS: usize = 10_000;
+
 /// Largest compose request body.
 const COMPOSE_BODY_LIMIT: usize = 1 << 20;
 
@@ -140,6 +143,11 @@ impl Upload<'_> {
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
+        if self.written.len() >= MAX_UPLOAD_PARTS {
+            return Err(Error::invalid(format!(
+                "an upload may write at most {MAX_UPLOAD_PARTS} files"
+            )));
+        }
         let path = resolve(dest, self.user)?;
         if !self.seen.insert(path.clone()) {
             return Err(Error::invalid(format!(
