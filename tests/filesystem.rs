@@ -697,22 +697,33 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
     let dir = scratch();
     let path = dir.path().join("keep.txt");
     std::fs::write(&path, "old content").unwrap();
-    // A client that sends a header and some data, then vanishes.
+    // A client that sends a header and some data, then vanishes: its
+    // connection closes with the upload's stream still open.
+    let relay = common::cut::CutRelay::start(&envd.tcp).await;
+    let mut t2 =
+        transfer_client::TransferClient::new(envd::client::dial(&relay.url).await.unwrap());
     let (tx, rx) = tokio::sync::mpsc::channel::<WriteFileRequest>(4);
-    let mut t2 = t.clone();
     let call = tokio::spawn(async move { t2.write_file(tokio_stream_from(rx)).await });
     tx.send(header(&path, false)).await.unwrap();
     tx.send(data(&vec![b'n'; 1 << 20])).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    call.abort();
+    // Wait until envd has its temporary file, so the cut lands mid-upload.
+    let count = || std::fs::read_dir(dir.path()).unwrap().count();
+    assert!(eventually(Duration::from_secs(20), || count() == 2).await);
+    relay.cut();
+    let answer = call.await.unwrap();
+    assert!(answer.is_err(), "a cut upload cannot succeed: {answer:?}");
     drop(tx);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // envd removes its temporary file once it sees the stream reset; under a
+    // loaded CI machine that can take longer than any fixed sleep.
+    let names = || -> Vec<_> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    };
+    let cleaned = eventually(Duration::from_secs(20), || names().len() == 1).await;
+    assert!(cleaned, "temporary files left: {:?}", names());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "old content");
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
 
     // Errors: data before the header; a directory as target.
     let mut t = t;

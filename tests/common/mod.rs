@@ -3,6 +3,7 @@
 //! client. Shared by the integration test files.
 #![allow(dead_code)]
 
+pub mod cut;
 pub mod http;
 pub mod skip;
 
@@ -337,6 +338,22 @@ pub async fn read_until<T: HasEvent>(
     })
     .await
     .expect("condition not reached within 30 s");
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes; returns
+/// whether it held. For effects envd produces after answering (cleanup
+/// after a client vanishes), whose timing depends on the machine's load.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 pub fn is_root() -> bool {
