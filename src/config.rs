@@ -29,7 +29,14 @@ pub enum LogFormat {
 
 /// envd: the in-VM agent serving the process and filesystem services.
 #[derive(Debug, Parser)]
-#[command(name = "envd", version)]
+#[command(
+    name = "envd",
+    version,
+    after_help = "Upstream envd's Go-style flags are accepted too: -version (prints the \
+E2B envd version envd claims), -commit, -port N (= --listen tcp://0.0.0.0:N), -isnotfc \
+(= --not-vm), -cgroup-root DIR, -no-cgroups, -verbose (logs always go to stderr), -cmd CMD \
+(= --start-cmd)."
+)]
 pub struct Config {
     /// Where to listen; repeatable. tcp://HOST:PORT, unix:///PATH (a stale
     /// socket file is replaced; the socket gets mode 0600) or vsock://CID:PORT
@@ -107,17 +114,100 @@ pub struct Config {
     /// Default: the user envd runs as (root in a VM).
     #[arg(long, value_name = "USER")]
     pub default_user: Option<String>,
+
+    /// envd runs inside a sandbox VM: it may change the guest system (the
+    /// clock, /etc/hosts, the CA trust store, NFS mounts, /run/e2b) and asks
+    /// the VM's metadata service (MMDS) who it is. Default: on as PID 1 or
+    /// when systemd starts envd with no --listen (E2B's unit), else off.
+    #[arg(long)]
+    pub vm: bool,
+
+    /// envd runs on a developer's machine or in a container, not in a
+    /// sandbox VM (upstream's `-isnotfc`); the opposite of --vm.
+    #[arg(long)]
+    pub not_vm: bool,
+
+    /// Firecracker MMDS address (host or host:port) for the sandbox's
+    /// identity and the hash that authorises a new access token on resume;
+    /// "off" disables it. Used only with --vm.
+    #[arg(long, value_name = "ADDR", default_value = "169.254.169.254")]
+    pub mmds_address: String,
+
+    /// Run this shell command (`/bin/bash -l -c CMD`, as root, tag
+    /// "startCmd") once envd is serving (upstream's `-cmd`).
+    #[arg(long, value_name = "CMD")]
+    pub start_cmd: Option<String>,
+
+    /// cgroup v2 mount point (upstream's `-cgroup-root`).
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: std::path::PathBuf,
+
+    /// Do not manage cgroups (upstream's `-no-cgroups`).
+    #[arg(long)]
+    pub no_cgroups: bool,
+
+    /// Upstream's internal live-upgrade flag. envd has no handover yet: it
+    /// starts fresh and says so in its log.
+    #[arg(long, hide = true)]
+    pub resume_handover: bool,
+
+    /// Prefix for every guest system path envd writes on /init (/etc/hosts,
+    /// the trust store, /run/e2b). For tests; default "/".
+    #[arg(long, hide = true, value_name = "DIR", default_value = "/")]
+    pub guest_root: std::path::PathBuf,
+}
+
+/// The listener of upstream envd, used when systemd starts envd with no
+/// --listen (E2B's unit runs `/usr/bin/envd` bare).
+pub const UPSTREAM_LISTEN: &str = "tcp://0.0.0.0:49983";
+
+/// How envd was started, as far as defaults care.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Start {
+    pub pid1: bool,
+    /// A systemd service (`INVOCATION_ID` is set for every service process).
+    pub systemd: bool,
+}
+
+impl Start {
+    pub fn detect(pid1: bool) -> Self {
+        Self {
+            pid1,
+            systemd: std::env::var_os("INVOCATION_ID").is_some(),
+        }
+    }
 }
 
 impl Config {
-    pub fn listeners(&self) -> Vec<ListenUrl> {
-        if self.listen.is_empty() {
-            vec![DEFAULT_LISTEN
-                .parse()
-                .expect("the default listen URL is valid")]
-        } else {
-            self.listen.clone()
+    /// Started bare by a service manager: as upstream envd is by E2B's unit.
+    fn bare_service(&self, start: Start) -> bool {
+        start.systemd && !start.pid1 && self.listen.is_empty()
+    }
+
+    pub fn listeners(&self, start: Start) -> Vec<ListenUrl> {
+        if !self.listen.is_empty() {
+            return self.listen.clone();
         }
+        let url = if self.bare_service(start) {
+            UPSTREAM_LISTEN
+        } else {
+            DEFAULT_LISTEN
+        };
+        vec![url.parse().expect("the default listen URLs are valid")]
+    }
+
+    /// Whether envd may act on the guest system (see `--vm`).
+    pub fn in_vm(&self, start: Start) -> bool {
+        if self.not_vm {
+            return false;
+        }
+        self.vm || start.pid1 || self.bare_service(start)
+    }
+
+    /// The MMDS address, unless disabled.
+    pub fn mmds(&self) -> Option<String> {
+        (self.mmds_address != "off" && !self.mmds_address.is_empty())
+            .then(|| self.mmds_address.clone())
     }
 
     /// The access token from `--access-token-file`, if given.

@@ -9,6 +9,9 @@ pub struct Defaults {
     user: RwLock<String>,
     workdir: RwLock<Option<String>>,
     envs: RwLock<BTreeMap<String, String>>,
+    /// envd's own variables (`E2B_SANDBOX`, `E2B_SANDBOX_ID`, ...): above the
+    /// `/init` ones, which cannot replace or remove them.
+    internal: RwLock<BTreeMap<String, String>>,
 }
 
 impl Defaults {
@@ -17,6 +20,7 @@ impl Defaults {
             user: RwLock::new(user),
             workdir: RwLock::new(None),
             envs: RwLock::new(BTreeMap::new()),
+            internal: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -40,9 +44,21 @@ impl Defaults {
         *self.workdir.write().unwrap_or_else(|e| e.into_inner()) = dir;
     }
 
-    /// The global environment added to every process (below the request's own).
+    /// The global environment added to every process (below the request's
+    /// own): the `/init` variables, then envd's own over them.
     pub fn envs(&self) -> BTreeMap<String, String> {
-        self.envs.read().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut all = self.envs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let internal = self.internal.read().unwrap_or_else(|e| e.into_inner());
+        all.extend(internal.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+
+    /// Sets one of envd's own variables.
+    pub fn set_internal(&self, name: &str, value: String) {
+        self.internal
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), value);
     }
 
     pub fn set_envs(&self, envs: BTreeMap<String, String>) {

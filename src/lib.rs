@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod body;
 pub mod client;
+pub mod compat;
 pub mod config;
 pub(crate) mod connect;
 pub mod connections;
@@ -17,7 +18,9 @@ pub mod defaults;
 pub mod filesystem;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod goflags;
 pub(crate) mod grpc;
+pub mod guest;
 pub(crate) mod http;
 pub(crate) mod ids;
 pub mod init;

@@ -12,6 +12,7 @@ use envd::config::Config;
 use envd::connections::Connections;
 use envd::defaults::Defaults;
 use envd::filesystem::FilesystemService;
+use envd::goflags::Invocation;
 use envd::listen::Listener;
 use envd::process::{ProcessService, Reaper};
 use envd::users::User;
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
     }
     sd::take_env();
     ensure_std_fds();
+    let start = envd::config::Start::detect(pid1);
     let (cfg, modules) = if pid1 {
         // No flags reach PID 1: options come from the kernel command line.
         let (args, modules) = init::cmdline();
@@ -59,7 +61,24 @@ fn main() -> ExitCode {
         });
         (cfg, modules)
     } else {
-        (Config::parse(), Vec::new())
+        match envd::goflags::translate(std::env::args().skip(1).collect()) {
+            Ok(Invocation::Serve(args)) => {
+                let argv = std::iter::once("envd".to_owned()).chain(args);
+                (Config::parse_from(argv), Vec::new())
+            }
+            Ok(Invocation::PrintVersion) => {
+                println!("{}", envd::compat::claimed_text());
+                return ExitCode::SUCCESS;
+            }
+            Ok(Invocation::PrintCommit) => {
+                println!("{}", option_env!("ENVD_COMMIT").unwrap_or("unknown"));
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("envd: {e}");
+                return ExitCode::from(2);
+            }
+        }
     };
     logging::init(&cfg);
     if pid1 {
@@ -81,7 +100,7 @@ fn main() -> ExitCode {
         }
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(run(cfg, pid1))
+        runtime.block_on(run(cfg, start))
     }));
     if pid1 {
         match &result {
@@ -116,7 +135,8 @@ fn ensure_std_fds() {
     }
 }
 
-async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
+async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
+    let pid1 = start.pid1;
     let (before, nofile) = envd::limits::raise_nofile();
     let conns = Connections::new(cfg.conn_limits(nofile));
     tracing::info!(
@@ -144,9 +164,21 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
     ));
     let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
     let auth = Arc::new(Auth::new(cfg.access_token()?));
-    let router = server::Router::new(process, filesystem, defaults, auth).await?;
+    let in_vm = cfg.in_vm(start);
+    let guest = envd::guest::Guest::new(
+        cfg.guest_root.clone(),
+        in_vm,
+        cfg.mmds(),
+        defaults.clone(),
+        process.clone(),
+    );
+    guest.boot();
+    if cfg.resume_handover {
+        tracing::warn!("-resume-handover: envd has no live-upgrade handover; starting fresh");
+    }
+    let router = server::Router::new(process.clone(), filesystem, defaults, auth, guest).await?;
 
-    for url in cfg.listeners() {
+    for url in cfg.listeners(start) {
         match Listener::bind(&url).await {
             Ok(listener) => {
                 let local = listener.local_url(&url);
@@ -166,7 +198,17 @@ async fn run(cfg: Config, pid1: bool) -> Result<(), String> {
             Err(e) => return Err(format!("cannot listen on {url}: {e}")),
         }
     }
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "envd ready");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        e2b_version = envd::compat::claimed_text(),
+        in_vm,
+        "envd ready"
+    );
+    if let Some(cmd) = &cfg.start_cmd {
+        if let Err(e) = process.start_command(cmd) {
+            tracing::error!(error = %e.message, "-cmd: cannot start the command");
+        }
+    }
     sd::ready();
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

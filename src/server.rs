@@ -48,11 +48,12 @@ impl Router {
         filesystem: Arc<FilesystemService>,
         defaults: Arc<Defaults>,
         auth: Arc<Auth>,
+        guest: Arc<crate::guest::Guest>,
     ) -> Result<Router, String> {
         Ok(Router {
             grpc: grpc_routes(process.clone(), filesystem.clone(), defaults.clone()).await?,
             connect: Arc::new(ConnectRouter::new(process, filesystem, defaults.clone())),
-            rest: Arc::new(RestRouter::new(defaults, auth.clone())),
+            rest: Arc::new(RestRouter::new(defaults, auth.clone(), guest)),
             auth,
         })
     }

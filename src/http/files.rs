@@ -14,7 +14,7 @@ use http_body::Frame;
 use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Incoming;
 
-use super::headers::{content_disposition, content_type, metadata, parse_range, wants_gzip};
+use super::headers::{accepted_gzip, content_disposition, content_type, metadata, parse_range};
 use super::{json, read_json_body, user_of, Query, Rest, RestResult};
 use crate::defaults::Defaults;
 use crate::filesystem::compose;
@@ -44,6 +44,8 @@ fn built(b: http::response::Builder, body: HttpBody) -> RestResult {
 
 pub async fn download(req: Request<Incoming>, q: Query, defaults: &Defaults) -> RestResult {
     let user = user_of(&q, defaults)?;
+    let gzip =
+        accepted_gzip(req.headers()).map_err(|m| Rest::http(StatusCode::NOT_ACCEPTABLE, m))?;
     let path = resolve(q.bytes("path").unwrap_or_default(), &user)?;
     // One open file gives both the size and the bytes.
     let opened = open_for_read(path.clone()).await?;
@@ -79,7 +81,7 @@ pub async fn download(req: Request<Incoming>, q: Query, defaults: &Defaults) -> 
                 .header("content-range", format!("bytes */{size}"));
             return built(refused, HttpBody::default());
         }
-        None => plan.gzip = wants_gzip(req.headers()),
+        None => plan.gzip = gzip,
     }
     response = if plan.gzip {
         response.header("content-encoding", "gzip")
@@ -94,12 +96,22 @@ pub async fn download(req: Request<Incoming>, q: Query, defaults: &Defaults) -> 
 }
 
 /// `{"path","name","type":"file"}`: what E2B answers for a written file.
-fn written(path: &Path) -> serde_json::Value {
-    serde_json::json!({
+/// One file of the answer; `metadata` as set from `X-Metadata-*` (the SDK's
+/// `WriteInfo.metadata`).
+fn written(path: &Path, metadata: Option<&[(String, String)]>) -> serde_json::Value {
+    let mut v = serde_json::json!({
         "path": path.to_string_lossy(),
         "name": path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         "type": "file",
-    })
+    });
+    if let Some(m) = metadata {
+        let map: serde_json::Map<String, serde_json::Value> = m
+            .iter()
+            .map(|(k, val)| (k.clone(), serde_json::Value::String(val.clone())))
+            .collect();
+        v["metadata"] = serde_json::Value::Object(map);
+    }
+    v
 }
 
 /// Whether the body is gzip (`Content-Encoding`); another coding is 415.
@@ -164,7 +176,7 @@ impl Upload<'_> {
         write_bytes(spec, self.user, data).await?;
         // E2B's answer names the path as requested (a symlink is written
         // through).
-        self.written.push(written(&path));
+        self.written.push(written(&path, self.metadata.as_deref()));
         Ok(())
     }
 }
@@ -252,5 +264,5 @@ pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult 
         .await
         .map_err(|e| Error::internal(format!("compose task failed: {e}")))??;
     // E2B's shape: the path as requested (a symlink is written through).
-    Ok(json(StatusCode::OK, &written(&requested)))
+    Ok(json(StatusCode::OK, &written(&requested, None)))
 }

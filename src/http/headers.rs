@@ -80,19 +80,54 @@ pub fn parse_range(value: &str, size: u64) -> Option<std::result::Result<(u64, u
     Some(r)
 }
 
-/// Whether `Accept-Encoding` accepts gzip (and does not refuse it with q=0).
-pub fn wants_gzip(headers: &HeaderMap) -> bool {
-    headers
+/// The coding of a download, from `Accept-Encoding` as upstream reads it:
+/// the supported coding (gzip) or identity with the highest q; identity is
+/// acceptable unless refused (`identity;q=0`); `*` is gzip only when identity
+/// is refused. `Err` when nothing acceptable is left (406).
+pub fn accepted_gzip(headers: &HeaderMap) -> std::result::Result<bool, String> {
+    let mut offers: Vec<(String, f64)> = headers
         .get_all("accept-encoding")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|enc| {
-            let mut it = enc.split(';');
-            let name = it.next().unwrap_or("").trim();
-            let q0 = it.any(|p| p.trim().replace(' ', "") == "q=0");
-            name.eq_ignore_ascii_case("gzip") && !q0
+        .take(64)
+        .map(|offer| {
+            let mut parts = offer.split(';');
+            let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| {
+                    let p = p.trim();
+                    p.get(..2)
+                        .filter(|k| k.eq_ignore_ascii_case("q="))
+                        .and_then(|_| p[2..].trim().parse::<f64>().ok())
+                })
+                .next_back()
+                .unwrap_or(1.0);
+            (name, q)
         })
+        .filter(|(name, _)| !name.is_empty())
+        .collect();
+    if offers.is_empty() {
+        return Ok(false);
+    }
+    offers.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let identity_refused = offers.iter().any(|(n, q)| n == "identity" && *q == 0.0);
+    for (name, q) in &offers {
+        if *q == 0.0 {
+            continue;
+        }
+        match name.as_str() {
+            "identity" => return Ok(false),
+            "*" => return Ok(identity_refused),
+            "gzip" => return Ok(true),
+            _ => {}
+        }
+    }
+    if identity_refused {
+        Err("no acceptable encoding: envd sends gzip or identity".into())
+    } else {
+        Ok(false)
+    }
 }
 
 /// `X-Metadata-<key>: <value>` headers (keys lowercased; printable ASCII).
@@ -127,6 +162,25 @@ pub fn metadata(headers: &HeaderMap) -> Result<Option<Vec<(String, String)>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_encoding_as_upstream() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("accept-encoding", v.parse().unwrap());
+            accepted_gzip(&m)
+        };
+        assert_eq!(accepted_gzip(&HeaderMap::new()), Ok(false));
+        assert_eq!(h("gzip"), Ok(true));
+        assert_eq!(h("GZIP, deflate"), Ok(true));
+        assert_eq!(h("br"), Ok(false));
+        assert_eq!(h("gzip;q=0"), Ok(false));
+        assert_eq!(h("gzip;q=0.5, identity"), Ok(false));
+        assert_eq!(h("identity;q=0, *"), Ok(true));
+        assert_eq!(h("*"), Ok(false));
+        assert!(h("identity;q=0").is_err());
+        assert!(h("br, identity;q=0").is_err());
+    }
 
     #[test]
     fn ranges() {

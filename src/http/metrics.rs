@@ -75,6 +75,9 @@ impl Metrics {
                 "mem_used_mib": mem_used >> 20,
                 "disk_used": disk_used,
                 "disk_total": disk_total,
+                // envd's own version, and the upstream one it claims.
+                "envd_version": env!("CARGO_PKG_VERSION"),
+                "e2b_envd_version": crate::compat::claimed_text(),
             }),
         ))
     }

@@ -20,10 +20,6 @@ use crate::status::Error;
 use crate::users::User;
 use crate::wire::HttpBody;
 
-/// The envd version reported in `X-Envd-Version` (E2B feature gates start at
-/// 0.6.4, so envd reports the E2B protocol level it implements).
-pub const ENVD_VERSION: &str = "0.6.13";
-
 /// Who may call a REST endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -39,14 +35,16 @@ pub enum Access {
 pub struct RestRouter {
     defaults: Arc<Defaults>,
     auth: Arc<Auth>,
+    init: init::InitState,
     metrics: metrics::Metrics,
 }
 
 impl RestRouter {
-    pub fn new(defaults: Arc<Defaults>, auth: Arc<Auth>) -> Self {
+    pub fn new(defaults: Arc<Defaults>, auth: Arc<Auth>, guest: Arc<crate::guest::Guest>) -> Self {
         Self {
             defaults,
             auth,
+            init: init::InitState::new(guest),
             metrics: metrics::Metrics::default(),
         }
     }
@@ -70,7 +68,7 @@ impl RestRouter {
             ("GET" | "HEAD", "/health") => Ok(empty(StatusCode::NO_CONTENT)),
             ("GET", "/metrics") => self.metrics.handle(),
             ("GET", "/envs") => Ok(json(StatusCode::OK, &self.defaults.envs())),
-            ("POST", "/init") => init::handle(req, &self.defaults, &self.auth).await,
+            ("POST", "/init") => init::handle(req, &self.defaults, &self.auth, &self.init).await,
             ("GET", "/files") => match self.signed_query(&req, "read", signed) {
                 Ok(q) => files::download(req, q, &self.defaults).await,
                 Err(e) => Err(e),

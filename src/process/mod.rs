@@ -3,7 +3,8 @@
 //! A command goes start (`service.rs`, the RPC) → prepare (`prepare.rs`:
 //! request → everything the child needs) → spawn (`spawn.rs`, registered
 //! with `reaper.rs`) → supervise (`supervise.rs`: output pumps, deadline,
-//! exit, `end`). `started.rs` holds a started `Process`.
+//! exit, `end`). `started.rs` holds a started `Process`; `system.rs` runs
+//! envd's own commands (mount, `-cmd`) through the same path.
 
 pub mod events;
 pub mod exit;
@@ -15,6 +16,7 @@ pub mod service;
 pub mod spawn;
 pub mod started;
 pub mod supervise;
+pub mod system;
 pub mod table;
 
 pub use prepare::DEFAULT_PATH;

@@ -195,7 +195,7 @@ impl Prepared {
     }
 
     /// The child side, in order: signals, session and stdio, other fds,
-    /// limits, OOM score, credentials, working directory, exec. Never
+    /// limits, OOM score, priorities, credentials, working directory, exec. Never
     /// returns.
     ///
     /// # Safety
@@ -217,6 +217,7 @@ impl Prepared {
             if self.reset_oom {
                 child::reset_oom_score();
             }
+            child::reset_priority();
             if let Some(c) = &self.creds {
                 if !child::become_user(c) {
                     fail(&self.msg_no_creds, 126);
@@ -339,6 +340,23 @@ mod child {
                 libc::write(fd, b"0\n".as_ptr().cast(), 2);
                 libc::close(fd);
             }
+        }
+    }
+
+    /// CPU nice 0 and the default I/O class, whatever envd runs with (E2B's
+    /// unit gives envd nice -20 and realtime I/O). Raising the nice value
+    /// needs no privilege; lowering it (envd niced up) only works as root,
+    /// and a failure leaves envd's.
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn reset_priority() {
+        const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+        // SAFETY: plain syscalls on this process (who = 0), no memory passed.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+            // Class NONE, level 0: I/O priority follows the CPU nice value.
+            libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, 0);
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod cut;
 pub mod http;
+pub mod mmds;
 pub mod skip;
 
 #[allow(unused_imports)]
