@@ -48,10 +48,10 @@ pub const GATES: &[Gate] = &[
     gate(0, 5, 13, "/init caBundle (network rules)", true),
     gate(0, 5, 14, "/init volumeMounts (NFS volumes)", true),
     gate(0, 6, 2, "file metadata (X-Metadata-*)", true),
-    gate(0, 6, 3, "/freeze and /unfreeze; watch include_entry", false),
+    gate(0, 6, 3, "/freeze and /unfreeze; watch include_entry", true),
     gate(0, 6, 4, "allow_network_mounts in watches", true),
-    gate(0, 6, 5, "/collapse", false),
-    gate(0, 6, 6, "/fsfreeze and /fsthaw", false),
+    gate(0, 6, 5, "/collapse", true),
+    gate(0, 6, 6, "/fsfreeze and /fsthaw", true),
     gate(0, 6, 12, "/upgrade with a protobuf handover", false),
 ];
 

@@ -138,13 +138,20 @@ pub struct Config {
     #[arg(long, value_name = "CMD")]
     pub start_cmd: Option<String>,
 
-    /// cgroup v2 mount point (upstream's `-cgroup-root`).
+    /// cgroup v2 mount point (upstream's `-cgroup-root`): in a VM, commands
+    /// run in its `user` and `ptys` cgroups (upstream's layout) so /freeze
+    /// can stop them.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: std::path::PathBuf,
 
     /// Do not manage cgroups (upstream's `-no-cgroups`).
     #[arg(long)]
     pub no_cgroups: bool,
+
+    /// A `/freeze` no thaw follows within this long is undone (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::cgroups::freeze::DEFAULT_WATCHDOG.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub thaw_watchdog: u64,
 
     /// Upstream's internal live-upgrade flag. envd has no handover yet: it
     /// starts fresh and says so in its log.

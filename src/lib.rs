@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod cgroups;
 pub mod client;
 pub mod compat;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod init;
 pub mod limits;
 pub mod listen;
 pub mod logging;
+pub mod memory;
 pub(crate) mod paths;
 pub mod process;
 pub mod proto;

@@ -24,11 +24,15 @@ fn claimed_version() -> (u32, u32, u32) {
     (v[0], v[1], v[2])
 }
 
-/// envd in a sandbox VM (`--vm`) whose system is `root`.
+/// envd in a sandbox VM (`--vm`) whose system is `root`; without cgroups
+/// unless `extra` names a `--cgroup-root` (never the machine's own).
 fn vm_envd(root: &std::path::Path, mmds: Option<&FakeMmds>, extra: &[&str]) -> Envd {
     let root = root.to_str().unwrap().to_owned();
     let mmds = mmds.map_or("off".to_owned(), |m| m.addr.clone());
     let mut args = vec!["--vm", "--guest-root", &root, "--mmds-address", &mmds];
+    if !extra.contains(&"--cgroup-root") {
+        args.push("--no-cgroups");
+    }
     args.extend_from_slice(extra);
     Envd::start(&args)
 }
@@ -154,17 +158,37 @@ fn the_claimed_version_keeps_its_promises() {
             assert_eq!(r.json()[0]["metadata"]["owner"], "alice");
         }),
         ((0, 6, 3), "/freeze and /unfreeze", |url, _| {
-            for p in ["/freeze", "/unfreeze"] {
-                assert_ne!(request(url, "POST", p, &[], b"").status, 404, "{p}");
-            }
+            let r = request(
+                url,
+                "POST",
+                "/freeze?maxWaitMs=100&mode=hierarchy",
+                &[],
+                b"",
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+            let result = r.json();
+            assert_eq!(result["mode"], "legacy");
+            assert_eq!(result["requested"], 2);
+            let r = request(url, "POST", "/freeze", &[], b"");
+            assert_eq!(r.status, 204, "{}", r.text());
+            assert_eq!(request(url, "POST", "/unfreeze", &[], b"").status, 204);
         }),
         ((0, 6, 5), "/collapse", |url, _| {
-            assert_eq!(request(url, "POST", "/collapse", &[], b"").status, 200);
+            let r = request(url, "POST", "/collapse", &[], b"");
+            assert_eq!(r.status, 200, "{}", r.text());
+            let c = r.json();
+            let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k} in {c}"));
+            assert_eq!(
+                n("chunks"),
+                n("collapsed") + n("alreadyHuge") + n("skipped")
+            );
         }),
         ((0, 6, 6), "/fsfreeze and /fsthaw", |url, _| {
-            for p in ["/fsfreeze", "/fsthaw"] {
-                assert_ne!(request(url, "POST", p, &[], b"").status, 404, "{p}");
-            }
+            // Never FIFREEZE the machine running the tests: thawing a thawed
+            // filesystem is the harmless half; /fsfreeze itself is exercised
+            // in the QEMU VM.
+            let r = request(url, "POST", "/fsthaw", &[], b"");
+            assert_eq!(r.status, 204, "{}", r.text());
         }),
         ((0, 6, 12), "/upgrade", |url, _| {
             assert_ne!(request(url, "POST", "/upgrade", &[], b"").status, 404);
@@ -345,6 +369,128 @@ fn outside_a_vm_the_system_is_left_alone() {
         assert_eq!(r.status, 400, "{field}: {}", r.text());
         assert!(r.text().contains("not in a sandbox VM"), "{}", r.text());
     }
+}
+
+#[test]
+fn freezing_is_refused_outside_a_vm() {
+    let envd = Envd::start(&[]);
+    for p in ["/freeze", "/unfreeze", "/fsfreeze", "/fsthaw"] {
+        let r = request(&envd.tcp, "POST", p, &[], b"");
+        assert_eq!(r.status, 403, "{p}: {}", r.text());
+        assert!(r.text().contains("not in a sandbox VM"), "{}", r.text());
+    }
+    // envd's own heap is envd's business anywhere.
+    assert_eq!(
+        request(&envd.tcp, "POST", "/collapse", &[], b"").status,
+        200
+    );
+}
+
+/// A cgroup v2 directory of the test's own (under the unified hierarchy),
+/// removed with everything in it at the end.
+struct TestCgroup(std::path::PathBuf);
+
+impl TestCgroup {
+    fn create(name: &str) -> Option<TestCgroup> {
+        let base = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|b| b.join("cgroup.procs").is_file() && b.join("cgroup.max.depth").is_file())?;
+        let dir = base.join(format!("envd-test-{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        dir.join("cgroup.freeze")
+            .is_file()
+            .then_some(TestCgroup(dir))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for sub in ["user", "ptys", ""] {
+            let d = self.0.join(sub);
+            let _ = std::fs::write(d.join("cgroup.freeze"), "0");
+            let _ = std::fs::write(d.join("cgroup.kill"), "1");
+        }
+        for sub in ["user", "ptys", ""] {
+            for _ in 0..100 {
+                if std::fs::remove_dir(self.0.join(sub)).is_ok() || !self.0.join(sub).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn file_len(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn freeze_stops_the_workload_and_init_or_the_watchdog_thaws_it() {
+    const NAME: &str = "freeze_stops_the_workload_and_init_or_the_watchdog_thaws_it";
+    if !is_root() {
+        return skip(NAME, "creating cgroups needs root");
+    }
+    let Some(cg) = TestCgroup::create("freeze") else {
+        return skip_on_this_machine(NAME, "no writable cgroup v2 hierarchy with cgroup.freeze");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = cg.0.to_str().unwrap().to_owned();
+    let envd = vm_envd(
+        dir.path(),
+        None,
+        &["--cgroup-root", &root, "--thaw-watchdog", "2"],
+    );
+    let out = dir.path().join("ticks");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = envd.client().await;
+        let script = format!("while :; do echo x >> {}; sleep 0.02; done", out.display());
+        let (_stream, o) = started(&mut c, sh(&script)).await;
+        let pid = o.pid;
+        // The command runs in envd's user cgroup.
+        let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(
+            membership.contains(&format!(
+                "{}/user",
+                cg.0.file_name().unwrap().to_str().unwrap()
+            )),
+            "{membership}"
+        );
+
+        let grows = |ms: u64| {
+            let before = file_len(&out);
+            std::thread::sleep(Duration::from_millis(ms));
+            file_len(&out) > before
+        };
+        assert!(grows(300), "the workload runs");
+        let r = request(&envd.tcp, "POST", "/freeze?maxWaitMs=2000", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let res = r.json();
+        assert_eq!(
+            (res["frozen"].as_u64(), res["notFrozen"].as_u64()),
+            (Some(2), Some(0)),
+            "{res}"
+        );
+        assert!(!grows(300), "a frozen workload does not run");
+        // envd and its _system commands keep running while frozen.
+        let mut system = sh("echo alive");
+        system.tag = Some("_system".into());
+        assert_eq!(run(&mut c, system).await.out(), "alive\n");
+
+        // The resume's /init thaws.
+        assert_eq!(post_json(&envd.tcp, "/init", "{}").status, 204);
+        assert!(grows(300), "thawed by /init");
+
+        // A freeze nobody undoes is undone by the watchdog (2 s here).
+        let r = request(&envd.tcp, "POST", "/freeze?maxWaitMs=2000", &[], b"");
+        assert_eq!(r.status, 200);
+        assert!(!grows(300));
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(grows(300), "thawed by the watchdog");
+        kill(&mut c, pid).await;
+    });
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! Paths are under `--guest-root` (default `/`), so tests can watch every
 //! effect without root or a VM.
 
+pub mod fsfreeze;
 pub mod hosts;
 pub mod mmds;
 pub mod trust;
@@ -33,6 +34,9 @@ pub struct Guest {
     process: Arc<ProcessService>,
     volumes: tokio::sync::Mutex<volumes::Ledger>,
     polling: std::sync::atomic::AtomicBool,
+    freezer: Arc<crate::cgroups::freeze::Freezer>,
+    /// One `/fsfreeze` or `/fsthaw` at a time.
+    fs_lock: tokio::sync::Mutex<()>,
 }
 
 impl Guest {
@@ -42,6 +46,7 @@ impl Guest {
         mmds: Option<String>,
         defaults: Arc<Defaults>,
         process: Arc<ProcessService>,
+        freezer: Arc<crate::cgroups::freeze::Freezer>,
     ) -> Arc<Self> {
         Arc::new(Self {
             root,
@@ -51,7 +56,18 @@ impl Guest {
             process,
             volumes: Default::default(),
             polling: Default::default(),
+            freezer,
+            fs_lock: Default::default(),
         })
+    }
+
+    /// The workload freezer (`/freeze`, `/unfreeze`, thaw on `/init`).
+    pub fn freezer(&self) -> &Arc<crate::cgroups::freeze::Freezer> {
+        &self.freezer
+    }
+
+    pub fn fs_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.fs_lock
     }
 
     pub fn in_vm(&self) -> bool {

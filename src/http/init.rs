@@ -62,6 +62,10 @@ impl InitState {
             last: tokio::sync::Mutex::new(None),
         }
     }
+
+    pub fn guest(&self) -> &Guest {
+        &self.guest
+    }
 }
 
 pub async fn handle(
@@ -96,6 +100,10 @@ pub async fn handle(
     let mut last = state.last.lock().await;
     if !authorised(&init, by_header, auth, &state.guest).await {
         return Err(unauthorized());
+    }
+    // The resume: whatever was frozen for the snapshot runs again.
+    if let Err(e) = state.guest.freezer().thaw().await {
+        tracing::warn!(error = %e, "/init could not thaw the workload");
     }
     let stale = matches!((timestamp, *last), (Some((_, t)), Some(l)) if t <= l);
     if stale {

@@ -5,6 +5,7 @@ mod files;
 pub mod headers;
 mod init;
 mod metrics;
+mod pause;
 mod query;
 
 use std::sync::Arc;
@@ -78,12 +79,19 @@ impl RestRouter {
                 Err(e) => Err(e),
             },
             ("POST", "/files/compose") => files::compose(req, &self.defaults).await,
-            (_, "/health" | "/metrics" | "/envs" | "/init" | "/files" | "/files/compose") => {
-                Err(Rest::http(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    format!("{method} is not allowed on {path}"),
-                ))
-            }
+            ("POST", "/freeze") => pause::freeze(self.init.guest(), &query(&req)).await,
+            ("POST", "/unfreeze") => pause::unfreeze(self.init.guest()).await,
+            ("POST", "/fsfreeze") => pause::fsfreeze(self.init.guest(), true).await,
+            ("POST", "/fsthaw") => pause::fsfreeze(self.init.guest(), false).await,
+            ("POST", "/collapse") => pause::collapse().await,
+            (
+                _,
+                "/health" | "/metrics" | "/envs" | "/init" | "/files" | "/files/compose"
+                | "/freeze" | "/unfreeze" | "/fsfreeze" | "/fsthaw" | "/collapse",
+            ) => Err(Rest::http(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            )),
             _ => Err(Rest::http(
                 StatusCode::NOT_FOUND,
                 format!("no such endpoint: {path}"),

@@ -48,6 +48,8 @@ impl Default for Settings {
 
 #[derive(Debug)]
 pub struct ProcessService {
+    /// The workload cgroups, once set up (none outside a VM or without v2).
+    cgroups: std::sync::OnceLock<Arc<crate::cgroups::Cgroups>>,
     table: Arc<ProcessTable>,
     reaper: Arc<Reaper>,
     defaults: Arc<Defaults>,
@@ -59,6 +61,7 @@ pub struct ProcessService {
 impl ProcessService {
     pub fn new(reaper: Arc<Reaper>, defaults: Arc<Defaults>, settings: Settings) -> Self {
         Self {
+            cgroups: std::sync::OnceLock::new(),
             table: Arc::new(ProcessTable::new(
                 settings.exit_retention,
                 settings.max_exit_records,
@@ -71,10 +74,34 @@ impl ProcessService {
         }
     }
 
+    /// Puts every later command in the workload cgroups.
+    pub fn use_cgroups(&self, cgroups: Arc<crate::cgroups::Cgroups>) {
+        let _ = self.cgroups.set(cgroups);
+    }
+
+    /// `cgroup.procs` of the cgroup a command joins: ptys or user, none for
+    /// the orchestrator's `_system` commands.
+    fn cgroup_for(&self, req: &StartRequest) -> Option<std::os::fd::OwnedFd> {
+        use crate::cgroups::{Kind, SYSTEM_TAG};
+        let cg = self.cgroups.get()?;
+        if req.tag.as_deref() == Some(SYSTEM_TAG) {
+            return None;
+        }
+        cg.procs_fd(if req.pty.is_some() {
+            Kind::Pty
+        } else {
+            Kind::User
+        })
+    }
+
     /// Starts a process. Its lifetime is bounded by the request deadline.
     pub fn start(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
         let workdir = self.defaults.workdir();
-        let launch = prepare::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
+        let mut launch =
+            prepare::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
+        if let Some(procs) = self.cgroup_for(&req) {
+            launch.prepared.join_cgroup(procs);
+        }
         let config = req.process.unwrap_or_default();
         let output = OutputLog::new(self.settings.output_buffer, self.budget.clone());
         // Subscribed before the child exists: no early output is missed.

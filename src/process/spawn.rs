@@ -17,7 +17,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -61,6 +61,8 @@ pub struct Prepared {
     reset_oom: bool,
     /// The open-file limit envd started with (envd raises its own).
     nofile: Option<libc::rlimit>,
+    /// `cgroup.procs` of the cgroup the child joins (see `crate::cgroups`).
+    cgroup: Option<OwnedFd>,
 }
 
 /// Whether envd's `oom_score_adj` differs from the default 0.
@@ -151,7 +153,13 @@ impl Prepared {
             msg_no_creds: b"envd: cannot switch user: ".to_vec(),
             reset_oom: own_oom_score_adjusted(),
             nofile: crate::limits::child_nofile(),
+            cgroup: None,
         })
+    }
+
+    /// The child joins the cgroup whose `cgroup.procs` this is, before exec.
+    pub fn join_cgroup(&mut self, procs: OwnedFd) {
+        self.cgroup = Some(procs);
     }
 
     /// Starts the child and execs. Returns its pid (also its pgid and sid).
@@ -194,7 +202,7 @@ impl Prepared {
         Ok(pid)
     }
 
-    /// The child side, in order: signals, session and stdio, other fds,
+    /// The child side, in order: signals, cgroup, session and stdio, other fds,
     /// limits, OOM score, priorities, credentials, working directory, exec. Never
     /// returns.
     ///
@@ -209,6 +217,9 @@ impl Prepared {
         // is each step's only requirement; `self` outlives the exec.
         unsafe {
             child::reset_signals();
+            if let Some(fd) = &self.cgroup {
+                child::join_cgroup(fd.as_raw_fd());
+            }
             child::session_and_stdio(&self.stdio);
             child::close_other_fds();
             if let Some(lim) = &self.nofile {
@@ -340,6 +351,18 @@ mod child {
                 libc::write(fd, b"0\n".as_ptr().cast(), 2);
                 libc::close(fd);
             }
+        }
+    }
+
+    /// Moves this process into the cgroup whose `cgroup.procs` is `fd` ("0"
+    /// names the writer). A failure leaves it in envd's cgroup.
+    ///
+    /// # Safety
+    /// Only in the cloned child.
+    pub unsafe fn join_cgroup(fd: libc::c_int) {
+        // SAFETY: a one-byte write from a static buffer to an fd we own.
+        unsafe {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
         }
     }
 

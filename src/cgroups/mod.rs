@@ -1,0 +1,109 @@
+//! The cgroups envd puts commands in, as upstream envd lays them out under
+//! the cgroup v2 root: `user` for commands, `ptys` for terminals, each with
+//! upstream's weights and memory limits, so the workload can be frozen before
+//! a snapshot (`freeze.rs`) while envd and its I/O pumps keep running.
+//!
+//! A command with the tag `_system` (the orchestrator's own shells) stays in
+//! envd's cgroup and is never frozen.
+
+pub mod freeze;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+/// The tag that keeps a command out of the workload cgroups.
+pub const SYSTEM_TAG: &str = "_system";
+
+/// Which workload cgroup a command goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    User,
+    Pty,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::User, Kind::Pty];
+
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Pty => "ptys",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Cgroups {
+    root: PathBuf,
+}
+
+impl Cgroups {
+    /// Creates (or reuses) the workload cgroups under `root`, a cgroup v2
+    /// mount (or a directory of one). `None` when `root` is not cgroup v2 or
+    /// cannot be written: commands then stay in envd's cgroup.
+    pub fn setup(root: &Path) -> Option<Cgroups> {
+        if !root.join("cgroup.controllers").is_file() {
+            tracing::info!(root = %root.display(), "no cgroup v2 there: commands stay in envd's cgroup");
+            return None;
+        }
+        // Controllers for the children; each may be missing (best effort).
+        for c in ["+cpu", "+memory", "+io"] {
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), c);
+        }
+        let memory_max = memory_limit();
+        for kind in Kind::ALL {
+            let dir = root.join(kind.dir());
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cannot create the workload cgroup");
+                return None;
+            }
+            let (cpu, io) = match kind {
+                Kind::User => ("50", "default 10"),
+                Kind::Pty => ("200", "default 50"),
+            };
+            let mut settings = vec![("cpu.weight", cpu.to_owned()), ("io.weight", io.to_owned())];
+            if let Some(m) = memory_max {
+                settings.push(("memory.high", m.to_string()));
+                settings.push(("memory.max", m.to_string()));
+            }
+            for (file, value) in settings {
+                // Absent controllers simply lack the file.
+                let _ = std::fs::write(dir.join(file), value);
+            }
+        }
+        tracing::info!(root = %root.display(), "commands run in the user and ptys cgroups");
+        Some(Cgroups {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn path(&self, kind: Kind) -> PathBuf {
+        self.root.join(kind.dir())
+    }
+
+    /// An fd on the cgroup's `cgroup.procs`, for a child to join it by
+    /// writing "0" before it execs (see `spawn.rs`).
+    pub fn procs_fd(&self, kind: Kind) -> Option<OwnedFd> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(kind).join("cgroup.procs"))
+            .map(OwnedFd::from)
+            .map_err(|e| tracing::warn!(cgroup = kind.dir(), error = %e, "cgroup not joinable"))
+            .ok()
+    }
+}
+
+/// upstream's memory limit for the workload: total memory less an eighth,
+/// at most 128 MiB held back for envd and the system.
+fn memory_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let total = kib.checked_mul(1024)?;
+    Some(total - (total / 8).min(128 << 20))
+}
