@@ -133,6 +133,12 @@ pub struct Config {
     #[arg(long, value_name = "ADDR", default_value = "169.254.169.254")]
     pub mmds_address: String,
 
+    /// Servers listening on 127.0.0.1, ::1 or :: inside the VM are made
+    /// reachable on this address at the same port (upstream forwards to
+    /// 169.254.0.21 with socat); "off" disables it. Used only with --vm.
+    #[arg(long, value_name = "IP", default_value = crate::ports::DEFAULT_ADDRESS)]
+    pub forward_address: String,
+
     /// Run this shell command (`/bin/bash -l -c CMD`, as root, tag
     /// "startCmd") once envd is serving (upstream's `-cmd`).
     #[arg(long, value_name = "CMD")]
@@ -209,6 +215,19 @@ impl Config {
             return false;
         }
         self.vm || start.pid1 || self.bare_service(start)
+    }
+
+    /// The port-forwarding address, unless disabled.
+    pub fn forward_address(&self) -> Result<Option<std::net::IpAddr>, String> {
+        if self.forward_address == "off" {
+            return Ok(None);
+        }
+        self.forward_address.parse().map(Some).map_err(|_| {
+            format!(
+                "--forward-address {:?} is not an IP address",
+                self.forward_address
+            )
+        })
     }
 
     /// The MMDS address, unless disabled.

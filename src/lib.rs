@@ -30,6 +30,7 @@ pub mod listen;
 pub mod logging;
 pub mod memory;
 pub(crate) mod paths;
+pub mod ports;
 pub mod process;
 pub mod proto;
 pub(crate) mod request;

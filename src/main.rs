@@ -165,28 +165,7 @@ async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
     let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
     let auth = Arc::new(Auth::new(cfg.access_token()?));
     let in_vm = cfg.in_vm(start);
-    let cgroups = if in_vm && !cfg.no_cgroups {
-        envd::cgroups::Cgroups::setup(&cfg.cgroup_root).map(Arc::new)
-    } else {
-        None
-    };
-    if let Some(cg) = &cgroups {
-        process.use_cgroups(cg.clone());
-    }
-    let freezer =
-        envd::cgroups::freeze::Freezer::new(cgroups, Duration::from_secs(cfg.thaw_watchdog));
-    let guest = envd::guest::Guest::new(
-        cfg.guest_root.clone(),
-        in_vm,
-        cfg.mmds(),
-        defaults.clone(),
-        process.clone(),
-        freezer,
-    );
-    guest.boot();
-    if cfg.resume_handover {
-        tracing::warn!("-resume-handover: envd has no live-upgrade handover; starting fresh");
-    }
+    let guest = envd::guest::start(&cfg, start, defaults.clone(), process.clone())?;
     let router = server::Router::new(process.clone(), filesystem, defaults, auth, guest).await?;
 
     for url in cfg.listeners(start) {

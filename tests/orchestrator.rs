@@ -33,6 +33,9 @@ fn vm_envd(root: &std::path::Path, mmds: Option<&FakeMmds>, extra: &[&str]) -> E
     if !extra.contains(&"--cgroup-root") {
         args.push("--no-cgroups");
     }
+    if !extra.contains(&"--forward-address") {
+        args.extend(["--forward-address", "off"]);
+    }
     args.extend_from_slice(extra);
     Envd::start(&args)
 }
@@ -491,6 +494,51 @@ fn freeze_stops_the_workload_and_init_or_the_watchdog_thaws_it() {
         assert!(grows(300), "thawed by the watchdog");
         kill(&mut c, pid).await;
     });
+}
+
+#[test]
+fn localhost_servers_are_forwarded_to_the_external_address() {
+    use std::io::{Read, Write};
+    // The "external address" is 127.0.0.2 here (all of 127/8 is local).
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let echo = std::thread::spawn(move || {
+        if let Ok((mut c, _)) = server.accept() {
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).unwrap();
+            c.write_all(&buf).unwrap();
+        }
+        // The listener closes here: the server goes away.
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let _envd = vm_envd(dir.path(), None, &["--forward-address", "127.0.0.2"]);
+    let external = format!("127.0.0.2:{port}");
+    let mut conn = None;
+    for _ in 0..100 {
+        if let Ok(c) = std::net::TcpStream::connect(&external) {
+            conn = Some(c);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut conn = conn.expect("the localhost server never became reachable");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    conn.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    echo.join().unwrap();
+    // Gone server, gone forward (scans are 1 s apart).
+    let mut stopped = false;
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(&external).is_err() {
+            stopped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(stopped, "still forwarding after the server went away");
 }
 
 #[test]

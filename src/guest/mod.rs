@@ -25,6 +25,51 @@ pub const RUN_DIR: &str = "run/e2b";
 /// How long MMDS is polled after start and after each `/init`.
 const MMDS_POLL_WINDOW: Duration = Duration::from_secs(60);
 
+/// Sets up what envd does for the guest system per `cfg`: the workload
+/// cgroups and their freezer, the sandbox's identity, port forwarding.
+pub fn start(
+    cfg: &crate::config::Config,
+    start: crate::config::Start,
+    defaults: Arc<Defaults>,
+    process: Arc<ProcessService>,
+) -> Result<Arc<Guest>, String> {
+    let in_vm = cfg.in_vm(start);
+    let cgroups = if in_vm && !cfg.no_cgroups {
+        crate::cgroups::Cgroups::setup(&cfg.cgroup_root).map(Arc::new)
+    } else {
+        None
+    };
+    if let Some(cg) = &cgroups {
+        process.use_cgroups(cg.clone());
+    }
+    let freezer =
+        crate::cgroups::freeze::Freezer::new(cgroups, Duration::from_secs(cfg.thaw_watchdog));
+    let guest = Guest::new(
+        cfg.guest_root.clone(),
+        in_vm,
+        cfg.mmds(),
+        defaults,
+        process,
+        freezer,
+    );
+    guest.boot();
+    if let Some(address) = cfg.forward_address()?.filter(|_| in_vm) {
+        let own_ports = cfg
+            .listeners(start)
+            .iter()
+            .filter_map(|l| match l {
+                crate::listen::ListenUrl::Tcp(hp) => hp.rsplit(':').next()?.parse().ok(),
+                _ => None,
+            })
+            .collect();
+        crate::ports::start(address, own_ports);
+    }
+    if cfg.resume_handover {
+        tracing::warn!("-resume-handover: envd has no live-upgrade handover; starting fresh");
+    }
+    Ok(guest)
+}
+
 #[derive(Debug)]
 pub struct Guest {
     root: PathBuf,

@@ -1,0 +1,123 @@
+//! Localhost port forwarding, as upstream envd does it with one `socat` per
+//! port, done natively: every second envd scans for servers listening on
+//! 127.0.0.1, ::1 or :: inside the VM and makes each reachable on the VM's
+//! external address (upstream: 169.254.0.21) at the same port; forwarding
+//! stops when the server goes away. Only in a sandbox VM.
+
+pub mod scan;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+
+use scan::Listener;
+
+/// upstream's external address for forwarded ports.
+pub const DEFAULT_ADDRESS: &str = "169.254.0.21";
+/// How often listeners are scanned (upstream: 1 s).
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Connections one forwarded port carries at once.
+const MAX_CONNECTIONS_PER_PORT: usize = 1024;
+
+/// Starts the forwarder: from `address` to loopback. Runs until envd exits.
+pub fn start(address: IpAddr, own_ports: Vec<u16>) {
+    tokio::spawn(async move {
+        let mut forwards: HashMap<Listener, Forward> = HashMap::new();
+        // Listeners that could not be forwarded (the port is taken on the
+        // external address, e.g. by a `::` server itself): not retried.
+        let mut refused: HashMap<Listener, ()> = HashMap::new();
+        let mut tick = tokio::time::interval(SCAN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = scan::loopback_listeners();
+            forwards.retain(|l, _| now.contains(l));
+            refused.retain(|l, _| now.contains(l));
+            for l in now {
+                if own_ports.contains(&l.port)
+                    || forwards.contains_key(&l)
+                    || refused.contains_key(&l)
+                    || forwards.keys().any(|f| f.port == l.port)
+                {
+                    continue;
+                }
+                match Forward::open(address, l).await {
+                    Ok(f) => {
+                        tracing::info!(port = l.port, backend = %l.ip, %address, "forwarding a localhost port");
+                        forwards.insert(l, f);
+                    }
+                    Err(e) => {
+                        tracing::debug!(port = l.port, error = %e, "port not forwarded");
+                        refused.insert(l, ());
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One forwarded port: its accept loop and connections, all aborted on drop.
+struct Forward {
+    tasks: JoinSet<()>,
+}
+
+impl Forward {
+    async fn open(address: IpAddr, l: Listener) -> std::io::Result<Forward> {
+        let bind = SocketAddr::new(address, l.port);
+        let socket = match address {
+            IpAddr::V4(_) => TcpSocket::new_v4()?,
+            IpAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(bind)?;
+        let listener = socket.listen(128)?;
+        // A `::` server accepts IPv4 too: reach it on 127.0.0.1, which needs
+        // no `::1 localhost` in /etc/hosts.
+        let backend = match l.ip {
+            IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => SocketAddr::new(l.ip, l.port),
+            _ => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), l.port),
+        };
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(listener, backend));
+        Ok(Forward { tasks })
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, backend: SocketAddr) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_PORT));
+    let mut conns = JoinSet::new();
+    loop {
+        // Finished connections are collected as we go.
+        while conns.try_join_next().is_some() {}
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (mut inbound, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "forwarded port: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        conns.spawn(async move {
+            let _permit = permit;
+            let Ok(mut outbound) = TcpStream::connect(backend).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        });
+    }
+}
