@@ -279,3 +279,40 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("envd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_how_envd_was_started() {
+        let shell = Start::default();
+        let bare_unit = Start {
+            pid1: false,
+            systemd: true,
+        };
+        let pid1 = Start {
+            pid1: true,
+            systemd: false,
+        };
+        // A developer's shell: loopback, not a VM.
+        assert_eq!(cfg(&[]).listeners(shell)[0].to_string(), DEFAULT_LISTEN);
+        assert!(!cfg(&[]).in_vm(shell));
+        // E2B's unit runs /usr/bin/envd bare: upstream's listener, a VM.
+        assert_eq!(
+            cfg(&[]).listeners(bare_unit)[0].to_string(),
+            UPSTREAM_LISTEN
+        );
+        assert!(cfg(&[]).in_vm(bare_unit));
+        // A unit with its own listeners says --vm itself.
+        let listed = cfg(&["--listen", "tcp://127.0.0.1:1"]);
+        assert!(!listed.in_vm(bare_unit));
+        assert!(cfg(&[]).in_vm(pid1));
+        assert!(!cfg(&["--not-vm"]).in_vm(pid1));
+        assert!(cfg(&["--vm"]).in_vm(shell));
+    }
+}

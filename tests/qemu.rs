@@ -367,3 +367,229 @@ async fn systemd_restarts_envd_and_the_client_reconnects() {
         "the user process died with envd"
     );
 }
+
+/// E2B's orchestrator drives envd in the systemd VM as it drives upstream's:
+/// `-version`, `/init` with every field, `/health`, `/freeze`, `/fsfreeze`,
+/// `/fsthaw`, `/unfreeze`, `/init` again after the "resume", each effect
+/// checked inside the guest; then a server on the guest's 127.0.0.1 is
+/// reached from the host through the guest's network address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_orchestrator_contract_in_the_systemd_vm() {
+    const NAME: &str = "e2b_orchestrator_contract_in_the_systemd_vm";
+    if let Some(why) = skip_reason() {
+        return skip(NAME, &why);
+    }
+    let a = vm::assets().unwrap();
+    let Some(rootfs) = vm::debian_rootfs() else {
+        return skip(NAME, "no cached Debian rootfs (tests/vm/setup.sh makes it)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The guest is 10.0.2.15 on QEMU's user network; envd forwards there.
+    let unit = "[Service]\nExecStart=\nExecStart=/usr/bin/envd --vm --mmds-address off \
+                --forward-address 10.0.2.15 --listen vsock://-1:49983 --listen tcp://0.0.0.0:49983\n";
+    let network = "[Match]\nName=en* eth*\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\n";
+    let img = vm::systemd_image_with(
+        &a,
+        &rootfs,
+        dir.path(),
+        &[
+            ("/etc/systemd/system/envd.service.d/e2b.conf", unit),
+            ("/etc/systemd/network/10-eth.network", network),
+            (
+                "/etc/systemd/system/sysinit.target.wants/systemd-networkd.service",
+                "symlink:/lib/systemd/system/systemd-networkd.service",
+            ),
+        ],
+    );
+    let initrd = vm::switch_root_initramfs(&a, dir.path());
+    let (rest_port, fwd_port) = (vm::free_port(), vm::free_port());
+    let nic = format!(
+        "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{rest_port}-:49983,hostfwd=tcp:127.0.0.1:{fwd_port}-:8000"
+    );
+    let vm = vm::Vm::boot_with_nic(&a, dir.path(), &initrd, "", Some(&img), 512, &nic);
+    let ch = match envd::client::wait_ready(&vm.url(), Duration::from_secs(120)).await {
+        Ok(ch) => ch,
+        Err(e) => panic!("{e}\nconsole:\n{}", vm.console()),
+    };
+    let mut p = ProcessClient::new(ch);
+    let rest = format!("tcp://127.0.0.1:{rest_port}");
+    // The orchestrator reaches envd over the VM's network.
+    let t0 = Instant::now();
+    while !tcp_health(rest_port) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "no network\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The template builder: `envd -version`, the same as the host's binary.
+    let o = run(&mut p, cmd("/usr/bin/envd", &["-version"])).await;
+    let host = std::process::Command::new(binary())
+        .arg("-version")
+        .output()
+        .unwrap();
+    assert_eq!(o.out(), String::from_utf8_lossy(&host.stdout));
+
+    // /init with every field the orchestrator sends (no NFS server here).
+    let now = prost_types::Timestamp::from(std::time::SystemTime::now()).to_string();
+    let cert =
+        "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2VydA==\n-----END CERTIFICATE-----\n";
+    let init = |ts: &str| {
+        serde_json::json!({
+            "accessToken": "tok", "envVars": {"TEAM": "e2b"}, "defaultUser": "root",
+            "timestamp": ts, "hyperloopIP": "10.0.2.2", "caBundle": cert, "lifecycleID": "l1",
+        })
+        .to_string()
+    };
+    let r = common::http::post_json(&rest, "/init", &init(&now));
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(r.header("x-envd-version").unwrap(), o.out().trim());
+    assert_eq!(
+        common::http::request(&rest, "GET", "/health", &[], b"").status,
+        204
+    );
+    let auth = [("x-access-token", "tok")];
+    let post = |path: &str| common::http::request(&rest, "POST", path, &auth, b"");
+    let system = |script: &str| {
+        let mut r = sh(script);
+        r.tag = Some("_system".into());
+        with_meta(r, &[("x-access-token", "tok")])
+    };
+    let o = run(
+        &mut p,
+        system("cat /run/e2b/.E2B_SANDBOX; echo; grep events.e2b.local /etc/hosts; echo $E2B_EVENTS_ADDRESS $TEAM; grep -c MIIBszCC /etc/ssl/certs/ca-certificates.crt"),
+    )
+    .await;
+    assert_eq!(
+        o.out(),
+        "true\n10.0.2.2\tevents.e2b.local\nhttp://10.0.2.2 e2b\n1\n",
+        "{}",
+        o.err()
+    );
+
+    // A workload in the user cgroup, ticking.
+    let work = with_meta(
+        sh("while :; do echo x >> /var/tmp/ticks; sleep 0.05; done"),
+        &[("x-access-token", "tok")],
+    );
+    let (_work_stream, work) = started(&mut p, work).await;
+    let o = run(&mut p, system(&format!("cat /proc/{}/cgroup", work.pid))).await;
+    assert_eq!(o.out(), "0::/user\n");
+    let ticks = || async {
+        let o = run(
+            &mut ProcessClient::new(envd::client::dial(&vm.url()).await.unwrap()),
+            system("sleep 0.5; wc -l < /var/tmp/ticks; sleep 0.5; wc -l < /var/tmp/ticks"),
+        )
+        .await;
+        let n: Vec<u64> = o.out().lines().map(|l| l.trim().parse().unwrap()).collect();
+        n[1] > n[0]
+    };
+    assert!(ticks().await, "the workload runs");
+
+    // Pause: freeze the workload, then the root filesystem.
+    let r = common::http::request(&rest, "POST", "/freeze?maxWaitMs=3000", &auth, b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["frozen"], 2, "{}", r.text());
+    assert!(!ticks().await, "a frozen workload does not run");
+    assert_eq!(post("/fsfreeze").status, 204);
+    // A write to the frozen root filesystem waits for the thaw.
+    let mut writer = p
+        .start(system("echo x > /var/tmp/probe && echo written"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut wo = Outcome::default();
+    let early = tokio::time::timeout(
+        Duration::from_millis(800),
+        read_until(&mut writer, &mut wo, |o| o.end.is_some()),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "a write went through a frozen filesystem: {}",
+        wo.out()
+    );
+    assert_eq!(post("/fsthaw").status, 204);
+    read_until(&mut writer, &mut wo, |o| o.end.is_some()).await;
+    assert_eq!(wo.out(), "written\n");
+    // Pause failed: roll back.
+    assert_eq!(post("/unfreeze").status, 204);
+    assert!(ticks().await, "thawed by /unfreeze");
+    // Resume: the snapshot kept the frozen state; /init thaws it.
+    let r = common::http::request(&rest, "POST", "/freeze?maxWaitMs=3000", &auth, b"");
+    assert_eq!(r.status, 200);
+    assert!(!ticks().await);
+    let later = prost_types::Timestamp::from(std::time::SystemTime::now()).to_string();
+    let r = common::http::request(
+        &rest,
+        "POST",
+        "/init",
+        &[
+            ("content-type", "application/json"),
+            ("x-access-token", "tok"),
+        ],
+        init(&later).as_bytes(),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(ticks().await, "thawed by the resume's /init");
+    let o = run(&mut p, system("grep -c events.e2b.local /etc/hosts; grep -c MIIBszCC /etc/ssl/certs/ca-certificates.crt")).await;
+    assert_eq!(o.out(), "1\n1\n", "every /init effect happens once");
+
+    // Port forwarding: a server on the guest's 127.0.0.1:8000 (another envd)
+    // answers on 10.0.2.15:8000, which QEMU forwards from the host.
+    let server = with_meta(
+        cmd(
+            "/usr/bin/envd",
+            &["--not-vm", "--listen", "tcp://127.0.0.1:8000"],
+        ),
+        &[("x-access-token", "tok")],
+    );
+    let (_server_stream, server) = started(&mut p, server).await;
+    let t0 = Instant::now();
+    while !tcp_health(fwd_port) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "127.0.0.1:8000 never forwarded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut kill_req = SendSignalRequest {
+        process: by_pid(server.pid),
+        signal: Signal::Sigkill as i32,
+    };
+    p.send_signal(with_meta(kill_req.clone(), &[("x-access-token", "tok")]))
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while tcp_health(fwd_port) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still forwarded after the server died"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    kill_req.process = by_pid(work.pid);
+    let _ = p
+        .send_signal(with_meta(kill_req, &[("x-access-token", "tok")]))
+        .await;
+}
+
+/// Whether `GET /health` on 127.0.0.1:`port` answers 204 (no panic on a
+/// refused or reset connection).
+fn tcp_health(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    buf.starts_with(b"HTTP/1.1 204")
+}

@@ -150,6 +150,15 @@ pub struct Vm {
     pub started: Instant,
 }
 
+/// A free loopback TCP port on the host (for a QEMU host forward).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Vm {
     /// Boots a VM: vhost-device-vsock first (it is the vhost-user server),
     /// then QEMU under TCG with the shared memory backend vhost-user needs.
@@ -160,6 +169,20 @@ impl Vm {
         append: &str,
         disk: Option<&Path>,
         mem_mb: u32,
+    ) -> Vm {
+        Self::boot_with_nic(a, dir, initrd, append, disk, mem_mb, "none")
+    }
+
+    /// [`Vm::boot`] with a QEMU `-nic` option, e.g. user-mode networking
+    /// with host forwards: `user,model=virtio-net-pci,hostfwd=...`.
+    pub fn boot_with_nic(
+        a: &Assets,
+        dir: &Path,
+        initrd: &Path,
+        append: &str,
+        disk: Option<&Path>,
+        mem_mb: u32,
+        nic: &str,
     ) -> Vm {
         let vdv = Command::new(&a.vdv)
             .arg("--vm")
@@ -189,7 +212,7 @@ impl Vm {
             "-nodefaults",
             "-no-user-config",
             "-nic",
-            "none",
+            nic,
         ])
         .args(["-display", "none", "-no-reboot"])
         .arg("-serial")
@@ -271,6 +294,17 @@ pub fn debian_rootfs() -> Option<PathBuf> {
 /// An ext4 image of the Debian tree with envd installed as a systemd
 /// service (the repository's unit), vsock loaded by modules-load.d.
 pub fn systemd_image(a: &Assets, rootfs: &Path, dir: &Path) -> PathBuf {
+    systemd_image_with(a, rootfs, dir, &[])
+}
+
+/// [`systemd_image`] plus `files` (path in the guest, content), e.g. a
+/// drop-in for the unit or a systemd-networkd configuration.
+pub fn systemd_image_with(
+    a: &Assets,
+    rootfs: &Path,
+    dir: &Path,
+    files: &[(&str, &str)],
+) -> PathBuf {
     let tree = dir.join("rootfs");
     sh(&format!("cp -a {} {}", rootfs.display(), tree.display()));
     let kver = a.modules.parent().unwrap();
@@ -299,6 +333,16 @@ pub fn systemd_image(a: &Assets, rootfs: &Path, dir: &Path) -> PathBuf {
         tree.join("etc/systemd/system/sysinit.target.wants/envd.service"),
     );
     std::fs::write(tree.join("etc/fstab"), "/dev/vda / ext4 rw,noatime 0 1\n").unwrap();
+    for (path, content) in files {
+        let p = tree.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        if let Some(target) = content.strip_prefix("symlink:") {
+            let _ = std::fs::remove_file(&p);
+            std::os::unix::fs::symlink(target, &p).unwrap();
+        } else {
+            std::fs::write(&p, content).unwrap();
+        }
+    }
     let img = dir.join("rootfs.img");
     sh(&format!(
         "mkfs.ext4 -q -F -L root -d {} {} 1G",
