@@ -97,10 +97,12 @@ pub async fn handle(
             .map_err(|e| Rest::from(Error::invalid(format!("bad JSON: {e}"))))?
     };
     let timestamp = init.timestamp.as_deref().map(parse_timestamp).transpose()?;
-    let mut last = state.last.lock().await;
+    // Checked before the lock: a caller MMDS must vouch for (one fetch)
+    // cannot hold up the orchestrator's own /init meanwhile.
     if !authorised(&init, by_header, auth, &state.guest).await {
         return Err(unauthorized());
     }
+    let mut last = state.last.lock().await;
     // The resume: whatever was frozen for the snapshot runs again.
     if let Err(e) = state.guest.freezer().thaw().await {
         tracing::warn!(error = %e, "/init could not thaw the workload");

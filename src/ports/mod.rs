@@ -2,7 +2,8 @@
 //! port, done natively: every second envd scans for servers listening on
 //! 127.0.0.1, ::1 or :: inside the VM and makes each reachable on the VM's
 //! external address (upstream: 169.254.0.21) at the same port; forwarding
-//! stops when the server goes away. Only in a sandbox VM.
+//! stops when the server goes away. Only in a sandbox VM. Bounded: at most
+//! 512 ports and 2,048 connections at once (each costs envd descriptors).
 
 pub mod scan;
 
@@ -20,11 +21,14 @@ use scan::Listener;
 pub const DEFAULT_ADDRESS: &str = "169.254.0.21";
 /// How often listeners are scanned (upstream: 1 s).
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
-/// Connections one forwarded port carries at once.
-const MAX_CONNECTIONS_PER_PORT: usize = 1024;
+/// Ports forwarded at once (each holds a listening socket of envd's).
+const MAX_FORWARDS: usize = 512;
+/// Connections all forwarded ports carry at once (two sockets each).
+const MAX_CONNECTIONS: usize = 2048;
 
 /// Starts the forwarder: from `address` to loopback. Runs until envd exits.
 pub fn start(address: IpAddr, own_ports: Vec<u16>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         let mut forwards: HashMap<Listener, Forward> = HashMap::new();
         // Listeners that could not be forwarded (the port is taken on the
@@ -39,13 +43,14 @@ pub fn start(address: IpAddr, own_ports: Vec<u16>) {
             refused.retain(|l, _| now.contains(l));
             for l in now {
                 if own_ports.contains(&l.port)
+                    || forwards.len() >= MAX_FORWARDS
                     || forwards.contains_key(&l)
                     || refused.contains_key(&l)
                     || forwards.keys().any(|f| f.port == l.port)
                 {
                     continue;
                 }
-                match Forward::open(address, l).await {
+                match Forward::open(address, l, slots.clone()).await {
                     Ok(f) => {
                         tracing::info!(port = l.port, backend = %l.ip, %address, "forwarding a localhost port");
                         forwards.insert(l, f);
@@ -66,7 +71,11 @@ struct Forward {
 }
 
 impl Forward {
-    async fn open(address: IpAddr, l: Listener) -> std::io::Result<Forward> {
+    async fn open(
+        address: IpAddr,
+        l: Listener,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) -> std::io::Result<Forward> {
         let bind = SocketAddr::new(address, l.port);
         let socket = match address {
             IpAddr::V4(_) => TcpSocket::new_v4()?,
@@ -82,7 +91,7 @@ impl Forward {
             _ => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), l.port),
         };
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(listener, backend));
+        tasks.spawn(accept_loop(listener, backend, slots));
         Ok(Forward { tasks })
     }
 }
@@ -93,8 +102,11 @@ impl Drop for Forward {
     }
 }
 
-async fn accept_loop(listener: TcpListener, backend: SocketAddr) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_PORT));
+async fn accept_loop(
+    listener: TcpListener,
+    backend: SocketAddr,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
     let mut conns = JoinSet::new();
     loop {
         // Finished connections are collected as we go.
