@@ -6,7 +6,9 @@
 #[path = "common/skip.rs"]
 mod skip;
 
-const BUDGET: u64 = 7_000_000;
+/// 7,000,000 until the E2B drop-in (guest system, cgroups, freezer, port
+/// forwarding, MMDS): 7,098,408 bytes with it.
+const BUDGET: u64 = 7_250_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -5,11 +5,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
-
 /// One MMDS request may take this long, connection included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest MMDS answer read.
@@ -43,19 +38,18 @@ pub async fn fetch(addr: &str) -> Result<MmdsOpts, String> {
 async fn fetch_inner(addr: &str) -> Result<MmdsOpts, String> {
     let token = call(
         addr,
-        Method::PUT,
+        "PUT",
         "/latest/api/token",
         &[("x-metadata-token-ttl-seconds", "60")],
     )
     .await?;
-    let token =
-        String::from_utf8(token.to_vec()).map_err(|_| "MMDS token is not text".to_owned())?;
+    let token = String::from_utf8(token).map_err(|_| "MMDS token is not text".to_owned())?;
     if token.trim().is_empty() {
         return Err("MMDS token is empty".into());
     }
     let body = call(
         addr,
-        Method::GET,
+        "GET",
         "/",
         &[
             ("x-metadata-token", token.trim()),
@@ -66,59 +60,73 @@ async fn fetch_inner(addr: &str) -> Result<MmdsOpts, String> {
     serde_json::from_slice(&body).map_err(|e| format!("MMDS answer is not the expected JSON: {e}"))
 }
 
+/// One HTTP/1.0 exchange (the connection closes after it): MMDS answers
+/// with a small body, so a bounded read to EOF is all the client needed.
 async fn call(
     addr: &str,
-    method: Method,
+    method: &str,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<Bytes, String> {
+) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let authority = if addr.contains(':') {
         addr.to_owned()
     } else {
         format!("{addr}:80")
     };
-    let stream = tokio::time::timeout(
+    let fail = |e: &dyn std::fmt::Display| format!("MMDS at {authority}: {e}");
+    let mut stream = tokio::time::timeout(
         REQUEST_TIMEOUT,
         tokio::net::TcpStream::connect(authority.as_str()),
     )
     .await
-    .map_err(|_| format!("MMDS at {authority}: connect timed out"))?
-    .map_err(|e| format!("MMDS at {authority}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("MMDS at {authority}: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr);
+    .map_err(|_| fail(&"connect timed out"))?
+    .map_err(|e| fail(&e))?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n");
     for (k, v) in headers {
-        req = req.header(*k, *v);
+        request.push_str(&format!("{k}: {v}\r\n"));
     }
-    let req = req
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| format!("MMDS request: {e}"))?;
-    let result = async {
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req))
+    request.push_str("\r\n");
+    let mut answer = Vec::new();
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        stream.write_all(request.as_bytes()).await?;
+        (&mut stream)
+            .take(MAX_ANSWER as u64 + 1)
+            .read_to_end(&mut answer)
             .await
-            .map_err(|_| format!("MMDS at {authority}: no answer"))?
-            .map_err(|e| format!("MMDS at {authority}: {e}"))?;
-        if !resp.status().is_success() {
-            return Err(format!(
-                "MMDS at {authority}: {path} answered {}",
-                resp.status()
-            ));
+    })
+    .await
+    .map_err(|_| fail(&"no answer in time"))?
+    .map_err(|e| fail(&e))?;
+    if answer.len() > MAX_ANSWER {
+        return Err(fail(&"answer too large"));
+    }
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| fail(&"malformed answer"))?;
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| fail(&"malformed status line"))?;
+    if !(200..300).contains(&status) {
+        return Err(fail(&format!("{path} answered {status}")));
+    }
+    let mut body = answer.split_off(split + 4);
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if k.trim().eq_ignore_ascii_case("content-length") {
+            v.trim().parse::<usize>().ok()
+        } else {
+            None
         }
-        let body = Limited::new(resp.into_body(), MAX_ANSWER);
-        tokio::time::timeout(REQUEST_TIMEOUT, body.collect())
-            .await
-            .map_err(|_| format!("MMDS at {authority}: answer too slow"))?
-            .map(|b| b.to_bytes())
-            .map_err(|e| format!("MMDS at {authority}: {e}"))
+    });
+    if let Some(n) = length {
+        body.truncate(n);
     }
-    .await;
-    conn.abort();
-    result
+    Ok(body)
 }
 
 /// `sha512_hex(token)`, as E2B hashes access tokens for MMDS.
