@@ -154,6 +154,18 @@ pub struct Config {
     #[arg(long)]
     pub no_cgroups: bool,
 
+    /// Memory limit of each command that sets none (bytes; needs cgroups).
+    #[arg(long, value_name = "BYTES")]
+    pub default_memory_max: Option<u64>,
+
+    /// CPU quota of each command that sets none (cores, e.g. 0.5).
+    #[arg(long, value_name = "CORES")]
+    pub default_cpu: Option<f64>,
+
+    /// Process limit of each command that sets none.
+    #[arg(long, value_name = "N")]
+    pub default_pids_max: Option<u32>,
+
     /// A `/freeze` no thaw follows within this long is undone (seconds).
     #[arg(long, value_name = "SECONDS", default_value_t = crate::cgroups::freeze::DEFAULT_WATCHDOG.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -215,6 +227,19 @@ impl Config {
             return false;
         }
         self.vm || start.pid1 || self.bare_service(start)
+    }
+
+    /// Limits of commands that set none (checked like a request's).
+    pub fn default_limits(&self) -> Result<crate::proto::process::ResourceLimits, String> {
+        let limits = crate::proto::process::ResourceLimits {
+            memory_max: self.default_memory_max,
+            cpu: self.default_cpu,
+            pids_max: self.default_pids_max,
+            ..Default::default()
+        };
+        crate::cgroups::limits::files(&limits)
+            .map_err(|e| format!("--default-*: {}", e.message))?;
+        Ok(limits)
     }
 
     /// The port-forwarding address, unless disabled.

@@ -1,5 +1,5 @@
 //! Duties of envd as PID 1 (`init=/usr/bin/envd`, or `/init` in an
-//! initramfs): mount what is missing, read options from the kernel command
+//! initramfs): mount what is missing (cgroup2 included), read options from the kernel command
 //! line, load listed kernel modules, reap every orphan (the reaper does that
 //! for any process), and on a shutdown signal end all processes gracefully,
 //! sync and power the machine off. PID 1 must never exit.
@@ -23,9 +23,11 @@ pub fn is_pid1() -> bool {
 
 /// Mounts proc, sys, devtmpfs, devpts, /run and /tmp where missing.
 pub fn mount_basics() {
-    let mounts: [(&str, &str, &str, &str); 6] = [
+    let mounts: [(&str, &str, &str, &str); 7] = [
         ("proc", "/proc", "proc", ""),
         ("sysfs", "/sys", "sysfs", ""),
+        // For the commands' cgroups (resource control, /freeze).
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", ""),
         ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
         (
             "devpts",

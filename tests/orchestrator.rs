@@ -389,42 +389,6 @@ fn freezing_is_refused_outside_a_vm() {
     );
 }
 
-/// A cgroup v2 directory of the test's own (under the unified hierarchy),
-/// removed with everything in it at the end.
-struct TestCgroup(std::path::PathBuf);
-
-impl TestCgroup {
-    fn create(name: &str) -> Option<TestCgroup> {
-        let base = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-            .into_iter()
-            .map(std::path::PathBuf::from)
-            .find(|b| b.join("cgroup.procs").is_file() && b.join("cgroup.max.depth").is_file())?;
-        let dir = base.join(format!("envd-test-{name}-{}", std::process::id()));
-        std::fs::create_dir(&dir).ok()?;
-        dir.join("cgroup.freeze")
-            .is_file()
-            .then_some(TestCgroup(dir))
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for sub in ["user", "ptys", ""] {
-            let d = self.0.join(sub);
-            let _ = std::fs::write(d.join("cgroup.freeze"), "0");
-            let _ = std::fs::write(d.join("cgroup.kill"), "1");
-        }
-        for sub in ["user", "ptys", ""] {
-            for _ in 0..100 {
-                if std::fs::remove_dir(self.0.join(sub)).is_ok() || !self.0.join(sub).exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 fn file_len(p: &std::path::Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -435,7 +399,7 @@ fn freeze_stops_the_workload_and_init_or_the_watchdog_thaws_it() {
     if !is_root() {
         return skip(NAME, "creating cgroups needs root");
     }
-    let Some(cg) = TestCgroup::create("freeze") else {
+    let Some(cg) = common::cgroup::TestCgroup::create("freeze") else {
         return skip_on_this_machine(NAME, "no writable cgroup v2 hierarchy with cgroup.freeze");
     };
     let dir = tempfile::tempdir().unwrap();

@@ -82,6 +82,7 @@ async fn signal_endings_use_go_wording() {
     ] {
         let (mut s, mut o) = started(&mut c, cmd("sleep", &["30"])).await;
         c.send_signal(SendSignalRequest {
+            descendants: false,
             process: by_pid(o.pid),
             signal: sig as i32,
         })
@@ -693,6 +694,7 @@ async fn bad_input_gets_codes_and_server_keeps_serving() {
     assert_eq!(
         code(
             c.send_signal(SendSignalRequest {
+                descendants: false,
                 process: by_pid(999_999),
                 signal: Signal::Sigterm as i32
             })
@@ -703,6 +705,7 @@ async fn bad_input_gets_codes_and_server_keeps_serving() {
     assert_eq!(
         code(
             c.send_signal(SendSignalRequest {
+                descendants: false,
                 process: by_pid(999_999),
                 signal: 4
             })
@@ -713,6 +716,7 @@ async fn bad_input_gets_codes_and_server_keeps_serving() {
     assert_eq!(
         code(
             c.send_signal(SendSignalRequest {
+                descendants: false,
                 process: by_pid(999_999),
                 signal: 0
             })

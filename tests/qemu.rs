@@ -111,6 +111,7 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
     let grandchild = o.out().trim().to_owned();
     p.send_signal(SendSignalRequest {
+        descendants: false,
         process: by_pid(o.pid),
         signal: Signal::Sigterm as i32,
     })
@@ -556,6 +557,7 @@ async fn e2b_orchestrator_contract_in_the_systemd_vm() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut kill_req = SendSignalRequest {
+        descendants: false,
         process: by_pid(server.pid),
         signal: Signal::Sigkill as i32,
     };

@@ -75,6 +75,9 @@ enum Cmd {
         pid: u32,
         #[arg(long, default_value = "SIGKILL")]
         signal: String,
+        /// Everything the command started (its cgroup), not only its group.
+        #[arg(long)]
+        tree: bool,
     },
 }
 
@@ -228,7 +231,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             }
             Ok(0)
         }
-        Cmd::Kill { pid, signal } => {
+        Cmd::Kill { pid, signal, tree } => {
             let sig = parse_signal(&signal).ok_or_else(|| format!("unknown signal {signal:?}"))?;
             let mut p = ProcessClient::new(ctx.channel.clone());
             p.send_signal(ctx.req(SendSignalRequest {
@@ -236,6 +239,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
                     selector: Some(process_selector::Selector::Pid(pid)),
                 }),
                 signal: sig as i32,
+                descendants: tree,
             }))
             .await
             .map_err(status)?;
@@ -315,6 +319,7 @@ async fn run(ctx: &Ctx, command: Vec<String>, pty: Option<(u32, u32)>) -> Result
         }),
         stdin: Some(false),
         tag: None,
+        limits: None,
     };
     let s = p
         .start(ctx.req(req))

@@ -1,14 +1,18 @@
-//! The cgroups envd puts commands in, as upstream envd lays them out under
-//! the cgroup v2 root: `user` for commands, `ptys` for terminals, each with
+//! The cgroups envd puts commands in. Under the cgroup v2 root, as upstream
+//! lays them out: `user` for commands and `ptys` for terminals, with
 //! upstream's weights and memory limits, so the workload can be frozen before
-//! a snapshot (`freeze.rs`) while envd and its I/O pumps keep running.
+//! a snapshot (`freeze.rs`) while envd and its I/O pumps keep running. In
+//! them, every command gets a leaf of its own (`leaf.rs`), created with its
+//! limits (`limits.rs`) before the command is born into it: killed as a
+//! whole, read for usage and OOM kills, removed when empty.
 //!
 //! A command with the tag `_system` (the orchestrator's own shells) stays in
 //! envd's cgroup and is never frozen.
 
 pub mod freeze;
+pub mod leaf;
+pub mod limits;
 
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// The tag that keeps a command out of the workload cgroups.
@@ -35,19 +39,21 @@ impl Kind {
 #[derive(Debug)]
 pub struct Cgroups {
     root: PathBuf,
+    /// Limits of commands that bring none.
+    defaults: crate::proto::process::ResourceLimits,
 }
 
 impl Cgroups {
     /// Creates (or reuses) the workload cgroups under `root`, a cgroup v2
     /// mount (or a directory of one). `None` when `root` is not cgroup v2 or
     /// cannot be written: commands then stay in envd's cgroup.
-    pub fn setup(root: &Path) -> Option<Cgroups> {
+    pub fn setup(root: &Path, defaults: crate::proto::process::ResourceLimits) -> Option<Cgroups> {
         if !root.join("cgroup.controllers").is_file() {
             tracing::info!(root = %root.display(), "no cgroup v2 there: commands stay in envd's cgroup");
             return None;
         }
         // Controllers for the children; each may be missing (best effort).
-        for c in ["+cpu", "+memory", "+io"] {
+        for c in ["+cpu", "+memory", "+io", "+pids"] {
             let _ = std::fs::write(root.join("cgroup.subtree_control"), c);
         }
         let memory_max = memory_limit();
@@ -70,10 +76,16 @@ impl Cgroups {
                 // Absent controllers simply lack the file.
                 let _ = std::fs::write(dir.join(file), value);
             }
+            // The leaves' controllers (each may be missing).
+            for c in ["+cpu", "+memory", "+io", "+pids"] {
+                let _ = std::fs::write(dir.join("cgroup.subtree_control"), c);
+            }
+            remove_empty_leaves(&dir);
         }
         tracing::info!(root = %root.display(), "commands run in the user and ptys cgroups");
         Some(Cgroups {
             root: root.to_owned(),
+            defaults,
         })
     }
 
@@ -81,15 +93,38 @@ impl Cgroups {
         self.root.join(kind.dir())
     }
 
-    /// An fd on the cgroup's `cgroup.procs`, for a child to join it by
-    /// writing "0" before it execs (see `spawn.rs`).
-    pub fn procs_fd(&self, kind: Kind) -> Option<OwnedFd> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.path(kind).join("cgroup.procs"))
-            .map(OwnedFd::from)
-            .map_err(|e| tracing::warn!(cgroup = kind.dir(), error = %e, "cgroup not joinable"))
-            .ok()
+    /// A new leaf for one command (`seq` makes its name unique), with the
+    /// command's limits over envd's defaults.
+    pub fn new_leaf(
+        &self,
+        kind: Kind,
+        seq: u64,
+        limits: Option<&crate::proto::process::ResourceLimits>,
+    ) -> crate::status::Result<leaf::Leaf> {
+        let merged = limits::merged(limits, &self.defaults);
+        let writes = limits::files(&merged)?;
+        let dir = self.path(kind).join(format!("cmd-{seq}"));
+        std::fs::create_dir(&dir).map_err(|e| {
+            crate::status::Error::io(format!("create cgroup {}", dir.display()), &e)
+        })?;
+        let leaf = leaf::Leaf::new(dir);
+        if let Err(e) = limits::apply(leaf.path(), &writes) {
+            leaf.remove_when_empty();
+            return Err(e);
+        }
+        Ok(leaf)
+    }
+}
+
+/// Leaves a previous envd left behind, empty now.
+fn remove_empty_leaves(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("cmd-") {
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
 }
 

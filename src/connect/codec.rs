@@ -93,7 +93,7 @@ mod tests {
                     exited: true,
                     status: "exit status 3".into(),
                     error: None,
-                    signal: None,
+                    ..Default::default()
                 })),
             }),
         };

@@ -35,7 +35,7 @@ pub fn start(
 ) -> Result<Arc<Guest>, String> {
     let in_vm = cfg.in_vm(start);
     let cgroups = if in_vm && !cfg.no_cgroups {
-        crate::cgroups::Cgroups::setup(&cfg.cgroup_root).map(Arc::new)
+        crate::cgroups::Cgroups::setup(&cfg.cgroup_root, cfg.default_limits()?).map(Arc::new)
     } else {
         None
     };

@@ -16,7 +16,7 @@ pub fn end_event(status: ExitStatus) -> EndEvent {
             exited: true,
             status: format!("exit status {code}"),
             error: None,
-            signal: None,
+            ..Default::default()
         },
         ExitStatus::Signaled {
             signal,
@@ -31,6 +31,7 @@ pub fn end_event(status: ExitStatus) -> EndEvent {
             ),
             error: None,
             signal: Some(signal),
+            ..Default::default()
         },
     }
 }

@@ -6,6 +6,7 @@
 //! exit, `end`). `started.rs` holds a started `Process`; `system.rs` runs
 //! envd's own commands (mount, `-cmd`) through the same path.
 
+pub mod clone;
 pub mod events;
 pub mod exit;
 pub mod output;

@@ -304,7 +304,7 @@ mod tests {
             exited: true,
             status: "exit status 0".into(),
             error: None,
-            signal: None,
+            ..Default::default()
         }
     }
 

@@ -79,19 +79,40 @@ impl ProcessService {
         let _ = self.cgroups.set(cgroups);
     }
 
-    /// `cgroup.procs` of the cgroup a command joins: ptys or user, none for
-    /// the orchestrator's `_system` commands.
-    fn cgroup_for(&self, req: &StartRequest) -> Option<std::os::fd::OwnedFd> {
-        use crate::cgroups::{Kind, SYSTEM_TAG};
-        let cg = self.cgroups.get()?;
+    /// The command's own cgroup, under ptys or user; none for the
+    /// orchestrator's `_system` commands or when envd manages no cgroups (a
+    /// request with limits is then refused: they would be ignored).
+    fn leaf_for(&self, req: &StartRequest, seq: u64) -> Result<Option<crate::cgroups::leaf::Leaf>> {
+        use crate::cgroups::{limits, Kind, SYSTEM_TAG};
+        let wants_limits = req.limits.as_ref().is_some_and(limits::any);
+        let Some(cg) = self.cgroups.get() else {
+            if wants_limits {
+                return Err(Error::precondition(
+                    "limits need resource control, which is off: envd manages no cgroups here \
+                     (not in a VM, no cgroup v2, or -no-cgroups)",
+                ));
+            }
+            return Ok(None);
+        };
         if req.tag.as_deref() == Some(SYSTEM_TAG) {
-            return None;
+            if wants_limits {
+                return Err(Error::invalid(
+                    "a _system command runs in envd's cgroup: no limits",
+                ));
+            }
+            return Ok(None);
         }
-        cg.procs_fd(if req.pty.is_some() {
+        let kind = if req.pty.is_some() {
             Kind::Pty
         } else {
             Kind::User
-        })
+        };
+        cg.new_leaf(kind, seq, req.limits.as_ref()).map(Some)
+    }
+
+    /// Whether commands get cgroups of their own (resource control is on).
+    pub fn resource_control(&self) -> bool {
+        self.cgroups.get().is_some()
     }
 
     /// Starts a process. Its lifetime is bounded by the request deadline.
@@ -99,17 +120,34 @@ impl ProcessService {
         let workdir = self.defaults.workdir();
         let mut launch =
             prepare::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
-        if let Some(procs) = self.cgroup_for(&req) {
-            launch.prepared.join_cgroup(procs);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let leaf = self.leaf_for(&req, seq)?;
+        if let Some(l) = &leaf {
+            let dir = l
+                .dir_fd()
+                .map_err(|e| Error::io(format!("open cgroup {}", l.path().display()), &e));
+            match dir {
+                Ok(dir) => launch.prepared.join_cgroup(dir),
+                Err(e) => {
+                    l.remove_when_empty();
+                    return Err(e);
+                }
+            }
         }
         let config = req.process.unwrap_or_default();
         let output = OutputLog::new(self.settings.output_buffer, self.budget.clone());
         // Subscribed before the child exists: no early output is missed.
         let sub = output.subscribe_live();
-        let (pid, exit) = self
-            .reaper
-            .spawn(|| launch.prepared.spawn())
-            .map_err(|e| Error::io(format!("start '{}'", config.cmd), &e))?;
+        let spawned = self.reaper.spawn(|| launch.prepared.spawn());
+        let (pid, exit) = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(l) = &leaf {
+                    l.remove_when_empty();
+                }
+                return Err(Error::io(format!("start '{}'", config.cmd), &e));
+            }
+        };
         // Closes the child's ends of the pipes / the pty slave in envd.
         drop(launch.prepared);
         // A spawned child's pid is positive.
@@ -119,10 +157,11 @@ impl ProcessService {
             pid,
             tag: req.tag,
             config,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq,
             output,
             input: launch.input,
             exited: tokio::sync::watch::Sender::new(false),
+            leaf,
         });
         self.table.insert(process.clone());
         supervise(
@@ -163,6 +202,7 @@ impl ProcessService {
                     config: Some(p.config.clone()),
                     pid: p.pid,
                     tag: p.tag.clone(),
+                    usage: p.leaf.as_ref().map(|l| l.usage()),
                 })
                 .collect(),
         }
@@ -182,8 +222,13 @@ impl ProcessService {
     pub fn send_signal(&self, req: SendSignalRequest) -> Result<SendSignalResponse> {
         let sig = super::exit::to_signal(req.signal)?;
         let p = self.table.find_running(req.process.as_ref())?;
-        tracing::info!(pid = p.pid, signal = %sig, "signal to process group");
-        p.signal(sig)?;
+        if req.descendants {
+            tracing::info!(pid = p.pid, signal = %sig, "signal to the command's cgroup and group");
+            p.signal_descendants(sig)?;
+        } else {
+            tracing::info!(pid = p.pid, signal = %sig, "signal to process group");
+            p.signal(sig)?;
+        }
         Ok(SendSignalResponse {})
     }
 

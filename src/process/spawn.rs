@@ -61,8 +61,11 @@ pub struct Prepared {
     reset_oom: bool,
     /// The open-file limit envd started with (envd raises its own).
     nofile: Option<libc::rlimit>,
-    /// `cgroup.procs` of the cgroup the child joins (see `crate::cgroups`).
+    /// The directory of the cgroup the child is born in (see
+    /// `crate::cgroups`).
     cgroup: Option<OwnedFd>,
+    /// Set when `clone3` could not place the child: it joins by itself.
+    child_joins: std::cell::Cell<bool>,
 }
 
 /// Whether envd's `oom_score_adj` differs from the default 0.
@@ -154,12 +157,13 @@ impl Prepared {
             reset_oom: own_oom_score_adjusted(),
             nofile: crate::limits::child_nofile(),
             cgroup: None,
+            child_joins: std::cell::Cell::new(false),
         })
     }
 
-    /// The child joins the cgroup whose `cgroup.procs` this is, before exec.
-    pub fn join_cgroup(&mut self, procs: OwnedFd) {
-        self.cgroup = Some(procs);
+    /// The child is born in the cgroup whose directory this is.
+    pub fn join_cgroup(&mut self, dir: OwnedFd) {
+        self.cgroup = Some(dir);
     }
 
     /// Starts the child and execs. Returns its pid (also its pgid and sid).
@@ -181,25 +185,36 @@ impl Prepared {
             libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         }
         // `child_entry` runs on `stack` (mapped, with a guard page, alive until
-        // clone returns, which with CLONE_VFORK is after the child exec'd or
-        // exited); it only makes async-signal-safe raw syscalls on `self`.
-        // SAFETY: see above; `self` outlives the call.
-        let pid = unsafe {
-            libc::clone(
-                child_entry,
-                stack.top(),
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                (self as *const Prepared).cast_mut().cast(),
-            )
+        // the clone returns, which with CLONE_VFORK is after the child exec'd
+        // or exited); it only makes async-signal-safe raw syscalls on `self`.
+        let arg = (self as *const Prepared).cast_mut().cast();
+        let result = match &self.cgroup {
+            Some(dir) => {
+                self.child_joins.set(false);
+                // SAFETY: see above; `self` outlives the call.
+                let born_in = unsafe {
+                    super::clone::into_cgroup(
+                        child_entry,
+                        stack.base,
+                        stack.len,
+                        dir.as_raw_fd(),
+                        arg,
+                    )
+                };
+                born_in.or_else(|e| {
+                    tracing::debug!(error = %e, "clone3 into the cgroup failed; the child joins it");
+                    self.child_joins.set(true);
+                    // SAFETY: as above.
+                    unsafe { super::clone::plain(child_entry, stack.top(), arg) }
+                })
+            }
+            // SAFETY: as above.
+            None => unsafe { super::clone::plain(child_entry, stack.top(), arg) },
         };
-        let err = io::Error::last_os_error();
         // SAFETY: restores this thread's previous mask.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         stack.give_back();
-        if pid == -1 {
-            return Err(err);
-        }
-        Ok(pid)
+        result
     }
 
     /// The child side, in order: signals, cgroup, session and stdio, other fds,
@@ -217,8 +232,8 @@ impl Prepared {
         // is each step's only requirement; `self` outlives the exec.
         unsafe {
             child::reset_signals();
-            if let Some(fd) = &self.cgroup {
-                child::join_cgroup(fd.as_raw_fd());
+            if let Some(dir) = self.cgroup.as_ref().filter(|_| self.child_joins.get()) {
+                child::join_cgroup(dir.as_raw_fd());
             }
             child::session_and_stdio(&self.stdio);
             child::close_other_fds();
@@ -354,15 +369,25 @@ mod child {
         }
     }
 
-    /// Moves this process into the cgroup whose `cgroup.procs` is `fd` ("0"
-    /// names the writer). A failure leaves it in envd's cgroup.
+    /// Moves this process into the cgroup whose directory is `dir` (writing
+    /// "0" to `cgroup.procs` names the writer), where `clone3` could not
+    /// create it there. A failure leaves it in envd's cgroup.
     ///
     /// # Safety
     /// Only in the cloned child.
-    pub unsafe fn join_cgroup(fd: libc::c_int) {
-        // SAFETY: a one-byte write from a static buffer to an fd we own.
+    pub unsafe fn join_cgroup(dir: libc::c_int) {
+        // SAFETY: openat on an fd we own with a static C string; the new fd
+        // is written once and closed.
         unsafe {
-            libc::write(fd, b"0".as_ptr().cast(), 1);
+            let fd = libc::openat(
+                dir,
+                c"cgroup.procs".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
         }
     }
 

@@ -75,6 +75,8 @@ pub struct Process {
     pub input: Input,
     /// Becomes true when the process (the group leader) has exited.
     pub exited: watch::Sender<bool>,
+    /// The command's own cgroup, when envd manages cgroups.
+    pub leaf: Option<crate::cgroups::leaf::Leaf>,
 }
 
 impl Process {
@@ -94,6 +96,38 @@ impl Process {
     pub fn signal(&self, sig: Signal) -> Result<()> {
         self.ensure_running()?;
         kill_group(self.pid, sig)
+    }
+
+    /// Delivers `sig` to everything the command started: its cgroup (SIGKILL
+    /// through `cgroup.kill`) and its process group. Without a cgroup, the
+    /// process group only.
+    pub fn signal_descendants(&self, sig: Signal) -> Result<()> {
+        self.ensure_running()?;
+        if let Some(leaf) = &self.leaf {
+            let sent = if sig == Signal::SIGKILL {
+                leaf.kill()
+            } else {
+                leaf.signal(sig)
+            };
+            sent.map_err(|e| Error::io(format!("signal cgroup {}", leaf.path().display()), &e))?;
+        }
+        match kill_group(self.pid, sig) {
+            // The cgroup kill may have ended the group already.
+            Err(e) if self.leaf.is_some() && e.code == crate::status::Code::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Kills everything the command started (its cgroup, else its group).
+    pub fn kill_all(&self) {
+        if let Some(leaf) = &self.leaf {
+            if let Err(e) = leaf.kill() {
+                tracing::warn!(pid = self.pid, error = %e, "cgroup kill failed");
+            }
+        }
+        if let Err(e) = kill_group(self.pid, Signal::SIGKILL) {
+            tracing::debug!(pid = self.pid, error = %e, "group kill");
+        }
     }
 
     pub async fn write_stdin(&self, data: &[u8]) -> Result<()> {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{oneshot, watch};
@@ -16,7 +15,7 @@ use super::exit::end_event;
 use super::output::{OutputLog, Source};
 use super::pty::Pty;
 use super::reaper::ExitStatus;
-use super::started::{kill_group, Process};
+use super::started::Process;
 use super::table::ProcessTable;
 
 /// Bytes read per chunk from a pipe or pty.
@@ -141,10 +140,8 @@ async fn await_end(
         Some(at) => tokio::select! {
             s = &mut exit => s,
             () = tokio::time::sleep_until(at) => {
-                tracing::info!(pid, "process deadline reached; killing its process group");
-                if let Err(e) = kill_group(pid, Signal::SIGKILL) {
-                    tracing::warn!(pid, error = %e, "deadline kill failed");
-                }
+                tracing::info!(pid, "process deadline reached; killing its cgroup and process group");
+                process.kill_all();
                 exit.await
             }
         },
@@ -156,16 +153,21 @@ async fn await_end(
         let _ = p.await;
     }
     process.release_input().await;
-    let end = match status {
+    let mut end = match status {
         Ok(s) => end_event(s),
         Err(_) => crate::proto::process::process_event::EndEvent {
             exit_code: -1,
             exited: false,
             status: "unknown".into(),
             error: Some("exit status was lost".into()),
-            signal: None,
+            ..Default::default()
         },
     };
+    if let Some(leaf) = &process.leaf {
+        end.oom_killed = Some(leaf.oom_killed());
+        end.usage = Some(leaf.usage());
+        leaf.remove_when_empty();
+    }
     tracing::debug!(pid, status = %end.status, "process ended");
     process.output.finish(end);
 }

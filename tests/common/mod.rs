@@ -3,6 +3,7 @@
 //! client. Shared by the integration test files.
 #![allow(dead_code)]
 
+pub mod cgroup;
 pub mod cut;
 pub mod http;
 pub mod mmds;
@@ -408,6 +409,7 @@ pub async fn started(
 /// SIGKILLs a process group by pid.
 pub async fn kill(c: &mut ProcessClient<Channel>, pid: u32) {
     c.send_signal(SendSignalRequest {
+        descendants: false,
         process: by_pid(pid),
         signal: Signal::Sigkill as i32,
     })

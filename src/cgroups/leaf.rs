@@ -1,0 +1,130 @@
+//! A command's own cgroup: created (with its limits) before the command is
+//! born into it, killed as a whole, read for usage and OOM kills when the
+//! command ends, and removed once nothing is left in it.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::proto::process::ResourceUsage;
+
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    dir: PathBuf,
+}
+
+impl Leaf {
+    pub(super) fn new(dir: PathBuf) -> Leaf {
+        Leaf { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory fd a child is born in (`clone3`'s `cgroup`).
+    pub fn dir_fd(&self) -> std::io::Result<OwnedFd> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&self.dir)
+            .map(OwnedFd::from)
+    }
+
+    /// SIGKILL to every process in the cgroup (`cgroup.kill`, Linux 5.14;
+    /// before it, each listed process).
+    pub fn kill(&self) -> std::io::Result<()> {
+        match std::fs::write(self.dir.join("cgroup.kill"), "1") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.signal(nix::sys::signal::Signal::SIGKILL)
+            }
+            r => r,
+        }
+    }
+
+    /// `sig` to every process in the cgroup.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs"))?;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+        Ok(())
+    }
+
+    /// Whether the OOM killer killed anything in the cgroup.
+    pub fn oom_killed(&self) -> bool {
+        read_keyed(&self.dir.join("memory.events"), "oom_kill").is_some_and(|n| n > 0)
+            || read_keyed(&self.dir.join("memory.events"), "oom_group_kill").is_some_and(|n| n > 0)
+    }
+
+    /// What the cgroup used (what the kernel reports; zero for what it
+    /// does not).
+    pub fn usage(&self) -> ResourceUsage {
+        let cpu = self.dir.join("cpu.stat");
+        let (read, write) = io_bytes(&self.dir.join("io.stat"));
+        ResourceUsage {
+            memory_peak_bytes: read_number(&self.dir.join("memory.peak")).unwrap_or(0),
+            memory_current_bytes: read_number(&self.dir.join("memory.current")).unwrap_or(0),
+            cpu_user_usec: read_keyed(&cpu, "user_usec").unwrap_or(0),
+            cpu_system_usec: read_keyed(&cpu, "system_usec").unwrap_or(0),
+            io_read_bytes: read,
+            io_write_bytes: write,
+        }
+    }
+
+    /// Removes the cgroup once it is empty (at once if it is), in the
+    /// background: a command's orphans keep theirs alive until they end.
+    pub fn remove_when_empty(&self) {
+        if std::fs::remove_dir(&self.dir).is_ok() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(pause).await;
+                match std::fs::remove_dir(&me.dir) {
+                    Ok(()) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                    Err(_) => pause = (pause * 2).min(Duration::from_secs(5)),
+                }
+            }
+        });
+    }
+}
+
+fn read_number(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `key value` lines (memory.events, cpu.stat).
+fn read_keyed(path: &Path, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// rbytes and wbytes summed over the devices of io.stat.
+fn io_bytes(path: &Path) -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (0, 0);
+    };
+    let mut sum = (0u64, 0u64);
+    for word in text.split_whitespace() {
+        if let Some(v) = word
+            .strip_prefix("rbytes=")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            sum.0 = sum.0.saturating_add(v);
+        } else if let Some(v) = word
+            .strip_prefix("wbytes=")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            sum.1 = sum.1.saturating_add(v);
+        }
+    }
+    sum
+}

@@ -1,0 +1,130 @@
+//! The two ways a child is cloned. Both share envd's memory and suspend the
+//! calling thread until the child has exec'd or exited (`CLONE_VM |
+//! CLONE_VFORK`, as `posix_spawn` does), and run `entry(arg)` on `stack`.
+//!
+//! - [`into_cgroup`]: `clone3` with `CLONE_INTO_CGROUP`: the child is born in
+//!   its cgroup, so not one instruction of it runs outside (Linux 5.7).
+//! - [`plain`]: libc's `clone`; the child then joins its cgroup itself.
+
+use std::io;
+
+/// `CLONE_INTO_CGROUP` from `linux/sched.h`.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// The child's entry: never returns (it execs or exits).
+pub type Entry = extern "C" fn(*mut libc::c_void) -> libc::c_int;
+
+/// `struct clone_args` of `linux/sched.h` (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// libc's `clone` on `stack_top` (16-byte aligned).
+///
+/// # Safety
+/// `entry` must only make async-signal-safe calls and never return; `arg`
+/// and the stack must stay valid until this returns (CLONE_VFORK).
+pub unsafe fn plain(
+    entry: Entry,
+    stack_top: *mut libc::c_void,
+    arg: *mut libc::c_void,
+) -> io::Result<i32> {
+    // SAFETY: the caller's contract.
+    let pid = unsafe {
+        libc::clone(
+            entry,
+            stack_top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            arg,
+        )
+    };
+    if pid == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    }
+}
+
+/// `clone3` into the cgroup open at `cgroup_dir`, on the stack
+/// `[stack_base, stack_base + stack_len)` (page aligned). An error means no
+/// child was created (e.g. `ENOSYS`/`E2BIG`/`EINVAL` on kernels without
+/// `CLONE_INTO_CGROUP`).
+///
+/// # Safety
+/// As [`plain`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn into_cgroup(
+    entry: Entry,
+    stack_base: *mut libc::c_void,
+    stack_len: usize,
+    cgroup_dir: libc::c_int,
+    arg: *mut libc::c_void,
+) -> io::Result<i32> {
+    let args = CloneArgs {
+        flags: u64::from(libc::CLONE_VM.unsigned_abs())
+            | u64::from(libc::CLONE_VFORK.unsigned_abs())
+            | CLONE_INTO_CGROUP,
+        exit_signal: u64::from(libc::SIGCHLD.unsigned_abs()),
+        stack: stack_base as u64,
+        stack_size: stack_len as u64,
+        cgroup: u64::try_from(cgroup_dir).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
+        ..Default::default()
+    };
+    let ret: i64;
+    // SAFETY: the raw clone3 system call. In the parent it returns the pid
+    // (or -errno) in rax. In the child (rax = 0) the kernel has switched to
+    // the new stack, whose top is 16-byte aligned, so `call` enters `entry`
+    // with the ABI's alignment; r12 and r13 survive the syscall, rcx and r11
+    // are clobbered by it. `entry` never returns (ud2 guards it). The parent
+    // path touches no stack; `args` lives in this frame until the syscall,
+    // which (CLONE_VFORK) returns after the child exec'd or exited.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") std::ptr::addr_of!(args),
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if ret < 0 {
+        let errno = i32::try_from(-ret).unwrap_or(libc::EINVAL);
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    i32::try_from(ret).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// Without the assembly above, every cgroup join is the child's own write.
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn into_cgroup(
+    _entry: Entry,
+    _stack_base: *mut libc::c_void,
+    _stack_len: usize,
+    _cgroup_dir: libc::c_int,
+    _arg: *mut libc::c_void,
+) -> io::Result<i32> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}

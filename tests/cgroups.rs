@@ -1,0 +1,222 @@
+//! Resource control on the host: every command in a cgroup of its own
+//! (under a cgroup the test owns), kills that reach the whole tree, the
+//! deadline kill, usage in `end` and `List`, limits refused clearly where
+//! they cannot apply. Limits and OOM kills themselves need controllers the
+//! host's hybrid hierarchy lacks: the QEMU suite proves those.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cgroup::TestCgroup;
+use common::*;
+use envd::proto::process::*;
+use tonic::Code;
+
+fn envd_in(cg: &TestCgroup) -> Envd {
+    let root = cg.0.to_str().unwrap().to_owned();
+    Envd::start(&[
+        "--vm",
+        "--mmds-address",
+        "off",
+        "--forward-address",
+        "off",
+        "--guest-root",
+        std::env::temp_dir().to_str().unwrap(),
+        "--cgroup-root",
+        &root,
+    ])
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie awaiting its reaper is as good as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A command whose grandchild escapes its process group and session
+/// (`setsid`), ignores SIGTERM, and prints its pid.
+fn escaping_tree() -> StartRequest {
+    sh("setsid sh -c 'trap \"\" TERM; echo $$; exec sleep 1000' & wait")
+}
+
+macro_rules! need_cgroups {
+    ($name:expr) => {{
+        if !is_root() {
+            return skip($name, "creating cgroups needs root");
+        }
+        match TestCgroup::create($name) {
+            Some(cg) => cg,
+            None => {
+                return skip_on_this_machine(
+                    $name,
+                    "no writable cgroup v2 hierarchy with cgroup.freeze",
+                )
+            }
+        }
+    }};
+}
+
+#[tokio::test]
+async fn every_command_has_its_own_cgroup_and_a_tree_kill_leaves_nothing() {
+    let cg = need_cgroups!("tree_kill");
+    let envd = envd_in(&cg);
+    let mut c = envd.client().await;
+    let (mut s, mut o) = started(&mut c, escaping_tree()).await;
+    read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+    let grandchild: u32 = o.out().trim().parse().unwrap();
+    let (leader, escaped) = (cgroup_of(o.pid), cgroup_of(grandchild));
+    assert!(leader.contains("/user/cmd-"), "{leader}");
+    assert_eq!(leader, escaped, "setsid does not leave the cgroup");
+    let (_s2, o2) = started(&mut c, sh("sleep 1000")).await;
+    assert_ne!(cgroup_of(o2.pid), leader, "one cgroup per command");
+
+    // A group kill (E2B's) misses the escaped grandchild...
+    c.send_signal(SendSignalRequest {
+        process: by_pid(o.pid),
+        signal: Signal::Sigkill as i32,
+        descendants: false,
+    })
+    .await
+    .unwrap();
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+    assert!(
+        alive(grandchild),
+        "the escaped grandchild outlives a group kill"
+    );
+
+    // ...a kill with descendants does not.
+    let (mut s, mut o) = started(&mut c, escaping_tree()).await;
+    read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+    let grandchild2: u32 = o.out().trim().parse().unwrap();
+    c.send_signal(SendSignalRequest {
+        process: by_pid(o.pid),
+        signal: Signal::Sigkill as i32,
+        descendants: true,
+    })
+    .await
+    .unwrap();
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(grandchild2)).await,
+        "the grandchild survived a kill with descendants"
+    );
+    // The first tree's leftover keeps its cgroup until it ends; then the
+    // cgroup goes.
+    let leftover_cgroup = cg.0.join(
+        leader
+            .rsplit('/')
+            .next()
+            .map(|n| format!("user/{n}"))
+            .unwrap(),
+    );
+    assert!(leftover_cgroup.exists());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(grandchild).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !leftover_cgroup.exists()).await,
+        "an empty cgroup was not removed"
+    );
+    kill(&mut c, o2.pid).await;
+}
+
+#[tokio::test]
+async fn the_deadline_kills_the_whole_tree() {
+    let cg = need_cgroups!("deadline_tree");
+    let envd = envd_in(&cg);
+    let mut c = envd.client().await;
+    let mut req = tonic::Request::new(escaping_tree());
+    req.metadata_mut()
+        .insert("grpc-timeout", "1500m".parse().unwrap());
+    let mut s = c.start(req).await.unwrap().into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+    let grandchild: u32 = o.out().trim().parse().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(grandchild)).await,
+        "the setsid grandchild outlived the deadline"
+    );
+}
+
+#[tokio::test]
+async fn end_and_list_report_usage() {
+    let cg = need_cgroups!("usage");
+    let envd = envd_in(&cg);
+    let mut c = envd.client().await;
+    // Half a second of CPU in user space.
+    let o = run(
+        &mut c,
+        sh("end=$(($(date +%s%N) + 500000000)); while [ $(date +%s%N) -lt $end ]; do :; done"),
+    )
+    .await;
+    let end = o.end();
+    let usage = end.usage.as_ref().expect("usage in end");
+    let cpu = usage.cpu_user_usec + usage.cpu_system_usec;
+    assert!((300_000..5_000_000).contains(&cpu), "CPU time {cpu} µs");
+    assert_eq!(end.oom_killed, Some(false));
+    let (_s, live) = started(&mut c, sh("sleep 1000")).await;
+    let list = c.list(ListRequest {}).await.unwrap().into_inner();
+    let info = list.processes.iter().find(|p| p.pid == live.pid).unwrap();
+    assert!(info.usage.is_some(), "List shows usage");
+    kill(&mut c, live.pid).await;
+}
+
+#[tokio::test]
+async fn limits_are_never_silently_ignored() {
+    // Without resource control: refused.
+    let envd = Envd::start(&[]);
+    let mut c = envd.client().await;
+    let mut req = sh("true");
+    req.limits = Some(ResourceLimits {
+        memory_max: Some(64 << 20),
+        ..Default::default()
+    });
+    let err = c
+        .start(req.clone())
+        .await
+        .expect_err("limits without cgroups");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains("resource control"),
+        "{}",
+        err.message()
+    );
+    // Bad values: refused as such.
+    let mut bad = sh("true");
+    bad.limits = Some(ResourceLimits {
+        cpu: Some(-1.0),
+        ..Default::default()
+    });
+    let cg = need_cgroups!("limits");
+    let envd = envd_in(&cg);
+    let mut c = envd.client().await;
+    let err = c.start(bad).await.expect_err("negative cpu");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    // A controller the hierarchy lacks: a clear FAILED_PRECONDITION, or (on
+    // a machine whose hierarchy has it) the limit holds.
+    match c.start(req).await {
+        Err(e) => {
+            assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+            assert!(e.message().contains("memory"), "{}", e.message());
+        }
+        Ok(s) => {
+            let o = collect(s.into_inner()).await;
+            assert_eq!(o.end().exit_code, 0);
+        }
+    }
+}
