@@ -173,6 +173,10 @@ async fn end_and_list_report_usage() {
     let list = c.list(ListRequest {}).await.unwrap().into_inner();
     let info = list.processes.iter().find(|p| p.pid == live.pid).unwrap();
     assert!(info.usage.is_some(), "List shows usage");
+    assert!(list.resource_control);
+    let m = common::http::request(&envd.tcp, "GET", "/metrics", &[], b"").json();
+    assert_eq!(m["resource_control"], true);
+    assert!(m["envd_rss_bytes"].as_u64().unwrap() > 0);
     kill(&mut c, live.pid).await;
 }
 

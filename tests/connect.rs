@@ -240,9 +240,10 @@ fn rest_health_metrics_envs_and_init() {
     );
     assert_eq!(r.status, 204);
     assert!(r.header("x-envd-version").is_some());
+    // E2B_SANDBOX is envd's own, as upstream's ("false": not in a VM).
     assert_eq!(
         request(u, "GET", "/envs", &[], b"").json(),
-        serde_json::json!({"GLOBAL_X":"1"})
+        serde_json::json!({"GLOBAL_X":"1", "E2B_SANDBOX": "false"})
     );
     // Applied to later processes: global env and default workdir.
     let r = start(

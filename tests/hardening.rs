@@ -699,8 +699,9 @@ fn init_validates_env_vars() {
         let r = post_json(&e.tcp, "/init", bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
+    // Nothing of the refused requests was applied (E2B_SANDBOX is envd's).
     let r = request(&e.tcp, "GET", "/envs", &[], b"");
-    assert_eq!(r.json(), serde_json::json!({}));
+    assert_eq!(r.json(), serde_json::json!({"E2B_SANDBOX": "false"}));
 }
 
 // A request timeout too large to represent is not a crash.

@@ -115,7 +115,11 @@ async fn environment_is_clean_with_envs_and_cwd() {
         .map(|s| Box::leak(s.to_owned().into_boxed_str()) as &str)
         .collect();
     keys.sort();
-    assert_eq!(keys, ["FOO", "HOME", "LOGNAME", "PATH", "USER"]);
+    // E2B_SANDBOX: envd's own variable, as upstream sets it for every command.
+    assert_eq!(
+        keys,
+        ["E2B_SANDBOX", "FOO", "HOME", "LOGNAME", "PATH", "USER"]
+    );
     assert!(o.out().contains("FOO=bar baz\n"));
 
     let dir = tempfile::tempdir().unwrap();

@@ -252,6 +252,10 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
         .collect();
     assert!(names.contains(&"big.bin".to_owned()), "{names:?}");
 
+    // busybox: a shell variable fed from a pipe.
+    let hog = "x=$(head -c 268435456 /dev/zero | tr '\\0' a)";
+    resource_control_proof(&vm.url(), true, hog).await;
+
     // Clean power-off on SIGTERM to PID 1 (busybox's `poweroff` sends SIGUSR2).
     let _ = p.start(sh("sleep 1000")).await.unwrap();
     let _ = p.start(sh("kill -TERM 1")).await;
@@ -303,6 +307,12 @@ async fn systemd_restarts_envd_and_the_client_reconnects() {
         "systemd variables leaked: {}",
         o.out()
     );
+    // On a disk root, a command whose code pages are evicted near its limit
+    // thrashes for minutes before the OOM killer acts; perl allocates in one
+    // tight loop.
+    let hog = "exec perl -e '$x = \"a\" x (256 << 20)'";
+    resource_control_proof(&url, false, hog).await;
+
     // A user process that must survive envd's restart (KillMode=process).
     let o = run(&mut p, sh("sleep 1000 >/dev/null 2>&1 & echo $!")).await;
     let sleeper = o.out().trim().to_owned();
@@ -477,7 +487,7 @@ async fn e2b_orchestrator_contract_in_the_systemd_vm() {
     );
     let (_work_stream, work) = started(&mut p, work).await;
     let o = run(&mut p, system(&format!("cat /proc/{}/cgroup", work.pid))).await;
-    assert_eq!(o.out(), "0::/user\n");
+    assert!(o.out().starts_with("0::/user/cmd-"), "{}", o.out());
     let ticks = || async {
         let o = run(
             &mut ProcessClient::new(envd::client::dial(&vm.url()).await.unwrap()),
@@ -594,4 +604,146 @@ fn tcp_health(port: u16) -> bool {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     buf.starts_with(b"HTTP/1.1 204")
+}
+
+/// Resource control inside a VM (cgroup v2 with its controllers): a tree
+/// kill nothing escapes (also by deadline), a memory limit ending in
+/// `oom_killed`, a CPU quota, a fork bomb held by pids.max while envd keeps
+/// answering; with `exhaust`, an unlimited command eating the VM's memory is
+/// reported as OOM-killed and envd survives.
+async fn resource_control_proof(url: &str, exhaust: bool, hog: &str) {
+    let dial = || async { ProcessClient::new(envd::client::dial(url).await.unwrap()) };
+    let mut p = dial().await;
+    let limited = |script: &str, limits: ResourceLimits| {
+        let mut r = sh(script);
+        r.limits = Some(limits);
+        r
+    };
+    let alive = |pid: String| async move {
+        let o = run(
+            &mut dial().await,
+            sh(&format!(
+                "kill -0 {pid} 2>/dev/null && echo alive || echo gone"
+            )),
+        )
+        .await;
+        o.out().trim() == "alive"
+    };
+
+    // Tree kill: a setsid grandchild ignoring SIGTERM dies with its command.
+    let tree = "setsid sh -c 'trap \"\" TERM; echo $$; exec sleep 1000' & wait";
+    let (mut s, mut o) = started(&mut p, sh(tree)).await;
+    read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+    let grandchild = o.out().trim().to_owned();
+    p.send_signal(SendSignalRequest {
+        process: by_pid(o.pid),
+        signal: Signal::Sigkill as i32,
+        descendants: true,
+    })
+    .await
+    .unwrap();
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+    let t0 = Instant::now();
+    while alive(grandchild.clone()).await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "grandchild survived the tree kill"
+        );
+    }
+    // The same through the deadline.
+    let mut req = tonic::Request::new(sh(tree));
+    req.metadata_mut()
+        .insert("grpc-timeout", "3S".parse().unwrap());
+    let mut s = p.start(req).await.unwrap().into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+    let grandchild = o.out().trim().to_owned();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let t0 = Instant::now();
+    while alive(grandchild.clone()).await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "grandchild survived the deadline"
+        );
+    }
+
+    eprintln!("tree kills done");
+    // 64 MiB limit, 256 MiB wanted: OOM, reported as such.
+    let mem = ResourceLimits {
+        memory_max: Some(64 << 20),
+        swap_max: Some(0),
+        ..Default::default()
+    };
+    let o = run(&mut p, limited(&format!("{hog}; echo survived"), mem)).await;
+    assert_eq!(
+        o.end().oom_killed,
+        Some(true),
+        "end: {:?}; out: {}",
+        o.end(),
+        o.out()
+    );
+    assert!(!o.out().contains("survived"));
+    let peak = o.end().usage.as_ref().unwrap().memory_peak_bytes;
+    assert!(peak <= 65 << 20 && peak > 32 << 20, "peak {peak}");
+
+    eprintln!("OOM under a limit done");
+    // 0.25 cores for 2 s of spinning: about 0.5 s of CPU.
+    let cpu = ResourceLimits {
+        cpu: Some(0.25),
+        ..Default::default()
+    };
+    let o = run(
+        &mut p,
+        limited("timeout 2 sh -c 'while :; do :; done'; true", cpu),
+    )
+    .await;
+    let u = o.end().usage.as_ref().unwrap();
+    let used = u.cpu_user_usec + u.cpu_system_usec;
+    eprintln!("0.25 cores for 2 s: {:.2} s of CPU", used as f64 / 1e6);
+    assert!((250_000..900_000).contains(&used), "CPU {used} µs");
+
+    // A fork bomb held at 16 processes; envd answers throughout.
+    let pids = ResourceLimits {
+        pids_max: Some(16),
+        ..Default::default()
+    };
+    let (_bomb_stream, bomb) =
+        started(&mut p, limited("b() { b | b & }; b; sleep 1000", pids)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let list = p.list(ListRequest {}).await.unwrap().into_inner();
+        slowest = slowest.max(t.elapsed());
+        let mine = list.processes.iter().find(|x| x.pid == bomb.pid);
+        assert!(mine.is_some(), "the bomb's command is listed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!(
+        "List during a fork bomb (pids.max 16): slowest {:.0} ms",
+        slowest.as_secs_f64() * 1000.0
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "envd answered in {slowest:?}"
+    );
+    p.send_signal(SendSignalRequest {
+        process: by_pid(bomb.pid),
+        signal: Signal::Sigkill as i32,
+        descendants: true,
+    })
+    .await
+    .unwrap();
+
+    if exhaust {
+        // No limit of its own: the VM's memory runs out; the command is the
+        // one the OOM killer takes, and envd is still here.
+        let o = run(
+            &mut p,
+            sh("x=$(head -c 4294967296 /dev/zero | tr '\\0' a); echo survived"),
+        )
+        .await;
+        assert_eq!(o.end().oom_killed, Some(true), "end: {:?}", o.end());
+        let o = run(&mut dial().await, sh("echo still here")).await;
+        assert_eq!(o.out(), "still here\n");
+    }
 }

@@ -68,8 +68,11 @@ impl Cgroups {
                 Kind::Pty => ("200", "default 50"),
             };
             let mut settings = vec![("cpu.weight", cpu.to_owned()), ("io.weight", io.to_owned())];
+            // memory.max only: upstream also sets memory.high to the same
+            // value, which throttles a command for seconds per allocation
+            // near the limit (nothing to reclaim without swap) instead of
+            // letting the OOM killer end it.
             if let Some(m) = memory_max {
-                settings.push(("memory.high", m.to_string()));
                 settings.push(("memory.max", m.to_string()));
             }
             for (file, value) in settings {

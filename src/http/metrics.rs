@@ -41,7 +41,9 @@ fn meminfo() -> Option<(u64, u64, u64)> {
 }
 
 impl Metrics {
-    pub fn handle(&self) -> RestResult {
+    /// VM-wide figures, plus envd's own and whether commands run under
+    /// resource control.
+    pub fn handle(&self, resource_control: bool) -> RestResult {
         let fail = || Rest::from(Error::internal("cannot read system metrics"));
         let now = cpu_jiffies().ok_or_else(fail)?;
         let pct = {
@@ -78,7 +80,18 @@ impl Metrics {
                 // envd's own version, and the upstream one it claims.
                 "envd_version": env!("CARGO_PKG_VERSION"),
                 "e2b_envd_version": crate::compat::claimed_text(),
+                "resource_control": resource_control,
+                "envd_rss_bytes": own_rss(),
             }),
         ))
     }
+}
+
+/// envd's resident memory (bytes), from /proc/self/statm.
+fn own_rss() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    pages * 4096
 }

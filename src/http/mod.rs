@@ -67,7 +67,9 @@ impl RestRouter {
         let path = req.uri().path().to_owned();
         let result = match (method.as_str(), path.as_str()) {
             ("GET" | "HEAD", "/health") => Ok(empty(StatusCode::NO_CONTENT)),
-            ("GET", "/metrics") => self.metrics.handle(),
+            ("GET", "/metrics") => self
+                .metrics
+                .handle(self.init.guest().process().resource_control()),
             ("GET", "/envs") => Ok(json(StatusCode::OK, &self.defaults.envs())),
             ("POST", "/init") => init::handle(req, &self.defaults, &self.auth, &self.init).await,
             ("GET", "/files") => match self.signed_query(&req, "read", signed) {

@@ -205,6 +205,7 @@ impl ProcessService {
                     usage: p.leaf.as_ref().map(|l| l.usage()),
                 })
                 .collect(),
+            resource_control: self.resource_control(),
         }
     }
 
