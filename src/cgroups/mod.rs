@@ -106,7 +106,11 @@ impl Cgroups {
     ) -> crate::status::Result<leaf::Leaf> {
         let merged = limits::merged(limits, &self.defaults);
         let writes = limits::files(&merged)?;
-        let dir = self.path(kind).join(format!("cmd-{seq}"));
+        // envd's pid in the name: a restarted envd's numbering starts again,
+        // and a leftover of the previous one may still hold its leaf.
+        let dir = self
+            .path(kind)
+            .join(format!("cmd-{}-{seq}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| {
             crate::status::Error::io(format!("create cgroup {}", dir.display()), &e)
         })?;
