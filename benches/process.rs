@@ -159,7 +159,9 @@ async fn main() {
                 us(with_cg) / us(unix)
             );
         }
-        _ => println!("Start in its own cgroup: skipped (needs root and a writable cgroup v2 hierarchy)"),
+        _ => println!(
+            "Start in its own cgroup: skipped (needs root and a writable cgroup v2 hierarchy)"
+        ),
     }
 
     let pipe = bare_pipe_throughput();
