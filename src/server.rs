@@ -223,15 +223,22 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
         let idle = conns.limits().idle;
         tokio::spawn(async move {
             let tracked = reg.conn.clone();
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let router = router.clone();
                 let guard = tracked.begin();
+                if req.method() == http::Method::CONNECT {
+                    // A tunnel keeps the connection busy for as long as it lives.
+                    let busy = crate::http::tunnel::TunnelGuard(Arc::new(std::sync::Mutex::new(
+                        Some(tracked.begin()),
+                    )));
+                    req.extensions_mut().insert(busy);
+                }
                 async move {
                     let response = router.handle(req).await;
                     Ok::<_, Infallible>(response.map(|b| HttpBody::new(Tracked::new(b, guard))))
                 }
             });
-            let served = builder.serve_connection(TokioIo::new(conn), svc);
+            let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
             tokio::pin!(served);
             let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
             loop {

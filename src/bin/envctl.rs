@@ -70,6 +70,20 @@ enum Cmd {
     },
     /// List running processes.
     Ps,
+    /// Carry TCP (or Unix socket) connections on the host to envd at --url,
+    /// e.g. over vsock to a VM without a network: point the E2B SDKs, grpcurl
+    /// or a browser at the --listen address.
+    Proxy {
+        /// Where to accept connections: tcp://HOST:PORT or unix:///PATH.
+        #[arg(long, default_value = "tcp://127.0.0.1:49983")]
+        listen: String,
+    },
+    /// Make ports on the VM's loopback reachable on the host: each
+    /// [HOST_ADDR:]HOST_PORT:GUEST_PORT, through envd (HTTP CONNECT).
+    Forward {
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
     /// Signal a process group (default SIGKILL).
     Kill {
         pid: u32,
@@ -123,6 +137,12 @@ impl Ctx {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Proxy { listen } = &cli.cmd {
+        return proxy(&cli.url, listen).await;
+    }
+    if let Cmd::Forward { specs } = &cli.cmd {
+        return forward(&cli.url, specs, cli.token.clone()).await;
+    }
     let channel = match envd::client::wait_ready(&cli.url, Duration::from_secs(cli.wait)).await {
         Ok(c) => c,
         Err(e) => {
@@ -144,6 +164,61 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `envctl proxy`: runs until interrupted.
+async fn proxy(url: &str, listen: &str) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .try_init();
+    let target: envd::client::Target = match url.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("envctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match envd::client::proxy::Local::bind(listen).await {
+        Ok((local, bound)) => {
+            eprintln!("envctl: proxying {bound} to {url}");
+            envd::client::proxy::serve(local, target).await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("envctl: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `envctl forward`: every spec at once, until interrupted.
+async fn forward(url: &str, specs: &[String], token: Option<String>) -> ExitCode {
+    let parsed: Result<Vec<envd::client::forward::Spec>, String> =
+        specs.iter().map(|s| s.parse()).collect();
+    let target: Result<envd::client::Target, String> = url.parse();
+    let (specs, target) = match (parsed, target) {
+        (Ok(s), Ok(t)) => (s, std::sync::Arc::new(t)),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("envctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for spec in specs {
+        tasks.spawn(envd::client::forward::serve(
+            spec,
+            target.clone(),
+            token.clone(),
+        ));
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            eprintln!("envctl: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
@@ -231,6 +306,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             }
             Ok(0)
         }
+        Cmd::Proxy { .. } | Cmd::Forward { .. } => Err("runs before dialing".into()),
         Cmd::Kill { pid, signal, tree } => {
             let sig = parse_signal(&signal).ok_or_else(|| format!("unknown signal {signal:?}"))?;
             let mut p = ProcessClient::new(ctx.channel.clone());

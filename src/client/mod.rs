@@ -17,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
+pub mod forward;
+pub mod proxy;
+
 use crate::wire::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 /// Where envd is.
@@ -59,6 +62,29 @@ impl std::str::FromStr for Target {
     }
 }
 
+impl Target {
+    /// One new byte stream to envd (TCP with Nagle off; hybrid vsock after
+    /// its handshake).
+    pub async fn connect(&self) -> io::Result<Box<dyn crate::listen::Conn>> {
+        Ok(match self {
+            Target::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Target::Unix(path) => Box::new(UnixStream::connect(path).await?),
+            Target::Vsock { cid, port } => Box::new(
+                tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?,
+            ),
+            Target::Hybrid { socket, port } => {
+                let mut s = UnixStream::connect(socket).await?;
+                hybrid_handshake(&mut s, *port).await?;
+                Box::new(s)
+            }
+        })
+    }
+}
+
 /// The hybrid-vsock handshake on a connected Unix socket.
 pub async fn hybrid_handshake(s: &mut UnixStream, port: u32) -> io::Result<()> {
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
@@ -93,26 +119,7 @@ pub async fn dial(url: &str) -> Result<Channel, String> {
         .max_frame_size(MAX_FRAME);
     let connector = tower::service_fn(move |_: http::Uri| {
         let target = target.clone();
-        async move {
-            let io: Box<dyn crate::listen::Conn> = match target {
-                Target::Tcp(addr) => {
-                    let s = TcpStream::connect(addr).await?;
-                    s.set_nodelay(true)?;
-                    Box::new(s)
-                }
-                Target::Unix(path) => Box::new(UnixStream::connect(path).await?),
-                Target::Vsock { cid, port } => Box::new(
-                    tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port))
-                        .await?,
-                ),
-                Target::Hybrid { socket, port } => {
-                    let mut s = UnixStream::connect(socket).await?;
-                    hybrid_handshake(&mut s, port).await?;
-                    Box::new(s)
-                }
-            };
-            Ok::<_, io::Error>(TokioIo::new(io))
-        }
+        async move { Ok::<_, io::Error>(TokioIo::new(target.connect().await?)) }
     });
     endpoint
         .connect_with_connector(connector)

@@ -7,6 +7,7 @@ mod init;
 mod metrics;
 mod pause;
 mod query;
+pub mod tunnel;
 
 use std::sync::Arc;
 
@@ -37,6 +38,7 @@ pub struct RestRouter {
     defaults: Arc<Defaults>,
     auth: Arc<Auth>,
     init: init::InitState,
+    tunnels: tunnel::TunnelPolicy,
     metrics: metrics::Metrics,
 }
 
@@ -46,6 +48,7 @@ impl RestRouter {
             defaults,
             auth,
             init: init::InitState::new(guest),
+            tunnels: tunnel::TunnelPolicy { any: false },
             metrics: metrics::Metrics::default(),
         }
     }
@@ -65,6 +68,13 @@ impl RestRouter {
     pub async fn handle(&self, req: Request<Incoming>, signed: bool) -> Response<HttpBody> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if method == http::Method::CONNECT {
+            let mut r = tunnel::handle(req, &self.tunnels)
+                .await
+                .unwrap_or_else(|e| e.response());
+            r.headers_mut().remove("content-length");
+            return r;
+        }
         let result = match (method.as_str(), path.as_str()) {
             ("GET" | "HEAD", "/health") => Ok(empty(StatusCode::NO_CONTENT)),
             ("GET", "/metrics") => self

@@ -1,0 +1,104 @@
+//! HTTP `CONNECT` tunnels into the VM (`envctl forward`, `curl
+//! --proxytunnel`): a client that holds envd's access token asks for
+//! `CONNECT 127.0.0.1:PORT`, envd connects there inside the VM and, once the
+//! answer is 200, carries bytes both ways. HTTP/1.1 (one tunnel per
+//! connection) and HTTP/2 (many tunnels over one connection, each a stream).
+//! Only destinations the policy allows (default: guest loopback), named by
+//! IP address or `localhost` (no DNS lookups on a client's behalf).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{empty, Rest, RestResult};
+use crate::connections::InFlight;
+
+/// How long connecting to the destination may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keeps the connection counted as busy while a tunnel lives (the server
+/// puts one in each CONNECT request's extensions).
+#[derive(Clone, Default)]
+pub struct TunnelGuard(pub Arc<Mutex<Option<InFlight>>>);
+
+/// Which destinations tunnels may reach.
+#[derive(Debug, Clone)]
+pub struct TunnelPolicy {
+    /// Any address at all (`--tunnel-any`); otherwise loopback only.
+    pub any: bool,
+}
+
+impl TunnelPolicy {
+    fn allows(&self, ip: IpAddr) -> bool {
+        self.any || ip.is_loopback()
+    }
+}
+
+/// `CONNECT host:port`.
+pub async fn handle(req: Request<Incoming>, policy: &TunnelPolicy) -> RestResult {
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| Rest::http(StatusCode::BAD_REQUEST, "CONNECT needs host:port"))?;
+    let port = authority
+        .port_u16()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Rest::http(StatusCode::BAD_REQUEST, "CONNECT needs a port"))?;
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let ip = if host.eq_ignore_ascii_case("localhost") {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        host.parse::<IpAddr>().map_err(|_| {
+            Rest::http(
+                StatusCode::BAD_REQUEST,
+                format!("CONNECT {host}: name an IP address or localhost"),
+            )
+        })?
+    };
+    if !policy.allows(ip) {
+        return Err(Rest::http(
+            StatusCode::FORBIDDEN,
+            format!("CONNECT to {ip} is not allowed: tunnels reach the VM's loopback only"),
+        ));
+    }
+    let dest = SocketAddr::new(ip, port);
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(dest))
+        .await
+        .map_err(|_| {
+            Rest::http(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("{dest}: connect timed out"),
+            )
+        })?
+        .map_err(|e| Rest::http(StatusCode::BAD_GATEWAY, format!("{dest}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let guard = req
+        .extensions()
+        .get::<TunnelGuard>()
+        .and_then(|g| g.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let _busy = guard;
+        let upgraded = match upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%dest, error = %e, "tunnel: upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(upgraded);
+        let mut stream = stream;
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut stream).await {
+            tracing::debug!(%dest, error = %e, "tunnel ended with an error");
+        }
+    });
+    tracing::debug!(%dest, "tunnel open");
+    Ok(empty(StatusCode::OK))
+}

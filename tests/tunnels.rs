@@ -1,0 +1,188 @@
+//! Reaching into a VM without a network: `envctl proxy` (any TCP client to
+//! envd over envd's transport), HTTP CONNECT tunnels to the VM's loopback,
+//! and `envctl forward` on top of them. Here the "VM" is the host, reached
+//! over envd's Unix socket.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::http::request;
+use common::*;
+
+/// Starts `envctl --url <url> <args>`; returns it and the address it
+/// printed ("... tcp://ADDR to ..." or "forwarding ADDR to ...").
+fn envctl(url: &str, args: &[&str], token: Option<&str>) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_envctl"));
+    cmd.arg("--url").arg(url);
+    if let Some(t) = token {
+        cmd.arg("--token").arg(t);
+    }
+    let mut child = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| {
+            let w = w.trim_start_matches("tcp://");
+            w.parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.to_string())
+        })
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (child, addr)
+}
+
+/// An echo server on 127.0.0.1 (the "guest's" loopback).
+fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+            });
+        }
+    });
+    port
+}
+
+fn connect(envd: &str, dest: &str, token: Option<&str>) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(envd.trim_start_matches("tcp://")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("x-access-token: {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "CONNECT {dest} HTTP/1.1\r\nhost: {dest}\r\n{auth}\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+#[test]
+fn connect_tunnels_reach_the_vms_loopback_only() {
+    let port = echo_server();
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "secret").unwrap();
+    let envd = Envd::start(&["--access-token-file", token_file.path().to_str().unwrap()]);
+    let (mut s, head) = connect(&envd.tcp, &format!("127.0.0.1:{port}"), Some("secret"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    // No token, another host, a closed port, a name: refused, each clearly.
+    let (_, head) = connect(&envd.tcp, &format!("127.0.0.1:{port}"), None);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let (_, head) = connect(&envd.tcp, "10.1.2.3:80", Some("secret"));
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_, head) = connect(&envd.tcp, &format!("127.0.0.1:{closed}"), Some("secret"));
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let (_, head) = connect(&envd.tcp, "example.com:80", Some("secret"));
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}
+
+#[test]
+fn forward_carries_many_connections_and_large_streams() {
+    let port = echo_server();
+    let envd = Envd::start(&[]);
+    let (mut fwd, addr) = envctl(&envd.unix, &["forward", &format!("0:{port}")], None);
+    // 50 connections at once.
+    let workers: Vec<_> = (0..50u8)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let msg = vec![i; 64 << 10];
+                let mut w = s.try_clone().unwrap();
+                let sender = std::thread::spawn(move || w.write_all(&msg).unwrap());
+                let mut back = vec![0u8; 64 << 10];
+                s.read_exact(&mut back).unwrap();
+                sender.join().unwrap();
+                assert!(back.iter().all(|b| *b == i));
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // 64 MiB through one tunnel, checked.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut sum = 0u64;
+        for i in 0..1024u32 {
+            let chunk: Vec<u8> = (0..65536u32).map(|j| (i ^ j).to_le_bytes()[0]).collect();
+            sum = chunk
+                .iter()
+                .fold(sum, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(*b)));
+            w.write_all(&chunk).unwrap();
+        }
+        sum
+    });
+    let mut sum = 0u64;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    while got < 64 << 20 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the tunnel closed after {got} bytes");
+        sum = buf[..n]
+            .iter()
+            .fold(sum, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(*b)));
+        got += n;
+    }
+    assert_eq!(sum, sender.join().unwrap(), "64 MiB came back changed");
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+}
+
+#[test]
+fn proxy_lets_any_tcp_client_reach_envd() {
+    let envd = Envd::start(&[]);
+    let (mut proxy, addr) = envctl(
+        &envd.unix,
+        &["proxy", "--listen", "tcp://127.0.0.1:0"],
+        None,
+    );
+    let url = format!("tcp://{addr}");
+    // REST and Connect (HTTP/1.1), as the SDKs speak them.
+    assert_eq!(request(&url, "GET", "/health", &[], b"").status, 204);
+    let r = common::http::post_json(&url, "/process.Process/List", "{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Native gRPC (HTTP/2) too.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = envd::client::dial(&url).await.unwrap();
+        let mut c = envd::proto::process::process_client::ProcessClient::new(ch);
+        let o = run(&mut c, sh("echo through the proxy")).await;
+        assert_eq!(o.out(), "through the proxy\n");
+    });
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
