@@ -186,3 +186,46 @@ fn proxy_lets_any_tcp_client_reach_envd() {
     let _ = proxy.kill();
     let _ = proxy.wait();
 }
+
+#[tokio::test]
+async fn many_tunnels_share_one_http2_connection() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = echo_server();
+    let envd = Envd::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(envd.tcp.trim_start_matches("tcp://"))
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut tasks = Vec::new();
+    for i in 0..10u8 {
+        let mut sender = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = ::http::Request::builder()
+                .method(::http::Method::CONNECT)
+                .uri(format!("127.0.0.1:{port}"))
+                .body(Empty::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+            io.write_all(&[i; 1000]).await.unwrap();
+            let mut back = [0u8; 1000];
+            io.read_exact(&mut back).await.unwrap();
+            assert!(back.iter().all(|b| *b == i));
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("an HTTP/2 tunnel hung")
+            .unwrap();
+    }
+}
