@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/process.proto",
         "proto/filesystem.proto",
         "proto/transfer.proto",
+        "proto/ports.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -96,6 +96,39 @@ async fn envd_throughput(url: &str) -> f64 {
     total as f64 / t.elapsed().as_secs_f64()
 }
 
+/// CPU time (user + system) of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // After the state: ppid .. utime (11th) and stime (12th of the numbers).
+    f[10] + f[11]
+}
+
+/// envd's CPU over `secs` seconds with a Ports.Watch stream open, beside
+/// the same with no stream (ms of CPU per second).
+async fn idle_cpu_with_ports_watch(envd: &Envd, secs: u64) -> (f64, f64) {
+    use envd::proto::ports::ports_client::PortsClient;
+    use envd::proto::ports::WatchPortsRequest;
+    let per_s = |ticks: u64| ticks as f64 * 10.0 / secs as f64;
+    let t0 = cpu_ticks(envd.pid());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let idle = per_s(cpu_ticks(envd.pid()) - t0);
+    let mut c = PortsClient::new(envd::client::dial(&envd.unix).await.unwrap());
+    let mut s = c.watch(WatchPortsRequest {}).await.unwrap().into_inner();
+    let drain = tokio::spawn(async move { while s.next().await.is_some() {} });
+    let t0 = cpu_ticks(envd.pid());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let watching = per_s(cpu_ticks(envd.pid()) - t0);
+    drain.abort();
+    (idle, watching)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -181,6 +214,10 @@ async fn main() {
         "stream 1 GiB      envd over TCP        {:>8.0} MiB/s = {:.2}x bare (target >= 0.5x)",
         mib(via_tcp),
         via_tcp / pipe
+    );
+    let (idle, watching) = idle_cpu_with_ports_watch(&envd, 10).await;
+    println!(
+        "idle CPU          no stream / Ports.Watch open  {idle:.1} / {watching:.1} ms per s (1 scan of /proc/net/tcp per s)"
     );
     println!(
         "idle RSS          envd after start-up  {:>8} KiB = {:.2} MiB (target <= 5 MiB)",

@@ -15,9 +15,12 @@ pub mod envd {
     pub mod transfer {
         tonic::include_proto!("envd.transfer");
     }
+    pub mod ports {
+        tonic::include_proto!("envd.ports");
+    }
 }
 
-pub use envd::transfer;
+pub use envd::{ports, transfer};
 
 /// Encoded `FileDescriptorSet` of every proto package, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("envd_descriptor");

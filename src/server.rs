@@ -50,9 +50,21 @@ impl Router {
         auth: Arc<Auth>,
         guest: Arc<crate::guest::Guest>,
     ) -> Result<Router, String> {
+        let ports = Arc::new(crate::ports::api::PortsService::new(process.clone()));
         Ok(Router {
-            grpc: grpc_routes(process.clone(), filesystem.clone(), defaults.clone()).await?,
-            connect: Arc::new(ConnectRouter::new(process, filesystem, defaults.clone())),
+            grpc: grpc_routes(
+                process.clone(),
+                filesystem.clone(),
+                ports.clone(),
+                defaults.clone(),
+            )
+            .await?,
+            connect: Arc::new(ConnectRouter::new(
+                process,
+                filesystem,
+                ports,
+                defaults.clone(),
+            )),
             rest: Arc::new(RestRouter::new(defaults, auth.clone(), guest)),
             auth,
         })
@@ -139,8 +151,10 @@ fn preflight(req: &Request<Incoming>) -> Response<HttpBody> {
 async fn grpc_routes(
     process: Arc<ProcessService>,
     filesystem: Arc<FilesystemService>,
+    ports: Arc<crate::ports::api::PortsService>,
     defaults: Arc<Defaults>,
 ) -> Result<Routes, String> {
+    let ports = crate::grpc::ports::PortsGrpc::server(ports, defaults.clone());
     let fs = FilesystemGrpc::new(filesystem, defaults.clone());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<ProcessServer<ProcessGrpc>>().await;
@@ -148,6 +162,9 @@ async fn grpc_routes(
         .set_serving::<FilesystemServer<FilesystemGrpc>>()
         .await;
     health.set_serving::<TransferServer<FilesystemGrpc>>().await;
+    health
+        .set_serving::<crate::proto::ports::ports_server::PortsServer<crate::grpc::ports::PortsGrpc>>()
+        .await;
     // envd's packages and the health service, for `grpcurl list` and friends.
     let descriptors = || {
         tonic_reflection::server::Builder::configure()
@@ -163,6 +180,7 @@ async fn grpc_routes(
     Ok(Routes::new(ProcessGrpc::server(process, defaults))
         .add_service(fs.filesystem_server())
         .add_service(fs.transfer_server())
+        .add_service(ports)
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

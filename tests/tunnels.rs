@@ -229,3 +229,74 @@ async fn many_tunnels_share_one_http2_connection() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn ports_are_listed_and_watched_with_their_owners() {
+    use envd::proto::ports::port_event::Event as PortEv;
+    use envd::proto::ports::ports_client::PortsClient;
+    use envd::proto::ports::{ListPortsRequest, WatchPortsRequest};
+    use futures_util::StreamExt;
+    let envd = Envd::start(&[]);
+    let ch = envd::client::dial(&envd.tcp).await.unwrap();
+    let mut ports = PortsClient::new(ch.clone());
+    let mut watch = ports
+        .watch(WatchPortsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    // A server of the test's own: listed with this process as its owner.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = u32::from(server.local_addr().unwrap().port());
+    let added = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = watch.next().await {
+            if let Some(PortEv::Added(p)) = ev.unwrap().event {
+                if p.port == port {
+                    return p;
+                }
+            }
+        }
+        panic!("the watch ended");
+    })
+    .await
+    .expect("no `added` for the new port");
+    assert_eq!(added.address, "127.0.0.1");
+    assert_eq!(added.pid, std::process::id());
+    assert_eq!(added.command_pid, None, "not an envd command");
+    drop(server);
+    let removed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = watch.next().await {
+            if let Some(PortEv::Removed(p)) = ev.unwrap().event {
+                if p.port == port {
+                    return p;
+                }
+            }
+        }
+        panic!("the watch ended");
+    })
+    .await
+    .expect("no `removed` once the server closed");
+    assert_eq!(removed.pid, std::process::id());
+
+    // A server started through envd belongs to that command.
+    let mut c = envd::proto::process::process_client::ProcessClient::new(ch);
+    let (mut s, mut o) = started(
+        &mut c,
+        cmd(
+            &binary(),
+            &["--listen", "tcp://127.0.0.1:0", "--log-format", "text"],
+        ),
+    )
+    .await;
+    read_until(&mut s, &mut o, |o| o.err().contains("listening")).await;
+    let text = o.err();
+    let port: u32 = text
+        .split("url=tcp://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .unwrap_or_else(|| panic!("no port in {text}"));
+    let list = ports.list(ListPortsRequest {}).await.unwrap().into_inner();
+    let mine = list.ports.iter().find(|p| p.port == port).expect("listed");
+    assert_eq!(mine.command_pid, Some(o.pid));
+    kill(&mut c, o.pid).await;
+}

@@ -78,6 +78,11 @@ enum Cmd {
         #[arg(long, default_value = "tcp://127.0.0.1:49983")]
         listen: String,
     },
+    /// List the TCP ports listening in the VM (-f: follow changes).
+    Ports {
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Make ports on the VM's loopback reachable on the host: each
     /// [HOST_ADDR:]HOST_PORT:GUEST_PORT, through envd (HTTP CONNECT).
     Forward {
@@ -190,6 +195,47 @@ async fn proxy(url: &str, listen: &str) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `envctl ports`: one line per listening port; with `follow`, `+`/`-`
+/// lines as they come and go.
+async fn ports(ctx: &Ctx, follow: bool) -> Result<u8, String> {
+    use envd::proto::ports::port_event::Event as PortEv;
+    use envd::proto::ports::ports_client::PortsClient;
+    use envd::proto::ports::{ListPortsRequest, Port, WatchPortsRequest};
+    let line = |sign: &str, p: &Port| {
+        let owner = p
+            .command_pid
+            .map_or_else(String::new, |c| format!(" (command {c})"));
+        println!(
+            "{sign}{} {}:{} pid {}{owner}",
+            p.protocol, p.address, p.port, p.pid
+        );
+    };
+    let mut c = PortsClient::new(ctx.channel.clone());
+    if !follow {
+        let list = c
+            .list(ctx.req(ListPortsRequest {}))
+            .await
+            .map_err(|s| s.message().to_owned())?;
+        for p in &list.into_inner().ports {
+            line("", p);
+        }
+        return Ok(0);
+    }
+    let mut s = c
+        .watch(ctx.req(WatchPortsRequest {}))
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    while let Some(ev) = s.next().await {
+        match ev.map_err(|s| s.message().to_owned())?.event {
+            Some(PortEv::Added(p)) => line("+", &p),
+            Some(PortEv::Removed(p)) => line("-", &p),
+            _ => {}
+        }
+    }
+    Ok(0)
 }
 
 /// `envctl forward`: every spec at once, until interrupted.
@@ -307,6 +353,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             Ok(0)
         }
         Cmd::Proxy { .. } | Cmd::Forward { .. } => Err("runs before dialing".into()),
+        Cmd::Ports { follow } => ports(ctx, follow).await,
         Cmd::Kill { pid, signal, tree } => {
             let sig = parse_signal(&signal).ok_or_else(|| format!("unknown signal {signal:?}"))?;
             let mut p = ProcessClient::new(ctx.channel.clone());

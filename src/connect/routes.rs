@@ -15,8 +15,11 @@ use prost::{Message, Name};
 use super::{client_stream, server_stream, unary, unary_error, BoxStream, HttpBody, Kind, Wire};
 use crate::defaults::Defaults;
 use crate::filesystem::FilesystemService;
+use crate::ports::api::PortsService;
 use crate::process::ProcessService;
 use crate::proto::filesystem::filesystem_server::SERVICE_NAME as FILESYSTEM;
+use crate::proto::ports::ports_server::SERVICE_NAME as PORTS;
+use crate::proto::ports::{ListPortsRequest, WatchPortsRequest};
 use crate::proto::process::process_server::SERVICE_NAME as PROCESS;
 use crate::proto::process::*;
 use crate::proto::transfer::transfer_server::SERVICE_NAME as TRANSFER;
@@ -29,6 +32,7 @@ use crate::status::{Code, Error, Result};
 struct Services {
     process: Arc<ProcessService>,
     fs: Arc<FilesystemService>,
+    ports: Arc<PortsService>,
 }
 
 type Svc = Arc<Services>;
@@ -202,16 +206,28 @@ fn routes() -> Vec<(String, Route)> {
             path(TRANSFER, "WriteFile"),
             client_stream_route(|s, c, input| async move { s.fs.write_file(&c, input).await }),
         ),
+        (
+            path(PORTS, "List"),
+            unary_route(|s, _, _: ListPortsRequest| async move { s.ports.list().await }),
+        ),
+        (
+            path(PORTS, "Watch"),
+            server_stream_route(
+                |s, c, _: WatchPortsRequest| async move { s.ports.watch(c.keepalive) },
+            ),
+        ),
     ]
 }
 
 /// Whether a path belongs to one of envd's RPC services.
 pub fn is_connect_path(path: &str) -> bool {
-    [PROCESS, FILESYSTEM, TRANSFER].iter().any(|service| {
-        path.strip_prefix('/')
-            .and_then(|p| p.strip_prefix(service))
-            .is_some_and(|rest| rest.starts_with('/'))
-    })
+    [PROCESS, FILESYSTEM, TRANSFER, PORTS]
+        .iter()
+        .any(|service| {
+            path.strip_prefix('/')
+                .and_then(|p| p.strip_prefix(service))
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
 }
 
 pub struct ConnectRouter {
@@ -232,10 +248,11 @@ impl ConnectRouter {
     pub fn new(
         process: Arc<ProcessService>,
         fs: Arc<FilesystemService>,
+        ports: Arc<PortsService>,
         defaults: Arc<Defaults>,
     ) -> Self {
         Self {
-            services: Arc::new(Services { process, fs }),
+            services: Arc::new(Services { process, fs, ports }),
             defaults,
             routes: routes().into_iter().collect(),
         }

@@ -3,6 +3,7 @@
 //! maps errors through [`crate::status`].
 
 pub mod filesystem;
+pub mod ports;
 pub mod process;
 
 use crate::defaults::Defaults;

@@ -5,6 +5,7 @@
 //! stops when the server goes away. Only in a sandbox VM. Bounded: at most
 //! 512 ports and 2,048 connections at once (each costs envd descriptors).
 
+pub mod api;
 pub mod scan;
 
 use std::collections::HashMap;

@@ -22,17 +22,78 @@ const MAX_TABLE: u64 = 16 << 20;
 /// Listeners on 127.0.0.1, ::1 or the IPv6 wildcard `::` (upstream's filter:
 /// frameworks often bind `::`, which is dual-stack).
 pub fn loopback_listeners() -> Vec<Listener> {
+    let mut out = listeners();
+    out.retain(|l| wanted(l.ip));
+    out
+}
+
+/// Every listening TCP socket (IPv4 and IPv6), sorted.
+pub fn listeners() -> Vec<Listener> {
     let mut out = Vec::new();
     for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         let Ok(text) = read_bounded(path) else {
             continue;
         };
-        out.extend(parse(&text, v6).into_iter().filter(|l| wanted(l.ip)));
+        out.extend(parse(&text, v6));
     }
     out.sort();
     out.dedup();
     out.truncate(MAX_LISTENERS);
     out
+}
+
+/// The pids owning `inodes` (socket inodes), from `/proc/*/fd`. Bounded:
+/// at most `MAX_PROCS` processes and `MAX_FDS` descriptors per process.
+pub fn owners(inodes: &[u64]) -> std::collections::HashMap<u64, u32> {
+    const MAX_PROCS: usize = 8192;
+    const MAX_FDS: usize = 4096;
+    let mut found = std::collections::HashMap::new();
+    if inodes.is_empty() {
+        return found;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in procs.flatten().take(MAX_PROCS) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten().take(MAX_FDS) {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("socket:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|l| l.parse::<u64>().ok());
+            if let Some(i) = inode.filter(|i| inodes.contains(i)) {
+                found.entry(i).or_insert(pid);
+            }
+        }
+        if found.len() == inodes.len() {
+            break;
+        }
+    }
+    found
+}
+
+/// The session of `pid` (field 6 of /proc/PID/stat).
+pub fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 fn read_bounded(path: &str) -> std::io::Result<String> {

@@ -110,6 +110,11 @@ impl ProcessService {
         cg.new_leaf(kind, seq, req.limits.as_ref()).map(Some)
     }
 
+    /// Whether `pid` is a running command envd started.
+    pub fn is_command(&self, pid: u32) -> bool {
+        self.table.running().iter().any(|p| p.pid == pid)
+    }
+
     /// Whether commands get cgroups of their own (resource control is on).
     pub fn resource_control(&self) -> bool {
         self.cgroups.get().is_some()
