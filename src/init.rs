@@ -66,6 +66,33 @@ pub fn mount_basics() {
     }
 }
 
+/// Brings the loopback interface up (down in a fresh initramfs): servers on
+/// 127.0.0.1, envd's tunnels and port forwarding need it.
+pub fn loopback_up() {
+    // SAFETY: a plain datagram socket for interface ioctls, closed below; the
+    // ifreq is zeroed, named "lo" (NUL-terminated) and only read back by us.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = libc::c_char::from_ne_bytes([*src]);
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req) != 0 {
+                eprintln!(
+                    "envd(init): cannot bring lo up: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        libc::close(fd);
+    }
+}
+
 fn is_mounted(target: &str) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target)))

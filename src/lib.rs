@@ -33,6 +33,7 @@ pub(crate) mod paths;
 pub mod ports;
 pub mod process;
 pub mod proto;
+pub mod relay;
 pub(crate) mod request;
 pub mod sd;
 pub mod server;

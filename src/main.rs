@@ -47,6 +47,7 @@ fn main() -> ExitCode {
     let pid1 = init::is_pid1();
     if pid1 {
         init::mount_basics();
+        init::loopback_up();
     }
     sd::take_env();
     ensure_std_fds();

@@ -252,6 +252,8 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
         .collect();
     assert!(names.contains(&"big.bin".to_owned()), "{names:?}");
 
+    tunnels_into_a_vm_without_network(&vm.url()).await;
+
     // busybox: a shell variable fed from a pipe.
     let hog = "x=$(head -c 268435456 /dev/zero | tr '\\0' a)";
     resource_control_proof(&vm.url(), true, hog).await;
@@ -746,4 +748,114 @@ async fn resource_control_proof(url: &str, exhaust: bool, hog: &str) {
         let o = run(&mut dial().await, sh("echo still here")).await;
         assert_eq!(o.out(), "still here\n");
     }
+}
+
+/// The PID 1 VM has no network device: a web server inside is reached from
+/// the host through `envctl forward`'s tunnels (HTTP CONNECT to envd over
+/// hybrid vsock), and the official Python SDK through `envctl proxy`.
+async fn tunnels_into_a_vm_without_network(url: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut p = ProcessClient::new(envd::client::dial(url).await.unwrap());
+    // busybox httpd on the guest's loopback, serving 64 MiB of random bytes.
+    let o = run(
+        &mut p,
+        sh("rm -f /tmp/big.bin; mkdir -p /tmp/www && echo hello > /tmp/www/index.html && head -c 67108864 /dev/urandom > /tmp/www/big && sha256sum /tmp/www/big"),
+    )
+    .await;
+    let want = o
+        .out()
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no checksum: {} {}", o.out(), o.err()))
+        .to_owned();
+    let _ = p
+        .start(sh("exec httpd -f -p 127.0.0.1:8080 -h /tmp/www"))
+        .await
+        .unwrap();
+    let target: envd::client::Target = url.parse().unwrap();
+    let host_port = vm::free_port();
+    let spec: envd::client::forward::Spec = format!("{host_port}:8080").parse().unwrap();
+    tokio::spawn(envd::client::forward::serve(
+        spec,
+        std::sync::Arc::new(target),
+        None,
+    ));
+    let get = |path: &'static str| async move {
+        for _ in 0..100 {
+            let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", host_port)).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let req = format!("GET {path} HTTP/1.0\r\nHost: vm\r\n\r\n");
+            if s.write_all(req.as_bytes()).await.is_err() {
+                continue;
+            }
+            let mut all = Vec::new();
+            if s.read_to_end(&mut all).await.is_err() || all.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            return all.split_off(at);
+        }
+        panic!("{path}: never answered through the forward");
+    };
+    assert_eq!(get("/index.html").await, b"hello\n");
+    // 50 connections at once.
+    let pages: Vec<_> = (0..50).map(|_| tokio::spawn(get("/index.html"))).collect();
+    for page in pages {
+        assert_eq!(page.await.unwrap(), b"hello\n");
+    }
+    // 64 MiB, checked.
+    let t = Instant::now();
+    let big = get("/big").await;
+    let secs = t.elapsed().as_secs_f64();
+    use sha2::Digest;
+    let got: String = sha2::Sha256::digest(&big)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(big.len(), 64 << 20);
+    assert_eq!(got, want, "64 MiB through the forward came back changed");
+    eprintln!(
+        "64 MiB through envctl forward (hybrid vsock, TCG): {:.1} MiB/s",
+        64.0 / secs
+    );
+
+    // The official Python SDK through `envctl proxy`.
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/sdk-venv/bin/python");
+    if !python.exists() {
+        return skip(
+            "tunnels_into_a_vm_without_network (SDK part)",
+            "no SDK virtualenv; make sdk-deps",
+        );
+    }
+    // The SDK runs `/bin/bash -l -c`: busybox's sh stands in for it.
+    run(
+        &mut p,
+        sh("printf '#!/bin/sh\\nexec /bin/sh \"$@\"\\n' > /bin/bash && chmod +x /bin/bash"),
+    )
+    .await;
+    let (local, bound) = envd::client::proxy::Local::bind("tcp://127.0.0.1:0")
+        .await
+        .unwrap();
+    tokio::spawn(envd::client::proxy::serve(local, url.parse().unwrap()));
+    let sdk_url = bound.replace("tcp://", "http://");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg("tests/sdk/vm_smoke.py")
+            .arg(&sdk_url)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("4 passed, 0 failed"),
+        "SDK through the proxy:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -118,7 +118,7 @@ pub async fn serve(spec: Spec, target: Arc<Target>, token: Option<String>) -> Re
                     if !early.is_empty() && client.write_all(&early).await.is_err() {
                         return;
                     }
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut tunnel).await;
+                    let _ = crate::relay::relay(&mut client, &mut tunnel).await;
                 }
                 Err(e) => eprintln!("envctl: forward to port {port}: {e}"),
             }

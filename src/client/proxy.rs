@@ -1,9 +1,8 @@
 //! `envctl proxy`: any TCP (or Unix socket) client on the host reaches envd
 //! in a VM that may have no network at all: each accepted connection is
 //! carried over a new connection to envd (vsock, hybrid vsock, Unix or TCP),
-//! byte for byte in both directions. A side that finishes sending is
-//! half-closed on the other (shutdown of its write side), so protocols that
-//! end a request with EOF keep working; either side failing tears both down.
+//! byte for byte in both directions (see `crate::relay`: a client's
+//! half-close reaches envd; envd closing ends the client's connection).
 
 use std::sync::Arc;
 
@@ -77,7 +76,7 @@ pub async fn serve(local: Local, target: Target) {
                     return;
                 }
             };
-            if let Err(e) = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
+            if let Err(e) = crate::relay::relay(&mut inbound, &mut outbound).await {
                 tracing::debug!(error = %e, "proxy: connection ended with an error");
             }
         });

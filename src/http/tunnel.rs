@@ -93,9 +93,7 @@ pub async fn handle(req: Request<Incoming>, policy: &TunnelPolicy) -> RestResult
                 return;
             }
         };
-        let mut client = TokioIo::new(upgraded);
-        let mut stream = stream;
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut stream).await {
+        if let Err(e) = crate::relay::relay(TokioIo::new(upgraded), stream).await {
             tracing::debug!(%dest, error = %e, "tunnel ended with an error");
         }
     });
