@@ -17,6 +17,9 @@ use envd::proto::transfer::transfer_client::TransferClient;
 use envd::proto::transfer::*;
 use futures_util::StreamExt;
 
+/// Held while a VM runs (see its uses).
+static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn skip_reason() -> Option<String> {
     if !is_root() {
         return Some("needs root".into());
@@ -38,12 +41,15 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
         skip("envd_as_pid1_in_an_initramfs_vm", &why);
         return;
     }
+    // One VM at a time: TCG VMs booting side by side on a 2-core machine
+    // took longer than the boot timeouts.
+    let _one_vm = VM_LOCK.lock().await;
     let a = vm::assets().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let initrd = vm::initramfs(&a, dir.path(), &a.envd, &[]);
     let append = format!("{} envd.listen=vsock://-1:{}", vm::modules_arg(), vm::PORT);
     let mut vm = vm::Vm::boot(&a, dir.path(), &initrd, &append, None, 256);
-    let ch = match envd::client::wait_ready(&vm.url(), Duration::from_secs(90)).await {
+    let ch = match envd::client::wait_ready(&vm.url(), Duration::from_secs(180)).await {
         Ok(ch) => ch,
         Err(e) => panic!(
             "{e}\nconsole:\n{}\nqemu:\n{}",
@@ -276,6 +282,9 @@ async fn systemd_restarts_envd_and_the_client_reconnects() {
         skip("systemd_restarts_envd", &why);
         return;
     }
+    // One VM at a time: TCG VMs booting side by side on a 2-core machine
+    // took longer than the boot timeouts.
+    let _one_vm = VM_LOCK.lock().await;
     let a = vm::assets().unwrap();
     let Some(rootfs) = vm::debian_rootfs() else {
         skip(
@@ -392,6 +401,9 @@ async fn e2b_orchestrator_contract_in_the_systemd_vm() {
     if let Some(why) = skip_reason() {
         return skip(NAME, &why);
     }
+    // One VM at a time: TCG VMs booting side by side on a 2-core machine
+    // took longer than the boot timeouts.
+    let _one_vm = VM_LOCK.lock().await;
     let a = vm::assets().unwrap();
     let Some(rootfs) = vm::debian_rootfs() else {
         return skip(NAME, "no cached Debian rootfs (tests/vm/setup.sh makes it)");
