@@ -172,19 +172,7 @@ async fn main() {
     // the same envd build without it, both in this run.
     match common::cgroup::TestCgroup::create("bench") {
         Some(cg) if is_root() => {
-            let root = cg.0.to_str().unwrap().to_owned();
-            let tmp = std::env::temp_dir();
-            let placed = Envd::start(&[
-                "--vm",
-                "--mmds-address",
-                "off",
-                "--forward-address",
-                "off",
-                "--guest-root",
-                tmp.to_str().unwrap(),
-                "--cgroup-root",
-                &root,
-            ]);
+            let placed = cg.envd();
             let with_cg = envd_spawn(&placed.unix).await;
             println!(
                 "Start(/bin/true)  in its own cgroup    {:>8.0} us  = {:.2}x without (target <= 1.2x)",

@@ -93,7 +93,8 @@ pub fn loopback_up() {
     }
 }
 
-fn is_mounted(target: &str) -> bool {
+/// Whether `target` is a mount point (in `/proc/self/mountinfo`).
+pub(crate) fn is_mounted(target: &str) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target)))
         .unwrap_or(false)

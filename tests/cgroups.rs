@@ -13,21 +13,6 @@ use common::*;
 use envd::proto::process::*;
 use tonic::Code;
 
-fn envd_in(cg: &TestCgroup) -> Envd {
-    let root = cg.0.to_str().unwrap().to_owned();
-    Envd::start(&[
-        "--vm",
-        "--mmds-address",
-        "off",
-        "--forward-address",
-        "off",
-        "--guest-root",
-        std::env::temp_dir().to_str().unwrap(),
-        "--cgroup-root",
-        &root,
-    ])
-}
-
 fn alive(pid: u32) -> bool {
     // A zombie awaiting its reaper is as good as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
@@ -73,7 +58,7 @@ macro_rules! need_cgroups {
 #[tokio::test]
 async fn every_command_has_its_own_cgroup_and_a_tree_kill_leaves_nothing() {
     let cg = need_cgroups!("tree_kill");
-    let envd = envd_in(&cg);
+    let envd = cg.envd();
     let mut c = envd.client().await;
     let (mut s, mut o) = started(&mut c, escaping_tree()).await;
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
@@ -138,7 +123,7 @@ async fn every_command_has_its_own_cgroup_and_a_tree_kill_leaves_nothing() {
 #[tokio::test]
 async fn the_deadline_kills_the_whole_tree() {
     let cg = need_cgroups!("deadline_tree");
-    let envd = envd_in(&cg);
+    let envd = cg.envd();
     let mut c = envd.client().await;
     let mut req = tonic::Request::new(escaping_tree());
     req.metadata_mut()
@@ -156,7 +141,7 @@ async fn the_deadline_kills_the_whole_tree() {
 #[tokio::test]
 async fn end_and_list_report_usage() {
     let cg = need_cgroups!("usage");
-    let envd = envd_in(&cg);
+    let envd = cg.envd();
     let mut c = envd.client().await;
     // Half a second of CPU in user space.
     let o = run(
@@ -207,7 +192,7 @@ async fn limits_are_never_silently_ignored() {
         ..Default::default()
     });
     let cg = need_cgroups!("limits");
-    let envd = envd_in(&cg);
+    let envd = cg.envd();
     let mut c = envd.client().await;
     let err = c.start(bad).await.expect_err("negative cpu");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());

@@ -54,20 +54,24 @@ impl Leaf {
 
     /// Whether the OOM killer killed anything in the cgroup.
     pub fn oom_killed(&self) -> bool {
-        read_keyed(&self.dir.join("memory.events"), "oom_kill").is_some_and(|n| n > 0)
-            || read_keyed(&self.dir.join("memory.events"), "oom_group_kill").is_some_and(|n| n > 0)
+        let Ok(events) = std::fs::read_to_string(self.dir.join("memory.events")) else {
+            return false;
+        };
+        ["oom_kill", "oom_group_kill"]
+            .iter()
+            .any(|k| keyed(&events, k).is_some_and(|n| n > 0))
     }
 
     /// What the cgroup used (what the kernel reports; zero for what it
     /// does not).
     pub fn usage(&self) -> ResourceUsage {
-        let cpu = self.dir.join("cpu.stat");
+        let cpu = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
         let (read, write) = io_bytes(&self.dir.join("io.stat"));
         ResourceUsage {
             memory_peak_bytes: read_number(&self.dir.join("memory.peak")).unwrap_or(0),
             memory_current_bytes: read_number(&self.dir.join("memory.current")).unwrap_or(0),
-            cpu_user_usec: read_keyed(&cpu, "user_usec").unwrap_or(0),
-            cpu_system_usec: read_keyed(&cpu, "system_usec").unwrap_or(0),
+            cpu_user_usec: keyed(&cpu, "user_usec").unwrap_or(0),
+            cpu_system_usec: keyed(&cpu, "system_usec").unwrap_or(0),
             io_read_bytes: read,
             io_write_bytes: write,
         }
@@ -98,9 +102,8 @@ fn read_number(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// `key value` lines (memory.events, cpu.stat).
-fn read_keyed(path: &Path, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// The value of `key` in `key value` lines (memory.events, cpu.stat).
+fn keyed(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok())?

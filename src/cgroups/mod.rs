@@ -53,9 +53,7 @@ impl Cgroups {
             return None;
         }
         // Controllers for the children; each may be missing (best effort).
-        for c in ["+cpu", "+memory", "+io", "+pids"] {
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), c);
-        }
+        enable_controllers(root);
         let memory_max = memory_limit();
         for kind in Kind::ALL {
             let dir = root.join(kind.dir());
@@ -79,10 +77,8 @@ impl Cgroups {
                 // Absent controllers simply lack the file.
                 let _ = std::fs::write(dir.join(file), value);
             }
-            // The leaves' controllers (each may be missing).
-            for c in ["+cpu", "+memory", "+io", "+pids"] {
-                let _ = std::fs::write(dir.join("cgroup.subtree_control"), c);
-            }
+            // The leaves' controllers.
+            enable_controllers(&dir);
             remove_empty_leaves(&dir);
         }
         tracing::info!(root = %root.display(), "commands run in the user and ptys cgroups");
@@ -120,6 +116,14 @@ impl Cgroups {
             return Err(e);
         }
         Ok(leaf)
+    }
+}
+
+/// Enables the controllers limits use for `dir`'s children, one at a time
+/// (each may be missing from the hierarchy).
+fn enable_controllers(dir: &Path) {
+    for c in ["+cpu", "+memory", "+io", "+pids"] {
+        let _ = std::fs::write(dir.join("cgroup.subtree_control"), c);
     }
 }
 

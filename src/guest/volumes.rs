@@ -67,7 +67,7 @@ impl Ledger {
         for m in mounts {
             let path = PathBuf::from(&m.path);
             let wanted = (m.nfs_target.clone(), lifecycle.map(str::to_owned));
-            let mounted = is_mountpoint(&path);
+            let mounted = crate::init::is_mounted(&m.path);
             if mounted && self.0.get(&path) == Some(&wanted) {
                 continue;
             }
@@ -104,16 +104,6 @@ impl Ledger {
         }
         Ok(())
     }
-}
-
-/// Whether `path` is a mount point (in `/proc/self/mountinfo`).
-pub fn is_mountpoint(path: &Path) -> bool {
-    let Some(p) = path.to_str() else {
-        return false;
-    };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(p)))
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 pub mod api;
 pub mod scan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,19 +34,19 @@ pub fn start(address: IpAddr, own_ports: Vec<u16>) {
         let mut forwards: HashMap<Listener, Forward> = HashMap::new();
         // Listeners that could not be forwarded (the port is taken on the
         // external address, e.g. by a `::` server itself): not retried.
-        let mut refused: HashMap<Listener, ()> = HashMap::new();
+        let mut refused: HashSet<Listener> = HashSet::new();
         let mut tick = tokio::time::interval(SCAN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let now = scan::loopback_listeners();
             forwards.retain(|l, _| now.contains(l));
-            refused.retain(|l, _| now.contains(l));
+            refused.retain(|l| now.contains(l));
             for l in now {
                 if own_ports.contains(&l.port)
                     || forwards.len() >= MAX_FORWARDS
                     || forwards.contains_key(&l)
-                    || refused.contains_key(&l)
+                    || refused.contains(&l)
                     || forwards.keys().any(|f| f.port == l.port)
                 {
                     continue;
@@ -58,7 +58,7 @@ pub fn start(address: IpAddr, own_ports: Vec<u16>) {
                     }
                     Err(e) => {
                         tracing::debug!(port = l.port, error = %e, "port not forwarded");
-                        refused.insert(l, ());
+                        refused.insert(l);
                     }
                 }
             }

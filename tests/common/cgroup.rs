@@ -22,6 +22,24 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// envd in a VM (no MMDS, no forwarding) managing its cgroups here.
+    pub fn envd(&self) -> super::Envd {
+        let root = self.0.to_str().unwrap().to_owned();
+        super::Envd::start(&[
+            "--vm",
+            "--mmds-address",
+            "off",
+            "--forward-address",
+            "off",
+            "--guest-root",
+            std::env::temp_dir().to_str().unwrap(),
+            "--cgroup-root",
+            &root,
+        ])
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
