@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/filesystem.proto",
         "proto/transfer.proto",
         "proto/ports.proto",
+        "proto/handover.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

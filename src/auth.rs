@@ -58,6 +58,11 @@ impl Auth {
     }
 
     /// Sets (or with `None`, clears) the token.
+    /// The token now in force (carried across a live upgrade).
+    pub fn current(&self) -> Option<String> {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn set(&self, token: Option<String>) {
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = token.filter(|t| !t.is_empty());
     }

@@ -61,6 +61,11 @@ impl Defaults {
             .insert(name.to_owned(), value);
     }
 
+    /// The `/init` variables alone (envd's own are set again at start).
+    pub fn init_envs(&self) -> BTreeMap<String, String> {
+        self.envs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn set_envs(&self, envs: BTreeMap<String, String>) {
         *self.envs.write().unwrap_or_else(|e| e.into_inner()) = envs;
     }

@@ -167,6 +167,30 @@ pub fn load_modules(paths: &[String]) {
     }
 }
 
+/// Counts fatal-error re-executions of PID 1 (in its environment).
+const REEXEC_ENV: &str = "ENVD_PID1_REEXECS";
+/// Re-executions tried before PID 1 gives up and powers off.
+const MAX_REEXECS: u32 = 3;
+
+/// After a fatal error as PID 1: execute envd afresh (same PID, commands keep
+/// running), at most [`MAX_REEXECS`] times per boot; then power off.
+pub fn reexec_or_power_off() -> ! {
+    let done: u32 = std::env::var(REEXEC_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if done < MAX_REEXECS {
+        tracing::error!(attempt = done + 1, "PID 1: executing envd afresh");
+        // SAFETY: the runtime has ended; envd is about to replace itself.
+        unsafe { std::env::set_var(REEXEC_ENV, (done + 1).to_string()) };
+        let err = std::os::unix::process::CommandExt::exec(&mut std::process::Command::new(
+            "/proc/self/exe",
+        ));
+        tracing::error!(error = %err, "PID 1: cannot execute envd afresh");
+    }
+    power_off(Duration::from_secs(5))
+}
+
 /// Ends every other process (SIGTERM, then SIGKILL after `grace`), syncs
 /// and powers off. Never returns.
 pub fn power_off(grace: Duration) -> ! {

@@ -116,6 +116,54 @@ impl Listener {
         }
     }
 
+    /// A listening socket a previous envd image bound (live upgrade): only
+    /// one of the kind `url` names that is listening.
+    pub fn adopt(url: &ListenUrl, fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
+        let domain = sockopt_int(&fd, libc::SO_DOMAIN)?;
+        let listening = sockopt_int(&fd, libc::SO_ACCEPTCONN)? != 0;
+        let family_ok = match url {
+            ListenUrl::Tcp(_) => domain == libc::AF_INET || domain == libc::AF_INET6,
+            ListenUrl::Unix(_) => domain == libc::AF_UNIX,
+            ListenUrl::Vsock { .. } => domain == libc::AF_VSOCK,
+        };
+        if !family_ok || !listening {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the carried fd is not a listening socket for {url}"),
+            ));
+        }
+        Ok(match url {
+            ListenUrl::Tcp(_) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Tcp(TcpListener::from_std(l)?)
+            }
+            ListenUrl::Unix(_) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Unix(UnixListener::from_std(l)?)
+            }
+            ListenUrl::Vsock { .. } => {
+                nix::fcntl::fcntl(
+                    &fd,
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                )
+                .map_err(io::Error::from)?;
+                Listener::Vsock(VsockListener::from(fd))
+            }
+        })
+    }
+
+    /// The socket's fd (open for as long as the listener lives).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Vsock(l) => l.as_raw_fd(),
+        }
+    }
+
     /// The URL actually bound (with the real port when port 0 was asked).
     pub fn local_url(&self, asked: &ListenUrl) -> String {
         match self {
@@ -146,6 +194,28 @@ impl Listener {
             Listener::Vsock(l) => Box::new(l.accept().await?.0),
         })
     }
+}
+
+/// An integer `SOL_SOCKET` option of `fd`.
+fn sockopt_int(fd: &std::os::fd::OwnedFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt writes at most `len` bytes to `v`, a live c_int,
+    // and updates `len`; the fd is open for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            std::ptr::from_mut(&mut v).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
 }
 
 /// A leftover socket file from an earlier run is replaced; any other file at

@@ -44,8 +44,14 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
+    if std::env::args().nth(1).as_deref() == Some(envd::handover::CHECK_FLAG) {
+        println!("{}", envd::handover::check_line());
+        return ExitCode::SUCCESS;
+    }
     let pid1 = init::is_pid1();
-    if pid1 {
+    // A live upgrade's next image: the machine is set up already.
+    let handover = envd::handover::incoming::take_env();
+    if pid1 && handover.is_none() {
         init::mount_basics();
         init::loopback_up();
     }
@@ -84,7 +90,9 @@ fn main() -> ExitCode {
     logging::init(&cfg);
     if pid1 {
         tracing::info!("running as PID 1");
-        init::load_modules(&modules);
+        if handover.is_none() {
+            init::load_modules(&modules);
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -101,16 +109,18 @@ fn main() -> ExitCode {
         }
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(run(cfg, start))
+        runtime.block_on(run(cfg, start, handover))
     }));
     if pid1 {
         match &result {
+            Ok(Ok(())) => init::power_off(Duration::from_secs(5)),
             Ok(Err(e)) => tracing::error!("{e}"),
             Err(_) => tracing::error!("envd panicked"),
-            Ok(Ok(())) => {}
         }
-        // The runtime stays alive, so orphans are still reaped meanwhile.
-        init::power_off(Duration::from_secs(5));
+        // A fresh image of envd keeps the machine and its commands alive
+        // (they are its children still, and reaped as orphans); only after
+        // repeated failures does the machine power off.
+        init::reexec_or_power_off();
     }
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -136,7 +146,7 @@ fn ensure_std_fds() {
     }
 }
 
-async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
+async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> Result<(), String> {
     let pid1 = start.pid1;
     let (before, nofile) = envd::limits::raise_nofile();
     let conns = Connections::new(cfg.conn_limits(nofile));
@@ -149,7 +159,10 @@ async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
     envd::body::set_timeout(Duration::from_secs(cfg.body_timeout));
     envd::filesystem::inotify::Hub::global()
         .set_max(usize::try_from(cfg.max_watches).unwrap_or(usize::MAX));
-    let reaper = Reaper::start().map_err(|e| format!("cannot start the child reaper: {e}"))?;
+    let mut incoming = handover.map(envd::handover::incoming::Incoming::load);
+    let adopt = incoming.as_ref().map(|i| i.pids()).unwrap_or_default();
+    let (reaper, mut exits) = Reaper::start_adopting(&adopt)
+        .map_err(|e| format!("cannot start the child reaper: {e}"))?;
     let default_user = match &cfg.default_user {
         Some(u) => {
             User::lookup(u).map_err(|e| format!("--default-user: {e}"))?;
@@ -167,12 +180,59 @@ async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
     let auth = Arc::new(Auth::new(cfg.access_token()?));
     let in_vm = cfg.in_vm(start);
     let guest = envd::guest::start(&cfg, start, defaults.clone(), process.clone())?;
-    let router = server::Router::new(process.clone(), filesystem, defaults, auth, guest).await?;
+    let init_state = Arc::new(envd::http::init::InitState::new(guest));
+    let exe = incoming
+        .as_ref()
+        .map(|i| i.state.exe_path.clone())
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| "/proc/self/exe".into());
+    let upgrader = envd::handover::Upgrader::new(
+        process.clone(),
+        filesystem.clone(),
+        defaults.clone(),
+        auth.clone(),
+        init_state.clone(),
+        exe,
+    );
+    if let Some(inc) = incoming.as_mut() {
+        take_over(
+            inc,
+            &process,
+            &filesystem,
+            &defaults,
+            &auth,
+            &init_state,
+            &mut exits,
+        )
+        .await;
+        upgrader.set_report(inc.report.clone());
+    }
+    let router = server::Router::new(
+        process.clone(),
+        filesystem,
+        defaults,
+        auth,
+        init_state,
+        upgrader.clone(),
+    )
+    .await?;
 
     for url in cfg.listeners(start) {
-        match Listener::bind(&url).await {
+        let carried = incoming.as_mut().and_then(|i| i.listener(&url.to_string()));
+        let bound = match carried.map(|fd| Listener::adopt(&url, fd)) {
+            Some(Ok(l)) => Ok(l),
+            Some(Err(e)) => {
+                tracing::warn!(%url, error = %e, "carried listener unusable; binding anew");
+                Listener::bind(&url).await
+            }
+            None => Listener::bind(&url).await,
+        };
+        match bound {
             Ok(listener) => {
                 let local = listener.local_url(&url);
+                upgrader.add_listener(url.to_string(), listener.raw_fd());
                 tracing::info!(url = %local, "listening");
                 tokio::spawn(server::serve(
                     listener,
@@ -195,7 +255,21 @@ async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
         in_vm,
         "envd ready"
     );
-    if let Some(cmd) = &cfg.start_cmd {
+    if let Some(inc) = incoming.as_mut() {
+        inc.drop_unused_listeners();
+        let r = &inc.report;
+        tracing::info!(
+            from = %r.from_version,
+            commands = r.procs,
+            failed = r.procs_failed,
+            ended = r.retained,
+            watchers = r.watchers,
+            lost = ?r.lost,
+            "took over from the previous envd image"
+        );
+    }
+    // The start command runs once per boot, not again after a live upgrade.
+    if let Some(cmd) = cfg.start_cmd.as_ref().filter(|_| incoming.is_none()) {
         if let Err(e) = process.start_command(cmd) {
             tracing::error!(error = %e.message, "-cmd: cannot start the command");
         }
@@ -209,8 +283,20 @@ async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
     let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     loop {
         let name = tokio::select! {
+            _ = hup.recv() => {
+                // SIGHUP: live upgrade to the program file envd was started
+                // from (replace it on disk, then signal).
+                tracing::info!(program = %upgrader.exe().display(), "SIGHUP: live upgrade");
+                let u = upgrader.clone();
+                tokio::spawn(async move {
+                    let Err(e) = u.upgrade(envd::handover::Image::OnDisk).await;
+                    tracing::error!(error = %e.message, "SIGHUP: live upgrade refused");
+                });
+                continue;
+            }
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
             _ = usr1.recv() => "SIGUSR1",
@@ -225,6 +311,32 @@ async fn run(cfg: Config, start: envd::config::Start) -> Result<(), String> {
     }
     sd::stopping();
     Ok(())
+}
+
+/// Takes over what the previous envd image handed over: `/init` state,
+/// commands, polling watchers.
+async fn take_over(
+    inc: &mut envd::handover::incoming::Incoming,
+    process: &ProcessService,
+    filesystem: &FilesystemService,
+    defaults: &Defaults,
+    auth: &Auth,
+    init_state: &envd::http::init::InitState,
+    exits: &mut std::collections::HashMap<i32, envd::process::reaper::ExitWatch>,
+) {
+    if let Some(i) = inc.state.init.take() {
+        auth.set(i.access_token);
+        if !i.default_user.is_empty() {
+            defaults.set_user(i.default_user);
+        }
+        defaults.set_workdir(i.default_workdir);
+        defaults.set_envs(i.env_vars.into_iter().collect());
+        init_state.restore_last(i.last_init_ns);
+    }
+    inc.adopt_commands(process, exits);
+    let watchers = std::mem::take(&mut inc.state.watchers);
+    inc.report.watchers = watchers.len();
+    inc.report.watchers_failed = filesystem.restore_watchers(watchers).await;
 }
 
 async fn bind_later(url: envd::listen::ListenUrl, router: server::Router, conns: Arc<Connections>) {

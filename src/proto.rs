@@ -18,6 +18,9 @@ pub mod envd {
     pub mod ports {
         tonic::include_proto!("envd.ports");
     }
+    pub mod handover {
+        tonic::include_proto!("envd.handover");
+    }
 }
 
 pub use envd::{ports, transfer};

@@ -10,6 +10,8 @@ use std::time::Duration;
 struct Notify {
     socket: String,
     watchdog: Option<Duration>,
+    /// `$WATCHDOG_USEC` as given, for the next image of a live upgrade.
+    watchdog_usec: Option<String>,
 }
 
 static NOTIFY: OnceLock<Option<Notify>> = OnceLock::new();
@@ -17,9 +19,8 @@ static NOTIFY: OnceLock<Option<Notify>> = OnceLock::new();
 /// Reads and removes the systemd variables. Call before any thread exists.
 pub fn take_env() {
     let socket = std::env::var("NOTIFY_SOCKET").ok();
-    let watchdog = std::env::var("WATCHDOG_USEC")
-        .ok()
-        .and_then(|u| u.parse::<u64>().ok());
+    let watchdog_usec = std::env::var("WATCHDOG_USEC").ok();
+    let watchdog = watchdog_usec.as_deref().and_then(|u| u.parse::<u64>().ok());
     let for_us = std::env::var("WATCHDOG_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
@@ -38,6 +39,7 @@ pub fn take_env() {
     let _ = NOTIFY.set(socket.map(|socket| Notify {
         socket,
         watchdog: watchdog.filter(|_| for_us).map(Duration::from_micros),
+        watchdog_usec: watchdog_usec.filter(|_| for_us),
     }));
 }
 
@@ -61,11 +63,15 @@ fn send(state: &str) {
 /// Tells systemd envd is ready, and starts watchdog pings if asked for.
 pub fn ready() {
     send("READY=1");
+    static PINGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Some(Some(Notify {
         watchdog: Some(every),
         ..
     })) = NOTIFY.get()
     {
+        if PINGING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let period = *every / 2;
         tracing::info!(?period, "systemd watchdog enabled");
         tokio::spawn(async move {
@@ -75,6 +81,33 @@ pub fn ready() {
             }
         });
     }
+}
+
+/// Tells systemd envd is replacing its program image (live upgrade); the
+/// next image says `READY=1` again. Its main PID does not change.
+pub fn reloading() {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let usec = i128::from(now.tv_sec) * 1_000_000 + i128::from(now.tv_nsec) / 1000;
+    send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+}
+
+/// The systemd variables the next image of a live upgrade needs (they were
+/// taken out of envd's environment at start).
+pub fn exec_env() -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    if let Some(Some(n)) = NOTIFY.get() {
+        v.push(("NOTIFY_SOCKET".to_owned(), n.socket.clone()));
+        if let Some(w) = &n.watchdog_usec {
+            v.push(("WATCHDOG_USEC".to_owned(), w.clone()));
+            v.push(("WATCHDOG_PID".to_owned(), std::process::id().to_string()));
+        }
+    }
+    v
 }
 
 /// Tells systemd envd is stopping.

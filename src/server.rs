@@ -48,7 +48,8 @@ impl Router {
         filesystem: Arc<FilesystemService>,
         defaults: Arc<Defaults>,
         auth: Arc<Auth>,
-        guest: Arc<crate::guest::Guest>,
+        init: Arc<crate::http::init::InitState>,
+        upgrader: Arc<crate::handover::Upgrader>,
     ) -> Result<Router, String> {
         let ports = Arc::new(crate::ports::api::PortsService::new(process.clone()));
         Ok(Router {
@@ -65,7 +66,7 @@ impl Router {
                 ports,
                 defaults.clone(),
             )),
-            rest: Arc::new(RestRouter::new(defaults, auth.clone(), guest)),
+            rest: Arc::new(RestRouter::new(defaults, auth.clone(), init, upgrader)),
             auth,
         })
     }
@@ -214,7 +215,15 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<Connections>) {
     let builder = http_builder();
     loop {
-        let conn = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = crate::handover::quiesce::until_requested() => {
+                crate::handover::quiesce::until_lifted().await;
+                continue;
+            }
+            r = listener.accept() => r,
+        };
+        let conn = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of fds (EMFILE/ENFILE): close the longest-idle

@@ -18,6 +18,12 @@ impl Leaf {
         Leaf { dir }
     }
 
+    /// A leaf a previous envd image created (live upgrade, crash recovery):
+    /// only a directory that really is a cgroup.
+    pub fn adopt(dir: PathBuf) -> Option<Leaf> {
+        (dir.is_absolute() && dir.join("cgroup.procs").is_file()).then_some(Leaf { dir })
+    }
+
     pub fn path(&self) -> &Path {
         &self.dir
     }

@@ -147,6 +147,16 @@ impl FilesystemService {
         Ok(RemoveResponse {})
     }
 
+    /// The polling watchers, for a live upgrade.
+    pub fn watchers_image(&self) -> Vec<crate::proto::envd::handover::Watcher> {
+        self.watchers.image()
+    }
+
+    /// Re-arms a previous image's polling watchers; returns how many failed.
+    pub async fn restore_watchers(&self, w: Vec<crate::proto::envd::handover::Watcher>) -> usize {
+        self.watchers.restore(w).await
+    }
+
     /// `start` once the watch is armed, then events and keepalives; an error
     /// (overflow, limits) ends the stream.
     pub async fn watch_dir(

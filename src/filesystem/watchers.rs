@@ -25,6 +25,9 @@ struct Polled {
     /// Shared with the filling task, which holds only a `Weak`.
     state: Arc<Mutex<PollState>>,
     task: tokio::task::JoinHandle<()>,
+    /// What it watches (a live upgrade re-arms it from these).
+    root: PathBuf,
+    opts: WatchOptions,
 }
 
 #[derive(Debug)]
@@ -77,10 +80,24 @@ impl Watchers {
     }
 
     pub async fn create(&self, root: PathBuf, opts: WatchOptions) -> Result<String> {
-        let mut watch = watch_dir(root, opts).await?;
+        let id = format!("w{}", crate::ids::random_id(20));
+        self.arm(id.clone(), root, opts, VecDeque::new(), 0).await?;
+        Ok(id)
+    }
+
+    /// Arms watcher `id` with events already pending (a new one has none).
+    async fn arm(
+        &self,
+        id: String,
+        root: PathBuf,
+        opts: WatchOptions,
+        pending: VecDeque<FilesystemEvent>,
+        lost: u64,
+    ) -> Result<()> {
+        let mut watch = watch_dir(root.clone(), opts.clone()).await?;
         let state = Arc::new(Mutex::new(PollState {
-            events: VecDeque::new(),
-            lost: 0,
+            events: pending,
+            lost,
             error: None,
             last_poll: Instant::now(),
         }));
@@ -100,10 +117,55 @@ impl Watchers {
                 }
             }
         });
-        let id = format!("w{}", crate::ids::random_id(20));
-        let polled = Arc::new(Polled { state, task });
-        lock(&self.map).insert(id.clone(), polled);
-        Ok(id)
+        let polled = Arc::new(Polled {
+            state,
+            task,
+            root,
+            opts,
+        });
+        lock(&self.map).insert(id, polled);
+        Ok(())
+    }
+
+    /// Every watcher with its pending events, for a live upgrade.
+    pub fn image(&self) -> Vec<crate::proto::envd::handover::Watcher> {
+        lock(&self.map)
+            .iter()
+            .map(|(id, p)| {
+                let s = lock(&p.state);
+                crate::proto::envd::handover::Watcher {
+                    id: id.clone(),
+                    path: p.root.display().to_string(),
+                    recursive: p.opts.recursive,
+                    include_entry: p.opts.include_entry,
+                    allow_network_mounts: p.opts.allow_network_mounts,
+                    pending: s.events.iter().cloned().collect(),
+                    lost: s.lost,
+                }
+            })
+            .collect()
+    }
+
+    /// Re-arms the watchers of a previous envd image under their ids.
+    /// Returns how many could not be (their directory is gone, ...).
+    pub async fn restore(&self, watchers: Vec<crate::proto::envd::handover::Watcher>) -> usize {
+        let mut failed = 0;
+        for w in watchers {
+            let opts = WatchOptions {
+                recursive: w.recursive,
+                include_entry: w.include_entry,
+                allow_network_mounts: w.allow_network_mounts,
+            };
+            let pending: VecDeque<_> = w.pending.into_iter().take(self.capacity).collect();
+            if let Err(e) = self
+                .arm(w.id.clone(), PathBuf::from(&w.path), opts, pending, w.lost)
+                .await
+            {
+                tracing::warn!(watcher = %w.id, error = %e.message, "handover: watcher not re-armed");
+                failed += 1;
+            }
+        }
+        failed
     }
 
     /// Returns and clears the buffered events. If events were dropped since

@@ -66,6 +66,19 @@ impl InitState {
     pub fn guest(&self) -> &Guest {
         &self.guest
     }
+
+    /// Holds off every `/init` while the guard lives (a live upgrade takes
+    /// its snapshot meanwhile); the guard holds the newest timestamp applied.
+    pub async fn hold(&self) -> tokio::sync::MutexGuard<'_, Option<i128>> {
+        self.last.lock().await
+    }
+
+    /// The newest timestamp a previous envd image applied.
+    pub fn restore_last(&self, ns: Option<i64>) {
+        if let Ok(mut last) = self.last.try_lock() {
+            *last = ns.map(i128::from);
+        }
+    }
 }
 
 pub async fn handle(

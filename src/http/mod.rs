@@ -3,11 +3,12 @@
 
 mod files;
 pub mod headers;
-mod init;
+pub mod init;
 mod metrics;
 mod pause;
 mod query;
 pub mod tunnel;
+mod upgrade;
 
 use std::sync::Arc;
 
@@ -37,17 +38,24 @@ pub enum Access {
 pub struct RestRouter {
     defaults: Arc<Defaults>,
     auth: Arc<Auth>,
-    init: init::InitState,
+    init: Arc<init::InitState>,
+    upgrader: Arc<crate::handover::Upgrader>,
     tunnels: tunnel::TunnelPolicy,
     metrics: metrics::Metrics,
 }
 
 impl RestRouter {
-    pub fn new(defaults: Arc<Defaults>, auth: Arc<Auth>, guest: Arc<crate::guest::Guest>) -> Self {
+    pub fn new(
+        defaults: Arc<Defaults>,
+        auth: Arc<Auth>,
+        init: Arc<init::InitState>,
+        upgrader: Arc<crate::handover::Upgrader>,
+    ) -> Self {
         Self {
             defaults,
             auth,
-            init: init::InitState::new(guest),
+            init,
+            upgrader,
             tunnels: tunnel::TunnelPolicy { any: false },
             metrics: metrics::Metrics::default(),
         }
@@ -81,7 +89,15 @@ impl RestRouter {
                 .metrics
                 .handle(self.init.guest().process().resource_control()),
             ("GET", "/envs") => Ok(json(StatusCode::OK, &self.defaults.envs())),
-            ("POST", "/init") => init::handle(req, &self.defaults, &self.auth, &self.init).await,
+            ("POST", "/init") => init::handle(req, &self.defaults, &self.auth, &self.init)
+                .await
+                .map(|mut r| {
+                    if let Some(h) = self.handover_header() {
+                        r.headers_mut().insert("x-envd-handover", h);
+                    }
+                    r
+                }),
+            ("POST", "/upgrade") => upgrade::handle(req, &self.upgrader).await,
             ("GET", "/files") => match self.signed_query(&req, "read", signed) {
                 Ok(q) => files::download(req, q, &self.defaults).await,
                 Err(e) => Err(e),
@@ -99,7 +115,7 @@ impl RestRouter {
             (
                 _,
                 "/health" | "/metrics" | "/envs" | "/init" | "/files" | "/files/compose"
-                | "/freeze" | "/unfreeze" | "/fsfreeze" | "/fsthaw" | "/collapse",
+                | "/freeze" | "/unfreeze" | "/fsfreeze" | "/fsthaw" | "/collapse" | "/upgrade",
             ) => Err(Rest::http(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not allowed on {path}"),
@@ -116,6 +132,12 @@ impl RestRouter {
                 .insert("cache-control", "no-store".parse().expect("valid"));
         }
         response
+    }
+
+    /// E2B's `X-Envd-Handover`: what this image took over in a live upgrade.
+    fn handover_header(&self) -> Option<http::HeaderValue> {
+        let report = self.upgrader.report()?;
+        serde_json::to_string(&report).ok()?.parse().ok()
     }
 
     /// The request's query; with `signed`, only if its signature for `op`

@@ -98,6 +98,15 @@ impl Budget {
     }
 }
 
+/// A log's content, carried across a live upgrade.
+#[derive(Debug, Default)]
+pub struct LogImage {
+    pub start: u64,
+    pub end: u64,
+    pub chunks: Vec<(u64, Source, Bytes)>,
+    pub finished: Option<EndEvent>,
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct OutputLog {
@@ -143,7 +152,10 @@ impl OutputLog {
             rx.mark_unchanged();
             {
                 let mut g = self.lock();
+                // While a live upgrade quiesces, nobody will read again in
+                // this image: appending beats holding bytes in a pump's hands.
                 let fits = match g.slowest() {
+                    _ if crate::handover::quiesce::requested() => true,
                     None => true,
                     Some(c) => c == g.end || g.end - c + data.len() as u64 <= self.capacity,
                 };
@@ -180,6 +192,66 @@ impl OutputLog {
                 return;
             }
         }
+    }
+
+    /// Wakes producers and subscribers to re-check (a quiesce began).
+    pub fn wake(&self) {
+        self.notify();
+    }
+
+    /// What the log holds, for a live upgrade.
+    pub fn image(&self) -> LogImage {
+        let g = self.lock();
+        LogImage {
+            start: g.start,
+            end: g.end,
+            chunks: g
+                .chunks
+                .iter()
+                .map(|c| (c.offset, c.source, c.data.clone()))
+                .collect(),
+            finished: g.finished.clone(),
+        }
+    }
+
+    /// A log holding what a previous envd image's log held. Chunks that do
+    /// not line up with `start..end` are dropped (and so reported lost).
+    pub fn restore(capacity: usize, budget: Arc<Budget>, image: LogImage) -> Arc<OutputLog> {
+        let mut inner = Inner {
+            start: image.end.min(image.start),
+            end: image.end,
+            finished: image.finished,
+            ..Inner::default()
+        };
+        let mut next = None;
+        for (offset, source, data) in image.chunks {
+            let len = data.len() as u64;
+            let contiguous = next.is_none_or(|n| n == offset);
+            if data.is_empty() || !contiguous || offset.saturating_add(len) > image.end {
+                continue;
+            }
+            if next.is_none() {
+                inner.start = offset;
+            }
+            next = Some(offset + len);
+            inner.chunks.push_back(Chunk {
+                offset,
+                source,
+                data,
+            });
+        }
+        if next != Some(inner.end) {
+            // A gap at the end: keep nothing rather than a log with a hole.
+            inner.chunks.clear();
+            inner.start = inner.end;
+        }
+        budget.used.fetch_add(inner.retained(), Ordering::Relaxed);
+        Arc::new(OutputLog {
+            inner: Mutex::new(inner),
+            capacity: capacity as u64,
+            budget,
+            changed: watch::Sender::new(()),
+        })
     }
 
     /// Marks the output complete; subscribers read `end` after the last byte.

@@ -69,6 +69,27 @@ impl Pty {
         ))
     }
 
+    /// A master fd a previous envd image opened (live upgrade).
+    pub fn adopt(master: OwnedFd) -> io::Result<Pty> {
+        let flags = fcntl(&master, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+        fcntl(
+            &master,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        )
+        .map_err(io::Error::from)?;
+        // SAFETY: `master` is an open fd that the AsyncFd owns; an OwnedFd
+        // always returns the same fd until the AsyncFd is dropped.
+        let master = unsafe { AsyncFd::register(master) }.map_err(io::Error::from)?;
+        Ok(Pty {
+            master,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.master.get_ref().as_raw_fd()
+    }
+
     /// Reads output; `Ok(0)` once the terminal is closed on the slave side.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {

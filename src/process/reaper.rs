@@ -15,7 +15,7 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,19 +24,41 @@ pub enum ExitStatus {
     Signaled { signal: i32, core_dumped: bool },
 }
 
+/// Where a child's exit status appears (`None` while it runs). Anyone holding
+/// one can read the status at any time, so a live upgrade never loses a status
+/// that was reaped but not yet handled.
+pub type ExitWatch = watch::Receiver<Option<ExitStatus>>;
+
 #[derive(Debug, Default)]
 pub struct Reaper {
-    waiters: Mutex<HashMap<i32, oneshot::Sender<ExitStatus>>>,
+    waiters: Mutex<HashMap<i32, watch::Sender<Option<ExitStatus>>>>,
 }
 
 impl Reaper {
     /// Makes envd a subreaper and starts reaping on SIGCHLD. Must run inside
     /// the tokio runtime, before any child is spawned.
     pub fn start() -> io::Result<Arc<Reaper>> {
+        Ok(Self::start_adopting(&[])?.0)
+    }
+
+    /// As [`Reaper::start`], registering first the children a previous envd
+    /// image started (a live upgrade keeps the PID, so they are still ours and
+    /// their exit statuses wait as zombies until reaped here).
+    pub fn start_adopting(pids: &[i32]) -> io::Result<(Arc<Reaper>, HashMap<i32, ExitWatch>)> {
         if nix::unistd::getpid().as_raw() != 1 {
             nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)?;
         }
         let reaper = Arc::new(Reaper::default());
+        let adopted = {
+            let mut waiters = reaper.lock();
+            pids.iter()
+                .map(|&pid| {
+                    let (tx, rx) = watch::channel(None);
+                    waiters.insert(pid, tx);
+                    (pid, rx)
+                })
+                .collect()
+        };
         let mut sigchld = signal(SignalKind::child())?;
         let r = reaper.clone();
         tokio::spawn(async move {
@@ -47,26 +69,37 @@ impl Reaper {
                 }
             }
         });
-        Ok(reaper)
+        Ok((reaper, adopted))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, watch::Sender<Option<ExitStatus>>>> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds off reaping and spawning while `f` runs (a live upgrade takes its
+    /// snapshot and re-executes inside: no status can be consumed meanwhile).
+    pub fn paused<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _held = self.lock();
+        f()
     }
 
     /// Runs `start` (which must return the new child's pid) with reaping held
     /// off, and registers the child so its exit status is delivered to the
     /// returned receiver.
-    pub fn spawn<F>(&self, start: F) -> io::Result<(i32, oneshot::Receiver<ExitStatus>)>
+    pub fn spawn<F>(&self, start: F) -> io::Result<(i32, ExitWatch)>
     where
         F: FnOnce() -> io::Result<i32>,
     {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiters = self.lock();
         let pid = start()?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = watch::channel(None);
         waiters.insert(pid, tx);
         Ok((pid, rx))
     }
 
     /// Collects every exited child; delivers statuses of registered ones.
     fn reap_all(&self) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiters = self.lock();
         loop {
             let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Exited(code)),
@@ -86,7 +119,7 @@ impl Reaper {
             };
             match waiters.remove(&pid.as_raw()) {
                 Some(tx) => {
-                    let _ = tx.send(status);
+                    tx.send_replace(Some(status));
                 }
                 None => tracing::debug!(pid = pid.as_raw(), ?status, "reaped orphan"),
             }

@@ -110,6 +110,32 @@ impl ProcessService {
         cg.new_leaf(kind, seq, req.limits.as_ref()).map(Some)
     }
 
+    pub(super) fn table(&self) -> &Arc<ProcessTable> {
+        &self.table
+    }
+
+    pub(super) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub(super) fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    pub(super) fn next_seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// Numbering continues after the commands a previous image started.
+    pub(super) fn bump_seq(&self, at_least: u64) {
+        self.seq.fetch_max(at_least, Ordering::Relaxed);
+    }
+
+    /// The reaper every child is started and reaped through.
+    pub fn reaper(&self) -> &Arc<Reaper> {
+        &self.reaper
+    }
+
     /// Whether `pid` is a running command envd started.
     pub fn is_command(&self, pid: u32) -> bool {
         self.table.running().iter().any(|p| p.pid == pid)
@@ -144,7 +170,7 @@ impl ProcessService {
         // Subscribed before the child exists: no early output is missed.
         let sub = output.subscribe_live();
         let spawned = self.reaper.spawn(|| launch.prepared.spawn());
-        let (pid, exit) = match spawned {
+        let (pid, status) = match spawned {
             Ok(s) => s,
             Err(e) => {
                 if let Some(l) = &leaf {
@@ -155,6 +181,15 @@ impl ProcessService {
         };
         // Closes the child's ends of the pipes / the pty slave in envd.
         drop(launch.prepared);
+        let fds = match &launch.output {
+            super::supervise::OutputFds::Pipes { stdout, stderr } => {
+                super::started::OutputFdRecord::new(
+                    Some(std::os::fd::AsRawFd::as_raw_fd(stdout)),
+                    Some(std::os::fd::AsRawFd::as_raw_fd(stderr)),
+                )
+            }
+            super::supervise::OutputFds::Pty(_) => super::started::OutputFdRecord::default(),
+        };
         // A spawned child's pid is positive.
         let pid = pid.unsigned_abs();
         tracing::info!(pid, cmd = %config.cmd, user = %ctx.user.name, tag = ?req.tag, "process started");
@@ -167,15 +202,13 @@ impl ProcessService {
             input: launch.input,
             exited: tokio::sync::watch::Sender::new(false),
             leaf,
+            status,
+            fds,
+            recovered: false,
+            deadline: ctx.deadline,
         });
         self.table.insert(process.clone());
-        supervise(
-            process,
-            launch.output,
-            exit,
-            ctx.deadline,
-            self.table.clone(),
-        );
+        supervise(process, launch.output, ctx.deadline, self.table.clone());
         Ok(events::stream(start_event(pid), sub, ctx.keepalive, None))
     }
 

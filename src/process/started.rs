@@ -1,6 +1,7 @@
 //! One process envd started: identity, output log, input side and lifecycle
 //! flags. Shared (`Arc`) by the table, the RPCs and its own I/O tasks.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use nix::sys::signal::{killpg, Signal};
@@ -9,8 +10,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{watch, Mutex};
 
-use super::output::OutputLog;
+use super::output::{OutputLog, Source};
 use super::pty::Pty;
+use super::reaper::ExitWatch;
 use crate::proto::process::ProcessConfig;
 use crate::status::{Error, Result};
 
@@ -21,14 +23,32 @@ use crate::status::{Error, Result};
 pub struct StdinPipe {
     writer: Mutex<Option<pipe::Sender>>,
     closed: watch::Sender<bool>,
+    /// The pipe's fd while it is open (what a live upgrade carries).
+    raw: std::sync::Mutex<Option<RawFd>>,
 }
 
 impl StdinPipe {
     pub fn new(tx: pipe::Sender) -> Self {
+        let raw = tx.as_raw_fd();
         Self {
             writer: Mutex::new(Some(tx)),
             closed: watch::Sender::new(false),
+            raw: std::sync::Mutex::new(Some(raw)),
         }
+    }
+
+    /// A stdin that was closed before a live upgrade.
+    pub fn closed() -> Self {
+        Self {
+            writer: Mutex::new(None),
+            closed: watch::Sender::new(true),
+            raw: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` on the open pipe's fd (it stays open meanwhile).
+    pub fn with_fd<T>(&self, f: impl FnOnce(Option<RawFd>) -> T) -> T {
+        f(*self.raw.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     async fn write(&self, pid: u32, data: &[u8]) -> Result<()> {
@@ -50,7 +70,9 @@ impl StdinPipe {
 
     async fn close(&self) {
         self.closed.send_replace(true);
-        self.writer.lock().await.take();
+        let mut w = self.writer.lock().await;
+        *self.raw.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        w.take();
     }
 }
 
@@ -77,6 +99,42 @@ pub struct Process {
     pub exited: watch::Sender<bool>,
     /// The command's own cgroup, when envd manages cgroups.
     pub leaf: Option<crate::cgroups::leaf::Leaf>,
+    /// The exit status, once reaped.
+    pub status: ExitWatch,
+    /// envd's output fds while they are open.
+    pub fds: OutputFdRecord,
+    /// Re-adopted after envd crashed: envd is no longer its parent.
+    pub recovered: bool,
+    /// When the request that started it ends its life (killed then).
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+/// The output pipes' fds by number, while their pumps hold them open.
+#[derive(Debug, Default)]
+pub struct OutputFdRecord(std::sync::Mutex<[Option<RawFd>; 2]>);
+
+impl OutputFdRecord {
+    pub fn new(stdout: Option<RawFd>, stderr: Option<RawFd>) -> Self {
+        Self(std::sync::Mutex::new([stdout, stderr]))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Option<RawFd>; 2]> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pump of `source` is about to close its fd.
+    pub fn forget(&self, source: Source) {
+        match source {
+            Source::Stdout => self.lock()[0] = None,
+            Source::Stderr => self.lock()[1] = None,
+            Source::Pty => {}
+        }
+    }
+
+    /// The open (stdout, stderr) fds.
+    pub fn get(&self) -> [Option<RawFd>; 2] {
+        *self.lock()
+    }
 }
 
 impl Process {
@@ -178,7 +236,18 @@ impl Process {
         }
     }
 
-    fn pty(&self) -> Result<Arc<Pty>> {
+    /// Why the exit status is unknown, for `end.error`.
+    pub fn status_lost_reason(&self) -> String {
+        if self.recovered {
+            "exit status lost: envd restarted while the command ran, and only its parent \
+             can learn how it ended"
+                .into()
+        } else {
+            "exit status was lost".into()
+        }
+    }
+
+    pub(crate) fn pty(&self) -> Result<Arc<Pty>> {
         match &self.input {
             Input::Pty(pty) => pty
                 .lock()

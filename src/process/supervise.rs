@@ -7,14 +7,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::exit::end_event;
-use super::output::{OutputLog, Source};
+use super::output::Source;
 use super::pty::Pty;
-use super::reaper::ExitStatus;
+use super::reaper::{ExitStatus, ExitWatch};
 use super::started::Process;
 use super::table::ProcessTable;
 
@@ -69,16 +69,21 @@ impl OutputReader {
 }
 
 /// Copies one output fd into the log until end of output, or until the
-/// process has exited and the fd stayed silent for `DRAIN_IDLE`.
-async fn pump(
-    mut reader: OutputReader,
-    source: Source,
-    log: Arc<OutputLog>,
-    mut exited: watch::Receiver<bool>,
-) {
+/// process has exited and the fd stayed silent for `DRAIN_IDLE`. A live
+/// upgrade parks it between reads (both reads are cancel-safe: a byte is
+/// either in `buf`, then appended, or still in the kernel).
+async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
+    let _counted = crate::handover::quiesce::PumpGuard::new();
+    let log = process.output.clone();
+    let mut exited = process.exited.subscribe();
     let mut buf = BytesMut::new();
     loop {
         let read = tokio::select! {
+            biased;
+            () = crate::handover::quiesce::until_requested() => {
+                crate::handover::quiesce::park().await;
+                continue;
+            }
             r = reader.read(&mut buf) => r,
             () = exited_and_idle(&mut exited) => break,
         };
@@ -92,17 +97,17 @@ async fn pump(
             }
         }
     }
+    // The fd closes with `reader`: a live upgrade must no longer carry it.
+    process.fds.forget(source);
 }
 
 /// Starts the pumps and the supervisor of a just-spawned process.
 pub fn supervise(
     process: Arc<Process>,
     fds: OutputFds,
-    exit: oneshot::Receiver<ExitStatus>,
     deadline: Option<Instant>,
     table: Arc<ProcessTable>,
 ) {
-    let log = process.output.clone();
     let readers = match fds {
         OutputFds::Pipes { stdout, stderr } => vec![
             (OutputReader::Pipe(stdout), Source::Stdout),
@@ -115,34 +120,27 @@ pub fn supervise(
     };
     let pumps: Vec<JoinHandle<()>> = readers
         .into_iter()
-        .map(|(reader, source)| {
-            tokio::spawn(pump(
-                reader,
-                source,
-                log.clone(),
-                process.exited.subscribe(),
-            ))
-        })
+        .map(|(reader, source)| tokio::spawn(pump(reader, source, process.clone())))
         .collect();
-    tokio::spawn(await_end(process, pumps, exit, deadline, table));
+    tokio::spawn(await_end(process, pumps, deadline, table));
 }
 
 async fn await_end(
     process: Arc<Process>,
     pumps: Vec<JoinHandle<()>>,
-    mut exit: oneshot::Receiver<ExitStatus>,
     deadline: Option<Instant>,
     table: Arc<ProcessTable>,
 ) {
     let pid = process.pid;
+    let mut exit = process.status.clone();
     let status = match deadline {
-        None => exit.await,
+        None => reaped(&mut exit).await,
         Some(at) => tokio::select! {
-            s = &mut exit => s,
+            s = reaped(&mut exit) => s,
             () = tokio::time::sleep_until(at) => {
                 tracing::info!(pid, "process deadline reached; killing its cgroup and process group");
                 process.kill_all();
-                exit.await
+                reaped(&mut exit).await
             }
         },
     };
@@ -154,12 +152,12 @@ async fn await_end(
     }
     process.release_input().await;
     let mut end = match status {
-        Ok(s) => end_event(s),
-        Err(_) => crate::proto::process::process_event::EndEvent {
+        Some(s) => end_event(s),
+        None => crate::proto::process::process_event::EndEvent {
             exit_code: -1,
             exited: false,
             status: "unknown".into(),
-            error: Some("exit status was lost".into()),
+            error: Some(process.status_lost_reason()),
             ..Default::default()
         },
     };
@@ -170,4 +168,13 @@ async fn await_end(
     }
     tracing::debug!(pid, status = %end.status, "process ended");
     process.output.finish(end);
+}
+
+/// The exit status once reaped; `None` when it can never be known (the
+/// reaper is gone, or the process is not envd's child).
+async fn reaped(exit: &mut ExitWatch) -> Option<ExitStatus> {
+    if let Ok(s) = exit.wait_for(Option::is_some).await {
+        return *s;
+    }
+    *exit.borrow()
 }

@@ -71,6 +71,29 @@ impl ProcessTable {
         g.expire(Instant::now(), self.max_ended);
     }
 
+    /// Every process known, with the time left before an ended one is
+    /// forgotten (`None`: running).
+    pub fn all(&self) -> Vec<(Arc<Process>, Option<Duration>)> {
+        let g = self.lock();
+        let now = Instant::now();
+        let mut v: Vec<_> = g.running.values().map(|p| (p.clone(), None)).collect();
+        v.extend(
+            g.ended
+                .iter()
+                .map(|(until, p)| (p.clone(), Some(until.saturating_duration_since(now)))),
+        );
+        v.sort_by_key(|(p, _)| p.seq);
+        v
+    }
+
+    /// An ended process carried over from a previous envd image.
+    pub fn insert_ended(&self, p: Arc<Process>, keep: Duration) {
+        let mut g = self.lock();
+        g.ended
+            .push_back((far_or(Instant::now(), keep.min(self.retention)), p));
+        g.ended.make_contiguous().sort_by_key(|(until, _)| *until);
+    }
+
     /// Running processes, oldest first.
     pub fn running(&self) -> Vec<Arc<Process>> {
         let mut v: Vec<_> = self.lock().running.values().cloned().collect();

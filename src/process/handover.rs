@@ -1,0 +1,270 @@
+//! The process service's part of a live upgrade: every command envd knows,
+//! written into the handover state (its fds kept open across exec), and
+//! taken back by the next image, which supervises them as if it had started
+//! them.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::unix::pipe;
+use tokio::time::Instant;
+
+use super::output::{LogImage, OutputLog, Source};
+use super::pty::Pty;
+use super::reaper::{ExitStatus, ExitWatch};
+use super::service::ProcessService;
+use super::started::{Input, OutputFdRecord, Process, StdinPipe};
+use super::supervise::{supervise, OutputFds};
+use crate::handover::carry::{Claimed, Kept};
+use crate::proto::envd::handover::{Chunk, Command};
+
+/// `Command.input`.
+const INPUT_PIPE: u32 = 0;
+const INPUT_PTY: u32 = 1;
+const INPUT_NONE: u32 = 2;
+
+fn source_code(s: Source) -> u32 {
+    match s {
+        Source::Stdout => 0,
+        Source::Stderr => 1,
+        Source::Pty => 2,
+    }
+}
+
+fn source_from(code: u32) -> Option<Source> {
+    match code {
+        0 => Some(Source::Stdout),
+        1 => Some(Source::Stderr),
+        2 => Some(Source::Pty),
+        _ => None,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ProcessService {
+    /// Wakes every output producer (a quiesce began: none may keep waiting
+    /// on a reader).
+    pub fn wake_outputs(&self) {
+        for (p, _) in self.table().all() {
+            p.output.wake();
+        }
+    }
+
+    /// Every command, for the handover state. Must run with the reaper paused
+    /// and the pumps parked; fds to carry are duplicated into `kept`.
+    pub fn handover_image(&self, kept: &mut Kept) -> (Vec<Command>, u64) {
+        let mut out = Vec::new();
+        for (p, retention) in self.table().all() {
+            let log = p.output.image();
+            let status = *p.status.borrow();
+            let mut c = Command {
+                pid: p.pid,
+                tag: p.tag.clone(),
+                config: Some(p.config.clone()),
+                seq: p.seq,
+                stdout_fd: -1,
+                stderr_fd: -1,
+                stdin_fd: -1,
+                pty_fd: -1,
+                pidfd: -1,
+                log_start: log.start,
+                log_end: log.end,
+                chunks: log
+                    .chunks
+                    .into_iter()
+                    .map(|(offset, source, data)| Chunk {
+                        offset,
+                        source: source_code(source),
+                        data,
+                    })
+                    .collect(),
+                end: log.finished.clone(),
+                retention_ms: retention.map_or(0, millis),
+                cgroup: p
+                    .leaf
+                    .as_ref()
+                    .map(|l| l.path().display().to_string())
+                    .unwrap_or_default(),
+                deadline_ms: p.deadline.map_or(0, |d| {
+                    millis(d.saturating_duration_since(Instant::now())).max(1)
+                }),
+                ..Default::default()
+            };
+            match status {
+                Some(ExitStatus::Exited(code)) => c.exit_code = Some(code),
+                Some(ExitStatus::Signaled {
+                    signal,
+                    core_dumped,
+                }) => {
+                    c.exit_signal = Some(signal);
+                    c.core_dumped = core_dumped;
+                }
+                None => {}
+            }
+            if log.finished.is_none() {
+                // Still running or draining: its fds go along.
+                let [stdout, stderr] = p.fds.get();
+                c.stdout_fd = kept.keep(stdout);
+                c.stderr_fd = kept.keep(stderr);
+                match &p.input {
+                    Input::Pipe(stdin) => {
+                        c.input = INPUT_PIPE;
+                        c.stdin_fd = stdin.with_fd(|fd| kept.keep(fd));
+                    }
+                    Input::Pty(_) => {
+                        c.input = INPUT_PTY;
+                        c.pty_fd = kept.keep(p.pty().ok().map(|pty| pty.raw_fd()));
+                    }
+                    Input::Null => c.input = INPUT_NONE,
+                }
+            }
+            out.push(c);
+        }
+        (out, self.next_seq())
+    }
+
+    /// The pids of running commands in a handover state (to register with
+    /// the reaper before it first reaps).
+    pub fn handover_pids(commands: &[Command]) -> Vec<i32> {
+        commands
+            .iter()
+            .filter(|c| c.end.is_none() && c.exit_code.is_none() && c.exit_signal.is_none())
+            .filter_map(|c| i32::try_from(c.pid).ok())
+            .collect()
+    }
+
+    /// Takes over the commands of a previous envd image. `exits` are the
+    /// reaper's watches of the running ones. Returns how many could not be
+    /// taken over (each is logged).
+    pub fn adopt(
+        &self,
+        commands: Vec<Command>,
+        next_seq: u64,
+        exits: &mut std::collections::HashMap<i32, ExitWatch>,
+        claimed: &mut Claimed,
+    ) -> usize {
+        self.bump_seq(next_seq);
+        let mut failed = 0;
+        for c in commands {
+            let pid = c.pid;
+            if let Err(e) = self.adopt_one(c, exits, claimed) {
+                tracing::error!(pid, error = %e, "handover: command not taken over");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    fn adopt_one(
+        &self,
+        c: Command,
+        exits: &mut std::collections::HashMap<i32, ExitWatch>,
+        claimed: &mut Claimed,
+    ) -> Result<(), String> {
+        let pid = c.pid;
+        let chunks = c
+            .chunks
+            .into_iter()
+            .filter_map(|ch| Some((ch.offset, source_from(ch.source)?, ch.data)))
+            .collect();
+        let finished = c.end.clone();
+        let output = OutputLog::restore(
+            self.settings().output_buffer,
+            self.budget().clone(),
+            LogImage {
+                start: c.log_start,
+                end: c.log_end,
+                chunks,
+                finished: finished.clone(),
+            },
+        );
+        let leaf = (!c.cgroup.is_empty())
+            .then(|| crate::cgroups::leaf::Leaf::adopt(c.cgroup.clone().into()))
+            .flatten();
+        let known = match (c.exit_code, c.exit_signal) {
+            (Some(code), _) => Some(ExitStatus::Exited(code)),
+            (None, Some(signal)) => Some(ExitStatus::Signaled {
+                signal,
+                core_dumped: c.core_dumped,
+            }),
+            (None, None) => None,
+        };
+        if finished.is_some() {
+            // An exit record: no fds, no tasks.
+            let p = Arc::new(Process {
+                pid,
+                tag: c.tag,
+                config: c.config.unwrap_or_default(),
+                seq: c.seq,
+                output,
+                input: Input::Null,
+                exited: tokio::sync::watch::Sender::new(true),
+                leaf,
+                status: tokio::sync::watch::channel(known).1,
+                fds: OutputFdRecord::default(),
+                recovered: false,
+                deadline: None,
+            });
+            self.table()
+                .insert_ended(p, Duration::from_millis(c.retention_ms));
+            return Ok(());
+        }
+        let status = match known {
+            Some(s) => tokio::sync::watch::channel(Some(s)).1,
+            None => i32::try_from(pid)
+                .ok()
+                .and_then(|p| exits.remove(&p))
+                .ok_or("not registered with the reaper")?,
+        };
+        let take = |claimed: &mut Claimed, fd: i32| -> Option<OwnedFd> { claimed.take(fd) };
+        let (input, output_fds, record) = if c.input == INPUT_PTY {
+            let master = take(claimed, c.pty_fd).ok_or("its pty was not carried")?;
+            let pty = Arc::new(Pty::adopt(master).map_err(|e| format!("pty: {e}"))?);
+            (
+                Input::Pty(std::sync::Mutex::new(Some(pty.clone()))),
+                OutputFds::Pty(pty),
+                OutputFdRecord::default(),
+            )
+        } else {
+            let rx = |fd: Option<OwnedFd>, what: &str| -> Result<pipe::Receiver, String> {
+                let fd = fd.ok_or_else(|| format!("its {what} was not carried"))?;
+                pipe::Receiver::from_owned_fd(fd).map_err(|e| format!("{what}: {e}"))
+            };
+            let stdout = rx(take(claimed, c.stdout_fd), "stdout")?;
+            let stderr = rx(take(claimed, c.stderr_fd), "stderr")?;
+            let record = OutputFdRecord::new(Some(stdout.as_raw_fd()), Some(stderr.as_raw_fd()));
+            let input = match (c.input, take(claimed, c.stdin_fd)) {
+                (INPUT_PIPE, Some(fd)) => Input::Pipe(StdinPipe::new(
+                    pipe::Sender::from_owned_fd(fd).map_err(|e| format!("stdin: {e}"))?,
+                )),
+                (INPUT_PIPE, None) => Input::Pipe(StdinPipe::closed()),
+                _ => Input::Null,
+            };
+            (input, OutputFds::Pipes { stdout, stderr }, record)
+        };
+        let deadline = (c.deadline_ms > 0)
+            .then(|| Instant::now().checked_add(Duration::from_millis(c.deadline_ms)))
+            .flatten();
+        let p = Arc::new(Process {
+            pid,
+            tag: c.tag,
+            config: c.config.unwrap_or_default(),
+            seq: c.seq,
+            output,
+            input,
+            exited: tokio::sync::watch::Sender::new(false),
+            leaf,
+            status,
+            fds: record,
+            recovered: false,
+            deadline,
+        });
+        self.table().insert(p.clone());
+        supervise(p, output_fds, deadline, self.table().clone());
+        Ok(())
+    }
+}
