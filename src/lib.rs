@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod build_id;
 pub mod cgroups;
 pub mod client;
 pub mod compat;

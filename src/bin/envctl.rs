@@ -89,6 +89,15 @@ enum Cmd {
         #[arg(required = true)]
         specs: Vec<String>,
     },
+    /// Live-upgrade envd: upload BINARY (none: envd re-executes its own
+    /// program file), wait until the new image answers, print its build.
+    /// Commands keep running; clients re-attach with a resume offset.
+    Upgrade {
+        binary: Option<std::path::PathBuf>,
+        /// Wait this many seconds for the new image to answer.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Signal a process group (default SIGKILL).
     Kill {
         pid: u32,
@@ -148,6 +157,9 @@ async fn main() -> ExitCode {
     if let Cmd::Forward { specs } = &cli.cmd {
         return forward(&cli.url, specs, cli.token.clone()).await;
     }
+    if let Cmd::Upgrade { binary, timeout } = &cli.cmd {
+        return upgrade(&cli.url, binary.as_deref(), cli.token.as_deref(), *timeout).await;
+    }
     let channel = match envd::client::wait_ready(&cli.url, Duration::from_secs(cli.wait)).await {
         Ok(c) => c,
         Err(e) => {
@@ -164,6 +176,39 @@ async fn main() -> ExitCode {
     };
     match dispatch(&ctx, cli.cmd).await {
         Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("envctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `envctl upgrade`.
+async fn upgrade(
+    url: &str,
+    binary: Option<&std::path::Path>,
+    token: Option<&str>,
+    timeout: u64,
+) -> ExitCode {
+    let result = async {
+        let target: envd::client::Target = url.parse()?;
+        let bytes = match binary {
+            Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            None => Vec::new(),
+        };
+        envd::client::upgrade::upgrade(&target, &bytes, token, Duration::from_secs(timeout)).await
+    }
+    .await;
+    match result {
+        Ok(u) => {
+            println!(
+                "upgraded envd: {} -> {} (answered again {} ms after the upload)",
+                u.before,
+                u.after,
+                u.downtime.as_millis()
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("envctl: {e}");
             ExitCode::from(1)
@@ -352,7 +397,9 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             }
             Ok(0)
         }
-        Cmd::Proxy { .. } | Cmd::Forward { .. } => Err("runs before dialing".into()),
+        Cmd::Proxy { .. } | Cmd::Forward { .. } | Cmd::Upgrade { .. } => {
+            Err("runs before dialing".into())
+        }
         Cmd::Ports { follow } => ports(ctx, follow).await,
         Cmd::Kill { pid, signal, tree } => {
             let sig = parse_signal(&signal).ok_or_else(|| format!("unknown signal {signal:?}"))?;

@@ -382,7 +382,7 @@ where
     }
     // Removed on any failure, and also when the client goes away and this
     // future is dropped mid-upload.
-    let tmp = TempFile(Some(sibling_temp(path)));
+    let tmp = TempFile::new(sibling_temp(path));
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -465,23 +465,51 @@ where
     }
 }
 
+/// Temporary files of uploads in progress (a live upgrade removes them: the
+/// uploads die with the old image, and no destructor runs across exec).
+static UNFINISHED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn unfinished() -> std::sync::MutexGuard<'static, std::collections::HashSet<PathBuf>> {
+    UNFINISHED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes the temporary files of every upload in progress; returns how
+/// many. Their uploads fail (the client may retry); no target is touched.
+pub fn remove_unfinished_uploads() -> usize {
+    let mut set = unfinished();
+    let n = set.len();
+    for p in set.drain() {
+        let _ = std::fs::remove_file(p);
+    }
+    n
+}
+
 /// A temporary file that is deleted on drop unless kept.
 struct TempFile(Option<PathBuf>);
 
 impl TempFile {
+    fn new(path: PathBuf) -> TempFile {
+        unfinished().insert(path.clone());
+        TempFile(Some(path))
+    }
+
     fn path(&self) -> &Path {
         self.0.as_deref().unwrap_or(Path::new(""))
     }
 
     /// It has been renamed into place: nothing to delete.
     fn keep(mut self) {
-        self.0 = None;
+        if let Some(p) = self.0.take() {
+            unfinished().remove(&p);
+        }
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
+            unfinished().remove(&p);
             let _ = std::fs::remove_file(p);
         }
     }

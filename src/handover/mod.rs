@@ -35,9 +35,9 @@ pub const SCHEMA: u32 = 1;
 pub const CHECK_FLAG: &str = "--handover-check";
 
 /// What `envd --handover-check` prints: the newest schema it reads, and its
-/// version.
+/// build.
 pub fn check_line() -> String {
-    format!("envd-handover {SCHEMA} {}", env!("CARGO_PKG_VERSION"))
+    format!("envd-handover {SCHEMA} {}", crate::build_id::build_id())
 }
 
 /// Parses [`check_line`]'s output: (newest schema, version).

@@ -131,6 +131,13 @@ impl Upgrader {
         }
         let started = std::time::Instant::now();
         let result = self.process.reaper().paused(|| {
+            let uploads = crate::filesystem::transfer::remove_unfinished_uploads();
+            if uploads > 0 {
+                tracing::info!(
+                    uploads,
+                    "live upgrade: uploads in progress fail (their clients may retry)"
+                );
+            }
             let mut kept = Kept::default();
             let state = self.state(&mut kept, *last_init);
             let bytes = state.encode_to_vec();

@@ -79,6 +79,7 @@ impl Metrics {
                 "disk_total": disk_total,
                 // envd's own version, and the upstream one it claims.
                 "envd_version": env!("CARGO_PKG_VERSION"),
+                "envd_build": crate::build_id::build_id(),
                 "e2b_envd_version": crate::compat::claimed_text(),
                 "resource_control": resource_control,
                 "envd_rss_bytes": own_rss(),

@@ -127,9 +127,11 @@ impl RestRouter {
         };
         let mut response = result.unwrap_or_else(|e| e.response());
         if path == "/health" {
-            response
-                .headers_mut()
-                .insert("cache-control", "no-store".parse().expect("valid"));
+            let h = response.headers_mut();
+            h.insert("cache-control", "no-store".parse().expect("valid"));
+            if let Ok(v) = crate::build_id::build_id().parse() {
+                h.insert("x-envd-build", v);
+            }
         }
         response
     }

@@ -91,6 +91,11 @@ impl Envd {
         self.child.id()
     }
 
+    /// Whether envd logged a line containing `needle` so far.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
     pub async fn client(&self) -> ProcessClient<Channel> {
         ProcessClient::new(envd::client::dial(&self.tcp).await.unwrap())
     }
