@@ -52,7 +52,7 @@ pub const GATES: &[Gate] = &[
     gate(0, 6, 4, "allow_network_mounts in watches", true),
     gate(0, 6, 5, "/collapse", true),
     gate(0, 6, 6, "/fsfreeze and /fsthaw", true),
-    gate(0, 6, 12, "/upgrade with a protobuf handover", false),
+    gate(0, 6, 12, "/upgrade (live upgrade with a handover)", true),
 ];
 
 const fn gate(

@@ -194,7 +194,17 @@ fn the_claimed_version_keeps_its_promises() {
             assert_eq!(r.status, 204, "{}", r.text());
         }),
         ((0, 6, 12), "/upgrade", |url, _| {
-            assert_ne!(request(url, "POST", "/upgrade", &[], b"").status, 404);
+            // The route exists and checks the binary before anything else
+            // (tests/upgrade.rs performs real upgrades).
+            let zeros = "0".repeat(64);
+            let r = request(
+                url,
+                "POST",
+                "/upgrade",
+                &[("x-envd-upgrade-sha256", zeros.as_str())],
+                b"not the binary",
+            );
+            assert_eq!(r.status, 400, "{}", r.text());
         }),
     ];
     let mut probed = 0;
