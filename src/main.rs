@@ -159,7 +159,12 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     envd::body::set_timeout(Duration::from_secs(cfg.body_timeout));
     envd::filesystem::inotify::Hub::global()
         .set_max(usize::try_from(cfg.max_watches).unwrap_or(usize::MAX));
-    let mut incoming = handover.map(envd::handover::incoming::Incoming::load);
+    // A live upgrade's state, or else what a crashed envd left in systemd's
+    // fd store.
+    let mut incoming = match handover {
+        Some(fd) => Some(envd::handover::incoming::Incoming::load(fd)),
+        None => envd::handover::crash::recover(),
+    };
     let adopt = incoming.as_ref().map(|i| i.pids()).unwrap_or_default();
     let (reaper, mut exits) = Reaper::start_adopting(&adopt)
         .map_err(|e| format!("cannot start the child reaper: {e}"))?;
@@ -212,8 +217,8 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     let router = server::Router::new(
         process.clone(),
         filesystem,
-        defaults,
-        auth,
+        defaults.clone(),
+        auth.clone(),
         init_state,
         upgrader.clone(),
     )
@@ -254,6 +259,13 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
         e2b_version = envd::compat::claimed_text(),
         in_vm,
         "envd ready"
+    );
+    envd::handover::crash::enable(
+        process.clone(),
+        auth,
+        defaults,
+        upgrader.listeners(),
+        upgrader.exe().display().to_string(),
     );
     if let Some(inc) = incoming.as_mut() {
         inc.drop_unused_listeners();

@@ -1,6 +1,7 @@
 //! systemd integration without a dependency: `READY=1` on `$NOTIFY_SOCKET`
-//! once every listener is bound, and watchdog pings at half of
-//! `$WATCHDOG_USEC`. The variables are taken out of envd's environment at
+//! once every listener is bound, watchdog pings at half of `$WATCHDOG_USEC`,
+//! and the file-descriptor store (`FDSTORE=1`, handed back as `$LISTEN_FDS`
+//! after a restart). The variables are taken out of envd's environment at
 //! start-up, so they never reach a child either way.
 
 use std::os::unix::net::UnixDatagram;
@@ -15,6 +16,8 @@ struct Notify {
 }
 
 static NOTIFY: OnceLock<Option<Notify>> = OnceLock::new();
+/// The fds systemd handed over at start (`$LISTEN_FDS`), by name.
+static LISTEN: OnceLock<Vec<(String, std::os::fd::RawFd)>> = OnceLock::new();
 
 /// Reads and removes the systemd variables. Call before any thread exists.
 pub fn take_env() {
@@ -25,6 +28,23 @@ pub fn take_env() {
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
         .is_none_or(|p| p == std::process::id());
+    let listen_for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|_| listen_for_us)
+        .unwrap_or(0)
+        .clamp(0, 65_536);
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let mut names = names.split(':');
+    let _ = LISTEN.set(
+        (0..count)
+            .map(|i| (names.next().unwrap_or("unknown").to_owned(), 3 + i))
+            .collect(),
+    );
     for v in [
         "NOTIFY_SOCKET",
         "WATCHDOG_USEC",
@@ -41,6 +61,52 @@ pub fn take_env() {
         watchdog: watchdog.filter(|_| for_us).map(Duration::from_micros),
         watchdog_usec: watchdog_usec.filter(|_| for_us),
     }));
+}
+
+/// Whether a notify socket was given (systemd supervises envd).
+pub fn supervised() -> bool {
+    matches!(NOTIFY.get(), Some(Some(_)))
+}
+
+/// The fds systemd handed over at start, with their names.
+pub fn listen_fds() -> &'static [(String, std::os::fd::RawFd)] {
+    LISTEN.get().map_or(&[], Vec::as_slice)
+}
+
+/// Puts `fd` into systemd's file-descriptor store under `name` (systemd
+/// keeps one entry per open file, so storing the same one again is a no-op).
+pub fn store_fd(name: &str, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd])
+}
+
+/// Removes every fd stored under `name`.
+pub fn remove_fds(name: &str) {
+    send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+}
+
+fn send_with_fds(state: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Some(Some(n)) = NOTIFY.get() else {
+        return Ok(());
+    };
+    let sock = UnixDatagram::unbound()?;
+    let addr = match n.socket.strip_prefix('@') {
+        Some(name) => UnixAddr::new_abstract(name.as_bytes()),
+        None => UnixAddr::new(n.socket.as_str()),
+    }
+    .map_err(std::io::Error::from)?;
+    let iov = [std::io::IoSlice::new(state.as_bytes())];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::empty(),
+        Some(&addr),
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(())
 }
 
 fn send(state: &str) {

@@ -46,15 +46,32 @@ impl Kept {
 }
 
 /// The incoming side: each carried number is claimed at most once.
-#[derive(Debug, Default)]
-pub struct Claimed(HashSet<RawFd>);
+#[derive(Debug)]
+pub struct Claimed {
+    taken: HashSet<RawFd>,
+    floor: RawFd,
+}
+
+impl Default for Claimed {
+    fn default() -> Self {
+        Self::with_floor(FLOOR)
+    }
+}
 
 impl Claimed {
+    /// Claims numbers from `floor` up (systemd hands its store over from 3).
+    pub fn with_floor(floor: RawFd) -> Claimed {
+        Claimed {
+            taken: HashSet::new(),
+            floor,
+        }
+    }
+
     /// Takes ownership of carried fd `fd` (close-on-exec again). `None` for
     /// -1, a number claimed before, one below the carry floor, or one that is
     /// not open.
     pub fn take(&mut self, fd: i32) -> Option<OwnedFd> {
-        if fd < FLOOR || !self.0.insert(fd) {
+        if fd < self.floor || !self.taken.insert(fd) {
             return None;
         }
         // SAFETY: F_SETFD on any integer is harmless: it fails with EBADF

@@ -123,9 +123,10 @@ impl Incoming {
         let total = commands.len();
         let ended = commands.iter().filter(|c| c.end.is_some()).count();
         let next_seq = self.state.next_seq;
+        let recovered = self.state.crash_record;
         let claimed = &mut self.claimed;
         let adopted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            process.adopt(commands, next_seq, exits, claimed)
+            process.adopt(commands, next_seq, exits, claimed, recovered)
         }));
         self.report.procs = total - ended;
         self.report.retained = ended;

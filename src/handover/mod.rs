@@ -21,6 +21,8 @@
 //! Streams open during the swap end; clients re-attach with `resume_offset`.
 
 pub mod carry;
+pub mod crash;
+pub mod exits;
 pub mod incoming;
 pub mod memfd;
 pub mod quiesce;

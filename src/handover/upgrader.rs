@@ -83,6 +83,14 @@ impl Upgrader {
             .push((url, fd));
     }
 
+    /// The listeners served, by URL.
+    pub fn listeners(&self) -> Vec<(String, RawFd)> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn set_report(&self, r: Report) {
         *self.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
     }

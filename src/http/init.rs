@@ -125,6 +125,7 @@ pub async fn handle(
         tracing::info!("stale /init (older timestamp than one applied): nothing changed");
     } else {
         apply(init, defaults, auth, &state.guest, timestamp).await?;
+        crate::handover::crash::changed();
         if let Some((_, t)) = timestamp {
             *last = Some(t);
         }

@@ -127,6 +127,57 @@ impl ProcessService {
         (out, self.next_seq())
     }
 
+    /// Every command for a crash record: identities and offsets, no output
+    /// and no fds (those are named in the fd store).
+    pub fn crash_image(&self) -> Vec<Command> {
+        self.table()
+            .all()
+            .into_iter()
+            .map(|(p, retention)| {
+                let end = p.output.image_end();
+                Command {
+                    pid: p.pid,
+                    tag: p.tag.clone(),
+                    config: Some(p.config.clone()),
+                    seq: p.seq,
+                    stdout_fd: -1,
+                    stderr_fd: -1,
+                    stdin_fd: -1,
+                    pty_fd: -1,
+                    pidfd: -1,
+                    input: match p.input {
+                        Input::Pipe(_) => INPUT_PIPE,
+                        Input::Pty(_) => INPUT_PTY,
+                        Input::Null => INPUT_NONE,
+                    },
+                    log_start: end.0,
+                    log_end: end.0,
+                    end: end.1,
+                    retention_ms: retention.map_or(0, millis),
+                    cgroup: p
+                        .leaf
+                        .as_ref()
+                        .map(|l| l.path().display().to_string())
+                        .unwrap_or_default(),
+                    deadline_ms: p.deadline.map_or(0, |d| {
+                        millis(d.saturating_duration_since(Instant::now())).max(1)
+                    }),
+                    offset_slot: p.crash_slot.get().copied().unwrap_or(u32::MAX),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
+    /// Running commands.
+    pub fn running(&self) -> Vec<Arc<Process>> {
+        self.table().running()
+    }
+
+    pub fn next_seq_public(&self) -> u64 {
+        self.next_seq()
+    }
+
     /// The pids of running commands in a handover state (to register with
     /// the reaper before it first reaps).
     pub fn handover_pids(commands: &[Command]) -> Vec<i32> {
@@ -146,12 +197,13 @@ impl ProcessService {
         next_seq: u64,
         exits: &mut std::collections::HashMap<i32, ExitWatch>,
         claimed: &mut Claimed,
+        recovered: bool,
     ) -> usize {
         self.bump_seq(next_seq);
         let mut failed = 0;
         for c in commands {
             let pid = c.pid;
-            if let Err(e) = self.adopt_one(c, exits, claimed) {
+            if let Err(e) = self.adopt_one(c, exits, claimed, recovered) {
                 tracing::error!(pid, error = %e, "handover: command not taken over");
                 failed += 1;
             }
@@ -164,8 +216,17 @@ impl ProcessService {
         c: Command,
         exits: &mut std::collections::HashMap<i32, ExitWatch>,
         claimed: &mut Claimed,
+        recovered: bool,
     ) -> Result<(), String> {
         let pid = c.pid;
+        // After a crash, the pidfd is what makes the pid safe to use.
+        let pidfd = match claimed.take(c.pidfd) {
+            Some(fd) => Some(fd),
+            None if recovered && c.end.is_none() => {
+                return Err("no pidfd was kept for it".into());
+            }
+            None => None,
+        };
         let chunks = c
             .chunks
             .into_iter()
@@ -208,14 +269,17 @@ impl ProcessService {
                 fds: OutputFdRecord::default(),
                 recovered: false,
                 deadline: None,
+                pidfd: Default::default(),
+                crash_slot: Default::default(),
             });
             self.table()
                 .insert_ended(p, Duration::from_millis(c.retention_ms));
             return Ok(());
         }
-        let status = match known {
-            Some(s) => tokio::sync::watch::channel(Some(s)).1,
-            None => i32::try_from(pid)
+        let status = match (known, &pidfd) {
+            (Some(s), _) => tokio::sync::watch::channel(Some(s)).1,
+            (None, Some(fd)) if recovered => crate::handover::exits::watch_exit(pid, fd),
+            (None, _) => i32::try_from(pid)
                 .ok()
                 .and_then(|p| exits.remove(&p))
                 .ok_or("not registered with the reaper")?,
@@ -260,9 +324,14 @@ impl ProcessService {
             leaf,
             status,
             fds: record,
-            recovered: false,
+            recovered,
             deadline,
+            pidfd: Default::default(),
+            crash_slot: Default::default(),
         });
+        if let Some(fd) = pidfd {
+            let _ = p.pidfd.set(fd);
+        }
         self.table().insert(p.clone());
         supervise(p, output_fds, deadline, self.table().clone());
         Ok(())

@@ -115,6 +115,9 @@ pub struct OutputLog {
     budget: Arc<Budget>,
     /// Bumped on every change; producers and subscribers wait on it.
     changed: watch::Sender<()>,
+    /// Where the end offset is published for a crash record (shared memory
+    /// that outlives envd in systemd's fd store).
+    mirror: std::sync::OnceLock<&'static AtomicU64>,
 }
 
 /// What a subscriber reads next.
@@ -131,6 +134,7 @@ impl OutputLog {
             capacity: capacity as u64,
             budget,
             changed: watch::Sender::new(()),
+            mirror: std::sync::OnceLock::new(),
         })
     }
 
@@ -162,6 +166,9 @@ impl OutputLog {
                 if fits {
                     let offset = g.end;
                     g.end += data.len() as u64;
+                    if let Some(m) = self.mirror.get() {
+                        m.store(g.end, Ordering::Release);
+                    }
                     g.chunks.push_back(Chunk {
                         offset,
                         source,
@@ -192,6 +199,18 @@ impl OutputLog {
                 return;
             }
         }
+    }
+
+    /// Publishes the end offset to `cell` from now on.
+    pub fn mirror_to(&self, cell: &'static AtomicU64) {
+        cell.store(self.lock().end, Ordering::Release);
+        let _ = self.mirror.set(cell);
+    }
+
+    /// Offset one past the newest byte, and the `end` once final.
+    pub fn image_end(&self) -> (u64, Option<EndEvent>) {
+        let g = self.lock();
+        (g.end, g.finished.clone())
     }
 
     /// Wakes producers and subscribers to re-check (a quiesce began).
@@ -251,6 +270,7 @@ impl OutputLog {
             capacity: capacity as u64,
             budget,
             changed: watch::Sender::new(()),
+            mirror: std::sync::OnceLock::new(),
         })
     }
 

@@ -206,8 +206,11 @@ impl ProcessService {
             fds,
             recovered: false,
             deadline: ctx.deadline,
+            pidfd: Default::default(),
+            crash_slot: Default::default(),
         });
         self.table.insert(process.clone());
+        crate::handover::crash::started(&process);
         supervise(process, launch.output, ctx.deadline, self.table.clone());
         Ok(events::stream(start_event(pid), sub, ctx.keepalive, None))
     }

@@ -107,6 +107,10 @@ pub struct Process {
     pub recovered: bool,
     /// When the request that started it ends its life (killed then).
     pub deadline: Option<tokio::time::Instant>,
+    /// A pidfd of the process (crash records and re-adopted commands).
+    pub pidfd: std::sync::OnceLock<std::os::fd::OwnedFd>,
+    /// Its slot in the crash record's offset table.
+    pub crash_slot: std::sync::OnceLock<u32>,
 }
 
 /// The output pipes' fds by number, while their pumps hold them open.
@@ -153,7 +157,31 @@ impl Process {
     /// Delivers `sig` to the process's whole process group.
     pub fn signal(&self, sig: Signal) -> Result<()> {
         self.ensure_running()?;
+        self.ensure_same_process()?;
         kill_group(self.pid, sig)
+    }
+
+    /// A re-adopted command is not envd's child, so its pid could in theory
+    /// be recycled: its pidfd must still name a live process.
+    fn ensure_same_process(&self) -> Result<()> {
+        let Some(fd) = self.pidfd.get().filter(|_| self.recovered) else {
+            return Ok(());
+        };
+        // SAFETY: pidfd_send_signal with signal 0 only checks that the
+        // process behind the open pidfd exists.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::not_found(format!("process {} has ended", self.pid)));
+        }
+        Ok(())
     }
 
     /// Delivers `sig` to everything the command started: its cgroup (SIGKILL
@@ -161,6 +189,7 @@ impl Process {
     /// process group only.
     pub fn signal_descendants(&self, sig: Signal) -> Result<()> {
         self.ensure_running()?;
+        self.ensure_same_process()?;
         if let Some(leaf) = &self.leaf {
             let sent = if sig == Signal::SIGKILL {
                 leaf.kill()

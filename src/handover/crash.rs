@@ -1,0 +1,401 @@
+//! Crash re-adoption under systemd: envd keeps what a restarted envd needs in
+//! systemd's file-descriptor store (`FDSTORE=1`): its listeners, every
+//! command's output pipes or pty master, stdin and a pidfd, plus two memfds:
+//! a state record (the same `State` message a live upgrade hands over, with
+//! fds named instead of numbered), rewritten whenever the set of commands or
+//! the `/init` state changes, and an offset table in shared memory where each
+//! command's output log publishes its end offset on every append.
+//!
+//! After `kill -9`, systemd restarts envd and hands the store back
+//! (`$LISTEN_FDS`, `$LISTEN_FDNAMES`); envd takes the commands over from
+//! there: output continues at the offset where the old envd stopped reading
+//! (what it had read but not delivered is reported as `output_lost` on
+//! re-attach; what was written meanwhile waits in the pipe), input and
+//! signals work (signals through the pidfd's process), and exit statuses come
+//! from [`super::exits`].
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use prost::Message;
+
+use super::carry::Claimed;
+use super::incoming::{Incoming, Report};
+use super::memfd;
+use crate::auth::Auth;
+use crate::defaults::Defaults;
+use crate::process::started::{Input, Process};
+use crate::process::ProcessService;
+use crate::proto::envd::handover::{InitState, Listener, State};
+
+pub const STATE_NAME: &str = "envd-state";
+pub const OFFSETS_NAME: &str = "envd-offsets";
+/// Commands with an offset slot (later ones are still served, but a crash
+/// loses where their output stood).
+const SLOTS: usize = 4096;
+/// Bytes before the encoded state: its length and hash.
+const HEADER: u64 = 16;
+/// Largest state record read back.
+const MAX_STATE: u64 = 64 << 20;
+
+static RECORD: OnceLock<Arc<CrashRecord>> = OnceLock::new();
+
+#[derive(Debug)]
+pub struct CrashRecord {
+    state: File,
+    /// Two words per slot: the command's seq + 1 (0: free), its end offset.
+    offsets: &'static [AtomicU64],
+    free: Mutex<Vec<u32>>,
+    dirty: tokio::sync::Notify,
+    process: Arc<ProcessService>,
+    auth: Arc<Auth>,
+    defaults: Arc<Defaults>,
+    listeners: Vec<(String, RawFd)>,
+    exe: String,
+}
+
+/// Names of a command's fds in the store.
+fn name(seq: u64, what: char) -> String {
+    format!("c{seq}{what}")
+}
+
+/// Starts keeping crash records, if systemd supervises envd (not as PID 1:
+/// a crash of PID 1 is a kernel panic, handled by re-executing instead).
+pub fn enable(
+    process: Arc<ProcessService>,
+    auth: Arc<Auth>,
+    defaults: Arc<Defaults>,
+    listeners: Vec<(String, RawFd)>,
+    exe: String,
+) {
+    if !crate::sd::supervised() || crate::init::is_pid1() {
+        return;
+    }
+    match CrashRecord::new(process, auth, defaults, listeners, exe) {
+        Ok(r) => {
+            let r = Arc::new(r);
+            if RECORD.set(r.clone()).is_ok() {
+                for p in r.process.running() {
+                    r.started(&p);
+                }
+                r.clone().spawn_writer();
+                r.dirty.notify_one();
+                tracing::info!(
+                    "crash records on: commands survive an envd crash (systemd fd store)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "crash records off: cannot set up the fd store"),
+    }
+}
+
+/// A command started (or was taken over): its fds go to the store.
+pub fn started(p: &Arc<Process>) {
+    if let Some(r) = RECORD.get() {
+        r.started(p);
+    }
+}
+
+/// A command's `end` is final: its fds leave the store.
+pub fn ended(p: &Process) {
+    if let Some(r) = RECORD.get() {
+        r.ended(p);
+    }
+}
+
+/// Something in the record changed (`/init`).
+pub fn changed() {
+    if let Some(r) = RECORD.get() {
+        r.dirty.notify_one();
+    }
+}
+
+impl CrashRecord {
+    fn new(
+        process: Arc<ProcessService>,
+        auth: Arc<Auth>,
+        defaults: Arc<Defaults>,
+        listeners: Vec<(String, RawFd)>,
+        exe: String,
+    ) -> std::io::Result<CrashRecord> {
+        let state = memfd::create(c"envd-state")?;
+        let table = memfd::create(c"envd-offsets")?;
+        let bytes = SLOTS * 2 * 8;
+        table.set_len(bytes as u64)?;
+        // SAFETY: maps `bytes` bytes of a memfd of exactly that size, shared,
+        // read-write; the mapping is never unmapped (it lives as long as
+        // envd), and only accessed through AtomicU64s (8-byte aligned: mmap
+        // returns page-aligned memory).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                table.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `ptr` is a live mapping of SLOTS * 2 u64-sized, zeroed,
+        // aligned words, valid for the rest of envd's life.
+        let offsets: &'static [AtomicU64] =
+            unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), SLOTS * 2) };
+        // A previous life's record and listeners go; this one's come in.
+        crate::sd::remove_fds(STATE_NAME);
+        crate::sd::remove_fds(OFFSETS_NAME);
+        crate::sd::store_fd(STATE_NAME, state.as_raw_fd())?;
+        crate::sd::store_fd(OFFSETS_NAME, table.as_raw_fd())?;
+        for (i, (_, fd)) in listeners.iter().enumerate() {
+            let n = format!("l{i}");
+            crate::sd::remove_fds(&n);
+            crate::sd::store_fd(&n, *fd)?;
+        }
+        Ok(CrashRecord {
+            state,
+            offsets,
+            free: Mutex::new((0..u32::try_from(SLOTS).unwrap_or(0)).rev().collect()),
+            dirty: tokio::sync::Notify::new(),
+            process,
+            auth,
+            defaults,
+            listeners,
+            exe,
+        })
+    }
+
+    fn started(&self, p: &Arc<Process>) {
+        if p.pidfd.get().is_none() {
+            if let Ok(fd) = pidfd_open(p.pid) {
+                let _ = p.pidfd.set(fd);
+            }
+        }
+        let store = |what: char, fd: Option<RawFd>| {
+            if let Some(fd) = fd {
+                if let Err(e) = crate::sd::store_fd(&name(p.seq, what), fd) {
+                    tracing::warn!(pid = p.pid, error = %e, "fd store refused a command's fd");
+                }
+            }
+        };
+        let [stdout, stderr] = p.fds.get();
+        store('o', stdout);
+        store('e', stderr);
+        match &p.input {
+            Input::Pipe(stdin) => stdin.with_fd(|fd| store('i', fd)),
+            Input::Pty(_) => store('t', p.pty().ok().map(|t| t.raw_fd())),
+            Input::Null => {}
+        }
+        store('p', p.pidfd.get().map(AsRawFd::as_raw_fd));
+        let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(slot) = slot {
+            let i = usize::try_from(slot).unwrap_or(0) * 2;
+            self.offsets[i].store(p.seq + 1, Ordering::Release);
+            p.output.mirror_to(&self.offsets[i + 1]);
+            let _ = p.crash_slot.set(slot);
+        }
+        self.dirty.notify_one();
+    }
+
+    fn ended(&self, p: &Process) {
+        for what in ['o', 'e', 'i', 't', 'p'] {
+            crate::sd::remove_fds(&name(p.seq, what));
+        }
+        if let Some(&slot) = p.crash_slot.get() {
+            let i = usize::try_from(slot).unwrap_or(0) * 2;
+            self.offsets[i].store(0, Ordering::Release);
+            self.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(slot);
+        }
+        self.dirty.notify_one();
+    }
+
+    fn spawn_writer(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                self.dirty.notified().await;
+                // Coalesce a burst of starts into one write.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if let Err(e) = self.write() {
+                    tracing::warn!(error = %e, "crash record not written");
+                }
+            }
+        });
+    }
+
+    fn write(&self) -> std::io::Result<()> {
+        let bytes = self.record().encode_to_vec();
+        self.state.set_len(HEADER)?;
+        self.state.write_all_at(&bytes, HEADER)?;
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        head[8..].copy_from_slice(&fnv(&bytes).to_le_bytes());
+        self.state.write_all_at(&head, 0)
+    }
+
+    fn record(&self) -> State {
+        let commands = self
+            .process
+            .crash_image()
+            .into_iter()
+            .map(|mut c| {
+                let seq = c.seq;
+                if c.end.is_none() {
+                    c.stdout_name = name(seq, 'o');
+                    c.stderr_name = name(seq, 'e');
+                    c.stdin_name = name(seq, 'i');
+                    c.pty_name = name(seq, 't');
+                    c.pidfd_name = name(seq, 'p');
+                }
+                c
+            })
+            .collect();
+        State {
+            schema: super::SCHEMA,
+            from_version: env!("CARGO_PKG_VERSION").to_owned(),
+            listeners: self
+                .listeners
+                .iter()
+                .enumerate()
+                .map(|(i, (url, _))| Listener {
+                    url: url.clone(),
+                    fd: -1,
+                    fd_name: format!("l{i}"),
+                })
+                .collect(),
+            commands,
+            init: Some(InitState {
+                access_token: self.auth.current(),
+                default_user: self.defaults.user(),
+                default_workdir: self.defaults.workdir(),
+                env_vars: self.defaults.init_envs().into_iter().collect(),
+                last_init_ns: None,
+            }),
+            watchers: Vec::new(),
+            next_seq: self.process.next_seq_public(),
+            crash_record: true,
+            exe_path: self.exe.clone(),
+        }
+    }
+}
+
+/// 64-bit FNV-1a: detects a record torn by a crash mid-write.
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+    // SAFETY: `fd` was just returned by pidfd_open and is ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The record a crashed envd left in the fd store, if systemd handed one
+/// over: commands with their fds by number, ready to be taken over.
+pub fn recover() -> Option<Incoming> {
+    let fds: HashMap<&str, RawFd> = crate::sd::listen_fds()
+        .iter()
+        .map(|(n, fd)| (n.as_str(), *fd))
+        .collect();
+    let state_fd = *fds.get(STATE_NAME)?;
+    let mut claimed = Claimed::with_floor(3);
+    let loaded = read_state(&mut claimed, state_fd).map(|mut state| {
+        let table = fds
+            .get(OFFSETS_NAME)
+            .and_then(|&fd| claimed.take(fd))
+            .map(File::from);
+        for c in &mut state.commands {
+            let fd = |n: &str| fds.get(n).copied().unwrap_or(-1);
+            c.stdout_fd = fd(&c.stdout_name);
+            c.stderr_fd = fd(&c.stderr_name);
+            c.stdin_fd = fd(&c.stdin_name);
+            c.pty_fd = fd(&c.pty_name);
+            c.pidfd = fd(&c.pidfd_name);
+            if let Some(end) = table
+                .as_ref()
+                .and_then(|t| slot_end(t, c.offset_slot, c.seq))
+            {
+                c.log_start = end;
+                c.log_end = end;
+            }
+        }
+        for l in &mut state.listeners {
+            l.fd = fds.get(l.fd_name.as_str()).copied().unwrap_or(-1);
+        }
+        state
+    });
+    Some(match loaded {
+        Ok(state) => {
+            let report = Report {
+                from_version: state.from_version.clone(),
+                ..Report::default()
+            };
+            Incoming {
+                state,
+                claimed,
+                report,
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "crash record unreadable: starting without it");
+            Incoming {
+                state: State::default(),
+                claimed,
+                report: Report {
+                    failed: true,
+                    lost: Some(format!(
+                        "the crashed envd's record could not be read ({e}): its commands keep \
+                         running but are not known to this envd"
+                    )),
+                    ..Report::default()
+                },
+            }
+        }
+    })
+}
+
+fn read_state(claimed: &mut Claimed, fd: RawFd) -> Result<State, String> {
+    let file = File::from(claimed.take(fd).ok_or("the state fd is not open")?);
+    let mut head = [0u8; 16];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| e.to_string())?;
+    let len = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
+    let hash = u64::from_le_bytes(head[8..].try_into().unwrap_or_default());
+    if len > MAX_STATE {
+        return Err(format!("a record of {len} bytes is implausible"));
+    }
+    let mut bytes = vec![0u8; usize::try_from(len).map_err(|e| e.to_string())?];
+    file.read_exact_at(&mut bytes, HEADER)
+        .map_err(|e| e.to_string())?;
+    if fnv(&bytes) != hash {
+        return Err("the record was torn (envd died while writing it)".into());
+    }
+    let state = State::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
+    if state.schema > super::SCHEMA {
+        return Err(format!("schema {} is newer than this envd", state.schema));
+    }
+    Ok(state)
+}
+
+/// The end offset in `slot`, if the slot still belongs to command `seq`.
+fn slot_end(table: &File, slot: u32, seq: u64) -> Option<u64> {
+    let mut w = [0u8; 16];
+    table.read_exact_at(&mut w, u64::from(slot) * 16).ok()?;
+    let owner = u64::from_ne_bytes(w[..8].try_into().ok()?);
+    (owner == seq + 1).then(|| u64::from_ne_bytes(w[8..].try_into().unwrap_or_default()))
+}

@@ -1,0 +1,194 @@
+//! Crash re-adoption: envd keeps its commands' fds in the service manager's
+//! fd store; after `kill -9`, a restarted envd takes them over. Driven here
+//! by a stand-in for systemd's notify/fd-store protocol (tests/common/
+//! fdstore.rs); the QEMU test does it under the real systemd.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fdstore::FdStore;
+use common::*;
+use envd::proto::process::process_client::ProcessClient;
+use envd::proto::process::{ConnectRequest, ListRequest, SendSignalRequest, Signal};
+
+async fn client(url: &str) -> ProcessClient<tonic::transport::Channel> {
+    ProcessClient::new(envd::client::dial(url).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
+    let store = FdStore::new();
+    let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    let (mut first, urls, _log) = store.spawn(&args);
+    let url = urls[0].clone();
+    let mut c = client(&url).await;
+
+    let mut counter = sh("i=0; while [ $i -lt 120 ]; do echo $i; i=$((i+1)); sleep 0.02; done");
+    counter.tag = Some("counter".into());
+    let (mut live, _) = started(&mut c, counter).await;
+    let mut reader = sh("read line; echo got $line; exit 7");
+    reader.tag = Some("reader".into());
+    let (_r, reader_o) = started(&mut c, reader).await;
+    let mut sleeper = cmd("sleep", &["60"]);
+    sleeper.tag = Some("sleeper".into());
+    let (_s, _) = started(&mut c, sleeper).await;
+    let mut quick = sh("sleep 0.3; exit 4");
+    quick.tag = Some("quick".into());
+    let (_q, _) = started(&mut c, quick).await;
+
+    // The store holds the listener, the record and each command's fds.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let n = store.names();
+            n.iter().any(|n| n == "envd-state")
+                && n.iter().filter(|n| n.ends_with('p')).count() >= 4
+        })
+        .await,
+        "fd store: {:?}",
+        store.names()
+    );
+    // A client follows the counter; envd is killed outright meanwhile.
+    let mut o = Outcome::default();
+    read_until(&mut live, &mut o, |o| o.out().lines().count() >= 20).await;
+    let follower = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(Ok(item)) = live.next().await {
+            o.record(item.event());
+        }
+        o
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = first.kill();
+    let _ = first.wait();
+    let o = follower.await.unwrap();
+    let seen = o.out().len() as u64;
+    // Meanwhile the counter writes into its pipe and `quick` ends.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let (_second, urls2, log2) = store.spawn(&args);
+    assert_eq!(urls2[0], url, "the listener was not taken over");
+    let mut c = client(&url).await;
+    let listed = c.list(ListRequest {}).await.unwrap().into_inner().processes;
+    let tags: Vec<_> = listed.iter().filter_map(|p| p.tag.clone()).collect();
+    for t in ["counter", "reader", "sleeper"] {
+        assert!(
+            tags.iter().any(|x| x == t),
+            "{t} not re-adopted: {tags:?}\n{}",
+            log2.lock().unwrap().join("\n")
+        );
+    }
+
+    // Output continues from where the client stopped: no gap, no duplicate.
+    let rest = collect(
+        c.connect(ConnectRequest {
+            process: by_tag("counter"),
+            resume_offset: Some(seen),
+        })
+        .await
+        .expect("Connect")
+        .into_inner(),
+    )
+    .await;
+    assert_eq!(
+        rest.start.as_ref().unwrap().output_lost,
+        Some(0),
+        "output lost"
+    );
+    let all = format!("{}{}", o.out(), rest.out());
+    let nums: Vec<u32> = all.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(
+        nums,
+        (0..120).collect::<Vec<_>>(),
+        "counter across the crash"
+    );
+
+    // Input and signals reach re-adopted commands; exits are reported.
+    send_input(&mut c, reader_o.pid, stdin_input(b"again\n"))
+        .await
+        .expect("stdin after the crash");
+    let read = collect(
+        c.connect(ConnectRequest {
+            process: by_tag("reader"),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert!(read.out().contains("got again"), "{:?}", read.out());
+    let end = read.end();
+    // Exact where the kernel tells (pidfd exit info, or the process-event
+    // connector as root); otherwise the end says the status is unknown.
+    assert!(
+        end.exit_code == 7
+            || end
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("exit status lost"),
+        "{end:?}"
+    );
+    println!("reader's end after re-adoption: {end:?}");
+
+    c.send_signal(SendSignalRequest {
+        process: by_tag("sleeper"),
+        signal: Signal::Sigterm as i32,
+        descendants: false,
+    })
+    .await
+    .expect("signal after the crash");
+    let slept = collect(
+        c.connect(ConnectRequest {
+            process: by_tag("sleeper"),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    let end = slept.end();
+    assert!(
+        end.status == "signal: terminated"
+            || end
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("exit status lost"),
+        "{end:?}"
+    );
+    // `quick` ended while envd was down: never a made-up status.
+    let quick = collect(
+        c.connect(ConnectRequest {
+            process: by_tag("quick"),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    let end = quick.end();
+    assert!(
+        end.exit_code == 4
+            || end
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("exit status lost"),
+        "{end:?}"
+    );
+    println!("quick's end (ended while envd was down): {end:?}");
+    // Ended commands leave the store.
+    assert!(
+        eventually(Duration::from_secs(5), || !store
+            .names()
+            .iter()
+            .any(|n| n.starts_with(&format!("c{}", 1)) && n.ends_with('i')))
+        .await,
+        "{:?}",
+        store.names()
+    );
+}
