@@ -214,4 +214,13 @@ async fn main() {
         mib(down),
         down / raw_down
     );
+
+    // Live upgrade in place (envd is PID 1 here) with the peers running.
+    let (rtt, gap, _) = common::downtime::measure(&vm.url()).await;
+    println!(
+        "live upgrade (PID 1)           longest gap between /health answers {:>6.1} ms = {:.0}x a round trip ({:.2} ms)",
+        gap.as_secs_f64() * 1e3,
+        gap.as_secs_f64() / rtt.as_secs_f64(),
+        rtt.as_secs_f64() * 1e3
+    );
 }

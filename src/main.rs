@@ -260,6 +260,10 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
         in_vm,
         "envd ready"
     );
+    if let Some(inc) = incoming.as_mut() {
+        inc.drop_unused_listeners();
+        inc.release_unclaimed_store_fds();
+    }
     envd::handover::crash::enable(
         process.clone(),
         auth,
@@ -268,7 +272,6 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
         upgrader.exe().display().to_string(),
     );
     if let Some(inc) = incoming.as_mut() {
-        inc.drop_unused_listeners();
         let r = &inc.report;
         tracing::info!(
             from = %r.from_version,

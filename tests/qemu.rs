@@ -258,6 +258,9 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
         .collect();
     assert!(names.contains(&"big.bin".to_owned()), "{names:?}");
 
+    live_upgrade_proof(&vm.url(), &a.envd).await;
+    let mut p = ProcessClient::new(envd::client::dial(&vm.url()).await.unwrap());
+
     tunnels_into_a_vm_without_network(&vm.url()).await;
 
     // busybox: a shell variable fed from a pipe.
@@ -328,6 +331,26 @@ async fn systemd_restarts_envd_and_the_client_reconnects() {
     let o = run(&mut p, sh("sleep 1000 >/dev/null 2>&1 & echo $!")).await;
     let sleeper = o.out().trim().to_owned();
 
+    // Commands envd must take over after its crash: a counter (followed by
+    // a client), a shell on a pty, a stdin reader, a sleeper.
+    let mut counter = sh("i=0; while [ $i -lt 600 ]; do echo $i; i=$((i+1)); sleep 0.01; done");
+    counter.tag = Some("cr-counter".into());
+    let (s, o) = started(&mut p, counter).await;
+    let follower = follow(s, o);
+    let mut shell = cmd("/bin/sh", &[]);
+    shell.tag = Some("cr-pty".into());
+    shell.pty = Some(Pty {
+        size: Some(pty::Size { cols: 80, rows: 24 }),
+    });
+    let (_t, shell_o) = started(&mut p, shell).await;
+    let mut reader = sh("read l; echo got $l; exit 6");
+    reader.tag = Some("cr-reader".into());
+    let (_r, reader_o) = started(&mut p, reader).await;
+    let mut napper = cmd("sleep", &["1000"]);
+    napper.tag = Some("cr-sleeper".into());
+    let (_n, _) = started(&mut p, napper).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
     // kill -9 envd from inside the guest; its stream breaks.
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
@@ -388,6 +411,59 @@ async fn systemd_restarts_envd_and_the_client_reconnects() {
         Some("sleeper-alive"),
         "the user process died with envd"
     );
+
+    // The restarted envd took the commands over from systemd's fd store.
+    let o = follower.await.unwrap();
+    let rest = rest_from(&url, "cr-counter", o.stdout.len() as u64).await;
+    assert_eq!(
+        rest.start.as_ref().unwrap().output_lost,
+        Some(0),
+        "output lost across the crash"
+    );
+    assert_counter(
+        &format!("{}{}", o.out(), rest.out()),
+        600,
+        "counter across kill -9",
+    );
+    assert_eq!(rest.end().exit_code, 0, "{:?}", rest.end());
+    let mut p = ProcessClient::new(envd::client::dial(&url).await.unwrap());
+    send_input(
+        &mut p,
+        shell_o.pid,
+        pty_input(b"echo crash-$((6*7)); exit 5\n"),
+    )
+    .await
+    .expect("pty input after the crash");
+    let shell = rest_from(&url, "cr-pty", 0).await;
+    assert!(
+        String::from_utf8_lossy(&shell.pty).contains("crash-42"),
+        "{:?}",
+        String::from_utf8_lossy(&shell.pty)
+    );
+    assert_eq!(shell.end().exit_code, 5, "{:?}", shell.end());
+    send_input(&mut p, reader_o.pid, stdin_input(b"x\n"))
+        .await
+        .expect("stdin after the crash");
+    let read = rest_from(&url, "cr-reader", 0).await;
+    assert_eq!(read.out(), "got x\n");
+    assert_eq!(read.end().exit_code, 6, "{:?}", read.end());
+    p.send_signal(SendSignalRequest {
+        process: by_tag("cr-sleeper"),
+        signal: Signal::Sigterm as i32,
+        descendants: false,
+    })
+    .await
+    .expect("signal after the crash");
+    let napped = rest_from(&url, "cr-sleeper", 0).await;
+    assert_eq!(
+        napped.end().status,
+        "signal: terminated",
+        "{:?}",
+        napped.end()
+    );
+    eprintln!("kill -9: envd re-adopted 4 commands (output, pty, stdin, signal, exit statuses)");
+
+    live_upgrade_proof(&url, &a.envd).await;
 }
 
 /// E2B's orchestrator drives envd in the systemd VM as it drives upstream's:
@@ -870,4 +946,178 @@ async fn tunnels_into_a_vm_without_network(url: &str) {
         "SDK through the proxy:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Follows a Start/Connect stream until it ends or breaks (an upgrade or a
+/// crash of envd breaks it).
+fn follow(
+    mut s: tonic::Streaming<StartResponse>,
+    mut o: Outcome,
+) -> tokio::task::JoinHandle<Outcome> {
+    tokio::spawn(async move {
+        while let Some(Ok(item)) = s.next().await {
+            o.record(item.event());
+        }
+        o
+    })
+}
+
+/// The rest of a command's output from `offset`, to its end.
+async fn rest_from(url: &str, tag: &str, offset: u64) -> Outcome {
+    let mut p = ProcessClient::new(envd::client::dial(url).await.unwrap());
+    collect(
+        p.connect(ConnectRequest {
+            process: by_tag(tag),
+            resume_offset: Some(offset),
+        })
+        .await
+        .expect("Connect")
+        .into_inner(),
+    )
+    .await
+}
+
+/// Counter lines 0..n with neither gap nor duplicate.
+fn assert_counter(all: &str, n: u32, what: &str) {
+    let nums: Vec<u32> = all
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or(u32::MAX))
+        .collect();
+    assert_eq!(nums, (0..n).collect::<Vec<_>>(), "{what}: gap or duplicate");
+}
+
+/// 64 MiB written to `path` (1 MiB chunks of a known pattern).
+async fn upload_64mib(url: String, path: &'static str) -> Result<(), tonic::Status> {
+    let mut t = TransferClient::new(envd::client::dial(&url).await.unwrap());
+    let upload = futures_util::stream::iter(
+        std::iter::once(WriteFileRequest {
+            message: Some(write_file_request::Message::Header(WriteHeader {
+                path: path.into(),
+                ..Default::default()
+            })),
+        })
+        .chain((0..64u8).map(|i| WriteFileRequest {
+            message: Some(write_file_request::Message::Data(
+                vec![i.wrapping_mul(37); 1 << 20].into(),
+            )),
+        })),
+    );
+    t.write_file(upload).await.map(|_| ())
+}
+
+fn sha256_of_upload() -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for i in 0..64u8 {
+        h.update(vec![i.wrapping_mul(37); 1 << 20]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Live upgrade inside a VM to a different build (the VM's binary with
+/// bytes appended) while a command streams, a 64 MiB upload runs and a
+/// polling watcher holds an event: the output has no gap, the upload either
+/// completes or fails cleanly and succeeds when retried, the watcher keeps
+/// its event, exit statuses are exact.
+async fn live_upgrade_proof(url: &str, binary: &std::path::Path) {
+    let target: envd::client::Target = url.parse().unwrap();
+    let ch = envd::client::dial(url).await.unwrap();
+    let mut p = ProcessClient::new(ch.clone());
+    run(&mut p, sh("rm -f /tmp/big.bin; mkdir -p /tmp/upw")).await;
+    let mut counter = sh("i=0; while [ $i -lt 600 ]; do echo $i; i=$((i+1)); sleep 0.01; done");
+    counter.tag = Some("up-counter".into());
+    let (s, o) = started(&mut p, counter).await;
+    let follower = follow(s, o);
+    let mut reader = sh("read l; echo got $l; exit 9");
+    reader.tag = Some("up-reader".into());
+    let (_r, reader_o) = started(&mut p, reader).await;
+    let mut fs = FilesystemClient::new(ch.clone());
+    let watcher = fs
+        .create_watcher(CreateWatcherRequest {
+            path: "/tmp/upw".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .watcher_id;
+    run(&mut p, sh("touch /tmp/upw/before")).await;
+
+    let upload = tokio::spawn(upload_64mib(url.to_owned(), "/tmp/up.bin"));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut bytes = std::fs::read(binary).unwrap();
+    bytes.extend_from_slice(b"\nenvd, upgraded inside a VM\n");
+    let up = envd::client::upgrade::upgrade(&target, &bytes, None, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("live upgrade in the VM: {e}"));
+    assert_ne!(up.before, up.after, "the new build did not take over");
+    eprintln!(
+        "live upgrade in the VM: {} -> {}, envd answered again {} ms after the upload",
+        up.before,
+        up.after,
+        up.downtime.as_millis()
+    );
+    match upload.await.unwrap() {
+        Ok(()) => eprintln!("the 64 MiB upload completed across the upgrade"),
+        Err(e) => {
+            eprintln!("the 64 MiB upload failed cleanly ({}); retrying", e.code());
+            upload_64mib(url.to_owned(), "/tmp/up.bin")
+                .await
+                .expect("retried upload");
+        }
+    }
+    let mut p = ProcessClient::new(envd::client::dial(url).await.unwrap());
+    let o = run(
+        &mut p,
+        sh("sha256sum /tmp/up.bin; ls -a /tmp | grep -c '^.envd-' ; rm -f /tmp/up.bin"),
+    )
+    .await;
+    let out = o.out();
+    assert!(
+        out.starts_with(&sha256_of_upload()),
+        "upload content: {out}"
+    );
+    assert_eq!(
+        out.lines().nth(1),
+        Some("0"),
+        "temporary upload files left: {out}"
+    );
+
+    let o = follower.await.unwrap();
+    let rest = rest_from(url, "up-counter", o.stdout.len() as u64).await;
+    assert_eq!(rest.start.as_ref().unwrap().output_lost, Some(0));
+    assert_counter(
+        &format!("{}{}", o.out(), rest.out()),
+        600,
+        "counter across the live upgrade",
+    );
+    assert_eq!(rest.end().exit_code, 0);
+
+    send_input(&mut p, reader_o.pid, stdin_input(b"up\n"))
+        .await
+        .expect("stdin after the upgrade");
+    let read = rest_from(url, "up-reader", 0).await;
+    assert_eq!(read.out(), "got up\n");
+    assert_eq!(read.end().exit_code, 9, "exit status across the upgrade");
+
+    let mut fs = FilesystemClient::new(envd::client::dial(url).await.unwrap());
+    run(&mut p, sh("touch /tmp/upw/after")).await;
+    let mut names = Vec::new();
+    let t0 = Instant::now();
+    while !(names.iter().any(|n| n == "before") && names.iter().any(|n| n == "after")) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "watcher events: {names:?}"
+        );
+        let evs = fs
+            .get_watcher_events(GetWatcherEventsRequest {
+                watcher_id: watcher.clone(),
+            })
+            .await
+            .expect("the watcher survived the upgrade")
+            .into_inner()
+            .events;
+        names.extend(evs.into_iter().map(|e| e.name));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -67,6 +67,11 @@ impl Claimed {
         }
     }
 
+    /// Whether `fd` was claimed.
+    pub fn has(&self, fd: RawFd) -> bool {
+        self.taken.contains(&fd)
+    }
+
     /// Takes ownership of carried fd `fd` (close-on-exec again). `None` for
     /// -1, a number claimed before, one below the carry floor, or one that is
     /// not open.

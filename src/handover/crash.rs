@@ -193,7 +193,12 @@ impl CrashRecord {
             Input::Null => {}
         }
         store('p', p.pidfd.get().map(AsRawFd::as_raw_fd));
-        let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        // Registered once (start-up may see a command twice).
+        let slot = if p.crash_slot.get().is_some() {
+            None
+        } else {
+            self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        };
         if let Some(slot) = slot {
             let i = usize::try_from(slot).unwrap_or(0) * 2;
             self.offsets[i].store(p.seq + 1, Ordering::Release);

@@ -116,8 +116,13 @@ struct PidfdInfo {
 }
 
 const PIDFD_INFO_EXIT: u64 = 1 << 3;
-/// `_IOWR(0xFF, 11, struct pidfd_info)`.
-const PIDFD_GET_INFO: libc::c_ulong = (3 << 30) | (72 << 16) | (0xFF << 8) | 11;
+/// `_IOWR(0xFF, 11, struct pidfd_info)`, in the libc's request type (an
+/// unsigned long on glibc, an int on musl).
+const PIDFD_GET_INFO_BITS: u32 = (3 << 30) | (72 << 16) | (0xFF << 8) | 11;
+#[cfg(target_env = "musl")]
+const PIDFD_GET_INFO: libc::Ioctl = i32::from_ne_bytes(PIDFD_GET_INFO_BITS.to_ne_bytes());
+#[cfg(not(target_env = "musl"))]
+const PIDFD_GET_INFO: libc::Ioctl = PIDFD_GET_INFO_BITS as libc::Ioctl;
 
 /// The exit status kept with a pidfd, where the kernel keeps it.
 fn exit_info(pidfd: &OwnedFd) -> Option<ExitStatus> {

@@ -107,6 +107,23 @@ impl Incoming {
         }
     }
 
+    /// After a crash: systemd's fds that were not taken over (commands that
+    /// could not be, stale entries) are closed and leave the store.
+    pub fn release_unclaimed_store_fds(&mut self) {
+        if !self.state.crash_record {
+            return;
+        }
+        for (name, fd) in crate::sd::listen_fds() {
+            if !self.claimed.has(*fd) {
+                if let Some(f) = self.claimed.take(*fd) {
+                    drop(f);
+                    crate::sd::remove_fds(name);
+                    tracing::info!(fd = %name, "fd store: entry not taken over; removed");
+                }
+            }
+        }
+    }
+
     /// The exit watches handed to the reaper, by pid, filled by the caller.
     pub fn pids(&self) -> Vec<i32> {
         crate::process::ProcessService::handover_pids(&self.state.commands)

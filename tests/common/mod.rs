@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod cut;
+pub mod downtime;
 pub mod fdstore;
 pub mod http;
 pub mod mmds;
