@@ -12,6 +12,16 @@ use common::*;
 use envd::proto::process::process_client::ProcessClient;
 use envd::proto::process::{ConnectRequest, ListRequest, SendSignalRequest, Signal};
 
+/// The restarted envd, ended with the test (a `Child` alone is not).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn client(url: &str) -> ProcessClient<tonic::transport::Channel> {
     ProcessClient::new(envd::client::dial(url).await.unwrap())
 }
@@ -20,7 +30,8 @@ async fn client(url: &str) -> ProcessClient<tonic::transport::Channel> {
 async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     let store = FdStore::new();
     let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
-    let (mut first, urls, _log) = store.spawn(&args);
+    let (first, urls, _log) = store.spawn(&args);
+    let mut first = KillOnDrop(first);
     let url = urls[0].clone();
     let mut c = client(&url).await;
 
@@ -59,14 +70,15 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
         o
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let _ = first.kill();
-    let _ = first.wait();
+    let _ = first.0.kill();
+    let _ = first.0.wait();
     let o = follower.await.unwrap();
     let seen = o.out().len() as u64;
     // Meanwhile the counter writes into its pipe and `quick` ends.
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let (_second, urls2, log2) = store.spawn(&args);
+    let (second, urls2, log2) = store.spawn(&args);
+    let _second = KillOnDrop(second);
     assert_eq!(urls2[0], url, "the listener was not taken over");
     let mut c = client(&url).await;
     let listed = c.list(ListRequest {}).await.unwrap().into_inner().processes;

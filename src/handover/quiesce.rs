@@ -4,20 +4,22 @@
 //! accept loops stop taking connections (new ones wait in the listen backlog
 //! for the next image). A failed upgrade resumes them where they stopped.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 static REQUESTED: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::Sender::new(false));
+/// The same as a plain flag, for the per-append check.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// Pumps running, and pumps parked at a safe point.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PARKED: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether a quiesce is in progress (producers then never wait on readers).
 pub fn requested() -> bool {
-    *REQUESTED.borrow()
+    ACTIVE.load(Ordering::Acquire)
 }
 
 /// Resolves once a quiesce is requested.
@@ -59,6 +61,7 @@ impl Drop for PumpGuard {
 /// Requests a quiesce and waits (at most `limit`) until every pump is parked.
 /// Returns whether they all were.
 pub async fn begin(limit: Duration, wake: impl Fn()) -> bool {
+    ACTIVE.store(true, Ordering::Release);
     REQUESTED.send_replace(true);
     // Producers waiting on a slow reader re-check and finish their append.
     wake();
@@ -76,6 +79,7 @@ pub async fn begin(limit: Duration, wake: impl Fn()) -> bool {
 
 /// Lifts the quiesce (the upgrade did not happen): everything resumes.
 pub fn end() {
+    ACTIVE.store(false, Ordering::Release);
     REQUESTED.send_replace(false);
 }
 

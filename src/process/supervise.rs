@@ -77,11 +77,15 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     let log = process.output.clone();
     let mut exited = process.exited.subscribe();
     let mut buf = BytesMut::new();
+    // One registration for the pump's life (re-made after a park), not one
+    // per read: streaming output reads in a tight loop.
+    let mut quiesce = Box::pin(crate::handover::quiesce::until_requested());
     loop {
         let read = tokio::select! {
             biased;
-            () = crate::handover::quiesce::until_requested() => {
+            () = &mut quiesce => {
                 crate::handover::quiesce::park().await;
+                quiesce = Box::pin(crate::handover::quiesce::until_requested());
                 continue;
             }
             r = reader.read(&mut buf) => r,
