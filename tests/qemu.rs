@@ -464,6 +464,74 @@ async fn systemd_restarts_envd_and_the_client_reconnects() {
     eprintln!("kill -9: envd re-adopted 4 commands (output, pty, stdin, signal, exit statuses)");
 
     live_upgrade_proof(&url, &a.envd).await;
+    sdk_suites_through_the_proxy(&url).await;
+}
+
+/// The official Python and JS SDK suites (tests/sdk/), unchanged but for
+/// where their working directory is, against envd in the VM through
+/// `envctl proxy` over vsock.
+async fn sdk_suites_through_the_proxy(url: &str) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".cache/sdk-venv/bin/python");
+    let js = root.join("tests/sdk/js");
+    let (local, bound) = envd::client::proxy::Local::bind("tcp://127.0.0.1:0")
+        .await
+        .unwrap();
+    tokio::spawn(envd::client::proxy::serve(local, url.parse().unwrap()));
+    let sdk_url = bound.replace("tcp://", "http://");
+    let mut suites: Vec<(String, Vec<String>, std::path::PathBuf)> = Vec::new();
+    if python.exists() {
+        suites.push((
+            python.display().to_string(),
+            vec!["tests/sdk/python_suite.py".into()],
+            root.to_path_buf(),
+        ));
+    } else {
+        skip(
+            "SDK suites in the VM (Python)",
+            "no SDK virtualenv; make sdk-deps",
+        );
+    }
+    if js.join("node_modules/e2b").exists()
+        && std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok()
+    {
+        suites.push(("node".into(), vec!["suite.mjs".into()], js));
+    } else {
+        skip(
+            "SDK suites in the VM (JS)",
+            "node or its modules missing; make sdk-deps",
+        );
+    }
+    for (i, (program, args, cwd)) in suites.into_iter().enumerate() {
+        let sdk_url = sdk_url.clone();
+        let t0 = Instant::now();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(&program)
+                .args(&args)
+                .arg(&sdk_url)
+                .arg(format!("/tmp/sdk-suite-{i}"))
+                .env("ENVD_SDK_REMOTE", "1")
+                .current_dir(cwd)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(" passed, 0 failed"),
+            "SDK suite through the proxy:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "SDK suite {i} through envctl proxy into the VM: {} ({:.0} s)",
+            stdout.lines().last().unwrap_or(""),
+            t0.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// E2B's orchestrator drives envd in the systemd VM as it drives upstream's:
@@ -929,6 +997,7 @@ async fn tunnels_into_a_vm_without_network(url: &str) {
         .await
         .unwrap();
     tokio::spawn(envd::client::proxy::serve(local, url.parse().unwrap()));
+    reflection_lists_envd_services(&bound).await;
     let sdk_url = bound.replace("tcp://", "http://");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
@@ -1120,4 +1189,54 @@ async fn live_upgrade_proof(url: &str, binary: &std::path::Path) {
         names.extend(evs.into_iter().map(|e| e.name));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What `grpcurl list` does, through `url` (the proxy): gRPC server
+/// reflection names envd's services, and describes one of them.
+async fn reflection_lists_envd_services(url: &str) {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut r = ServerReflectionClient::new(envd::client::dial(url).await.unwrap());
+    let ask = |m| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let mut answers = r
+        .server_reflection_info(futures_util::stream::iter(vec![
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol(
+                "process.Process".into(),
+            )),
+        ]))
+        .await
+        .expect("reflection through the proxy")
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "process.Process",
+        "filesystem.Filesystem",
+        "envd.ports.Ports",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} not listed: {names:?}"
+        );
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no descriptor for process.Process");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+    eprintln!(
+        "gRPC reflection through envctl proxy: {} services",
+        names.len()
+    );
 }

@@ -43,10 +43,14 @@ pub fn listeners() -> Vec<Listener> {
 }
 
 /// The pids owning `inodes` (socket inodes), from `/proc/*/fd`. Bounded:
-/// at most `MAX_PROCS` processes and `MAX_FDS` descriptors per process.
+/// at most `MAX_PROCS` processes, `MAX_FDS` descriptors per process and
+/// `MAX_LINKS` descriptors in all per call (a guest with many processes and
+/// fds costs a bounded scan; owners not found by then are reported as 0).
 pub fn owners(inodes: &[u64]) -> std::collections::HashMap<u64, u32> {
     const MAX_PROCS: usize = 8192;
     const MAX_FDS: usize = 4096;
+    const MAX_LINKS: usize = 65_536;
+    let mut links = 0usize;
     let mut found = std::collections::HashMap::new();
     if inodes.is_empty() {
         return found;
@@ -66,6 +70,10 @@ pub fn owners(inodes: &[u64]) -> std::collections::HashMap<u64, u32> {
             continue;
         };
         for fd in fds.flatten().take(MAX_FDS) {
+            links += 1;
+            if links > MAX_LINKS {
+                return found;
+            }
             let Ok(link) = std::fs::read_link(fd.path()) else {
                 continue;
             };
