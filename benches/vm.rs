@@ -230,7 +230,9 @@ async fn main() {
         s.read_exact(&mut buf).await.unwrap();
         raw_setups.push(t.elapsed());
         let t = Instant::now();
-        let (mut s, early) = envd::client::forward::open(&target, 6001, None).await.unwrap();
+        let (mut s, early) = envd::client::forward::open(&target, 6001, None)
+            .await
+            .unwrap();
         assert!(early.is_empty());
         s.write_all(&[1u8; 64]).await.unwrap();
         s.read_exact(&mut buf).await.unwrap();
@@ -238,7 +240,9 @@ async fn main() {
     }
     let (rs, fs) = (median(raw_setups), median(fwd_setups));
     let t = Instant::now();
-    let (mut s, early) = envd::client::forward::open(&target, 6003, None).await.unwrap();
+    let (mut s, early) = envd::client::forward::open(&target, 6003, None)
+        .await
+        .unwrap();
     let mut got = early.len();
     loop {
         let n = s.read(&mut rbuf).await.unwrap();

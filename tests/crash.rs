@@ -171,6 +171,31 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
                 .contains("exit status lost"),
         "{end:?}"
     );
+    // A command's stdin in the store must not keep it from seeing EOF.
+    let mut cat = cmd("cat", &[]);
+    cat.tag = Some("cat".into());
+    let (mut cat_s, cat_o) = started(&mut c, cat).await;
+    assert!(
+        eventually(Duration::from_secs(5), || store
+            .names()
+            .iter()
+            .any(|n| n.ends_with('i')))
+        .await
+    );
+    c.close_stdin(envd::proto::process::CloseStdinRequest {
+        process: by_pid(cat_o.pid),
+    })
+    .await
+    .expect("CloseStdin");
+    let mut cat_o = cat_o;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        read_until(&mut cat_s, &mut cat_o, |o| o.end.is_some()),
+    )
+    .await
+    .expect("cat never saw the end of its input");
+    assert_eq!(cat_o.end().exit_code, 0);
+
     // `quick` ended while envd was down: never a made-up status.
     let quick = collect(
         c.connect(ConnectRequest {

@@ -108,6 +108,14 @@ pub fn ended(p: &Process) {
     }
 }
 
+/// A command's stdin was closed: the store's copy of the pipe must go too,
+/// or the command would never see end of input.
+pub fn stdin_closed(p: &Process) {
+    if RECORD.get().is_some() {
+        crate::sd::remove_fds(&name(p.seq, 'i'));
+    }
+}
+
 /// Something in the record changed (`/init`).
 pub fn changed() {
     if let Some(r) = RECORD.get() {

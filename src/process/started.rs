@@ -247,6 +247,7 @@ impl Process {
         match &self.input {
             Input::Pipe(stdin) => {
                 stdin.close().await;
+                crate::handover::crash::stdin_closed(self);
                 Ok(())
             }
             Input::Pty(_) => Err(Error::precondition(format!(
