@@ -270,4 +270,96 @@ async fn main() {
         gap.as_secs_f64() / rtt.as_secs_f64(),
         rtt.as_secs_f64() * 1e3
     );
+    drop(vm);
+    sdk_through_proxy_vs_network(&a).await;
+}
+
+/// The official Python SDK's `commands.run("true")` into the systemd VM
+/// through `envctl proxy` (hybrid vsock) beside the same over the VM's TCP
+/// network (QEMU user-mode networking with a host forward), same run.
+async fn sdk_through_proxy_vs_network(a: &vm::Assets) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".cache/sdk-venv/bin/python");
+    let Some(rootfs) = vm::debian_rootfs() else {
+        println!("SDK via proxy vs network: skipped (no cached Debian rootfs)");
+        return;
+    };
+    if !python.exists() {
+        println!("SDK via proxy vs network: skipped (no SDK virtualenv; make sdk-deps)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let network = "[Match]\nName=en* eth*\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\n";
+    let img = vm::systemd_image_with(
+        a,
+        &rootfs,
+        dir.path(),
+        &[
+            ("/etc/systemd/network/10-eth.network", network),
+            (
+                "/etc/systemd/system/sysinit.target.wants/systemd-networkd.service",
+                "symlink:/lib/systemd/system/systemd-networkd.service",
+            ),
+        ],
+    );
+    let initrd = vm::switch_root_initramfs(a, dir.path());
+    let port = vm::free_port();
+    let nic = format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:49983");
+    let vm = vm::Vm::boot_with_nic(a, dir.path(), &initrd, "", Some(&img), 512, &nic);
+    if envd::client::wait_ready(&vm.url(), Duration::from_secs(180))
+        .await
+        .is_err()
+    {
+        println!("SDK via proxy vs network: skipped (the systemd VM did not come up)");
+        return;
+    }
+    let net = format!("tcp://127.0.0.1:{port}");
+    if envd::client::wait_ready(&net, Duration::from_secs(90))
+        .await
+        .is_err()
+    {
+        println!("SDK via proxy vs network: skipped (no network in the VM)");
+        return;
+    }
+    let (local, bound) = envd::client::proxy::Local::bind("tcp://127.0.0.1:0")
+        .await
+        .unwrap();
+    tokio::spawn(envd::client::proxy::serve(local, vm.url().parse().unwrap()));
+    let median_us = |url: String| {
+        let python = python.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = std::process::Command::new(python)
+                    .args([
+                        "tests/sdk/bench_run_true.py",
+                        &url.replace("tcp://", "http://"),
+                        "30",
+                    ])
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or(f64::NAN)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // Interleaved rounds: proxy, network, proxy, network.
+    let mut proxy = Vec::new();
+    let mut network = Vec::new();
+    for _ in 0..2 {
+        proxy.push(median_us(bound.clone()).await);
+        network.push(median_us(net.clone()).await);
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (p, n) = (best(&proxy), best(&network));
+    println!(
+        "SDK commands.run(\"true\") in the systemd VM: via envctl proxy (vsock) {:.1} ms = {:.2}x via the VM's TCP network ({:.1} ms)",
+        p / 1e3,
+        p / n,
+        n / 1e3
+    );
 }
