@@ -107,13 +107,27 @@ impl Upgrader {
         &self.exe
     }
 
+    /// One upgrade at a time: held from before a binary is received (so
+    /// concurrent uploads cannot pile up in memory) until the exec.
+    pub fn begin(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        self.busy
+            .try_lock()
+            .map_err(|_| Error::precondition("an upgrade is already in progress"))
+    }
+
     /// Replaces envd's program image with `image`, handing everything over.
     /// Returns only if the upgrade did not happen (the old image carries on).
     pub async fn upgrade(&self, image: Image) -> Result<std::convert::Infallible> {
-        let _one = self
-            .busy
-            .try_lock()
-            .map_err(|_| Error::precondition("an upgrade is already in progress"))?;
+        let one = self.begin()?;
+        self.upgrade_holding(one, image).await
+    }
+
+    /// [`Upgrader::upgrade`] with the guard of [`Upgrader::begin`] held.
+    pub async fn upgrade_holding(
+        &self,
+        _one: tokio::sync::MutexGuard<'_, ()>,
+        image: Image,
+    ) -> Result<std::convert::Infallible> {
         let (exec_path, check_path) = match &image {
             Image::OnDisk => (self.exe.clone(), self.exe.clone()),
             Image::Uploaded(fd) => (

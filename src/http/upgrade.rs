@@ -26,6 +26,9 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const SHA256_HEADER: &str = "x-envd-upgrade-sha256";
 
 pub async fn handle(req: Request<Incoming>, upgrader: &Upgrader) -> RestResult {
+    let one = upgrader
+        .begin()
+        .map_err(|e| Rest::http(StatusCode::CONFLICT, e.message))?;
     let want = match req.headers().get(SHA256_HEADER) {
         None => None,
         Some(v) => Some(parse_sha256(v.as_bytes()).ok_or_else(|| {
@@ -43,7 +46,7 @@ pub async fn handle(req: Request<Incoming>, upgrader: &Upgrader) -> RestResult {
                 format!("the binary did not arrive within {BODY_TIMEOUT:?}"),
             )
         })??;
-    match upgrader.upgrade(image).await {
+    match upgrader.upgrade_holding(one, image).await {
         Ok(never) => match never {},
         Err(e) => Err(Rest::from(e)),
     }
