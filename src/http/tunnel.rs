@@ -19,6 +19,14 @@ use crate::connections::InFlight;
 
 /// How long connecting to the destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tunnels open at once (each holds two relay buffers of
+/// [`crate::relay::CHUNK`] bytes: 64 MiB at most in all).
+pub const MAX_TUNNELS: usize = 1024;
+
+fn slots() -> &'static Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS)))
+}
 
 /// Keeps the connection counted as busy while a tunnel lives (the server
 /// puts one in each CONNECT request's extensions).
@@ -69,6 +77,12 @@ pub async fn handle(req: Request<Incoming>, policy: &TunnelPolicy) -> RestResult
         ));
     }
     let dest = SocketAddr::new(ip, port);
+    let slot = slots().clone().try_acquire_owned().map_err(|_| {
+        Rest::http(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_TUNNELS} tunnels are open already; close one or retry later"),
+        )
+    })?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(dest))
         .await
         .map_err(|_| {
@@ -86,6 +100,7 @@ pub async fn handle(req: Request<Incoming>, policy: &TunnelPolicy) -> RestResult
     let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let _busy = guard;
+        let _slot = slot;
         let upgraded = match upgrade.await {
             Ok(u) => u,
             Err(e) => {
