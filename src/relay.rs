@@ -6,13 +6,7 @@
 //! through vhost-device-vsock) do not carry a half-close, and a client waiting
 //! for EOF would then wait forever.
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-
-/// Bytes moved per read/write, per direction (tokio's `copy` moves 8 KiB:
-/// under emulation, where every system call is costly, a forwarded stream
-/// then ran at a quarter of raw vsock). envd caps its tunnels, so this is
-/// bounded in all (see `http::tunnel::MAX_TUNNELS`).
-pub const CHUNK: usize = 32 * 1024;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Relays until the server side ends (or either side fails). Returns the
 /// bytes carried client → server and server → client.
@@ -21,17 +15,15 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (client_rx, mut client_tx) = tokio::io::split(client);
-    let (server_rx, mut server_tx) = tokio::io::split(server);
-    let mut client_rx = BufReader::with_capacity(CHUNK, client_rx);
-    let mut server_rx = BufReader::with_capacity(CHUNK, server_rx);
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut server_rx, mut server_tx) = tokio::io::split(server);
     let up = async {
-        let n = tokio::io::copy_buf(&mut client_rx, &mut server_tx).await?;
+        let n = tokio::io::copy(&mut client_rx, &mut server_tx).await?;
         server_tx.shutdown().await?;
         Ok::<u64, std::io::Error>(n)
     };
     let down = async {
-        let n = tokio::io::copy_buf(&mut server_rx, &mut client_tx).await?;
+        let n = tokio::io::copy(&mut server_rx, &mut client_tx).await?;
         client_tx.shutdown().await?;
         Ok::<u64, std::io::Error>(n)
     };

@@ -19,8 +19,8 @@ use crate::connections::InFlight;
 
 /// How long connecting to the destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tunnels open at once (each holds two relay buffers of
-/// [`crate::relay::CHUNK`] bytes: 64 MiB at most in all).
+/// Tunnels open at once (each holds two 8 KiB relay buffers and two
+/// sockets).
 pub const MAX_TUNNELS: usize = 1024;
 
 fn slots() -> &'static Arc<tokio::sync::Semaphore> {
