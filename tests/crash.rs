@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::fdstore::FdStore;
 use common::*;
 use envd::proto::process::process_client::ProcessClient;
-use envd::proto::process::{ConnectRequest, ListRequest, SendSignalRequest, Signal};
+use envd::proto::process::{ListRequest, SendSignalRequest, Signal};
 
 /// The restarted envd, ended with the test (a `Child` alone is not).
 struct KillOnDrop(std::process::Child);
@@ -92,16 +92,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     }
 
     // Output continues from where the client stopped: no gap, no duplicate.
-    let rest = collect(
-        c.connect(ConnectRequest {
-            process: by_tag("counter"),
-            resume_offset: Some(seen),
-        })
-        .await
-        .expect("Connect")
-        .into_inner(),
-    )
-    .await;
+    let rest = resume_tag(&mut c, "counter", seen).await;
     assert_eq!(
         rest.start.as_ref().unwrap().output_lost,
         Some(0),
@@ -119,16 +110,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     send_input(&mut c, reader_o.pid, stdin_input(b"again\n"))
         .await
         .expect("stdin after the crash");
-    let read = collect(
-        c.connect(ConnectRequest {
-            process: by_tag("reader"),
-            resume_offset: Some(0),
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    )
-    .await;
+    let read = resume_tag(&mut c, "reader", 0).await;
     assert!(read.out().contains("got again"), "{:?}", read.out());
     let end = read.end();
     // Exact where the kernel tells (pidfd exit info, or the process-event
@@ -151,16 +133,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     })
     .await
     .expect("signal after the crash");
-    let slept = collect(
-        c.connect(ConnectRequest {
-            process: by_tag("sleeper"),
-            resume_offset: Some(0),
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    )
-    .await;
+    let slept = resume_tag(&mut c, "sleeper", 0).await;
     let end = slept.end();
     assert!(
         end.status == "signal: terminated"
@@ -197,16 +170,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     assert_eq!(cat_o.end().exit_code, 0);
 
     // `quick` ended while envd was down: never a made-up status.
-    let quick = collect(
-        c.connect(ConnectRequest {
-            process: by_tag("quick"),
-            resume_offset: Some(0),
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    )
-    .await;
+    let quick = resume_tag(&mut c, "quick", 0).await;
     let end = quick.end();
     assert!(
         end.exit_code == 4

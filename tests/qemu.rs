@@ -1034,16 +1034,7 @@ fn follow(
 /// The rest of a command's output from `offset`, to its end.
 async fn rest_from(url: &str, tag: &str, offset: u64) -> Outcome {
     let mut p = ProcessClient::new(envd::client::dial(url).await.unwrap());
-    collect(
-        p.connect(ConnectRequest {
-            process: by_tag(tag),
-            resume_offset: Some(offset),
-        })
-        .await
-        .expect("Connect")
-        .into_inner(),
-    )
-    .await
+    resume_tag(&mut p, tag, offset).await
 }
 
 /// Counter lines 0..n with neither gap nor duplicate.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{addr, post_json, request};
 use common::*;
-use envd::proto::process::{ConnectRequest, Signal};
+use envd::proto::process::Signal;
 
 /// POSTs `/upgrade` with `body` (and its SHA-256 unless `sha` overrides it);
 /// `None` when envd closed the connection without answering (it exec'd),
@@ -78,16 +78,7 @@ fn upgrade_in_place(url: &str) -> String {
 }
 
 async fn resume_all(envd: &Envd, tag: &str) -> Outcome {
-    let mut c = envd.client().await;
-    let s = c
-        .connect(ConnectRequest {
-            process: by_tag(tag),
-            resume_offset: Some(0),
-        })
-        .await
-        .expect("Connect")
-        .into_inner();
-    collect(s).await
+    resume_tag(&mut envd.client().await, tag, 0).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use prost::Message;
 
 use super::carry::Claimed;
-use super::incoming::{Incoming, Report};
+use super::incoming::Incoming;
 use super::memfd;
 use crate::auth::Auth;
 use crate::defaults::Defaults;
@@ -352,34 +352,11 @@ pub fn recover() -> Option<Incoming> {
         }
         state
     });
-    Some(match loaded {
-        Ok(state) => {
-            let report = Report {
-                from_version: state.from_version.clone(),
-                ..Report::default()
-            };
-            Incoming {
-                state,
-                claimed,
-                report,
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "crash record unreadable: starting without it");
-            Incoming {
-                state: State::default(),
-                claimed,
-                report: Report {
-                    failed: true,
-                    lost: Some(format!(
-                        "the crashed envd's record could not be read ({e}): its commands keep \
-                         running but are not known to this envd"
-                    )),
-                    ..Report::default()
-                },
-            }
-        }
-    })
+    Some(Incoming::from_read(
+        loaded,
+        claimed,
+        "the crashed envd's record",
+    ))
 }
 
 fn read_state(claimed: &mut Claimed, fd: RawFd) -> Result<State, String> {

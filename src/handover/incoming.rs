@@ -62,6 +62,12 @@ impl Incoming {
             .take(fd)
             .ok_or_else(|| format!("fd {fd} is not open"))
             .and_then(decode);
+        Incoming::from_read(read, claimed, "the previous envd's state")
+    }
+
+    /// An `Incoming` from a state read from `what`; an unreadable one gives
+    /// an empty state and a report saying what was lost.
+    pub fn from_read(read: Result<State, String>, claimed: Claimed, what: &str) -> Incoming {
         match read {
             Ok(state) => {
                 let report = Report {
@@ -75,15 +81,15 @@ impl Incoming {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "handover state unreadable: starting without it");
+                tracing::error!(error = %e, "{what} is unreadable: starting without it");
                 Incoming {
                     state: State::default(),
                     claimed,
                     report: Report {
                         failed: true,
                         lost: Some(format!(
-                            "the previous envd's state could not be read ({e}): its commands \
-                             keep running but are not known to this envd"
+                            "{what} could not be read ({e}): its commands keep running but are \
+                             not known to this envd"
                         )),
                         ..Report::default()
                     },

@@ -41,6 +41,37 @@ fn source_from(code: u32) -> Option<Source> {
     }
 }
 
+/// What both a handover and a crash record say of a command: who it is,
+/// how its input works, its cgroup and time left; no fds (-1) and no output.
+fn identity(p: &Process, retention: Option<Duration>) -> Command {
+    Command {
+        pid: p.pid,
+        tag: p.tag.clone(),
+        config: Some(p.config.clone()),
+        seq: p.seq,
+        stdout_fd: -1,
+        stderr_fd: -1,
+        stdin_fd: -1,
+        pty_fd: -1,
+        pidfd: -1,
+        input: match p.input {
+            Input::Pipe(_) => INPUT_PIPE,
+            Input::Pty(_) => INPUT_PTY,
+            Input::Null => INPUT_NONE,
+        },
+        retention_ms: retention.map_or(0, millis),
+        cgroup: p
+            .leaf
+            .as_ref()
+            .map(|l| l.path().display().to_string())
+            .unwrap_or_default(),
+        deadline_ms: p.deadline.map_or(0, |d| {
+            millis(d.saturating_duration_since(Instant::now())).max(1)
+        }),
+        ..Default::default()
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -62,15 +93,6 @@ impl ProcessService {
             let log = p.output.image();
             let status = *p.status.borrow();
             let mut c = Command {
-                pid: p.pid,
-                tag: p.tag.clone(),
-                config: Some(p.config.clone()),
-                seq: p.seq,
-                stdout_fd: -1,
-                stderr_fd: -1,
-                stdin_fd: -1,
-                pty_fd: -1,
-                pidfd: -1,
                 log_start: log.start,
                 log_end: log.end,
                 chunks: log
@@ -83,16 +105,7 @@ impl ProcessService {
                     })
                     .collect(),
                 end: log.finished.clone(),
-                retention_ms: retention.map_or(0, millis),
-                cgroup: p
-                    .leaf
-                    .as_ref()
-                    .map(|l| l.path().display().to_string())
-                    .unwrap_or_default(),
-                deadline_ms: p.deadline.map_or(0, |d| {
-                    millis(d.saturating_duration_since(Instant::now())).max(1)
-                }),
-                ..Default::default()
+                ..identity(&p, retention)
             };
             match status {
                 Some(ExitStatus::Exited(code)) => c.exit_code = Some(code),
@@ -111,15 +124,9 @@ impl ProcessService {
                 c.stdout_fd = kept.keep(stdout);
                 c.stderr_fd = kept.keep(stderr);
                 match &p.input {
-                    Input::Pipe(stdin) => {
-                        c.input = INPUT_PIPE;
-                        c.stdin_fd = stdin.with_fd(|fd| kept.keep(fd));
-                    }
-                    Input::Pty(_) => {
-                        c.input = INPUT_PTY;
-                        c.pty_fd = kept.keep(p.pty().ok().map(|pty| pty.raw_fd()));
-                    }
-                    Input::Null => c.input = INPUT_NONE,
+                    Input::Pipe(stdin) => c.stdin_fd = stdin.with_fd(|fd| kept.keep(fd)),
+                    Input::Pty(_) => c.pty_fd = kept.keep(p.pty().ok().map(|pty| pty.raw_fd())),
+                    Input::Null => {}
                 }
             }
             out.push(c);
@@ -134,36 +141,13 @@ impl ProcessService {
             .all()
             .into_iter()
             .map(|(p, retention)| {
-                let end = p.output.image_end();
+                let (log_end, end) = p.output.image_end();
                 Command {
-                    pid: p.pid,
-                    tag: p.tag.clone(),
-                    config: Some(p.config.clone()),
-                    seq: p.seq,
-                    stdout_fd: -1,
-                    stderr_fd: -1,
-                    stdin_fd: -1,
-                    pty_fd: -1,
-                    pidfd: -1,
-                    input: match p.input {
-                        Input::Pipe(_) => INPUT_PIPE,
-                        Input::Pty(_) => INPUT_PTY,
-                        Input::Null => INPUT_NONE,
-                    },
-                    log_start: end.0,
-                    log_end: end.0,
-                    end: end.1,
-                    retention_ms: retention.map_or(0, millis),
-                    cgroup: p
-                        .leaf
-                        .as_ref()
-                        .map(|l| l.path().display().to_string())
-                        .unwrap_or_default(),
-                    deadline_ms: p.deadline.map_or(0, |d| {
-                        millis(d.saturating_duration_since(Instant::now())).max(1)
-                    }),
+                    log_start: log_end,
+                    log_end,
+                    end,
                     offset_slot: p.crash_slot.get().copied().unwrap_or(u32::MAX),
-                    ..Default::default()
+                    ..identity(&p, retention)
                 }
             })
             .collect()

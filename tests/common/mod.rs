@@ -329,6 +329,20 @@ pub async fn run(
     collect(s).await
 }
 
+/// A process's output from `offset` to its end (Connect with
+/// `resume_offset`), selected by tag, over `c`.
+pub async fn resume_tag(c: &mut ProcessClient<Channel>, tag: &str, offset: u64) -> Outcome {
+    let s = c
+        .connect(ConnectRequest {
+            process: by_tag(tag),
+            resume_offset: Some(offset),
+        })
+        .await
+        .expect("Connect")
+        .into_inner();
+    collect(s).await
+}
+
 /// Reads events until `pred` holds on the outcome so far (30 s at most).
 pub async fn read_until<T: HasEvent>(
     s: &mut (impl Stream<Item = Result<T, tonic::Status>> + Unpin),
