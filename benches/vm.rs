@@ -321,10 +321,7 @@ async fn sdk_through_proxy_vs_network(a: &vm::Assets) {
         println!("SDK via proxy vs network: skipped (no network in the VM)");
         return;
     }
-    let (local, bound) = envd::client::proxy::Local::bind("tcp://127.0.0.1:0")
-        .await
-        .unwrap();
-    tokio::spawn(envd::client::proxy::serve(local, vm.url().parse().unwrap()));
+    let bound = common::proxy_to(&vm.url()).await;
     let median_us = |url: String| {
         let python = python.clone();
         async move {

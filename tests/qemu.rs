@@ -474,10 +474,7 @@ async fn sdk_suites_through_the_proxy(url: &str) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".cache/sdk-venv/bin/python");
     let js = root.join("tests/sdk/js");
-    let (local, bound) = envd::client::proxy::Local::bind("tcp://127.0.0.1:0")
-        .await
-        .unwrap();
-    tokio::spawn(envd::client::proxy::serve(local, url.parse().unwrap()));
+    let bound = proxy_to(url).await;
     let sdk_url = bound.replace("tcp://", "http://");
     let mut suites: Vec<(String, Vec<String>, std::path::PathBuf)> = Vec::new();
     if python.exists() {
@@ -993,10 +990,7 @@ async fn tunnels_into_a_vm_without_network(url: &str) {
         sh("printf '#!/bin/sh\\nexec /bin/sh \"$@\"\\n' > /bin/bash && chmod +x /bin/bash"),
     )
     .await;
-    let (local, bound) = envd::client::proxy::Local::bind("tcp://127.0.0.1:0")
-        .await
-        .unwrap();
-    tokio::spawn(envd::client::proxy::serve(local, url.parse().unwrap()));
+    let bound = proxy_to(url).await;
     reflection_lists_envd_services(&bound).await;
     let sdk_url = bound.replace("tcp://", "http://");
     let out = tokio::task::spawn_blocking(move || {

@@ -343,6 +343,16 @@ pub async fn resume_tag(c: &mut ProcessClient<Channel>, tag: &str, offset: u64) 
     collect(s).await
 }
 
+/// Starts `envctl proxy`'s logic in this process: a loopback TCP listener
+/// whose connections are carried to envd at `url`. Returns its tcp:// URL.
+pub async fn proxy_to(url: &str) -> String {
+    let (local, bound) = envd::client::proxy::Local::bind("tcp://127.0.0.1:0")
+        .await
+        .unwrap();
+    tokio::spawn(envd::client::proxy::serve(local, url.parse().unwrap()));
+    bound
+}
+
 /// Reads events until `pred` holds on the outcome so far (30 s at most).
 pub async fn read_until<T: HasEvent>(
     s: &mut (impl Stream<Item = Result<T, tonic::Status>> + Unpin),
