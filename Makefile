@@ -65,6 +65,7 @@ static: ## Build the fully static release binary (musl) at target/x86_64-unknown
 	@ls -l $(STATIC_BIN)
 
 bench: deps static sdk-deps qemu-deps ## Benchmarks of the static binary: figures as ratios against baselines measured in the same run.
+	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --locked --bench efficiency
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --locked --bench process
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --locked --bench filesystem
 	ENVD_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) bench --locked --bench compat

@@ -4,8 +4,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,7 +12,6 @@ use futures_util::StreamExt;
 const SPAWNS: usize = 300;
 /// Seconds each idle-CPU figure is measured over.
 const IDLE_SECS: u64 = 20;
-const STREAM_BYTES: u64 = 1 << 30;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -23,18 +20,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-fn bare_spawn() -> Duration {
-    let times = (0..SPAWNS)
-        .map(|_| {
-            let t = Instant::now();
-            let s = Command::new("/bin/true").status().unwrap();
-            assert!(s.success());
-            t.elapsed()
-        })
-        .collect();
-    median(times)
 }
 
 async fn envd_spawn(url: &str) -> Duration {
@@ -51,51 +36,6 @@ async fn envd_spawn(url: &str) -> Duration {
         assert_eq!(o.end().exit_code, 0);
     }
     median(times)
-}
-
-fn bare_pipe_throughput() -> f64 {
-    let t = Instant::now();
-    let mut child = Command::new("head")
-        .args(["-c", &STREAM_BYTES.to_string(), "/dev/zero"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = out.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    child.wait().unwrap();
-    assert_eq!(total, STREAM_BYTES);
-    total as f64 / t.elapsed().as_secs_f64()
-}
-
-async fn envd_throughput(url: &str) -> f64 {
-    let mut c = envd::proto::process::process_client::ProcessClient::new(
-        envd::client::dial(url).await.unwrap(),
-    );
-    let t = Instant::now();
-    let mut s = c
-        .start(cmd("head", &["-c", &STREAM_BYTES.to_string(), "/dev/zero"]))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut total = 0u64;
-    while let Some(ev) = s.next().await {
-        use envd::proto::process::process_event::{data_event::Output, Event};
-        if let Some(Event::Data(d)) = ev.unwrap().event.unwrap().event {
-            if let Some(Output::Stdout(b)) = d.output {
-                total += b.len() as u64;
-            }
-        }
-    }
-    assert_eq!(total, STREAM_BYTES);
-    total as f64 / t.elapsed().as_secs_f64()
 }
 
 /// CPU time (user + system) of `pid`, in clock ticks.
@@ -134,16 +74,6 @@ async fn idle_cpu_with_ports_watch(envd: &Envd, secs: u64) -> (f64, f64) {
     (idle, watching)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::main]
 async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -151,33 +81,14 @@ async fn main() {
         return;
     }
     let envd = Envd::start(&[]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = rss_kib(envd.pid());
 
-    println!("== envd process benchmarks (medians of {SPAWNS} runs; ratios vs. a baseline from this run)");
-    let bare = bare_spawn();
-    let tcp = envd_spawn(&envd.tcp).await;
-    let unix = envd_spawn(&envd.unix).await;
-    println!(
-        "spawn /bin/true   bare fork/exec/wait  {:>8.0} us",
-        us(bare)
-    );
-    println!(
-        "Start(/bin/true)  over TCP             {:>8.0} us  = {:.2}x bare (target <= 1.5x)",
-        us(tcp),
-        us(tcp) / us(bare)
-    );
-    println!(
-        "Start(/bin/true)  over Unix socket     {:>8.0} us  = {:.2}x bare (target <= 1.5x)",
-        us(unix),
-        us(unix) / us(bare)
-    );
-
+    println!("== envd process benchmarks (medians of {SPAWNS} runs; ratios vs. a baseline from this run; Start and streaming figures: the efficiency bench)");
     // Spawn with a cgroup of its own per command (resource control) beside
     // the same envd build without it, both in this run.
     match common::cgroup::TestCgroup::create("bench") {
         Some(cg) if is_root() => {
             let placed = cg.envd();
+            let unix = envd_spawn(&envd.unix).await;
             let with_cg = envd_spawn(&placed.unix).await;
             println!(
                 "Start(/bin/true)  in its own cgroup    {:>8.0} us  = {:.2}x without (target <= 1.2x)",
@@ -190,24 +101,6 @@ async fn main() {
         ),
     }
 
-    let pipe = bare_pipe_throughput();
-    let via_unix = envd_throughput(&envd.unix).await;
-    let via_tcp = envd_throughput(&envd.tcp).await;
-    let mib = |b: f64| b / (1 << 20) as f64;
-    println!(
-        "stream 1 GiB      bare pipe read       {:>8.0} MiB/s",
-        mib(pipe)
-    );
-    println!(
-        "stream 1 GiB      envd over Unix       {:>8.0} MiB/s = {:.2}x bare (target >= 0.5x)",
-        mib(via_unix),
-        via_unix / pipe
-    );
-    println!(
-        "stream 1 GiB      envd over TCP        {:>8.0} MiB/s = {:.2}x bare (target >= 0.5x)",
-        mib(via_tcp),
-        via_tcp / pipe
-    );
     // Live upgrade in place while 20 commands run (10 of them printing).
     let mut c = envd::proto::process::process_client::ProcessClient::new(
         envd::client::dial(&envd.unix).await.unwrap(),
@@ -237,11 +130,6 @@ async fn main() {
     println!(
         "idle CPU          no stream / Ports.Watch open  {idle:.1} / {watching:.1} ms per s (1 scan of /proc/net/tcp per s; over {IDLE_SECS} s, one 10 ms clock tick = {:.1} ms per s)",
         10.0 / IDLE_SECS as f64
-    );
-    println!(
-        "idle RSS          envd after start-up  {:>8} KiB = {:.2} MiB (target <= 5 MiB)",
-        idle_rss,
-        idle_rss as f64 / 1024.0
     );
     println!(
         "peak RSS          envd (VmHWM)         {:>8} KiB",

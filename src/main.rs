@@ -96,6 +96,7 @@ fn main() -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(envd::memory::on_worker_park)
         .build()
     {
         Ok(rt) => rt,
@@ -150,6 +151,7 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     let pid1 = start.pid1;
     let (before, nofile) = envd::limits::raise_nofile();
     let conns = Connections::new(cfg.conn_limits(nofile));
+    tokio::spawn(envd::memory::give_back_when_quiet());
     tracing::info!(
         nofile_before = before,
         nofile,
@@ -260,6 +262,8 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
         in_vm,
         "envd ready"
     );
+    // Start-up work is done: its heap and code pages need not stay resident.
+    envd::memory::give_back();
     if let Some(inc) = incoming.as_mut() {
         inc.drop_unused_listeners();
         inc.release_unclaimed_store_fds();

@@ -1,9 +1,140 @@
-//! `POST /collapse`: envd's own anonymous memory folded into 2 MiB
-//! transparent hugepages (`MADV_COLLAPSE`) just before a snapshot, so a
-//! resumed VM faults in fewer distinct frames to run envd. Best effort: what
-//! the kernel refuses is counted as skipped.
+//! envd's own memory: freed memory given back once a burst is over, and
+//! `POST /collapse`: envd's anonymous memory folded into 2 MiB transparent
+//! hugepages (`MADV_COLLAPSE`) just before a snapshot, so a resumed VM faults
+//! in fewer distinct frames to run envd. Best effort: what the kernel refuses
+//! is counted as skipped.
 
-use std::time::Instant;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// Work that freed memory (a command ended, a connection closed) rings it.
+static FREED: LazyLock<Notify> = LazyLock::new(Notify::new);
+/// Empty tasks spawned after a give-back, to bring idle workers round.
+const WAKE_WORKERS: usize = 4;
+/// Quiet time after the last ring before memory is given back.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Says that memory was freed; it goes back to the OS once envd is quiet.
+pub fn freed() {
+    FREED.notify_one();
+}
+
+/// Calls [`freed`] when dropped: held by work whose end frees memory.
+pub struct FreedOnDrop;
+
+impl Drop for FreedOnDrop {
+    fn drop(&mut self) {
+        freed();
+    }
+}
+
+/// Runs for envd's lifetime: after each burst of work, once [`QUIET`] has
+/// passed without another ring, asks the allocator to return what it keeps
+/// for reuse. mimalloc purges freed pages only when the heap that owns them
+/// allocates again, so threads that go idle right after a burst would hold
+/// them for good. Idle envd never wakes up for this.
+pub async fn give_back_when_quiet() {
+    loop {
+        FREED.notified().await;
+        while tokio::time::timeout(QUIET, FREED.notified()).await.is_ok() {}
+        give_back();
+        // Idle workers wake for these, run them, park again and collect.
+        for _ in 0..WAKE_WORKERS {
+            tokio::spawn(async {});
+        }
+    }
+}
+
+/// Bumped by every give-back: each runtime worker then gives back its own
+/// heap the next time it goes idle (mimalloc's heaps are per thread).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static SEEN: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The runtime's `on_thread_park` hook: a worker going idle after a
+/// give-back collects its own heap, once. Otherwise one atomic load.
+pub fn on_worker_park() {
+    let generation = GENERATION.load(Ordering::Relaxed);
+    SEEN.with(|seen| {
+        if seen.get() != generation {
+            seen.set(generation);
+            collect_this_thread();
+        }
+    });
+}
+
+fn collect_this_thread() {
+    #[cfg(target_env = "musl")]
+    // SAFETY: mi_collect only walks and purges mimalloc's own free lists
+    // (this thread's heap and the shared arenas); callable at any time.
+    unsafe {
+        libmimalloc_sys::mi_collect(true)
+    };
+}
+
+/// Gives freed heap memory back to the OS and unmaps envd's clean code
+/// pages (see [`drop_clean_code_pages`]).
+pub fn give_back() {
+    GENERATION.fetch_add(1, Ordering::Relaxed);
+    collect_this_thread();
+    drop_clean_code_pages();
+}
+
+/// Unmaps envd's own clean, read-only file pages (code and read-only data)
+/// from its address space. They stay in the page cache, and whatever runs
+/// next faults back only what it touches, so code that ran once (start-up,
+/// a rare request) stops counting in envd's resident set. A read-only
+/// mapping of envd's file with any anonymous (copied-on-write, e.g.
+/// relocated) page is left alone: dropping it would bring back the file's
+/// original bytes.
+pub fn drop_clean_code_pages() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return;
+    };
+    for (start, end) in clean_file_mappings(&smaps, &exe.to_string_lossy()) {
+        // SAFETY: MADV_DONTNEED on a private, read-only file mapping without
+        // anonymous pages only drops page-table entries; the next access
+        // faults the same bytes back in from the file. The range is one
+        // whole mapping of ours.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+}
+
+/// (start, end) of every non-writable mapping of `path` whose pages are all
+/// the file's own (smaps `Anonymous: 0 kB`).
+fn clean_file_mappings(smaps: &str, path: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                let perms = words.next().unwrap_or("");
+                let file = words.nth(3).unwrap_or("");
+                current = (file == path && !perms.contains('w')).then_some((a, b));
+                continue;
+            }
+        }
+        if first == "Anonymous:" {
+            if let Some(range) = current.take() {
+                if words.next() == Some("0") {
+                    out.push(range);
+                }
+            }
+        }
+    }
+    out
+}
 
 const HUGE: usize = 2 << 20;
 /// `MADV_COLLAPSE` (Linux 6.1).
@@ -107,6 +238,38 @@ fn anonymous_regions(smaps: &str) -> Vec<((usize, usize), usize)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_clean_read_only_mappings_of_the_file_are_dropped() {
+        let smaps = "\
+1000-2000 r--p 00000000 fd:00 7 /bin/envd
+Size:                  4 kB
+Anonymous:             0 kB
+2000-5000 r-xp 00001000 fd:00 7 /bin/envd
+Anonymous:             0 kB
+5000-6000 r--p 00004000 fd:00 7 /bin/envd
+Anonymous:             4 kB
+6000-7000 rw-p 00005000 fd:00 7 /bin/envd
+Anonymous:             0 kB
+7000-8000 r-xp 00000000 fd:00 9 /lib/other.so
+Anonymous:             0 kB
+8000-9000 r--p 00000000 00:00 0 
+Anonymous:             0 kB
+";
+        assert_eq!(
+            super::clean_file_mappings(smaps, "/bin/envd"),
+            [(0x1000, 0x2000), (0x2000, 0x5000)]
+        );
+    }
+
+    #[test]
+    fn code_runs_on_after_its_pages_are_dropped() {
+        super::drop_clean_code_pages();
+        // Formatting goes through vtables and relocated read-only data.
+        let text = format!("{:?} {}", Some(vec![1, 2]), 3.5f64);
+        assert_eq!(text, "Some([1, 2]) 3.5");
+        super::give_back();
+    }
+
     #[test]
     fn collapsing_envds_heap_reports_what_it_did() {
         // A 16 MiB heap block so there is something to fold.

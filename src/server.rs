@@ -249,6 +249,8 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
         let builder = builder.clone();
         let idle = conns.limits().idle;
         tokio::spawn(async move {
+            // A closed connection's buffers go back to the OS once quiet.
+            let _freed = crate::memory::FreedOnDrop;
             let tracked = reg.conn.clone();
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let router = router.clone();

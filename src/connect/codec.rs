@@ -47,10 +47,13 @@ pub fn decode<M: Message + Default>(codec: Codec, name: &str, bytes: &[u8]) -> R
 }
 
 /// Encodes a response message named `name`.
-pub fn encode<M: Message>(codec: Codec, name: &str, msg: &M) -> Result<Vec<u8>> {
+pub fn encode<M: Message + 'static>(codec: Codec, name: &str, msg: &M) -> Result<Vec<u8>> {
     match codec {
         Codec::Proto => Ok(msg.encode_to_vec()),
         Codec::Json => {
+            if let Some(json) = output_event_json(msg) {
+                return Ok(json);
+            }
             let dynamic = DynamicMessage::decode(descriptor(name)?, msg.encode_to_vec().as_slice())
                 .map_err(|e| Error::internal(format!("encoding {name}: {e}")))?;
             let mut out = Vec::with_capacity(128);
@@ -61,6 +64,42 @@ pub fn encode<M: Message>(codec: Codec, name: &str, msg: &M) -> Result<Vec<u8>> 
             Ok(out)
         }
     }
+}
+
+/// A process's output event, which is nearly every message of a streamed
+/// command, written straight out: one base64 pass into the buffer instead of
+/// the generic path's re-decode, base64 string and JSON escaping scan (the
+/// output is the same bytes; see the test below).
+fn output_event_json(msg: &dyn std::any::Any) -> Option<Vec<u8>> {
+    use crate::proto::process::process_event::{data_event::Output, Event};
+    use crate::proto::process::{ConnectResponse, StartResponse};
+    use base64::Engine;
+    let event = if let Some(r) = msg.downcast_ref::<StartResponse>() {
+        r.event.as_ref()
+    } else {
+        msg.downcast_ref::<ConnectResponse>()?.event.as_ref()
+    };
+    let Some(Event::Data(data)) = event?.event.as_ref() else {
+        return None;
+    };
+    let (key, bytes): (&[u8], _) = match data.output.as_ref()? {
+        Output::Stdout(b) => (b"stdout", b),
+        Output::Stderr(b) => (b"stderr", b),
+        Output::Pty(b) => (b"pty", b),
+    };
+    const HEAD: &[u8] = b"{\"event\":{\"data\":{\"";
+    const TAIL: &[u8] = b"\"}}}";
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let text_len = base64::encoded_len(bytes.len(), true)?;
+    let mut out = Vec::with_capacity(HEAD.len() + key.len() + 3 + text_len + TAIL.len());
+    out.extend_from_slice(HEAD);
+    out.extend_from_slice(key);
+    out.extend_from_slice(b"\":\"");
+    let at = out.len();
+    out.resize(at + text_len, 0);
+    engine.encode_slice(bytes, &mut out[at..]).ok()?;
+    out.extend_from_slice(TAIL);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -104,5 +143,50 @@ mod tests {
             r#"{"event":{"end":{"exitCode":3,"exited":true,"status":"exit status 3"}}}"#
         );
         assert!(decode::<StartRequest>(Codec::Json, "process.StartRequest", b"{bad").is_err());
+    }
+
+    /// The direct writer of output events says exactly what the generic
+    /// (descriptor-driven) path says, for every output and size class.
+    #[test]
+    fn output_events_are_written_as_the_generic_path_writes_them() {
+        use process_event::data_event::Output;
+        let generic = |name: &str, bytes: Vec<u8>| {
+            let dynamic = DynamicMessage::decode(descriptor(name).unwrap(), bytes.as_slice());
+            let mut out = Vec::new();
+            dynamic
+                .unwrap()
+                .serialize_with_options(
+                    &mut serde_json::Serializer::new(&mut out),
+                    &SerializeOptions::new(),
+                )
+                .unwrap();
+            out
+        };
+        for len in [0usize, 1, 2, 3, 4, 100, 65_536] {
+            let data: bytes::Bytes = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            for out in [
+                Output::Stdout(data.clone()),
+                Output::Stderr(data.clone()),
+                Output::Pty(data.clone()),
+            ] {
+                let event = Some(ProcessEvent {
+                    event: Some(process_event::Event::Data(process_event::DataEvent {
+                        output: Some(out),
+                    })),
+                });
+                let start = StartResponse {
+                    event: event.clone(),
+                };
+                let connect = ConnectResponse { event };
+                assert_eq!(
+                    encode(Codec::Json, "process.StartResponse", &start).unwrap(),
+                    generic("process.StartResponse", start.encode_to_vec())
+                );
+                assert_eq!(
+                    encode(Codec::Json, "process.ConnectResponse", &connect).unwrap(),
+                    generic("process.ConnectResponse", connect.encode_to_vec())
+                );
+            }
+        }
     }
 }

@@ -202,7 +202,7 @@ async fn with_deadline<T>(
 pub async fn unary<Req, Resp, F, Fut>(wire: Wire, body: Incoming, f: F) -> Response<HttpBody>
 where
     Req: Message + Default + Name,
-    Resp: Message + Name,
+    Resp: Message + Name + 'static,
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Resp>>,
 {

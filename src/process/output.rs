@@ -68,6 +68,22 @@ impl Inner {
     fn slowest(&self) -> Option<u64> {
         self.cursors.values().copied().min()
     }
+    /// Drops the oldest chunks while `too_much` holds, never one that a
+    /// subscriber has not read yet.
+    fn drop_oldest(&mut self, budget: &Budget, too_much: impl Fn(&Inner) -> bool) {
+        let slowest = self.slowest().unwrap_or(u64::MAX);
+        while too_much(self) {
+            match self.chunks.front() {
+                Some(c) if c.end() <= slowest => {
+                    let freed = c.data.len() as u64;
+                    self.start = c.end();
+                    self.chunks.pop_front();
+                    budget.used.fetch_sub(freed, Ordering::Relaxed);
+                }
+                _ => break,
+            }
+        }
+    }
 }
 
 /// Output a log keeps even when the shared budget is exceeded.
@@ -175,21 +191,11 @@ impl OutputLog {
                         data,
                     });
                     self.budget.used.fetch_add(data_len(&g), Ordering::Relaxed);
-                    let slowest = g.slowest().unwrap_or(u64::MAX);
                     let floor = FLOOR.min(self.capacity);
-                    while g.retained() > self.capacity
-                        || (g.retained() > floor && self.budget.over())
-                    {
-                        match g.chunks.front() {
-                            Some(c) if c.end() <= slowest => {
-                                let freed = c.data.len() as u64;
-                                g.start = c.end();
-                                g.chunks.pop_front();
-                                self.budget.used.fetch_sub(freed, Ordering::Relaxed);
-                            }
-                            _ => break,
-                        }
-                    }
+                    let budget = &self.budget;
+                    g.drop_oldest(budget, |g| {
+                        g.retained() > self.capacity || (g.retained() > floor && budget.over())
+                    });
                     drop(g);
                     self.notify();
                     return;
@@ -374,7 +380,14 @@ impl Subscription {
             self.log.notify();
             return Some(next);
         }
-        g.finished.clone().map(Next::End)
+        let end = g.finished.clone()?;
+        // A reader has the whole output, end included: a later re-attach is
+        // the exception, so the ended log keeps only its last FLOOR bytes
+        // (and what a slower reader still needs), not up to its capacity
+        // for the whole retention time.
+        let budget = self.log.budget.clone();
+        g.drop_oldest(&budget, |g| g.retained() > FLOOR);
+        Some(Next::End(end))
     }
 }
 
@@ -459,6 +472,27 @@ mod tests {
             Next::Data(Source::Stderr, Bytes::from_static(b"world"))
         );
         assert_eq!(sub.next().await, Next::End(end()));
+    }
+
+    #[tokio::test]
+    async fn an_ended_log_read_to_its_end_keeps_only_the_floor() {
+        let budget = Budget::new(u64::MAX);
+        let log = OutputLog::new(1 << 20, budget.clone());
+        let mut reader = log.subscribe_live();
+        let mut slow = log.subscribe_live();
+        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
+        for _ in 0..16 {
+            log.append(Source::Stdout, chunk.clone()).await;
+        }
+        log.finish(end());
+        let _ = slow.next().await;
+        while let Next::Data(..) = reader.next().await {}
+        // The slower reader still has all but its first chunk to come.
+        assert_eq!(budget.used(), 15 * 16 * 1024);
+        while let Next::Data(..) = slow.next().await {}
+        assert_eq!(budget.used(), FLOOR);
+        let (_, at, lost) = log.subscribe_from(0).unwrap();
+        assert_eq!((at, lost), (256 * 1024 - FLOOR, 256 * 1024 - FLOOR));
     }
 
     #[tokio::test]

@@ -173,6 +173,7 @@ async fn await_end(
     tracing::debug!(pid, status = %end.status, "process ended");
     process.output.finish(end);
     crate::handover::crash::ended(&process);
+    crate::memory::freed();
 }
 
 /// The exit status once reaped; `None` when it can never be known (the

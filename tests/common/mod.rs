@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cgroup;
+pub mod connect_client;
 pub mod cut;
 pub mod downtime;
 pub mod fdstore;

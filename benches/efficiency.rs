@@ -1,0 +1,367 @@
+//! `make bench`: what envd costs per call and at rest, each figure beside a
+//! baseline measured in the same run. Every Connect row goes through one
+//! client (keep-alive HTTP/1.1, as the SDKs use), every gRPC row through
+//! tonic; rounds are interleaved so that the machine's noise hits all rows
+//! alike, and the spread between rounds is printed as the noise.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::connect_client::{json_output_len, Codec, ConnectClient};
+use common::*;
+use envd::proto::process::process_event::{data_event::Output, Event};
+use envd::proto::process::StartResponse;
+use futures_util::StreamExt;
+use prost::Message;
+
+/// Start calls per row and round.
+const CALLS: usize = 500;
+const ROUNDS: usize = 4;
+const STREAM_BYTES: u64 = 512 << 20;
+const STREAM_ROUNDS: usize = 3;
+/// How long envd gets to give memory back after a burst.
+const SETTLE: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct Row {
+    times: Vec<Duration>,
+    /// CPU ticks (10 ms) of the measured process over this row's calls.
+    ticks: u64,
+    /// Median of each round, for the spread.
+    round_medians: Vec<Duration>,
+}
+
+impl Row {
+    fn add_round(&mut self, mut t: Vec<Duration>, ticks: u64) {
+        t.sort();
+        self.round_medians.push(t[t.len() / 2]);
+        self.times.extend(t);
+        self.ticks += ticks;
+    }
+    fn median_us(&self) -> f64 {
+        let mut v = self.times.clone();
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e6
+    }
+    fn cpu_ms_per_call(&self) -> f64 {
+        self.ticks as f64 * 10.0 / self.times.len() as f64
+    }
+    /// (max - min) / median of the round medians, in percent.
+    fn spread(&self) -> f64 {
+        let min = self.round_medians.iter().min().unwrap().as_secs_f64();
+        let max = self.round_medians.iter().max().unwrap().as_secs_f64();
+        (max - min) / (self.median_us() / 1e6) * 100.0
+    }
+}
+
+/// utime + stime of `pid` (every thread, living or gone), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f[10] + f[11]
+}
+
+/// CPU time of the calling thread, for the bare baseline's parent side.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap(),
+        u32::try_from(ts.tv_nsec).unwrap(),
+    )
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn memory(pid: u32) -> String {
+    format!(
+        "{:>6} KiB ({} anon + {} file-backed, {} threads)",
+        status_kib(pid, "VmRSS:"),
+        status_kib(pid, "RssAnon:"),
+        status_kib(pid, "RssFile:"),
+        status_kib(pid, "Threads:"),
+    )
+}
+
+/// fork/exec/wait of /bin/true from one thread; (times, parent CPU).
+fn bare_spawns(n: usize) -> (Vec<Duration>, Duration) {
+    std::thread::spawn(move || {
+        let cpu = thread_cpu();
+        let times = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                assert!(Command::new("/bin/true").status().unwrap().success());
+                t.elapsed()
+            })
+            .collect();
+        (times, thread_cpu() - cpu)
+    })
+    .join()
+    .unwrap()
+}
+
+const TRUE_JSON: &[u8] = br#"{"process":{"cmd":"/bin/true"}}"#;
+
+async fn connect_starts(c: &mut ConnectClient, codec: Codec, n: usize) -> Vec<Duration> {
+    let req = match codec {
+        Codec::Json => TRUE_JSON.to_vec(),
+        Codec::Proto => cmd("/bin/true", &[]).encode_to_vec(),
+    };
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut ended = false;
+        let trailer = c
+            .stream("process.Process/Start", codec, &req, |m| match codec {
+                Codec::Json => ended |= m.windows(6).any(|w| w == b"\"end\":"),
+                Codec::Proto => {
+                    let r = StartResponse::decode(m).unwrap();
+                    if let Some(Event::End(e)) = r.event.and_then(|e| e.event) {
+                        assert_eq!(e.exit_code, 0);
+                        ended = true;
+                    }
+                }
+            })
+            .await;
+        times.push(t.elapsed());
+        assert!(ended && trailer.as_ref() == b"{}", "{trailer:?}");
+    }
+    times
+}
+
+async fn grpc_starts(
+    c: &mut envd::proto::process::process_client::ProcessClient<tonic::transport::Channel>,
+    n: usize,
+) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let o = run(c, cmd("/bin/true", &[])).await;
+        times.push(t.elapsed());
+        assert_eq!(o.end().exit_code, 0);
+    }
+    times
+}
+
+fn head_args() -> Vec<String> {
+    vec!["-c".into(), STREAM_BYTES.to_string(), "/dev/zero".into()]
+}
+
+fn bare_pipe() -> Duration {
+    let t = Instant::now();
+    let mut child = Command::new("head")
+        .args(head_args())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = out.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    child.wait().unwrap();
+    assert_eq!(total, STREAM_BYTES);
+    t.elapsed()
+}
+
+async fn connect_stream(c: &mut ConnectClient, codec: Codec) -> Duration {
+    let args = head_args();
+    let req = match codec {
+        Codec::Json => format!(
+            r#"{{"process":{{"cmd":"head","args":["{}","{}","{}"]}}}}"#,
+            args[0], args[1], args[2]
+        )
+        .into_bytes(),
+        Codec::Proto => cmd("head", &["-c", &args[1], "/dev/zero"]).encode_to_vec(),
+    };
+    let t = Instant::now();
+    let mut total = 0u64;
+    c.stream("process.Process/Start", codec, &req, |m| match codec {
+        Codec::Json => total += json_output_len(m) as u64,
+        Codec::Proto => {
+            let r = StartResponse::decode(m).unwrap();
+            if let Some(Event::Data(d)) = r.event.and_then(|e| e.event) {
+                if let Some(Output::Stdout(b)) = d.output {
+                    total += b.len() as u64;
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(total, STREAM_BYTES);
+    t.elapsed()
+}
+
+async fn grpc_stream(
+    c: &mut envd::proto::process::process_client::ProcessClient<tonic::transport::Channel>,
+) -> Duration {
+    let args = head_args();
+    let t = Instant::now();
+    let mut s = c
+        .start(cmd("head", &["-c", &args[1], "/dev/zero"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut total = 0u64;
+    while let Some(ev) = s.next().await {
+        if let Some(Event::Data(d)) = ev.unwrap().event.unwrap().event {
+            if let Some(Output::Stdout(b)) = d.output {
+                total += b.len() as u64;
+            }
+        }
+    }
+    assert_eq!(total, STREAM_BYTES);
+    t.elapsed()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmarks run under `cargo bench` / `make bench` only");
+        return;
+    }
+    let envd = Envd::start(&[]);
+    let pid = envd.pid();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = status_kib(pid, "VmRSS:");
+    let idle_text = memory(pid);
+
+    let mut json = ConnectClient::dial(&envd.tcp).await;
+    let mut proto = ConnectClient::dial(&envd.tcp).await;
+    let mut grpc = envd.client().await;
+    // Warm up every connection.
+    connect_starts(&mut json, Codec::Json, 5).await;
+    connect_starts(&mut proto, Codec::Proto, 5).await;
+    grpc_starts(&mut grpc, 5).await;
+
+    let (mut bare, mut r_json, mut r_proto, mut r_grpc) =
+        (Row::default(), Row::default(), Row::default(), Row::default());
+    let mut bare_cpu = Duration::ZERO;
+    for _ in 0..ROUNDS {
+        let (t, cpu) = bare_spawns(CALLS);
+        bare_cpu += cpu;
+        bare.add_round(t, 0);
+        let t0 = cpu_ticks(pid);
+        let t = connect_starts(&mut json, Codec::Json, CALLS).await;
+        r_json.add_round(t, cpu_ticks(pid) - t0);
+        let t0 = cpu_ticks(pid);
+        let t = connect_starts(&mut proto, Codec::Proto, CALLS).await;
+        r_proto.add_round(t, cpu_ticks(pid) - t0);
+        let t0 = cpu_ticks(pid);
+        let t = grpc_starts(&mut grpc, CALLS).await;
+        r_grpc.add_round(t, cpu_ticks(pid) - t0);
+    }
+    let calls = CALLS * ROUNDS;
+    println!(
+        "== envd efficiency ({calls} calls per row in {ROUNDS} interleaved rounds; spread = range of round medians)"
+    );
+    let base = bare.median_us();
+    println!(
+        "spawn /bin/true   bare fork/exec/wait    {base:>7.0} us  parent CPU {:.3} ms per spawn  (spread {:.0}%)",
+        bare_cpu.as_secs_f64() * 1e3 / calls as f64,
+        bare.spread()
+    );
+    for (name, row) in [
+        ("Connect JSON ", &r_json),
+        ("Connect proto", &r_proto),
+        ("native gRPC  ", &r_grpc),
+    ] {
+        println!(
+            "Start(/bin/true)  {name}          {:>7.0} us = {:.2}x bare (target <= 1.2x)  envd CPU {:.3} ms per call (target <= 0.10)  (spread {:.0}%)",
+            row.median_us(),
+            row.median_us() / base,
+            row.cpu_ms_per_call(),
+            row.spread()
+        );
+    }
+    tokio::time::sleep(SETTLE).await;
+    let after_starts = status_kib(pid, "VmRSS:");
+    let after_starts_text = memory(pid);
+
+    let mut pipe = Vec::new();
+    let (mut s_json, mut s_proto, mut s_grpc) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stream_ticks = [0u64; 3];
+    for _ in 0..STREAM_ROUNDS {
+        pipe.push(bare_pipe());
+        let t0 = cpu_ticks(pid);
+        s_json.push(connect_stream(&mut json, Codec::Json).await);
+        let t1 = cpu_ticks(pid);
+        s_proto.push(connect_stream(&mut proto, Codec::Proto).await);
+        let t2 = cpu_ticks(pid);
+        s_grpc.push(grpc_stream(&mut grpc).await);
+        let t3 = cpu_ticks(pid);
+        for (i, d) in [t1 - t0, t2 - t1, t3 - t2].into_iter().enumerate() {
+            stream_ticks[i] += d;
+        }
+    }
+    let mib_s = |mut v: Vec<Duration>| {
+        v.sort();
+        STREAM_BYTES as f64 / (1 << 20) as f64 / v[v.len() / 2].as_secs_f64()
+    };
+    let gib = (STREAM_BYTES as f64 * STREAM_ROUNDS as f64) / f64::from(1u32 << 30);
+    let pipe = mib_s(pipe);
+    println!(
+        "stream stdout     bare pipe read         {pipe:>7.0} MiB/s  ({STREAM_ROUNDS} rounds of {} MiB)",
+        STREAM_BYTES >> 20
+    );
+    for (i, (name, v, target)) in [
+        ("Connect JSON ", s_json, 0.5),
+        ("Connect proto", s_proto, 0.8),
+        ("native gRPC  ", s_grpc, 0.8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = mib_s(v);
+        println!(
+            "stream stdout     {name}          {r:>7.0} MiB/s = {:.2}x bare (target >= {target}x)  envd CPU {:.2} s per GiB",
+            r / pipe,
+            stream_ticks[i] as f64 / 100.0 / gib
+        );
+    }
+    tokio::time::sleep(SETTLE).await;
+    let after_streams = status_kib(pid, "VmRSS:");
+    println!("idle RSS          after start-up         {idle_text} (target <= 4 MiB)");
+    println!(
+        "idle RSS          2 s after {} Starts  {after_starts_text} = +{} KiB (target <= +1 MiB)",
+        calls * 3,
+        after_starts.saturating_sub(idle)
+    );
+    println!(
+        "idle RSS          2 s after {:.1} GiB of streams {} = +{} KiB (target <= +1 MiB)",
+        gib * 3.0,
+        memory(pid),
+        after_streams.saturating_sub(idle)
+    );
+    println!(
+        "peak RSS          (VmHWM)                {:>6} KiB",
+        status_kib(pid, "VmHWM:")
+    );
+}
