@@ -261,8 +261,12 @@ async fn main() {
     connect_starts(&mut proto, Codec::Proto, 5).await;
     grpc_starts(&mut grpc, 5).await;
 
-    let (mut bare, mut r_json, mut r_proto, mut r_grpc) =
-        (Row::default(), Row::default(), Row::default(), Row::default());
+    let (mut bare, mut r_json, mut r_proto, mut r_grpc) = (
+        Row::default(),
+        Row::default(),
+        Row::default(),
+        Row::default(),
+    );
     let mut bare_cpu = Duration::ZERO;
     for _ in 0..ROUNDS {
         let (t, cpu) = bare_spawns(CALLS);

@@ -163,7 +163,9 @@ mod tests {
             out
         };
         for len in [0usize, 1, 2, 3, 4, 100, 65_536] {
-            let data: bytes::Bytes = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let data: bytes::Bytes = (0..len)
+                .map(|i| u8::try_from(i * 7 % 256).unwrap())
+                .collect();
             for out in [
                 Output::Stdout(data.clone()),
                 Output::Stderr(data.clone()),

@@ -69,8 +69,8 @@ impl ConnectClient {
                 buf.extend_from_slice(&data);
             }
             while buf.len() >= 5 {
-                let len = usize::try_from(u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]))
-                    .unwrap();
+                let len =
+                    usize::try_from(u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]])).unwrap();
                 if buf.len() < 5 + len {
                     break;
                 }
