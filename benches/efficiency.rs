@@ -250,7 +250,6 @@ async fn main() {
     let envd = Envd::start(&[]);
     let pid = envd.pid();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = status_kib(pid, "VmRSS:");
     let idle_text = memory(pid);
 
     let mut json = ConnectClient::dial(&envd.tcp).await;
@@ -305,10 +304,6 @@ async fn main() {
             row.spread()
         );
     }
-    tokio::time::sleep(SETTLE).await;
-    let after_starts = status_kib(pid, "VmRSS:");
-    let after_starts_text = memory(pid);
-
     let mut pipe = Vec::new();
     let (mut s_json, mut s_proto, mut s_grpc) = (Vec::new(), Vec::new(), Vec::new());
     let mut stream_ticks = [0u64; 3];
@@ -350,22 +345,72 @@ async fn main() {
             stream_ticks[i] as f64 / 100.0 / gib
         );
     }
-    tokio::time::sleep(SETTLE).await;
-    let after_streams = status_kib(pid, "VmRSS:");
     println!("idle RSS          after start-up         {idle_text} (target <= 4 MiB)");
-    println!(
-        "idle RSS          2 s after {} Starts  {after_starts_text} = +{} KiB (target <= +1 MiB)",
-        calls * 3,
-        after_starts.saturating_sub(idle)
-    );
-    println!(
-        "idle RSS          2 s after {:.1} GiB of streams {} = +{} KiB (target <= +1 MiB)",
-        gib * 3.0,
-        memory(pid),
-        after_streams.saturating_sub(idle)
-    );
     println!(
         "peak RSS          (VmHWM)                {:>6} KiB",
         status_kib(pid, "VmHWM:")
+    );
+    drop(envd);
+    back_to_idle().await;
+}
+
+/// A fresh envd: idle, then 1,000 Starts, then a 1 GiB stdout stream, each
+/// followed by [`SETTLE`] of quiet (the definition), measured with
+/// the client's connection still open and again once it has closed (what an
+/// open connection keeps is the connection's own buffers).
+async fn back_to_idle() {
+    let envd = Envd::start(&[]);
+    let pid = envd.pid();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = status_kib(pid, "VmRSS:");
+    let delta = |after: u64| i128::from(after) - i128::from(idle);
+    let settled = || async {
+        tokio::time::sleep(SETTLE).await;
+        (status_kib(pid, "VmRSS:"), memory(pid))
+    };
+    println!("memory (a fresh envd, idle {idle} KiB)");
+    let mut c = ConnectClient::dial(&envd.tcp).await;
+    connect_starts(&mut c, Codec::Json, 1000).await;
+    let (open, text) = settled().await;
+    println!(
+        "  2 s after 1,000 Starts, connection open     {text} = {:+} KiB (target <= +1 MiB)",
+        delta(open)
+    );
+    drop(c);
+    let (closed, text) = settled().await;
+    println!(
+        "  2 s after 1,000 Starts, connection closed   {text} = {:+} KiB (target <= +1 MiB)",
+        delta(closed)
+    );
+    let mut g = envd.client().await;
+    let t = Instant::now();
+    let mut s = g
+        .start(cmd("head", &["-c", &(1u64 << 30).to_string(), "/dev/zero"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut total = 0u64;
+    while let Some(ev) = s.next().await {
+        if let Some(Event::Data(d)) = ev.unwrap().event.unwrap().event {
+            if let Some(Output::Stdout(b)) = d.output {
+                total += b.len() as u64;
+            }
+        }
+    }
+    assert_eq!(total, 1 << 30);
+    let took = t.elapsed();
+    let peak = status_kib(pid, "VmHWM:");
+    let (open, text) = settled().await;
+    println!(
+        "  2 s after 1 GiB of stdout ({:.1} s, gRPC), open {text} = {:+} KiB (target <= +1 MiB); peak {peak} KiB",
+        took.as_secs_f64(),
+        delta(open)
+    );
+    drop(s);
+    drop(g);
+    let (closed, text) = settled().await;
+    println!(
+        "  2 s after 1 GiB of stdout, connection closed {text} = {:+} KiB (target <= +1 MiB)",
+        delta(closed)
     );
 }

@@ -3,17 +3,24 @@
 //! the byte count (8 bytes, big-endian); `source PORT BYTES` writes BYTES
 //! bytes to each connection. On vsock; with a `tcp-` prefix (`tcp-echo`,
 //! `tcp-source`) on TCP 127.0.0.1:PORT instead, for the forwarding benchmark.
+//! `file-sink PORT PATH` is `sink` writing what it reads to PATH, and
+//! `file-source PORT PATH` sends PATH's bytes: the honest baselines for
+//! envd's file transfers, which also touch the guest's file.
 //! Writes are at most 16 KiB (vsock pitfall).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+
+/// File reads and writes of the file modes.
+const FILE_BLOCK: usize = 1 << 20;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).cloned().unwrap_or_default();
     let port: u32 = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(5000);
-    let bytes: u64 = args.get(3).and_then(|b| b.parse().ok()).unwrap_or(0);
+    let arg = args.get(3).cloned().unwrap_or_default();
+    let bytes: u64 = arg.parse().unwrap_or(0);
     if let Some(m) = mode.strip_prefix("tcp-") {
         let m = m.to_owned();
         let port = u16::try_from(port).unwrap_or(6000);
@@ -21,17 +28,22 @@ async fn main() -> std::io::Result<()> {
         loop {
             let (s, _) = listener.accept().await?;
             let _ = s.set_nodelay(true);
-            tokio::spawn(serve(s, m.clone(), bytes));
+            tokio::spawn(serve(s, m.clone(), bytes, arg.clone()));
         }
     }
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))?;
     loop {
         let (s, _) = listener.accept().await?;
-        tokio::spawn(serve(s, mode.clone(), bytes));
+        tokio::spawn(serve(s, mode.clone(), bytes, arg.clone()));
     }
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, mode: String, bytes: u64) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    mode: String,
+    bytes: u64,
+    path: String,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     match mode.as_str() {
         "echo" => loop {
@@ -67,6 +79,55 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, mode: String, bytes:
                     return;
                 }
                 left -= n as u64;
+            }
+        }
+        "file-sink" => {
+            let mut len = [0u8; 8];
+            if s.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            // Plain blocking file I/O in 1 MiB writes (as envd's transfers
+            // write): the peer serves one transfer at a time.
+            let Ok(mut f) = std::fs::File::create(&path) else {
+                return;
+            };
+            let want = u64::from_be_bytes(len);
+            let mut total = 0u64;
+            let mut block = vec![0u8; FILE_BLOCK];
+            let mut filled = 0;
+            while total < want {
+                match s.read(&mut block[filled..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        filled += n;
+                        total += n as u64;
+                        if filled == block.len() || total >= want {
+                            if std::io::Write::write_all(&mut f, &block[..filled]).is_err() {
+                                return;
+                            }
+                            filled = 0;
+                        }
+                    }
+                }
+            }
+            let _ = s.write_all(&total.to_be_bytes()).await;
+        }
+        "file-source" => {
+            let Ok(mut f) = std::fs::File::open(&path) else {
+                return;
+            };
+            let mut block = vec![0u8; FILE_BLOCK];
+            loop {
+                match std::io::Read::read(&mut f, &mut block) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        for piece in block[..n].chunks(buf.len()) {
+                            if s.write_all(piece).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
             }
         }
         _ => {}
