@@ -5,22 +5,31 @@
 //! is counted as skipped.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-/// Work that freed memory (a command ended, a connection closed) rings it.
+/// Wakes the janitor: rung only by the first [`freed`] after a give-back.
 static FREED: LazyLock<Notify> = LazyLock::new(Notify::new);
+/// Set by [`freed`], cleared by a give-back.
+static DIRTY: AtomicBool = AtomicBool::new(false);
+/// Counts [`freed`] calls: the janitor tells a quiet second by it.
+static ACTIVITY: AtomicU64 = AtomicU64::new(0);
 /// Empty tasks spawned after a give-back, to bring idle workers round.
 const WAKE_WORKERS: usize = 4;
-/// Quiet time after the last ring before memory is given back.
+/// Quiet time after the last [`freed`] before memory is given back.
 const QUIET: Duration = Duration::from_secs(1);
 
-/// Says that memory was freed; it goes back to the OS once envd is quiet.
+/// Says that memory was freed (a command ended, a connection closed); it
+/// goes back to the OS once envd is quiet. Two atomic operations in a burst:
+/// only the first call after a give-back wakes the janitor.
 pub fn freed() {
-    FREED.notify_one();
+    ACTIVITY.fetch_add(1, Ordering::Relaxed);
+    if !DIRTY.swap(true, Ordering::AcqRel) {
+        FREED.notify_one();
+    }
 }
 
 /// Calls [`freed`] when dropped: held by work whose end frees memory.
@@ -33,14 +42,22 @@ impl Drop for FreedOnDrop {
 }
 
 /// Runs for envd's lifetime: after each burst of work, once [`QUIET`] has
-/// passed without another ring, asks the allocator to return what it keeps
-/// for reuse. mimalloc purges freed pages only when the heap that owns them
-/// allocates again, so threads that go idle right after a burst would hold
-/// them for good. Idle envd never wakes up for this.
+/// passed without another [`freed`], asks the allocator to return what it
+/// keeps for reuse. mimalloc purges freed pages only when the heap that owns
+/// them allocates again, so threads that go idle right after a burst would
+/// hold them for good. Idle envd never wakes up for this.
 pub async fn give_back_when_quiet() {
     loop {
         FREED.notified().await;
-        while tokio::time::timeout(QUIET, FREED.notified()).await.is_ok() {}
+        loop {
+            let seen = ACTIVITY.load(Ordering::Relaxed);
+            tokio::time::sleep(QUIET).await;
+            if ACTIVITY.load(Ordering::Relaxed) == seen {
+                break;
+            }
+        }
+        // Cleared first: a `freed` from now on rings again.
+        DIRTY.store(false, Ordering::Release);
         give_back();
         // Idle workers wake for these, run them, park again and collect.
         for _ in 0..WAKE_WORKERS {

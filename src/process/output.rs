@@ -380,14 +380,7 @@ impl Subscription {
             self.log.notify();
             return Some(next);
         }
-        let end = g.finished.clone()?;
-        // A reader has the whole output, end included: a later re-attach is
-        // the exception, so the ended log keeps only its last FLOOR bytes
-        // (and what a slower reader still needs), not up to its capacity
-        // for the whole retention time.
-        let budget = self.log.budget.clone();
-        g.drop_oldest(&budget, |g| g.retained() > FLOOR);
-        Some(Next::End(end))
+        g.finished.clone().map(Next::End)
     }
 }
 
@@ -472,27 +465,6 @@ mod tests {
             Next::Data(Source::Stderr, Bytes::from_static(b"world"))
         );
         assert_eq!(sub.next().await, Next::End(end()));
-    }
-
-    #[tokio::test]
-    async fn an_ended_log_read_to_its_end_keeps_only_the_floor() {
-        let budget = Budget::new(u64::MAX);
-        let log = OutputLog::new(1 << 20, budget.clone());
-        let mut reader = log.subscribe_live();
-        let mut slow = log.subscribe_live();
-        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
-        for _ in 0..16 {
-            log.append(Source::Stdout, chunk.clone()).await;
-        }
-        log.finish(end());
-        let _ = slow.next().await;
-        while let Next::Data(..) = reader.next().await {}
-        // The slower reader still has all but its first chunk to come.
-        assert_eq!(budget.used(), 15 * 16 * 1024);
-        while let Next::Data(..) = slow.next().await {}
-        assert_eq!(budget.used(), FLOOR);
-        let (_, at, lost) = log.subscribe_from(0).unwrap();
-        assert_eq!((at, lost), (256 * 1024 - FLOOR, 256 * 1024 - FLOOR));
     }
 
     #[tokio::test]
