@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::connect_client::{json_output_len, Codec, ConnectClient};
+use common::procfs::{cpu_ticks, status_kib};
 use common::*;
 use envd::proto::process::process_event::{data_event::Output, Event};
 use envd::proto::process::StartResponse;
@@ -58,19 +59,6 @@ impl Row {
     }
 }
 
-/// utime + stime of `pid` (every thread, living or gone), in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<u64> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f[10] + f[11]
-}
-
 /// CPU time of the calling thread, for the bare baseline's parent side.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -83,16 +71,6 @@ fn thread_cpu() -> Duration {
         u64::try_from(ts.tv_sec).unwrap(),
         u32::try_from(ts.tv_nsec).unwrap(),
     )
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn memory(pid: u32) -> String {
@@ -219,13 +197,14 @@ async fn connect_stream(c: &mut ConnectClient, codec: Codec) -> Duration {
     t.elapsed()
 }
 
+/// `bytes` of stdout through native gRPC; how long it took.
 async fn grpc_stream(
     c: &mut envd::proto::process::process_client::ProcessClient<tonic::transport::Channel>,
+    bytes: u64,
 ) -> Duration {
-    let args = head_args();
     let t = Instant::now();
     let mut s = c
-        .start(cmd("head", &["-c", &args[1], "/dev/zero"]))
+        .start(cmd("head", &["-c", &bytes.to_string(), "/dev/zero"]))
         .await
         .unwrap()
         .into_inner();
@@ -237,7 +216,7 @@ async fn grpc_stream(
             }
         }
     }
-    assert_eq!(total, STREAM_BYTES);
+    assert_eq!(total, bytes);
     t.elapsed()
 }
 
@@ -317,7 +296,7 @@ async fn main() {
         let (t1, c1) = (cpu_ticks(pid), thread_cpu());
         s_proto.push(connect_stream(&mut proto, Codec::Proto).await);
         let (t2, c2) = (cpu_ticks(pid), thread_cpu());
-        s_grpc.push(grpc_stream(&mut grpc).await);
+        s_grpc.push(grpc_stream(&mut grpc, STREAM_BYTES).await);
         let (t3, c3) = (cpu_ticks(pid), thread_cpu());
         for (i, d) in [t1 - t0, t2 - t1, t3 - t2].into_iter().enumerate() {
             stream_ticks[i] += d;
@@ -395,22 +374,7 @@ async fn back_to_idle() {
         delta(closed)
     );
     let mut g = envd.client().await;
-    let t = Instant::now();
-    let mut s = g
-        .start(cmd("head", &["-c", &(1u64 << 30).to_string(), "/dev/zero"]))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut total = 0u64;
-    while let Some(ev) = s.next().await {
-        if let Some(Event::Data(d)) = ev.unwrap().event.unwrap().event {
-            if let Some(Output::Stdout(b)) = d.output {
-                total += b.len() as u64;
-            }
-        }
-    }
-    assert_eq!(total, 1 << 30);
-    let took = t.elapsed();
+    let took = grpc_stream(&mut g, 1 << 30).await;
     let peak = status_kib(pid, "VmHWM:");
     let (open, text) = settled().await;
     println!(
@@ -418,7 +382,6 @@ async fn back_to_idle() {
         took.as_secs_f64(),
         delta(open)
     );
-    drop(s);
     drop(g);
     let (closed, text) = settled().await;
     println!(

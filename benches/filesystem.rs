@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::procfs::status_kib;
 use common::*;
 use envd::proto::filesystem::watch_dir_response::Event as WEvent;
 use envd::proto::filesystem::*;
@@ -22,16 +23,6 @@ const CHUNK: usize = 1 << 20;
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 async fn bench_list(envd: &Envd, root: &Path) {

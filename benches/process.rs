@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::procfs::{cpu_ticks, status_kib};
 use common::*;
 use futures_util::StreamExt;
 
@@ -36,20 +37,6 @@ async fn envd_spawn(url: &str) -> Duration {
         assert_eq!(o.end().exit_code, 0);
     }
     median(times)
-}
-
-/// CPU time (user + system) of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<u64> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // After the state: ppid .. utime (11th) and stime (12th of the numbers).
-    f[10] + f[11]
 }
 
 /// envd's CPU over `secs` seconds with a Ports.Watch stream open, beside
@@ -133,11 +120,6 @@ async fn main() {
     );
     println!(
         "peak RSS          envd (VmHWM)         {:>8} KiB",
-        std::fs::read_to_string(format!("/proc/{}/status", envd.pid()))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next())
-            .unwrap_or("?")
+        status_kib(envd.pid(), "VmHWM:")
     );
 }

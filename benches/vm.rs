@@ -148,59 +148,22 @@ async fn main() {
 
     // 64 MiB each way: envd Transfer vs the raw peer.
     let block = vec![0x5au8; 1 << 20];
-    let mut sink = raw(&vm, 5002).await;
-    let t = Instant::now();
-    sink.write_all(&(MIB64 as u64).to_be_bytes()).await.unwrap();
-    for _ in 0..64 {
-        sink.write_all(&block).await.unwrap();
-    }
-    let mut count = [0u8; 8];
-    sink.read_exact(&mut count).await.unwrap();
-    let raw_up = MIB64 as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(usize::try_from(u64::from_be_bytes(count)).unwrap(), MIB64);
+    let raw_up = send_64mib(&mut raw(&vm, 5002).await, &block).await;
     let mut source = raw(&vm, 5003).await;
     let t = Instant::now();
-    let mut got = 0usize;
-    let mut rbuf = vec![0u8; 1 << 20];
-    loop {
-        let n = source.read(&mut rbuf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
+    assert_eq!(drain(&mut source).await, MIB64);
     let raw_down = MIB64 as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(got, MIB64);
 
     // The honest baselines: the same raw streams, into and out of a file in
     // the guest (what envd's transfers do), with the peer's CPU in the guest.
     let cpu0 = guest_cpu_ticks(&mut p, file_peers.0).await;
-    let mut fsink = raw(&vm, 5004).await;
-    let t = Instant::now();
-    fsink
-        .write_all(&(MIB64 as u64).to_be_bytes())
-        .await
-        .unwrap();
-    for _ in 0..64 {
-        fsink.write_all(&block).await.unwrap();
-    }
-    fsink.read_exact(&mut count).await.unwrap();
-    let raw_file_up = MIB64 as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(usize::try_from(u64::from_be_bytes(count)).unwrap(), MIB64);
+    let raw_file_up = send_64mib(&mut raw(&vm, 5004).await, &block).await;
     let cpu1 = guest_cpu_ticks(&mut p, file_peers.0).await;
     let cpu2 = guest_cpu_ticks(&mut p, file_peers.1).await;
     let mut fsource = raw(&vm, 5005).await;
     let t = Instant::now();
-    let mut got = 0usize;
-    loop {
-        let n = fsource.read(&mut rbuf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
+    assert_eq!(drain(&mut fsource).await, MIB64);
     let raw_file_down = MIB64 as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(got, MIB64);
     let cpu3 = guest_cpu_ticks(&mut p, file_peers.1).await;
     let raw_cpu = (cpu1 - cpu0, cpu3 - cpu2);
     // The guest's /tmp is RAM: room for one 64 MiB file at a time.
@@ -294,14 +257,7 @@ async fn main() {
     let (mut s, early) = envd::client::forward::open(&target, 6003, None)
         .await
         .unwrap();
-    let mut got = early.len();
-    loop {
-        let n = s.read(&mut rbuf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
+    let got = early.len() + drain(&mut s).await;
     let fwd_down = MIB64 as f64 / t.elapsed().as_secs_f64();
     assert_eq!(got, MIB64);
     println!(
@@ -328,15 +284,35 @@ async fn main() {
 /// utime + stime (clock ticks) of a guest process, read through envd.
 async fn guest_cpu_ticks(p: &mut ProcessClient<tonic::transport::Channel>, pid: u32) -> u64 {
     let o = run(p, cmd("/bin/cat", &[&format!("/proc/{pid}/stat")])).await;
-    let stat = o.out();
-    let f: Vec<u64> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+    common::procfs::stat_cpu_ticks(&o.out())
+}
+
+/// 64 MiB to a raw `sink`-style peer (the length first, the byte count
+/// back); bytes per second.
+async fn send_64mib(s: &mut tokio::net::UnixStream, block: &[u8]) -> f64 {
+    let t = Instant::now();
+    s.write_all(&(MIB64 as u64).to_be_bytes()).await.unwrap();
+    for _ in 0..MIB64 / block.len() {
+        s.write_all(block).await.unwrap();
+    }
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await.unwrap();
+    let rate = MIB64 as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(usize::try_from(u64::from_be_bytes(count)).unwrap(), MIB64);
+    rate
+}
+
+/// Reads `s` to its end; the byte count.
+async fn drain<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> usize {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return got;
+        }
+        got += n;
+    }
 }
 
 /// The official Python SDK's `commands.run("true")` into the systemd VM

@@ -10,6 +10,7 @@ pub mod downtime;
 pub mod fdstore;
 pub mod http;
 pub mod mmds;
+pub mod procfs;
 pub mod skip;
 
 #[allow(unused_imports)]
