@@ -149,6 +149,17 @@ fn ensure_std_fds() {
 
 async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> Result<(), String> {
     let pid1 = start.pid1;
+    // Signal handlers first: a caller may be served (and signal envd, e.g.
+    // SIGHUP to upgrade) as soon as a listener is up, and a signal that
+    // arrives before its handler would act by default (SIGHUP kills).
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    // As PID 1, busybox's `poweroff`/`halt` send SIGUSR2/SIGUSR1, and the
+    // kernel SIGPWR: all mean shut down.
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
+    let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let (before, nofile) = envd::limits::raise_nofile();
     let conns = Connections::new(cfg.conn_limits(nofile));
     tokio::spawn(envd::memory::give_back_when_quiet());
@@ -295,14 +306,6 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     }
     sd::ready();
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    // As PID 1, busybox's `poweroff`/`halt` send SIGUSR2/SIGUSR1, and the
-    // kernel SIGPWR: all mean shut down.
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
-    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
-    let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     loop {
         let name = tokio::select! {
             _ = hup.recv() => {
