@@ -230,6 +230,24 @@ async fn stdin_pipe_send_input_and_close() {
     );
 }
 
+/// envd reads and writes its ends of the stdio pipes without blocking, but
+/// the child's ends are ordinary blocking pipes: a program that writes to a
+/// full stdout must wait, not fail with EAGAIN.
+#[tokio::test]
+async fn the_childs_stdio_pipes_are_blocking() {
+    let envd = Envd::start(&[]);
+    let mut c = envd.client().await;
+    // O_NONBLOCK is 04000 in the octal `flags:` line of the shell's fdinfo.
+    let script = "for fd in 0 1 2; do \
+        f=$(sed -n 's/^flags:[[:space:]]*//p' /proc/$$/fdinfo/$fd); \
+        [ $(( 0$f & 04000 )) -eq 0 ] && echo \"$fd blocking\" || echo \"$fd non-blocking\"; \
+        done";
+    let (s, _) = started(&mut c, cmd("sh", &["-c", script])).await;
+    let o = collect(s).await;
+    assert_eq!(o.out(), "0 blocking\n1 blocking\n2 blocking\n");
+    assert_eq!(o.end().exit_code, 0);
+}
+
 #[tokio::test]
 async fn close_stdin_is_idempotent_and_input_after_close_fails() {
     let envd = Envd::start(&[]);

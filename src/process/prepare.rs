@@ -85,11 +85,12 @@ pub fn prepare(
             )
         }
         None => {
-            let (out_r, out_w) = new_pipe()?;
-            let (err_r, err_w) = new_pipe()?;
+            let (out_r, out_w) = new_pipe(End::Read)?;
+            let (err_r, err_w) = new_pipe(End::Read)?;
             let (stdin, input) = if req.stdin.unwrap_or(true) {
-                let (r, w) = new_pipe()?;
-                let tx = pipe::Sender::from_owned_fd(w).map_err(|e| Error::io("stdin pipe", &e))?;
+                let (r, w) = new_pipe(End::Write)?;
+                let tx = pipe::Sender::from_owned_fd_unchecked(w)
+                    .map_err(|e| Error::io("stdin pipe", &e))?;
                 (r, Input::Pipe(super::started::StdinPipe::new(tx)))
             } else {
                 let null = open(
@@ -100,8 +101,10 @@ pub fn prepare(
                 .map_err(Error::from)?;
                 (null, Input::Null)
             };
-            let rx =
-                |fd| pipe::Receiver::from_owned_fd(fd).map_err(|e| Error::io("output pipe", &e));
+            let rx = |fd| {
+                pipe::Receiver::from_owned_fd_unchecked(fd)
+                    .map_err(|e| Error::io("output pipe", &e))
+            };
             let output = OutputFds::Pipes {
                 stdout: rx(out_r)?,
                 stderr: rx(err_r)?,
@@ -131,19 +134,46 @@ pub fn prepare(
     })
 }
 
-fn new_pipe() -> Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", &e.into()))
+/// Which end of a pipe envd keeps.
+enum End {
+    Read,
+    Write,
+}
+
+/// A pipe `(read, write)` whose `envd`'s end is non-blocking (as tokio
+/// needs it) and whose child's end is blocking (as programs expect their
+/// stdio): both are made so at once, without tokio's checks of an fd of
+/// unknown kind (an fstat and two fcntls per pipe on every Start).
+fn new_pipe(envd: End) -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .map_err(|e| Error::io("create pipe", &e.into()))?;
+    let child = match envd {
+        End::Read => &w,
+        End::Write => &r,
+    };
+    // F_SETFL with no flags clears O_NONBLOCK (the access mode is not a
+    // status flag: it stays).
+    nix::fcntl::fcntl(child, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
+        .map_err(|e| Error::io("create pipe", &e.into()))?;
+    Ok((r, w))
 }
 
 /// `cwd` as given (E2B path rules; else the default workdir), or the user's
 /// home (or `/` without one).
 fn working_dir(cwd: Option<&str>, user: &User) -> Result<PathBuf> {
-    let dir = match cwd {
-        Some(c) if !c.is_empty() => paths::resolve(c, user)?,
-        _ if user.home.is_dir() => user.home.clone(),
-        _ => PathBuf::from("/"),
+    // One stat of the directory used (the home is the common case).
+    let (dir, meta) = match cwd {
+        Some(c) if !c.is_empty() => {
+            let dir = paths::resolve(c, user)?;
+            let meta = std::fs::metadata(&dir);
+            (dir, meta)
+        }
+        _ => match std::fs::metadata(&user.home) {
+            Ok(m) if m.is_dir() => (user.home.clone(), Ok(m)),
+            _ => (PathBuf::from("/"), std::fs::metadata("/")),
+        },
     };
-    match std::fs::metadata(&dir) {
+    match meta {
         Ok(m) if m.is_dir() => {
             check_searchable(&dir, &m, user)?;
             Ok(dir)
