@@ -286,7 +286,7 @@ impl ProcessService {
             let stderr = rx(take(claimed, c.stderr_fd), "stderr")?;
             let record = OutputFdRecord::new(Some(stdout.as_raw_fd()), Some(stderr.as_raw_fd()));
             let input = match (c.input, take(claimed, c.stdin_fd)) {
-                (INPUT_PIPE, Some(fd)) => Input::Pipe(StdinPipe::new(
+                (INPUT_PIPE, Some(fd)) => Input::Pipe(StdinPipe::from_sender(
                     pipe::Sender::from_owned_fd(fd).map_err(|e| format!("stdin: {e}"))?,
                 )),
                 (INPUT_PIPE, None) => Input::Pipe(StdinPipe::closed()),

@@ -89,9 +89,7 @@ pub fn prepare(
             let (err_r, err_w) = new_pipe(End::Read)?;
             let (stdin, input) = if req.stdin.unwrap_or(true) {
                 let (r, w) = new_pipe(End::Write)?;
-                let tx = pipe::Sender::from_owned_fd_unchecked(w)
-                    .map_err(|e| Error::io("stdin pipe", &e))?;
-                (r, Input::Pipe(super::started::StdinPipe::new(tx)))
+                (r, Input::Pipe(super::started::StdinPipe::new(w)))
             } else {
                 let null = open(
                     "/dev/null",

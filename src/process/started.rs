@@ -1,7 +1,7 @@
 //! One process envd started: identity, output log, input side and lifecycle
 //! flags. Shared (`Arc`) by the table, the RPCs and its own I/O tasks.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use nix::sys::signal::{killpg, Signal};
@@ -21,17 +21,35 @@ use crate::status::{Error, Result};
 /// makes the writer give up, then drops the pipe.
 #[derive(Debug)]
 pub struct StdinPipe {
-    writer: Mutex<Option<pipe::Sender>>,
+    writer: Mutex<Option<Writer>>,
     closed: watch::Sender<bool>,
     /// The pipe's fd while it is open (what a live upgrade carries).
     raw: std::sync::Mutex<Option<RawFd>>,
 }
 
+/// envd's end of a stdin pipe. Most commands never get input, so the fd
+/// joins tokio's reactor only at the first write: no registration, no
+/// readiness events and no deregistration for the others.
+#[derive(Debug)]
+enum Writer {
+    Idle(OwnedFd),
+    Ready(pipe::Sender),
+}
+
 impl StdinPipe {
-    pub fn new(tx: pipe::Sender) -> Self {
-        let raw = tx.as_raw_fd();
+    /// envd's (write) end of a new pipe.
+    pub fn new(fd: OwnedFd) -> Self {
+        Self::with_writer(fd.as_raw_fd(), Writer::Idle(fd))
+    }
+
+    /// A pipe already registered with the reactor (carried by a live upgrade).
+    pub fn from_sender(tx: pipe::Sender) -> Self {
+        Self::with_writer(tx.as_raw_fd(), Writer::Ready(tx))
+    }
+
+    fn with_writer(raw: RawFd, w: Writer) -> Self {
         Self {
-            writer: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(w)),
             closed: watch::Sender::new(false),
             raw: std::sync::Mutex::new(Some(raw)),
         }
@@ -58,7 +76,21 @@ impl StdinPipe {
             g = self.writer.lock() => g,
             _ = closed.wait_for(|c| *c) => return Err(closed_err()),
         };
-        let w = guard.as_mut().ok_or_else(closed_err)?;
+        if let Some(Writer::Idle(_)) = guard.as_ref() {
+            if let Some(Writer::Idle(fd)) = guard.take() {
+                // Checked: the fd may be one a live upgrade carried.
+                match pipe::Sender::from_owned_fd(fd) {
+                    Ok(tx) => *guard = Some(Writer::Ready(tx)),
+                    Err(e) => {
+                        *self.raw.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        return Err(Error::io(format!("stdin of process {pid}"), &e));
+                    }
+                }
+            }
+        }
+        let Some(Writer::Ready(w)) = guard.as_mut() else {
+            return Err(closed_err());
+        };
         tokio::select! {
             r = w.write_all(data) => r.map_err(|e| Error::io(format!("write to stdin of process {pid}"), &e)),
             _ = closed.wait_for(|c| *c) => Err(Error::precondition(format!(
