@@ -89,8 +89,53 @@ impl fmt::Display for ListenUrl {
 }
 
 /// Any accepted connection.
-pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What it is, to tell a plain socket from a wrapper.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// The connection itself, to take a plain socket out of it.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+/// A connection, as a relay may take it.
+pub enum Socket {
+    /// A plain TCP or vsock socket, out of tokio's reactor (non-blocking).
+    Plain(std::os::fd::OwnedFd),
+    /// Anything else (a Unix socket behind its `:authority` fix, a test's
+    /// stream), as it was.
+    Other(Box<dyn Conn>),
+}
+
+/// Takes the socket out of a plain TCP or vsock connection, for a relay that
+/// moves bytes in the kernel.
+pub fn into_socket(conn: Box<dyn Conn>) -> io::Result<Socket> {
+    use std::os::fd::OwnedFd;
+    let mismatch = || io::Error::other("connection type changed while taken");
+    // Through the box: `Box<dyn Conn>` is itself a `Conn`.
+    let any = (*conn).as_any();
+    if any.is::<tokio::net::TcpStream>() {
+        let s = conn
+            .into_any()
+            .downcast::<tokio::net::TcpStream>()
+            .map_err(|_| mismatch())?;
+        return Ok(Socket::Plain(OwnedFd::from(s.into_std()?)));
+    }
+    if any.is::<tokio_vsock::VsockStream>() {
+        let s = conn
+            .into_any()
+            .downcast::<tokio_vsock::VsockStream>()
+            .map_err(|_| mismatch())?;
+        return Ok(Socket::Plain(OwnedFd::from(*s)));
+    }
+    Ok(Socket::Other(conn))
+}
 
 /// A bound listener.
 #[derive(Debug)]

@@ -106,11 +106,109 @@ fn connect_tunnels_reach_the_vms_loopback_only() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
 
+/// Polls `check` every 20 ms until it holds or `limit` passes.
+fn eventually_sync(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Pipe ends envd holds open (a spliced tunnel holds two pipes: four).
+fn pipes_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+/// Bytes sent in the same packet as the CONNECT head, then a half-close:
+/// the guest's server sees all of them in order and its EOF, and its answer
+/// (sent after that EOF) still reaches the client. Over TCP (spliced in the
+/// kernel: envd holds two more pipes while the tunnel lives) and over the
+/// Unix socket (relayed through buffers).
+#[test]
+fn tunnels_carry_early_bytes_and_a_half_close() {
+    // Reads to EOF, then answers with what it got and closes.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).unwrap();
+                c.write_all(b"got:").unwrap();
+                c.write_all(&got).unwrap();
+            });
+        }
+    });
+    let envd = Envd::start(&[]);
+    let head = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n\r\nearly|");
+    let read_head = |s: &mut dyn Read| {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).unwrap(), 1, "envd closed before answering");
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    };
+    let want = b"got:early|late".to_vec();
+
+    let before = pipes_of(envd.pid());
+    let mut s = TcpStream::connect(envd.tcp.trim_start_matches("tcp://")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let answer = read_head(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        eventually_sync(Duration::from_secs(5), || pipes_of(envd.pid())
+            == before + 4),
+        "a spliced tunnel holds two pipes (four ends): {} ends before, {} now",
+        before,
+        pipes_of(envd.pid())
+    );
+    s.write_all(b"late").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&back),
+        String::from_utf8_lossy(&want)
+    );
+    assert!(
+        eventually_sync(Duration::from_secs(5), || pipes_of(envd.pid()) == before),
+        "the ended tunnel's pipes stay open"
+    );
+
+    let path = envd.unix.trim_start_matches("unix://").to_owned();
+    let mut u = std::os::unix::net::UnixStream::connect(path).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    u.write_all(head.as_bytes()).unwrap();
+    let answer = read_head(&mut u);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    u.write_all(b"late").unwrap();
+    u.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    u.read_to_end(&mut back).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&back),
+        String::from_utf8_lossy(&want)
+    );
+}
+
 #[test]
 fn forward_carries_many_connections_and_large_streams() {
     let port = echo_server();
     let envd = Envd::start(&[]);
-    let (mut fwd, addr) = envctl(&envd.unix, &["forward", &format!("0:{port}")], None);
+    // Over TCP, where envd splices each tunnel socket to socket.
+    let (mut fwd, addr) = envctl(&envd.tcp, &["forward", &format!("0:{port}")], None);
     // 50 connections at once.
     let workers: Vec<_> = (0..50u8)
         .map(|i| {

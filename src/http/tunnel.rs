@@ -19,8 +19,8 @@ use crate::connections::InFlight;
 
 /// How long connecting to the destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tunnels open at once (each holds two 8 KiB relay buffers and two
-/// sockets).
+/// Tunnels open at once (each holds two sockets and either two pipes to
+/// splice through or two 8 KiB relay buffers).
 pub const MAX_TUNNELS: usize = 1024;
 
 fn slots() -> &'static Arc<tokio::sync::Semaphore> {
@@ -108,10 +108,44 @@ pub async fn handle(req: Request<Incoming>, policy: &TunnelPolicy) -> RestResult
                 return;
             }
         };
-        if let Err(e) = crate::relay::relay(TokioIo::new(upgraded), stream).await {
+        if let Err(e) = carry(upgraded, stream).await {
             tracing::debug!(%dest, error = %e, "tunnel ended with an error");
         }
     });
     tracing::debug!(%dest, "tunnel open");
     Ok(empty(StatusCode::OK))
+}
+
+/// Carries a tunnel's bytes. An HTTP/1.1 tunnel over a plain TCP or vsock
+/// connection is spliced socket to socket in the kernel; an HTTP/2 tunnel (a
+/// stream of a shared connection) or any other is relayed through buffers.
+async fn carry(
+    upgraded: hyper::upgrade::Upgraded,
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<(u64, u64)> {
+    use crate::listen::{into_socket, Conn, Socket};
+    use crate::relay::splice;
+    use tokio::io::AsyncWriteExt;
+
+    let parts =
+        match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<Box<dyn Conn>>>(upgraded)
+        {
+            Ok(parts) => parts,
+            Err(upgraded) => return crate::relay::relay(TokioIo::new(upgraded), stream).await,
+        };
+    let mut conn = parts.io.into_inner();
+    match splice::Pipes::new() {
+        Ok(pipes) => match into_socket(conn)? {
+            Socket::Plain(client) => {
+                let server = std::os::fd::OwnedFd::from(stream.into_std()?);
+                return splice::relay(client, server, pipes, &parts.read_buf).await;
+            }
+            Socket::Other(c) => conn = c,
+        },
+        Err(e) => tracing::debug!(error = %e, "tunnel: no pipes to splice through"),
+    }
+    let mut stream = stream;
+    stream.write_all(&parts.read_buf).await?;
+    let (up, down) = crate::relay::relay(conn, stream).await?;
+    Ok((up + parts.read_buf.len() as u64, down))
 }

@@ -6,6 +6,8 @@
 //! through vhost-device-vsock) do not carry a half-close, and a client waiting
 //! for EOF would then wait forever.
 
+pub mod splice;
+
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Relays until the server side ends (or either side fails). Returns the

@@ -1,0 +1,206 @@
+//! A relay between two plain sockets that moves bytes in the kernel:
+//! `splice(2)` from one socket into a pipe and from the pipe into the other,
+//! so no byte is copied into envd's memory and each system call moves up to
+//! a pipe's worth (64 KiB) instead of a user buffer's. Same ending rules as
+//! [`super::relay`]. A direction whose socket type cannot splice (`EINVAL`)
+//! moves its bytes with read/write instead.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Most bytes asked of one splice: a default pipe's capacity.
+const CHUNK: usize = 64 * 1024;
+/// The read/write fallback's buffer.
+const COPY_BUF: usize = 16 * 1024;
+
+/// A pipe (both ends non-blocking, close-on-exec) to splice through.
+#[derive(Debug)]
+pub struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two fds into the array we own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned by nothing else.
+        Ok(unsafe {
+            Self {
+                r: OwnedFd::from_raw_fd(fds[0]),
+                w: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+}
+
+/// The two pipes a relay needs, made before the sockets are taken out of
+/// tokio, so that running out of fds leaves the plain relay possible.
+#[derive(Debug)]
+pub struct Pipes {
+    up: Pipe,
+    down: Pipe,
+}
+
+impl Pipes {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            up: Pipe::new()?,
+            down: Pipe::new()?,
+        })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice between two fds that stay open for the call, with no
+    // offsets (both are a pipe or a socket).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: read into a buffer we own, at most its length.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: write from a buffer we own, at most its length.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+async fn readable<T>(
+    fd: &AsyncFd<OwnedFd>,
+    mut op: impl FnMut(RawFd) -> io::Result<T>,
+) -> io::Result<T> {
+    loop {
+        let mut ready = fd.readable().await?;
+        if let Ok(r) = ready.try_io(|f| op(f.as_raw_fd())) {
+            return r;
+        }
+    }
+}
+
+async fn writable<T>(
+    fd: &AsyncFd<OwnedFd>,
+    mut op: impl FnMut(RawFd) -> io::Result<T>,
+) -> io::Result<T> {
+    loop {
+        let mut ready = fd.writable().await?;
+        if let Ok(r) = ready.try_io(|f| op(f.as_raw_fd())) {
+            return r;
+        }
+    }
+}
+
+async fn write_all(dst: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = writable(dst, |fd| write(fd, buf)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Moves bytes from `src` to `dst` until `src` ends; the count moved.
+async fn pump(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>, pipe: &Pipe) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        // The pipe is empty here, so EAGAIN can only mean `src` has nothing.
+        let n = match readable(src, |fd| splice(fd, pipe.w.as_raw_fd(), CHUNK)).await {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && total == 0 => {
+                return copy(src, dst).await;
+            }
+            r => r?,
+        };
+        if n == 0 {
+            return Ok(total);
+        }
+        let mut left = n;
+        while left > 0 {
+            // The pipe holds `left` bytes, so EAGAIN can only mean `dst` is full.
+            let m = writable(dst, |fd| splice(pipe.r.as_raw_fd(), fd, left)).await?;
+            if m == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            left -= m;
+        }
+        total += n as u64;
+    }
+}
+
+/// The read/write fallback of [`pump`].
+async fn copy(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = readable(src, |fd| read(fd, &mut buf)).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        write_all(dst, &buf[..n]).await?;
+        total += n as u64;
+    }
+}
+
+fn shutdown_write(fd: &AsyncFd<OwnedFd>) {
+    // SAFETY: shutdown of a socket we own; failure (already closed) is moot.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+}
+
+/// Relays between the sockets `client` and `server` (non-blocking, out of
+/// any reactor) until the server side ends; `early` (bytes the client sent
+/// before the relay began) goes to the server first. Returns the bytes
+/// carried client → server and server → client.
+pub async fn relay(
+    client: OwnedFd,
+    server: OwnedFd,
+    pipes: Pipes,
+    early: &[u8],
+) -> io::Result<(u64, u64)> {
+    let both = Interest::READABLE | Interest::WRITABLE;
+    // SAFETY: both are open sockets the AsyncFds own; an OwnedFd returns the
+    // same fd until its AsyncFd is dropped.
+    let client =
+        unsafe { AsyncFd::register_with_interest(client, both) }.map_err(io::Error::from)?;
+    // SAFETY: as above.
+    let server =
+        unsafe { AsyncFd::register_with_interest(server, both) }.map_err(io::Error::from)?;
+    write_all(&server, early).await?;
+    let up = async {
+        let n = pump(&client, &server, &pipes.up).await?;
+        shutdown_write(&server);
+        Ok::<u64, io::Error>(n + early.len() as u64)
+    };
+    let down = async {
+        let n = pump(&server, &client, &pipes.down).await?;
+        shutdown_write(&client);
+        Ok::<u64, io::Error>(n)
+    };
+    tokio::pin!(up, down);
+    let mut sent = None;
+    loop {
+        tokio::select! {
+            r = &mut up, if sent.is_none() => sent = Some(r?),
+            r = &mut down => return Ok((sent.unwrap_or(0), r?)),
+        }
+    }
+}
