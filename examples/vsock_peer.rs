@@ -6,6 +6,9 @@
 //! `file-sink PORT PATH` is `sink` writing what it reads to PATH, and
 //! `file-source PORT PATH` sends PATH's bytes: the honest baselines for
 //! envd's file transfers, which also touch the guest's file.
+//! `drain-tcp PORT` is a client: it reads 127.0.0.1:PORT to EOF and prints
+//! the byte count and the seconds it took (what the guest's loopback TCP
+//! alone carries, the floor under a forwarded stream).
 //! Writes are at most 16 KiB (vsock pitfall).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,6 +24,21 @@ async fn main() -> std::io::Result<()> {
     let port: u32 = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(5000);
     let arg = args.get(3).cloned().unwrap_or_default();
     let bytes: u64 = arg.parse().unwrap_or(0);
+    if mode == "drain-tcp" {
+        let port = u16::try_from(port).unwrap_or(6000);
+        let t = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0u64;
+        loop {
+            match s.read(&mut buf).await? {
+                0 => break,
+                k => n += k as u64,
+            }
+        }
+        println!("{n} {}", t.elapsed().as_secs_f64());
+        return Ok(());
+    }
     if let Some(m) = mode.strip_prefix("tcp-") {
         let m = m.to_owned();
         let port = u16::try_from(port).unwrap_or(6000);
