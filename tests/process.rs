@@ -880,3 +880,13 @@ async fn children_get_a_normal_oom_score() {
     let o = run(&mut c, cmd("cat", &["/proc/self/oom_score_adj"])).await;
     assert_eq!(o.out(), "0\n");
 }
+
+/// The benches' CPU figure of a process: its own utime + stime, whatever
+/// its terminal (a daemon's tpgid is -1) and never its children's time.
+#[test]
+fn stat_cpu_ticks_reads_utime_and_stime_only() {
+    let daemon = "77 (env d) S 1 77 77 0 -1 4194560 10 20 0 0 300 40 5000 6000 20 0 3 0";
+    assert_eq!(common::procfs::stat_cpu_ticks(daemon), 340);
+    let in_terminal = "77 (x) R 1 77 77 34816 77 4194560 10 20 0 0 7 8 900 900 20 0";
+    assert_eq!(common::procfs::stat_cpu_ticks(in_terminal), 15);
+}

@@ -1,19 +1,22 @@
 //! What benchmarks read of a process in `/proc`: its CPU time and memory.
 #![allow(dead_code)]
 
-/// utime + stime (every thread, living or gone) in clock ticks, from the
-/// text of a `/proc/<pid>/stat`.
+/// utime + stime (every thread, living or gone; not its children's) in
+/// clock ticks, from the text of a `/proc/<pid>/stat`.
 pub fn stat_cpu_ticks(stat: &str) -> u64 {
-    // After the command's closing parenthesis, the numbers start at ppid:
-    // utime and stime are the 11th and 12th of them.
-    let f: Vec<u64> = stat
+    // After the command's closing parenthesis come, by position: state,
+    // ppid, pgrp, session, tty_nr, tpgid, flags, minflt, cminflt, majflt,
+    // cmajflt, utime, stime, cutime, cstime... Taken by position: a field
+    // that is not a u64 (the state letter, a tpgid of -1 for a process
+    // without a terminal) must not shift the others.
+    let f: Vec<&str> = stat
         .rsplit(')')
         .next()
         .unwrap_or("")
         .split_whitespace()
-        .filter_map(|v| v.parse().ok())
         .collect();
-    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+    let at = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    at(11) + at(12)
 }
 
 /// utime + stime of local process `pid`, in clock ticks.
