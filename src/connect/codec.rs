@@ -73,7 +73,6 @@ pub fn encode<M: Message + 'static>(codec: Codec, name: &str, msg: &M) -> Result
 fn output_event_json(msg: &dyn std::any::Any) -> Option<Vec<u8>> {
     use crate::proto::process::process_event::{data_event::Output, Event};
     use crate::proto::process::{ConnectResponse, StartResponse};
-    use base64::Engine;
     let event = if let Some(r) = msg.downcast_ref::<StartResponse>() {
         r.event.as_ref()
     } else {
@@ -89,15 +88,24 @@ fn output_event_json(msg: &dyn std::any::Any) -> Option<Vec<u8>> {
     };
     const HEAD: &[u8] = b"{\"event\":{\"data\":{\"";
     const TAIL: &[u8] = b"\"}}}";
-    let engine = &base64::engine::general_purpose::STANDARD;
-    let text_len = base64::encoded_len(bytes.len(), true)?;
+    let engine = &base64_simd::STANDARD;
+    let text_len = engine.encoded_length(bytes.len());
     let mut out = Vec::with_capacity(HEAD.len() + key.len() + 3 + text_len + TAIL.len());
     out.extend_from_slice(HEAD);
     out.extend_from_slice(key);
     out.extend_from_slice(b"\":\"");
     let at = out.len();
-    out.resize(at + text_len, 0);
-    engine.encode_slice(bytes, &mut out[at..]).ok()?;
+    // Encoded straight into the spare capacity: no zero-fill pass first.
+    let spare = out.spare_capacity_mut().get_mut(..text_len)?;
+    let written = engine
+        .encode(bytes, base64_simd::Out::from_uninit_slice(spare))
+        .len();
+    if written != text_len {
+        return None;
+    }
+    // SAFETY: the encoder initialised the `text_len` bytes after `at`
+    // (checked just above), all within the capacity reserved for them.
+    unsafe { out.set_len(at + text_len) };
     out.extend_from_slice(TAIL);
     Some(out)
 }
@@ -162,7 +170,10 @@ mod tests {
                 .unwrap();
             out
         };
-        for len in [0usize, 1, 2, 3, 4, 100, 65_536] {
+        // Sizes around the SIMD blocks (12, 24, 48 bytes in) and their tails.
+        for len in [
+            0usize, 1, 2, 3, 4, 11, 12, 13, 23, 24, 25, 47, 48, 49, 100, 1000, 65_535, 65_536,
+        ] {
             let data: bytes::Bytes = (0..len)
                 .map(|i| u8::try_from(i * 7 % 256).unwrap())
                 .collect();
