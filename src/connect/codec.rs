@@ -48,20 +48,36 @@ pub fn decode<M: Message + Default>(codec: Codec, name: &str, bytes: &[u8]) -> R
 
 /// Encodes a response message named `name`.
 pub fn encode<M: Message + 'static>(codec: Codec, name: &str, msg: &M) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_into(codec, name, msg, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the encoding of a response message named `name` to `out` (for a
+/// streamed message, after its envelope's prefix: no second copy).
+pub fn encode_into<M: Message + 'static>(
+    codec: Codec,
+    name: &str,
+    msg: &M,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     match codec {
-        Codec::Proto => Ok(msg.encode_to_vec()),
+        Codec::Proto => {
+            out.reserve(msg.encoded_len());
+            msg.encode(out)
+                .map_err(|e| Error::internal(format!("encoding {name}: {e}")))
+        }
         Codec::Json => {
-            if let Some(json) = output_event_json(msg) {
-                return Ok(json);
+            if output_event_json(msg, out) {
+                return Ok(());
             }
             let dynamic = DynamicMessage::decode(descriptor(name)?, msg.encode_to_vec().as_slice())
                 .map_err(|e| Error::internal(format!("encoding {name}: {e}")))?;
-            let mut out = Vec::with_capacity(128);
-            let mut ser = serde_json::Serializer::new(&mut out);
+            out.reserve(128);
+            let mut ser = serde_json::Serializer::new(out);
             dynamic
                 .serialize_with_options(&mut ser, &SerializeOptions::new())
-                .map_err(|e| Error::internal(format!("encoding {name} as JSON: {e}")))?;
-            Ok(out)
+                .map_err(|e| Error::internal(format!("encoding {name} as JSON: {e}")))
         }
     }
 }
@@ -69,8 +85,13 @@ pub fn encode<M: Message + 'static>(codec: Codec, name: &str, msg: &M) -> Result
 /// A process's output event, which is nearly every message of a streamed
 /// command, written straight out: one base64 pass into the buffer instead of
 /// the generic path's re-decode, base64 string and JSON escaping scan (the
-/// output is the same bytes; see the test below).
-fn output_event_json(msg: &dyn std::any::Any) -> Option<Vec<u8>> {
+/// output is the same bytes; see the test below). Appends to `out` and
+/// says whether `msg` was such an event.
+fn output_event_json(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> bool {
+    output_event_json_inner(msg, out).is_some()
+}
+
+fn output_event_json_inner(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> Option<()> {
     use crate::proto::process::process_event::{data_event::Output, Event};
     use crate::proto::process::{ConnectResponse, StartResponse};
     let event = if let Some(r) = msg.downcast_ref::<StartResponse>() {
@@ -90,7 +111,8 @@ fn output_event_json(msg: &dyn std::any::Any) -> Option<Vec<u8>> {
     const TAIL: &[u8] = b"\"}}}";
     let engine = &base64_simd::STANDARD;
     let text_len = engine.encoded_length(bytes.len());
-    let mut out = Vec::with_capacity(HEAD.len() + key.len() + 3 + text_len + TAIL.len());
+    let start = out.len();
+    out.reserve(HEAD.len() + key.len() + 3 + text_len + TAIL.len());
     out.extend_from_slice(HEAD);
     out.extend_from_slice(key);
     out.extend_from_slice(b"\":\"");
@@ -101,13 +123,14 @@ fn output_event_json(msg: &dyn std::any::Any) -> Option<Vec<u8>> {
         .encode(bytes, base64_simd::Out::from_uninit_slice(spare))
         .len();
     if written != text_len {
+        out.truncate(start);
         return None;
     }
     // SAFETY: the encoder initialised the `text_len` bytes after `at`
     // (checked just above), all within the capacity reserved for them.
     unsafe { out.set_len(at + text_len) };
     out.extend_from_slice(TAIL);
-    Some(out)
+    Some(())
 }
 
 #[cfg(test)]

@@ -11,13 +11,24 @@ pub const FLAG_COMPRESSED: u8 = 0x01;
 pub const FLAG_END: u8 = 0x02;
 
 /// Frames one message.
-pub fn frame(flags: u8, payload: &[u8]) -> Bytes {
+fn frame(flags: u8, payload: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(5 + payload.len());
     b.extend_from_slice(&[flags]);
     let len = u32::try_from(payload.len()).expect("messages are bounded far below 4 GiB");
     b.extend_from_slice(&len.to_be_bytes());
     b.extend_from_slice(payload);
     b.freeze()
+}
+
+/// Frames one message encoded in place by `encode` (which appends it to the
+/// buffer after the prefix): one buffer, no copy of the message.
+pub fn frame_with(flags: u8, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<Bytes> {
+    let mut b = vec![flags, 0, 0, 0, 0];
+    encode(&mut b)?;
+    let len = u32::try_from(b.len() - 5)
+        .map_err(|_| Error::internal("a message of 4 GiB or more cannot be framed"))?;
+    b[1..5].copy_from_slice(&len.to_be_bytes());
+    Ok(Bytes::from(b))
 }
 
 /// The end-of-stream envelope: `{}` or `{"error":{"code","message"}}`.

@@ -20,7 +20,7 @@ use prost::{Message, Name};
 use tokio::time::Instant;
 
 pub use codec::Codec;
-use envelope::{end_frame, frame, EnvelopeReader, FLAG_COMPRESSED, FLAG_END};
+use envelope::{end_frame, frame_with, EnvelopeReader, FLAG_COMPRESSED, FLAG_END};
 pub use routes::{is_connect_path, ConnectRouter};
 
 use crate::status::{Code, Error, Result};
@@ -303,10 +303,12 @@ where
             };
             let (bytes, rest) = match next {
                 None => (end_frame(None), None),
-                Some(Ok(msg)) => match codec::encode(codec, &name, &msg) {
-                    Ok(b) => (frame(0, &b), Some(s)),
-                    Err(e) => (end_frame(Some(&e)), None),
-                },
+                Some(Ok(msg)) => {
+                    match frame_with(0, |out| codec::encode_into(codec, &name, &msg, out)) {
+                        Ok(b) => (b, Some(s)),
+                        Err(e) => (end_frame(Some(&e)), None),
+                    }
+                }
                 Some(Err(e)) => (end_frame(Some(&e)), None),
             };
             Some((Ok::<_, std::convert::Infallible>(Frame::data(bytes)), rest))
