@@ -16,11 +16,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
 
-    // The encoded descriptor set also feeds gRPC reflection.
+    // The encoded descriptor set (Connect JSON, gRPC reflection) goes without
+    // the comments (source info): they made up two thirds of it, and a
+    // descriptor pool built from it took ~1.5 MiB of envd's memory with them,
+    // ~0.13 MiB without. The generated code keeps them.
+    let mut bare = fds.clone();
+    for f in &mut bare.file {
+        f.source_code_info = None;
+    }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("envd_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        prost::Message::encode_to_vec(&bare),
     )?;
 
     // `prost::Name` on every message: the Connect route table takes message
