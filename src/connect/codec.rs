@@ -22,6 +22,15 @@ static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
         .expect("embedded descriptors are valid")
 });
 
+/// Builds the descriptor pool now. It is what every Connect JSON request
+/// (the E2B SDKs' protocol) needs, and it stays for envd's life: built at
+/// start-up it is part of idle memory rather than a step up after the
+/// first request (~1.2 MiB in the allocator's pages, against ~0.13 MiB of
+/// live objects: its many small objects of many sizes each take a page).
+pub fn warm() {
+    LazyLock::force(&POOL);
+}
+
 fn descriptor(name: &str) -> Result<prost_reflect::MessageDescriptor> {
     POOL.get_message_by_name(name)
         .ok_or_else(|| Error::internal(format!("no descriptor for {name}")))

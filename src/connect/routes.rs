@@ -251,6 +251,7 @@ impl ConnectRouter {
         ports: Arc<PortsService>,
         defaults: Arc<Defaults>,
     ) -> Self {
+        super::codec::warm();
         Self {
             services: Arc::new(Services { process, fs, ports }),
             defaults,
