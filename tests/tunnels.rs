@@ -44,20 +44,25 @@ fn envctl(url: &str, args: &[&str], token: Option<&str>) -> (Child, String) {
     (child, addr)
 }
 
-/// An echo server on 127.0.0.1 (the "guest's" loopback).
-fn echo_server() -> u16 {
+/// A server on 127.0.0.1 (the "guest's" loopback) that runs `serve` on a
+/// thread of its own for each connection; its port.
+fn server(serve: fn(TcpStream)) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut r = c.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut c);
-            });
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || serve(c));
         }
     });
     port
+}
+
+/// An echo server on the "guest's" loopback.
+fn echo_server() -> u16 {
+    server(|mut c| {
+        let mut r = c.try_clone().unwrap();
+        let _ = std::io::copy(&mut r, &mut c);
+    })
 }
 
 fn connect(envd: &str, dest: &str, token: Option<&str>) -> (TcpStream, String) {
@@ -135,53 +140,34 @@ fn pipes_of(pid: u32) -> usize {
 #[test]
 fn tunnels_carry_early_bytes_and_a_half_close() {
     // Reads to EOF, then answers with what it got and closes.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut got = Vec::new();
-                c.read_to_end(&mut got).unwrap();
-                c.write_all(b"got:").unwrap();
-                c.write_all(&got).unwrap();
-            });
-        }
+    let port = server(|mut c| {
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        c.write_all(b"got:").unwrap();
+        c.write_all(&got).unwrap();
     });
     let envd = Envd::start(&[]);
     let head = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n\r\nearly|");
-    let read_head = |s: &mut dyn Read| {
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut b).unwrap(), 1, "envd closed before answering");
-            head.push(b[0]);
-        }
-        String::from_utf8(head).unwrap()
-    };
-    let want = b"got:early|late".to_vec();
+    let want = "got:early|late";
 
     let before = pipes_of(envd.pid());
     let mut s = TcpStream::connect(envd.tcp.trim_start_matches("tcp://")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(head.as_bytes()).unwrap();
-    let answer = read_head(&mut s);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(
-        eventually_sync(Duration::from_secs(5), || pipes_of(envd.pid())
-            == before + 4),
-        "a spliced tunnel holds two pipes (four ends): {} ends before, {} now",
-        before,
-        pipes_of(envd.pid())
+    let back = early_bytes_then_half_close(
+        &mut s,
+        &head,
+        |s| s.shutdown(std::net::Shutdown::Write).unwrap(),
+        || {
+            assert!(
+                eventually_sync(Duration::from_secs(5), || pipes_of(envd.pid())
+                    == before + 4),
+                "a spliced tunnel holds two pipes (four ends): {} ends before, {} now",
+                before,
+                pipes_of(envd.pid())
+            );
+        },
     );
-    s.write_all(b"late").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&back),
-        String::from_utf8_lossy(&want)
-    );
+    assert_eq!(back, want);
     assert!(
         eventually_sync(Duration::from_secs(5), || pipes_of(envd.pid()) == before),
         "the ended tunnel's pipes stay open"
@@ -190,17 +176,39 @@ fn tunnels_carry_early_bytes_and_a_half_close() {
     let path = envd.unix.trim_start_matches("unix://").to_owned();
     let mut u = std::os::unix::net::UnixStream::connect(path).unwrap();
     u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    u.write_all(head.as_bytes()).unwrap();
-    let answer = read_head(&mut u);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    u.write_all(b"late").unwrap();
-    u.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    u.read_to_end(&mut back).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&back),
-        String::from_utf8_lossy(&want)
+    let back = early_bytes_then_half_close(
+        &mut u,
+        &head,
+        |u| u.shutdown(std::net::Shutdown::Write).unwrap(),
+        || {},
     );
+    assert_eq!(back, want);
+}
+
+/// Sends `head` (a CONNECT with bytes after it), expects 200, runs
+/// `while_open`, sends "late", half-closes with `shut` and returns all that
+/// came back.
+fn early_bytes_then_half_close<S: Read + Write>(
+    s: &mut S,
+    head: &str,
+    shut: impl FnOnce(&S),
+    while_open: impl FnOnce(),
+) -> String {
+    s.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut b = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "envd closed before answering");
+        answer.push(b[0]);
+    }
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    while_open();
+    s.write_all(b"late").unwrap();
+    shut(s);
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    String::from_utf8_lossy(&back).into_owned()
 }
 
 #[test]

@@ -29,6 +29,17 @@ where
         client_tx.shutdown().await?;
         Ok::<u64, std::io::Error>(n)
     };
+    both_ways(up, down).await
+}
+
+/// Runs the two directions of a relay at once until `down` (server →
+/// client) ends; `up` ending first (a client's half-close) lets `down` go
+/// on. Returns the bytes each carried.
+async fn both_ways<U, D>(up: U, down: D) -> std::io::Result<(u64, u64)>
+where
+    U: std::future::Future<Output = std::io::Result<u64>>,
+    D: std::future::Future<Output = std::io::Result<u64>>,
+{
     tokio::pin!(up, down);
     let mut sent = None;
     loop {

@@ -85,24 +85,15 @@ fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-async fn readable<T>(
+/// Runs `op` on `fd` once it is ready for `interest`, again after each
+/// `EAGAIN` (which clears the readiness).
+async fn when_ready<T>(
     fd: &AsyncFd<OwnedFd>,
+    interest: Interest,
     mut op: impl FnMut(RawFd) -> io::Result<T>,
 ) -> io::Result<T> {
     loop {
-        let mut ready = fd.readable().await?;
-        if let Ok(r) = ready.try_io(|f| op(f.as_raw_fd())) {
-            return r;
-        }
-    }
-}
-
-async fn writable<T>(
-    fd: &AsyncFd<OwnedFd>,
-    mut op: impl FnMut(RawFd) -> io::Result<T>,
-) -> io::Result<T> {
-    loop {
-        let mut ready = fd.writable().await?;
+        let mut ready = fd.ready(interest).await?;
         if let Ok(r) = ready.try_io(|f| op(f.as_raw_fd())) {
             return r;
         }
@@ -111,7 +102,7 @@ async fn writable<T>(
 
 async fn write_all(dst: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        let n = writable(dst, |fd| write(fd, buf)).await?;
+        let n = when_ready(dst, Interest::WRITABLE, |fd| write(fd, buf)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -125,7 +116,11 @@ async fn pump(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>, pipe: &Pipe) -> io
     let mut total = 0u64;
     loop {
         // The pipe is empty here, so EAGAIN can only mean `src` has nothing.
-        let n = match readable(src, |fd| splice(fd, pipe.w.as_raw_fd(), CHUNK)).await {
+        let n = match when_ready(src, Interest::READABLE, |fd| {
+            splice(fd, pipe.w.as_raw_fd(), CHUNK)
+        })
+        .await
+        {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && total == 0 => {
                 return copy(src, dst).await;
             }
@@ -137,7 +132,10 @@ async fn pump(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>, pipe: &Pipe) -> io
         let mut left = n;
         while left > 0 {
             // The pipe holds `left` bytes, so EAGAIN can only mean `dst` is full.
-            let m = writable(dst, |fd| splice(pipe.r.as_raw_fd(), fd, left)).await?;
+            let m = when_ready(dst, Interest::WRITABLE, |fd| {
+                splice(pipe.r.as_raw_fd(), fd, left)
+            })
+            .await?;
             if m == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -152,7 +150,7 @@ async fn copy(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>) -> io::Result<u64>
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
     loop {
-        let n = readable(src, |fd| read(fd, &mut buf)).await?;
+        let n = when_ready(src, Interest::READABLE, |fd| read(fd, &mut buf)).await?;
         if n == 0 {
             return Ok(total);
         }
@@ -195,12 +193,5 @@ pub async fn relay(
         shutdown_write(&client);
         Ok::<u64, io::Error>(n)
     };
-    tokio::pin!(up, down);
-    let mut sent = None;
-    loop {
-        tokio::select! {
-            r = &mut up, if sent.is_none() => sent = Some(r?),
-            r = &mut down => return Ok((sent.unwrap_or(0), r?)),
-        }
-    }
+    super::both_ways(up, down).await
 }
