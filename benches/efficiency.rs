@@ -228,7 +228,7 @@ async fn main() {
     }
     let envd = Envd::start(&[]);
     let pid = envd.pid();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(SETTLE).await;
     let idle_text = memory(pid);
 
     let mut json = ConnectClient::dial(&envd.tcp).await;
@@ -352,7 +352,9 @@ async fn main() {
 async fn back_to_idle() {
     let envd = Envd::start(&[]);
     let pid = envd.pid();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Idle as the figures after each burst are taken: settled, after the
+    // start-up's own memory was given back.
+    tokio::time::sleep(SETTLE).await;
     let idle = status_kib(pid, "VmRSS:");
     let delta = |after: u64| i128::from(after) - i128::from(idle);
     let settled = || async {

@@ -9,6 +9,7 @@
 pub mod clone;
 pub mod events;
 pub mod exit;
+pub mod flag;
 pub mod handover;
 pub mod output;
 pub mod prepare;

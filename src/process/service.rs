@@ -200,7 +200,7 @@ impl ProcessService {
             seq,
             output,
             input: launch.input,
-            exited: tokio::sync::watch::Sender::new(false),
+            exited: super::flag::Flag::new(false),
             leaf,
             status,
             fds,

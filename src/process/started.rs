@@ -8,7 +8,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
 
 use super::output::{OutputLog, Source};
 use super::pty::Pty;
@@ -22,7 +22,7 @@ use crate::status::{Error, Result};
 #[derive(Debug)]
 pub struct StdinPipe {
     writer: Mutex<Option<Writer>>,
-    closed: watch::Sender<bool>,
+    closed: super::flag::Flag,
     /// The pipe's fd while it is open (what a live upgrade carries).
     raw: std::sync::Mutex<Option<RawFd>>,
 }
@@ -50,7 +50,7 @@ impl StdinPipe {
     fn with_writer(raw: RawFd, w: Writer) -> Self {
         Self {
             writer: Mutex::new(Some(w)),
-            closed: watch::Sender::new(false),
+            closed: super::flag::Flag::new(false),
             raw: std::sync::Mutex::new(Some(raw)),
         }
     }
@@ -59,7 +59,7 @@ impl StdinPipe {
     pub fn closed() -> Self {
         Self {
             writer: Mutex::new(None),
-            closed: watch::Sender::new(true),
+            closed: super::flag::Flag::new(true),
             raw: std::sync::Mutex::new(None),
         }
     }
@@ -70,11 +70,10 @@ impl StdinPipe {
     }
 
     async fn write(&self, pid: u32, data: &[u8]) -> Result<()> {
-        let mut closed = self.closed.subscribe();
         let closed_err = || Error::precondition(format!("stdin of process {pid} is closed"));
         let mut guard = tokio::select! {
             g = self.writer.lock() => g,
-            _ = closed.wait_for(|c| *c) => return Err(closed_err()),
+            () = self.closed.wait() => return Err(closed_err()),
         };
         if let Some(Writer::Idle(_)) = guard.as_ref() {
             if let Some(Writer::Idle(fd)) = guard.take() {
@@ -93,7 +92,7 @@ impl StdinPipe {
         };
         tokio::select! {
             r = w.write_all(data) => r.map_err(|e| Error::io(format!("write to stdin of process {pid}"), &e)),
-            _ = closed.wait_for(|c| *c) => Err(Error::precondition(format!(
+            () = self.closed.wait() => Err(Error::precondition(format!(
                 "stdin of process {pid} was closed while this input was being written \
                  (the process was not reading it); part of it may have been delivered"
             ))),
@@ -101,7 +100,7 @@ impl StdinPipe {
     }
 
     async fn close(&self) {
-        self.closed.send_replace(true);
+        self.closed.set();
         let mut w = self.writer.lock().await;
         *self.raw.lock().unwrap_or_else(|e| e.into_inner()) = None;
         w.take();
@@ -128,7 +127,7 @@ pub struct Process {
     pub output: Arc<OutputLog>,
     pub input: Input,
     /// Becomes true when the process (the group leader) has exited.
-    pub exited: watch::Sender<bool>,
+    pub exited: super::flag::Flag,
     /// The command's own cgroup, when envd manages cgroups.
     pub leaf: Option<crate::cgroups::leaf::Leaf>,
     /// The exit status, once reaped.
@@ -175,7 +174,7 @@ impl OutputFdRecord {
 
 impl Process {
     pub fn is_running(&self) -> bool {
-        !*self.exited.borrow()
+        !self.exited.is_set()
     }
 
     fn ensure_running(&self) -> Result<()> {

@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -36,10 +35,8 @@ pub enum OutputFds {
 }
 
 /// Resolves once the process has exited and then `DRAIN_IDLE` has passed.
-async fn exited_and_idle(exited: &mut watch::Receiver<bool>) {
-    if exited.wait_for(|e| *e).await.is_err() {
-        std::future::pending::<()>().await;
-    }
+async fn exited_and_idle(exited: &super::flag::Flag) {
+    exited.wait().await;
     tokio::time::sleep(DRAIN_IDLE).await;
 }
 
@@ -75,7 +72,6 @@ impl OutputReader {
 async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     let _counted = crate::handover::quiesce::PumpGuard::new();
     let log = process.output.clone();
-    let mut exited = process.exited.subscribe();
     let mut buf = BytesMut::new();
     // One registration for the pump's life (re-made after a park), not one
     // per read: streaming output reads in a tight loop.
@@ -89,7 +85,7 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
                 continue;
             }
             r = reader.read(&mut buf) => r,
-            () = exited_and_idle(&mut exited) => break,
+            () = exited_and_idle(&process.exited) => break,
         };
         match read {
             Ok(0) => break,
@@ -149,7 +145,7 @@ async fn await_end(
         },
     };
     // Exited: no longer listed or signalable; the pumps start their drain.
-    process.exited.send_replace(true);
+    process.exited.set();
     table.mark_ended(&process);
     for p in pumps {
         let _ = p.await;
