@@ -9,8 +9,11 @@ mod skip;
 /// 7,000,000 until the E2B drop-in (guest system, cgroups, freezer, port
 /// forwarding, MMDS): 7,098,408 bytes with it; 7,327,912 with resource
 /// control, CONNECT tunnels and the Ports service; 7,738,216 with live
-/// upgrade and crash re-adoption (handover state, fd store, exit watchers).
-const BUDGET: u64 = 7_800_000;
+/// upgrade and crash re-adoption (handover state, fd store, exit watchers);
+/// 7,807,912 with spliced tunnels (hyper-util's upgrade downcast, the splice
+/// relay) and SIMD base64 (an AVX2 and an SSE4.1 path), less 20 KB of proto
+/// comments dropped from the embedded descriptors.
+const BUDGET: u64 = 7_850_000;
 
 #[test]
 fn static_binary_within_budget() {
