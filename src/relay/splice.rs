@@ -6,8 +6,9 @@
 //! moves its bytes with read/write instead.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
+use nix::fcntl::{OFlag, SpliceFFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -25,18 +26,8 @@ pub struct Pipe {
 
 impl Pipe {
     pub fn new() -> io::Result<Self> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes two fds into the array we own.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both fds were just created and are owned by nothing else.
-        Ok(unsafe {
-            Self {
-                r: OwnedFd::from_raw_fd(fds[0]),
-                w: OwnedFd::from_raw_fd(fds[1]),
-            }
-        })
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Self { r, w })
     }
 }
 
@@ -57,32 +48,10 @@ impl Pipes {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice between two fds that stay open for the call, with no
-    // offsets (both are a pipe or a socket).
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: read into a buffer we own, at most its length.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: write from a buffer we own, at most its length.
-    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+/// One splice between a pipe and a socket (no offsets), never blocking.
+fn splice(from: &OwnedFd, to: &OwnedFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
 }
 
 /// Runs `op` on `fd` once it is ready for `interest`, again after each
@@ -90,11 +59,11 @@ fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 async fn when_ready<T>(
     fd: &AsyncFd<OwnedFd>,
     interest: Interest,
-    mut op: impl FnMut(RawFd) -> io::Result<T>,
+    mut op: impl FnMut(&OwnedFd) -> io::Result<T>,
 ) -> io::Result<T> {
     loop {
         let mut ready = fd.ready(interest).await?;
-        if let Ok(r) = ready.try_io(|f| op(f.as_raw_fd())) {
+        if let Ok(r) = ready.try_io(|f| op(f.get_ref())) {
             return r;
         }
     }
@@ -102,7 +71,10 @@ async fn when_ready<T>(
 
 async fn write_all(dst: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        let n = when_ready(dst, Interest::WRITABLE, |fd| write(fd, buf)).await?;
+        let n = when_ready(dst, Interest::WRITABLE, |fd| {
+            Ok(nix::unistd::write(fd, buf)?)
+        })
+        .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -116,11 +88,7 @@ async fn pump(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>, pipe: &Pipe) -> io
     let mut total = 0u64;
     loop {
         // The pipe is empty here, so EAGAIN can only mean `src` has nothing.
-        let n = match when_ready(src, Interest::READABLE, |fd| {
-            splice(fd, pipe.w.as_raw_fd(), CHUNK)
-        })
-        .await
-        {
+        let n = match when_ready(src, Interest::READABLE, |fd| splice(fd, &pipe.w, CHUNK)).await {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && total == 0 => {
                 return copy(src, dst).await;
             }
@@ -132,10 +100,7 @@ async fn pump(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>, pipe: &Pipe) -> io
         let mut left = n;
         while left > 0 {
             // The pipe holds `left` bytes, so EAGAIN can only mean `dst` is full.
-            let m = when_ready(dst, Interest::WRITABLE, |fd| {
-                splice(pipe.r.as_raw_fd(), fd, left)
-            })
-            .await?;
+            let m = when_ready(dst, Interest::WRITABLE, |fd| splice(&pipe.r, fd, left)).await?;
             if m == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -150,7 +115,10 @@ async fn copy(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>) -> io::Result<u64>
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
     loop {
-        let n = when_ready(src, Interest::READABLE, |fd| read(fd, &mut buf)).await?;
+        let n = when_ready(src, Interest::READABLE, |fd| {
+            Ok(nix::unistd::read(fd, &mut buf)?)
+        })
+        .await?;
         if n == 0 {
             return Ok(total);
         }
@@ -160,8 +128,8 @@ async fn copy(src: &AsyncFd<OwnedFd>, dst: &AsyncFd<OwnedFd>) -> io::Result<u64>
 }
 
 fn shutdown_write(fd: &AsyncFd<OwnedFd>) {
-    // SAFETY: shutdown of a socket we own; failure (already closed) is moot.
-    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+    // Failure (the peer is gone already) is moot: the relay ends anyway.
+    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
 }
 
 /// Relays between the sockets `client` and `server` (non-blocking, out of
