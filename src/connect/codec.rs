@@ -95,12 +95,17 @@ pub fn encode_into<M: Message + 'static>(
 /// command, written straight out: one base64 pass into the buffer instead of
 /// the generic path's re-decode, base64 string and JSON escaping scan (the
 /// output is the same bytes; see the test below). Appends to `out` and
-/// says whether `msg` was such an event.
+/// says whether `msg` was such an event; `out` is left as it was if not.
 fn output_event_json(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> bool {
-    output_event_json_inner(msg, out).is_some()
+    let start = out.len();
+    let written = append_output_event(msg, out).is_some();
+    if !written {
+        out.truncate(start);
+    }
+    written
 }
 
-fn output_event_json_inner(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> Option<()> {
+fn append_output_event(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> Option<()> {
     use crate::proto::process::process_event::{data_event::Output, Event};
     use crate::proto::process::{ConnectResponse, StartResponse};
     let event = if let Some(r) = msg.downcast_ref::<StartResponse>() {
@@ -120,7 +125,6 @@ fn output_event_json_inner(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> Option
     const TAIL: &[u8] = b"\"}}}";
     let engine = &base64_simd::STANDARD;
     let text_len = engine.encoded_length(bytes.len());
-    let start = out.len();
     out.reserve(HEAD.len() + key.len() + 3 + text_len + TAIL.len());
     out.extend_from_slice(HEAD);
     out.extend_from_slice(key);
@@ -132,7 +136,6 @@ fn output_event_json_inner(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> Option
         .encode(bytes, base64_simd::Out::from_uninit_slice(spare))
         .len();
     if written != text_len {
-        out.truncate(start);
         return None;
     }
     // SAFETY: the encoder initialised the `text_len` bytes after `at`

@@ -10,16 +10,6 @@ use crate::status::{Code, Error, Result};
 pub const FLAG_COMPRESSED: u8 = 0x01;
 pub const FLAG_END: u8 = 0x02;
 
-/// Frames one message.
-fn frame(flags: u8, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + payload.len());
-    b.extend_from_slice(&[flags]);
-    let len = u32::try_from(payload.len()).expect("messages are bounded far below 4 GiB");
-    b.extend_from_slice(&len.to_be_bytes());
-    b.extend_from_slice(payload);
-    b.freeze()
-}
-
 /// Frames one message encoded in place by `encode` (which appends it to the
 /// buffer after the prefix): one buffer, no copy of the message.
 pub fn frame_with(flags: u8, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<Bytes> {
@@ -39,7 +29,10 @@ pub fn end_frame(error: Option<&Error>) -> Bytes {
             serde_json::json!({"error": {"code": e.code.connect_name(), "message": e.message}})
         }
     };
-    frame(FLAG_END, body.to_string().as_bytes())
+    frame_with(FLAG_END, |b| {
+        serde_json::to_writer(b, &body).map_err(|e| Error::internal(e.to_string()))
+    })
+    .expect("a small JSON value always serialises and frames")
 }
 
 /// Reads envelopes from a request body, incrementally.
