@@ -209,3 +209,92 @@ async fn limits_are_never_silently_ignored() {
         }
     }
 }
+
+/// Leaf names in `parent` (the user or ptys cgroup).
+fn leaves(parent: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(parent)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn leaves_are_made_ahead_and_each_serves_one_command() {
+    let cg = need_cgroups!("spares");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let user = cg.0.join("user");
+    let made_ahead = |v: &[String]| v.iter().filter(|n| n.contains("-p")).count();
+    // Spares wait before any command.
+    assert_eq!(made_ahead(&leaves(&user)), 2, "{:?}", leaves(&user));
+    let spares = leaves(&user);
+
+    // A command takes one; its end makes another; the used leaf goes.
+    let o = run(&mut c, cmd("/bin/cat", &["/proc/self/cgroup"])).await;
+    let used = o.out().trim().rsplit('/').next().unwrap().to_owned();
+    assert!(spares.contains(&used), "{used} not one of {spares:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let now = leaves(&user);
+            !now.contains(&used) && made_ahead(&now) == 2
+        })
+        .await,
+        "after the end: {:?} (used {used})",
+        leaves(&user)
+    );
+
+    // More commands at once than spares: each gets a leaf of its own, the
+    // later ones made on the spot; limits hold on either kind (where this
+    // machine lets envd write pids.max at all).
+    let mut limited = sh("sleep 1000");
+    limited.limits = Some(ResourceLimits {
+        pids_max: Some(50),
+        ..Default::default()
+    });
+    let mut live = Vec::new();
+    let limits_work = match c.start(limited.clone()).await {
+        Ok(s) => {
+            let mut o = Outcome::default();
+            read_until(&mut s.into_inner(), &mut o, |o| o.pid != 0).await;
+            live.push(o.pid);
+            true
+        }
+        Err(e) if e.code() == Code::FailedPrecondition => false,
+        Err(e) => panic!("{e}"),
+    };
+    for _ in 0..3 {
+        let req = if limits_work {
+            limited.clone()
+        } else {
+            sh("sleep 1000")
+        };
+        live.push(started(&mut c, req).await.1.pid);
+    }
+    let groups: Vec<String> = live.iter().map(|p| cgroup_of(*p)).collect();
+    let distinct: std::collections::HashSet<&String> = groups.iter().collect();
+    assert_eq!(distinct.len(), live.len(), "{groups:?}");
+    assert!(
+        groups.iter().any(|g| !g.contains("-p")),
+        "the third leaf is made on the spot: {groups:?}"
+    );
+    for g in &groups {
+        let name = g.trim().rsplit('/').next().unwrap();
+        let pids_max = user.join(name).join("pids.max");
+        if pids_max.exists() {
+            assert_eq!(
+                std::fs::read_to_string(&pids_max).unwrap().trim(),
+                "50",
+                "{g}"
+            );
+        }
+    }
+    for pid in live {
+        kill(&mut c, pid).await;
+    }
+}

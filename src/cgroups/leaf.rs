@@ -4,24 +4,31 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::spare::Spares;
 
 use crate::proto::process::ResourceUsage;
 
 #[derive(Debug, Clone)]
 pub struct Leaf {
     dir: PathBuf,
+    /// The spares of the workload cgroup it is in, refilled when it retires
+    /// (none for a leaf a previous image made).
+    spares: Option<Arc<Spares>>,
 }
 
 impl Leaf {
-    pub(super) fn new(dir: PathBuf) -> Leaf {
-        Leaf { dir }
+    pub(super) fn new(dir: PathBuf, spares: Option<Arc<Spares>>) -> Leaf {
+        Leaf { dir, spares }
     }
 
     /// A leaf a previous envd image created (live upgrade, crash recovery):
     /// only a directory that really is a cgroup.
     pub fn adopt(dir: PathBuf) -> Option<Leaf> {
-        (dir.is_absolute() && dir.join("cgroup.procs").is_file()).then_some(Leaf { dir })
+        (dir.is_absolute() && dir.join("cgroup.procs").is_file())
+            .then_some(Leaf { dir, spares: None })
     }
 
     pub fn path(&self) -> &Path {
@@ -81,6 +88,20 @@ impl Leaf {
             io_read_bytes: read,
             io_write_bytes: write,
         }
+    }
+
+    /// After its command's end is published: removes the cgroup once it is
+    /// empty and makes a spare for a later command, both in the background
+    /// behind the work that is ready now (the `end` event on its way out).
+    pub fn retire(&self) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            me.remove_when_empty();
+            if let Some(s) = &me.spares {
+                s.refill();
+            }
+        });
     }
 
     /// Removes the cgroup once it is empty (at once if it is), in the

@@ -4,7 +4,8 @@
 //! a snapshot (`freeze.rs`) while envd and its I/O pumps keep running. In
 //! them, every command gets a leaf of its own (`leaf.rs`), created with its
 //! limits (`limits.rs`) before the command is born into it: killed as a
-//! whole, read for usage and OOM kills, removed when empty.
+//! whole, read for usage and OOM kills, removed when empty. Leaves with the
+//! default limits are made ahead (`spare.rs`), off the Start's path.
 //!
 //! A command with the tag `_system` (the orchestrator's own shells) stays in
 //! envd's cgroup and is never frozen.
@@ -12,8 +13,12 @@
 pub mod freeze;
 pub mod leaf;
 pub mod limits;
+pub mod spare;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use spare::Spares;
 
 /// The tag that keeps a command out of the workload cgroups.
 pub const SYSTEM_TAG: &str = "_system";
@@ -21,8 +26,8 @@ pub const SYSTEM_TAG: &str = "_system";
 /// Which workload cgroup a command goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    User,
-    Pty,
+    User = 0,
+    Pty = 1,
 }
 
 impl Kind {
@@ -41,6 +46,9 @@ pub struct Cgroups {
     root: PathBuf,
     /// Limits of commands that bring none.
     defaults: crate::proto::process::ResourceLimits,
+    /// Leaves made ahead, per [`Kind`] (none when the defaults cannot be
+    /// written).
+    spares: [Option<Arc<Spares>>; 2],
 }
 
 impl Cgroups {
@@ -81,10 +89,17 @@ impl Cgroups {
             enable_controllers(&dir);
             remove_empty_leaves(&dir);
         }
+        let writes = limits::files(&defaults).ok();
+        let spares = Kind::ALL.map(|kind| {
+            let s = Spares::new(root.join(kind.dir()), writes.clone()?);
+            s.refill();
+            Some(s)
+        });
         tracing::info!(root = %root.display(), "commands run in the user and ptys cgroups");
         Some(Cgroups {
             root: root.to_owned(),
             defaults,
+            spares,
         })
     }
 
@@ -102,6 +117,18 @@ impl Cgroups {
     ) -> crate::status::Result<leaf::Leaf> {
         let merged = limits::merged(limits, &self.defaults);
         let writes = limits::files(&merged)?;
+        let spares = self.spares[kind as usize].clone();
+        if let Some(dir) = spares.as_ref().and_then(|s| s.take()) {
+            // A spare carries the defaults already.
+            let leaf = leaf::Leaf::new(dir, spares);
+            if limits.is_some() {
+                if let Err(e) = limits::apply(leaf.path(), &writes) {
+                    leaf.remove_when_empty();
+                    return Err(e);
+                }
+            }
+            return Ok(leaf);
+        }
         // envd's pid in the name: a restarted envd's numbering starts again,
         // and a leftover of the previous one may still hold its leaf.
         let dir = self
@@ -110,7 +137,7 @@ impl Cgroups {
         std::fs::create_dir(&dir).map_err(|e| {
             crate::status::Error::io(format!("create cgroup {}", dir.display()), &e)
         })?;
-        let leaf = leaf::Leaf::new(dir);
+        let leaf = leaf::Leaf::new(dir, spares);
         if let Err(e) = limits::apply(leaf.path(), &writes) {
             leaf.remove_when_empty();
             return Err(e);

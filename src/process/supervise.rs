@@ -164,10 +164,12 @@ async fn await_end(
     if let Some(leaf) = &process.leaf {
         end.oom_killed = Some(leaf.oom_killed());
         end.usage = Some(leaf.usage());
-        leaf.remove_when_empty();
     }
     tracing::debug!(pid, status = %end.status, "process ended");
     process.output.finish(end);
+    if let Some(leaf) = &process.leaf {
+        leaf.retire();
+    }
     crate::handover::crash::ended(&process);
     crate::memory::freed();
 }
