@@ -183,6 +183,7 @@ pub fn reexec_or_power_off() -> ! {
         tracing::error!(attempt = done + 1, "PID 1: executing envd afresh");
         // SAFETY: the runtime has ended; envd is about to replace itself.
         unsafe { std::env::set_var(REEXEC_ENV, (done + 1).to_string()) };
+        crate::logging::flush();
         let err = std::os::unix::process::CommandExt::exec(&mut std::process::Command::new(
             "/proc/self/exe",
         ));
@@ -206,6 +207,7 @@ pub fn power_off(grace: Duration) -> ! {
     std::thread::sleep(Duration::from_millis(100));
     nix::unistd::sync();
     tracing::info!("PID 1 shutdown: powering off");
+    crate::logging::flush();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     // Not allowed to power off (e.g. in a container): never exit anyway.
     loop {

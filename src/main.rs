@@ -123,7 +123,7 @@ fn main() -> ExitCode {
         // repeated failures does the machine power off.
         init::reexec_or_power_off();
     }
-    match result {
+    let code = match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             tracing::error!("{e}");
@@ -131,7 +131,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(_) => ExitCode::FAILURE,
-    }
+    };
+    logging::flush();
+    code
 }
 
 /// fds 0-2 must be open so that no pipe or socket envd creates lands on them

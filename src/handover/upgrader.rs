@@ -284,6 +284,7 @@ fn exec(path: &std::path::Path, state_fd: i32) -> Result<()> {
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
     envp_p.push(std::ptr::null());
+    crate::logging::flush();
     // SAFETY: every pointer is to a NUL-terminated string kept alive by
     // `prog`, `argv` and `envp` for the duration of the call, and both arrays
     // end with NULL. On success the call does not return.
