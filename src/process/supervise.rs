@@ -162,8 +162,9 @@ async fn await_end(
         },
     };
     if let Some(leaf) = &process.leaf {
-        end.oom_killed = Some(leaf.oom_killed());
-        end.usage = Some(leaf.usage());
+        let (oom_killed, usage) = leaf.end_report();
+        end.oom_killed = Some(oom_killed);
+        end.usage = Some(usage);
     }
     tracing::debug!(pid, status = %end.status, "process ended");
     process.output.finish(end);
