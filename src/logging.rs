@@ -8,10 +8,9 @@
 //! a line that finds it full is dropped and counted, never waited for.
 //! Elsewhere (a pipe, journald's socket, a file) lines are written in place.
 
+use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -51,58 +50,81 @@ pub fn init(cfg: &Config) {
 /// Waits (at most a second) until the queued lines are out: before envd
 /// exits, powers off or replaces its image.
 pub fn flush() {
-    let Some(console) = CONSOLE.get() else {
+    let Some(c) = CONSOLE.get() else {
         return;
     };
-    let (done, wait) = sync_channel(1);
-    if console.tx.send(Item::Flush(done)).is_ok() {
-        let _ = wait.recv_timeout(FLUSH_WAIT);
-    }
+    let Ok(q) = c.queue.lock() else {
+        return;
+    };
+    let _ = c
+        .changed
+        .wait_timeout_while(q, FLUSH_WAIT, |q| !q.lines.is_empty() || q.writing);
 }
 
 static CONSOLE: OnceLock<Console> = OnceLock::new();
 
-enum Item {
-    Line(Vec<u8>),
-    Flush(SyncSender<()>),
+#[derive(Default)]
+struct Queue {
+    lines: VecDeque<Vec<u8>>,
+    /// A line is being written (taken off the queue, not out yet).
+    writing: bool,
+    dropped: u64,
 }
 
 struct Console {
-    tx: SyncSender<Item>,
-    dropped: AtomicU64,
+    queue: Mutex<Queue>,
+    /// Rung when a line is queued and when the writer has written one.
+    changed: Condvar,
 }
 
 impl Console {
     /// The writer thread; `None` (write in place) if it cannot start.
     fn start() -> Option<&'static Console> {
-        let (tx, rx) = sync_channel(QUEUE);
+        let console = CONSOLE.get_or_init(|| Console {
+            queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+        });
         std::thread::Builder::new()
             .name("envd-log".into())
-            .spawn(move || write_out(&rx))
+            .spawn(move || console.write_out())
             .ok()?;
-        Some(CONSOLE.get_or_init(|| Console {
-            tx,
-            dropped: AtomicU64::new(0),
-        }))
+        Some(console)
     }
-}
 
-fn write_out(rx: &Receiver<Item>) {
-    let mut err = std::io::stderr();
-    while let Ok(item) = rx.recv() {
-        match item {
-            Item::Line(line) => {
-                if let Some(c) = CONSOLE.get() {
-                    let lost = c.dropped.swap(0, Ordering::Relaxed);
-                    if lost > 0 {
-                        let _ = writeln!(err, "envd: {lost} log lines dropped (console too slow)");
-                    }
-                }
-                let _ = err.write_all(&line);
+    fn push(&self, line: Vec<u8>) {
+        let Ok(mut q) = self.queue.lock() else {
+            return;
+        };
+        if q.lines.len() >= QUEUE {
+            q.dropped += 1;
+            return;
+        }
+        q.lines.push_back(line);
+        drop(q);
+        self.changed.notify_all();
+    }
+
+    fn write_out(&self) {
+        let mut err = std::io::stderr();
+        loop {
+            let Ok(q) = self.queue.lock() else {
+                return;
+            };
+            let Ok(mut q) = self.changed.wait_while(q, |q| q.lines.is_empty()) else {
+                return;
+            };
+            let lost = std::mem::take(&mut q.dropped);
+            let line = q.lines.pop_front().unwrap_or_default();
+            q.writing = true;
+            drop(q);
+            if lost > 0 {
+                let _ = writeln!(err, "envd: {lost} log lines dropped (console too slow)");
             }
-            Item::Flush(done) => {
-                let _ = done.try_send(());
+            let _ = err.write_all(&line);
+            if let Ok(mut q) = self.queue.lock() {
+                q.writing = false;
             }
+            self.changed.notify_all();
         }
     }
 }
@@ -159,15 +181,8 @@ impl Write for Line {
 impl Drop for Line {
     fn drop(&mut self) {
         if let Line::Queued(c, line) = self {
-            if line.is_empty() {
-                return;
-            }
-            match c.tx.try_send(Item::Line(std::mem::take(line))) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(TrySendError::Disconnected(_)) => {}
+            if !line.is_empty() {
+                c.push(std::mem::take(line));
             }
         }
     }
