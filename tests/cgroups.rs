@@ -298,3 +298,25 @@ async fn leaves_are_made_ahead_and_each_serves_one_command() {
         kill(&mut c, pid).await;
     }
 }
+
+#[tokio::test]
+async fn spares_go_when_envd_stops() {
+    let cg = need_cgroups!("spares_stop");
+    let envd = cg.envd();
+    let user = cg.0.join("user");
+    let made_ahead = |v: &[String]| v.iter().filter(|n| n.contains("-p")).count();
+    assert_eq!(made_ahead(&leaves(&user)), 2, "{:?}", leaves(&user));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(envd.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !std::path::Path::new(&format!(
+            "/proc/{pid}"
+        ))
+        .exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z")))
+        .await,
+        "envd did not stop on SIGTERM"
+    );
+    assert_eq!(made_ahead(&leaves(&user)), 0, "{:?}", leaves(&user));
+}

@@ -79,3 +79,15 @@ impl Spares {
         None
     }
 }
+
+impl Drop for Spares {
+    /// Spares left when envd ends normally are removed (a new envd removes
+    /// what an upgrade or a crash left).
+    fn drop(&mut self) {
+        if let Ok(ready) = self.ready.get_mut() {
+            for dir in ready.drain(..) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
