@@ -20,6 +20,13 @@ use crate::config::{Config, LogFormat};
 
 /// Lines queued for the terminal at most.
 const QUEUE: usize = 256;
+/// Bytes queued for the terminal at most (a log line may carry a caller's
+/// long string; a stalled console must not make envd hold them all).
+const QUEUE_BYTES: usize = 256 * 1024;
+/// A longer line is cut to this length (marked) before it is queued.
+const MAX_LINE: usize = 16 * 1024;
+/// How a cut line ends.
+const CUT: &[u8] = b" [cut]\n";
 /// How long [`flush`] waits for the queue to drain.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
@@ -66,9 +73,41 @@ static CONSOLE: OnceLock<Console> = OnceLock::new();
 #[derive(Default)]
 struct Queue {
     lines: VecDeque<Vec<u8>>,
+    /// Bytes in `lines`.
+    bytes: usize,
     /// A line is being written (taken off the queue, not out yet).
     writing: bool,
     dropped: u64,
+}
+
+impl Queue {
+    /// Queues `line` (cut to [`MAX_LINE`]) unless the queue is full, in lines
+    /// or bytes; a line that does not fit is counted as dropped.
+    fn admit(&mut self, mut line: Vec<u8>) -> bool {
+        if line.len() > MAX_LINE {
+            let mut at = MAX_LINE - CUT.len();
+            // Not inside a UTF-8 sequence.
+            while at > 0 && line[at] & 0xC0 == 0x80 {
+                at -= 1;
+            }
+            line.truncate(at);
+            line.extend_from_slice(CUT);
+        }
+        if self.lines.len() >= QUEUE || self.bytes + line.len() > QUEUE_BYTES {
+            self.dropped += 1;
+            return false;
+        }
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        true
+    }
+
+    /// The next line and how many were dropped since the last one taken.
+    fn take(&mut self) -> Option<(Vec<u8>, u64)> {
+        let line = self.lines.pop_front()?;
+        self.bytes -= line.len();
+        Some((line, std::mem::take(&mut self.dropped)))
+    }
 }
 
 struct Console {
@@ -95,13 +134,10 @@ impl Console {
         let Ok(mut q) = self.queue.lock() else {
             return;
         };
-        if q.lines.len() >= QUEUE {
-            q.dropped += 1;
-            return;
+        if q.admit(line) {
+            drop(q);
+            self.changed.notify_all();
         }
-        q.lines.push_back(line);
-        drop(q);
-        self.changed.notify_all();
     }
 
     fn write_out(&self) {
@@ -113,8 +149,9 @@ impl Console {
             let Ok(mut q) = self.changed.wait_while(q, |q| q.lines.is_empty()) else {
                 return;
             };
-            let lost = std::mem::take(&mut q.dropped);
-            let line = q.lines.pop_front().unwrap_or_default();
+            let Some((line, lost)) = q.take() else {
+                continue;
+            };
             q.writing = true;
             drop(q);
             if lost > 0 {
@@ -185,5 +222,40 @@ impl Drop for Line {
                 c.push(std::mem::take(line));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_queue_is_bounded_in_lines_and_bytes() {
+        let mut q = Queue::default();
+        // A caller's long string: cut, marked, still one line.
+        assert!(q.admit(vec![b'x'; 1 << 20]));
+        let (line, lost) = q.take().unwrap();
+        assert_eq!((line.len(), lost), (MAX_LINE, 0));
+        assert!(line.ends_with(CUT));
+        // A cut never splits a UTF-8 sequence.
+        assert!(q.admit("é".repeat(MAX_LINE).into_bytes()));
+        let (line, _) = q.take().unwrap();
+        let text = &line[..line.len() - CUT.len()];
+        assert!(std::str::from_utf8(text).is_ok());
+        // Long lines fill the byte bound before the line bound.
+        let mut queued = 0;
+        while q.admit(vec![b'y'; 1 << 20]) {
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE_BYTES / MAX_LINE);
+        assert!(q.bytes <= QUEUE_BYTES);
+        // Short lines meet the line bound.
+        let mut q = Queue::default();
+        for _ in 0..QUEUE + 10 {
+            q.admit(b"short\n".to_vec());
+        }
+        assert_eq!((q.lines.len(), q.dropped), (QUEUE, 10));
+        let (_, lost) = q.take().unwrap();
+        assert_eq!((lost, q.dropped, q.bytes), (10, 0, (QUEUE - 1) * 6));
     }
 }
