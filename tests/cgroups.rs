@@ -210,6 +210,11 @@ async fn limits_are_never_silently_ignored() {
     }
 }
 
+/// How many of `leaves` were made ahead (`cmd-<pid>-pN`).
+fn made_ahead(leaves: &[String]) -> usize {
+    leaves.iter().filter(|n| n.contains("-p")).count()
+}
+
 /// Leaf names in `parent` (the user or ptys cgroup).
 fn leaves(parent: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(parent)
@@ -230,7 +235,6 @@ async fn leaves_are_made_ahead_and_each_serves_one_command() {
     let envd = cg.envd();
     let mut c = envd.client().await;
     let user = cg.0.join("user");
-    let made_ahead = |v: &[String]| v.iter().filter(|n| n.contains("-p")).count();
     // Spares wait before any command.
     assert_eq!(made_ahead(&leaves(&user)), 2, "{:?}", leaves(&user));
     let spares = leaves(&user);
@@ -304,18 +308,11 @@ async fn spares_go_when_envd_stops() {
     let cg = need_cgroups!("spares_stop");
     let envd = cg.envd();
     let user = cg.0.join("user");
-    let made_ahead = |v: &[String]| v.iter().filter(|n| n.contains("-p")).count();
     assert_eq!(made_ahead(&leaves(&user)), 2, "{:?}", leaves(&user));
     let pid = nix::unistd::Pid::from_raw(i32::try_from(envd.pid()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || !std::path::Path::new(&format!(
-            "/proc/{pid}"
-        ))
-        .exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z")))
-        .await,
+        eventually(Duration::from_secs(10), || !alive(envd.pid())).await,
         "envd did not stop on SIGTERM"
     );
     assert_eq!(made_ahead(&leaves(&user)), 0, "{:?}", leaves(&user));

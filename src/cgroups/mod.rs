@@ -118,29 +118,29 @@ impl Cgroups {
         let merged = limits::merged(limits, &self.defaults);
         let writes = limits::files(&merged)?;
         let spares = self.spares[kind as usize].clone();
-        if let Some(dir) = spares.as_ref().and_then(|s| s.take()) {
-            // A spare carries the defaults already.
-            let leaf = leaf::Leaf::new(dir, spares);
-            if limits.is_some() {
-                if let Err(e) = limits::apply(leaf.path(), &writes) {
-                    leaf.remove_when_empty();
-                    return Err(e);
-                }
+        // A spare carries the defaults already: only a command's own limits
+        // are written into it.
+        let (dir, write) = match spares.as_ref().and_then(|s| s.take()) {
+            Some(dir) => (dir, limits.is_some()),
+            None => {
+                // envd's pid in the name: a restarted envd's numbering starts
+                // again, and a leftover of the previous one may still hold
+                // its leaf.
+                let dir = self
+                    .path(kind)
+                    .join(format!("cmd-{}-{seq}", std::process::id()));
+                std::fs::create_dir(&dir).map_err(|e| {
+                    crate::status::Error::io(format!("create cgroup {}", dir.display()), &e)
+                })?;
+                (dir, true)
             }
-            return Ok(leaf);
-        }
-        // envd's pid in the name: a restarted envd's numbering starts again,
-        // and a leftover of the previous one may still hold its leaf.
-        let dir = self
-            .path(kind)
-            .join(format!("cmd-{}-{seq}", std::process::id()));
-        std::fs::create_dir(&dir).map_err(|e| {
-            crate::status::Error::io(format!("create cgroup {}", dir.display()), &e)
-        })?;
+        };
         let leaf = leaf::Leaf::new(dir, spares);
-        if let Err(e) = limits::apply(leaf.path(), &writes) {
-            leaf.remove_when_empty();
-            return Err(e);
+        if write {
+            if let Err(e) = limits::apply(leaf.path(), &writes) {
+                leaf.remove_when_empty();
+                return Err(e);
+            }
         }
         Ok(leaf)
     }
