@@ -892,11 +892,21 @@ async fn resource_control_proof(url: &str, exhaust: bool, hog: &str) {
     if exhaust {
         // No limit of its own: the VM's memory runs out; the command is the
         // one the OOM killer takes, and envd is still here.
-        let o = run(
-            &mut p,
-            sh("x=$(head -c 4294967296 /dev/zero | tr '\\0' a); echo survived"),
-        )
-        .await;
+        // Under TCG with other VMs on the same cores, filling the memory
+        // through a pipe has taken over a minute: a longer deadline here.
+        let began = Instant::now();
+        let s = p
+            .start(sh(
+                "x=$(head -c 4294967296 /dev/zero | tr '\\0' a); echo survived",
+            ))
+            .await
+            .expect("Start failed")
+            .into_inner();
+        let o = collect_within(s, Duration::from_secs(240)).await;
+        eprintln!(
+            "VM memory exhausted in {:.1} s",
+            began.elapsed().as_secs_f64()
+        );
         assert_eq!(o.end().oom_killed, Some(true), "end: {:?}", o.end());
         let o = run(&mut dial().await, sh("echo still here")).await;
         assert_eq!(o.out(), "still here\n");

@@ -113,8 +113,12 @@ async fn commands_keep_running_and_lose_no_output_across_a_live_upgrade() {
         .await
         .unwrap();
     assert_eq!(envd.pid(), pid_before);
+    // The new image serves before it logs the takeover, and the log is read
+    // by another thread: wait for the line rather than sample it once.
     assert!(
-        envd.logged("took over from the previous envd image"),
+        eventually(Duration::from_secs(30), || envd
+            .logged("took over from the previous envd image"))
+        .await,
         "no takeover in the log"
     );
 

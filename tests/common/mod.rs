@@ -307,9 +307,18 @@ impl HasEvent for ConnectResponse {
 pub async fn collect<T: HasEvent>(
     s: impl Stream<Item = Result<T, tonic::Status>> + Unpin,
 ) -> Outcome {
-    tokio::time::timeout(Duration::from_secs(60), collect_inner(s))
+    collect_within(s, Duration::from_secs(60)).await
+}
+
+/// Like [`collect`] with a deadline of `limit`, for commands whose run time
+/// under TCG depends on the machine's load (e.g. filling a VM's memory).
+pub async fn collect_within<T: HasEvent>(
+    s: impl Stream<Item = Result<T, tonic::Status>> + Unpin,
+    limit: Duration,
+) -> Outcome {
+    tokio::time::timeout(limit, collect_inner(s))
         .await
-        .expect("stream did not end within 60 s")
+        .unwrap_or_else(|_| panic!("stream did not end within {limit:?}"))
 }
 
 async fn collect_inner<T: HasEvent>(
