@@ -748,9 +748,13 @@ async fn ended_processes_hold_no_fds() {
         let o = run(&mut c, req).await;
         assert_eq!(o.end().exit_code, 0);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Closing is asynchronous after the end event: wait for it, bounded.
+    let settled = eventually(Duration::from_secs(10), || {
+        fds_like(e.pid(), "") <= before + 4
+    })
+    .await;
     let after = fds_like(e.pid(), "");
-    assert!(after <= before + 4, "fds grew from {before} to {after}");
+    assert!(settled, "fds grew from {before} to {after}");
 }
 
 // The answer to a multipart upload lists every file written: their number is

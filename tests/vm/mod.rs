@@ -143,6 +143,14 @@ pub fn modules_arg() -> String {
     format!("envd.modules={}", list.join(","))
 }
 
+/// A VM's memory, vCPUs (under TCG, one host thread each) and `-nic`.
+#[derive(Clone, Copy)]
+pub struct Shape<'a> {
+    pub mem_mb: u32,
+    pub cpus: u32,
+    pub nic: &'a str,
+}
+
 pub struct Vm {
     pub dir: PathBuf,
     pub qemu: Child,
@@ -184,6 +192,24 @@ impl Vm {
         mem_mb: u32,
         nic: &str,
     ) -> Vm {
+        let shape = Shape {
+            mem_mb,
+            cpus: 1,
+            nic,
+        };
+        Self::boot_shaped(a, dir, initrd, append, disk, &shape)
+    }
+
+    /// Boots a VM of the given [`Shape`].
+    pub fn boot_shaped(
+        a: &Assets,
+        dir: &Path,
+        initrd: &Path,
+        append: &str,
+        disk: Option<&Path>,
+        shape: &Shape,
+    ) -> Vm {
+        let Shape { mem_mb, cpus, nic } = *shape;
         let vdv = Command::new(&a.vdv)
             .arg("--vm")
             .arg(format!(
@@ -211,6 +237,8 @@ impl Vm {
             &format!("{mem_mb}M"),
             "-nodefaults",
             "-no-user-config",
+            "-smp",
+            &cpus.to_string(),
             "-nic",
             nic,
         ])
