@@ -169,7 +169,10 @@ fn bare_pipe() -> Duration {
     t.elapsed()
 }
 
-async fn connect_stream(c: &mut ConnectClient, codec: Codec) -> Duration {
+/// A stdout stream's wall time and its number of output messages.
+type Streamed = (Duration, u64);
+
+async fn connect_stream(c: &mut ConnectClient, codec: Codec) -> Streamed {
     let args = head_args();
     let req = match codec {
         Codec::Json => format!(
@@ -180,44 +183,51 @@ async fn connect_stream(c: &mut ConnectClient, codec: Codec) -> Duration {
         Codec::Proto => cmd("head", &["-c", &args[1], "/dev/zero"]).encode_to_vec(),
     };
     let t = Instant::now();
-    let mut total = 0u64;
-    c.stream("process.Process/Start", codec, &req, |m| match codec {
-        Codec::Json => total += json_output_len(m) as u64,
-        Codec::Proto => {
-            let r = StartResponse::decode(m).unwrap();
-            if let Some(Event::Data(d)) = r.event.and_then(|e| e.event) {
-                if let Some(Output::Stdout(b)) = d.output {
-                    total += b.len() as u64;
+    let (mut total, mut messages) = (0u64, 0u64);
+    c.stream("process.Process/Start", codec, &req, |m| {
+        let n = match codec {
+            Codec::Json => json_output_len(m) as u64,
+            Codec::Proto => {
+                let r = StartResponse::decode(m).unwrap();
+                match r.event.and_then(|e| e.event) {
+                    Some(Event::Data(d)) => match d.output {
+                        Some(Output::Stdout(b)) => b.len() as u64,
+                        _ => 0,
+                    },
+                    _ => 0,
                 }
             }
-        }
+        };
+        total += n;
+        messages += u64::from(n > 0);
     })
     .await;
     assert_eq!(total, STREAM_BYTES);
-    t.elapsed()
+    (t.elapsed(), messages)
 }
 
 /// `bytes` of stdout through native gRPC; how long it took.
 async fn grpc_stream(
     c: &mut envd::proto::process::process_client::ProcessClient<tonic::transport::Channel>,
     bytes: u64,
-) -> Duration {
+) -> Streamed {
     let t = Instant::now();
     let mut s = c
         .start(cmd("head", &["-c", &bytes.to_string(), "/dev/zero"]))
         .await
         .unwrap()
         .into_inner();
-    let mut total = 0u64;
+    let (mut total, mut messages) = (0u64, 0u64);
     while let Some(ev) = s.next().await {
         if let Some(Event::Data(d)) = ev.unwrap().event.unwrap().event {
             if let Some(Output::Stdout(b)) = d.output {
                 total += b.len() as u64;
+                messages += 1;
             }
         }
     }
     assert_eq!(total, bytes);
-    t.elapsed()
+    (t.elapsed(), messages)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -289,15 +299,22 @@ async fn main() {
     // The client's own CPU (this thread runs the whole client): a row whose
     // client is busy nearly all the time measures the client, not envd.
     let mut client = [Duration::ZERO; 3];
+    let mut messages = [0u64; 3];
     for _ in 0..STREAM_ROUNDS {
         pipe.push(bare_pipe());
         let (t0, c0) = (cpu_ticks(pid), thread_cpu());
-        s_json.push(connect_stream(&mut json, Codec::Json).await);
+        let (wall, m0) = connect_stream(&mut json, Codec::Json).await;
+        s_json.push(wall);
         let (t1, c1) = (cpu_ticks(pid), thread_cpu());
-        s_proto.push(connect_stream(&mut proto, Codec::Proto).await);
+        let (wall, m1) = connect_stream(&mut proto, Codec::Proto).await;
+        s_proto.push(wall);
         let (t2, c2) = (cpu_ticks(pid), thread_cpu());
-        s_grpc.push(grpc_stream(&mut grpc, STREAM_BYTES).await);
+        let (wall, m2) = grpc_stream(&mut grpc, STREAM_BYTES).await;
+        s_grpc.push(wall);
         let (t3, c3) = (cpu_ticks(pid), thread_cpu());
+        for (i, m) in [m0, m1, m2].into_iter().enumerate() {
+            messages[i] += m;
+        }
         for (i, d) in [t1 - t0, t2 - t1, t3 - t2].into_iter().enumerate() {
             stream_ticks[i] += d;
         }
@@ -329,11 +346,12 @@ async fn main() {
     {
         let r = mib_s(v);
         println!(
-            "stream stdout     {name}          {r:>7.0} MiB/s = {:.2}x bare (target >= {target}x)  envd CPU {:.2} s per GiB; the client's {:.2} (busy {:.0}% of the row)",
+            "stream stdout     {name}          {r:>7.0} MiB/s = {:.2}x bare (target >= {target}x)  envd CPU {:.2} s per GiB; the client's {:.2} (busy {:.0}% of the row); {:.1} KiB per message",
             r / pipe,
             stream_ticks[i] as f64 / 100.0 / gib,
             client[i].as_secs_f64() / gib,
-            client[i].as_secs_f64() / walls[i] * 100.0
+            client[i].as_secs_f64() / walls[i] * 100.0,
+            (STREAM_BYTES * STREAM_ROUNDS as u64) as f64 / messages[i] as f64 / 1024.0
         );
     }
     println!("idle RSS          after start-up         {idle_text} (target <= 4 MiB)");
@@ -376,7 +394,7 @@ async fn back_to_idle() {
         delta(closed)
     );
     let mut g = envd.client().await;
-    let took = grpc_stream(&mut g, 1 << 30).await;
+    let (took, _) = grpc_stream(&mut g, 1 << 30).await;
     let peak = status_kib(pid, "VmHWM:");
     let (open, text) = settled().await;
     println!(
