@@ -103,48 +103,7 @@ async fn main() {
     // One peer process serves every file transfer: its CPU is the baseline's.
     let file_peers = (peers[3].1.pid, peers[4].1.pid);
 
-    // Round trips.
-    run(&mut p, cmd("/bin/true", &[])).await;
-    let starts: Vec<Duration> = {
-        let mut v = Vec::new();
-        for _ in 0..50 {
-            let t = Instant::now();
-            let o = run(&mut p, cmd("/bin/true", &[])).await;
-            v.push(t.elapsed());
-            assert_eq!(o.end().exit_code, 0);
-        }
-        v
-    };
-    let mut echo = raw(&vm, 5001).await;
-    let mut buf = [0u8; 64];
-    let echoes: Vec<Duration> = {
-        let mut v = Vec::new();
-        for _ in 0..200 {
-            let t = Instant::now();
-            echo.write_all(&[7u8; 64]).await.unwrap();
-            echo.read_exact(&mut buf).await.unwrap();
-            v.push(t.elapsed());
-        }
-        v
-    };
-    // In-guest context: what a bare spawn of /bin/true costs inside the guest
-    // (a shell loop of 21 spawns minus one of 1, over 20).
-    let loop_of = |n: u32| format!("i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done");
-    let t = Instant::now();
-    run(&mut p, sh(&loop_of(1))).await;
-    let one = t.elapsed();
-    let t = Instant::now();
-    run(&mut p, sh(&loop_of(21))).await;
-    let guest_spawn = t.elapsed().saturating_sub(one) / 20;
-    let (st, ec) = (median(starts), median(echoes));
-    let base = guest_spawn + ec;
-    println!(
-        "Start(/bin/true)->end  median {:>8.2} ms = {:.2}x a bare spawn inside the guest ({:.2} ms) + a raw 64 B vsock echo ({:.3} ms) (target <= 1.5x)",
-        st.as_secs_f64() * 1e3,
-        st.as_secs_f64() / base.as_secs_f64(),
-        guest_spawn.as_secs_f64() * 1e3,
-        ec.as_secs_f64() * 1e3,
-    );
+    start_rows(&vm, &mut p, "1 vCPU").await;
 
     // 64 MiB each way: envd Transfer vs the raw peer.
     let block = vec![0x5au8; 1 << 20];
@@ -265,10 +224,58 @@ async fn main() {
     ] {
         peers2.push(started(&mut p, cmd("/bin/vsock-peer", &[mode, port, arg])).await);
     }
+    start_rows(&vm, &mut p, "2 vCPUs").await;
     forward_rows(&vm, &mut p, "2 vCPUs").await;
     drop(vm);
 
     sdk_through_proxy_vs_network(&a).await;
+}
+
+/// Start(/bin/true)->end from the host beside its baseline in the same
+/// guest: a bare spawn inside the guest plus a raw vsock echo (the peer on
+/// 5001 echoes).
+async fn start_rows(vm: &vm::Vm, p: &mut ProcessClient<tonic::transport::Channel>, label: &str) {
+    run(p, cmd("/bin/true", &[])).await;
+    let starts: Vec<Duration> = {
+        let mut v = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            let o = run(p, cmd("/bin/true", &[])).await;
+            v.push(t.elapsed());
+            assert_eq!(o.end().exit_code, 0);
+        }
+        v
+    };
+    let mut echo = raw(vm, 5001).await;
+    let mut buf = [0u8; 64];
+    let echoes: Vec<Duration> = {
+        let mut v = Vec::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            echo.write_all(&[7u8; 64]).await.unwrap();
+            echo.read_exact(&mut buf).await.unwrap();
+            v.push(t.elapsed());
+        }
+        v
+    };
+    // In-guest context: what a bare spawn of /bin/true costs inside the guest
+    // (a shell loop of 21 spawns minus one of 1, over 20).
+    let loop_of = |n: u32| format!("i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done");
+    let t = Instant::now();
+    run(p, sh(&loop_of(1))).await;
+    let one = t.elapsed();
+    let t = Instant::now();
+    run(p, sh(&loop_of(21))).await;
+    let guest_spawn = t.elapsed().saturating_sub(one) / 20;
+    let (st, ec) = (median(starts), median(echoes));
+    let base = guest_spawn + ec;
+    println!(
+        "[{label}] Start(/bin/true)->end  median {:>8.2} ms = {:.2}x a bare spawn inside the guest ({:.2} ms) + a raw 64 B vsock echo ({:.3} ms) (target <= 1.5x)",
+        st.as_secs_f64() * 1e3,
+        st.as_secs_f64() / base.as_secs_f64(),
+        guest_spawn.as_secs_f64() * 1e3,
+        ec.as_secs_f64() * 1e3,
+    );
 }
 
 /// Port forwarding (the HTTP CONNECT tunnel `envctl forward` opens per
