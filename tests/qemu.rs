@@ -125,15 +125,9 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     .unwrap();
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     assert_eq!(o.end().status, "signal: terminated");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let o = run(
-        &mut p,
-        sh(&format!(
-            "test -e /proc/{grandchild} && echo alive || echo gone"
-        )),
-    )
-    .await;
-    assert_eq!(o.out(), "gone\n", "the grandchild survived or is a zombie");
+    let probe = format!("test -e /proc/{grandchild} && echo alive || echo gone");
+    let out = settles(&mut p, &probe, "gone\n").await;
+    assert_eq!(out, "gone\n", "the grandchild survived or is a zombie");
 
     // Re-attach without loss.
     let mut s = p
@@ -164,13 +158,9 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
 
     // Orphans are reaped by PID 1: no zombie after a command leaves a child.
     run(&mut p, sh("sleep 0.2 >/dev/null 2>&1 &")).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let o = run(
-        &mut p,
-        sh("grep -l '^State:.Z' /proc/[0-9]*/status 2>/dev/null | wc -l"),
-    )
-    .await;
-    assert_eq!(o.out().trim(), "0", "zombies left");
+    let zombies = "grep -l '^State:.Z' /proc/[0-9]*/status 2>/dev/null | wc -l";
+    let out = settles(&mut p, zombies, "0\n").await;
+    assert_eq!(out.trim(), "0", "zombies left");
 
     // Files: write, read, list, watch, and 64 MiB each way with checksums.
     let mut fs = FilesystemClient::new(ch.clone());
@@ -759,6 +749,25 @@ fn tcp_health(port: u16) -> bool {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     buf.starts_with(b"HTTP/1.1 204")
+}
+
+/// Runs `script` in the guest every 200 ms until it prints `want` (at most
+/// 20 s: under TCG a guest slows down a lot when other VMs share the host's
+/// cores); returns the last output. For effects that follow an event, like
+/// a killed process's reaping.
+async fn settles(
+    p: &mut ProcessClient<tonic::transport::Channel>,
+    script: &str,
+    want: &str,
+) -> String {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = run(p, sh(script)).await.out();
+        if out == want || Instant::now() >= until {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Resource control inside a VM (cgroup v2 with its controllers): a tree
