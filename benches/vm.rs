@@ -19,6 +19,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB64: usize = 64 << 20;
 
+/// Raw peers (mode, port, argument): vsock echo and a 64 MiB source, and
+/// the guest TCP server's echo and 64 MiB source that forwards reach.
+const ROUND_TRIP_AND_FORWARD_PEERS: [(&str, &str, &str); 4] = [
+    ("echo", "5001", ""),
+    ("source", "5003", "67108864"),
+    ("tcp-echo", "6001", ""),
+    ("tcp-source", "6003", "67108864"),
+];
+/// Raw peers for the transfer baselines: a sink, and a sink and a source
+/// through a guest file.
+const TRANSFER_PEERS: [(&str, &str, &str); 3] = [
+    ("sink", "5002", ""),
+    ("file-sink", "5004", "/tmp/raw.bin"),
+    ("file-source", "5005", "/tmp/raw.bin"),
+];
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -88,20 +104,10 @@ async fn main() {
         vm.started.elapsed().as_secs_f64()
     );
     let mut p = ProcessClient::new(ch.clone());
-    let mut peers = Vec::new();
-    for (mode, port, arg) in [
-        ("echo", "5001", ""),
-        ("sink", "5002", ""),
-        ("source", "5003", "67108864"),
-        ("file-sink", "5004", "/tmp/raw.bin"),
-        ("file-source", "5005", "/tmp/raw.bin"),
-        ("tcp-echo", "6001", ""),
-        ("tcp-source", "6003", "67108864"),
-    ] {
-        peers.push(started(&mut p, cmd("/bin/vsock-peer", &[mode, port, arg])).await);
-    }
+    let _peers = start_peers(&mut p, &ROUND_TRIP_AND_FORWARD_PEERS).await;
+    let transfer_peers = start_peers(&mut p, &TRANSFER_PEERS).await;
     // One peer process serves every file transfer: its CPU is the baseline's.
-    let file_peers = (peers[3].1.pid, peers[4].1.pid);
+    let file_peers = (transfer_peers[1].1.pid, transfer_peers[2].1.pid);
 
     start_rows(&vm, &mut p, "1 vCPU").await;
 
@@ -215,20 +221,28 @@ async fn main() {
         .await
         .unwrap();
     let mut p = ProcessClient::new(ch);
-    let mut peers2 = Vec::new();
-    for (mode, port, arg) in [
-        ("echo", "5001", ""),
-        ("source", "5003", "67108864"),
-        ("tcp-echo", "6001", ""),
-        ("tcp-source", "6003", "67108864"),
-    ] {
-        peers2.push(started(&mut p, cmd("/bin/vsock-peer", &[mode, port, arg])).await);
-    }
+    let _peers = start_peers(&mut p, &ROUND_TRIP_AND_FORWARD_PEERS).await;
     start_rows(&vm, &mut p, "2 vCPUs").await;
     forward_rows(&vm, &mut p, "2 vCPUs").await;
     drop(vm);
 
     sdk_through_proxy_vs_network(&a).await;
+}
+
+/// Starts one raw peer per (mode, port, argument) in the guest; their
+/// streams and start outcomes (the streams keep them attached).
+async fn start_peers(
+    p: &mut ProcessClient<tonic::transport::Channel>,
+    list: &[(&str, &str, &str)],
+) -> Vec<(
+    tonic::Streaming<envd::proto::process::StartResponse>,
+    Outcome,
+)> {
+    let mut peers = Vec::new();
+    for (mode, port, arg) in list {
+        peers.push(started(p, cmd("/bin/vsock-peer", &[mode, port, arg])).await);
+    }
+    peers
 }
 
 /// Start(/bin/true)->end from the host beside its baseline in the same
