@@ -253,6 +253,31 @@ async fn leaves_are_made_ahead_and_each_serves_one_command() {
         leaves(&user)
     );
 
+    // A Start that fails after taking a spare (a pids.max the kernel
+    // refuses, or a pids controller the machine lacks) gives its leaf back
+    // the same way: removed, and a spare made in its place.
+    for _ in 0..3 {
+        let mut refused = sh("true");
+        refused.limits = Some(ResourceLimits {
+            pids_max: Some(1_000_000_000),
+            ..Default::default()
+        });
+        let err = c
+            .start(refused)
+            .await
+            .expect_err("pids.max above the kernel's");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let now = leaves(&user);
+            made_ahead(&now) == 2 && now.len() == 2
+        })
+        .await,
+        "after failed Starts: {:?}",
+        leaves(&user)
+    );
+
     // More commands at once than spares: each gets a leaf of its own, the
     // later ones made on the spot; limits hold on either kind (where this
     // machine lets envd write pids.max at all).

@@ -85,9 +85,11 @@ impl Leaf {
             .unwrap_or_default()
     }
 
-    /// After its command's end is published: removes the cgroup once it is
-    /// empty and makes a spare for a later command, both in the background
-    /// behind the work that is ready now (the `end` event on its way out).
+    /// When the leaf is done with (its command's end is published, or the
+    /// Start failed before a command ran in it): removes the cgroup once it
+    /// is empty and makes a spare for a later command, both in the
+    /// background behind the work that is ready now (e.g. the `end` event on
+    /// its way out).
     pub fn retire(&self) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -101,7 +103,7 @@ impl Leaf {
 
     /// Removes the cgroup once it is empty (at once if it is), in the
     /// background: a command's orphans keep theirs alive until they end.
-    pub fn remove_when_empty(&self) {
+    fn remove_when_empty(&self) {
         if std::fs::remove_dir(&self.dir).is_ok() {
             return;
         }

@@ -138,7 +138,7 @@ impl Cgroups {
         let leaf = leaf::Leaf::new(dir, spares);
         if write {
             if let Err(e) = limits::apply(leaf.path(), &writes) {
-                leaf.remove_when_empty();
+                leaf.retire();
                 return Err(e);
             }
         }

@@ -160,7 +160,7 @@ impl ProcessService {
             match dir {
                 Ok(dir) => launch.prepared.join_cgroup(dir),
                 Err(e) => {
-                    l.remove_when_empty();
+                    l.retire();
                     return Err(e);
                 }
             }
@@ -174,7 +174,7 @@ impl ProcessService {
             Ok(s) => s,
             Err(e) => {
                 if let Some(l) = &leaf {
-                    l.remove_when_empty();
+                    l.retire();
                 }
                 return Err(Error::io(format!("start '{}'", config.cmd), &e));
             }
