@@ -35,6 +35,11 @@ const TRANSFER_PEERS: [(&str, &str, &str); 3] = [
     ("file-source", "5005", "/tmp/raw.bin"),
 ];
 
+/// Bytes per second as MiB per second.
+fn mib(bytes_per_s: f64) -> f64 {
+    bytes_per_s / f64::from(1u32 << 20)
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -171,7 +176,6 @@ async fn main() {
     assert_eq!(n, MIB64);
     let down = MIB64 as f64 / t.elapsed().as_secs_f64();
     let e2 = guest_cpu_ticks(&mut p, 1).await;
-    let mib = |b: f64| b / (1 << 20) as f64;
     // Guest CPU seconds per GiB from clock ticks (10 ms) over 64 MiB.
     let per_gib = |ticks: u64| ticks as f64 / 100.0 * 16.0;
     println!(
@@ -345,7 +349,6 @@ async fn forward_rows(vm: &vm::Vm, p: &mut ProcessClient<tonic::transport::Chann
     let secs: f64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
     assert_eq!(n, MIB64 as u64, "{line}");
     let loopback = MIB64 as f64 / secs;
-    let mib = |b: f64| b / (1 << 20) as f64;
     println!(
         "[{label}] raw vsock 64 MiB guest->host {:>6.0} MiB/s (median of 3); guest loopback TCP alone {:>6.0} MiB/s = {:.2}x raw vsock",
         mib(raw_down),

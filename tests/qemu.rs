@@ -904,14 +904,8 @@ async fn resource_control_proof(url: &str, exhaust: bool, hog: &str) {
         // Under TCG with other VMs on the same cores, filling the memory
         // through a pipe has taken over a minute: a longer deadline here.
         let began = Instant::now();
-        let s = p
-            .start(sh(
-                "x=$(head -c 4294967296 /dev/zero | tr '\\0' a); echo survived",
-            ))
-            .await
-            .expect("Start failed")
-            .into_inner();
-        let o = collect_within(s, Duration::from_secs(240)).await;
+        let fill = sh("x=$(head -c 4294967296 /dev/zero | tr '\\0' a); echo survived");
+        let o = run_within(&mut p, fill, Duration::from_secs(240)).await;
         eprintln!(
             "VM memory exhausted in {:.1} s",
             began.elapsed().as_secs_f64()

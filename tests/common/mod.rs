@@ -303,11 +303,14 @@ impl HasEvent for ConnectResponse {
     }
 }
 
-/// Reads a stream to its end (60 s at most).
+/// How long [`collect`] and [`run`] wait for a stream's end.
+const STREAM_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Reads a stream to its end ([`STREAM_DEADLINE`] at most).
 pub async fn collect<T: HasEvent>(
     s: impl Stream<Item = Result<T, tonic::Status>> + Unpin,
 ) -> Outcome {
-    collect_within(s, Duration::from_secs(60)).await
+    collect_within(s, STREAM_DEADLINE).await
 }
 
 /// Like [`collect`] with a deadline of `limit`, for commands whose run time
@@ -336,8 +339,17 @@ pub async fn run(
     client: &mut ProcessClient<Channel>,
     req: impl tonic::IntoRequest<StartRequest>,
 ) -> Outcome {
+    run_within(client, req, STREAM_DEADLINE).await
+}
+
+/// [`run`] with a deadline of `limit` for the whole run.
+pub async fn run_within(
+    client: &mut ProcessClient<Channel>,
+    req: impl tonic::IntoRequest<StartRequest>,
+    limit: Duration,
+) -> Outcome {
     let s = client.start(req).await.expect("Start failed").into_inner();
-    collect(s).await
+    collect_within(s, limit).await
 }
 
 /// A process's output from `offset` to its end (Connect with
