@@ -694,6 +694,56 @@ async fn unattached_output_has_a_global_budget() {
     }
 }
 
+// Bounds: output written a few bytes at a time costs envd memory in
+// proportion to the bytes kept, not one read buffer per write. (Each `echo`
+// was a chunk holding a 64 KiB buffer: 300,000 lines took envd to 260 MiB.)
+#[tokio::test]
+async fn tiny_writes_cost_memory_in_proportion_to_the_output() {
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let idle = rss_kib(e.pid());
+    // One source: 300,000 two-byte writes (600,000 bytes, under the 1 MiB
+    // kept per process); then stdout and stderr alternating, which cannot
+    // be merged. Each process stays alive, so nothing is compacted yet.
+    let scripts = [
+        "i=0; while [ $i -lt 300000 ]; do echo x; i=$((i+1)); done",
+        "i=0; while [ $i -lt 150000 ]; do echo x; echo y >&2; i=$((i+1)); done",
+    ];
+    let mut pids = Vec::new();
+    for (n, script) in scripts.iter().enumerate() {
+        let done = dir.path().join(format!("done{n}"));
+        let script = format!("{script}; touch {}; sleep 60", done.display());
+        let (stream, o) = started(&mut c, sh(&script)).await;
+        drop(stream); // detached: nobody reads, the log keeps what it may
+        pids.push(o.pid);
+        assert!(
+            eventually(Duration::from_secs(120), || done.exists()).await,
+            "writer {n} did not finish"
+        );
+    }
+    let grown_mib = rss_kib(e.pid()).saturating_sub(idle) / 1024;
+    assert!(grown_mib < 48, "envd grew by {grown_mib} MiB");
+    // Merging lost nothing: the single-source output replays in full.
+    let mut s = c
+        .connect(ConnectRequest {
+            process: by_pid(pids[0]),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.stdout.len() >= 600_000).await;
+    assert_eq!(o.start.as_ref().unwrap().output_lost.unwrap_or(0), 0);
+    assert!(o.stdout.iter().all(|&b| b == b'x' || b == b'\n'));
+    assert_eq!(o.stdout.len(), 600_000);
+    for pid in pids {
+        kill(&mut c, pid).await;
+    }
+    healthy(&e);
+}
+
 // Bounds: /init refuses environment variables no process could get.
 #[test]
 fn init_validates_env_vars() {

@@ -68,6 +68,32 @@ impl Inner {
     fn slowest(&self) -> Option<u64> {
         self.cursors.values().copied().min()
     }
+    /// Chunks holding bytes at or after `cursor`.
+    fn unread_chunks(&self, cursor: u64) -> usize {
+        self.chunks.len() - self.chunks.partition_point(|c| c.end() <= cursor)
+    }
+    /// Appends `data` at the end: into the newest chunk when both are from
+    /// the same source and together at most `merge_max` (a small copy),
+    /// else as a chunk of its own. Output written a few bytes at a time thus
+    /// costs about its size, not one chunk per write.
+    fn push(&mut self, source: Source, data: Bytes, merge_max: usize) {
+        let offset = self.end;
+        self.end += data.len() as u64;
+        if let Some(last) = self.chunks.back_mut() {
+            if last.source == source && last.data.len() + data.len() <= merge_max {
+                let mut merged = Vec::with_capacity(last.data.len() + data.len());
+                merged.extend_from_slice(&last.data);
+                merged.extend_from_slice(&data);
+                last.data = Bytes::from(merged);
+                return;
+            }
+        }
+        self.chunks.push_back(Chunk {
+            offset,
+            source,
+            data,
+        });
+    }
     /// Drops the oldest chunks while `too_much` holds, never one that a
     /// subscriber has not read yet.
     fn drop_oldest(&mut self, budget: &Budget, too_much: impl Fn(&Inner) -> bool) {
@@ -86,11 +112,19 @@ impl Inner {
     }
 }
 
+/// Largest chunk that appends of one source are merged into.
+const MERGE_MAX: usize = 4 * 1024;
+/// Retained bytes per chunk a log may hold at most, on average: the chunk
+/// count is bounded by `capacity / BYTES_PER_CHUNK`, so that output whose
+/// writes alternate between stdout and stderr a byte at a time (which
+/// cannot merge) still costs memory in proportion to the capacity.
+const BYTES_PER_CHUNK: u64 = 256;
+
 /// Largest chunk [`compact`] makes.
 const COMPACT_MAX: usize = 1 << 20;
 /// Most bytes one subscriber read hands out (what a pump reads at most), so
 /// compacted chunks do not make larger messages.
-const READ_MAX: usize = 64 * 1024;
+const READ_MAX: usize = super::supervise::PIPE_READ_CHUNK;
 
 /// Copies runs of adjacent chunks of one source into single buffers of up to
 /// [`COMPACT_MAX`]. Each chunk a pump read holds a buffer of up to 64 KiB
@@ -196,6 +230,17 @@ impl OutputLog {
         })
     }
 
+    /// Largest chunk appends are merged into: [`MERGE_MAX`], or less for a
+    /// small capacity, so that dropping the oldest chunk drops little.
+    fn merge_max(&self) -> usize {
+        usize::try_from(self.capacity / 16).map_or(MERGE_MAX, |m| m.min(MERGE_MAX))
+    }
+
+    /// Most chunks this log holds (see [`BYTES_PER_CHUNK`]).
+    fn max_chunks(&self) -> usize {
+        usize::try_from(self.capacity / BYTES_PER_CHUNK).map_or(usize::MAX, |n| n.max(64))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -216,27 +261,29 @@ impl OutputLog {
                 let mut g = self.lock();
                 // While a live upgrade quiesces, nobody will read again in
                 // this image: appending beats holding bytes in a pump's hands.
+                let max_chunks = self.max_chunks();
                 let fits = match g.slowest() {
                     _ if crate::handover::quiesce::requested() => true,
                     None => true,
-                    Some(c) => c == g.end || g.end - c + data.len() as u64 <= self.capacity,
+                    Some(c) => {
+                        c == g.end
+                            || (g.end - c + data.len() as u64 <= self.capacity
+                                && g.unread_chunks(c) < max_chunks)
+                    }
                 };
                 if fits {
-                    let offset = g.end;
-                    g.end += data.len() as u64;
+                    let len = data.len() as u64;
+                    g.push(source, data, self.merge_max());
                     if let Some(m) = self.mirror.get() {
                         m.store(g.end, Ordering::Release);
                     }
-                    g.chunks.push_back(Chunk {
-                        offset,
-                        source,
-                        data,
-                    });
-                    self.budget.used.fetch_add(data_len(&g), Ordering::Relaxed);
+                    self.budget.used.fetch_add(len, Ordering::Relaxed);
                     let floor = FLOOR.min(self.capacity);
                     let budget = &self.budget;
                     g.drop_oldest(budget, |g| {
-                        g.retained() > self.capacity || (g.retained() > floor && budget.over())
+                        g.retained() > self.capacity
+                            || g.chunks.len() > max_chunks
+                            || (g.retained() > floor && budget.over())
                     });
                     drop(g);
                     self.notify();
@@ -373,11 +420,6 @@ impl OutputLog {
     }
 }
 
-/// The size of the chunk just appended (the newest).
-fn data_len(g: &Inner) -> u64 {
-    g.chunks.back().map_or(0, |c| c.data.len() as u64)
-}
-
 impl Drop for OutputLog {
     fn drop(&mut self) {
         let retained = self.lock().retained();
@@ -505,6 +547,40 @@ mod tests {
             }
             assert!(got == expect, "replay from {from} differs");
         }
+    }
+
+    /// Appends of a few bytes merge per source; when sources alternate (no
+    /// merging) the chunk count is bounded, and a reader sees every byte in
+    /// order either way.
+    #[tokio::test]
+    async fn tiny_appends_merge_and_the_chunk_count_is_bounded() {
+        let log = OutputLog::new(1 << 20, Budget::new(u64::MAX));
+        let mut sub = log.subscribe_live();
+        for _ in 0..100_000 {
+            log.append(Source::Stdout, Bytes::from_static(b"ab")).await;
+            // The reader keeps up, so nothing is dropped for it.
+            while let Some(Next::Data(..)) = sub.try_next() {}
+        }
+        // 200,000 bytes in chunks of up to MERGE_MAX.
+        assert!(log.lock().chunks.len() <= 200_000 / MERGE_MAX + 1);
+        assert_eq!(log.lock().retained(), 200_000);
+        drop(sub);
+        for i in 0..100_000 {
+            let source = if i % 2 == 0 {
+                Source::Stdout
+            } else {
+                Source::Stderr
+            };
+            log.append(source, Bytes::from_static(b"c")).await;
+        }
+        assert!(log.lock().chunks.len() <= log.max_chunks());
+        let (mut sub, at, lost) = log.subscribe_from(0).unwrap();
+        assert!(lost > 0 && at == lost);
+        let mut n = 0u64;
+        while let Some(Next::Data(..)) = sub.try_next() {
+            n += 1;
+        }
+        assert_eq!(n, log.lock().chunks.len() as u64);
     }
 
     #[tokio::test]

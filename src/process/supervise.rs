@@ -17,8 +17,23 @@ use super::reaper::{ExitStatus, ExitWatch};
 use super::started::Process;
 use super::table::ProcessTable;
 
-/// Bytes read per chunk from a pipe or pty.
-pub const PIPE_READ_CHUNK: usize = 64 * 1024;
+/// Most bytes read at once from a pipe or pty: the size of the buffers
+/// reads go into once a pipe has grown to [`GROWN_PIPE`].
+pub const PIPE_READ_CHUNK: usize = 256 * 1024;
+/// The size of read buffers before that (a default pipe holds 64 KiB), and
+/// of a pty's scratch buffer.
+const READ_CHUNK: usize = 64 * 1024;
+/// A read goes into the free room of the current buffer while that room is
+/// at least this large; only then is a new buffer taken. Chunks split off
+/// one buffer share it, so a read of a few bytes holds a few bytes of it,
+/// not a buffer of its own.
+const MIN_ROOM: usize = 16 * 1024;
+/// What a pipe that a command fills faster than envd reads it grows to
+/// (`F_SETPIPE_SZ`; Linux's default `pipe-max-size`): the command runs
+/// ahead by that much instead of by a default pipe's 64 KiB, and each read
+/// takes up to [`PIPE_READ_CHUNK`]. Pipe pages exist only while they hold
+/// output, and they are charged to the writing command's memory cgroup.
+const GROWN_PIPE: libc::c_int = 1 << 20;
 
 /// After the process exits, output is read until EOF; if a descendant keeps
 /// the pipe or pty open, reading stops once it stays silent this long.
@@ -42,7 +57,8 @@ async fn exited_and_idle(exited: &super::flag::Flag) {
 
 /// One output fd of a process, read in chunks of at most [`PIPE_READ_CHUNK`].
 enum OutputReader {
-    Pipe(pipe::Receiver),
+    /// The pipe, and whether it has been grown to [`GROWN_PIPE`].
+    Pipe(pipe::Receiver, bool),
     /// The pty and a scratch buffer, zeroed once (the pty reads into a
     /// slice; output is usually a few bytes at a time).
     Pty(Arc<Pty>, Box<[u8]>),
@@ -51,10 +67,21 @@ enum OutputReader {
 impl OutputReader {
     /// Appends what is available to `buf`; `Ok(0)` at end of output.
     async fn read(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        if buf.capacity() - buf.len() < MIN_ROOM {
+            buf.reserve(match self {
+                OutputReader::Pipe(_, true) => PIPE_READ_CHUNK,
+                _ => READ_CHUNK,
+            });
+        }
         match self {
-            OutputReader::Pipe(rx) => {
-                buf.reserve(PIPE_READ_CHUNK);
-                rx.read_buf(buf).await
+            OutputReader::Pipe(rx, grown) => {
+                let room = buf.capacity() - buf.len();
+                let n = rx.read_buf(buf).await?;
+                if n == room && !*grown {
+                    *grown = true;
+                    grow(rx);
+                }
+                Ok(n)
             }
             OutputReader::Pty(pty, scratch) => {
                 let n = pty.read(scratch).await?;
@@ -62,6 +89,16 @@ impl OutputReader {
                 Ok(n)
             }
         }
+    }
+}
+
+/// Grows a pipe that filled a whole read to [`GROWN_PIPE`]; where that is
+/// refused (a lowered `pipe-max-size` or an exhausted per-user pipe budget
+/// for an unprivileged envd) it stays as it was.
+fn grow(rx: &pipe::Receiver) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    if let Err(e) = fcntl(rx, FcntlArg::F_SETPIPE_SZ(GROWN_PIPE)) {
+        tracing::debug!(error = %e, "pipe not grown");
     }
 }
 
@@ -110,11 +147,11 @@ pub fn supervise(
 ) {
     let readers = match fds {
         OutputFds::Pipes { stdout, stderr } => vec![
-            (OutputReader::Pipe(stdout), Source::Stdout),
-            (OutputReader::Pipe(stderr), Source::Stderr),
+            (OutputReader::Pipe(stdout, false), Source::Stdout),
+            (OutputReader::Pipe(stderr, false), Source::Stderr),
         ],
         OutputFds::Pty(pty) => {
-            let scratch = vec![0; PIPE_READ_CHUNK].into_boxed_slice();
+            let scratch = vec![0; READ_CHUNK].into_boxed_slice();
             vec![(OutputReader::Pty(pty, scratch), Source::Pty)]
         }
     };
