@@ -65,8 +65,18 @@ impl Inner {
     fn retained(&self) -> u64 {
         self.end - self.start
     }
+    /// What the log counts against the shared [`Budget`]: its bytes plus
+    /// [`CHUNK_COST`] per chunk.
+    fn cost(&self) -> u64 {
+        self.retained() + self.chunks.len() as u64 * CHUNK_COST
+    }
     fn slowest(&self) -> Option<u64> {
         self.cursors.values().copied().min()
+    }
+    /// Whether the log holds more than `capacity` bytes, or more chunks than
+    /// a log of that capacity may.
+    fn exceeds(&self, capacity: u64) -> bool {
+        self.retained() > capacity || self.chunks.len() > max_chunks(capacity)
     }
     /// Chunks holding bytes at or after `cursor`.
     fn unread_chunks(&self, cursor: u64) -> usize {
@@ -101,7 +111,7 @@ impl Inner {
         while too_much(self) {
             match self.chunks.front() {
                 Some(c) if c.end() <= slowest => {
-                    let freed = c.data.len() as u64;
+                    let freed = c.data.len() as u64 + CHUNK_COST;
                     self.start = c.end();
                     self.chunks.pop_front();
                     budget.used.fetch_sub(freed, Ordering::Relaxed);
@@ -119,6 +129,15 @@ const MERGE_MAX: usize = 4 * 1024;
 /// writes alternate between stdout and stderr a byte at a time (which
 /// cannot merge) still costs memory in proportion to the capacity.
 const BYTES_PER_CHUNK: u64 = 256;
+/// What a chunk costs beyond its bytes, as the shared budget counts it (its
+/// entry in the log, the `Bytes` handle, the allocator's rounding): so that
+/// many logs of tiny chunks stay within the budget too.
+const CHUNK_COST: u64 = 64;
+
+/// Most chunks a log of `capacity` bytes holds (see [`BYTES_PER_CHUNK`]).
+fn max_chunks(capacity: u64) -> usize {
+    usize::try_from(capacity / BYTES_PER_CHUNK).map_or(usize::MAX, |n| n.max(64))
+}
 
 /// Largest chunk [`compact`] makes.
 const COMPACT_MAX: usize = 1 << 20;
@@ -165,7 +184,8 @@ fn compact(chunks: &mut VecDeque<Chunk>) {
 /// Output a log keeps even when the shared budget is exceeded.
 pub const FLOOR: u64 = 64 * 1024;
 
-/// Output retained by all logs together, and its limit.
+/// Output retained by all logs together (bytes plus [`CHUNK_COST`] per
+/// chunk), and its limit.
 #[derive(Debug)]
 pub struct Budget {
     used: AtomicU64,
@@ -180,7 +200,7 @@ impl Budget {
         })
     }
 
-    /// Bytes retained now, by all logs.
+    /// What all logs count now.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
@@ -236,11 +256,6 @@ impl OutputLog {
         usize::try_from(self.capacity / 16).map_or(MERGE_MAX, |m| m.min(MERGE_MAX))
     }
 
-    /// Most chunks this log holds (see [`BYTES_PER_CHUNK`]).
-    fn max_chunks(&self) -> usize {
-        usize::try_from(self.capacity / BYTES_PER_CHUNK).map_or(usize::MAX, |n| n.max(64))
-    }
-
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -261,7 +276,7 @@ impl OutputLog {
                 let mut g = self.lock();
                 // While a live upgrade quiesces, nobody will read again in
                 // this image: appending beats holding bytes in a pump's hands.
-                let max_chunks = self.max_chunks();
+                let max_chunks = max_chunks(self.capacity);
                 let fits = match g.slowest() {
                     _ if crate::handover::quiesce::requested() => true,
                     None => true,
@@ -272,18 +287,18 @@ impl OutputLog {
                     }
                 };
                 if fits {
-                    let len = data.len() as u64;
+                    let before = g.cost();
                     g.push(source, data, self.merge_max());
                     if let Some(m) = self.mirror.get() {
                         m.store(g.end, Ordering::Release);
                     }
-                    self.budget.used.fetch_add(len, Ordering::Relaxed);
+                    self.budget
+                        .used
+                        .fetch_add(g.cost() - before, Ordering::Relaxed);
                     let floor = FLOOR.min(self.capacity);
                     let budget = &self.budget;
                     g.drop_oldest(budget, |g| {
-                        g.retained() > self.capacity
-                            || g.chunks.len() > max_chunks
-                            || (g.retained() > floor && budget.over())
+                        g.exceeds(self.capacity) || (budget.over() && g.exceeds(floor))
                     });
                     drop(g);
                     self.notify();
@@ -359,7 +374,7 @@ impl OutputLog {
             inner.chunks.clear();
             inner.start = inner.end;
         }
-        budget.used.fetch_add(inner.retained(), Ordering::Relaxed);
+        budget.used.fetch_add(inner.cost(), Ordering::Relaxed);
         Arc::new(OutputLog {
             inner: Mutex::new(inner),
             capacity: capacity as u64,
@@ -373,7 +388,12 @@ impl OutputLog {
     /// What stays retained is compacted first (see [`compact`]).
     pub fn finish(&self, end: EndEvent) {
         let mut g = self.lock();
+        let before = g.cost();
         compact(&mut g.chunks);
+        // Fewer chunks, the same bytes.
+        self.budget
+            .used
+            .fetch_sub(before - g.cost(), Ordering::Relaxed);
         g.finished = Some(end);
         drop(g);
         self.notify();
@@ -422,8 +442,8 @@ impl OutputLog {
 
 impl Drop for OutputLog {
     fn drop(&mut self) {
-        let retained = self.lock().retained();
-        self.budget.used.fetch_sub(retained, Ordering::Relaxed);
+        let cost = self.lock().cost();
+        self.budget.used.fetch_sub(cost, Ordering::Relaxed);
     }
 }
 
@@ -573,7 +593,7 @@ mod tests {
             };
             log.append(source, Bytes::from_static(b"c")).await;
         }
-        assert!(log.lock().chunks.len() <= log.max_chunks());
+        assert!(log.lock().chunks.len() <= max_chunks(1 << 20));
         let (mut sub, at, lost) = log.subscribe_from(0).unwrap();
         assert!(lost > 0 && at == lost);
         let mut n = 0u64;
@@ -581,6 +601,32 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, log.lock().chunks.len() as u64);
+    }
+
+    /// Chunks count against the shared budget too: many logs of one-byte
+    /// chunks (8,192 each, 8 KiB of bytes) are trimmed once their chunks
+    /// exceed it, though their bytes alone would not.
+    #[tokio::test]
+    async fn the_shared_budget_counts_chunks() {
+        let budget = Budget::new(1 << 20);
+        let logs: Vec<_> = (0..50)
+            .map(|_| OutputLog::new(4 << 20, budget.clone()))
+            .collect();
+        for log in &logs {
+            for i in 0..8192 {
+                let source = if i % 2 == 0 {
+                    Source::Stdout
+                } else {
+                    Source::Stderr
+                };
+                log.append(source, Bytes::from_static(b"c")).await;
+            }
+        }
+        let chunks: usize = logs.iter().map(|l| l.lock().chunks.len()).sum();
+        assert!(chunks < 50 * 1024, "{chunks} chunks kept");
+        assert!(budget.used() < 2 << 20, "{} counted", budget.used());
+        drop(logs);
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test]
