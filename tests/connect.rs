@@ -625,3 +625,40 @@ async fn connect_over_http2_prior_knowledge() {
     assert!(text.contains(r#""stdout":"b3ZlciBoMgo=""#), "{text}"); // base64("over h2\n")
     assert!(text.contains(r#""exited":true"#), "{text}");
 }
+
+/// Streamed output in binary Connect envelopes (sent as a short head and the
+/// output itself): every byte of stdout and stderr arrives, in order, in
+/// messages prost decodes, and the stream ends with the exit.
+#[tokio::test]
+async fn streamed_output_over_connect_proto_arrives_whole() {
+    use common::connect_client::{Codec, ConnectClient};
+    use envd::proto::process::process_event::{data_event::Output, Event};
+    let envd = Envd::start(&[]);
+    let mut c = ConnectClient::dial(&envd.tcp).await;
+    // About 2 MB of stdout, fast enough to fill the pipe, then stderr.
+    let req = sh("seq 1 300000; echo done >&2").encode_to_vec();
+    let (mut out, mut err, mut exit) = (Vec::new(), Vec::new(), None);
+    let end = c
+        .stream("process.Process/Start", Codec::Proto, &req, |m| {
+            let r = envd::proto::process::StartResponse::decode(m).expect("a valid message");
+            match r.event.and_then(|e| e.event) {
+                Some(Event::Data(d)) => match d.output {
+                    Some(Output::Stdout(b)) => out.extend_from_slice(&b),
+                    Some(Output::Stderr(b)) => err.extend_from_slice(&b),
+                    other => panic!("unexpected output {other:?}"),
+                },
+                Some(Event::End(e)) => exit = Some(e.exit_code),
+                _ => {}
+            }
+        })
+        .await;
+    assert_eq!(&end[..], b"{}");
+    let want: String = (1..=300_000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        out == want.as_bytes(),
+        "stdout differs ({} bytes)",
+        out.len()
+    );
+    assert_eq!(err, b"done\n");
+    assert_eq!(exit, Some(0));
+}

@@ -6,9 +6,11 @@
 
 use std::sync::LazyLock;
 
+use bytes::Bytes;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
 
+use crate::proto::process::process_event::data_event::Output;
 use crate::status::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,18 +107,54 @@ fn output_event_json(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> bool {
     written
 }
 
-fn append_output_event(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> Option<()> {
-    use crate::proto::process::process_event::{data_event::Output, Event};
+/// The output a process's output event carries, if `msg` is one (a
+/// `StartResponse` or `ConnectResponse` with a data event).
+fn output_of(msg: &dyn std::any::Any) -> Option<&Output> {
+    use crate::proto::process::process_event::Event;
     use crate::proto::process::{ConnectResponse, StartResponse};
     let event = if let Some(r) = msg.downcast_ref::<StartResponse>() {
         r.event.as_ref()
     } else {
         msg.downcast_ref::<ConnectResponse>()?.event.as_ref()
     };
-    let Some(Event::Data(data)) = event?.event.as_ref() else {
-        return None;
+    match event?.event.as_ref()? {
+        Event::Data(data) => data.output.as_ref(),
+        _ => None,
+    }
+}
+
+/// A process's output event in binary protobuf as an envelope's prefix with
+/// the message's head (`flags`, then the field keys and lengths down to the
+/// output) and the output itself, to be sent one after the other: the
+/// output is framed without being copied. `None` for any other message.
+pub fn framed_output_event(msg: &dyn std::any::Any, flags: u8) -> Option<(Bytes, Bytes)> {
+    use prost::encoding::{encode_varint, encoded_len_varint};
+    let (field, bytes) = match output_of(msg)? {
+        Output::Stdout(b) => (1u64, b),
+        Output::Stderr(b) => (2, b),
+        Output::Pty(b) => (3, b),
     };
-    let (key, bytes): (&[u8], _) = match data.output.as_ref()? {
+    // Key of a length-delimited field: (number << 3) | 2.
+    let key = |number: u64| (number << 3) | 2;
+    let n = bytes.len() as u64;
+    let data_event = 1 + encoded_len_varint(n) as u64 + n;
+    let process_event = 1 + encoded_len_varint(data_event) as u64 + data_event;
+    let response = 1 + encoded_len_varint(process_event) as u64 + process_event;
+    let len = u32::try_from(response).ok()?;
+    let mut head = Vec::with_capacity(24);
+    head.push(flags);
+    head.extend_from_slice(&len.to_be_bytes());
+    // StartResponse/ConnectResponse.event = 1, ProcessEvent.data = 2, then
+    // DataEvent's output field.
+    for (number, len) in [(1, process_event), (2, data_event), (field, n)] {
+        encode_varint(key(number), &mut head);
+        encode_varint(len, &mut head);
+    }
+    Some((Bytes::from(head), bytes.clone()))
+}
+
+fn append_output_event(msg: &dyn std::any::Any, out: &mut Vec<u8>) -> Option<()> {
+    let (key, bytes): (&[u8], _) = match output_of(msg)? {
         Output::Stdout(b) => (b"stdout", b),
         Output::Stderr(b) => (b"stderr", b),
         Output::Pty(b) => (b"pty", b),
@@ -186,6 +224,68 @@ mod tests {
             r#"{"event":{"end":{"exitCode":3,"exited":true,"status":"exit status 3"}}}"#
         );
         assert!(decode::<StartRequest>(Codec::Json, "process.StartRequest", b"{bad").is_err());
+    }
+
+    /// An output event framed in two parts is byte for byte the envelope
+    /// the generic path makes, for every output and varint length class.
+    #[test]
+    fn output_events_are_framed_as_prost_encodes_them() {
+        use process_event::data_event::Output;
+        for len in [
+            0usize,
+            1,
+            100,
+            115,
+            116,
+            127,
+            128,
+            16_371,
+            16_372,
+            16_384,
+            262_144,
+            2 << 20,
+        ] {
+            let data = bytes::Bytes::from(vec![7u8; len]);
+            for out in [
+                Output::Stdout(data.clone()),
+                Output::Stderr(data.clone()),
+                Output::Pty(data.clone()),
+            ] {
+                let event = Some(ProcessEvent {
+                    event: Some(process_event::Event::Data(process_event::DataEvent {
+                        output: Some(out),
+                    })),
+                });
+                let start = StartResponse {
+                    event: event.clone(),
+                };
+                let connect = ConnectResponse { event };
+                let generic = |m: &dyn Fn(&mut Vec<u8>) -> Result<()>| {
+                    crate::connect::envelope::frame_with(0, m).unwrap().to_vec()
+                };
+                for (msg, want) in [
+                    (
+                        &start as &dyn std::any::Any,
+                        generic(&|o| encode_into(Codec::Proto, "", &start, o)),
+                    ),
+                    (
+                        &connect,
+                        generic(&|o| encode_into(Codec::Proto, "", &connect, o)),
+                    ),
+                ] {
+                    let (head, body) = framed_output_event(msg, 0).unwrap();
+                    assert_eq!([&head[..], &body[..]].concat(), want, "length {len}");
+                    // The output is the event's own buffer, not a copy.
+                    assert_eq!(body.as_ptr(), data.as_ptr());
+                }
+            }
+        }
+        let end = StartResponse {
+            event: Some(ProcessEvent {
+                event: Some(process_event::Event::Keepalive(process_event::KeepAlive {})),
+            }),
+        };
+        assert!(framed_output_event(&end, 0).is_none());
     }
 
     /// The direct writer of output events says exactly what the generic

@@ -278,6 +278,22 @@ where
     ))
 }
 
+/// A streamed message's envelope: in binary protobuf, a process's output
+/// event is a short head followed by the output itself (not copied); any
+/// other message is one buffer.
+fn envelope<M: Message + 'static>(
+    codec: Codec,
+    name: &str,
+    msg: &M,
+) -> Result<(Bytes, Option<Bytes>)> {
+    if codec == Codec::Proto {
+        if let Some((head, output)) = codec::framed_output_event(msg, 0) {
+            return Ok((head, Some(output)));
+        }
+    }
+    frame_with(0, |out| codec::encode_into(codec, name, msg, out)).map(|b| (b, None))
+}
+
 /// Streams responses as envelopes; an error ends the stream in its trailer.
 fn stream_response<Resp>(wire: Wire, responses: BoxStream<Resp>) -> Response<HttpBody>
 where
@@ -301,18 +317,22 @@ where
                         )))
                     }),
             };
-            let (bytes, rest) = match next {
-                None => (end_frame(None), None),
-                Some(Ok(msg)) => {
-                    match frame_with(0, |out| codec::encode_into(codec, &name, &msg, out)) {
-                        Ok(b) => (b, Some(s)),
-                        Err(e) => (end_frame(Some(&e)), None),
-                    }
-                }
-                Some(Err(e)) => (end_frame(Some(&e)), None),
+            let (parts, rest) = match next {
+                None => ((end_frame(None), None), None),
+                Some(Ok(msg)) => match envelope(codec, &name, &msg) {
+                    Ok(parts) => (parts, Some(s)),
+                    Err(e) => ((end_frame(Some(&e)), None), None),
+                },
+                Some(Err(e)) => ((end_frame(Some(&e)), None), None),
             };
-            Some((Ok::<_, std::convert::Infallible>(Frame::data(bytes)), rest))
+            Some((parts, rest))
         }
+    })
+    .flat_map(|(first, second)| {
+        let frames = std::iter::once(first).chain(second);
+        futures_util::stream::iter(
+            frames.map(|b| Ok::<_, std::convert::Infallible>(Frame::data(b))),
+        )
     });
     Response::builder()
         .status(StatusCode::OK)
