@@ -744,6 +744,61 @@ async fn tiny_writes_cost_memory_in_proportion_to_the_output() {
     healthy(&e);
 }
 
+// Bounds: a listing larger than a response may carry stops with
+// RESOURCE_EXHAUSTED instead of being built whole (a directory of 300,000
+// files took envd to 745 MiB over Connect JSON, which then answered with a
+// 70 MB body; gRPC built it to fail encoding it).
+#[tokio::test]
+async fn oversized_listings_stop_early_with_a_clear_error() {
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    // 40,000 entries of ~500 encoded bytes each: ~20 MB listed.
+    let stem = "n".repeat(240);
+    for i in 0..40_000 {
+        std::fs::File::create(big.join(format!("{stem}{i:06}"))).unwrap();
+    }
+    let hwm = |pid| common::procfs::status_kib(pid, "VmHWM");
+    let before = hwm(e.pid());
+    let mut fs = e.fs().await;
+    let err = fs
+        .list_dir(ListDirRequest {
+            path: s(&big),
+            depth: 1,
+        })
+        .await
+        .expect_err("a 20 MB listing");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("exceeds the 16 MiB"),
+        "{}",
+        err.message()
+    );
+    let r = post_json(
+        &e.tcp,
+        "/filesystem.Filesystem/ListDir",
+        &serde_json::json!({ "path": s(&big) }).to_string(),
+    );
+    assert_eq!(r.json()["code"], "resource_exhausted", "{}", r.text());
+    let grown_mib = hwm(e.pid()).saturating_sub(before) / 1024;
+    assert!(grown_mib < 100, "envd's peak grew by {grown_mib} MiB");
+    // A small directory beside it still lists.
+    let small = big.join("small");
+    std::fs::create_dir(&small).unwrap();
+    std::fs::File::create(small.join("a")).unwrap();
+    let listed = fs
+        .list_dir(ListDirRequest {
+            path: s(&small),
+            depth: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1);
+    healthy(&e);
+}
+
 // Bounds: /init refuses environment variables no process could get.
 #[test]
 fn init_validates_env_vars() {

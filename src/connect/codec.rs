@@ -72,6 +72,16 @@ pub fn encode_into<M: Message + 'static>(
     msg: &M,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    let len = msg.encoded_len();
+    if len > crate::wire::MAX_ENCODE {
+        return Err(Error::new(
+            crate::status::Code::ResourceExhausted,
+            format!(
+                "the {name} response would be {len} bytes, more than the {} allowed",
+                crate::wire::MAX_ENCODE
+            ),
+        ));
+    }
     match codec {
         Codec::Proto => {
             out.reserve(msg.encoded_len());
