@@ -236,11 +236,34 @@ mod tests {
         assert!(decode::<StartRequest>(Codec::Json, "process.StartRequest", b"{bad").is_err());
     }
 
+    /// A `StartResponse` and a `ConnectResponse` carrying `data` as each
+    /// kind of output.
+    fn output_responses(data: &bytes::Bytes) -> Vec<(StartResponse, ConnectResponse)> {
+        use process_event::data_event::Output;
+        [
+            Output::Stdout(data.clone()),
+            Output::Stderr(data.clone()),
+            Output::Pty(data.clone()),
+        ]
+        .into_iter()
+        .map(|out| {
+            let event = Some(ProcessEvent {
+                event: Some(process_event::Event::Data(process_event::DataEvent {
+                    output: Some(out),
+                })),
+            });
+            let start = StartResponse {
+                event: event.clone(),
+            };
+            (start, ConnectResponse { event })
+        })
+        .collect()
+    }
+
     /// An output event framed in two parts is byte for byte the envelope
     /// the generic path makes, for every output and varint length class.
     #[test]
     fn output_events_are_framed_as_prost_encodes_them() {
-        use process_event::data_event::Output;
         for len in [
             0usize,
             1,
@@ -256,20 +279,7 @@ mod tests {
             2 << 20,
         ] {
             let data = bytes::Bytes::from(vec![7u8; len]);
-            for out in [
-                Output::Stdout(data.clone()),
-                Output::Stderr(data.clone()),
-                Output::Pty(data.clone()),
-            ] {
-                let event = Some(ProcessEvent {
-                    event: Some(process_event::Event::Data(process_event::DataEvent {
-                        output: Some(out),
-                    })),
-                });
-                let start = StartResponse {
-                    event: event.clone(),
-                };
-                let connect = ConnectResponse { event };
+            for (start, connect) in output_responses(&data) {
                 let generic = |m: &dyn Fn(&mut Vec<u8>) -> Result<()>| {
                     crate::connect::envelope::frame_with(0, m).unwrap().to_vec()
                 };
@@ -302,7 +312,6 @@ mod tests {
     /// (descriptor-driven) path says, for every output and size class.
     #[test]
     fn output_events_are_written_as_the_generic_path_writes_them() {
-        use process_event::data_event::Output;
         let generic = |name: &str, bytes: Vec<u8>| {
             let dynamic = DynamicMessage::decode(descriptor(name).unwrap(), bytes.as_slice());
             let mut out = Vec::new();
@@ -322,20 +331,7 @@ mod tests {
             let data: bytes::Bytes = (0..len)
                 .map(|i| u8::try_from(i * 7 % 256).unwrap())
                 .collect();
-            for out in [
-                Output::Stdout(data.clone()),
-                Output::Stderr(data.clone()),
-                Output::Pty(data.clone()),
-            ] {
-                let event = Some(ProcessEvent {
-                    event: Some(process_event::Event::Data(process_event::DataEvent {
-                        output: Some(out),
-                    })),
-                });
-                let start = StartResponse {
-                    event: event.clone(),
-                };
-                let connect = ConnectResponse { event };
+            for (start, connect) in output_responses(&data) {
                 assert_eq!(
                     encode(Codec::Json, "process.StartResponse", &start).unwrap(),
                     generic("process.StartResponse", start.encode_to_vec())

@@ -569,6 +569,19 @@ mod tests {
         }
     }
 
+    /// Appends `n` one-byte outputs, stdout and stderr by turns (which
+    /// cannot merge).
+    async fn append_alternating(log: &OutputLog, n: usize) {
+        for i in 0..n {
+            let source = if i % 2 == 0 {
+                Source::Stdout
+            } else {
+                Source::Stderr
+            };
+            log.append(source, Bytes::from_static(b"c")).await;
+        }
+    }
+
     /// Appends of a few bytes merge per source; when sources alternate (no
     /// merging) the chunk count is bounded, and a reader sees every byte in
     /// order either way.
@@ -585,14 +598,7 @@ mod tests {
         assert!(log.lock().chunks.len() <= 200_000 / MERGE_MAX + 1);
         assert_eq!(log.lock().retained(), 200_000);
         drop(sub);
-        for i in 0..100_000 {
-            let source = if i % 2 == 0 {
-                Source::Stdout
-            } else {
-                Source::Stderr
-            };
-            log.append(source, Bytes::from_static(b"c")).await;
-        }
+        append_alternating(&log, 100_000).await;
         assert!(log.lock().chunks.len() <= max_chunks(1 << 20));
         let (mut sub, at, lost) = log.subscribe_from(0).unwrap();
         assert!(lost > 0 && at == lost);
@@ -613,14 +619,7 @@ mod tests {
             .map(|_| OutputLog::new(4 << 20, budget.clone()))
             .collect();
         for log in &logs {
-            for i in 0..8192 {
-                let source = if i % 2 == 0 {
-                    Source::Stdout
-                } else {
-                    Source::Stderr
-                };
-                log.append(source, Bytes::from_static(b"c")).await;
-            }
+            append_alternating(log, 8192).await;
         }
         let chunks: usize = logs.iter().map(|l| l.lock().chunks.len()).sum();
         assert!(chunks < 50 * 1024, "{chunks} chunks kept");
