@@ -799,6 +799,55 @@ async fn oversized_listings_stop_early_with_a_clear_error() {
     healthy(&e);
 }
 
+// Bounds: watches whose clients do not read hold a bounded number of bytes
+// of events, however long the paths (each queued up to 16,384 raw events of
+// any size: 8 such watches and 30,000 files with 3 KiB paths took envd to
+// 542 MiB). The lost events are reported as DATA_LOSS once read.
+#[tokio::test]
+async fn unread_watches_hold_bounded_event_bytes() {
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("w");
+    std::fs::create_dir(&root).unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut fs = e.fs().await;
+        streams.push(watch(&mut fs, &root, true).await);
+    }
+    let before = rss_kib(e.pid());
+    // 15 levels of 200-byte names, then 30,000 files with 200-byte names.
+    let mut deep = root.clone();
+    for _ in 0..15 {
+        deep.push("d".repeat(200));
+        std::fs::create_dir(&deep).unwrap();
+        // Each level is watched before the next appears.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stem = "f".repeat(200);
+    for i in 0..30_000 {
+        std::fs::File::create(deep.join(format!("{stem}{i}"))).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown_mib = rss_kib(e.pid()).saturating_sub(before) / 1024;
+    println!("envd grew by {grown_mib} MiB with 8 unread watches");
+    assert!(grown_mib < 64, "envd grew by {grown_mib} MiB");
+    // A stream read now tells that events were lost.
+    let mut s = streams.pop().unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match s.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status.code()),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream neither ended nor failed");
+    assert_eq!(ended, Some(tonic::Code::DataLoss));
+    healthy(&e);
+}
+
 // Bounds: /init refuses environment variables no process could get.
 #[test]
 fn init_validates_env_vars() {

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use notify::{INotifyWatcher, RecursiveMode, Watcher};
@@ -21,7 +21,24 @@ use crate::status::{Code, Error, Result};
 /// Raw notify events queued per subscription between notify's thread and the
 /// subscription's translator. When full, the subscription is marked as
 /// having lost events.
-pub const RAW_QUEUE: usize = 16 * 1024;
+const RAW_QUEUE: usize = 16 * 1024;
+/// Bytes of raw events (their paths, plus [`EVENT_COST`] each) queued per
+/// subscription at most, and for all subscriptions together: an event's
+/// paths may be 4 KiB each, and a watch whose client does not read must not
+/// make envd hold 16,384 of them (8 such watches took envd to 542 MiB).
+const RAW_BYTES: usize = 1 << 20;
+const RAW_BYTES_TOTAL: usize = 32 << 20;
+/// What a queued event costs beyond its paths.
+const EVENT_COST: usize = 96;
+
+/// Raw event bytes queued by all subscriptions.
+static QUEUED_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+fn cost(ev: &RawEvent) -> usize {
+    EVENT_COST
+        + ev.as_ref()
+            .map_or(0, |e| e.paths.iter().map(|p| p.as_os_str().len()).sum())
+}
 
 /// Default cap on concurrent subscriptions (WatchDir streams and polling
 /// watchers together).
@@ -39,13 +56,61 @@ struct Table {
 struct Sink {
     tx: mpsc::Sender<RawEvent>,
     overflow: Arc<AtomicBool>,
+    /// Bytes of this subscription's events in its queue.
+    queued: Arc<AtomicUsize>,
     dirs: HashSet<PathBuf>,
 }
 
 impl Sink {
+    /// Queues `ev`, or marks the subscription as having lost events when
+    /// its queue (by count or bytes) or all queues together are full.
     fn deliver(&self, ev: RawEvent) {
-        if self.tx.try_send(ev).is_err() {
-            self.overflow.store(true, Ordering::Relaxed);
+        let n = cost(&ev);
+        let fits = self.queued.load(Ordering::Relaxed) + n <= RAW_BYTES
+            && QUEUED_TOTAL.load(Ordering::Relaxed) + n <= RAW_BYTES_TOTAL;
+        // Counted before sending, so the receiver never releases more than
+        // was counted.
+        if fits {
+            self.queued.fetch_add(n, Ordering::Relaxed);
+            QUEUED_TOTAL.fetch_add(n, Ordering::Relaxed);
+            if self.tx.try_send(ev).is_ok() {
+                return;
+            }
+            release(&self.queued, n);
+        }
+        self.overflow.store(true, Ordering::Relaxed);
+    }
+}
+
+fn release(queued: &AtomicUsize, n: usize) {
+    queued.fetch_sub(n, Ordering::Relaxed);
+    QUEUED_TOTAL.fetch_sub(n, Ordering::Relaxed);
+}
+
+/// A subscription's queue of raw events, on the receiving side: taking an
+/// event releases its bytes, and so does dropping the queue.
+pub struct RawEvents {
+    rx: mpsc::Receiver<RawEvent>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl RawEvents {
+    /// Waits for events and moves up to `limit` of them into `batch`; 0
+    /// once the subscription is gone.
+    pub async fn recv_many(&mut self, batch: &mut Vec<RawEvent>, limit: usize) -> usize {
+        let from = batch.len();
+        let n = self.rx.recv_many(batch, limit).await;
+        let bytes = batch[from..].iter().map(cost).sum();
+        release(&self.queued, bytes);
+        n
+    }
+}
+
+impl Drop for RawEvents {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(ev) = self.rx.try_recv() {
+            release(&self.queued, cost(&ev));
         }
     }
 }
@@ -82,9 +147,10 @@ impl Hub {
 
     /// A new subscription and the receiver of its raw events, or
     /// RESOURCE_EXHAUSTED at the cap.
-    pub fn subscribe(&'static self) -> Result<(Subscription, mpsc::Receiver<RawEvent>)> {
+    pub fn subscribe(&'static self) -> Result<(Subscription, RawEvents)> {
         let (tx, rx) = mpsc::channel(RAW_QUEUE);
         let overflow = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(AtomicUsize::new(0));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut t = lock(&self.table);
         let max = self.max.load(Ordering::Relaxed);
@@ -102,6 +168,7 @@ impl Hub {
             Sink {
                 tx,
                 overflow: overflow.clone(),
+                queued: queued.clone(),
                 dirs: HashSet::new(),
             },
         );
@@ -110,7 +177,7 @@ impl Hub {
             id,
             overflow,
         };
-        Ok((sub, rx))
+        Ok((sub, RawEvents { rx, queued }))
     }
 
     /// Runs `f` with the watcher, creating the inotify instance on first use.

@@ -18,14 +18,26 @@ use notify::event::{EventKind, ModifyKind, RenameMode};
 use tokio::sync::mpsc;
 
 use super::entry::{entry_info, Names};
-use super::inotify::{Hub, RawEvent, Subscription, RAW_QUEUE};
+use super::inotify::{Hub, RawEvent, RawEvents, Subscription};
 use crate::proto::filesystem::{EventType, FilesystemEvent};
 use crate::status::{Code, Error, Result};
 
 /// Translated events queued for the consumer (stream or polling buffer).
-const OUT_QUEUE: usize = 1024;
+/// A name may be 4 KiB, so this is up to ~1 MiB for a client that does not
+/// read.
+const OUT_QUEUE: usize = 256;
 /// Raw events translated per trip to a blocking thread.
 const BATCH: usize = 256;
+/// Bytes of events (names, plus [`EVENT_COST`] each) one trip may produce:
+/// a new directory tree is announced whole, and one larger than this ends
+/// the watch with DATA_LOSS (rescan) rather than being held in memory.
+const BATCH_BYTES: usize = 16 << 20;
+/// What an event costs beyond its name.
+const EVENT_COST: usize = 64;
+/// Bytes of paths remembered as announced by a scan (so that their real
+/// CREATE is dropped) before the memory is cleared (which at worst lets a
+/// duplicate CREATE through).
+const SYNTHESIZED_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -66,7 +78,7 @@ pub async fn watch_dir(root: PathBuf, opts: WatchOptions) -> Result<DirWatch> {
     Ok(DirWatch { events: rx, task })
 }
 
-fn arm(root: PathBuf, opts: WatchOptions) -> Result<(Translator, mpsc::Receiver<RawEvent>)> {
+fn arm(root: PathBuf, opts: WatchOptions) -> Result<(Translator, RawEvents)> {
     let meta = std::fs::metadata(&root).map_err(|e| Error::io(root.display(), &e))?;
     if !meta.is_dir() {
         return Err(Error::invalid(format!(
@@ -89,6 +101,8 @@ fn arm(root: PathBuf, opts: WatchOptions) -> Result<(Translator, mpsc::Receiver<
         opts,
         sub,
         synthesized: HashSet::new(),
+        synthesized_bytes: 0,
+        out_bytes: 0,
         names: Names::default(),
     };
     tr.add_tree(&root, false, &mut Vec::new())?;
@@ -101,13 +115,16 @@ struct Translator {
     sub: Subscription,
     /// Paths announced by a scan; their real CREATE (if any) is dropped.
     synthesized: HashSet<PathBuf>,
+    synthesized_bytes: usize,
+    /// Bytes of events produced in the current trip (see [`BATCH_BYTES`]).
+    out_bytes: usize,
     names: Names,
 }
 
 impl Translator {
     /// Translates batches of raw events on a blocking thread (translation
     /// stats files and may scan new directory trees) and forwards them.
-    async fn run(mut self, mut raw: mpsc::Receiver<RawEvent>, tx: mpsc::Sender<WatchItem>) {
+    async fn run(mut self, mut raw: RawEvents, tx: mpsc::Sender<WatchItem>) {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             if raw.recv_many(&mut batch, BATCH).await == 0 {
@@ -119,6 +136,7 @@ impl Translator {
             }
             let work = std::mem::take(&mut batch);
             let joined = tokio::task::spawn_blocking(move || {
+                self.out_bytes = 0;
                 let mut out = Vec::new();
                 let mut failed = None;
                 for res in work {
@@ -157,7 +175,8 @@ impl Translator {
         if let EventKind::Modify(ModifyKind::Name(RenameMode::Both)) = ev.kind {
             if let [from, to] = ev.paths.as_slice() {
                 if is_envd_temp(from) && !is_envd_temp(to) && self.covers(to) {
-                    out.push(self.event(to, EventType::Write));
+                    let ev = self.event(to, EventType::Write);
+                    self.emit(out, ev)?;
                 }
             }
             return Ok(());
@@ -182,11 +201,23 @@ impl Translator {
             let is_new_dir = kind == EventType::Create
                 && self.opts.recursive
                 && std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-            out.push(self.event(&path, kind));
+            let ev = self.event(&path, kind);
+            self.emit(out, ev)?;
             if is_new_dir {
                 self.add_tree(&path, true, out)?;
             }
         }
+        Ok(())
+    }
+
+    /// Adds `ev` to this trip's output, or fails the watch with DATA_LOSS
+    /// once the trip's output exceeds [`BATCH_BYTES`].
+    fn emit(&mut self, out: &mut Vec<FilesystemEvent>, ev: FilesystemEvent) -> Result<()> {
+        self.out_bytes += ev.name.len() + EVENT_COST;
+        if self.out_bytes > BATCH_BYTES {
+            return Err(lost());
+        }
+        out.push(ev);
         Ok(())
     }
 
@@ -247,11 +278,16 @@ impl Translator {
                     continue;
                 }
                 if announce {
-                    if self.synthesized.len() >= RAW_QUEUE {
+                    let len = path.as_os_str().len();
+                    if self.synthesized_bytes + len > SYNTHESIZED_BYTES {
                         self.synthesized.clear();
+                        self.synthesized_bytes = 0;
                     }
-                    self.synthesized.insert(path.clone());
-                    out.push(self.event(&path, EventType::Create));
+                    if self.synthesized.insert(path.clone()) {
+                        self.synthesized_bytes += len;
+                    }
+                    let ev = self.event(&path, EventType::Create);
+                    self.emit(out, ev)?;
                 }
                 if self.opts.recursive && e.file_type().is_ok_and(|t| t.is_dir()) {
                     subdirs.push(path);
