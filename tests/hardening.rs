@@ -814,6 +814,8 @@ async fn unread_watches_hold_bounded_event_bytes() {
         let mut fs = e.fs().await;
         streams.push(watch(&mut fs, &root, true).await);
     }
+    let mut fs = e.fs().await;
+    let poller = create_watcher(&mut fs, &root, true).await.unwrap();
     let before = rss_kib(e.pid());
     // 15 levels of 200-byte names, then 30,000 files with 200-byte names.
     let mut deep = root.clone();
@@ -845,6 +847,18 @@ async fn unread_watches_hold_bounded_event_bytes() {
     .await
     .expect("the stream neither ended nor failed");
     assert_eq!(ended, Some(tonic::Code::DataLoss));
+    // The polling watcher buffered what one answer can carry (10,000
+    // events of 3 KiB would not fit in 16 MiB): every poll answers, with
+    // events or DATA_LOSS.
+    let mut lost = false;
+    for _ in 0..3 {
+        match poll_watcher(&mut fs, &poller).await {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::DataLoss => lost = true,
+            Err(status) => panic!("poll failed: {status:?}"),
+        }
+    }
+    assert!(lost, "the polling watcher never reported its loss");
     healthy(&e);
 }
 

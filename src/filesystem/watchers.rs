@@ -1,17 +1,29 @@
 //! Polling watchers (CreateWatcher / GetWatcherEvents / RemoveWatcher): each
-//! buffers at most `capacity` events; when full, further events are counted as
-//! lost and the next poll says so. Watchers nobody polls for `idle` are removed.
+//! buffers at most `capacity` events and [`MAX_BYTES`] of them; when full,
+//! further events are counted as lost and the next poll says so. Watchers
+//! nobody polls for `idle` are removed.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prost::Message;
 use tokio::time::Instant;
 
 use super::watch::{watch_dir, WatchOptions};
 use crate::proto::filesystem::FilesystemEvent;
 use crate::status::{Code, Error, Result};
+
+/// Most encoded bytes of events one watcher buffers: well within what one
+/// GetWatcherEvents answer may carry (16 MiB), and a bound on what a watcher
+/// nobody polls holds (its events' names and entries may be kilobytes each).
+const MAX_BYTES: usize = 4 << 20;
+
+/// An event's share of [`MAX_BYTES`]: its encoding, field key and length.
+fn cost(ev: &FilesystemEvent) -> usize {
+    ev.encoded_len() + 4
+}
 
 #[derive(Debug)]
 pub struct Watchers {
@@ -33,6 +45,8 @@ struct Polled {
 #[derive(Debug)]
 struct PollState {
     events: VecDeque<FilesystemEvent>,
+    /// What `events` costs (see [`cost`]).
+    bytes: usize,
     lost: u64,
     error: Option<Error>,
     last_poll: Instant,
@@ -96,6 +110,7 @@ impl Watchers {
     ) -> Result<()> {
         let mut watch = watch_dir(root.clone(), opts.clone()).await?;
         let state = Arc::new(Mutex::new(PollState {
+            bytes: pending.iter().map(cost).sum(),
             events: pending,
             lost,
             error: None,
@@ -108,7 +123,10 @@ impl Watchers {
                 let Some(state) = sink.upgrade() else { return };
                 let mut s = lock(&state);
                 match item {
-                    Ok(ev) if s.events.len() < capacity => s.events.push_back(ev),
+                    Ok(ev) if s.events.len() < capacity && s.bytes + cost(&ev) <= MAX_BYTES => {
+                        s.bytes += cost(&ev);
+                        s.events.push_back(ev);
+                    }
                     Ok(_) => s.lost += 1,
                     Err(e) => {
                         s.error = Some(e);
@@ -183,9 +201,10 @@ impl Watchers {
             return Err(Error::new(
                 Code::DataLoss,
                 format!(
-                    "watcher {id}: {lost} events were dropped because its buffer ({} events) was full; \
+                    "watcher {id}: {lost} events were dropped because its buffer ({} events or {} MiB) was full; \
                      the buffered events are returned by the next call",
-                    self.capacity
+                    self.capacity,
+                    MAX_BYTES >> 20
                 ),
             ));
         }
@@ -194,6 +213,7 @@ impl Watchers {
                 return Err(e.clone());
             }
         }
+        s.bytes = 0;
         Ok(s.events.drain(..).collect())
     }
 
