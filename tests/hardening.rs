@@ -37,6 +37,15 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// A new empty directory `name` in a temporary directory (kept while the
+/// returned guard lives).
+fn empty_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::create_dir(&path).unwrap();
+    (dir, path)
+}
+
 /// fds of `pid` whose link target contains `what`.
 fn fds_like(pid: u32, what: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -751,9 +760,7 @@ async fn tiny_writes_cost_memory_in_proportion_to_the_output() {
 #[tokio::test]
 async fn oversized_listings_stop_early_with_a_clear_error() {
     let e = Envd::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let big = dir.path().join("big");
-    std::fs::create_dir(&big).unwrap();
+    let (_dir, big) = empty_dir("big");
     // 40,000 entries of ~500 encoded bytes each: ~20 MB listed.
     let stem = "n".repeat(240);
     for i in 0..40_000 {
@@ -806,9 +813,7 @@ async fn oversized_listings_stop_early_with_a_clear_error() {
 #[tokio::test]
 async fn unread_watches_hold_bounded_event_bytes() {
     let e = Envd::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("w");
-    std::fs::create_dir(&root).unwrap();
+    let (_dir, root) = empty_dir("w");
     let mut streams = Vec::new();
     for _ in 0..8 {
         let mut fs = e.fs().await;
