@@ -23,9 +23,9 @@ use crate::proto::filesystem::{EventType, FilesystemEvent};
 use crate::status::{Code, Error, Result};
 
 /// Translated events queued for the consumer (stream or polling buffer).
-/// A name may be 4 KiB, so this is up to ~1 MiB for a client that does not
-/// read.
-const OUT_QUEUE: usize = 256;
+/// A name may be 4 KiB, so this is up to ~256 KiB for a client that does
+/// not read.
+const OUT_QUEUE: usize = 64;
 /// Raw events translated per trip to a blocking thread.
 const BATCH: usize = 256;
 /// Bytes of events (names, plus [`EVENT_COST`] each) one trip may produce:

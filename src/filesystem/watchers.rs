@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,6 +20,11 @@ use crate::status::{Code, Error, Result};
 /// GetWatcherEvents answer may carry (16 MiB), and a bound on what a watcher
 /// nobody polls holds (its events' names and entries may be kilobytes each).
 const MAX_BYTES: usize = 4 << 20;
+/// Most bytes of events all polling watchers together buffer.
+const MAX_BYTES_TOTAL: usize = 64 << 20;
+
+/// Bytes of events buffered by all polling watchers.
+static BUFFERED_TOTAL: AtomicUsize = AtomicUsize::new(0);
 
 /// An event's share of [`MAX_BYTES`]: its encoding, field key and length.
 fn cost(ev: &FilesystemEvent) -> usize {
@@ -55,6 +61,35 @@ struct PollState {
 impl Drop for Polled {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl PollState {
+    /// Buffers `ev` if this watcher and all of them together have room.
+    fn buffer(&mut self, ev: FilesystemEvent, capacity: usize) -> bool {
+        let n = cost(&ev);
+        if self.events.len() >= capacity || self.bytes + n > MAX_BYTES {
+            return false;
+        }
+        if BUFFERED_TOTAL.fetch_add(n, Ordering::Relaxed) + n > MAX_BYTES_TOTAL {
+            BUFFERED_TOTAL.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += n;
+        self.events.push_back(ev);
+        true
+    }
+
+    /// Takes every buffered event.
+    fn take(&mut self) -> Vec<FilesystemEvent> {
+        BUFFERED_TOTAL.fetch_sub(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        self.events.drain(..).collect()
+    }
+}
+
+impl Drop for PollState {
+    fn drop(&mut self) {
+        BUFFERED_TOTAL.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -109,8 +144,10 @@ impl Watchers {
         lost: u64,
     ) -> Result<()> {
         let mut watch = watch_dir(root.clone(), opts.clone()).await?;
+        let bytes = pending.iter().map(cost).sum();
+        BUFFERED_TOTAL.fetch_add(bytes, Ordering::Relaxed);
         let state = Arc::new(Mutex::new(PollState {
-            bytes: pending.iter().map(cost).sum(),
+            bytes,
             events: pending,
             lost,
             error: None,
@@ -123,11 +160,11 @@ impl Watchers {
                 let Some(state) = sink.upgrade() else { return };
                 let mut s = lock(&state);
                 match item {
-                    Ok(ev) if s.events.len() < capacity && s.bytes + cost(&ev) <= MAX_BYTES => {
-                        s.bytes += cost(&ev);
-                        s.events.push_back(ev);
+                    Ok(ev) => {
+                        if !s.buffer(ev, capacity) {
+                            s.lost += 1;
+                        }
                     }
-                    Ok(_) => s.lost += 1,
                     Err(e) => {
                         s.error = Some(e);
                         return;
@@ -201,10 +238,11 @@ impl Watchers {
             return Err(Error::new(
                 Code::DataLoss,
                 format!(
-                    "watcher {id}: {lost} events were dropped because its buffer ({} events or {} MiB) was full; \
-                     the buffered events are returned by the next call",
+                    "watcher {id}: {lost} events were dropped because its buffer ({} events or {} MiB, \
+                     {} MiB for all watchers) was full; the buffered events are returned by the next call",
                     self.capacity,
-                    MAX_BYTES >> 20
+                    MAX_BYTES >> 20,
+                    MAX_BYTES_TOTAL >> 20
                 ),
             ));
         }
@@ -213,8 +251,7 @@ impl Watchers {
                 return Err(e.clone());
             }
         }
-        s.bytes = 0;
-        Ok(s.events.drain(..).collect())
+        Ok(s.take())
     }
 
     pub fn remove(&self, id: &str) -> Result<()> {
@@ -229,4 +266,41 @@ fn unknown(id: &str) -> Error {
     Error::not_found(format!(
         "watcher '{id}' not found (removed, or not polled for too long)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watcher's buffer stops at its byte bound, and every byte it counted
+    /// toward all watchers' total is given back when polled or dropped.
+    #[test]
+    fn buffered_bytes_are_bounded_and_given_back() {
+        let total = || BUFFERED_TOTAL.load(Ordering::Relaxed);
+        let start = total();
+        let mut s = PollState {
+            events: VecDeque::new(),
+            bytes: 0,
+            lost: 0,
+            error: None,
+            last_poll: Instant::now(),
+        };
+        let ev = FilesystemEvent {
+            name: "n".repeat(4000),
+            r#type: 1,
+            entry: None,
+        };
+        let mut kept = 0;
+        while s.buffer(ev.clone(), usize::MAX) {
+            kept += 1;
+        }
+        assert_eq!(kept, MAX_BYTES / cost(&ev));
+        assert_eq!(total() - start, kept * cost(&ev));
+        assert_eq!(s.take().len(), kept);
+        assert_eq!(total(), start);
+        assert!(s.buffer(ev.clone(), 1));
+        assert!(!s.buffer(ev, 1), "the count bound holds too");
+        drop(s);
+        assert_eq!(total(), start);
+    }
 }
