@@ -35,6 +35,7 @@ pub(crate) mod paths;
 pub mod ports;
 pub mod process;
 pub mod proto;
+pub mod quota;
 pub mod relay;
 pub(crate) mod request;
 pub mod sd;

@@ -10,12 +10,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use notify::{INotifyWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::quota::Quota;
 use crate::status::{Code, Error, Result};
 
 /// Raw notify events queued per subscription between notify's thread and the
@@ -32,7 +33,7 @@ const RAW_BYTES_TOTAL: usize = 32 << 20;
 const EVENT_COST: usize = 96;
 
 /// Raw event bytes queued by all subscriptions.
-static QUEUED_TOTAL: AtomicUsize = AtomicUsize::new(0);
+static QUEUED_TOTAL: Quota = Quota::new(RAW_BYTES_TOTAL);
 
 fn cost(ev: &RawEvent) -> usize {
     EVENT_COST
@@ -57,7 +58,7 @@ struct Sink {
     tx: mpsc::Sender<RawEvent>,
     overflow: Arc<AtomicBool>,
     /// Bytes of this subscription's events in its queue.
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Quota>,
     dirs: HashSet<PathBuf>,
 }
 
@@ -66,13 +67,9 @@ impl Sink {
     /// its queue (by count or bytes) or all queues together are full.
     fn deliver(&self, ev: RawEvent) {
         let n = cost(&ev);
-        let fits = self.queued.load(Ordering::Relaxed) + n <= RAW_BYTES
-            && QUEUED_TOTAL.load(Ordering::Relaxed) + n <= RAW_BYTES_TOTAL;
         // Counted before sending, so the receiver never releases more than
         // was counted.
-        if fits {
-            self.queued.fetch_add(n, Ordering::Relaxed);
-            QUEUED_TOTAL.fetch_add(n, Ordering::Relaxed);
+        if self.queued.try_take_both(&QUEUED_TOTAL, n) {
             if self.tx.try_send(ev).is_ok() {
                 return;
             }
@@ -82,16 +79,16 @@ impl Sink {
     }
 }
 
-fn release(queued: &AtomicUsize, n: usize) {
-    queued.fetch_sub(n, Ordering::Relaxed);
-    QUEUED_TOTAL.fetch_sub(n, Ordering::Relaxed);
+fn release(queued: &Quota, n: usize) {
+    queued.give(n);
+    QUEUED_TOTAL.give(n);
 }
 
 /// A subscription's queue of raw events, on the receiving side: taking an
 /// event releases its bytes, and so does dropping the queue.
 pub struct RawEvents {
     rx: mpsc::Receiver<RawEvent>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Quota>,
 }
 
 impl RawEvents {
@@ -150,7 +147,7 @@ impl Hub {
     pub fn subscribe(&'static self) -> Result<(Subscription, RawEvents)> {
         let (tx, rx) = mpsc::channel(RAW_QUEUE);
         let overflow = Arc::new(AtomicBool::new(false));
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(Quota::new(RAW_BYTES));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut t = lock(&self.table);
         let max = self.max.load(Ordering::Relaxed);

@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use tokio::time::Instant;
 
 use super::watch::{watch_dir, WatchOptions};
 use crate::proto::filesystem::FilesystemEvent;
+use crate::quota::Quota;
 use crate::status::{Code, Error, Result};
 
 /// Most encoded bytes of events one watcher buffers: well within what one
@@ -24,7 +24,7 @@ const MAX_BYTES: usize = 4 << 20;
 const MAX_BYTES_TOTAL: usize = 64 << 20;
 
 /// Bytes of events buffered by all polling watchers.
-static BUFFERED_TOTAL: AtomicUsize = AtomicUsize::new(0);
+static BUFFERED_TOTAL: Quota = Quota::new(MAX_BYTES_TOTAL);
 
 /// An event's share of [`MAX_BYTES`]: its encoding, field key and length.
 fn cost(ev: &FilesystemEvent) -> usize {
@@ -71,8 +71,7 @@ impl PollState {
         if self.events.len() >= capacity || self.bytes + n > MAX_BYTES {
             return false;
         }
-        if BUFFERED_TOTAL.fetch_add(n, Ordering::Relaxed) + n > MAX_BYTES_TOTAL {
-            BUFFERED_TOTAL.fetch_sub(n, Ordering::Relaxed);
+        if !BUFFERED_TOTAL.try_take(n) {
             return false;
         }
         self.bytes += n;
@@ -82,14 +81,14 @@ impl PollState {
 
     /// Takes every buffered event.
     fn take(&mut self) -> Vec<FilesystemEvent> {
-        BUFFERED_TOTAL.fetch_sub(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        BUFFERED_TOTAL.give(std::mem::take(&mut self.bytes));
         self.events.drain(..).collect()
     }
 }
 
 impl Drop for PollState {
     fn drop(&mut self) {
-        BUFFERED_TOTAL.fetch_sub(self.bytes, Ordering::Relaxed);
+        BUFFERED_TOTAL.give(self.bytes);
     }
 }
 
@@ -145,7 +144,9 @@ impl Watchers {
     ) -> Result<()> {
         let mut watch = watch_dir(root.clone(), opts.clone()).await?;
         let bytes = pending.iter().map(cost).sum();
-        BUFFERED_TOTAL.fetch_add(bytes, Ordering::Relaxed);
+        // Events carried over from a previous image: counted whatever the
+        // total (they were within it there).
+        BUFFERED_TOTAL.take(bytes);
         let state = Arc::new(Mutex::new(PollState {
             bytes,
             events: pending,
@@ -276,7 +277,7 @@ mod tests {
     /// toward all watchers' total is given back when polled or dropped.
     #[test]
     fn buffered_bytes_are_bounded_and_given_back() {
-        let total = || BUFFERED_TOTAL.load(Ordering::Relaxed);
+        let total = || BUFFERED_TOTAL.used();
         let start = total();
         let mut s = PollState {
             events: VecDeque::new(),

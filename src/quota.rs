@@ -1,0 +1,76 @@
+//! A count of bytes held against a fixed limit, taken and given back by
+//! whoever holds them: the queues that must not grow without bound (watch
+//! events per subscription and for all of them, polling watchers' buffers)
+//! share this one check.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Debug)]
+pub struct Quota {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Quota {
+    pub const fn new(max: usize) -> Quota {
+        Quota {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes `n` if they fit under the limit; says whether they did.
+    pub fn try_take(&self, n: usize) -> bool {
+        if self.used.fetch_add(n, Ordering::Relaxed) + n > self.max {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Takes `n` from both quotas, or from neither.
+    pub fn try_take_both(&self, other: &Quota, n: usize) -> bool {
+        if !self.try_take(n) {
+            return false;
+        }
+        if !other.try_take(n) {
+            self.give(n);
+            return false;
+        }
+        true
+    }
+
+    /// Counts `n` as held whatever the limit (units already held elsewhere,
+    /// such as state carried over from a previous envd image).
+    pub fn take(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Gives back `n` taken before.
+    pub fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Units held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_up_to_the_limit_and_both_or_neither() {
+        let (a, b) = (Quota::new(10), Quota::new(4));
+        assert!(a.try_take(6));
+        assert!(!a.try_take(5));
+        assert_eq!(a.used(), 6);
+        assert!(a.try_take_both(&b, 4));
+        assert_eq!((a.used(), b.used()), (10, 4));
+        a.give(4);
+        assert!(!a.try_take_both(&b, 1), "b is full");
+        assert_eq!((a.used(), b.used()), (6, 4));
+    }
+}
