@@ -84,7 +84,7 @@ pub fn encode_into<M: Message + 'static>(
     }
     match codec {
         Codec::Proto => {
-            out.reserve(msg.encoded_len());
+            out.reserve(len);
             msg.encode(out)
                 .map_err(|e| Error::internal(format!("encoding {name}: {e}")))
         }
@@ -133,11 +133,12 @@ fn output_of(msg: &dyn std::any::Any) -> Option<&Output> {
     }
 }
 
-/// A process's output event in binary protobuf as an envelope's prefix with
-/// the message's head (`flags`, then the field keys and lengths down to the
-/// output) and the output itself, to be sent one after the other: the
-/// output is framed without being copied. `None` for any other message.
-pub fn framed_output_event(msg: &dyn std::any::Any, flags: u8) -> Option<(Bytes, Bytes)> {
+/// A process's output event in binary protobuf as a streamed message's
+/// envelope prefix (no flags) with the message's head (the field keys and
+/// lengths down to the output) and the output itself, to be sent one after
+/// the other: the output is framed without being copied. `None` for any
+/// other message.
+pub fn framed_output_event(msg: &dyn std::any::Any) -> Option<(Bytes, Bytes)> {
     use prost::encoding::{encode_varint, encoded_len_varint};
     let (field, bytes) = match output_of(msg)? {
         Output::Stdout(b) => (1u64, b),
@@ -152,7 +153,7 @@ pub fn framed_output_event(msg: &dyn std::any::Any, flags: u8) -> Option<(Bytes,
     let response = 1 + encoded_len_varint(process_event) as u64 + process_event;
     let len = u32::try_from(response).ok()?;
     let mut head = Vec::with_capacity(24);
-    head.push(flags);
+    head.push(0);
     head.extend_from_slice(&len.to_be_bytes());
     // StartResponse/ConnectResponse.event = 1, ProcessEvent.data = 2, then
     // DataEvent's output field.
@@ -293,7 +294,7 @@ mod tests {
                         generic(&|o| encode_into(Codec::Proto, "", &connect, o)),
                     ),
                 ] {
-                    let (head, body) = framed_output_event(msg, 0).unwrap();
+                    let (head, body) = framed_output_event(msg).unwrap();
                     assert_eq!([&head[..], &body[..]].concat(), want, "length {len}");
                     // The output is the event's own buffer, not a copy.
                     assert_eq!(body.as_ptr(), data.as_ptr());
@@ -305,7 +306,7 @@ mod tests {
                 event: Some(process_event::Event::Keepalive(process_event::KeepAlive {})),
             }),
         };
-        assert!(framed_output_event(&end, 0).is_none());
+        assert!(framed_output_event(&end).is_none());
     }
 
     /// The direct writer of output events says exactly what the generic

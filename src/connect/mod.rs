@@ -287,7 +287,7 @@ fn envelope<M: Message + 'static>(
     msg: &M,
 ) -> Result<(Bytes, Option<Bytes>)> {
     if codec == Codec::Proto {
-        if let Some((head, output)) = codec::framed_output_event(msg, 0) {
+        if let Some((head, output)) = codec::framed_output_event(msg) {
             return Ok((head, Some(output)));
         }
     }

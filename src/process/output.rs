@@ -146,10 +146,10 @@ const COMPACT_MAX: usize = 1 << 20;
 const READ_MAX: usize = super::supervise::PIPE_READ_CHUNK;
 
 /// Copies runs of adjacent chunks of one source into single buffers of up to
-/// [`COMPACT_MAX`]. Each chunk a pump read holds a buffer of up to 64 KiB
-/// from wherever the allocator had room; an ended log keeps its chunks for
-/// a while, and scattered across the heap they kept many of its pages
-/// resident after a burst. Offsets are unchanged.
+/// [`COMPACT_MAX`]. Each chunk a pump read holds a share of a read buffer
+/// (64 or 256 KiB) from wherever the allocator had room; an ended log keeps
+/// its chunks for a while, and scattered across the heap they kept many of
+/// its pages resident after a burst. Offsets are unchanged.
 fn compact(chunks: &mut VecDeque<Chunk>) {
     if chunks.len() < 2 {
         return;
