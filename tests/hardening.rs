@@ -956,3 +956,131 @@ fn multipart_uploads_write_a_bounded_number_of_files() {
     assert!(r.text().contains("at most 10000 files"), "{}", r.text());
     healthy(&e);
 }
+
+// Bounds: what a recursive watch holds per directory is bounded by bytes,
+// not only by the kernel's count of watches: long paths cost envd memory.
+#[tokio::test]
+async fn recursive_watches_of_many_long_directories_are_bounded() {
+    let e = Envd::start(&[]);
+    let (_dir, root) = empty_dir("w");
+    // 14 levels of 250-byte names, then directories with 200-byte names:
+    // each path near 3.8 KiB. 20,000 of them in one directory...
+    let deep = root.join(vec!["d".repeat(250); 14].join("/"));
+    let wide = deep.join("wide");
+    std::fs::create_dir_all(&wide).unwrap();
+    let stem = "s".repeat(200);
+    for i in 0..20_000 {
+        std::fs::create_dir(wide.join(format!("{stem}{i}"))).unwrap();
+    }
+    // ...and 100 directories of 100 each.
+    let spread = deep.join("spread");
+    for i in 0..100 {
+        for j in 0..100 {
+            std::fs::create_dir_all(spread.join(format!("{stem}{i}/{j}"))).unwrap();
+        }
+    }
+    let mut fs = e.fs().await;
+    let before = rss_kib(e.pid());
+    for top in [&wide, &spread] {
+        let r = fs
+            .watch_dir(WatchDirRequest {
+                path: s(top),
+                recursive: true,
+                include_entry: false,
+                allow_network_mounts: false,
+            })
+            .await;
+        let status = match r {
+            Ok(_) => panic!("a watch of {} was armed", s(top)),
+            Err(status) => status,
+        };
+        assert_eq!(
+            status.code(),
+            tonic::Code::ResourceExhausted,
+            "{}",
+            status.message()
+        );
+        let grown_mib = rss_kib(e.pid()).saturating_sub(before) / 1024;
+        let why = status.message().rsplit(';').next().unwrap_or_default();
+        println!("refused ({why}): envd grew by {grown_mib} MiB");
+        assert!(grown_mib < 100, "envd grew by {grown_mib} MiB");
+    }
+    // What the refused watches took is given back: a tree of 4,040 such
+    // directories (~46 MiB of the 64 MiB) is watched.
+    std::fs::remove_dir_all(&wide).unwrap();
+    for i in 40..100 {
+        std::fs::remove_dir_all(spread.join(format!("{stem}{i}"))).unwrap();
+    }
+    let mut w = watch(&mut fs, &spread, true).await;
+    std::fs::write(spread.join(format!("{stem}0/0/f")), b"x").unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(30), w.next())
+        .await
+        .expect("no event")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev.event, Some(watch_dir_response::Event::Filesystem(ref f)) if f.name.ends_with("/0/f")),
+        "{ev:?}"
+    );
+    healthy(&e);
+}
+
+// Directories made and deleted under a recursive watch are forgotten when
+// deleted: churn does not use up the watch's bounds, and a directory made
+// again under the same name is watched again.
+#[tokio::test]
+async fn recursive_watches_forget_deleted_directories() {
+    use envd::proto::filesystem::watch_dir_response::Event as W;
+    let e = Envd::start(&[]);
+    let (_dir, root) = empty_dir("w");
+    let deep = root.join(vec!["d".repeat(250); 14].join("/"));
+    std::fs::create_dir_all(&deep).unwrap();
+    let mut fs = e.fs().await;
+    let mut w = watch(&mut fs, &root, true).await;
+    let stem = "s".repeat(200);
+    // 6,000 directories of 3.8 KiB paths would cost ~68 MiB if remembered.
+    let reader = tokio::spawn(async move {
+        let mut seen = 0u64;
+        loop {
+            match w.next().await {
+                Some(Ok(r)) => match r.event {
+                    Some(W::Filesystem(ev)) if ev.name.ends_with("/again/file") => return Ok(seen),
+                    _ => seen += 1,
+                },
+                Some(Err(status)) => return Err(status),
+                None => panic!("the watch ended"),
+            }
+        }
+    });
+    // In batches the watch can follow (its queue holds ~1 MiB of events),
+    // each watched before it goes.
+    for batch in 0..120 {
+        let dirs: Vec<_> = (0..50)
+            .map(|i| deep.join(format!("{stem}{batch}-{i}")))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir(d).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for d in &dirs {
+            std::fs::remove_dir(d).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let again = deep.join("again");
+    for _ in 0..3 {
+        std::fs::create_dir(&again).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::remove_dir(&again).unwrap();
+    }
+    std::fs::create_dir(&again).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(again.join("file"), b"x").unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the event in the directory made again never came")
+        .unwrap()
+        .expect("the watch failed");
+    println!("{seen} events before the one awaited");
+    healthy(&e);
+}

@@ -9,7 +9,7 @@
 //! subscriptions is capped.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -35,6 +35,22 @@ const EVENT_COST: usize = 96;
 /// Raw event bytes queued by all subscriptions.
 static QUEUED_TOTAL: Quota = Quota::new(RAW_BYTES_TOTAL);
 
+/// What all subscriptions' watched directories may cost together: a path is
+/// held three times (here once, shared by the two tables, and twice inside
+/// notify), plus [`DIR_COST`] of map entries. The kernel bounds the number of
+/// watches (`max_user_watches`, ~190,000 on a 24 GiB host), not their paths'
+/// length: 20,000 directories with 3.8 KiB paths cost envd 304 MiB before
+/// this bound.
+const WATCHED_BYTES_TOTAL: usize = 64 << 20;
+const DIR_COST: usize = 256;
+
+/// Bytes of watched directories held by all subscriptions.
+static WATCHED_TOTAL: Quota = Quota::new(WATCHED_BYTES_TOTAL);
+
+fn dir_cost(dir: &Path) -> usize {
+    3 * dir.as_os_str().len() + DIR_COST
+}
+
 fn cost(ev: &RawEvent) -> usize {
     EVENT_COST
         + ev.as_ref()
@@ -50,7 +66,7 @@ pub type RawEvent = notify::Result<notify::Event>;
 #[derive(Default)]
 struct Table {
     /// Watched directory → the subscriptions that asked for it.
-    dirs: HashMap<PathBuf, HashSet<u64>>,
+    dirs: HashMap<Arc<Path>, HashSet<u64>>,
     subs: HashMap<u64, Sink>,
 }
 
@@ -59,7 +75,8 @@ struct Sink {
     overflow: Arc<AtomicBool>,
     /// Bytes of this subscription's events in its queue.
     queued: Arc<Quota>,
-    dirs: HashSet<PathBuf>,
+    /// This subscription's directories (each counted in [`WATCHED_TOTAL`]).
+    dirs: HashSet<Arc<Path>>,
 }
 
 impl Sink {
@@ -191,54 +208,97 @@ impl Hub {
         f(g.as_mut().expect("created above"))
     }
 
-    fn add(&self, id: u64, dir: &Path) -> notify::Result<()> {
+    /// Watches `dir` for subscription `id`: `Ok(false)` if it vanished (or
+    /// is no directory now), RESOURCE_EXHAUSTED when the watched paths of
+    /// all subscriptions would pass [`WATCHED_BYTES_TOTAL`].
+    fn add(&self, id: u64, dir: &Path) -> Result<bool> {
         let mut w = lock(&self.watcher);
-        let first = {
+        let (first, dir) = {
             let mut t = lock(&self.table);
+            let t = &mut *t;
             let Some(sink) = t.subs.get_mut(&id) else {
-                return Ok(());
+                return Ok(true);
             };
-            if !sink.dirs.insert(dir.to_path_buf()) {
-                return Ok(()); // this subscription has it already
+            if sink.dirs.contains(dir) {
+                return Ok(true); // this subscription has it already
             }
-            let users = t.dirs.entry(dir.to_path_buf()).or_default();
+            if !WATCHED_TOTAL.try_take(dir_cost(dir)) {
+                return Err(Error::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "watching '{}' would take the directories envd watches past {} MiB \
+                         of paths; watch fewer or smaller trees (or end other watches)",
+                        dir.display(),
+                        WATCHED_BYTES_TOTAL >> 20
+                    ),
+                ));
+            }
+            let dir: Arc<Path> = match t.dirs.get_key_value(dir) {
+                Some((shared, _)) => shared.clone(),
+                None => Arc::from(dir),
+            };
+            sink.dirs.insert(dir.clone());
+            let users = t.dirs.entry(dir.clone()).or_default();
             users.insert(id);
-            users.len() == 1
+            (users.len() == 1, dir)
         };
         if !first {
-            return Ok(());
+            return Ok(true);
         }
-        let r = self.with_watcher(&mut w, |w| w.watch(dir, RecursiveMode::NonRecursive));
-        if r.is_err() {
+        let r = self.with_watcher(&mut w, |w| w.watch(&dir, RecursiveMode::NonRecursive));
+        let Err(e) = r else {
+            return Ok(true);
+        };
+        {
             let mut t = lock(&self.table);
-            t.dirs.remove(dir);
+            if let Some(users) = t.dirs.get_mut(&dir) {
+                users.remove(&id);
+                if users.is_empty() {
+                    t.dirs.remove(&dir);
+                }
+            }
             if let Some(s) = t.subs.get_mut(&id) {
-                s.dirs.remove(dir);
+                if s.dirs.remove(&dir) {
+                    WATCHED_TOTAL.give(dir_cost(&dir));
+                }
             }
         }
-        r
+        let vanished = match &e.kind {
+            notify::ErrorKind::PathNotFound => true,
+            notify::ErrorKind::Io(io) => {
+                matches!(io.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+            }
+            _ => false,
+        };
+        if vanished {
+            return Ok(false);
+        }
+        Err(super::watch::notify_error(&e, &dir))
     }
 
     fn remove(&self, id: u64) {
         let mut w = lock(&self.watcher);
-        let unused: Vec<PathBuf> = {
+        let unused: Vec<Arc<Path>> = {
             let mut t = lock(&self.table);
             let Some(sink) = t.subs.remove(&id) else {
                 return;
             };
             sink.dirs
                 .into_iter()
-                .filter(|d| match t.dirs.get_mut(d) {
-                    Some(users) => {
-                        users.remove(&id);
-                        if users.is_empty() {
-                            t.dirs.remove(d);
-                            true
-                        } else {
-                            false
+                .filter(|d| {
+                    WATCHED_TOTAL.give(dir_cost(d));
+                    match t.dirs.get_mut(d) {
+                        Some(users) => {
+                            users.remove(&id);
+                            if users.is_empty() {
+                                t.dirs.remove(d);
+                                true
+                            } else {
+                                false
+                            }
                         }
+                        None => false,
                     }
-                    None => false,
                 })
                 .collect()
         };
@@ -255,8 +315,12 @@ impl Hub {
 /// directory of one of its paths (or the path itself, for events on a watched
 /// directory). Errors and queue overflows go to everyone.
 fn dispatch(table: &Mutex<Table>, ev: RawEvent) {
-    let t = lock(table);
+    let mut t = lock(table);
     let event = match ev {
+        // Opens and closes (notify watches them; every `read_dir` of a scan
+        // is one) are nobody's event: queued, they filled a watch's queue
+        // while it armed a large tree.
+        Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
         Ok(e) if !e.need_rescan() && !e.paths.is_empty() => e,
         other => {
             for sink in t.subs.values() {
@@ -280,6 +344,28 @@ fn dispatch(table: &Mutex<Table>, ev: RawEvent) {
             sink.deliver(Ok(event.clone()));
         }
     }
+    // A deleted directory's watch is gone (notify dropped it too): forget
+    // it, so that its bytes are given back and a directory made again under
+    // the same name is watched afresh.
+    if let notify::EventKind::Remove(_) = event.kind {
+        for p in &event.paths {
+            forget(&mut t, p);
+        }
+    }
+}
+
+/// Drops `dir` from the tables and every subscription that watched it.
+fn forget(t: &mut Table, dir: &Path) {
+    let Some(users) = t.dirs.remove(dir) else {
+        return;
+    };
+    for id in users {
+        if let Some(sink) = t.subs.get_mut(&id) {
+            if sink.dirs.remove(dir) {
+                WATCHED_TOTAL.give(dir_cost(dir));
+            }
+        }
+    }
 }
 
 fn clone_event(ev: &RawEvent) -> RawEvent {
@@ -300,8 +386,9 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Watches `dir` (not its subdirectories) for this subscription.
-    pub fn watch(&self, dir: &Path) -> notify::Result<()> {
+    /// Watches `dir` (not its subdirectories) for this subscription;
+    /// `Ok(false)` if it vanished meanwhile.
+    pub fn watch(&self, dir: &Path) -> Result<bool> {
         self.hub.add(self.id, dir)
     }
 }

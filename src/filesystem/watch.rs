@@ -38,6 +38,10 @@ const EVENT_COST: usize = 64;
 /// CREATE is dropped) before the memory is cleared (which at worst lets a
 /// duplicate CREATE through).
 const SYNTHESIZED_BYTES: usize = 1 << 20;
+/// Bytes of paths of directories found by a scan and not yet watched: the
+/// watches themselves are bounded by the hub, this bounds the walk towards
+/// them (a directory may hold millions of subdirectories).
+const PENDING_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -105,7 +109,12 @@ fn arm(root: PathBuf, opts: WatchOptions) -> Result<(Translator, RawEvents)> {
         out_bytes: 0,
         names: Names::default(),
     };
-    tr.add_tree(&root, false, &mut Vec::new())?;
+    if !tr.add_tree(&root, false, &mut Vec::new())? {
+        return Err(Error::not_found(format!(
+            "'{}' does not exist",
+            root.display()
+        )));
+    }
     Ok((tr, events))
 }
 
@@ -204,6 +213,7 @@ impl Translator {
             let ev = self.event(&path, kind);
             self.emit(out, ev)?;
             if is_new_dir {
+                // A directory already gone again needs no watch.
                 self.add_tree(&path, true, out)?;
             }
         }
@@ -252,51 +262,80 @@ impl Translator {
     /// Watches `top` (and, when recursive, every directory below it, not
     /// through symlinks), iteratively: the tree's depth is not bounded by
     /// anything envd controls. With `announce`, entries found are reported as
-    /// CREATE events: they appeared before their directory was watched.
-    /// envd's own temporary files are neither announced nor entered.
+    /// CREATE events (in name order within each directory): they appeared
+    /// before their directory was watched. envd's own temporary files are
+    /// neither announced nor entered. A directory is read entry by entry:
+    /// only subdirectories still to be watched are held, at most
+    /// [`PENDING_BYTES`] of their paths. `Ok(false)` if `top` vanished
+    /// before it was watched.
     fn add_tree(
         &mut self,
         top: &Path,
         announce: bool,
         out: &mut Vec<FilesystemEvent>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut pending = vec![top.to_path_buf()];
+        let mut pending_bytes = 0;
         while let Some(dir) = pending.pop() {
-            self.sub.watch(&dir).map_err(|e| notify_error(&e, &dir))?;
+            pending_bytes -= if dir == top { 0 } else { dir.as_os_str().len() };
+            if !self.sub.watch(&dir)? {
+                if dir == top {
+                    return Ok(false);
+                }
+                continue; // vanished meanwhile
+            }
             if !self.opts.recursive && !announce {
                 continue;
             }
             let Ok(rd) = std::fs::read_dir(&dir) else {
                 continue; // vanished meanwhile
             };
-            let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
-            entries.sort_by_key(|e| e.file_name());
+            let announced = out.len();
             let mut subdirs = Vec::new();
-            for e in entries {
+            for e in rd.filter_map(|e| e.ok()) {
                 let path = e.path();
                 if is_envd_temp(&path) {
                     continue;
                 }
                 if announce {
-                    let len = path.as_os_str().len();
-                    if self.synthesized_bytes + len > SYNTHESIZED_BYTES {
-                        self.synthesized.clear();
-                        self.synthesized_bytes = 0;
-                    }
-                    if self.synthesized.insert(path.clone()) {
-                        self.synthesized_bytes += len;
-                    }
+                    self.remember_synthesized(&path);
                     let ev = self.event(&path, EventType::Create);
                     self.emit(out, ev)?;
                 }
                 if self.opts.recursive && e.file_type().is_ok_and(|t| t.is_dir()) {
+                    pending_bytes += path.as_os_str().len();
+                    if pending_bytes > PENDING_BYTES {
+                        return Err(Error::new(
+                            Code::ResourceExhausted,
+                            format!(
+                                "'{}' holds more directories than one watch can follow \
+                                 (their paths pass {} MiB); watch a smaller tree",
+                                top.display(),
+                                PENDING_BYTES >> 20
+                            ),
+                        ));
+                    }
                     subdirs.push(path);
                 }
             }
+            out[announced..].sort_by(|a, b| a.name.cmp(&b.name));
             // Popped in name order.
-            pending.extend(subdirs.into_iter().rev());
+            subdirs.sort_unstable_by(|a, b| b.cmp(a));
+            pending.extend(subdirs);
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Remembers `path` as announced, so that its real CREATE is dropped.
+    fn remember_synthesized(&mut self, path: &Path) {
+        let len = path.as_os_str().len();
+        if self.synthesized_bytes + len > SYNTHESIZED_BYTES {
+            self.synthesized.clear();
+            self.synthesized_bytes = 0;
+        }
+        if self.synthesized.insert(path.to_path_buf()) {
+            self.synthesized_bytes += len;
+        }
     }
 }
 
@@ -318,7 +357,7 @@ fn read_limit(name: &str) -> String {
         .map_or_else(|_| "?".into(), |s| s.trim().to_owned())
 }
 
-fn notify_error(e: &notify::Error, path: &Path) -> Error {
+pub(super) fn notify_error(e: &notify::Error, path: &Path) -> Error {
     match &e.kind {
         notify::ErrorKind::MaxFilesWatch => Error::new(
             Code::ResourceExhausted,
