@@ -1084,3 +1084,90 @@ async fn recursive_watches_forget_deleted_directories() {
     println!("{seen} events before the one awaited");
     healthy(&e);
 }
+
+/// Starts `script` over Connect (binary proto, HTTP/1.1) on a connection
+/// of its own and reads only the response head: the stream stays attached
+/// and unread while the socket is kept.
+fn start_unread(e: &Envd, script: &str) -> TcpStream {
+    use prost::Message;
+    let mut s = TcpStream::connect(addr(&e.tcp)).unwrap();
+    let body = common::http::envelope(0, &sh(script).encode_to_vec());
+    let head = format!(
+        "POST /process.Process/Start HTTP/1.1\r\nhost: envd\r\n\
+         content-type: application/connect+proto\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        got.push(b[0]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    s
+}
+
+// Bounds: the shared output budget holds for output that attached clients
+// do not read (it used to bound only unattached output: each stalled stream
+// kept `--output-buffer` unread).
+#[tokio::test]
+async fn unread_attached_streams_hold_bounded_output() {
+    let e = Envd::start(&[]);
+    let idle = rss_kib(e.pid());
+    let streams: Vec<TcpStream> = (0..300).map(|_| start_unread(&e, "exec yes")).collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let grown_mib = rss_kib(e.pid()).saturating_sub(idle) / 1024;
+    println!("300 unread streams of `yes`: envd grew by {grown_mib} MiB");
+    // Each stalled stream keeps up to 64 KiB unread in its log, a 64 KiB
+    // read buffer and what hyper queues for the socket (~400 KB); before,
+    // 1 MiB unread and 256 KiB buffers: +617 MiB.
+    assert!(grown_mib < 320, "envd grew by {grown_mib} MiB");
+    drop(streams);
+    healthy(&e);
+}
+
+// Bounds: ended processes' retained output counts against the shared
+// budget too (each used to keep `--output-buffer` for `--exit-retention`).
+#[tokio::test]
+async fn ended_processes_keep_output_within_the_budget() {
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let idle = rss_kib(e.pid());
+    let mut pids = Vec::new();
+    for _ in 0..200 {
+        let (mut stream, o) = started(&mut c, sh("head -c 1048576 /dev/zero")).await;
+        let mut o = o;
+        read_until(&mut stream, &mut o, |o| o.end.is_some()).await;
+        assert_eq!(o.stdout.len(), 1 << 20);
+        pids.push(o.pid);
+    }
+    let grown_mib = rss_kib(e.pid()).saturating_sub(idle) / 1024;
+    println!("200 ended processes of 1 MiB output: envd grew by {grown_mib} MiB");
+    assert!(grown_mib < 100, "envd grew by {grown_mib} MiB");
+    // The newest output of each is still there to replay.
+    let mut s = c
+        .connect(ConnectRequest {
+            process: by_pid(pids[199]),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+    let lost = o.start.as_ref().unwrap().output_lost.unwrap_or(0);
+    println!(
+        "replay of the last: {} bytes, {lost} reported lost",
+        o.stdout.len()
+    );
+    assert_eq!(o.stdout.len() as u64 + lost, 1 << 20);
+    assert!(!o.stdout.is_empty());
+    healthy(&e);
+}

@@ -277,12 +277,21 @@ impl OutputLog {
                 // While a live upgrade quiesces, nobody will read again in
                 // this image: appending beats holding bytes in a pump's hands.
                 let max_chunks = max_chunks(self.capacity);
+                // Over the shared budget, an attached subscriber may fall
+                // only [`FLOOR`] behind: its unread bytes cannot be dropped,
+                // so many attached clients that do not read would otherwise
+                // hold `capacity` each (300 took envd to +547 MiB).
+                let ahead = if self.budget.over() {
+                    FLOOR.min(self.capacity)
+                } else {
+                    self.capacity
+                };
                 let fits = match g.slowest() {
                     _ if crate::handover::quiesce::requested() => true,
                     None => true,
                     Some(c) => {
                         c == g.end
-                            || (g.end - c + data.len() as u64 <= self.capacity
+                            || (g.end - c + data.len() as u64 <= ahead
                                 && g.unread_chunks(c) < max_chunks)
                     }
                 };
@@ -295,11 +304,7 @@ impl OutputLog {
                     self.budget
                         .used
                         .fetch_add(g.cost() - before, Ordering::Relaxed);
-                    let floor = FLOOR.min(self.capacity);
-                    let budget = &self.budget;
-                    g.drop_oldest(budget, |g| {
-                        g.exceeds(self.capacity) || (budget.over() && g.exceeds(floor))
-                    });
+                    self.trim(&mut g);
                     drop(g);
                     self.notify();
                     return;
@@ -309,6 +314,21 @@ impl OutputLog {
                 return;
             }
         }
+    }
+
+    /// Drops the oldest read output beyond the capacity, and beyond
+    /// [`FLOOR`] while all logs together are over the budget.
+    fn trim(&self, g: &mut Inner) {
+        let floor = FLOOR.min(self.capacity);
+        let budget = &self.budget;
+        g.drop_oldest(budget, |g| {
+            g.exceeds(self.capacity) || (budget.over() && g.exceeds(floor))
+        });
+    }
+
+    /// Whether all logs together are over their shared budget.
+    pub fn pressed(&self) -> bool {
+        self.budget.over()
     }
 
     /// Publishes the end offset to `cell` from now on.
@@ -388,6 +408,11 @@ impl OutputLog {
     /// What stays retained is compacted first (see [`compact`]).
     pub fn finish(&self, end: EndEvent) {
         let mut g = self.lock();
+        // An ended log appends no more, so it is trimmed here (and as its
+        // subscribers read), or ended logs would keep `capacity` each
+        // whatever the budget. Before compaction, which makes chunks of up to
+        // 1 MiB that a trim could only drop whole.
+        self.trim(&mut g);
         let before = g.cost();
         compact(&mut g.chunks);
         // Fewer chunks, the same bytes.
@@ -485,6 +510,9 @@ impl Subscription {
             let next = Next::Data(chunk.source, chunk.data.slice(skip..skip + take));
             let new_cursor = cursor + take as u64;
             g.cursors.insert(self.id, new_cursor);
+            if g.finished.is_some() && self.log.budget.over() {
+                self.log.trim(&mut g);
+            }
             drop(g);
             self.log.notify();
             return Some(next);

@@ -65,11 +65,13 @@ enum OutputReader {
 }
 
 impl OutputReader {
-    /// Appends what is available to `buf`; `Ok(0)` at end of output.
-    async fn read(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+    /// Appends what is available to `buf`; `Ok(0)` at end of output. A new
+    /// buffer is [`READ_CHUNK`] while `small` (all output logs together are
+    /// over their budget: every stalled stream holds a buffer or two).
+    async fn read(&mut self, buf: &mut BytesMut, small: bool) -> std::io::Result<usize> {
         if buf.capacity() - buf.len() < MIN_ROOM {
             buf.reserve(match self {
-                OutputReader::Pipe(_, true) => PIPE_READ_CHUNK,
+                OutputReader::Pipe(_, true) if !small => PIPE_READ_CHUNK,
                 _ => READ_CHUNK,
             });
         }
@@ -121,7 +123,7 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
                 quiesce = Box::pin(crate::handover::quiesce::until_requested());
                 continue;
             }
-            r = reader.read(&mut buf) => r,
+            r = reader.read(&mut buf, log.pressed()) => r,
             () = exited_and_idle(&process.exited) => break,
         };
         match read {
