@@ -893,3 +893,80 @@ fn stat_cpu_ticks_reads_utime_and_stime_only() {
     let in_terminal = "77 (x) R 1 77 77 34816 77 4194560 10 20 0 0 7 8 900 900 20 0";
     assert_eq!(common::procfs::stat_cpu_ticks(in_terminal), 15);
 }
+
+/// `Start` and `Connect` over gRPC are served beside tonic, each output
+/// event sent as a short head and the output itself: every byte arrives in
+/// order in messages tonic decodes, and the stream ends with the exit and a
+/// `grpc-status: 0` trailer (tonic's client reports a stream without it as an
+/// error). Then `Connect` replays the retained bytes; errors before the
+/// first event are trailers-only statuses.
+#[tokio::test]
+async fn grpc_output_streams_arrive_whole_and_end_with_a_status() {
+    use process_event::{data_event::Output, Event};
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let want: String = (1..=300_000).map(|i| format!("{i}\n")).collect();
+    async fn collect(
+        mut s: impl futures_util::Stream<Item = Result<Option<ProcessEvent>, tonic::Status>> + Unpin,
+    ) -> (Vec<u8>, Vec<u8>, u32, Option<i32>) {
+        let (mut out, mut err, mut pid, mut exit) = (Vec::new(), Vec::new(), 0, None);
+        while let Some(ev) = s.next().await {
+            match ev.expect("a clean end").and_then(|e| e.event) {
+                Some(Event::Start(s)) => pid = s.pid,
+                Some(Event::Data(d)) => match d.output {
+                    Some(Output::Stdout(b)) => out.extend_from_slice(&b),
+                    Some(Output::Stderr(b)) => err.extend_from_slice(&b),
+                    other => panic!("unexpected output {other:?}"),
+                },
+                Some(Event::End(e)) => exit = Some(e.exit_code),
+                _ => {}
+            }
+        }
+        (out, err, pid, exit)
+    }
+    let s = c
+        .start(sh("seq 1 300000; echo done >&2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.map(|r| r.event));
+    let (out, err, pid, exit) = collect(s).await;
+    assert!(
+        out == want.as_bytes(),
+        "stdout differs ({} bytes)",
+        out.len()
+    );
+    assert_eq!((err.as_slice(), exit), (&b"done\n"[..], Some(0)));
+    let s = c
+        .connect(ConnectRequest {
+            process: by_pid(pid),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.map(|r| r.event));
+    let (out, _, _, exit) = collect(s).await;
+    // The newest 1 MiB (`--output-buffer`) is what a replay can give.
+    assert!(out.len() >= 800_000, "replayed {} bytes", out.len());
+    assert!(want.as_bytes().ends_with(&out), "replay differs");
+    assert_eq!(exit, Some(0));
+    // Failures before the first event.
+    assert_eq!(
+        code(
+            c.connect(ConnectRequest {
+                process: by_pid(999_999),
+                resume_offset: None,
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.start(with_meta(sh("true"), &[("grpc-encoding", "gzip")]))
+                .await
+        ),
+        Code::Unimplemented
+    );
+}
