@@ -26,6 +26,7 @@ use crate::process::ProcessService;
 use crate::proto::filesystem::filesystem_server::FilesystemServer;
 use crate::proto::process::process_server::ProcessServer;
 use crate::proto::transfer::transfer_server::TransferServer;
+use crate::status::Error;
 use crate::wire::HttpBody;
 use crate::wire::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
@@ -36,9 +37,6 @@ const MAX_STREAMS: u32 = 1024;
 #[derive(Clone)]
 pub struct Router {
     grpc: Routes,
-    /// `Start` and `Connect` over gRPC (see [`crate::grpc::output`]).
-    process: Arc<ProcessService>,
-    defaults: Arc<Defaults>,
     connect: Arc<ConnectRouter>,
     rest: Arc<RestRouter>,
     auth: Arc<Auth>,
@@ -55,8 +53,6 @@ impl Router {
     ) -> Result<Router, String> {
         let ports = Arc::new(crate::ports::api::PortsService::new(process.clone()));
         Ok(Router {
-            process: process.clone(),
-            defaults: defaults.clone(),
             grpc: grpc_routes(
                 process.clone(),
                 filesystem.clone(),
@@ -102,12 +98,9 @@ impl Router {
             (_, v) => Err(refusal(v)),
         };
         let mut response = match verdict {
-            Err(e) if grpc => crate::grpc::trailers_only(&e.into()),
+            Err(e) if grpc => grpc_error(e),
             Err(e) if connect => crate::connect::unary_error(&e),
             Err(e) => Rest::from(e).response(),
-            Ok(_) if grpc && crate::grpc::output::serves(path) => {
-                crate::grpc::output::handle(&self.process, &self.defaults, req).await
-            }
             Ok(_) if grpc => match self.grpc.clone().oneshot(req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
@@ -118,6 +111,11 @@ impl Router {
         cors(&mut response);
         response
     }
+}
+
+fn grpc_error(e: Error) -> Response<HttpBody> {
+    let (parts, ()) = tonic::Status::from(e).into_http::<()>().into_parts();
+    Response::from_parts(parts, HttpBody::default())
 }
 
 /// CORS as E2B's envd does it: any origin, the usual methods, any header.

@@ -894,10 +894,9 @@ fn stat_cpu_ticks_reads_utime_and_stime_only() {
     assert_eq!(common::procfs::stat_cpu_ticks(in_terminal), 15);
 }
 
-/// `Start` and `Connect` over gRPC are served beside tonic, each output
-/// event sent as a short head and the output itself: every byte arrives in
-/// order in messages tonic decodes, and the stream ends with the exit and a
-/// `grpc-status: 0` trailer (tonic's client reports a stream without it as an
+/// `Start` and `Connect` over gRPC: every byte arrives in order in messages
+/// tonic decodes, and the stream ends with the exit and a `grpc-status: 0`
+/// trailer (tonic's client reports a stream without it as an
 /// error). Then `Connect` replays the retained bytes; errors before the
 /// first event are trailers-only statuses.
 #[tokio::test]

@@ -278,11 +278,10 @@ where
     ))
 }
 
-/// A streamed message's envelope (a gRPC message's too: the prefix is the
-/// same): in binary protobuf, a process's output event is a short head
-/// followed by the output itself (not copied); any other message is one
-/// buffer.
-pub(crate) fn message_frames<M: Message + 'static>(
+/// A streamed message's envelope: in binary protobuf, a process's output
+/// event is a short head followed by the output itself (not copied); any
+/// other message is one buffer.
+fn envelope<M: Message + 'static>(
     codec: Codec,
     name: &str,
     msg: &M,
@@ -320,7 +319,7 @@ where
             };
             let (parts, rest) = match next {
                 None => ((end_frame(None), None), None),
-                Some(Ok(msg)) => match message_frames(codec, &name, &msg) {
+                Some(Ok(msg)) => match envelope(codec, &name, &msg) {
                     Ok(parts) => (parts, Some(s)),
                     Err(e) => ((end_frame(Some(&e)), None), None),
                 },

@@ -3,7 +3,6 @@
 //! maps errors through [`crate::status`].
 
 pub mod filesystem;
-pub mod output;
 pub mod ports;
 pub mod process;
 
@@ -32,11 +31,4 @@ fn context<T>(
 ) -> Result<RequestContext, tonic::Status> {
     let headers = req.metadata().clone().into_headers();
     Ok(RequestContext::from_headers(&headers, defaults)?)
-}
-
-/// A call that failed before its first message: status and message in the
-/// response headers (gRPC's trailers-only response).
-pub fn trailers_only(status: &tonic::Status) -> http::Response<crate::wire::HttpBody> {
-    let (parts, ()) = status.clone().into_http::<()>().into_parts();
-    http::Response::from_parts(parts, crate::wire::HttpBody::default())
 }
