@@ -61,6 +61,37 @@ async fn idle_cpu_with_ports_watch(envd: &Envd, secs: u64) -> (f64, f64) {
     (idle, watching)
 }
 
+/// envd's CPU over `secs` seconds with a Ports.Watch stream open while
+/// `pairs` loopback connections are open in the machine, beside what one
+/// read of `/proc/net/tcp` (every socket, which the scan used to read each
+/// second) takes here then.
+async fn busy_machine_ports_watch(envd: &Envd, pairs: usize, secs: u64) -> (f64, Duration) {
+    use envd::proto::ports::ports_client::PortsClient;
+    use envd::proto::ports::WatchPortsRequest;
+    envd::limits::raise_nofile();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = l.local_addr().unwrap();
+    let mut held = Vec::with_capacity(pairs * 2);
+    for _ in 0..pairs {
+        held.push(std::net::TcpStream::connect(at).unwrap());
+        held.push(l.accept().unwrap().0);
+    }
+    let t = Instant::now();
+    let table = std::fs::read("/proc/net/tcp").unwrap();
+    let proc_read = t.elapsed();
+    assert!(table.len() > pairs * 100, "the table lists the connections");
+    let mut c = PortsClient::new(envd::client::dial(&envd.unix).await.unwrap());
+    let mut s = c.watch(WatchPortsRequest {}).await.unwrap().into_inner();
+    let drain = tokio::spawn(async move { while s.next().await.is_some() {} });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t0 = cpu_ticks(envd.pid());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let watching = (cpu_ticks(envd.pid()) - t0) as f64 * 10.0 / secs as f64;
+    drain.abort();
+    drop(held);
+    (watching, proc_read)
+}
+
 #[tokio::main]
 async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -115,8 +146,14 @@ async fn main() {
     drop(busy);
     let (idle, watching) = idle_cpu_with_ports_watch(&envd, IDLE_SECS).await;
     println!(
-        "idle CPU          no stream / Ports.Watch open  {idle:.1} / {watching:.1} ms per s (1 scan of /proc/net/tcp per s; over {IDLE_SECS} s, one 10 ms clock tick = {:.1} ms per s)",
+        "idle CPU          no stream / Ports.Watch open  {idle:.1} / {watching:.1} ms per s (1 scan of the listening sockets per s; over {IDLE_SECS} s, one 10 ms clock tick = {:.1} ms per s)",
         10.0 / IDLE_SECS as f64
+    );
+    let pairs = 8_000;
+    let (busy_watch, proc_read) = busy_machine_ports_watch(&envd, pairs, IDLE_SECS).await;
+    println!(
+        "busy CPU          Ports.Watch open, {pairs} loopback connections  {busy_watch:.1} ms per s (sock_diag: listeners only); one read of /proc/net/tcp then {:.1} ms",
+        proc_read.as_secs_f64() * 1e3
     );
     println!(
         "peak RSS          envd (VmHWM)         {:>8} KiB",

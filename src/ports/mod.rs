@@ -6,6 +6,7 @@
 //! 512 ports and 2,048 connections at once (each costs envd descriptors).
 
 pub mod api;
+mod diag;
 pub mod scan;
 
 use std::collections::{HashMap, HashSet};

@@ -1,7 +1,9 @@
-//! TCP listeners on loopback, from `/proc/net/tcp` and `/proc/net/tcp6`:
-//! what upstream's scanner finds with gopsutil, without walking every
-//! process's fds. A listener is known by its socket inode (a restarted
-//! server is a new listener).
+//! TCP listeners: what upstream's scanner finds with gopsutil, without
+//! walking every process's fds. Asked of the kernel's socket diagnostics
+//! ([`super::diag`]), which walk only listening sockets; where those are
+//! missing (a kernel without `inet_diag`), read from `/proc/net/tcp` and
+//! `/proc/net/tcp6`, which list every socket. A listener is known by its
+//! socket inode (a restarted server is a new listener).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -29,6 +31,15 @@ pub fn loopback_listeners() -> Vec<Listener> {
 
 /// Every listening TCP socket (IPv4 and IPv6), sorted.
 pub fn listeners() -> Vec<Listener> {
+    let mut out = super::diag::listeners(MAX_LISTENERS * 2).unwrap_or_else(from_proc_net);
+    out.sort();
+    out.dedup();
+    out.truncate(MAX_LISTENERS);
+    out
+}
+
+/// Every listening TCP socket, from `/proc/net/tcp*`.
+pub(super) fn from_proc_net() -> Vec<Listener> {
     let mut out = Vec::new();
     for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         let Ok(text) = read_bounded(path) else {
@@ -36,9 +47,6 @@ pub fn listeners() -> Vec<Listener> {
         };
         out.extend(parse(&text, v6));
     }
-    out.sort();
-    out.dedup();
-    out.truncate(MAX_LISTENERS);
     out
 }
 
