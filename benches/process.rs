@@ -39,26 +39,29 @@ async fn envd_spawn(url: &str) -> Duration {
     median(times)
 }
 
-/// envd's CPU over `secs` seconds with a Ports.Watch stream open, beside
-/// the same with no stream (ms of CPU per second).
-async fn idle_cpu_with_ports_watch(envd: &Envd, secs: u64) -> (f64, f64) {
+/// envd's CPU (ms per s) over `secs` seconds, with a Ports.Watch stream
+/// open when `watch` (measured in steady state: the first scan looks up the
+/// owner of every listener, a walk of /proc/*/fd; later scans only of new
+/// ones).
+async fn envd_cpu(envd: &Envd, secs: u64, watch: bool) -> f64 {
     use envd::proto::ports::ports_client::PortsClient;
     use envd::proto::ports::WatchPortsRequest;
-    let per_s = |ticks: u64| ticks as f64 * 10.0 / secs as f64;
+    let mut drain = None;
+    if watch {
+        let mut c = PortsClient::new(envd::client::dial(&envd.unix).await.unwrap());
+        let mut s = c.watch(WatchPortsRequest {}).await.unwrap().into_inner();
+        drain = Some(tokio::spawn(
+            async move { while s.next().await.is_some() {} },
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let t0 = cpu_ticks(envd.pid());
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let idle = per_s(cpu_ticks(envd.pid()) - t0);
-    let mut c = PortsClient::new(envd::client::dial(&envd.unix).await.unwrap());
-    let mut s = c.watch(WatchPortsRequest {}).await.unwrap().into_inner();
-    let drain = tokio::spawn(async move { while s.next().await.is_some() {} });
-    // The first scan looks up the owner of every listener (a walk of
-    // /proc/*/fd); later scans only of new ones. Steady state is measured.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let t0 = cpu_ticks(envd.pid());
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let watching = per_s(cpu_ticks(envd.pid()) - t0);
-    drain.abort();
-    (idle, watching)
+    let per_s = (cpu_ticks(envd.pid()) - t0) as f64 * 10.0 / secs as f64;
+    if let Some(d) = drain {
+        d.abort();
+    }
+    per_s
 }
 
 /// envd's CPU over `secs` seconds with a Ports.Watch stream open while
@@ -66,8 +69,6 @@ async fn idle_cpu_with_ports_watch(envd: &Envd, secs: u64) -> (f64, f64) {
 /// read of `/proc/net/tcp` (every socket, which the scan used to read each
 /// second) takes here then.
 async fn busy_machine_ports_watch(envd: &Envd, pairs: usize, secs: u64) -> (f64, Duration) {
-    use envd::proto::ports::ports_client::PortsClient;
-    use envd::proto::ports::WatchPortsRequest;
     envd::limits::raise_nofile();
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = l.local_addr().unwrap();
@@ -80,14 +81,7 @@ async fn busy_machine_ports_watch(envd: &Envd, pairs: usize, secs: u64) -> (f64,
     let table = std::fs::read("/proc/net/tcp").unwrap();
     let proc_read = t.elapsed();
     assert!(table.len() > pairs * 100, "the table lists the connections");
-    let mut c = PortsClient::new(envd::client::dial(&envd.unix).await.unwrap());
-    let mut s = c.watch(WatchPortsRequest {}).await.unwrap().into_inner();
-    let drain = tokio::spawn(async move { while s.next().await.is_some() {} });
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let t0 = cpu_ticks(envd.pid());
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let watching = (cpu_ticks(envd.pid()) - t0) as f64 * 10.0 / secs as f64;
-    drain.abort();
+    let watching = envd_cpu(envd, secs, true).await;
     drop(held);
     (watching, proc_read)
 }
@@ -144,7 +138,8 @@ async fn main() {
         kill(&mut c, o.pid).await;
     }
     drop(busy);
-    let (idle, watching) = idle_cpu_with_ports_watch(&envd, IDLE_SECS).await;
+    let idle = envd_cpu(&envd, IDLE_SECS, false).await;
+    let watching = envd_cpu(&envd, IDLE_SECS, true).await;
     println!(
         "idle CPU          no stream / Ports.Watch open  {idle:.1} / {watching:.1} ms per s (1 scan of the listening sockets per s; over {IDLE_SECS} s, one 10 ms clock tick = {:.1} ms per s)",
         10.0 / IDLE_SECS as f64

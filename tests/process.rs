@@ -896,76 +896,47 @@ fn stat_cpu_ticks_reads_utime_and_stime_only() {
 
 /// `Start` and `Connect` over gRPC: every byte arrives in order in messages
 /// tonic decodes, and the stream ends with the exit and a `grpc-status: 0`
-/// trailer (tonic's client reports a stream without it as an
-/// error). Then `Connect` replays the retained bytes; errors before the
-/// first event are trailers-only statuses.
+/// trailer (tonic's client reports a stream without it as an error). Then
+/// `Connect` replays the retained bytes; errors before the first event are
+/// trailers-only statuses.
 #[tokio::test]
 async fn grpc_output_streams_arrive_whole_and_end_with_a_status() {
-    use process_event::{data_event::Output, Event};
+    async fn whole<T: HasEvent>(mut s: tonic::Streaming<T>) -> Outcome {
+        let mut o = Outcome::default();
+        while let Some(item) = s.next().await {
+            o.record(item.expect("a clean end").event());
+        }
+        o
+    }
     let e = Envd::start(&[]);
     let mut c = e.client().await;
     let want: String = (1..=300_000).map(|i| format!("{i}\n")).collect();
-    async fn collect(
-        mut s: impl futures_util::Stream<Item = Result<Option<ProcessEvent>, tonic::Status>> + Unpin,
-    ) -> (Vec<u8>, Vec<u8>, u32, Option<i32>) {
-        let (mut out, mut err, mut pid, mut exit) = (Vec::new(), Vec::new(), 0, None);
-        while let Some(ev) = s.next().await {
-            match ev.expect("a clean end").and_then(|e| e.event) {
-                Some(Event::Start(s)) => pid = s.pid,
-                Some(Event::Data(d)) => match d.output {
-                    Some(Output::Stdout(b)) => out.extend_from_slice(&b),
-                    Some(Output::Stderr(b)) => err.extend_from_slice(&b),
-                    other => panic!("unexpected output {other:?}"),
-                },
-                Some(Event::End(e)) => exit = Some(e.exit_code),
-                _ => {}
-            }
-        }
-        (out, err, pid, exit)
-    }
-    let s = c
-        .start(sh("seq 1 300000; echo done >&2"))
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|r| r.map(|r| r.event));
-    let (out, err, pid, exit) = collect(s).await;
-    assert!(
-        out == want.as_bytes(),
-        "stdout differs ({} bytes)",
-        out.len()
-    );
-    assert_eq!((err.as_slice(), exit), (&b"done\n"[..], Some(0)));
+    let s = c.start(sh("seq 1 300000; echo done >&2")).await.unwrap();
+    let o = whole(s.into_inner()).await;
+    assert!(o.out() == want, "stdout differs ({} bytes)", o.stdout.len());
+    assert_eq!((o.err().as_str(), o.end().exit_code), ("done\n", 0));
     let s = c
         .connect(ConnectRequest {
-            process: by_pid(pid),
+            process: by_pid(o.pid),
             resume_offset: Some(0),
         })
         .await
-        .unwrap()
-        .into_inner()
-        .map(|r| r.map(|r| r.event));
-    let (out, _, _, exit) = collect(s).await;
+        .unwrap();
+    let o = whole(s.into_inner()).await;
     // The newest 1 MiB (`--output-buffer`) is what a replay can give.
-    assert!(out.len() >= 800_000, "replayed {} bytes", out.len());
-    assert!(want.as_bytes().ends_with(&out), "replay differs");
-    assert_eq!(exit, Some(0));
+    assert!(
+        o.stdout.len() >= 800_000,
+        "replayed {} bytes",
+        o.stdout.len()
+    );
+    assert!(want.as_bytes().ends_with(&o.stdout), "replay differs");
+    assert_eq!(o.end().exit_code, 0);
     // Failures before the first event.
-    assert_eq!(
-        code(
-            c.connect(ConnectRequest {
-                process: by_pid(999_999),
-                resume_offset: None,
-            })
-            .await
-        ),
-        Code::NotFound
-    );
-    assert_eq!(
-        code(
-            c.start(with_meta(sh("true"), &[("grpc-encoding", "gzip")]))
-                .await
-        ),
-        Code::Unimplemented
-    );
+    let gone = ConnectRequest {
+        process: by_pid(999_999),
+        resume_offset: None,
+    };
+    assert_eq!(code(c.connect(gone).await), Code::NotFound);
+    let gzip = with_meta(sh("true"), &[("grpc-encoding", "gzip")]);
+    assert_eq!(code(c.start(gzip).await), Code::Unimplemented);
 }

@@ -59,6 +59,8 @@ struct Inner {
     cursors: HashMap<u64, u64>,
     next_id: u64,
     finished: Option<EndEvent>,
+    /// What this log counts in [`Budget::ended`] (0 while the process runs).
+    ended_cost: u64,
 }
 
 impl Inner {
@@ -189,6 +191,12 @@ pub const FLOOR: u64 = 64 * 1024;
 #[derive(Debug)]
 pub struct Budget {
     used: AtomicU64,
+    /// What ended processes' logs count of `used`: at most half of `max`,
+    /// so that output kept for re-attaching to ended commands never presses
+    /// the running ones by itself.
+    ended: AtomicU64,
+    /// Ended logs, oldest first: the oldest give their output up first.
+    ended_logs: Mutex<VecDeque<std::sync::Weak<OutputLog>>>,
     max: u64,
 }
 
@@ -196,6 +204,8 @@ impl Budget {
     pub fn new(max: u64) -> Arc<Budget> {
         Arc::new(Budget {
             used: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            ended_logs: Mutex::default(),
             max,
         })
     }
@@ -207,6 +217,34 @@ impl Budget {
 
     fn over(&self) -> bool {
         self.used() > self.max
+    }
+
+    fn ended_over(&self) -> bool {
+        self.ended.load(Ordering::Relaxed) > self.max / 2
+    }
+
+    /// Counts `log` (just ended) among the ended logs, and while they keep
+    /// more than half the budget, drops the read output of the oldest,
+    /// then if need be the oldest output of `log` itself.
+    fn admit_ended(&self, log: &Arc<OutputLog>) {
+        let mut logs = self.ended_logs.lock().unwrap_or_else(|e| e.into_inner());
+        if logs.len() >= 512 {
+            logs.retain(|w| w.strong_count() > 0);
+        }
+        logs.push_back(Arc::downgrade(log));
+        while self.ended_over() && logs.len() > 1 {
+            if let Some(old) = logs.pop_front().and_then(|w| w.upgrade()) {
+                let mut g = old.lock();
+                g.drop_oldest(self, |_| true);
+                old.recount_ended(&mut g);
+            }
+        }
+        if self.ended_over() {
+            let mut g = log.lock();
+            let others = self.ended.load(Ordering::Relaxed) - g.ended_cost;
+            g.drop_oldest(self, |g| others + g.cost() > self.max / 2);
+            log.recount_ended(&mut g);
+        }
     }
 }
 
@@ -326,6 +364,24 @@ impl OutputLog {
         });
     }
 
+    /// Brings this log's share of [`Budget::ended`] up to date (once ended).
+    fn recount_ended(&self, g: &mut Inner) {
+        if g.finished.is_none() {
+            return;
+        }
+        let now = g.cost();
+        if now >= g.ended_cost {
+            self.budget
+                .ended
+                .fetch_add(now - g.ended_cost, Ordering::Relaxed);
+        } else {
+            self.budget
+                .ended
+                .fetch_sub(g.ended_cost - now, Ordering::Relaxed);
+        }
+        g.ended_cost = now;
+    }
+
     /// Whether all logs together are over their shared budget.
     pub fn pressed(&self) -> bool {
         self.budget.over()
@@ -395,23 +451,31 @@ impl OutputLog {
             inner.start = inner.end;
         }
         budget.used.fetch_add(inner.cost(), Ordering::Relaxed);
-        Arc::new(OutputLog {
+        let finished = inner.finished.is_some();
+        let log = Arc::new(OutputLog {
             inner: Mutex::new(inner),
             capacity: capacity as u64,
             budget,
             changed: watch::Sender::new(()),
             mirror: std::sync::OnceLock::new(),
-        })
+        });
+        if finished {
+            log.recount_ended(&mut log.lock());
+            log.budget.admit_ended(&log);
+        }
+        log
     }
 
     /// Marks the output complete; subscribers read `end` after the last byte.
     /// What stays retained is compacted first (see [`compact`]).
-    pub fn finish(&self, end: EndEvent) {
+    pub fn finish(self: &Arc<Self>, end: EndEvent) {
         let mut g = self.lock();
         // An ended log appends no more, so it is trimmed here (and as its
         // subscribers read), or ended logs would keep `capacity` each
-        // whatever the budget. Before compaction, which makes chunks of up to
-        // 1 MiB that a trim could only drop whole.
+        // whatever the budget: as a running one would be, before compaction
+        // (which makes chunks of up to 1 MiB that a trim could only drop
+        // whole); then ended logs are held to half the budget, the oldest
+        // giving way first.
         self.trim(&mut g);
         let before = g.cost();
         compact(&mut g.chunks);
@@ -420,7 +484,9 @@ impl OutputLog {
             .used
             .fetch_sub(before - g.cost(), Ordering::Relaxed);
         g.finished = Some(end);
+        self.recount_ended(&mut g);
         drop(g);
+        self.budget.admit_ended(self);
         self.notify();
     }
 
@@ -467,8 +533,9 @@ impl OutputLog {
 
 impl Drop for OutputLog {
     fn drop(&mut self) {
-        let cost = self.lock().cost();
-        self.budget.used.fetch_sub(cost, Ordering::Relaxed);
+        let g = self.lock();
+        self.budget.used.fetch_sub(g.cost(), Ordering::Relaxed);
+        self.budget.ended.fetch_sub(g.ended_cost, Ordering::Relaxed);
     }
 }
 
@@ -512,6 +579,7 @@ impl Subscription {
             g.cursors.insert(self.id, new_cursor);
             if g.finished.is_some() && self.log.budget.over() {
                 self.log.trim(&mut g);
+                self.log.recount_ended(&mut g);
             }
             drop(g);
             self.log.notify();
@@ -694,6 +762,44 @@ mod tests {
         assert_eq!((at, lost), (3 * FLOOR, 3 * FLOOR));
         drop(logs);
         assert_eq!(budget.used(), 0);
+    }
+
+    /// Ended logs keep at most half the budget together (the oldest give
+    /// their output up first), so they never press running logs by
+    /// themselves; their share is given back when they go.
+    #[tokio::test]
+    async fn ended_logs_keep_half_the_budget() {
+        let kib = |n: usize| Bytes::from(vec![0; n << 10]);
+        let budget = Budget::new(1 << 20);
+        let mut ended = Vec::new();
+        for _ in 0..8 {
+            let log = OutputLog::new(1 << 20, budget.clone());
+            for _ in 0..4 {
+                log.append(Source::Stdout, kib(64)).await;
+            }
+            log.finish(end());
+            ended.push(log);
+        }
+        let kept = budget.ended.load(Ordering::Relaxed);
+        assert!(kept <= 512 << 10, "ended logs keep {kept}");
+        assert_eq!(kept, budget.used());
+        // The newest keep their output; the oldest gave theirs up.
+        let (_, at, lost) = ended[7].subscribe_from(0).unwrap();
+        assert_eq!((at, lost), (0, 0));
+        let (_, _, lost) = ended[0].subscribe_from(0).unwrap();
+        assert_eq!(lost, 256 << 10);
+        assert!(!budget.over());
+        // A running log still has the other half unpressed.
+        let running = OutputLog::new(1 << 20, budget.clone());
+        let mut sub = running.subscribe_live();
+        for _ in 0..6 {
+            running.append(Source::Stdout, kib(64)).await;
+        }
+        assert!(!running.pressed());
+        while let Some(Next::Data(..)) = sub.try_next() {}
+        drop(ended);
+        assert_eq!(budget.ended.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.used(), running.lock().cost());
     }
 
     #[tokio::test]
