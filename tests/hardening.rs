@@ -46,6 +46,25 @@ fn empty_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// `Connect` to `pid` from offset 0, read until `until` holds.
+async fn replay(
+    c: &mut envd::proto::process::process_client::ProcessClient<tonic::transport::Channel>,
+    pid: u32,
+    until: impl Fn(&Outcome) -> bool,
+) -> Outcome {
+    let mut s = c
+        .connect(ConnectRequest {
+            process: by_pid(pid),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, until).await;
+    o
+}
+
 /// fds of `pid` whose link target contains `what`.
 fn fds_like(pid: u32, what: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -685,16 +704,7 @@ async fn unattached_output_has_a_global_budget() {
     );
     let mut lost_total = 0;
     for pid in &pids {
-        let mut s = c
-            .connect(ConnectRequest {
-                process: by_pid(*pid),
-                resume_offset: Some(0),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut o = Outcome::default();
-        read_until(&mut s, &mut o, |o| o.start.is_some()).await;
+        let o = replay(&mut c, *pid, |o| o.start.is_some()).await;
         lost_total += o.start.as_ref().unwrap().output_lost.unwrap_or(0);
     }
     assert!(lost_total > 0, "nothing reported lost");
@@ -734,16 +744,7 @@ async fn tiny_writes_cost_memory_in_proportion_to_the_output() {
     let grown_mib = rss_kib(e.pid()).saturating_sub(idle) / 1024;
     assert!(grown_mib < 48, "envd grew by {grown_mib} MiB");
     // Merging lost nothing: the single-source output replays in full.
-    let mut s = c
-        .connect(ConnectRequest {
-            process: by_pid(pids[0]),
-            resume_offset: Some(0),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut o = Outcome::default();
-    read_until(&mut s, &mut o, |o| o.stdout.len() >= 600_000).await;
+    let o = replay(&mut c, pids[0], |o| o.stdout.len() >= 600_000).await;
     assert_eq!(o.start.as_ref().unwrap().output_lost.unwrap_or(0), 0);
     assert!(o.stdout.iter().all(|&b| b == b'x' || b == b'\n'));
     assert_eq!(o.stdout.len(), 600_000);
@@ -1159,16 +1160,7 @@ async fn ended_processes_keep_output_within_the_budget() {
     assert!(grown_mib < 64, "envd grew by {grown_mib} MiB");
     // The newest replays whole, the oldest gave its output up.
     for (pid, kept) in [(pids[199], 1 << 20), (pids[0], 0)] {
-        let mut s = c
-            .connect(ConnectRequest {
-                process: by_pid(pid),
-                resume_offset: Some(0),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut o = Outcome::default();
-        read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+        let o = replay(&mut c, pid, |o| o.end.is_some()).await;
         let lost = o.start.as_ref().unwrap().output_lost.unwrap_or(0);
         assert_eq!((o.stdout.len(), lost), (kept, (1 << 20) - kept as u64));
     }
