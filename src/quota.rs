@@ -1,7 +1,7 @@
 //! A count of bytes held against a fixed limit, taken and given back by
 //! whoever holds them: the queues that must not grow without bound (watch
-//! events per subscription and for all of them, polling watchers' buffers)
-//! share this one check.
+//! events per subscription and for all of them, polling watchers' buffers,
+//! input waiting for a process to read it) share this one check.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -55,6 +55,25 @@ impl Quota {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
+
+    /// Takes `n` if they fit, given back when the returned hold is dropped
+    /// (so also when the future holding it is cancelled).
+    pub fn try_hold(&'static self, n: usize) -> Option<Held> {
+        self.try_take(n).then(|| Held { quota: self, n })
+    }
+}
+
+/// Units taken from a [`Quota`] until dropped.
+#[derive(Debug)]
+pub struct Held {
+    quota: &'static Quota,
+    n: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.quota.give(self.n);
+    }
 }
 
 #[cfg(test)]
@@ -72,5 +91,15 @@ mod tests {
         a.give(4);
         assert!(!a.try_take_both(&b, 1), "b is full");
         assert_eq!((a.used(), b.used()), (6, 4));
+    }
+
+    #[test]
+    fn a_hold_gives_back_when_dropped() {
+        static Q: Quota = Quota::new(10);
+        let h = Q.try_hold(7).unwrap();
+        assert!(Q.try_hold(4).is_none());
+        assert_eq!(Q.used(), 7, "a refused hold gives nothing back");
+        drop(h);
+        assert_eq!(Q.used(), 0);
     }
 }

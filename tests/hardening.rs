@@ -1166,3 +1166,55 @@ async fn ended_processes_keep_output_within_the_budget() {
     }
     healthy(&e);
 }
+
+// Bounds: input held for commands that do not read their stdin. Each
+// SendInput holds its data until written; all of them together may hold 64
+// MiB, beyond which a request is refused at once (100 concurrent requests of
+// 4 MB took envd to +392 MiB, all held).
+#[tokio::test]
+async fn blocked_input_holds_bounded_memory() {
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let mut req = sh("sleep 600");
+    req.stdin = Some(true);
+    let (_stream, o) = started(&mut c, req.clone()).await;
+    let pid = o.pid;
+    let idle = rss_kib(e.pid());
+    // One request at a time: one still unanswered after a while is held.
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(held.len() <= 40, "{} requests of 4 MB held", held.len());
+        let mut w = c.clone();
+        let mut t = tokio::spawn(async move {
+            send_input(&mut w, pid, stdin_input(&vec![b'x'; 4_000_000])).await
+        });
+        match tokio::time::timeout(Duration::from_secs(1), &mut t).await {
+            Ok(r) => break r.unwrap(),
+            Err(_) => held.push(t),
+        }
+    };
+    let grown_mib = rss_kib(e.pid()).saturating_sub(idle) / 1024;
+    println!(
+        "{} requests of 4 MB held, envd grew by {grown_mib} MiB",
+        held.len()
+    );
+    assert_eq!(code(refused), tonic::Code::ResourceExhausted);
+    assert!(held.len() <= 16, "{} held", held.len());
+    assert!(grown_mib < 128, "envd grew by {grown_mib} MiB");
+    kill(&mut c, pid).await;
+    for t in held {
+        assert!(t.await.unwrap().is_err(), "input nobody read was delivered");
+    }
+    // What they held is given back.
+    let (_stream, o) = started(&mut c, req).await;
+    let mut w = e.client().await;
+    let t = tokio::spawn(async move {
+        send_input(&mut w, o.pid, stdin_input(&vec![b'y'; 4_000_000])).await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if t.is_finished() {
+        panic!("input after the others ended: {:?}", t.await.unwrap());
+    }
+    kill(&mut c, o.pid).await;
+    healthy(&e);
+}
