@@ -31,7 +31,16 @@ pub fn loopback_listeners() -> Vec<Listener> {
 
 /// Every listening TCP socket (IPv4 and IPv6), sorted.
 pub fn listeners() -> Vec<Listener> {
-    let mut out = super::diag::listeners(MAX_LISTENERS * 2).unwrap_or_else(from_proc_net);
+    let mut out = super::diag::listeners(MAX_LISTENERS * 2).unwrap_or_else(|| {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                "no sock_diag for TCP (inet_diag/tcp_diag not loaded?): listeners are read \
+                 from /proc/net/tcp, which lists every socket"
+            );
+        });
+        from_proc_net()
+    });
     out.sort();
     out.dedup();
     out.truncate(MAX_LISTENERS);
