@@ -267,6 +267,9 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     );
     let console = vm.console();
     assert!(console.contains("powering off"), "{console}");
+    // The localhost forwarder scanned listeners through sock_diag (the
+    // modules loaded by `envd.modules=`), not by reading /proc/net/tcp.
+    assert!(!console.contains("no sock_diag"), "{console}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

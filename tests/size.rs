@@ -15,7 +15,7 @@ mod skip;
 /// comments dropped from the embedded descriptors; 7,857,192 with grown
 /// pipes and merged output chunks, Connect proto output framed without a
 /// copy, and listings and watch queues bounded by bytes (2026-12-04);
-/// 7,869,544 with watched paths, ended and attached output and waiting
+/// 7,873,640 with watched paths, ended and attached output and waiting
 /// input bounded, and the sock_diag listener scan (later that day).
 const BUDGET: u64 = 7_880_000;
 

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 /// Port envd listens on inside the guest.
 pub const PORT: u32 = 49983;
 
-/// The vsock kernel modules, in load order (no modprobe in the initramfs).
-pub const MODULES: [&str; 8] = [
+/// The vsock kernel modules, then the socket diagnostics the ports scan
+/// asks (`inet_diag`, `tcp_diag`), in load order (no modprobe in the
+/// initramfs).
+pub const MODULES: [&str; 10] = [
     "drivers/virtio/virtio_ring",
     "drivers/virtio/virtio",
     "drivers/virtio/virtio_pci_modern_dev",
@@ -19,6 +21,8 @@ pub const MODULES: [&str; 8] = [
     "net/vmw_vsock/vsock",
     "net/vmw_vsock/vmw_vsock_virtio_transport_common",
     "net/vmw_vsock/vmw_vsock_virtio_transport",
+    "net/ipv4/inet_diag",
+    "net/ipv4/tcp_diag",
 ];
 
 pub struct Assets {
@@ -129,7 +133,7 @@ pub fn initramfs(a: &Assets, dir: &Path, init: &Path, extra_modules: &[&str]) ->
     dir.join("initramfs.cpio.gz")
 }
 
-/// `envd.modules=` for the vsock modules in the initramfs.
+/// `envd.modules=` for the modules in the initramfs.
 pub fn modules_arg() -> String {
     let list: Vec<String> = MODULES
         .iter()
