@@ -70,6 +70,22 @@ struct Table {
     subs: HashMap<u64, Sink>,
 }
 
+impl Table {
+    /// Takes subscription `id` off `dir`'s users; true when nobody watches
+    /// `dir` any more (its entry is gone).
+    fn drop_user(&mut self, dir: &Path, id: u64) -> bool {
+        let Some(users) = self.dirs.get_mut(dir) else {
+            return false;
+        };
+        users.remove(&id);
+        if !users.is_empty() {
+            return false;
+        }
+        self.dirs.remove(dir);
+        true
+    }
+}
+
 struct Sink {
     tx: mpsc::Sender<RawEvent>,
     overflow: Arc<AtomicBool>,
@@ -251,12 +267,7 @@ impl Hub {
         };
         {
             let mut t = lock(&self.table);
-            if let Some(users) = t.dirs.get_mut(&dir) {
-                users.remove(&id);
-                if users.is_empty() {
-                    t.dirs.remove(&dir);
-                }
-            }
+            t.drop_user(&dir, id);
             if let Some(s) = t.subs.get_mut(&id) {
                 if s.dirs.remove(&dir) {
                     WATCHED_TOTAL.give(dir_cost(&dir));
@@ -287,18 +298,7 @@ impl Hub {
                 .into_iter()
                 .filter(|d| {
                     WATCHED_TOTAL.give(dir_cost(d));
-                    match t.dirs.get_mut(d) {
-                        Some(users) => {
-                            users.remove(&id);
-                            if users.is_empty() {
-                                t.dirs.remove(d);
-                                true
-                            } else {
-                                false
-                            }
-                        }
-                        None => false,
-                    }
+                    t.drop_user(d, id)
                 })
                 .collect()
         };

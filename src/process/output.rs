@@ -59,8 +59,6 @@ struct Inner {
     cursors: HashMap<u64, u64>,
     next_id: u64,
     finished: Option<EndEvent>,
-    /// What this log counts in [`Budget::ended`] (0 while the process runs).
-    ended_cost: u64,
 }
 
 impl Inner {
@@ -117,6 +115,9 @@ impl Inner {
                     self.start = c.end();
                     self.chunks.pop_front();
                     budget.used.fetch_sub(freed, Ordering::Relaxed);
+                    if self.finished.is_some() {
+                        budget.ended.fetch_sub(freed, Ordering::Relaxed);
+                    }
                 }
                 _ => break,
             }
@@ -191,9 +192,10 @@ pub const FLOOR: u64 = 64 * 1024;
 #[derive(Debug)]
 pub struct Budget {
     used: AtomicU64,
-    /// What ended processes' logs count of `used`: at most half of `max`,
-    /// so that output kept for re-attaching to ended commands never presses
-    /// the running ones by itself.
+    /// What ended processes' logs count of `used` (the cost of every log
+    /// whose `finished` is set): at most half of `max`, so that output kept
+    /// for re-attaching to ended commands never presses the running ones by
+    /// itself. A finished log changes only by [`Inner::drop_oldest`].
     ended: AtomicU64,
     /// Ended logs, oldest first: the oldest give their output up first.
     ended_logs: Mutex<VecDeque<std::sync::Weak<OutputLog>>>,
@@ -234,16 +236,13 @@ impl Budget {
         logs.push_back(Arc::downgrade(log));
         while self.ended_over() && logs.len() > 1 {
             if let Some(old) = logs.pop_front().and_then(|w| w.upgrade()) {
-                let mut g = old.lock();
-                g.drop_oldest(self, |_| true);
-                old.recount_ended(&mut g);
+                old.lock().drop_oldest(self, |_| true);
             }
         }
         if self.ended_over() {
             let mut g = log.lock();
-            let others = self.ended.load(Ordering::Relaxed) - g.ended_cost;
+            let others = self.ended.load(Ordering::Relaxed) - g.cost();
             g.drop_oldest(self, |g| others + g.cost() > self.max / 2);
-            log.recount_ended(&mut g);
         }
     }
 }
@@ -364,24 +363,6 @@ impl OutputLog {
         });
     }
 
-    /// Brings this log's share of [`Budget::ended`] up to date (once ended).
-    fn recount_ended(&self, g: &mut Inner) {
-        if g.finished.is_none() {
-            return;
-        }
-        let now = g.cost();
-        if now >= g.ended_cost {
-            self.budget
-                .ended
-                .fetch_add(now - g.ended_cost, Ordering::Relaxed);
-        } else {
-            self.budget
-                .ended
-                .fetch_sub(g.ended_cost - now, Ordering::Relaxed);
-        }
-        g.ended_cost = now;
-    }
-
     /// Whether all logs together are over their shared budget.
     pub fn pressed(&self) -> bool {
         self.budget.over()
@@ -452,6 +433,9 @@ impl OutputLog {
         }
         budget.used.fetch_add(inner.cost(), Ordering::Relaxed);
         let finished = inner.finished.is_some();
+        if finished {
+            budget.ended.fetch_add(inner.cost(), Ordering::Relaxed);
+        }
         let log = Arc::new(OutputLog {
             inner: Mutex::new(inner),
             capacity: capacity as u64,
@@ -460,7 +444,6 @@ impl OutputLog {
             mirror: std::sync::OnceLock::new(),
         });
         if finished {
-            log.recount_ended(&mut log.lock());
             log.budget.admit_ended(&log);
         }
         log
@@ -484,7 +467,7 @@ impl OutputLog {
             .used
             .fetch_sub(before - g.cost(), Ordering::Relaxed);
         g.finished = Some(end);
-        self.recount_ended(&mut g);
+        self.budget.ended.fetch_add(g.cost(), Ordering::Relaxed);
         drop(g);
         self.budget.admit_ended(self);
         self.notify();
@@ -535,7 +518,9 @@ impl Drop for OutputLog {
     fn drop(&mut self) {
         let g = self.lock();
         self.budget.used.fetch_sub(g.cost(), Ordering::Relaxed);
-        self.budget.ended.fetch_sub(g.ended_cost, Ordering::Relaxed);
+        if g.finished.is_some() {
+            self.budget.ended.fetch_sub(g.cost(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -579,7 +564,6 @@ impl Subscription {
             g.cursors.insert(self.id, new_cursor);
             if g.finished.is_some() && self.log.budget.over() {
                 self.log.trim(&mut g);
-                self.log.recount_ended(&mut g);
             }
             drop(g);
             self.log.notify();
