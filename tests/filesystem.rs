@@ -34,7 +34,7 @@ async fn stat_entry_info_is_complete() {
     let f = dir.path().join("a.txt");
     std::fs::write(&f, "hello").unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
-    envd::filesystem::entry::set_metadata(&f, &[("k".into(), "v".into())]).unwrap();
+    envd::filesystem::entry::set_metadata(&f, &f, &[("k".into(), "v".into())]).unwrap();
     let e = fs
         .stat(StatRequest { path: s(&f) })
         .await

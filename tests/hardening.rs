@@ -1218,3 +1218,190 @@ async fn blocked_input_holds_bounded_memory() {
     kill(&mut c, o.pid).await;
     healthy(&e);
 }
+
+// envd changes the filesystem as root. A process running as a user in the
+// sandbox may plant symlinks where the host will write next; they must not
+// steer envd's changes into what that user does not own.
+#[tokio::test]
+async fn planted_symlinks_cannot_steer_root_changes() {
+    if !is_root() {
+        skip(
+            "planted_symlinks_cannot_steer_root_changes",
+            "needs root to give symlinks to another user",
+        );
+        return;
+    }
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, home) = (dir.path().join("etc"), dir.path().join("home"));
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::create_dir(&home).unwrap();
+    let passwd = etc.join("passwd");
+    std::fs::write(&passwd, b"root's").unwrap();
+    const NOBODY: u32 = 65534;
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    // What the user may plant: links to a root file, a root directory, and a
+    // file not made yet in a root directory; and its own file.
+    let plant = |name: &str, to: &Path| {
+        let link = home.join(name);
+        std::os::unix::fs::symlink(to, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+        link
+    };
+    let to_file = plant("out.txt", &passwd);
+    let to_dir = plant("results", &etc);
+    let to_new = plant("new.txt", &etc.join("new"));
+    let mine = home.join("mine");
+    std::fs::write(&mine, b"user's").unwrap();
+    std::os::unix::fs::chown(&mine, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    for target in [
+        to_file.clone(),
+        to_dir.join("passwd"),
+        to_dir.join("x"),
+        to_new,
+    ] {
+        let r = upload(&e, &s(&target), b"host's");
+        assert_eq!(
+            r.status,
+            403,
+            "upload to {}: {}",
+            target.display(),
+            r.text()
+        );
+        assert!(
+            r.text().contains("symlink owned by uid 65534"),
+            "{}",
+            r.text()
+        );
+    }
+    let compose = serde_json::json!({
+        "source_paths": [s(&mine)],
+        "destination": s(&to_dir.join("c")),
+    });
+    let r = post_json(&e.tcp, "/files/compose", &compose.to_string());
+    assert_eq!(r.status, 403, "{}", r.text());
+    let mut fs = e.fs().await;
+    let r = fs
+        .make_dir(MakeDirRequest {
+            path: s(&to_dir.join("sub")),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+    let r = fs
+        .r#move(MoveRequest {
+            source: s(&mine),
+            destination: s(&to_dir.join("moved")),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+    let r = fs
+        .remove(RemoveRequest {
+            path: s(&to_dir.join("passwd")),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+    let mut t = e.transfer().await;
+    let append = envd::proto::transfer::WriteFileRequest {
+        message: Some(envd::proto::transfer::write_file_request::Message::Header(
+            envd::proto::transfer::WriteHeader {
+                path: s(&to_file),
+                mode: None,
+                append: true,
+            },
+        )),
+    };
+    let r = t.write_file(futures_util::stream::iter(vec![append])).await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+
+    // Nothing of root's changed hands or content, and nothing was made.
+    let names: Vec<_> = std::fs::read_dir(&etc)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("passwd")]);
+    assert_eq!(std::fs::read(&passwd).unwrap(), b"root's");
+    assert_eq!(std::fs::metadata(&passwd).unwrap().uid(), 0);
+    assert_eq!(std::fs::read(&mine).unwrap(), b"user's");
+
+    // A user's link to what the user owns is written through, as before.
+    let to_mine = plant("to-mine", &mine);
+    let r = upload(&e, &s(&to_mine), b"host's");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&mine).unwrap(), b"host's");
+    assert!(std::fs::symlink_metadata(&to_mine).unwrap().is_symlink());
+    assert_eq!(
+        std::fs::metadata(&mine).unwrap().uid(),
+        0,
+        "given to the uploader"
+    );
+    healthy(&e);
+}
+
+// The race beside it: the user swaps a directory of the path for a symlink
+// to a root directory, again and again, while the host uploads into it. What
+// envd checked is what it writes into.
+#[tokio::test]
+async fn directories_swapped_for_symlinks_mid_write_redirect_nothing() {
+    if !is_root() {
+        skip(
+            "directories_swapped_for_symlinks_mid_write_redirect_nothing",
+            "needs root to give symlinks to another user",
+        );
+        return;
+    }
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, home) = (dir.path().join("etc"), dir.path().join("home"));
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::create_dir_all(home.join("d")).unwrap();
+    const NOBODY: u32 = 65534;
+    for p in [&home, &home.join("d")] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (home, etc, stop) = (home.clone(), etc.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (d, link) = (home.join("d"), home.join("d.link"));
+            // The user's link is made once, as the user's: root never owns it.
+            std::os::unix::fs::symlink(&etc, &link).unwrap();
+            std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+            let mut swaps = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // The directory and the link trade names, atomically.
+                for _ in 0..2 {
+                    nix::fcntl::renameat2(
+                        nix::fcntl::AT_FDCWD,
+                        &d,
+                        nix::fcntl::AT_FDCWD,
+                        &link,
+                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                    )
+                    .unwrap();
+                    std::thread::yield_now();
+                }
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let mut answers = std::collections::BTreeMap::new();
+    for i in 0..400 {
+        let r = upload(&e, &s(&home.join(format!("d/f{i}"))), b"host's");
+        *answers.entry(r.status).or_insert(0) += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let leaked: Vec<_> = std::fs::read_dir(&etc).unwrap().collect();
+    assert!(
+        leaked.is_empty(),
+        "{} files written into root's directory",
+        leaked.len()
+    );
+    // Both sides of the race were met: some uploads landed, some were refused.
+    println!("{swaps} swaps; answers by status: {answers:?}");
+    assert!(answers.get(&200).copied().unwrap_or(0) > 0, "{answers:?}");
+    assert!(answers.keys().any(|&s| s != 200), "{answers:?}");
+    healthy(&e);
+}

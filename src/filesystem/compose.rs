@@ -4,8 +4,13 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::ops::{chown_to, ensure_dir, sibling_temp};
-use super::transfer::{open_regular, write_target};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
+
+use super::ops::{chown_file, sibling_temp_name};
+use super::pin;
+use super::transfer::open_regular;
 use crate::status::{Error, Result};
 use crate::users::User;
 
@@ -28,28 +33,35 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
             sources.len()
         )));
     }
-    let target = write_target(dest)?;
-    let dest_id = target.existing.as_ref().map(|m| (m.dev(), m.ino()));
-    let dest = target.path;
     let mut opened = Vec::with_capacity(sources.len());
     for s in sources {
         let f = open_regular(s)?;
         let meta = f.file.metadata().map_err(|e| Error::io(s.display(), &e))?;
-        if *s == dest || dest_id == Some((meta.dev(), meta.ino())) {
+        opened.push((f, (meta.dev(), meta.ino())));
+    }
+    let target = pin::write_target(dest, Some(user))?;
+    let dest_id = target.existing.as_ref().map(|m| (m.dev(), m.ino()));
+    let dest = target.shown();
+    for ((_, id), s) in opened.iter().zip(sources) {
+        if *s == dest || dest_id == Some(*id) {
             return Err(Error::invalid(format!(
                 "source '{}' is the destination",
                 s.display()
             )));
         }
-        opened.push(f);
     }
-    if let Some(parent) = dest.parent() {
-        ensure_dir(parent, user)?;
-    }
-    let tmp = sibling_temp(&dest);
+    let tmp_name = sibling_temp_name();
+    let tmp_shown = target.dir.shown_of(tmp_name.as_ref());
     let result = (|| {
-        let mut out = std::fs::File::create_new(&tmp).map_err(|e| Error::io(tmp.display(), &e))?;
-        for (f, s) in opened.iter_mut().zip(sources) {
+        let fd = nix::fcntl::openat(
+            target.dir.fd(),
+            tmp_name.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .map_err(|e| Error::io(tmp_shown.display(), &e.into()))?;
+        let mut out = std::fs::File::from(fd);
+        for ((f, _), s) in opened.iter_mut().zip(sources) {
             // Exactly the size seen at open: a source that grows meanwhile
             // cannot fill the disk.
             let mut limited = std::io::Read::take(&mut f.file, f.size);
@@ -57,16 +69,30 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
                 Error::io(format!("copy {} to {}", s.display(), dest.display()), &e)
             })?;
         }
+        chown_file(&out, user, &tmp_shown)?;
         drop(out);
-        chown_to(&tmp, user)?;
-        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(dest.display(), &e))
+        nix::fcntl::renameat(
+            target.dir.fd(),
+            tmp_name.as_str(),
+            target.dir.fd(),
+            target.name.as_os_str(),
+        )
+        .map_err(|e| Error::io(dest.display(), &e.into()))
     })();
     if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = nix::unistd::unlinkat(
+            target.dir.fd(),
+            tmp_name.as_str(),
+            UnlinkatFlags::NoRemoveDir,
+        );
         return Err(e);
     }
+    // Each source's parent is pinned too: a directory swapped for a symlink
+    // since the copy cannot turn this into a removal elsewhere.
     for s in sources {
-        let _ = std::fs::remove_file(s);
+        if let Ok((dir, name)) = pin::parent(s, None) {
+            let _ = nix::unistd::unlinkat(dir.fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
     }
     Ok(dest)
 }

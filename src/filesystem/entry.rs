@@ -192,8 +192,9 @@ fn metadata(path: &Path) -> HashMap<String, String> {
     out
 }
 
-/// Sets `user.e2b.<key>` attributes on `path`.
-pub fn set_metadata(path: &Path, meta: &[(String, String)]) -> Result<()> {
+/// Sets `user.e2b.<key>` attributes on `path` (not through a symlink there);
+/// messages name `shown`.
+pub fn set_metadata(path: &Path, shown: &Path, meta: &[(String, String)]) -> Result<()> {
     let cpath = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::invalid("path contains NUL"))?;
     for (k, v) in meta {
@@ -211,7 +212,7 @@ pub fn set_metadata(path: &Path, meta: &[(String, String)]) -> Result<()> {
         };
         if rc != 0 {
             return Err(Error::io(
-                format!("set metadata {k} on {}", path.display()),
+                format!("set metadata {k} on {}", shown.display()),
                 &std::io::Error::last_os_error(),
             ));
         }

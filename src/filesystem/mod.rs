@@ -5,6 +5,7 @@ pub mod entry;
 pub mod inotify;
 pub mod list;
 pub mod ops;
+pub mod pin;
 pub mod service;
 pub mod transfer;
 pub mod tree;

@@ -2,77 +2,34 @@
 //! owned by that user; move falls back to copy + remove across filesystems;
 //! remove is `rm -rf` and succeeds on a missing path.
 
+use std::ffi::OsStr;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::unistd::UnlinkatFlags;
+
+use super::pin;
 
 use crate::status::{Code, Error, Result};
 use crate::users::User;
 
-/// Gives a path envd created to the user (only when envd is root; otherwise
-/// envd can only create files as itself).
-pub fn chown_to(path: &Path, user: &User) -> Result<()> {
+/// Gives a file envd made to the user (only when envd is root; otherwise
+/// envd can only make files as itself). `shown` names it in messages.
+pub fn chown_file(file: &std::fs::File, user: &User, shown: &Path) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
-        .map_err(|e| Error::io(format!("chown {}", path.display()), &e))
+    std::os::unix::fs::fchown(file, Some(user.uid), Some(user.gid))
+        .map_err(|e| Error::io(format!("chown {}", shown.display()), &e))
 }
 
-/// Creates `dir` and any missing parents (mode 0755); each directory created
-/// here is owned by `user`. Returns whether `dir` itself was created.
-pub fn ensure_dir(dir: &Path, user: &User) -> Result<bool> {
-    // Walk up to the deepest existing ancestor, then create downwards.
-    let mut missing = Vec::new();
-    let mut at = dir;
-    loop {
-        match std::fs::symlink_metadata(at) {
-            Ok(m) if m.is_dir() => break,
-            Ok(_) => match std::fs::metadata(at) {
-                Ok(m) if m.is_dir() => break,
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "'{}' exists and is not a directory",
-                        at.display()
-                    )))
-                }
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(at),
-            Err(e) => return Err(Error::io(at.display(), &e)),
-        }
-        match at.parent() {
-            Some(p) => at = p,
-            None => break,
-        }
-    }
-    let mut created = false;
-    for d in missing.into_iter().rev() {
-        created = match std::fs::DirBuilder::new().mode(0o755).create(d) {
-            Ok(()) => {
-                chown_to(d, user)?;
-                true
-            }
-            // Created concurrently by someone else: fine.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => false,
-            Err(e) => return Err(mkdir_error(d, &e)),
-        };
-    }
-    Ok(created)
-}
-
-fn mkdir_error(dir: &Path, e: &io::Error) -> Error {
-    match e.raw_os_error() {
-        Some(libc::ENOTDIR) => Error::invalid(format!(
-            "cannot create '{}': a parent is not a directory",
-            dir.display()
-        )),
-        _ => Error::io(format!("create directory {}", dir.display()), e),
-    }
-}
-
-/// MakeDir: ALREADY_EXISTS if the directory is there already.
+/// MakeDir: ALREADY_EXISTS if the directory is there already. Missing
+/// directories are made (0755) and given to `user`; see [`pin`] for the
+/// symlinks followed on the way.
 pub fn make_dir(dir: &Path, user: &User) -> Result<()> {
-    if ensure_dir(dir, user)? {
+    if pin::open_dir(dir, Some(user))?.1 {
         Ok(())
     } else {
         Err(Error::new(
@@ -84,32 +41,37 @@ pub fn make_dir(dir: &Path, user: &User) -> Result<()> {
 
 /// Move: rename, creating the destination's parents; across filesystems,
 /// copy (preserving modes, owners, times and links) then remove the source.
+/// Both parents are pinned ([`pin`]); the entries themselves are moved, not
+/// followed.
 pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
-    std::fs::symlink_metadata(src).map_err(|e| Error::io(format!("move {}", src.display()), &e))?;
-    if let Some(parent) = dst.parent() {
-        ensure_dir(parent, user)?;
-    }
-    match std::fs::rename(src, dst) {
+    let (sdir, sname) = pin::parent(src, None)?;
+    nix::sys::stat::fstatat(sdir.fd(), sname.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|e| Error::io(format!("move {}", src.display()), &e.into()))?;
+    let (ddir, dname) = pin::parent(dst, Some(user))?;
+    let moved = nix::fcntl::renameat(sdir.fd(), sname.as_os_str(), ddir.fd(), dname.as_os_str());
+    match moved {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let tmp = sibling_temp(dst);
-            let copied = super::tree::copy_tree(src, &tmp);
+        Err(Errno::EXDEV) => {
+            let tmp_name = sibling_temp_name();
+            let tmp = ddir.path_of(tmp_name.as_ref());
+            let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp);
             if let Err(e) = copied {
-                let _ = remove_path(&tmp);
+                let _ = remove_at(&ddir, tmp_name.as_ref());
                 return Err(Error::io(
                     format!("copy {} to {}", src.display(), dst.display()),
                     &e,
                 ));
             }
-            std::fs::rename(&tmp, dst).map_err(|e| {
-                let _ = remove_path(&tmp);
-                Error::io(format!("move into place {}", dst.display()), &e)
-            })?;
-            remove_path(src)
+            nix::fcntl::renameat(ddir.fd(), tmp_name.as_str(), ddir.fd(), dname.as_os_str())
+                .map_err(|e| {
+                    let _ = remove_at(&ddir, tmp_name.as_ref());
+                    Error::io(format!("move into place {}", dst.display()), &e.into())
+                })?;
+            remove_at(&sdir, &sname).map_err(|e| Error::io(format!("remove {}", src.display()), &e))
         }
         Err(e) => Err(Error::io(
             format!("move {} to {}", src.display(), dst.display()),
-            &e,
+            &e.into(),
         )),
     }
 }
@@ -118,32 +80,43 @@ pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
 const TEMP_PREFIX: &str = ".envd-";
 const TEMP_SUFFIX: &str = ".tmp";
 
-/// A hidden, unique name in the same directory as `path`. Its length is fixed
-/// (22 bytes) and independent of the target's name, so every legal target
-/// name, up to 255 bytes, has a temporary sibling.
-pub fn sibling_temp(path: &Path) -> PathBuf {
+/// A hidden, unique name for a temporary file beside a target. Its length is
+/// fixed (22 bytes) and independent of the target's name, so every legal
+/// target name, up to 255 bytes, has a temporary sibling.
+pub fn sibling_temp_name() -> String {
     let unique = crate::ids::random_id(12);
-    path.with_file_name(format!("{TEMP_PREFIX}{unique}{TEMP_SUFFIX}"))
+    format!("{TEMP_PREFIX}{unique}{TEMP_SUFFIX}")
 }
 
-/// Whether a file name is one made by [`sibling_temp`].
+/// Whether a file name is one made by [`sibling_temp_name`].
 pub fn is_sibling_temp(name: &[u8]) -> bool {
     name.len() == TEMP_PREFIX.len() + 12 + TEMP_SUFFIX.len()
         && name.starts_with(TEMP_PREFIX.as_bytes())
         && name.ends_with(TEMP_SUFFIX.as_bytes())
 }
 
-/// `rm -rf`: a missing path is success; a symlink is removed, not followed.
-/// Directory trees of any depth are removed iteratively.
+/// `rm -rf`: a missing path (or parent) is success; a symlink is removed,
+/// not followed. Directory trees of any depth are removed iteratively. The
+/// parent is pinned ([`pin`]).
 pub fn remove_path(path: &Path) -> Result<()> {
-    let r = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => super::tree::remove_dir_tree(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
+    let r = match pin::parent(path, None) {
+        Ok((dir, name)) => remove_at(&dir, &name),
+        Err(e) if e.code == Code::NotFound => Ok(()),
+        Err(e) => return Err(e),
     };
     match r {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("remove {}", path.display()), &e)),
+    }
+}
+
+/// Removes the entry `name` of a pinned directory, a whole tree if it is one.
+pub fn remove_at(dir: &pin::Dir, name: &OsStr) -> io::Result<()> {
+    let st = nix::sys::stat::fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        super::tree::remove_dir_tree(&dir.path_of(name))
+    } else {
+        nix::unistd::unlinkat(dir.fd(), name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from)
     }
 }

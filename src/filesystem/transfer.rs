@@ -8,8 +8,13 @@ use std::pin::Pin;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+
 use super::entry::{entry_info, set_metadata, Names};
-use super::ops::{chown_to, ensure_dir, sibling_temp};
+use super::ops::{chown_file, sibling_temp_name};
+use super::pin;
 use crate::proto::transfer::write_file_request::Message;
 use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileResponse, WriteHeader};
 use crate::status::{Error, Result};
@@ -285,122 +290,99 @@ where
     })
 }
 
-/// Symlinks followed before a write: as many as the kernel follows.
-const MAX_LINK_HOPS: usize = 40;
-
-/// Where a write lands, and what is there now.
-#[derive(Debug)]
-pub struct WriteTarget {
-    pub path: PathBuf,
-    /// The regular file being replaced, if any.
-    pub existing: Option<std::fs::Metadata>,
-}
-
-/// The file a write to `path` lands on: a symlink is written through (as
-/// E2B does), to its final target. The target must be a regular file or not
-/// exist yet: envd never replaces a device, FIFO, socket or directory.
-pub fn write_target(path: &Path) -> Result<WriteTarget> {
-    let mut at = path.to_path_buf();
-    for _ in 0..MAX_LINK_HOPS {
-        let meta = match std::fs::symlink_metadata(&at) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(WriteTarget {
-                    path: at,
-                    existing: None,
-                })
-            }
-            // A parent that is not a directory, and the like.
-            Err(e) => return Err(Error::io(at.display(), &e)),
-        };
-        let ft = meta.file_type();
-        if ft.is_symlink() {
-            let link = std::fs::read_link(&at).map_err(|e| Error::io(at.display(), &e))?;
-            at = match at.parent() {
-                Some(dir) => dir.join(link),
-                None => link,
-            };
-            continue;
-        }
-        if ft.is_dir() {
-            return Err(Error::invalid(format!("'{}' is a directory", at.display())));
-        }
-        if !ft.is_file() {
-            return Err(Error::invalid(format!(
-                "'{}' is a {}; envd writes only regular files",
-                at.display(),
-                kind_name(&ft)
-            )));
-        }
-        return Ok(WriteTarget {
-            path: at,
-            existing: Some(meta),
-        });
-    }
-    Err(Error::invalid(format!(
-        "'{}': too many levels of symbolic links",
-        path.display()
-    )))
-}
-
 /// Writes a stream of bytes to `spec.path`: parents created for the user,
 /// ownership to the user, and (unless appending) an atomic replace through a
 /// temporary file beside the target, removed on any failure or cancellation.
-/// A symlink at the path is written through. Returns the path written.
+/// A symlink at the path is written through, by [`super::pin`]'s rules, and
+/// everything after the walk happens through the pinned directory. Returns
+/// the path written.
 pub async fn write_bytes<S>(spec: WriteSpec, user: &User, data: S) -> Result<PathBuf>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    if let Some(parent) = spec.path.parent() {
-        ensure_dir(parent, user)?;
-    }
-    let WriteTarget {
-        path: target,
-        existing,
-    } = write_target(&spec.path)?;
-    let path = &target;
+    let target = pin::write_target(&spec.path, Some(user))?;
+    let shown = target.shown();
     let mode = spec
         .mode
         .map(|m| m & 0o7777)
-        .or_else(|| existing.as_ref().map(|m| m.mode() & 0o7777))
+        .or_else(|| target.existing.as_ref().map(|m| m.mode() & 0o7777))
         .unwrap_or(DEFAULT_MODE);
     if spec.append {
-        let f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(mode)
-            .open(path)
-            .map_err(|e| Error::io(path.display(), &e))?;
-        if existing.is_none() {
-            chown_to(path, user)?;
-        }
-        copy_in(data, f, path, spec.gzip).await?;
+        let f = open_append(&target, mode, user)?;
+        copy_in(data, f, &shown, spec.gzip).await?;
         if let Some(meta) = &spec.metadata {
-            set_metadata(path, meta)?;
+            set_metadata(&target.dir.path_of(&target.name), &shown, meta)?;
         }
-        return Ok(target);
+        return Ok(shown);
     }
     // Removed on any failure, and also when the client goes away and this
-    // future is dropped mid-upload.
-    let tmp = TempFile::new(sibling_temp(path));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp.path())
-        .map_err(|e| Error::io(format!("create {}", tmp.path().display()), &e))?;
-    let f = copy_in(data, f, path, spec.gzip).await?;
+    // future is dropped mid-upload (before `target`'s directory is closed).
+    let tmp_name = sibling_temp_name();
+    let tmp_shown = target.dir.shown_of(tmp_name.as_ref());
+    let fd = nix::fcntl::openat(
+        target.dir.fd(),
+        tmp_name.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| Error::io(format!("create {}", tmp_shown.display()), &e.into()))?;
+    let tmp = TempFile::new(target.dir.path_of(tmp_name.as_ref()));
+    let f = copy_in(data, std::fs::File::from(fd), &shown, spec.gzip).await?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(tmp.path().display(), &e))?;
+        .map_err(|e| Error::io(tmp_shown.display(), &e))?;
+    chown_file(&f, user, &tmp_shown)?;
     drop(f);
-    chown_to(tmp.path(), user)?;
     if let Some(meta) = &spec.metadata {
-        set_metadata(tmp.path(), meta)?;
+        set_metadata(tmp.path(), &tmp_shown, meta)?;
     }
-    std::fs::rename(tmp.path(), path)
-        .map_err(|e| Error::io(format!("replace {}", path.display()), &e))?;
+    nix::fcntl::renameat(
+        target.dir.fd(),
+        tmp_name.as_str(),
+        target.dir.fd(),
+        target.name.as_os_str(),
+    )
+    .map_err(|e| Error::io(format!("replace {}", shown.display()), &e.into()))?;
     tmp.keep();
-    Ok(target)
+    Ok(shown)
+}
+
+/// Opens the target for appending: never through a symlink, never a FIFO or
+/// device put there since the walk; a file made here is given to the user.
+fn open_append(target: &pin::Target, mode: u32, user: &User) -> Result<std::fs::File> {
+    let shown = target.shown();
+    let flags = OFlag::O_WRONLY
+        | OFlag::O_APPEND
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NONBLOCK
+        | OFlag::O_NOCTTY
+        | OFlag::O_CLOEXEC;
+    let open = |extra: OFlag| {
+        nix::fcntl::openat(
+            target.dir.fd(),
+            target.name.as_os_str(),
+            flags | extra,
+            Mode::from_bits_truncate(mode),
+        )
+    };
+    let failed = |e: Errno| Error::io(shown.display(), &e.into());
+    let (fd, made) = match open(OFlag::O_CREAT | OFlag::O_EXCL) {
+        Ok(fd) => (fd, true),
+        Err(Errno::EEXIST) => (open(OFlag::empty()).map_err(failed)?, false),
+        Err(e) => return Err(failed(e)),
+    };
+    let f = std::fs::File::from(fd);
+    let meta = f.metadata().map_err(|e| Error::io(shown.display(), &e))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::invalid(format!(
+            "'{}' is a {}; envd writes only regular files",
+            shown.display(),
+            kind_name(&meta.file_type())
+        )));
+    }
+    if made {
+        chown_file(&f, user, &shown)?;
+    }
+    Ok(f)
 }
 
 /// Streams `data` into `file` through a blocking writer thread, with at most

@@ -1,0 +1,417 @@
+//! Where a change envd makes as root lands.
+//!
+//! envd writes, creates, moves and removes as root on a caller's behalf, in
+//! directories that code in the sandbox may change while it does so. Two
+//! rules keep that code from steering envd's changes:
+//!
+//! - **Pinned directories.** A path is walked one component at a time, each
+//!   an `openat(O_PATH | O_NOFOLLOW)` relative to the directory before it, and
+//!   the change is then made through the last directory's open fd. A
+//!   directory swapped for a symlink after the walk redirects nothing.
+//! - **A user's symlink leads only to what that user owns.** A symlink owned
+//!   by root (the image's own, such as `/bin -> usr/bin`), or by envd's own
+//!   user, is followed anywhere. One owned by any other user is followed only when what it
+//!   leads to (a directory, a file, or for a file not made yet the directory
+//!   it will be made in) is owned by the same user; otherwise the change is
+//!   refused with `PERMISSION_DENIED`. So a process running as `user` cannot
+//!   plant `~/out.txt -> /etc/passwd` and have the host's next upload replace
+//!   a root file and give it to `user`.
+//!
+//! Reads are not walked this way: what they return goes to the caller, not
+//! to the sandbox.
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+
+use crate::status::{Error, Result};
+use crate::users::User;
+
+/// Symlinks followed in one walk: as many as the kernel follows.
+const MAX_LINK_HOPS: usize = 40;
+
+/// A directory held open, and the path it was reached by (for messages).
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+    shown: PathBuf,
+}
+
+impl Dir {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The directory as the walk reached it (symlinks resolved).
+    pub fn shown(&self) -> &Path {
+        &self.shown
+    }
+
+    /// `name` inside this directory, for messages.
+    pub fn shown_of(&self, name: &OsStr) -> PathBuf {
+        self.shown.join(name)
+    }
+
+    /// A path to `name` inside this directory that the kernel resolves
+    /// through the open fd (a `/proc` magic link), never through the
+    /// directories above it: for calls that only take paths.
+    pub fn path_of(&self, name: &OsStr) -> PathBuf {
+        let mut p = PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()));
+        p.push(name);
+        p
+    }
+
+    /// The directory itself as such a path.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// Where a write lands: a name in a pinned directory, and the regular file
+/// there now, if any.
+#[derive(Debug)]
+pub struct Target {
+    pub dir: Dir,
+    pub name: OsString,
+    pub existing: Option<std::fs::Metadata>,
+}
+
+impl Target {
+    pub fn shown(&self) -> PathBuf {
+        self.dir.shown_of(&self.name)
+    }
+}
+
+/// Opens the directory `path`, following symlinks by this module's rules.
+/// With `create`, missing directories are made (0755) and given to that
+/// user; returns whether `path` itself was made.
+pub fn open_dir(path: &Path, create: Option<&User>) -> Result<(Dir, bool)> {
+    let mut walk = Walk::new(create)?;
+    walk.queue_path(path);
+    walk.run()?;
+    Ok((walk.cur, walk.made))
+}
+
+/// The parent of `path`, opened as [`open_dir`] does, and the last name.
+/// The last component itself is not looked at.
+pub fn parent(path: &Path, create: Option<&User>) -> Result<(Dir, OsString)> {
+    let name = match path.components().next_back() {
+        Some(Component::Normal(n)) => n.to_os_string(),
+        _ => {
+            return Err(Error::invalid(format!(
+                "'{}' names no entry in a directory",
+                path.display()
+            )))
+        }
+    };
+    let (dir, _) = open_dir(path.parent().unwrap_or(Path::new("/")), create)?;
+    Ok((dir, name))
+}
+
+/// The file a write to `path` lands on. A symlink at `path` is written
+/// through (as E2B does) to its final target, by this module's rules. The
+/// target must be a regular file or not exist yet: envd never replaces a
+/// device, FIFO, socket or directory. With `create`, the missing parents of
+/// `path` (not of a symlink's target) are made for that user.
+pub fn write_target(path: &Path, create: Option<&User>) -> Result<Target> {
+    let (dir, mut name) = parent(path, create)?;
+    let mut walk = Walk::new(None)?;
+    walk.cur = dir;
+    // Owners of the symlinks followed at the last component: what they lead
+    // to must be theirs.
+    let mut owners: Vec<(u32, PathBuf)> = Vec::new();
+    loop {
+        let shown = walk.cur.shown_of(&name);
+        let fd = match open_at(walk.cur.fd(), &name) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => {
+                let dir_uid = walk.cur_uid()?;
+                for (uid, link) in &owners {
+                    check_owner(*uid, link, dir_uid, walk.cur.shown())?;
+                }
+                return Ok(Target {
+                    dir: walk.cur,
+                    name,
+                    existing: None,
+                });
+            }
+            Err(e) => return Err(Error::io(shown.display(), &e.into())),
+        };
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| Error::io(shown.display(), &e.into()))?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            let target = walk.link_target(&fd, &shown)?;
+            let Some(Component::Normal(last)) = target.components().next_back() else {
+                return Err(Error::invalid(format!(
+                    "'{}' is a symlink to a directory",
+                    shown.display()
+                )));
+            };
+            let last = last.to_os_string();
+            if !trusted(st.st_uid) {
+                owners.push((st.st_uid, shown));
+            }
+            walk.queue_path(target.parent().unwrap_or(Path::new("")));
+            walk.run()?;
+            name = last;
+            continue;
+        }
+        let meta = std::fs::File::from(fd)
+            .metadata()
+            .map_err(|e| Error::io(shown.display(), &e))?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            return Err(Error::invalid(format!(
+                "'{}' is a directory",
+                shown.display()
+            )));
+        }
+        if !ft.is_file() {
+            return Err(Error::invalid(format!(
+                "'{}' is a {}; envd writes only regular files",
+                shown.display(),
+                super::transfer::kind_name(&ft)
+            )));
+        }
+        for (uid, link) in &owners {
+            check_owner(*uid, link, meta.uid(), &shown)?;
+        }
+        return Ok(Target {
+            dir: walk.cur,
+            name,
+            existing: Some(meta),
+        });
+    }
+}
+
+/// One step of a walk.
+enum Step {
+    /// Go back to `/` (an absolute symlink target).
+    Root,
+    Name(OsString),
+    /// A symlink owned by `uid` led here: where the walk is must be `uid`'s.
+    Owner {
+        uid: u32,
+        link: PathBuf,
+    },
+}
+
+struct Walk<'a> {
+    cur: Dir,
+    steps: VecDeque<Step>,
+    hops: usize,
+    create: Option<&'a User>,
+    /// The last directory entered was made by this walk.
+    made: bool,
+}
+
+impl<'a> Walk<'a> {
+    fn new(create: Option<&'a User>) -> Result<Walk<'a>> {
+        Ok(Walk {
+            cur: root()?,
+            steps: VecDeque::new(),
+            hops: 0,
+            create,
+            made: false,
+        })
+    }
+
+    /// Queues `path`'s components in front of what is queued (an absolute
+    /// path restarts at `/`).
+    fn queue_path(&mut self, path: &Path) {
+        let mut steps = Vec::new();
+        for c in path.components() {
+            match c {
+                Component::RootDir => steps.push(Step::Root),
+                Component::CurDir | Component::Prefix(_) => {}
+                Component::ParentDir => steps.push(Step::Name(OsString::from(".."))),
+                Component::Normal(n) => steps.push(Step::Name(n.to_os_string())),
+            }
+        }
+        for s in steps.into_iter().rev() {
+            self.steps.push_front(s);
+        }
+    }
+
+    fn run(&mut self) -> Result<()> {
+        while let Some(step) = self.steps.pop_front() {
+            match step {
+                Step::Root => {
+                    self.cur = root()?;
+                    self.made = false;
+                }
+                Step::Owner { uid, link } => {
+                    let here = self.cur_uid()?;
+                    check_owner(uid, &link, here, self.cur.shown())?;
+                }
+                Step::Name(name) => self.enter(name)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn cur_uid(&self) -> Result<u32> {
+        nix::sys::stat::fstat(self.cur.fd())
+            .map(|st| st.st_uid)
+            .map_err(|e| Error::io(self.cur.shown.display(), &e.into()))
+    }
+
+    /// Steps into `name`: a directory is entered, a symlink expanded in
+    /// front of the queue, a missing directory made when allowed.
+    fn enter(&mut self, name: OsString) -> Result<()> {
+        if name == ".." {
+            let fd = nix::fcntl::openat(
+                self.cur.fd(),
+                "..",
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io(self.cur.shown.display(), &e.into()))?;
+            let mut shown = self.cur.shown.clone();
+            shown.pop();
+            self.cur = Dir { fd, shown };
+            self.made = false;
+            return Ok(());
+        }
+        let shown = self.cur.shown_of(&name);
+        let mut made = false;
+        // Twice at most: a directory made here (or concurrently) is opened
+        // on the second pass.
+        for _ in 0..2 {
+            let fd = match open_at(self.cur.fd(), &name) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) if self.create.is_some() && !made => {
+                    made = self.make(&name, &shown)?;
+                    continue;
+                }
+                Err(e) => return Err(Error::io(shown.display(), &e.into())),
+            };
+            let st =
+                nix::sys::stat::fstat(&fd).map_err(|e| Error::io(shown.display(), &e.into()))?;
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => {
+                    self.cur = Dir { fd, shown };
+                    self.made = made;
+                }
+                libc::S_IFLNK => {
+                    let target = self.link_target(&fd, &shown)?;
+                    if !trusted(st.st_uid) {
+                        self.steps.push_front(Step::Owner {
+                            uid: st.st_uid,
+                            link: shown,
+                        });
+                    }
+                    self.queue_path(&target);
+                }
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "'{}' exists and is not a directory",
+                        shown.display()
+                    )))
+                }
+            }
+            return Ok(());
+        }
+        Err(Error::io(
+            shown.display(),
+            &std::io::Error::from_raw_os_error(libc::ENOENT),
+        ))
+    }
+
+    /// Makes directory `name` for the walk's user; false if it appeared
+    /// meanwhile.
+    fn make(&self, name: &OsStr, shown: &Path) -> Result<bool> {
+        match nix::sys::stat::mkdirat(self.cur.fd(), name, Mode::from_bits_truncate(0o755)) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => return Ok(false),
+            Err(Errno::ENOTDIR) => {
+                return Err(Error::invalid(format!(
+                    "cannot create '{}': a parent is not a directory",
+                    shown.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("create directory {}", shown.display()),
+                    &e.into(),
+                ))
+            }
+        }
+        if let Some(user) = self.create {
+            if nix::unistd::geteuid().is_root() {
+                nix::unistd::fchownat(
+                    self.cur.fd(),
+                    name,
+                    Some(nix::unistd::Uid::from_raw(user.uid)),
+                    Some(nix::unistd::Gid::from_raw(user.gid)),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| Error::io(format!("chown {}", shown.display()), &e.into()))?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The target of the symlink open at `fd`, counting the hop.
+    fn link_target(&mut self, fd: &OwnedFd, shown: &Path) -> Result<PathBuf> {
+        self.hops += 1;
+        if self.hops > MAX_LINK_HOPS {
+            return Err(Error::invalid(format!(
+                "'{}': too many levels of symbolic links",
+                shown.display()
+            )));
+        }
+        nix::fcntl::readlinkat(fd, "")
+            .map(PathBuf::from)
+            .map_err(|e| Error::io(shown.display(), &e.into()))
+    }
+}
+
+fn root() -> Result<Dir> {
+    let fd = nix::fcntl::open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("/", &e.into()))?;
+    Ok(Dir {
+        fd,
+        shown: PathBuf::from("/"),
+    })
+}
+
+/// The entry `name` itself (a symlink is not followed), without opening it
+/// for I/O: no FIFO blocks, no device is touched.
+fn open_at(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Whether a symlink owned by `uid` may lead anywhere: root's, and envd's own
+/// when envd is not root (a link envd's user made steers envd to nowhere
+/// that user could not go).
+fn trusted(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// A symlink owned by `uid` at `link` led to `here`, owned by `owner`.
+fn check_owner(uid: u32, link: &Path, owner: u32, here: &Path) -> Result<()> {
+    if uid == owner {
+        return Ok(());
+    }
+    Err(Error::permission(format!(
+        "'{}' is a symlink owned by uid {uid}; it leads to '{}', owned by uid {owner}: \
+         envd follows a symlink owned by a user other than root only to what that user owns",
+        link.display(),
+        here.display()
+    )))
+}
