@@ -66,6 +66,28 @@ pub fn mount_basics() {
     }
 }
 
+/// Turns on the kernel's link protections, as systemd does on every boot
+/// (its `50-default.conf`), since nothing else will in an initramfs:
+/// `protected_hardlinks` (a user cannot hard-link a file it does not own, so
+/// `~/x` cannot be `/etc/passwd` by another name when the host appends to
+/// it), `protected_symlinks` (a link in a sticky world-writable directory such
+/// as `/tmp` is followed only by its owner or the directory's),
+/// `protected_fifos` and `protected_regular` (root's `O_CREAT` does not open
+/// another user's FIFO or file in such a directory).
+pub fn protect_links() {
+    for (name, value) in [
+        ("protected_hardlinks", "1"),
+        ("protected_symlinks", "1"),
+        ("protected_fifos", "1"),
+        ("protected_regular", "1"),
+    ] {
+        let path = format!("/proc/sys/fs/{name}");
+        if let Err(e) = std::fs::write(&path, value) {
+            eprintln!("envd(init): {path}: {e}");
+        }
+    }
+}
+
 /// Brings the loopback interface up (down in a fresh initramfs): servers on
 /// 127.0.0.1, envd's tunnels and port forwarding need it.
 pub fn loopback_up() {

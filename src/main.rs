@@ -53,6 +53,7 @@ fn main() -> ExitCode {
     let handover = envd::handover::incoming::take_env();
     if pid1 && handover.is_none() {
         init::mount_basics();
+        init::protect_links();
         init::loopback_up();
     }
     sd::take_env();

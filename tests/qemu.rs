@@ -73,6 +73,15 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     assert_eq!(o.err(), "err\n");
     assert_eq!(o.end().exit_code, 3);
 
+    // As PID 1, envd turned on the kernel's link protections (as systemd would).
+    let o = run(
+        &mut p,
+        sh("cd /proc/sys/fs && cat protected_hardlinks protected_symlinks protected_fifos protected_regular"),
+    )
+    .await;
+    // The kernel leaves at least the last two off by default.
+    assert_eq!(o.out(), "1\n1\n1\n1\n");
+
     // stdin.
     let (mut s, mut o) = started(&mut p, cmd("cat", &[])).await;
     let input = Some(ProcessInput {

@@ -16,8 +16,10 @@ mod skip;
 /// pipes and merged output chunks, Connect proto output framed without a
 /// copy, and listings and watch queues bounded by bytes (2026-12-04);
 /// 7,873,640 with watched paths, ended and attached output and waiting
-/// input bounded, and the sock_diag listener scan (later that day).
-const BUDGET: u64 = 7_880_000;
+/// input bounded, and the sock_diag listener scan (later that day);
+/// 7,898,216 with root's filesystem changes walked from pinned directory fds
+/// with the owner rule for users' symlinks, and PID 1's link protections.
+const BUDGET: u64 = 7_900_000;
 
 #[test]
 fn static_binary_within_budget() {

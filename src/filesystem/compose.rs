@@ -51,11 +51,11 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
         }
     }
     let tmp_name = sibling_temp_name();
-    let tmp_shown = target.dir.shown_of(tmp_name.as_ref());
+    let tmp_shown = target.dir.shown_of(&tmp_name);
     let result = (|| {
         let fd = nix::fcntl::openat(
             target.dir.fd(),
-            tmp_name.as_str(),
+            tmp_name.as_os_str(),
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o644),
         )
@@ -73,7 +73,7 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
         drop(out);
         nix::fcntl::renameat(
             target.dir.fd(),
-            tmp_name.as_str(),
+            tmp_name.as_os_str(),
             target.dir.fd(),
             target.name.as_os_str(),
         )
@@ -82,7 +82,7 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
     if let Err(e) = result {
         let _ = nix::unistd::unlinkat(
             target.dir.fd(),
-            tmp_name.as_str(),
+            tmp_name.as_os_str(),
             UnlinkatFlags::NoRemoveDir,
         );
         return Err(e);

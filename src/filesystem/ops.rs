@@ -53,20 +53,25 @@ pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
         Ok(()) => Ok(()),
         Err(Errno::EXDEV) => {
             let tmp_name = sibling_temp_name();
-            let tmp = ddir.path_of(tmp_name.as_ref());
+            let tmp = ddir.path_of(&tmp_name);
             let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp);
             if let Err(e) = copied {
-                let _ = remove_at(&ddir, tmp_name.as_ref());
+                let _ = remove_at(&ddir, &tmp_name);
                 return Err(Error::io(
                     format!("copy {} to {}", src.display(), dst.display()),
                     &e,
                 ));
             }
-            nix::fcntl::renameat(ddir.fd(), tmp_name.as_str(), ddir.fd(), dname.as_os_str())
-                .map_err(|e| {
-                    let _ = remove_at(&ddir, tmp_name.as_ref());
-                    Error::io(format!("move into place {}", dst.display()), &e.into())
-                })?;
+            nix::fcntl::renameat(
+                ddir.fd(),
+                tmp_name.as_os_str(),
+                ddir.fd(),
+                dname.as_os_str(),
+            )
+            .map_err(|e| {
+                let _ = remove_at(&ddir, &tmp_name);
+                Error::io(format!("move into place {}", dst.display()), &e.into())
+            })?;
             remove_at(&sdir, &sname).map_err(|e| Error::io(format!("remove {}", src.display()), &e))
         }
         Err(e) => Err(Error::io(
@@ -83,9 +88,9 @@ const TEMP_SUFFIX: &str = ".tmp";
 /// A hidden, unique name for a temporary file beside a target. Its length is
 /// fixed (22 bytes) and independent of the target's name, so every legal
 /// target name, up to 255 bytes, has a temporary sibling.
-pub fn sibling_temp_name() -> String {
+pub fn sibling_temp_name() -> std::ffi::OsString {
     let unique = crate::ids::random_id(12);
-    format!("{TEMP_PREFIX}{unique}{TEMP_SUFFIX}")
+    format!("{TEMP_PREFIX}{unique}{TEMP_SUFFIX}").into()
 }
 
 /// Whether a file name is one made by [`sibling_temp_name`].

@@ -267,7 +267,7 @@ impl<'a> Walk<'a> {
         if name == ".." {
             let fd = nix::fcntl::openat(
                 self.cur.fd(),
-                "..",
+                OsStr::new(".."),
                 OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
@@ -366,7 +366,7 @@ impl<'a> Walk<'a> {
                 shown.display()
             )));
         }
-        nix::fcntl::readlinkat(fd, "")
+        nix::fcntl::readlinkat(fd, OsStr::new(""))
             .map(PathBuf::from)
             .map_err(|e| Error::io(shown.display(), &e.into()))
     }
@@ -374,7 +374,7 @@ impl<'a> Walk<'a> {
 
 fn root() -> Result<Dir> {
     let fd = nix::fcntl::open(
-        "/",
+        OsStr::new("/"),
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )

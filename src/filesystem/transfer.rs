@@ -318,15 +318,15 @@ where
     // Removed on any failure, and also when the client goes away and this
     // future is dropped mid-upload (before `target`'s directory is closed).
     let tmp_name = sibling_temp_name();
-    let tmp_shown = target.dir.shown_of(tmp_name.as_ref());
+    let tmp_shown = target.dir.shown_of(&tmp_name);
     let fd = nix::fcntl::openat(
         target.dir.fd(),
-        tmp_name.as_str(),
+        tmp_name.as_os_str(),
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
     )
     .map_err(|e| Error::io(format!("create {}", tmp_shown.display()), &e.into()))?;
-    let tmp = TempFile::new(target.dir.path_of(tmp_name.as_ref()));
+    let tmp = TempFile::new(target.dir.path_of(&tmp_name));
     let f = copy_in(data, std::fs::File::from(fd), &shown, spec.gzip).await?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io(tmp_shown.display(), &e))?;
@@ -337,7 +337,7 @@ where
     }
     nix::fcntl::renameat(
         target.dir.fd(),
-        tmp_name.as_str(),
+        tmp_name.as_os_str(),
         target.dir.fd(),
         target.name.as_os_str(),
     )
