@@ -63,11 +63,27 @@ impl Quota {
     }
 }
 
+impl Quota {
+    /// Holds `n` whatever the limit (see [`Quota::take`]) until the hold is
+    /// dropped.
+    pub fn hold(&'static self, n: usize) -> Held {
+        self.take(n);
+        Held { quota: self, n }
+    }
+}
+
 /// Units taken from a [`Quota`] until dropped.
 #[derive(Debug)]
 pub struct Held {
     quota: &'static Quota,
     n: usize,
+}
+
+impl Held {
+    /// The units held.
+    pub fn units(&self) -> usize {
+        self.n
+    }
 }
 
 impl Drop for Held {

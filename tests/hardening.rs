@@ -1281,6 +1281,15 @@ async fn planted_symlinks_cannot_steer_root_changes() {
     });
     let r = post_json(&e.tcp, "/files/compose", &compose.to_string());
     assert_eq!(r.status, 403, "{}", r.text());
+    // A source through the user's link: its bytes would go into a file
+    // given to the user.
+    let compose = serde_json::json!({
+        "source_paths": [s(&mine), s(&to_file)],
+        "destination": s(&home.join("joined")),
+    });
+    let r = post_json(&e.tcp, "/files/compose", &compose.to_string());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(!home.join("joined").exists());
     let mut fs = e.fs().await;
     let r = fs
         .make_dir(MakeDirRequest {
@@ -1403,5 +1412,82 @@ async fn directories_swapped_for_symlinks_mid_write_redirect_nothing() {
     println!("{swaps} swaps; answers by status: {answers:?}");
     assert!(answers.get(&200).copied().unwrap_or(0) > 0, "{answers:?}");
     assert!(answers.keys().any(|&s| s != 200), "{answers:?}");
+    healthy(&e);
+}
+
+// A Start may carry 4 MiB of command, arguments, environment and tag; envd
+// keeps them while the command runs and while its exit is kept.
+#[tokio::test]
+async fn process_descriptions_are_bounded() {
+    let e = Envd::start(&[]);
+    let mut p = e.client().await;
+    let before = rss_kib(e.pid());
+    let big = |i: usize| {
+        let mut r = cmd("sleep", &["60"]);
+        r.tag = Some(format!("{i:04}").repeat(1 << 18)); // 1 MiB
+        r
+    };
+    let mut pids = Vec::new();
+    let refused = loop {
+        match p.start(big(pids.len())).await {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                let mut o = Outcome::default();
+                read_until(&mut s, &mut o, |o| o.pid != 0).await;
+                pids.push(o.pid);
+            }
+            Err(status) => break status,
+        }
+        assert!(pids.len() <= 100, "100 commands with 1 MiB tags all kept");
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("64 MiB"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(pids.len(), 63, "1 MiB and a little more each, in 64 MiB");
+    let grown = rss_kib(e.pid()).saturating_sub(before) / 1024;
+    assert!(grown < 100, "envd grew by {grown} MiB");
+    // Ended commands make room: the oldest exits are forgotten first.
+    for pid in &pids {
+        kill(&mut p, *pid).await;
+    }
+    // (Each kill is reaped a moment later.)
+    let started = Instant::now();
+    let s = loop {
+        match p.start(big(0)).await {
+            Ok(s) => break s,
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no room made by 63 ended commands: {e:?}"),
+        }
+    };
+    let mut s = s.into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.pid != 0).await;
+    kill(&mut p, o.pid).await;
+    let mut known = 0;
+    for pid in &pids {
+        let r = p
+            .connect(ConnectRequest {
+                process: by_pid(*pid),
+                resume_offset: None,
+            })
+            .await;
+        known += usize::from(r.is_ok());
+    }
+    // One is enough; another may go while the first is still held by its
+    // stream's last moments.
+    assert!(
+        (56..63).contains(&known),
+        "{known} of 63 ended commands still known"
+    );
     healthy(&e);
 }

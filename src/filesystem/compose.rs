@@ -10,7 +10,7 @@ use nix::unistd::UnlinkatFlags;
 
 use super::ops::{chown_file, sibling_temp_name};
 use super::pin;
-use super::transfer::open_regular;
+use super::transfer::OpenedFile;
 use crate::status::{Error, Result};
 use crate::users::User;
 
@@ -35,11 +35,9 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
     }
     let mut opened = Vec::with_capacity(sources.len());
     for s in sources {
-        let f = open_regular(s)?;
-        let meta = f.file.metadata().map_err(|e| Error::io(s.display(), &e))?;
-        opened.push((f, (meta.dev(), meta.ino())));
+        opened.push(open_source(s)?);
     }
-    let target = pin::write_target(dest, Some(user))?;
+    let target = pin::file_target(dest, Some(user))?;
     let dest_id = target.existing.as_ref().map(|m| (m.dev(), m.ino()));
     let dest = target.shown();
     for ((_, id), s) in opened.iter().zip(sources) {
@@ -95,4 +93,45 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
         }
     }
     Ok(dest)
+}
+
+/// Opens a source by [`pin`]'s rules (its bytes go into a file given to the
+/// user, so a user's symlink may lead only to what that user owns), never
+/// through a symlink swapped in since, and only a regular file. Returns it
+/// with its identity.
+fn open_source(s: &Path) -> Result<(OpenedFile, (u64, u64))> {
+    let t = pin::file_target(s, None)?;
+    let Some(seen) = t.existing.as_ref() else {
+        return Err(Error::io(
+            s.display(),
+            &std::io::Error::from_raw_os_error(libc::ENOENT),
+        ));
+    };
+    let fd = nix::fcntl::openat(
+        t.dir.fd(),
+        t.name.as_os_str(),
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(s.display(), &e.into()))?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| Error::io(s.display(), &e))?;
+    let id = (meta.dev(), meta.ino());
+    if !meta.is_file() || id != (seen.dev(), seen.ino()) {
+        return Err(Error::invalid(format!(
+            "source '{}' changed while it was opened",
+            s.display()
+        )));
+    }
+    Ok((
+        OpenedFile {
+            file,
+            size: meta.len(),
+        },
+        id,
+    ))
 }

@@ -17,8 +17,9 @@
 //!   plant `~/out.txt -> /etc/passwd` and have the host's next upload replace
 //!   a root file and give it to `user`.
 //!
-//! Reads are not walked this way: what they return goes to the caller, not
-//! to the sandbox.
+//! Reads are not walked this way (what they return goes to the caller),
+//! except compose's sources: their bytes go into a file given to the user,
+//! so `~/part2 -> /etc/shadow` must not be read.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -114,12 +115,13 @@ pub fn parent(path: &Path, create: Option<&User>) -> Result<(Dir, OsString)> {
     Ok((dir, name))
 }
 
-/// The file a write to `path` lands on. A symlink at `path` is written
-/// through (as E2B does) to its final target, by this module's rules. The
-/// target must be a regular file or not exist yet: envd never replaces a
-/// device, FIFO, socket or directory. With `create`, the missing parents of
-/// `path` (not of a symlink's target) are made for that user.
-pub fn write_target(path: &Path, create: Option<&User>) -> Result<Target> {
+/// The file `path` leads to: where a write lands (as E2B does, through a
+/// symlink at `path` to its final target), or the file compose reads and
+/// gives to the user, by this module's rules. The target must be a regular
+/// file or not exist yet: envd never replaces a device, FIFO, socket or
+/// directory. With `create`, the missing parents of `path` (not of a
+/// symlink's target) are made for that user.
+pub fn file_target(path: &Path, create: Option<&User>) -> Result<Target> {
     let (dir, mut name) = parent(path, create)?;
     let mut walk = Walk::new(None)?;
     walk.cur = dir;
@@ -173,7 +175,7 @@ pub fn write_target(path: &Path, create: Option<&User>) -> Result<Target> {
         }
         if !ft.is_file() {
             return Err(Error::invalid(format!(
-                "'{}' is a {}; envd writes only regular files",
+                "'{}' is a {}; only regular files are written or composed",
                 shown.display(),
                 super::transfer::kind_name(&ft)
             )));

@@ -300,7 +300,7 @@ pub async fn write_bytes<S>(spec: WriteSpec, user: &User, data: S) -> Result<Pat
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    let target = pin::write_target(&spec.path, Some(user))?;
+    let target = pin::file_target(&spec.path, Some(user))?;
     let shown = target.shown();
     let mode = spec
         .mode

@@ -14,7 +14,7 @@ use super::output::{LogImage, OutputLog, Source};
 use super::pty::Pty;
 use super::reaper::{ExitStatus, ExitWatch};
 use super::service::ProcessService;
-use super::started::{Input, OutputFdRecord, Process, StdinPipe};
+use super::started::{description_cost, Input, OutputFdRecord, Process, StdinPipe, DESCRIPTIONS};
 use super::supervise::{supervise, OutputFds};
 use crate::handover::carry::{Claimed, Kept};
 use crate::proto::envd::handover::{Chunk, Command};
@@ -240,6 +240,8 @@ impl ProcessService {
         };
         if finished.is_some() {
             // An exit record: no fds, no tasks.
+            let described =
+                DESCRIPTIONS.hold(description_cost(c.tag.as_deref(), c.config.as_ref()));
             let p = Arc::new(Process {
                 pid,
                 tag: c.tag,
@@ -255,6 +257,7 @@ impl ProcessService {
                 deadline: None,
                 pidfd: Default::default(),
                 crash_slot: Default::default(),
+                described,
             });
             self.table()
                 .insert_ended(p, Duration::from_millis(c.retention_ms));
@@ -297,6 +300,7 @@ impl ProcessService {
         let deadline = (c.deadline_ms > 0)
             .then(|| Instant::now().checked_add(Duration::from_millis(c.deadline_ms)))
             .flatten();
+        let described = DESCRIPTIONS.hold(description_cost(c.tag.as_deref(), c.config.as_ref()));
         let p = Arc::new(Process {
             pid,
             tag: c.tag,
@@ -312,6 +316,7 @@ impl ProcessService {
             deadline,
             pidfd: Default::default(),
             crash_slot: Default::default(),
+            described,
         });
         if let Some(fd) = pidfd {
             let _ = p.pidfd.set(fd);

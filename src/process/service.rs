@@ -11,7 +11,7 @@ use super::events::{self, EventStream};
 use super::output::{Budget, OutputLog};
 use super::prepare;
 use super::reaper::Reaper;
-use super::started::Process;
+use super::started::{description_cost, Process, DESCRIPTIONS, DESCRIPTIONS_MAX};
 use super::supervise::supervise;
 use super::table::ProcessTable;
 use crate::defaults::Defaults;
@@ -19,8 +19,9 @@ use crate::proto::process::process_event::StartEvent;
 use crate::proto::process::process_input::Input as InputKind;
 use crate::proto::process::stream_input_request::Event as InputEvent;
 use crate::proto::process::*;
+use crate::quota::Held;
 use crate::request::RequestContext;
-use crate::status::{Error, Result};
+use crate::status::{Code, Error, Result};
 
 /// Tunables of the process service.
 #[derive(Debug, Clone)]
@@ -148,6 +149,7 @@ impl ProcessService {
 
     /// Starts a process. Its lifetime is bounded by the request deadline.
     pub fn start(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
+        let described = self.describe(&req)?;
         let workdir = self.defaults.workdir();
         let mut launch =
             prepare::prepare(&req, &ctx.user, &self.defaults.envs(), workdir.as_deref())?;
@@ -208,11 +210,42 @@ impl ProcessService {
             deadline: ctx.deadline,
             pidfd: Default::default(),
             crash_slot: Default::default(),
+            described,
         });
         self.table.insert(process.clone());
         crate::handover::crash::started(&process);
         supervise(process, launch.output, ctx.deadline, self.table.clone());
         Ok(events::stream(start_event(pid), sub, ctx.keepalive, None))
+    }
+
+    /// Holds the new process's description against [`DESCRIPTIONS`], making
+    /// room by forgetting ended processes (oldest first) if it must and
+    /// that can; refused when running ones hold the bound.
+    fn describe(&self, req: &StartRequest) -> Result<Held> {
+        let n = description_cost(req.tag.as_deref(), req.process.as_ref());
+        if let Some(h) = DESCRIPTIONS.try_hold(n) {
+            return Ok(h);
+        }
+        // Only when forgetting them all would make room: running processes
+        // holding the bound are no reason to lose exits.
+        let fits = |used: usize| used + n <= DESCRIPTIONS_MAX;
+        if fits(
+            DESCRIPTIONS
+                .used()
+                .saturating_sub(self.table.ended_described()),
+        ) {
+            self.table.forget_ended_until(|| fits(DESCRIPTIONS.used()));
+        }
+        DESCRIPTIONS.try_hold(n).ok_or_else(|| {
+            Error::new(
+                Code::ResourceExhausted,
+                format!(
+                    "the processes envd knows hold {} MiB of commands, arguments, environments \
+                     and tags, the most they may; this one adds {n} bytes",
+                    DESCRIPTIONS_MAX >> 20
+                ),
+            )
+        })
     }
 
     /// Re-attaches to a process: live output (E2B), or replay from an offset.

@@ -142,6 +142,34 @@ pub struct Process {
     pub pidfd: std::sync::OnceLock<std::os::fd::OwnedFd>,
     /// Its slot in the crash record's offset table.
     pub crash_slot: std::sync::OnceLock<u32>,
+    /// Its share of [`DESCRIPTIONS`] (`tag` and `config`), while it is known.
+    pub described: crate::quota::Held,
+}
+
+/// What the descriptions of all processes envd knows (command, arguments,
+/// environment, working directory and tag: what `List` and `Connect` give
+/// back) may hold together. A Start request may carry 4 MiB of them, kept
+/// while the command runs and as long as its exit is, so without this bound
+/// 1,000 `sleep`s with 4 MiB tags would hold 4 GiB.
+pub const DESCRIPTIONS_MAX: usize = 64 << 20;
+pub static DESCRIPTIONS: crate::quota::Quota = crate::quota::Quota::new(DESCRIPTIONS_MAX);
+
+/// What a process's description costs against [`DESCRIPTIONS`]: its bytes,
+/// plus the strings' own overhead, plus a fixed share for the record.
+pub fn description_cost(tag: Option<&str>, config: Option<&ProcessConfig>) -> usize {
+    const STRING: usize = 24;
+    let mut n = 256 + tag.map_or(0, |t| t.len() + STRING);
+    if let Some(c) = config {
+        n += c.cmd.len() + STRING;
+        n += c.cwd.as_ref().map_or(0, |d| d.len() + STRING);
+        n += c.args.iter().map(|a| a.len() + STRING).sum::<usize>();
+        n += c
+            .envs
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * STRING + 16)
+            .sum::<usize>();
+    }
+    n
 }
 
 /// The output pipes' fds by number, while their pumps hold them open.

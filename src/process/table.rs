@@ -71,6 +71,28 @@ impl ProcessTable {
         g.expire(Instant::now(), self.max_ended);
     }
 
+    /// What the ended processes' descriptions hold together.
+    pub fn ended_described(&self) -> usize {
+        self.lock()
+            .ended
+            .iter()
+            .map(|(_, p)| p.described.units())
+            .sum()
+    }
+
+    /// Forgets ended processes, oldest first, until `enough` says so or none
+    /// is left (their output and descriptions go once nothing else holds
+    /// them).
+    pub fn forget_ended_until(&self, enough: impl Fn() -> bool) {
+        loop {
+            let oldest = self.lock().ended.pop_front();
+            // Dropped outside the lock.
+            if oldest.is_none() || enough() {
+                return;
+            }
+        }
+    }
+
     /// Every process known, with the time left before an ended one is
     /// forgotten (`None`: running).
     pub fn all(&self) -> Vec<(Arc<Process>, Option<Duration>)> {
