@@ -40,15 +40,19 @@ pub fn start(address: IpAddr, own_ports: Vec<u16>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // Sorted: a lookup is a binary search (thousands of listeners,
+            // and as many refused, must not cost their product each second).
             let now = scan::loopback_listeners();
-            forwards.retain(|l, _| now.contains(l));
-            refused.retain(|l| now.contains(l));
-            for l in now {
+            let listening = |l: &Listener| now.binary_search(l).is_ok();
+            forwards.retain(|l, _| listening(l));
+            refused.retain(listening);
+            let mut forwarded_ports: HashSet<u16> = forwards.keys().map(|f| f.port).collect();
+            for l in now.iter().copied() {
                 if own_ports.contains(&l.port)
                     || forwards.len() >= MAX_FORWARDS
                     || forwards.contains_key(&l)
                     || refused.contains(&l)
-                    || forwards.keys().any(|f| f.port == l.port)
+                    || forwarded_ports.contains(&l.port)
                 {
                     continue;
                 }
@@ -56,6 +60,7 @@ pub fn start(address: IpAddr, own_ports: Vec<u16>) {
                     Ok(f) => {
                         tracing::info!(port = l.port, backend = %l.ip, %address, "forwarding a localhost port");
                         forwards.insert(l, f);
+                        forwarded_ports.insert(l.port);
                     }
                     Err(e) => {
                         tracing::debug!(port = l.port, error = %e, "port not forwarded");
