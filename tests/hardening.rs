@@ -1219,27 +1219,37 @@ async fn blocked_input_holds_bounded_memory() {
     healthy(&e);
 }
 
-// envd changes the filesystem as root. A process running as a user in the
-// sandbox may plant symlinks where the host will write next; they must not
-// steer envd's changes into what that user does not own.
-#[tokio::test]
-async fn planted_symlinks_cannot_steer_root_changes() {
+/// The user the planted-symlink tests play (`nobody`).
+const NOBODY: u32 = 65534;
+
+/// envd as root, and a scratch tree with `etc` (root's) and `home` (the
+/// user's); `None` (with the skip printed) when the test is not root.
+fn root_and_user_dirs(test: &str) -> Option<(Envd, tempfile::TempDir, PathBuf, PathBuf)> {
     if !is_root() {
-        skip(
-            "planted_symlinks_cannot_steer_root_changes",
-            "needs root to give symlinks to another user",
-        );
-        return;
+        skip(test, "needs root to give symlinks to another user");
+        return None;
     }
     let e = Envd::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let (etc, home) = (dir.path().join("etc"), dir.path().join("home"));
     std::fs::create_dir(&etc).unwrap();
     std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    Some((e, dir, etc, home))
+}
+
+// envd changes the filesystem as root. A process running as a user in the
+// sandbox may plant symlinks where the host will write next; they must not
+// steer envd's changes into what that user does not own.
+#[tokio::test]
+async fn planted_symlinks_cannot_steer_root_changes() {
+    let Some((e, _dir, etc, home)) =
+        root_and_user_dirs("planted_symlinks_cannot_steer_root_changes")
+    else {
+        return;
+    };
     let passwd = etc.join("passwd");
     std::fs::write(&passwd, b"root's").unwrap();
-    const NOBODY: u32 = 65534;
-    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
     // What the user may plant: links to a root file, a root directory, and a
     // file not made yet in a root directory; and its own file.
     let plant = |name: &str, to: &Path| {
@@ -1352,22 +1362,13 @@ async fn planted_symlinks_cannot_steer_root_changes() {
 // envd checked is what it writes into.
 #[tokio::test]
 async fn directories_swapped_for_symlinks_mid_write_redirect_nothing() {
-    if !is_root() {
-        skip(
-            "directories_swapped_for_symlinks_mid_write_redirect_nothing",
-            "needs root to give symlinks to another user",
-        );
+    let Some((e, _dir, etc, home)) =
+        root_and_user_dirs("directories_swapped_for_symlinks_mid_write_redirect_nothing")
+    else {
         return;
-    }
-    let e = Envd::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (etc, home) = (dir.path().join("etc"), dir.path().join("home"));
-    std::fs::create_dir(&etc).unwrap();
-    std::fs::create_dir_all(home.join("d")).unwrap();
-    const NOBODY: u32 = 65534;
-    for p in [&home, &home.join("d")] {
-        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
-    }
+    };
+    std::fs::create_dir(home.join("d")).unwrap();
+    std::os::unix::fs::chown(home.join("d"), Some(NOBODY), Some(NOBODY)).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let swapper = {
         let (home, etc, stop) = (home.clone(), etc.clone(), stop.clone());
