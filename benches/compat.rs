@@ -150,6 +150,82 @@ fn files_transfer(dir: &Path) {
     println!("envd peak RSS (VmHWM) over the /files transfers: {hwm} (target <= 32 MiB)");
 }
 
+/// One request on a kept-alive connection; the reply's status. Replies
+/// must carry a `content-length` (envd's do for these).
+fn round_trip(s: &mut std::io::BufReader<TcpStream>, req: &[u8]) -> u16 {
+    use std::io::BufRead;
+    s.get_mut().write_all(req).unwrap();
+    let mut line = String::new();
+    s.read_line(&mut line).unwrap();
+    let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        s.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            assert!(!k.eq_ignore_ascii_case("transfer-encoding"), "{l}");
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).unwrap();
+    status
+}
+
+fn median_us(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Small uploads, where the per-request work shows: a 4 KiB `POST /files`
+/// five directories deep, beside a `/health` round trip on the same
+/// connection (interleaved) and the same write + rename done in-process.
+fn small_uploads(dir: &Path) {
+    const N: usize = 2000;
+    let envd = Envd::start(&[]);
+    let addr = envd.tcp.strip_prefix("tcp://").unwrap().to_owned();
+    let deep = dir.join("a/b/c/d");
+    std::fs::create_dir_all(&deep).unwrap();
+    let target = deep.join("small");
+    let body = vec![0x5au8; 4096];
+    let mut upload = format!(
+        "POST /files?path={} HTTP/1.1\r\nhost: envd\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        target.display(),
+        body.len()
+    )
+    .into_bytes();
+    upload.extend_from_slice(&body);
+    let health = b"GET /health HTTP/1.1\r\nhost: envd\r\n\r\n";
+    let conn = TcpStream::connect(&addr).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let mut s = std::io::BufReader::new(conn);
+    let (mut up, mut rt, mut local) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..N {
+        let t = Instant::now();
+        assert_eq!(round_trip(&mut s, &upload), 200);
+        up.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        assert_eq!(round_trip(&mut s, health), 204);
+        rt.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        let tmp = deep.join(format!(".local-{i}"));
+        std::fs::write(&tmp, &body).unwrap();
+        std::fs::rename(&tmp, deep.join("local")).unwrap();
+        local.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let (up, rt, local) = (median_us(up), median_us(rt), median_us(local));
+    println!(
+        "/files 4 KiB upload, 5 dirs deep     median {up:>6.0} us = /health round trip {rt:.0} us + {:.0} us; the same write + rename in-process {local:.0} us ({N} each, interleaved)",
+        up - rt
+    );
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("benchmarks run under `cargo bench` / `make bench` only");
@@ -171,4 +247,5 @@ fn main() {
         .unwrap();
     println!("(transfers in {})", dir.path().display());
     files_transfer(dir.path());
+    small_uploads(dir.path());
 }
