@@ -123,8 +123,7 @@ pub fn parent(path: &Path, create: Option<&User>) -> Result<(Dir, OsString)> {
 /// symlink's target) are made for that user.
 pub fn file_target(path: &Path, create: Option<&User>) -> Result<Target> {
     let (dir, mut name) = parent(path, create)?;
-    let mut walk = Walk::new(None)?;
-    walk.cur = dir;
+    let mut walk = Walk::at(dir);
     // Owners of the symlinks followed at the last component: what they lead
     // to must be theirs.
     let mut owners: Vec<(u32, PathBuf)> = Vec::new();
@@ -214,13 +213,20 @@ struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     fn new(create: Option<&'a User>) -> Result<Walk<'a>> {
-        Ok(Walk {
-            cur: root()?,
+        let mut walk = Walk::at(root()?);
+        walk.create = create;
+        Ok(walk)
+    }
+
+    /// A walk from `dir` that makes nothing.
+    fn at(dir: Dir) -> Walk<'a> {
+        Walk {
+            cur: dir,
             steps: VecDeque::new(),
             hops: 0,
-            create,
+            create: None,
             made: false,
-        })
+        }
     }
 
     /// Queues `path`'s components in front of what is queued (an absolute
@@ -285,7 +291,19 @@ impl<'a> Walk<'a> {
         // Twice at most: a directory made here (or concurrently) is opened
         // on the second pass.
         for _ in 0..2 {
-            let fd = match open_at(self.cur.fd(), &name) {
+            // Most components are plain directories: one `openat` says so.
+            // A symlink or any other file is `ENOTDIR` here (`O_NOFOLLOW`),
+            // then opened as itself and looked at.
+            let fd = match open_dir_at(self.cur.fd(), &name) {
+                Ok(fd) => {
+                    self.cur = Dir { fd, shown };
+                    self.made = made;
+                    return Ok(());
+                }
+                Err(Errno::ENOTDIR) => open_at(self.cur.fd(), &name),
+                Err(e) => Err(e),
+            };
+            let fd = match fd {
                 Ok(fd) => fd,
                 Err(Errno::ENOENT) if self.create.is_some() && !made => {
                     made = self.make(&name, &shown)?;
@@ -385,6 +403,17 @@ fn root() -> Result<Dir> {
         fd,
         shown: PathBuf::from("/"),
     })
+}
+
+/// The directory `name`, never through a symlink (`ENOTDIR` for a symlink
+/// or any other file).
+fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// The entry `name` itself (a symlink is not followed), without opening it
