@@ -446,3 +446,68 @@ fn check_owner(uid: u32, link: &Path, owner: u32, here: &Path) -> Result<()> {
         here.display()
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::Code;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn links_are_followed_physically_to_the_final_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
+        std::fs::write(d.join("c"), b"x").unwrap();
+        // `..` after a link is the link target's parent, as the kernel has it.
+        symlink("sub/deeper", d.join("down")).unwrap();
+        symlink("../../b", d.join("sub/deeper/up")).unwrap();
+        symlink("c", d.join("b")).unwrap();
+        let t = file_target(&d.join("down/up"), None).unwrap();
+        assert_eq!(t.name, "c");
+        assert!(t.existing.is_some());
+        assert_eq!(
+            std::fs::canonicalize(t.dir.path()).unwrap(),
+            std::fs::canonicalize(d).unwrap()
+        );
+        // A dangling link leads to where the file would be made.
+        symlink("sub/new", d.join("dangling")).unwrap();
+        let t = file_target(&d.join("dangling"), None).unwrap();
+        assert_eq!((t.name.to_str(), t.existing.is_none()), (Some("new"), true));
+        assert!(t.shown().ends_with("sub/new"));
+    }
+
+    #[test]
+    fn loops_and_non_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        symlink("b", d.join("a")).unwrap();
+        symlink("a", d.join("b")).unwrap();
+        let e = file_target(&d.join("a"), None).unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument, "{e:?}");
+        assert!(e.message.contains("too many levels"), "{e:?}");
+        let e = open_dir(&d.join("a/x"), None).unwrap_err();
+        assert!(e.message.contains("too many levels"), "{e:?}");
+        std::fs::write(d.join("f"), b"").unwrap();
+        let e = open_dir(&d.join("f/x"), None).unwrap_err();
+        assert!(e.message.contains("is not a directory"), "{e:?}");
+        let e = file_target(d, None).unwrap_err();
+        assert!(e.message.contains("is a directory"), "{e:?}");
+        assert_eq!(
+            parent(Path::new("/"), None).unwrap_err().code,
+            Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn missing_directories_are_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = User::current().unwrap();
+        let deep = dir.path().join("a/b/c");
+        let e = open_dir(&deep, None).unwrap_err();
+        assert_eq!(e.code, Code::NotFound, "{e:?}");
+        assert!(open_dir(&deep, Some(&user)).unwrap().1, "made");
+        assert!(!open_dir(&deep, Some(&user)).unwrap().1, "already there");
+        assert!(deep.is_dir());
+    }
+}
