@@ -1492,3 +1492,84 @@ async fn process_descriptions_are_bounded() {
     );
     healthy(&e);
 }
+
+// A cross-filesystem Move copies the user's tree as root, then gives each
+// copy the owner and mode its source had. The user swaps its files for links
+// to a root-only file mid-copy: what `lstat` saw must be what is read.
+#[tokio::test]
+async fn files_swapped_for_links_mid_copy_are_not_read() {
+    let Some((e, dir, etc, home)) =
+        root_and_user_dirs("files_swapped_for_links_mid_copy_are_not_read")
+    else {
+        return;
+    };
+    let mnt = dir.path().join("tmpfs");
+    let Some(_tmpfs) = Tmpfs::mount(
+        "files_swapped_for_links_mid_copy_are_not_read",
+        &mnt,
+        "size=64m",
+    ) else {
+        return;
+    };
+    let secret = etc.join("shadow");
+    std::fs::write(&secret, b"root's secret").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    const FILES: usize = 300;
+    let mut found = 0;
+    for round in 0..10 {
+        let src = home.join(format!("tree{round}"));
+        std::fs::create_dir(&src).unwrap();
+        std::os::unix::fs::chown(&src, Some(NOBODY), Some(NOBODY)).unwrap();
+        for i in 0..FILES {
+            let (f, l) = (src.join(format!("f{i}")), src.join(format!("l{i}")));
+            std::fs::write(&f, b"user's").unwrap();
+            std::os::unix::fs::chown(&f, Some(NOBODY), Some(NOBODY)).unwrap();
+            std::os::unix::fs::symlink(&secret, &l).unwrap();
+            std::os::unix::fs::lchown(&l, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (src, stop) = (src.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 0..FILES {
+                        let swapped = nix::fcntl::renameat2(
+                            nix::fcntl::AT_FDCWD,
+                            &src.join(format!("f{i}")),
+                            nix::fcntl::AT_FDCWD,
+                            &src.join(format!("l{i}")),
+                            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                        );
+                        if swapped.is_err() {
+                            return; // moved away
+                        }
+                    }
+                }
+            })
+        };
+        let dst = mnt.join(format!("moved{round}"));
+        let mut fs = e.fs().await;
+        let _ = fs
+            .r#move(MoveRequest {
+                source: s(&src),
+                destination: s(&dst),
+            })
+            .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        for entry in std::fs::read_dir(&dst).into_iter().flatten().flatten() {
+            let m = std::fs::symlink_metadata(entry.path()).unwrap();
+            if m.is_file() && std::fs::read(entry.path()).unwrap() == b"root's secret" {
+                assert_eq!(
+                    m.uid(),
+                    0,
+                    "root's secret copied into a file of uid {}",
+                    m.uid()
+                );
+                found += 1;
+            }
+        }
+    }
+    assert_eq!(found, 0, "root's secret was read into the copy");
+    healthy(&e);
+}

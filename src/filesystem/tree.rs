@@ -1,11 +1,13 @@
 //! Whole-tree operations (remove, copy) as iterative walks: a tree's depth is
 //! controlled by whoever runs code in the sandbox, so no walk recurses on the
-//! call stack. Depth costs heap (one small frame per level) and, for removal,
-//! one open directory per level.
+//! call stack. Depth costs heap (one small frame per level) and one open
+//! directory per level: both walks go through directory fds, never through a
+//! path a process could swap for a symlink on the way.
 
-use std::ffi::{CStr, CString, OsString};
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -135,17 +137,37 @@ fn copy_attributes(dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
     copy_mtime(dst, meta)
 }
 
-/// Copies one non-directory: a regular file's bytes, a symlink as a link.
-/// Anything else (device, FIFO, socket) is refused: reading it could block
-/// forever or never end.
-fn copy_leaf(src: &Path, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
+/// Copies one non-directory, the entry `name` of the source directory open
+/// at `dir` (`meta` is what `lstat` saw): a regular file's bytes, a symlink
+/// as a link. Anything else (device, FIFO, socket) is refused: reading it
+/// could block forever or never end. The file is opened without following a
+/// symlink and must be the one `lstat` saw: an entry swapped for a link to
+/// a root file since must not be read into a copy that gets the entry's
+/// owner and mode.
+fn copy_leaf(dir: &Dir, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
     let ft = meta.file_type();
     if ft.is_symlink() {
-        std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
+        let target = nix::fcntl::readlinkat(dir.as_fd(), name)?;
+        std::os::unix::fs::symlink(target, dst)?;
     } else if ft.is_file() {
-        // Non-blocking and checked again on the open fd: the entry may have
-        // been swapped for a FIFO since it was stat'ed.
-        let mut from = super::transfer::open_regular_io(src)?.file;
+        let fd = nix::fcntl::openat(
+            dir.as_fd(),
+            name,
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut from = std::fs::File::from(fd);
+        let now = from.metadata()?;
+        if !now.is_file() || (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("'{}' changed while it was copied", name.to_string_lossy()),
+            ));
+        }
         let mut to = std::fs::File::create_new(dst)?;
         io::copy(&mut from, &mut to)?;
     } else {
@@ -153,32 +175,58 @@ fn copy_leaf(src: &Path, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()>
             io::ErrorKind::InvalidInput,
             format!(
                 "'{}' is not a regular file, directory or symlink",
-                src.display()
+                name.to_string_lossy()
             ),
         ));
     }
     copy_attributes(dst, meta)
 }
 
+/// `lstat` of the entry `name` of the directory open at `dir`.
+fn lstat_at(dir: &Dir, name: &CStr) -> io::Result<std::fs::Metadata> {
+    use std::os::fd::AsRawFd;
+    let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+    std::fs::symlink_metadata(path)
+}
+
 /// Copies the tree at `src` to the new path `dst`, keeping symlinks as links
 /// and preserving modes, owners and modification times. Iterative; a
-/// directory's attributes are applied once its contents are in.
+/// directory's attributes are applied once its contents are in. The source
+/// is read through open directory fds, each entered with `O_NOFOLLOW`: a
+/// directory inside it swapped for a symlink mid-copy is never followed.
 pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let meta = std::fs::symlink_metadata(src)?;
+    let (parent, name) = match (src.parent(), src.file_name()) {
+        (Some(p), Some(n)) => (p, n),
+        _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    let parent = Dir::open(
+        parent,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let name =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     if !meta.is_dir() {
-        return copy_leaf(src, dst, &meta);
+        return copy_leaf(&parent, &name, dst, &meta);
     }
     struct Frame {
-        src: PathBuf,
+        src: Dir,
         dst: PathBuf,
         meta: std::fs::Metadata,
-        pending: Vec<OsString>,
+        pending: Vec<CString>,
     }
-    let open = |src: PathBuf, dst: PathBuf, meta| -> io::Result<Frame> {
+    let open = |parent: &Dir, name: &CStr, dst: PathBuf, meta| -> io::Result<Frame> {
+        let mut src = open_dir_at(parent.as_fd(), name)?;
         std::fs::DirBuilder::new().mode(0o700).create(&dst)?;
-        let mut pending = std::fs::read_dir(&src)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut pending = Vec::new();
+        for entry in src.iter() {
+            let entry = entry?;
+            if !is_dot(entry.file_name()) {
+                pending.push(entry.file_name().to_owned());
+            }
+        }
         pending.sort_unstable_by(|a, b| b.cmp(a)); // popped in name order
         Ok(Frame {
             src,
@@ -187,24 +235,24 @@ pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
             pending,
         })
     };
-    let mut stack = vec![open(src.to_path_buf(), dst.to_path_buf(), meta)?];
+    let mut stack = vec![open(&parent, &name, dst.to_path_buf(), meta)?];
     while let Some(top) = stack.last_mut() {
         let Some(name) = top.pending.pop() else {
             let done = stack.pop().expect("the loop saw a frame");
             copy_attributes(&done.dst, &done.meta)?;
             continue;
         };
-        let (s, d) = (top.src.join(&name), top.dst.join(&name));
-        let meta = match std::fs::symlink_metadata(&s) {
+        let d = top.dst.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let meta = match lstat_at(&top.src, &name) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // vanished
             Err(e) => return Err(e),
         };
         if meta.is_dir() {
-            let frame = open(s, d, meta)?;
+            let frame = open(&top.src, &name, d, meta)?;
             stack.push(frame);
         } else {
-            copy_leaf(&s, &d, &meta)?;
+            copy_leaf(&top.src, &name, &d, &meta)?;
         }
     }
     Ok(())
