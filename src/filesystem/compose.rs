@@ -107,26 +107,15 @@ fn open_source(s: &Path) -> Result<(OpenedFile, (u64, u64))> {
             &std::io::Error::from_raw_os_error(libc::ENOENT),
         ));
     };
-    let fd = nix::fcntl::openat(
-        t.dir.fd(),
-        t.name.as_os_str(),
-        OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(s.display(), &e.into()))?;
-    let file = std::fs::File::from(fd);
-    let meta = file.metadata().map_err(|e| Error::io(s.display(), &e))?;
-    let id = (meta.dev(), meta.ino());
-    if !meta.is_file() || id != (seen.dev(), seen.ino()) {
-        return Err(Error::invalid(format!(
+    let file = pin::open_seen(t.dir.fd(), &t.name, seen).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => Error::invalid(format!(
             "source '{}' changed while it was opened",
             s.display()
-        )));
-    }
+        )),
+        _ => Error::io(s.display(), &e),
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(s.display(), &e))?;
+    let id = (meta.dev(), meta.ino());
     Ok((
         OpenedFile {
             file,

@@ -405,6 +405,37 @@ fn root() -> Result<Dir> {
     })
 }
 
+/// Opens the entry `name` of the directory open at `dir` for reading, never
+/// through a symlink and never blocking, and only if it is still the regular
+/// file `seen` (what an earlier `lstat` or walk saw): an entry swapped for a
+/// link to a root file meanwhile must not be read into something the user
+/// gets. Anything else is `InvalidInput`.
+pub fn open_seen(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    seen: &std::fs::Metadata,
+) -> std::io::Result<std::fs::File> {
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = std::fs::File::from(fd);
+    let now = file.metadata()?;
+    if !now.is_file() || (now.dev(), now.ino()) != (seen.dev(), seen.ino()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("'{}' changed while it was opened", name.to_string_lossy()),
+        ));
+    }
+    Ok(file)
+}
+
 /// The directory `name`, never through a symlink (`ENOTDIR` for a symlink
 /// or any other file).
 fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {

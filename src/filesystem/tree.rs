@@ -150,24 +150,11 @@ fn copy_leaf(dir: &Dir, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io
         let target = nix::fcntl::readlinkat(dir.as_fd(), name)?;
         std::os::unix::fs::symlink(target, dst)?;
     } else if ft.is_file() {
-        let fd = nix::fcntl::openat(
+        let mut from = super::pin::open_seen(
             dir.as_fd(),
-            name,
-            OFlag::O_RDONLY
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_NONBLOCK
-                | OFlag::O_NOCTTY
-                | OFlag::O_CLOEXEC,
-            Mode::empty(),
+            std::ffi::OsStr::from_bytes(name.to_bytes()),
+            meta,
         )?;
-        let mut from = std::fs::File::from(fd);
-        let now = from.metadata()?;
-        if !now.is_file() || (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("'{}' changed while it was copied", name.to_string_lossy()),
-            ));
-        }
         let mut to = std::fs::File::create_new(dst)?;
         io::copy(&mut from, &mut to)?;
     } else {
