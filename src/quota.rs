@@ -61,9 +61,7 @@ impl Quota {
     pub fn try_hold(&'static self, n: usize) -> Option<Held> {
         self.try_take(n).then(|| Held { quota: self, n })
     }
-}
 
-impl Quota {
     /// Holds `n` whatever the limit (see [`Quota::take`]) until the hold is
     /// dropped.
     pub fn hold(&'static self, n: usize) -> Held {

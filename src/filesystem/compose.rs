@@ -107,14 +107,13 @@ fn open_source(s: &Path) -> Result<(OpenedFile, (u64, u64))> {
             &std::io::Error::from_raw_os_error(libc::ENOENT),
         ));
     };
-    let file = pin::open_seen(t.dir.fd(), &t.name, seen).map_err(|e| match e.kind() {
+    let (file, meta) = pin::open_seen(t.dir.fd(), &t.name, seen).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidInput => Error::invalid(format!(
             "source '{}' changed while it was opened",
             s.display()
         )),
         _ => Error::io(s.display(), &e),
     })?;
-    let meta = file.metadata().map_err(|e| Error::io(s.display(), &e))?;
     let id = (meta.dev(), meta.ino());
     Ok((
         OpenedFile {

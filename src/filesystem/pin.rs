@@ -63,15 +63,16 @@ impl Dir {
     /// through the open fd (a `/proc` magic link), never through the
     /// directories above it: for calls that only take paths.
     pub fn path_of(&self, name: &OsStr) -> PathBuf {
-        let mut p = PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()));
-        p.push(name);
-        p
+        fd_path(self.fd(), name)
     }
+}
 
-    /// The directory itself as such a path.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
-    }
+/// `name` inside the directory open at `dir`, as a path the kernel resolves
+/// through the fd (`/proc/self/fd/N/name`).
+pub fn fd_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    p.push(name);
+    p
 }
 
 /// Where a write lands: a name in a pinned directory, and the regular file
@@ -409,12 +410,13 @@ fn root() -> Result<Dir> {
 /// through a symlink and never blocking, and only if it is still the regular
 /// file `seen` (what an earlier `lstat` or walk saw): an entry swapped for a
 /// link to a root file meanwhile must not be read into something the user
-/// gets. Anything else is `InvalidInput`.
+/// gets. Anything else is `InvalidInput`. Returns the file and what its fd
+/// says now (the size it has at open).
 pub fn open_seen(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     seen: &std::fs::Metadata,
-) -> std::io::Result<std::fs::File> {
+) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
     let fd = nix::fcntl::openat(
         dir,
         name,
@@ -433,7 +435,7 @@ pub fn open_seen(
             format!("'{}' changed while it was opened", name.to_string_lossy()),
         ));
     }
-    Ok(file)
+    Ok((file, now))
 }
 
 /// The directory `name`, never through a symlink (`ENOTDIR` for a symlink
@@ -498,7 +500,7 @@ mod tests {
         assert_eq!(t.name, "c");
         assert!(t.existing.is_some());
         assert_eq!(
-            std::fs::canonicalize(t.dir.path()).unwrap(),
+            std::fs::canonicalize(t.dir.path_of(OsStr::new(""))).unwrap(),
             std::fs::canonicalize(d).unwrap()
         );
         // A dangling link leads to where the file would be made.

@@ -150,7 +150,7 @@ fn copy_leaf(dir: &Dir, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io
         let target = nix::fcntl::readlinkat(dir.as_fd(), name)?;
         std::os::unix::fs::symlink(target, dst)?;
     } else if ft.is_file() {
-        let mut from = super::pin::open_seen(
+        let (mut from, _) = super::pin::open_seen(
             dir.as_fd(),
             std::ffi::OsStr::from_bytes(name.to_bytes()),
             meta,
@@ -171,10 +171,8 @@ fn copy_leaf(dir: &Dir, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io
 
 /// `lstat` of the entry `name` of the directory open at `dir`.
 fn lstat_at(dir: &Dir, name: &CStr) -> io::Result<std::fs::Metadata> {
-    use std::os::fd::AsRawFd;
-    let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
-        .join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-    std::fs::symlink_metadata(path)
+    let name = std::ffi::OsStr::from_bytes(name.to_bytes());
+    std::fs::symlink_metadata(super::pin::fd_path(dir.as_fd(), name))
 }
 
 /// Copies the tree at `src` to the new path `dst`, keeping symlinks as links

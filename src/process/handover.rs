@@ -238,10 +238,10 @@ impl ProcessService {
             }),
             (None, None) => None,
         };
+        // Counted whatever the bound: it was admitted by the image before.
+        let described = DESCRIPTIONS.hold(description_cost(c.tag.as_deref(), c.config.as_ref()));
         if finished.is_some() {
             // An exit record: no fds, no tasks.
-            let described =
-                DESCRIPTIONS.hold(description_cost(c.tag.as_deref(), c.config.as_ref()));
             let p = Arc::new(Process {
                 pid,
                 tag: c.tag,
@@ -300,7 +300,6 @@ impl ProcessService {
         let deadline = (c.deadline_ms > 0)
             .then(|| Instant::now().checked_add(Duration::from_millis(c.deadline_ms)))
             .flatten();
-        let described = DESCRIPTIONS.hold(description_cost(c.tag.as_deref(), c.config.as_ref()));
         let p = Arc::new(Process {
             pid,
             tag: c.tag,
