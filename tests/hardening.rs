@@ -1238,6 +1238,32 @@ fn root_and_user_dirs(test: &str) -> Option<(Envd, tempfile::TempDir, PathBuf, P
     Some((e, dir, etc, home))
 }
 
+/// A symlink at `at` to `to`, owned by the user (as the user would make it).
+fn user_link(to: &Path, at: &Path) {
+    std::os::unix::fs::symlink(to, at).unwrap();
+    std::os::unix::fs::lchown(at, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
+/// A file (or, with `None`, a directory) of the user's at `at`.
+fn user_entry(at: &Path, content: Option<&[u8]>) {
+    match content {
+        Some(c) => std::fs::write(at, c).unwrap(),
+        None => std::fs::create_dir(at).unwrap(),
+    }
+    std::os::unix::fs::chown(at, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
+/// Trades the names of `a` and `b` atomically, as a racing user would.
+fn exchange(a: &Path, b: &Path) -> nix::Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        a,
+        nix::fcntl::AT_FDCWD,
+        b,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+}
+
 // envd changes the filesystem as root. A process running as a user in the
 // sandbox may plant symlinks where the host will write next; they must not
 // steer envd's changes into what that user does not own.
@@ -1254,16 +1280,14 @@ async fn planted_symlinks_cannot_steer_root_changes() {
     // file not made yet in a root directory; and its own file.
     let plant = |name: &str, to: &Path| {
         let link = home.join(name);
-        std::os::unix::fs::symlink(to, &link).unwrap();
-        std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+        user_link(to, &link);
         link
     };
     let to_file = plant("out.txt", &passwd);
     let to_dir = plant("results", &etc);
     let to_new = plant("new.txt", &etc.join("new"));
     let mine = home.join("mine");
-    std::fs::write(&mine, b"user's").unwrap();
-    std::os::unix::fs::chown(&mine, Some(NOBODY), Some(NOBODY)).unwrap();
+    user_entry(&mine, Some(b"user's"));
 
     for target in [
         to_file.clone(),
@@ -1367,28 +1391,19 @@ async fn directories_swapped_for_symlinks_mid_write_redirect_nothing() {
     else {
         return;
     };
-    std::fs::create_dir(home.join("d")).unwrap();
-    std::os::unix::fs::chown(home.join("d"), Some(NOBODY), Some(NOBODY)).unwrap();
+    user_entry(&home.join("d"), None);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let swapper = {
         let (home, etc, stop) = (home.clone(), etc.clone(), stop.clone());
         std::thread::spawn(move || {
             let (d, link) = (home.join("d"), home.join("d.link"));
             // The user's link is made once, as the user's: root never owns it.
-            std::os::unix::fs::symlink(&etc, &link).unwrap();
-            std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+            user_link(&etc, &link);
             let mut swaps = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // The directory and the link trade names, atomically.
                 for _ in 0..2 {
-                    nix::fcntl::renameat2(
-                        nix::fcntl::AT_FDCWD,
-                        &d,
-                        nix::fcntl::AT_FDCWD,
-                        &link,
-                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-                    )
-                    .unwrap();
+                    exchange(&d, &link).unwrap();
                     std::thread::yield_now();
                 }
                 swaps += 1;
@@ -1518,14 +1533,10 @@ async fn files_swapped_for_links_mid_copy_are_not_read() {
     let mut found = 0;
     for round in 0..10 {
         let src = home.join(format!("tree{round}"));
-        std::fs::create_dir(&src).unwrap();
-        std::os::unix::fs::chown(&src, Some(NOBODY), Some(NOBODY)).unwrap();
+        user_entry(&src, None);
         for i in 0..FILES {
-            let (f, l) = (src.join(format!("f{i}")), src.join(format!("l{i}")));
-            std::fs::write(&f, b"user's").unwrap();
-            std::os::unix::fs::chown(&f, Some(NOBODY), Some(NOBODY)).unwrap();
-            std::os::unix::fs::symlink(&secret, &l).unwrap();
-            std::os::unix::fs::lchown(&l, Some(NOBODY), Some(NOBODY)).unwrap();
+            user_entry(&src.join(format!("f{i}")), Some(b"user's"));
+            user_link(&secret, &src.join(format!("l{i}")));
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let swapper = {
@@ -1533,13 +1544,8 @@ async fn files_swapped_for_links_mid_copy_are_not_read() {
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     for i in 0..FILES {
-                        let swapped = nix::fcntl::renameat2(
-                            nix::fcntl::AT_FDCWD,
-                            &src.join(format!("f{i}")),
-                            nix::fcntl::AT_FDCWD,
-                            &src.join(format!("l{i}")),
-                            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-                        );
+                        let swapped =
+                            exchange(&src.join(format!("f{i}")), &src.join(format!("l{i}")));
                         if swapped.is_err() {
                             return; // moved away
                         }
