@@ -33,10 +33,15 @@ impl RequestContext {
         Ok(Self {
             user,
             keepalive: keepalive(headers)?,
-            // A timeout too far away to represent is no deadline at all.
-            deadline: timeout(headers)?.and_then(|t| Instant::now().checked_add(t)),
+            deadline: deadline(headers)?,
         })
     }
+}
+
+/// When the request's time budget runs out (see [`timeout`]); a timeout too
+/// far away to represent is no deadline at all.
+pub fn deadline(headers: &HeaderMap) -> Result<Option<Instant>> {
+    Ok(timeout(headers)?.and_then(|t| Instant::now().checked_add(t)))
 }
 
 /// `Authorization: Basic base64("<user>:<ignored>")` → user name.

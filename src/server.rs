@@ -26,7 +26,7 @@ use crate::process::ProcessService;
 use crate::proto::filesystem::filesystem_server::FilesystemServer;
 use crate::proto::process::process_server::ProcessServer;
 use crate::proto::transfer::transfer_server::TransferServer;
-use crate::status::Error;
+use crate::status::{Code, Error};
 use crate::wire::HttpBody;
 use crate::wire::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
@@ -101,15 +101,40 @@ impl Router {
             Err(e) if grpc => grpc_error(e),
             Err(e) if connect => crate::connect::unary_error(&e),
             Err(e) => Rest::from(e).response(),
-            Ok(_) if grpc => match self.grpc.clone().oneshot(req).await {
-                Ok(r) => r,
-                Err(never) => match never {},
-            },
+            Ok(_) if grpc => self.grpc_call(req).await,
             Ok(_) if connect => self.connect.handle(req).await,
             Ok(signed) => self.rest.handle(req, signed).await,
         };
         cors(&mut response);
         response
+    }
+}
+
+impl Router {
+    /// A native gRPC call, ended at its `grpc-timeout` as gRPC servers do:
+    /// a unary or client-streaming call is dropped then (and with it any walk
+    /// it started), a server stream has its headers by then. (Start's
+    /// deadline bounds its process instead; the service applies it.) A
+    /// malformed header is left for the service to refuse.
+    async fn grpc_call(&self, req: Request<Incoming>) -> Response<HttpBody> {
+        let deadline = crate::request::deadline(req.headers()).ok().flatten();
+        let call = self.grpc.clone().oneshot(req);
+        let answered = match deadline {
+            None => call.await,
+            Some(at) => match tokio::time::timeout_at(at, call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return grpc_error(Error::new(
+                        Code::DeadlineExceeded,
+                        "the request deadline passed",
+                    ))
+                }
+            },
+        };
+        match answered {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
     }
 }
 

@@ -1579,3 +1579,109 @@ async fn files_swapped_for_links_mid_copy_are_not_read() {
     assert_eq!(found, 0, "root's secret was read into the copy");
     healthy(&e);
 }
+
+/// Threads creating files in `dir` as fast as they can, until dropped.
+struct Grower {
+    go: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Grower {
+    fn start(dir: &Path) -> Grower {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let go = std::sync::Arc::new(AtomicBool::new(true));
+        let threads = (0..2)
+            .map(|t| {
+                let (go, dir) = (go.clone(), dir.to_path_buf());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while go.load(Ordering::Relaxed) {
+                        let _ = std::fs::File::create(dir.join(format!("w{t}-{n}")));
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        Grower { go, threads }
+    }
+
+    fn stop(mut self) {
+        self.go.store(false, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn entries(dir: &Path) -> Option<usize> {
+    std::fs::read_dir(dir).ok().map(|d| d.count())
+}
+
+/// Once the caller of a walk has given up, envd must leave `dir` alone:
+/// what it holds now, it still holds a second later.
+fn left_alone(dir: &Path, what: &str) {
+    let before = entries(dir);
+    assert!(before.is_some(), "{what}: the growing directory is gone");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        entries(dir),
+        before,
+        "{what}: envd went on walking the tree after its caller gave up"
+    );
+}
+
+// A Remove (or a cross-filesystem Move) of a tree that code in the sandbox
+// grows as fast as envd removes it runs on a blocking thread, which a
+// caller's deadline does not stop: it used to go on for as long as the
+// growing did, and enough of them would take every blocking thread. The
+// walk now stops once its caller has gone.
+#[tokio::test]
+async fn walks_over_growing_trees_stop_with_their_caller() {
+    let e = Envd::start(&[]);
+    let mut fs = e.fs().await;
+    let (tmp, dir) = empty_dir("growing");
+    for i in 0..2_000 {
+        std::fs::write(dir.join(format!("seed-{i}")), b"").unwrap();
+    }
+    let grower = Grower::start(&dir);
+    // Over Connect, with the deadline envd enforces itself.
+    let r = request(
+        &e.tcp,
+        "POST",
+        "/filesystem.Filesystem/Remove",
+        &[
+            ("content-type", "application/json"),
+            ("connect-timeout-ms", "800"),
+        ],
+        format!(r#"{{"path":"{}"}}"#, s(&dir)).as_bytes(),
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(200));
+    grower.stop();
+    left_alone(&dir, "Remove");
+    healthy(&e);
+
+    let mnt = tmp.path().join("tmpfs");
+    let Some(_tmpfs) = Tmpfs::mount("walks_over_growing_trees", &mnt, "size=256m") else {
+        return;
+    };
+    let grower = Grower::start(&dir);
+    let mut req = tonic::Request::new(MoveRequest {
+        source: s(&dir),
+        destination: s(&mnt.join("moved")),
+    });
+    req.set_timeout(Duration::from_millis(800));
+    // Over native gRPC, with the deadline the client sends (grpc-timeout).
+    let _ = fs.r#move(req).await;
+    std::thread::sleep(Duration::from_millis(200));
+    grower.stop();
+    left_alone(&dir, "Move");
+    // Whatever became of the move, no hidden temporary copy stays behind.
+    let names: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "moved")
+        .collect();
+    assert!(names.is_empty(), "left behind: {names:?}");
+    healthy(&e);
+}

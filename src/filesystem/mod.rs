@@ -7,6 +7,7 @@ pub mod list;
 pub mod ops;
 pub mod pin;
 pub mod service;
+pub mod stop;
 pub mod transfer;
 pub mod tree;
 pub mod watch;

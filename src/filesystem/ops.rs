@@ -11,6 +11,7 @@ use nix::fcntl::AtFlags;
 use nix::unistd::UnlinkatFlags;
 
 use super::pin;
+use super::stop::Stop;
 
 use crate::status::{Code, Error, Result};
 use crate::users::User;
@@ -42,8 +43,9 @@ pub fn make_dir(dir: &Path, user: &User) -> Result<()> {
 /// Move: rename, creating the destination's parents; across filesystems,
 /// copy (preserving modes, owners, times and links) then remove the source.
 /// Both parents are pinned ([`pin`]); the entries themselves are moved, not
-/// followed.
-pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
+/// followed. A copy or removal stops early when `stop` says so; an
+/// unfinished copy is removed again, within as many entries as it made.
+pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()> {
     let (sdir, sname) = pin::parent(src, None)?;
     nix::sys::stat::fstatat(sdir.fd(), sname.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(|e| Error::io(format!("move {}", src.display()), &e.into()))?;
@@ -54,9 +56,14 @@ pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
         Err(Errno::EXDEV) => {
             let tmp_name = sibling_temp_name();
             let tmp = ddir.path_of(&tmp_name);
-            let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp);
+            let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp, stop);
+            // What the copy made is at most what it visited: removing it
+            // again takes no more, however the caller or the tree behaves.
+            let undo = || {
+                let _ = remove_at(&ddir, &tmp_name, &Stop::after(stop.visited() + 1));
+            };
             if let Err(e) = copied {
-                let _ = remove_at(&ddir, &tmp_name);
+                undo();
                 return Err(Error::io(
                     format!("copy {} to {}", src.display(), dst.display()),
                     &e,
@@ -69,10 +76,11 @@ pub fn move_path(src: &Path, dst: &Path, user: &User) -> Result<()> {
                 dname.as_os_str(),
             )
             .map_err(|e| {
-                let _ = remove_at(&ddir, &tmp_name);
+                undo();
                 Error::io(format!("move into place {}", dst.display()), &e.into())
             })?;
-            remove_at(&sdir, &sname).map_err(|e| Error::io(format!("remove {}", src.display()), &e))
+            remove_at(&sdir, &sname, stop)
+                .map_err(|e| Error::io(format!("remove {}", src.display()), &e))
         }
         Err(e) => Err(Error::io(
             format!("move {} to {}", src.display(), dst.display()),
@@ -101,11 +109,11 @@ pub fn is_sibling_temp(name: &[u8]) -> bool {
 }
 
 /// `rm -rf`: a missing path (or parent) is success; a symlink is removed,
-/// not followed. Directory trees of any depth are removed iteratively. The
-/// parent is pinned ([`pin`]).
-pub fn remove_path(path: &Path) -> Result<()> {
+/// not followed. Directory trees of any depth are removed iteratively, until
+/// `stop` says otherwise. The parent is pinned ([`pin`]).
+pub fn remove_path(path: &Path, stop: &Stop) -> Result<()> {
     let r = match pin::parent(path, None) {
-        Ok((dir, name)) => remove_at(&dir, &name),
+        Ok((dir, name)) => remove_at(&dir, &name, stop),
         Err(e) if e.code == Code::NotFound => Ok(()),
         Err(e) => return Err(e),
     };
@@ -116,11 +124,12 @@ pub fn remove_path(path: &Path) -> Result<()> {
     }
 }
 
-/// Removes the entry `name` of a pinned directory, a whole tree if it is one.
-pub fn remove_at(dir: &pin::Dir, name: &OsStr) -> io::Result<()> {
+/// Removes the entry `name` of a pinned directory, a whole tree if it is one
+/// (until `stop` says otherwise).
+pub fn remove_at(dir: &pin::Dir, name: &OsStr, stop: &Stop) -> io::Result<()> {
     let st = nix::sys::stat::fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
     if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-        super::tree::remove_dir_tree(&dir.path_of(name))
+        super::tree::remove_dir_tree(&dir.path_of(name), stop)
     } else {
         nix::unistd::unlinkat(dir.fd(), name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from)
     }

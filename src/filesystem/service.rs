@@ -10,6 +10,7 @@ use futures_util::{Stream, StreamExt};
 use super::entry::{entry_info, Names};
 use super::list::list_dir;
 use super::ops;
+use super::stop::{Abandoned, Stop};
 use super::transfer::{self, ReadStream};
 use super::watch::{watch_dir, WatchOptions};
 use super::watchers::Watchers;
@@ -66,6 +67,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .unwrap_or_else(|e| Err(Error::internal(format!("filesystem task failed: {e}"))))
 }
 
+/// As [`blocking`], for a walk over a whole tree: it is told to stop once
+/// this future is dropped (the caller's deadline passed or it went away),
+/// since a blocking thread is not stopped by that.
+async fn walking<T: Send + 'static>(
+    f: impl FnOnce(&Stop) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let abandoned = Abandoned::default();
+    let _abandon_when_dropped = abandoned.guard();
+    blocking(move || f(&Stop::when(abandoned))).await
+}
+
 fn entry(path: &std::path::Path) -> Result<EntryInfo> {
     entry_info(path, path, &mut Names::default())
 }
@@ -107,8 +119,8 @@ impl FilesystemService {
         let src = resolve(ctx, &req.source)?;
         let dst = resolve(ctx, &req.destination)?;
         let user = ctx.user.clone();
-        blocking(move || {
-            ops::move_path(&src, &dst, &user)?;
+        walking(move |stop| {
+            ops::move_path(&src, &dst, &user, stop)?;
             Ok(MoveResponse {
                 entry: Some(entry(&dst)?),
             })
@@ -143,7 +155,7 @@ impl FilesystemService {
         if path == std::path::Path::new("/") {
             return Err(Error::invalid("refusing to remove '/'"));
         }
-        blocking(move || ops::remove_path(&path)).await?;
+        walking(move |stop| ops::remove_path(&path, stop)).await?;
         Ok(RemoveResponse {})
     }
 

@@ -2,21 +2,26 @@
 //! controlled by whoever runs code in the sandbox, so no walk recurses on the
 //! call stack. Depth costs heap (one small frame per level) and one open
 //! directory per level: both walks go through directory fds, never through a
-//! path a process could swap for a symlink on the way.
+//! path a process could swap for a symlink on the way. A directory's width
+//! costs nothing: its entries are read as the walk goes, never gathered. And
+//! since the same code can grow a tree as fast as it is walked, each walk
+//! checks a [`Stop`] at every entry.
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::dir::{Dir, Type};
+use nix::dir::{Dir, OwningIter, Type};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::UnlinkatFlags;
+
+use super::stop::Stop;
 
 fn is_dot(name: &CStr) -> bool {
     matches!(name.to_bytes(), b"." | b"..")
@@ -46,7 +51,8 @@ fn is_dir_at(parent: impl AsFd, name: &CStr, hint: Option<Type>) -> nix::Result<
 /// `rm -r` of the directory `root` (which must not be a symlink): every
 /// descent is an `openat(O_NOFOLLOW)` relative to the parent's open fd, so a
 /// concurrent rename or symlink swap cannot redirect it outside the tree.
-pub fn remove_dir_tree(root: &Path) -> io::Result<()> {
+/// Stops with an error when `stop` says so, leaving the rest.
+pub fn remove_dir_tree(root: &Path, stop: &Stop) -> io::Result<()> {
     let top = Dir::open(
         root,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -79,6 +85,7 @@ pub fn remove_dir_tree(root: &Path) -> io::Result<()> {
         }
         let mut subdir = None;
         for (name, hint) in batch {
+            stop.check()?;
             if is_dir_at(dir.as_fd(), &name, hint)? {
                 subdir = Some(name);
                 break;
@@ -144,19 +151,18 @@ fn copy_attributes(dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
 /// symlink and must be the one `lstat` saw: an entry swapped for a link to
 /// a root file since must not be read into a copy that gets the entry's
 /// owner and mode.
-fn copy_leaf(dir: &Dir, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
+fn copy_leaf(dir: BorrowedFd, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
     let ft = meta.file_type();
     if ft.is_symlink() {
-        let target = nix::fcntl::readlinkat(dir.as_fd(), name)?;
+        let target = nix::fcntl::readlinkat(dir, name)?;
         std::os::unix::fs::symlink(target, dst)?;
     } else if ft.is_file() {
-        let (mut from, _) = super::pin::open_seen(
-            dir.as_fd(),
-            std::ffi::OsStr::from_bytes(name.to_bytes()),
-            meta,
-        )?;
+        let (from, _) =
+            super::pin::open_seen(dir, std::ffi::OsStr::from_bytes(name.to_bytes()), meta)?;
         let mut to = std::fs::File::create_new(dst)?;
-        io::copy(&mut from, &mut to)?;
+        // The size `lstat` saw, not until end of file: a file that a process
+        // keeps appending to would otherwise never finish copying.
+        io::copy(&mut io::Read::take(from, meta.len()), &mut to)?;
     } else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -170,9 +176,9 @@ fn copy_leaf(dir: &Dir, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io
 }
 
 /// `lstat` of the entry `name` of the directory open at `dir`.
-fn lstat_at(dir: &Dir, name: &CStr) -> io::Result<std::fs::Metadata> {
+fn lstat_at(dir: BorrowedFd, name: &CStr) -> io::Result<std::fs::Metadata> {
     let name = std::ffi::OsStr::from_bytes(name.to_bytes());
-    std::fs::symlink_metadata(super::pin::fd_path(dir.as_fd(), name))
+    std::fs::symlink_metadata(super::pin::fd_path(dir, name))
 }
 
 /// Copies the tree at `src` to the new path `dst`, keeping symlinks as links
@@ -180,7 +186,9 @@ fn lstat_at(dir: &Dir, name: &CStr) -> io::Result<std::fs::Metadata> {
 /// directory's attributes are applied once its contents are in. The source
 /// is read through open directory fds, each entered with `O_NOFOLLOW`: a
 /// directory inside it swapped for a symlink mid-copy is never followed.
-pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
+/// Each file gets the bytes its size said when it was reached. Stops with
+/// an error when `stop` says so; `stop.visited()` then bounds what was made.
+pub fn copy_tree(src: &Path, dst: &Path, stop: &Stop) -> io::Result<()> {
     let meta = std::fs::symlink_metadata(src)?;
     let (parent, name) = match (src.parent(), src.file_name()) {
         (Some(p), Some(n)) => (p, n),
@@ -194,53 +202,57 @@ pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let name =
         CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     if !meta.is_dir() {
-        return copy_leaf(&parent, &name, dst, &meta);
+        return copy_leaf(parent.as_fd(), &name, dst, &meta);
     }
+    /// A directory being copied: its entries are read one at a time, as the
+    /// copy reaches them (a directory of millions of entries costs no more).
     struct Frame {
-        src: Dir,
+        src: OwningIter,
         dst: PathBuf,
         meta: std::fs::Metadata,
-        pending: Vec<CString>,
     }
-    let open = |parent: &Dir, name: &CStr, dst: PathBuf, meta| -> io::Result<Frame> {
-        let mut src = open_dir_at(parent.as_fd(), name)?;
+    let open = |parent: BorrowedFd, name: &CStr, dst: PathBuf, meta| -> io::Result<Frame> {
+        let src = open_dir_at(parent, name)?.into_iter();
         std::fs::DirBuilder::new().mode(0o700).create(&dst)?;
-        let mut pending = Vec::new();
-        for entry in src.iter() {
-            let entry = entry?;
-            if !is_dot(entry.file_name()) {
-                pending.push(entry.file_name().to_owned());
-            }
-        }
-        pending.sort_unstable_by(|a, b| b.cmp(a)); // popped in name order
-        Ok(Frame {
-            src,
-            dst,
-            meta,
-            pending,
-        })
+        Ok(Frame { src, dst, meta })
     };
-    let mut stack = vec![open(&parent, &name, dst.to_path_buf(), meta)?];
+    stop.check()?;
+    let mut stack = vec![open(parent.as_fd(), &name, dst.to_path_buf(), meta)?];
     while let Some(top) = stack.last_mut() {
-        let Some(name) = top.pending.pop() else {
-            let done = stack.pop().expect("the loop saw a frame");
-            copy_attributes(&done.dst, &done.meta)?;
-            continue;
+        let name = match top.src.next() {
+            Some(entry) => entry?.file_name().to_owned(),
+            None => {
+                let done = stack.pop().expect("the loop saw a frame");
+                copy_attributes(&done.dst, &done.meta)?;
+                continue;
+            }
         };
+        if is_dot(&name) {
+            continue;
+        }
+        stop.check()?;
         let d = top.dst.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-        let meta = match lstat_at(&top.src, &name) {
+        let meta = match lstat_at(borrow_dir(&top.src), &name) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // vanished
             Err(e) => return Err(e),
         };
         if meta.is_dir() {
-            let frame = open(&top.src, &name, d, meta)?;
+            let frame = open(borrow_dir(&top.src), &name, d, meta)?;
             stack.push(frame);
         } else {
-            copy_leaf(&top.src, &name, &d, &meta)?;
+            copy_leaf(borrow_dir(&top.src), &name, &d, &meta)?;
         }
     }
     Ok(())
+}
+
+/// The directory fd a copy frame reads from.
+fn borrow_dir(iter: &OwningIter) -> BorrowedFd<'_> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd belongs to the `Dir` inside `iter`, which closes it only
+    // when dropped; the returned borrow cannot outlive `iter`.
+    unsafe { BorrowedFd::borrow_raw(iter.as_raw_fd()) }
 }
 
 #[cfg(test)]
@@ -278,7 +290,7 @@ mod tests {
         let root = tmp.path().join("t");
         std::fs::create_dir(&root).unwrap();
         deep_tree(&root, 3000);
-        remove_dir_tree(&root).unwrap();
+        remove_dir_tree(&root, &Stop::after(u64::MAX)).unwrap();
         assert!(!root.exists());
     }
 
@@ -304,7 +316,7 @@ mod tests {
         )
         .unwrap();
         let dst = tmp.path().join("c");
-        copy_tree(&src, &dst).unwrap();
+        copy_tree(&src, &dst, &Stop::after(u64::MAX)).unwrap();
         assert_eq!(std::fs::read(dst.join("old")).unwrap(), b"1969");
         assert_eq!(
             std::fs::metadata(dst.join("old")).unwrap().mtime(),
