@@ -1685,3 +1685,37 @@ async fn walks_over_growing_trees_stop_with_their_caller() {
     assert!(names.is_empty(), "left behind: {names:?}");
     healthy(&e);
 }
+
+// A cross-filesystem Move of a directory into a mount inside it: rename(2)
+// refuses a directory into itself only on one filesystem, and the copy then
+// copied its own output until the destination was full.
+#[tokio::test]
+async fn moves_into_a_mount_inside_the_source_are_refused() {
+    let (_tmp, src) = empty_dir("src");
+    std::fs::write(src.join("file"), b"kept").unwrap();
+    let mnt = src.join("mnt");
+    let Some(_tmpfs) = Tmpfs::mount("moves_into_a_mount_inside", &mnt, "size=16m") else {
+        return;
+    };
+    let e = Envd::start(&[]);
+    let mut fs = e.fs().await;
+    let t = Instant::now();
+    let r = fs
+        .r#move(MoveRequest {
+            source: s(&src),
+            destination: s(&mnt.join("deeper/moved")),
+        })
+        .await;
+    let err = r.expect_err("a directory moved into itself");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("into itself"), "{}", err.message());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(std::fs::read(src.join("file")).unwrap(), b"kept");
+    let names: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "deeper")
+        .collect();
+    assert!(names.is_empty(), "left behind: {names:?}");
+    healthy(&e);
+}

@@ -47,13 +47,26 @@ pub fn make_dir(dir: &Path, user: &User) -> Result<()> {
 /// unfinished copy is removed again, within as many entries as it made.
 pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()> {
     let (sdir, sname) = pin::parent(src, None)?;
-    nix::sys::stat::fstatat(sdir.fd(), sname.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+    let seen = nix::sys::stat::fstatat(sdir.fd(), sname.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(|e| Error::io(format!("move {}", src.display()), &e.into()))?;
     let (ddir, dname) = pin::parent(dst, Some(user))?;
     let moved = nix::fcntl::renameat(sdir.fd(), sname.as_os_str(), ddir.fd(), dname.as_os_str());
     match moved {
         Ok(()) => Ok(()),
         Err(Errno::EXDEV) => {
+            // rename(2) refuses a directory into itself on one filesystem;
+            // across a mount inside it, the copy would copy its own output
+            // without end.
+            if seen.st_mode & libc::S_IFMT == libc::S_IFDIR
+                && within(ddir.fd(), (seen.st_dev, seen.st_ino))
+                    .map_err(|e| Error::io(format!("move to {}", dst.display()), &e))?
+            {
+                return Err(Error::invalid(format!(
+                    "cannot move '{}' into itself ('{}')",
+                    src.display(),
+                    dst.display()
+                )));
+            }
             let tmp_name = sibling_temp_name();
             let tmp = ddir.path_of(&tmp_name);
             let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp, stop);
@@ -87,6 +100,39 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
             &e.into(),
         )),
     }
+}
+
+/// Whether the directory open at `dir` is the directory `ancestor` (device,
+/// inode) or lies below it: its parents are followed up (`..`, across mount
+/// points) to the root. Depth is the caller's to choose, so the climb is
+/// bounded.
+fn within(dir: std::os::fd::BorrowedFd, ancestor: (u64, u64)) -> io::Result<bool> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsFd;
+    const MAX_CLIMB: usize = 1 << 16;
+    let id = |st: nix::sys::stat::FileStat| (st.st_dev, st.st_ino);
+    let mut here = id(nix::sys::stat::fstat(dir)?);
+    let mut cur: Option<std::os::fd::OwnedFd> = None;
+    for _ in 0..MAX_CLIMB {
+        if here == ancestor {
+            return Ok(true);
+        }
+        let from = cur.as_ref().map_or(dir, |f| f.as_fd());
+        let up = nix::fcntl::openat(
+            from,
+            "..",
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let above = id(nix::sys::stat::fstat(&up)?);
+        if above == here {
+            return Ok(false); // the root
+        }
+        (here, cur) = (above, Some(up));
+    }
+    Err(io::Error::other(format!(
+        "more than {MAX_CLIMB} directories deep"
+    )))
 }
 
 /// Prefix and suffix of envd's temporary files (see [`sibling_temp`]).
