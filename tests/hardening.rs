@@ -1630,6 +1630,34 @@ fn left_alone(dir: &Path, what: &str) {
     );
 }
 
+/// Walks trees that two threads fill as fast as they can, until one walk is
+/// still going when its call's deadline passes (`walk` says whether it was),
+/// trying larger trees when envd finished first; then checks that envd
+/// leaves that tree alone.
+async fn outrun<F, Fut>(parent: &Path, what: &str, mut walk: F)
+where
+    F: FnMut(PathBuf, usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for attempt in 0..6 {
+        let dir = parent.join(format!("{what}-{attempt}"));
+        std::fs::create_dir(&dir).unwrap();
+        for i in 0..(2_000 << attempt) {
+            std::fs::write(dir.join(format!("seed-{i}")), b"").unwrap();
+        }
+        let grower = Grower::start(&dir);
+        let cut_off = walk(dir.clone(), attempt).await;
+        std::thread::sleep(Duration::from_millis(200));
+        grower.stop();
+        if cut_off {
+            left_alone(&dir, what);
+            return;
+        }
+        println!("{what}: envd finished before the deadline (try {attempt}); again, larger");
+    }
+    panic!("{what}: every walk finished before its deadline: the trees did not outgrow envd");
+}
+
 // A Remove (or a cross-filesystem Move) of a tree that code in the sandbox
 // grows as fast as envd removes it runs on a blocking thread, which a
 // caller's deadline does not stop: it used to go on for as long as the
@@ -1638,49 +1666,46 @@ fn left_alone(dir: &Path, what: &str) {
 #[tokio::test]
 async fn walks_over_growing_trees_stop_with_their_caller() {
     let e = Envd::start(&[]);
-    let mut fs = e.fs().await;
-    let (tmp, dir) = empty_dir("growing");
-    for i in 0..2_000 {
-        std::fs::write(dir.join(format!("seed-{i}")), b"").unwrap();
-    }
-    let grower = Grower::start(&dir);
+    let fs = e.fs().await;
+    let tmp = tempfile::tempdir().unwrap();
     // Over Connect, with the deadline envd enforces itself.
-    let r = request(
-        &e.tcp,
-        "POST",
-        "/filesystem.Filesystem/Remove",
-        &[
-            ("content-type", "application/json"),
-            ("connect-timeout-ms", "800"),
-        ],
-        format!(r#"{{"path":"{}"}}"#, s(&dir)).as_bytes(),
-    );
-    assert_eq!(r.status, 504, "{}", r.text());
-    std::thread::sleep(Duration::from_millis(200));
-    grower.stop();
-    left_alone(&dir, "Remove");
+    outrun(tmp.path(), "Remove", |dir, _| {
+        let r = request(
+            &e.tcp,
+            "POST",
+            "/filesystem.Filesystem/Remove",
+            &[
+                ("content-type", "application/json"),
+                ("connect-timeout-ms", "800"),
+            ],
+            format!(r#"{{"path":"{}"}}"#, s(&dir)).as_bytes(),
+        );
+        assert!(matches!(r.status, 200 | 504), "{} {}", r.status, r.text());
+        std::future::ready(r.status == 504)
+    })
+    .await;
     healthy(&e);
 
     let mnt = tmp.path().join("tmpfs");
     let Some(_tmpfs) = Tmpfs::mount("walks_over_growing_trees", &mnt, "size=256m") else {
         return;
     };
-    let grower = Grower::start(&dir);
-    let mut req = tonic::Request::new(MoveRequest {
-        source: s(&dir),
-        destination: s(&mnt.join("moved")),
-    });
-    req.set_timeout(Duration::from_millis(800));
     // Over native gRPC, with the deadline the client sends (grpc-timeout).
-    let _ = fs.r#move(req).await;
-    std::thread::sleep(Duration::from_millis(200));
-    grower.stop();
-    left_alone(&dir, "Move");
-    // Whatever became of the move, no hidden temporary copy stays behind.
+    outrun(tmp.path(), "Move", |dir, attempt| {
+        let mut req = tonic::Request::new(MoveRequest {
+            source: s(&dir),
+            destination: s(&mnt.join(format!("moved-{attempt}"))),
+        });
+        req.set_timeout(Duration::from_millis(800));
+        let mut fs = fs.clone();
+        async move { fs.r#move(req).await.is_err() }
+    })
+    .await;
+    // Whatever became of the moves, no hidden temporary copy stays behind.
     let names: Vec<_> = std::fs::read_dir(&mnt)
         .unwrap()
         .map(|e| e.unwrap().file_name())
-        .filter(|n| n != "moved")
+        .filter(|n| !n.to_string_lossy().starts_with("moved-"))
         .collect();
     assert!(names.is_empty(), "left behind: {names:?}");
     healthy(&e);
