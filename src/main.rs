@@ -303,7 +303,7 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     }
     // The start command runs once per boot, not again after a live upgrade.
     if let Some(cmd) = cfg.start_cmd.as_ref().filter(|_| incoming.is_none()) {
-        if let Err(e) = process.start_command(cmd) {
+        if let Err(e) = process.start_command(cmd).await {
             tracing::error!(error = %e.message, "-cmd: cannot start the command");
         }
     }

@@ -1744,3 +1744,113 @@ async fn moves_into_a_mount_inside_the_source_are_refused() {
     assert!(names.is_empty(), "left behind: {names:?}");
     healthy(&e);
 }
+
+/// A FUSE mount whose server never answers: every access below it waits
+/// (killably) until the mount is aborted, as under a stalled network mount.
+struct StalledMount {
+    at: PathBuf,
+    device: Option<std::fs::File>,
+}
+
+impl StalledMount {
+    fn mount(test: &str, at: &Path) -> Option<StalledMount> {
+        use std::os::fd::AsRawFd;
+        if !is_root() {
+            skip(test, "needs root to mount FUSE");
+            return None;
+        }
+        let Ok(device) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+        else {
+            skip_on_this_machine(test, "no /dev/fuse");
+            return None;
+        };
+        std::fs::create_dir_all(at).unwrap();
+        let options = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0",
+            device.as_raw_fd()
+        );
+        let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+        if let Err(e) = nix::mount::mount(
+            Some("envd-stalled"),
+            at,
+            Some("fuse"),
+            flags,
+            Some(options.as_str()),
+        ) {
+            skip_on_this_machine(test, &format!("cannot mount FUSE: {e}"));
+            return None;
+        }
+        Some(StalledMount {
+            at: at.to_path_buf(),
+            device: Some(device),
+        })
+    }
+}
+
+impl Drop for StalledMount {
+    fn drop(&mut self) {
+        // Closing the device aborts the connection: every waiter gets ENOTCONN.
+        drop(self.device.take());
+        let _ = nix::mount::umount2(&self.at, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Whether envd answers `/health` within `limit`.
+fn answers_within(url: &str, limit: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr(url)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: envd\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 204")
+}
+
+// A Start whose working directory lies on a stalled mount (a FUSE or NFS
+// server that stopped answering) waits in the kernel: in envd's look at the
+// directory, then in the clone, which returns only once the child has
+// exec'd. Those waits were on envd's async workers, so two such Starts (one
+// in a one-vCPU guest) left envd answering nothing at all.
+#[tokio::test]
+async fn starts_on_a_stalled_mount_do_not_stall_envd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stalled = tmp.path().join("stalled");
+    let Some(mount) = StalledMount::mount("starts_on_a_stalled_mount", &stalled) else {
+        return;
+    };
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let mut req = cmd("/bin/true", &[]);
+        req.process.as_mut().unwrap().cwd = Some(s(&stalled));
+        let mut c = c.clone();
+        waiting.push(tokio::spawn(async move { c.start(req).await.is_ok() }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still_answering = answers_within(&e.tcp, Duration::from_secs(3));
+    let other = if still_answering {
+        let o = tokio::time::timeout(Duration::from_secs(10), run(&mut c, cmd("/bin/true", &[])));
+        o.await.ok().map(|o| o.end().exit_code)
+    } else {
+        None
+    };
+    drop(mount);
+    assert!(
+        still_answering,
+        "envd stopped answering while Starts waited on a stalled mount"
+    );
+    assert_eq!(other, Some(0), "a Start elsewhere did not run to its end");
+    // Aborted, the mount fails every access: the waiting Starts end.
+    for w in waiting {
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("a Start still waits after its mount was aborted")
+            .unwrap();
+    }
+    healthy(&e);
+}

@@ -126,7 +126,7 @@ fn routes() -> Vec<(String, Route)> {
         (
             path(PROCESS, "Start"),
             server_stream_route(|s, c, r| async move {
-                Ok(events(s.process.start(&c, r)?, |e| StartResponse {
+                Ok(events(s.process.start(&c, r).await?, |e| StartResponse {
                     event: Some(e),
                 }))
             })

@@ -62,7 +62,7 @@ impl Process for ProcessGrpc {
         req: Request<StartRequest>,
     ) -> Result<Response<Self::StartStream>, Status> {
         let ctx = context(&req, &self.defaults)?;
-        let s = self.svc.start(&ctx, req.into_inner())?;
+        let s = self.svc.start(&ctx, req.into_inner()).await?;
         Ok(Response::new(events(s, |e| StartResponse {
             event: Some(e),
         })))

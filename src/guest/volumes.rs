@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::process::ProcessService;
@@ -60,7 +61,7 @@ impl Ledger {
     /// Mounts what is not mounted yet for this lifecycle.
     pub async fn apply(
         &mut self,
-        process: &ProcessService,
+        process: &Arc<ProcessService>,
         lifecycle: Option<&str>,
         mounts: &[VolumeMount],
     ) -> Result<(), String> {

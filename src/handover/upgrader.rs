@@ -152,40 +152,50 @@ impl Upgrader {
             ));
         }
         let started = std::time::Instant::now();
-        let result = self.process.reaper().paused(|| {
-            let uploads = crate::filesystem::transfer::remove_unfinished_uploads();
-            if uploads > 0 {
+        let result = self
+            .process
+            .reaper()
+            .paused(QUIESCE_LIMIT, || {
+                let uploads = crate::filesystem::transfer::remove_unfinished_uploads();
+                if uploads > 0 {
+                    tracing::info!(
+                        uploads,
+                        "live upgrade: uploads in progress fail (their clients may retry)"
+                    );
+                }
+                let mut kept = Kept::default();
+                let state = self.state(&mut kept, *last_init);
+                let bytes = state.encode_to_vec();
+                let fd = memfd::with(c"envd-handover", &bytes)
+                    .map_err(|e| Error::io("write the handover state", &e))?;
+                let state_fd = kept.keep_fd(&fd);
+                if state_fd < 0 {
+                    return Err(Error::internal("cannot keep the handover state open"));
+                }
                 tracing::info!(
-                    uploads,
-                    "live upgrade: uploads in progress fail (their clients may retry)"
+                    commands = state.commands.len(),
+                    fds = kept.len(),
+                    bytes = bytes.len(),
+                    snapshot_us = started.elapsed().as_micros(),
+                    "live upgrade: executing the new image"
                 );
-            }
-            let mut kept = Kept::default();
-            let state = self.state(&mut kept, *last_init);
-            let bytes = state.encode_to_vec();
-            let fd = memfd::with(c"envd-handover", &bytes)
-                .map_err(|e| Error::io("write the handover state", &e))?;
-            let state_fd = kept.keep_fd(&fd);
-            if state_fd < 0 {
-                return Err(Error::internal("cannot keep the handover state open"));
-            }
-            tracing::info!(
-                commands = state.commands.len(),
-                fds = kept.len(),
-                bytes = bytes.len(),
-                snapshot_us = started.elapsed().as_micros(),
-                "live upgrade: executing the new image"
-            );
-            let _ = std::io::stderr().flush();
-            exec(&exec_path, state_fd)
-        });
-        // Only a failed exec gets here.
+                let _ = std::io::stderr().flush();
+                exec(&exec_path, state_fd)
+            })
+            .await;
+        // Only a failed exec (or a spawn that would not finish) gets here.
         drop(last_init);
         quiesce::end();
         crate::sd::ready();
-        let e = result
-            .err()
-            .unwrap_or_else(|| Error::internal("exec returned"));
+        let e = match result {
+            Some(result) => result
+                .err()
+                .unwrap_or_else(|| Error::internal("exec returned")),
+            None => Error::precondition(
+                "a command's start did not finish in time (its working directory or program \
+                 may be on a stalled mount); the upgrade was called off",
+            ),
+        };
         tracing::error!(error = %e.message, "live upgrade failed; the old image carries on");
         Err(e)
     }

@@ -1,6 +1,9 @@
 //! The two ways a child is cloned. Both share envd's memory and suspend the
 //! calling thread until the child has exec'd or exited (`CLONE_VM |
 //! CLONE_VFORK`, as `posix_spawn` does), and run `entry(arg)` on `stack`.
+//! Both have the kernel write the child's pid to `parent_tid` when it
+//! allocates it, before the child runs (`CLONE_PARENT_SETTID`): the reaper
+//! tells a child reaped before its clone returned by it.
 //!
 //! - [`into_cgroup`]: `clone3` with `CLONE_INTO_CGROUP`: the child is born in
 //!   its cgroup, so not one instruction of it runs outside (Linux 5.7).
@@ -34,20 +37,28 @@ struct CloneArgs {
 /// libc's `clone` on `stack_top` (16-byte aligned).
 ///
 /// # Safety
-/// `entry` must only make async-signal-safe calls and never return; `arg`
-/// and the stack must stay valid until this returns (CLONE_VFORK).
+/// `entry` must only make async-signal-safe calls and never return; `arg`,
+/// `parent_tid` and the stack must stay valid until this returns
+/// (CLONE_VFORK).
 pub unsafe fn plain(
     entry: Entry,
     stack_top: *mut libc::c_void,
     arg: *mut libc::c_void,
+    parent_tid: *mut libc::pid_t,
 ) -> io::Result<i32> {
-    // SAFETY: the caller's contract.
+    let no_tls: *mut libc::c_void = std::ptr::null_mut();
+    let no_child_tid: *mut libc::pid_t = std::ptr::null_mut();
+    // SAFETY: the caller's contract; the variadic arguments are the ones
+    // CLONE_PARENT_SETTID reads (parent_tid) and two unused ones.
     let pid = unsafe {
         libc::clone(
             entry,
             stack_top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD,
             arg,
+            parent_tid,
+            no_tls,
+            no_child_tid,
         )
     };
     if pid == -1 {
@@ -71,11 +82,14 @@ pub unsafe fn into_cgroup(
     stack_len: usize,
     cgroup_dir: libc::c_int,
     arg: *mut libc::c_void,
+    parent_tid: *mut libc::pid_t,
 ) -> io::Result<i32> {
     let args = CloneArgs {
         flags: u64::from(libc::CLONE_VM.unsigned_abs())
             | u64::from(libc::CLONE_VFORK.unsigned_abs())
+            | u64::from(libc::CLONE_PARENT_SETTID.unsigned_abs())
             | CLONE_INTO_CGROUP,
+        parent_tid: parent_tid as u64,
         exit_signal: u64::from(libc::SIGCHLD.unsigned_abs()),
         stack: stack_base as u64,
         stack_size: stack_len as u64,
@@ -125,6 +139,7 @@ pub unsafe fn into_cgroup(
     _stack_len: usize,
     _cgroup_dir: libc::c_int,
     _arg: *mut libc::c_void,
+    _parent_tid: *mut libc::pid_t,
 ) -> io::Result<i32> {
     Err(io::Error::from_raw_os_error(libc::ENOSYS))
 }

@@ -4,12 +4,22 @@
 //! child is started by [`Reaper::spawn`] and reaped here by `waitpid(-1)` on
 //! SIGCHLD. envd is a child subreaper, so processes orphaned by a command are
 //! re-parented to envd and reaped here too (and the same loop serves envd as
-//! PID 1). Spawning holds the waiter lock across clone and registration, so a
-//! child that exits at once cannot be reaped before its waiter exists.
+//! PID 1).
+//!
+//! A clone may take long (it returns once the child has exec'd, and the
+//! child's working directory or program may lie on a stalled mount), so no
+//! lock is held across it. Instead each spawn under way has a slot the
+//! kernel writes the child's pid into when it allocates it
+//! (`CLONE_PARENT_SETTID`, before the child runs): a child that exits at once
+//! and is reaped before its spawn has registered it leaves its status in
+//! that slot. A pid reaped before the kernel wrote it into a slot is an
+//! older process's, not that child's.
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -31,7 +41,19 @@ pub type ExitWatch = watch::Receiver<Option<ExitStatus>>;
 
 #[derive(Debug, Default)]
 pub struct Reaper {
-    waiters: Mutex<HashMap<i32, watch::Sender<Option<ExitStatus>>>>,
+    waiters: Mutex<Waiters>,
+    /// Spawns hold it shared across their clone; [`Reaper::paused`] holds it
+    /// exclusively, so that no child appears while it runs.
+    gate: std::sync::RwLock<()>,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    /// Registered children, by pid.
+    by_pid: HashMap<i32, watch::Sender<Option<ExitStatus>>>,
+    /// Spawns under way: the slot the kernel writes the child's pid into,
+    /// and the child's status if it was reaped before it was registered.
+    spawning: Vec<(Arc<AtomicI32>, Option<ExitStatus>)>,
 }
 
 impl Reaper {
@@ -54,7 +76,7 @@ impl Reaper {
             pids.iter()
                 .map(|&pid| {
                     let (tx, rx) = watch::channel(None);
-                    waiters.insert(pid, tx);
+                    waiters.by_pid.insert(pid, tx);
                     (pid, rx)
                 })
                 .collect()
@@ -72,28 +94,57 @@ impl Reaper {
         Ok((reaper, adopted))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, watch::Sender<Option<ExitStatus>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Holds off reaping and spawning while `f` runs (a live upgrade takes its
     /// snapshot and re-executes inside: no status can be consumed meanwhile).
-    pub fn paused<T>(&self, f: impl FnOnce() -> T) -> T {
+    /// Waits at most `wait` for spawns under way to finish; `None` if they
+    /// did not (a clone can wait on a stalled mount), and `f` did not run.
+    pub async fn paused<T>(&self, wait: Duration, f: impl FnOnce() -> T) -> Option<T> {
+        let until = tokio::time::Instant::now() + wait;
+        // Tried, never waited for: this runs on an async worker.
+        let _no_spawns = loop {
+            match self.gate.try_write() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if tokio::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
         let _held = self.lock();
-        f()
+        Some(f())
     }
 
-    /// Runs `start` (which must return the new child's pid) with reaping held
-    /// off, and registers the child so its exit status is delivered to the
-    /// returned receiver.
+    /// Runs `start`, which must clone the new child writing its pid into the
+    /// given slot (`CLONE_PARENT_SETTID`) and return that pid, and registers
+    /// the child so that its exit status is delivered to the returned
+    /// receiver. Blocks for as long as the clone does: call it from a
+    /// blocking thread, never from an async worker.
     pub fn spawn<F>(&self, start: F) -> io::Result<(i32, ExitWatch)>
     where
-        F: FnOnce() -> io::Result<i32>,
+        F: FnOnce(&AtomicI32) -> io::Result<i32>,
     {
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let slot = Arc::new(AtomicI32::new(0));
+        self.lock().spawning.push((slot.clone(), None));
+        let started = start(&slot);
         let mut waiters = self.lock();
-        let pid = start()?;
-        let (tx, rx) = watch::channel(None);
-        waiters.insert(pid, tx);
+        let at = waiters
+            .spawning
+            .iter()
+            .position(|(s, _)| Arc::ptr_eq(s, &slot))
+            .expect("a spawn's slot stays until the spawn takes it back");
+        let (_, reaped) = waiters.spawning.swap_remove(at);
+        let pid = started?;
+        let (tx, rx) = watch::channel(reaped);
+        if reaped.is_none() {
+            waiters.by_pid.insert(pid, tx);
+        }
         Ok((pid, rx))
     }
 
@@ -117,11 +168,18 @@ impl Reaper {
                     return;
                 }
             };
-            match waiters.remove(&pid.as_raw()) {
-                Some(tx) => {
-                    tx.send_replace(Some(status));
-                }
-                None => tracing::debug!(pid = pid.as_raw(), ?status, "reaped orphan"),
+            let pid = pid.as_raw();
+            if let Some(tx) = waiters.by_pid.remove(&pid) {
+                tx.send_replace(Some(status));
+            } else if let Some((_, reaped)) = waiters
+                .spawning
+                .iter_mut()
+                .find(|(slot, _)| slot.load(Ordering::Acquire) == pid)
+            {
+                // Exited before its spawn registered it.
+                *reaped = Some(status);
+            } else {
+                tracing::debug!(pid, ?status, "reaped orphan");
             }
         }
     }

@@ -148,7 +148,27 @@ impl ProcessService {
     }
 
     /// Starts a process. Its lifetime is bounded by the request deadline.
-    pub fn start(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
+    /// Starts a command. Everything from the look at its working directory
+    /// to its registration runs on a blocking thread: the working directory
+    /// and the program's PATH search touch the caller's paths, and the clone
+    /// returns only once the child has exec'd, so on a stalled mount (a FUSE
+    /// or NFS server that stopped answering) each can wait for as long as the
+    /// mount does, which on an async worker would stall all of envd. A caller
+    /// that goes away meanwhile leaves the command registered and supervised,
+    /// as one that goes away later does.
+    pub async fn start(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        req: StartRequest,
+    ) -> Result<EventStream> {
+        let (svc, ctx) = (self.clone(), ctx.clone());
+        tokio::task::spawn_blocking(move || svc.start_blocking(&ctx, req))
+            .await
+            .unwrap_or_else(|e| Err(Error::internal(format!("start task failed: {e}"))))
+    }
+
+    /// [`ProcessService::start`]'s work, on a blocking thread.
+    fn start_blocking(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
         let described = self.describe(&req)?;
         let workdir = self.defaults.workdir();
         let mut launch =
@@ -171,7 +191,7 @@ impl ProcessService {
         let output = OutputLog::new(self.settings.output_buffer, self.budget.clone());
         // Subscribed before the child exists: no early output is missed.
         let sub = output.subscribe_live();
-        let spawned = self.reaper.spawn(|| launch.prepared.spawn());
+        let spawned = self.reaper.spawn(|slot| launch.prepared.spawn(slot));
         let (pid, status) = match spawned {
             Ok(s) => s,
             Err(e) => {

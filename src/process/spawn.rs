@@ -172,8 +172,10 @@ impl Prepared {
     /// `posix_spawn` does: nothing of envd's memory is copied or marked
     /// copy-on-write, and this thread waits only until the child has exec'd
     /// (or failed). All signals are blocked around the clone so no handler of
-    /// envd's can run in the child before it resets them.
-    pub fn spawn(&self) -> io::Result<i32> {
+    /// envd's can run in the child before it resets them. The kernel writes
+    /// the child's pid into `pid_slot` as it allocates it (see
+    /// [`super::reaper::Reaper::spawn`]).
+    pub fn spawn(&self, pid_slot: &std::sync::atomic::AtomicI32) -> io::Result<i32> {
         let stack = ChildStack::take()?;
         // SAFETY: an all-zero sigset_t is a valid (empty) set.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -187,7 +189,9 @@ impl Prepared {
         // `child_entry` runs on `stack` (mapped, with a guard page, alive until
         // the clone returns, which with CLONE_VFORK is after the child exec'd
         // or exited); it only makes async-signal-safe raw syscalls on `self`.
+        // The kernel writes `pid_slot`, borrowed for the whole call.
         let arg = (self as *const Prepared).cast_mut().cast();
+        let parent_tid = pid_slot.as_ptr();
         let result = match &self.cgroup {
             Some(dir) => {
                 self.child_joins.set(false);
@@ -199,17 +203,18 @@ impl Prepared {
                         stack.len,
                         dir.as_raw_fd(),
                         arg,
+                        parent_tid,
                     )
                 };
                 born_in.or_else(|e| {
                     tracing::debug!(error = %e, "clone3 into the cgroup failed; the child joins it");
                     self.child_joins.set(true);
                     // SAFETY: as above.
-                    unsafe { super::clone::plain(child_entry, stack.top(), arg) }
+                    unsafe { super::clone::plain(child_entry, stack.top(), arg, parent_tid) }
                 })
             }
             // SAFETY: as above.
-            None => unsafe { super::clone::plain(child_entry, stack.top(), arg) },
+            None => unsafe { super::clone::plain(child_entry, stack.top(), arg, parent_tid) },
         };
         // SAFETY: restores this thread's previous mask.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };

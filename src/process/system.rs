@@ -2,6 +2,7 @@
 //! volumes and the `-cmd` start command. They go through the same start path
 //! (and so the same reaper) as every client's command, as root.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -26,12 +27,16 @@ pub struct SystemRun {
 
 impl ProcessService {
     /// Runs `argv` as root to its end; killed after `timeout`.
-    pub async fn run_system(&self, argv: &[&str], timeout: Duration) -> Result<SystemRun> {
+    pub async fn run_system(
+        self: &Arc<Self>,
+        argv: &[&str],
+        timeout: Duration,
+    ) -> Result<SystemRun> {
         let (cmd, args) = argv
             .split_first()
             .ok_or_else(|| Error::internal("empty system command"))?;
         let ctx = root_context(Some(timeout))?;
-        let mut events = self.start(&ctx, request(cmd, args, None))?;
+        let mut events = self.start(&ctx, request(cmd, args, None)).await?;
         let mut output = Vec::new();
         let mut exit_code = -1;
         while let Some(item) = events.next().await {
@@ -54,7 +59,7 @@ impl ProcessService {
 
     /// Starts upstream's `-cmd`: `/bin/bash -l -c <cmd>` as root with tag
     /// "startCmd" in `/home/user` (or `/` when that does not exist).
-    pub fn start_command(&self, cmd: &str) -> Result<()> {
+    pub async fn start_command(self: &Arc<Self>, cmd: &str) -> Result<()> {
         let ctx = root_context(None)?;
         let cwd = if std::path::Path::new("/home/user").is_dir() {
             "/home/user"
@@ -64,7 +69,7 @@ impl ProcessService {
         let mut req = request("/bin/bash", &["-l", "-c", cmd], Some(cwd));
         req.tag = Some("startCmd".to_owned());
         // The process outlives its event stream, as any other.
-        drop(self.start(&ctx, req)?);
+        drop(self.start(&ctx, req).await?);
         Ok(())
     }
 }
