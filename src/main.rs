@@ -18,6 +18,9 @@ use envd::process::{ProcessService, Reaper};
 use envd::users::User;
 use envd::{init, logging, sd, server};
 
+/// How long an idle blocking thread lives (tokio's default is 10 s).
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
 /// The static (musl) build uses mimalloc: musl's allocator has one global lock
 /// and maps/unmaps every large buffer, which made transfers 3-5x slower.
 #[cfg(target_env = "musl")]
@@ -97,6 +100,10 @@ fn main() -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // An idle blocking thread (Starts and filesystem work run on them)
+        // exits after a second, not tokio's ten: its stack and heap go back
+        // soon after a burst.
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .on_thread_park(envd::memory::on_worker_park)
         .build()
     {
