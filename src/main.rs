@@ -173,6 +173,7 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     let (before, nofile) = envd::limits::raise_nofile();
     let conns = Connections::new(cfg.conn_limits(nofile));
     tokio::spawn(envd::memory::give_back_when_quiet());
+    envd::process::stall::watch();
     tracing::info!(
         nofile_before = before,
         nofile,

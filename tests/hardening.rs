@@ -1819,11 +1819,14 @@ fn answers_within(url: &str, limit: Duration) -> bool {
 async fn starts_on_a_stalled_mount_do_not_stall_envd() {
     let tmp = tempfile::tempdir().unwrap();
     let stalled = tmp.path().join("stalled");
+    // Mounted after envd started: envd must notice the new mount (it runs
+    // Starts in place while no mount may stall).
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
     let Some(mount) = StalledMount::mount("starts_on_a_stalled_mount", &stalled) else {
         return;
     };
-    let e = Envd::start(&[]);
-    let mut c = e.client().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut waiting = Vec::new();
     for _ in 0..4 {
         let mut req = cmd("/bin/true", &[]);

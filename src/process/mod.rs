@@ -17,6 +17,7 @@ pub mod pty;
 pub mod reaper;
 pub mod service;
 pub mod spawn;
+pub mod stall;
 pub mod started;
 pub mod supervise;
 pub mod system;

@@ -123,8 +123,9 @@ impl Reaper {
     /// Runs `start`, which must clone the new child writing its pid into the
     /// given slot (`CLONE_PARENT_SETTID`) and return that pid, and registers
     /// the child so that its exit status is delivered to the returned
-    /// receiver. Blocks for as long as the clone does: call it from a
-    /// blocking thread, never from an async worker.
+    /// receiver. Blocks for as long as the clone does: on a blocking thread
+    /// whenever the clone may wait on a stalled mount (see
+    /// [`super::stall`]).
     pub fn spawn<F>(&self, start: F) -> io::Result<(i32, ExitWatch)>
     where
         F: FnOnce(&AtomicI32) -> io::Result<i32>,

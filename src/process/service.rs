@@ -148,27 +148,31 @@ impl ProcessService {
     }
 
     /// Starts a process. Its lifetime is bounded by the request deadline.
-    /// Starts a command. Everything from the look at its working directory
-    /// to its registration runs on a blocking thread: the working directory
-    /// and the program's PATH search touch the caller's paths, and the clone
-    /// returns only once the child has exec'd, so on a stalled mount (a FUSE
-    /// or NFS server that stopped answering) each can wait for as long as the
-    /// mount does, which on an async worker would stall all of envd. A caller
-    /// that goes away meanwhile leaves the command registered and supervised,
-    /// as one that goes away later does.
+    /// Starts a command. The look at its working directory, the program's
+    /// PATH search and the clone (which returns only once the child has
+    /// exec'd) touch the caller's paths: on a stalled mount (a FUSE or NFS
+    /// server that stopped answering) each waits for as long as the mount
+    /// does, which on an async worker would stall all of envd. So while the
+    /// VM has a mount that may stall ([`super::stall`]), everything up to the
+    /// registration runs on a blocking thread; a caller that goes away
+    /// meanwhile leaves the command registered and supervised, as one that
+    /// goes away later does. Otherwise it runs here.
     pub async fn start(
         self: &Arc<Self>,
         ctx: &RequestContext,
         req: StartRequest,
     ) -> Result<EventStream> {
+        if !super::stall::may_stall() {
+            return self.start_here(ctx, req);
+        }
         let (svc, ctx) = (self.clone(), ctx.clone());
-        tokio::task::spawn_blocking(move || svc.start_blocking(&ctx, req))
+        tokio::task::spawn_blocking(move || svc.start_here(&ctx, req))
             .await
             .unwrap_or_else(|e| Err(Error::internal(format!("start task failed: {e}"))))
     }
 
-    /// [`ProcessService::start`]'s work, on a blocking thread.
-    fn start_blocking(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
+    /// [`ProcessService::start`]'s work, on the calling thread.
+    fn start_here(&self, ctx: &RequestContext, req: StartRequest) -> Result<EventStream> {
         let described = self.describe(&req)?;
         let workdir = self.defaults.workdir();
         let mut launch =
