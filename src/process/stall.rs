@@ -26,8 +26,12 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Filesystem types that answer for as long as the machine does (memory,
 /// kernel interfaces, local disks). Anything else (NFS, CIFS, 9p, virtiofs,
-/// FUSE, autofs, ...) may stall.
+/// FUSE, ...) may stall. `autofs` counts as local: systemd's automount
+/// points (binfmt_misc) are served by the kernel and systemd, and what an
+/// automounter mounts appears in the table with its own type.
 const LOCAL: &[&str] = &[
+    "autofs",
+    "bcachefs",
     "bdev",
     "binfmt_misc",
     "bpf",
@@ -35,6 +39,7 @@ const LOCAL: &[&str] = &[
     "cgroup",
     "cgroup2",
     "configfs",
+    "cramfs",
     "debugfs",
     "devpts",
     "devtmpfs",
@@ -48,20 +53,27 @@ const LOCAL: &[&str] = &[
     "fusectl",
     "hugetlbfs",
     "iso9660",
+    "jfs",
     "mqueue",
+    "nilfs2",
     "nsfs",
+    "ntfs3",
     "overlay",
     "proc",
     "pstore",
     "ramfs",
+    "romfs",
+    "rootfs",
     "securityfs",
     "selinuxfs",
     "squashfs",
     "sysfs",
     "tmpfs",
     "tracefs",
+    "udf",
     "vfat",
     "xfs",
+    "zfs",
 ];
 
 /// Whether some mount may stall an access (see the module's note).
@@ -103,7 +115,9 @@ pub fn watch() {
         tracing::warn!("no /proc/self/mountinfo: every Start runs on a blocking thread");
         return;
     };
-    MAY_STALL.store(read_table(&file), Ordering::Relaxed);
+    let stall = read_table(&file);
+    MAY_STALL.store(stall, Ordering::Relaxed);
+    tracing::debug!(may_stall = stall, "mount table read");
     tokio::spawn(async move {
         // SAFETY: `file` is an open fd that the AsyncFd owns; a File always
         // returns the same fd until the AsyncFd is dropped.
@@ -146,12 +160,16 @@ mod tests {
             "cifs",
             "9p",
             "virtiofs",
-            "autofs",
         ] {
             let more = format!("{local}30 22 0:40 / /mnt rw - {fstype} remote rw\n");
             assert!(any_stallable(&more), "{fstype}");
         }
         // A line without a type (never from the kernel) counts as one.
         assert!(any_stallable("garbage\n"));
+        // The initramfs root and systemd's automount points are local.
+        assert!(!any_stallable(
+            "1 0 0:2 / / rw - rootfs rootfs rw\n\
+             2 1 0:40 / /proc/sys/fs/binfmt_misc rw - autofs systemd-1 rw\n"
+        ));
     }
 }
