@@ -1857,3 +1857,48 @@ async fn starts_on_a_stalled_mount_do_not_stall_envd() {
     }
     healthy(&e);
 }
+
+// Each filesystem call on a stalled mount holds a blocking thread until the
+// mount answers, whatever became of its caller. tokio has 512; once calls
+// had taken them all, nothing else that needs one could run: Starts (which
+// take one while such a mount exists), the ports scan, /freeze. Filesystem
+// work now holds at most 384 of them.
+#[tokio::test]
+async fn stuck_filesystem_calls_leave_threads_for_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stalled = tmp.path().join("stalled");
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let fs = e.fs().await;
+    let Some(mount) = StalledMount::mount("stuck_filesystem_calls_leave_threads", &stalled) else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stuck = Vec::new();
+    for i in 0..520 {
+        let mut fs = fs.clone();
+        let path = s(&stalled.join(format!("f{i}")));
+        stuck.push(tokio::spawn(async move {
+            let _ = fs.stat(StatRequest { path }).await;
+        }));
+    }
+    // Let them take what threads they can.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = tokio::time::timeout(Duration::from_secs(10), run(&mut c, cmd("/bin/true", &[])))
+        .await
+        .ok()
+        .map(|o| o.end().exit_code);
+    drop(mount);
+    assert_eq!(
+        started,
+        Some(0),
+        "a Start found no blocking thread left by filesystem calls on a stalled mount"
+    );
+    for t in stuck {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("a Stat still waits after its mount was aborted")
+            .unwrap();
+    }
+    healthy(&e);
+}

@@ -6,6 +6,7 @@ pub mod inotify;
 pub mod list;
 pub mod ops;
 pub mod pin;
+pub mod pool;
 pub mod service;
 pub mod stop;
 pub mod transfer;

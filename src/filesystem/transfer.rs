@@ -99,7 +99,7 @@ pub fn kind_name(ft: &std::fs::FileType) -> &'static str {
 
 /// Opens `path` off the async workers (see [`open_regular`]).
 pub async fn open_for_read(path: PathBuf) -> Result<OpenedFile> {
-    tokio::task::spawn_blocking(move || open_regular(&path))
+    super::pool::run(move || open_regular(&path))
         .await
         .map_err(|e| Error::internal(format!("open task failed: {e}")))?
 }
@@ -123,7 +123,7 @@ pub struct ReadPlan {
 /// network overlap with bounded memory.
 pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan) -> ReadStream {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadFileResponse>>(PIPELINE);
-    tokio::task::spawn_blocking(move || {
+    super::pool::spawn(move || {
         let send = |r: Result<Bytes>| {
             tx.blocking_send(r.map(|data| ReadFileResponse { data }))
                 .is_ok()
@@ -398,7 +398,7 @@ where
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE);
     let shown = path.display().to_string();
-    let writer = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+    let writer = super::pool::spawn(move || -> Result<std::fs::File> {
         use std::io::Write;
         // With gzip, an error that is not the OS's (ENOSPC and the like) is
         // the decoder's: bad input, including bytes after the gzip stream.
@@ -440,6 +440,7 @@ where
     drop(tx);
     let written = writer
         .await
+        .and_then(|joined| joined)
         .map_err(|e| Error::internal(format!("write task failed: {e}")))?;
     match failed {
         Some(e) => Err(e),

@@ -74,7 +74,7 @@ impl Drop for DirWatch {
 /// Validates `root` and arms the watch on a blocking thread (arming a large
 /// tree walks all of it); events flow once this returns.
 pub async fn watch_dir(root: PathBuf, opts: WatchOptions) -> Result<DirWatch> {
-    let (tr, events) = tokio::task::spawn_blocking(move || arm(root, opts))
+    let (tr, events) = super::pool::run(move || arm(root, opts))
         .await
         .map_err(|e| Error::internal(format!("watch task failed: {e}")))??;
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
@@ -144,7 +144,7 @@ impl Translator {
                 return;
             }
             let work = std::mem::take(&mut batch);
-            let joined = tokio::task::spawn_blocking(move || {
+            let joined = super::pool::run(move || {
                 self.out_bytes = 0;
                 let mut out = Vec::new();
                 let mut failed = None;
