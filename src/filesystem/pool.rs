@@ -16,26 +16,38 @@ pub const MAX: usize = 384;
 
 static THREADS: Semaphore = Semaphore::const_new(MAX);
 
-/// Runs `f` on a blocking thread once filesystem work may take another.
-/// The thread's share goes back when `f` returns, not when the caller gives
-/// up: a thread stuck on a mount stays counted.
-pub async fn run<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, JoinError> {
+/// Work for a blocking thread, type-erased: one task type for all of it
+/// (each distinct task type costs kilobytes of code).
+type Job = Box<dyn FnOnce() + Send>;
+
+async fn run_job(job: Job) -> Result<(), JoinError> {
     let share = THREADS
         .acquire()
         .await
         .expect("the semaphore is never closed");
     tokio::task::spawn_blocking(move || {
         let _share = share;
-        f()
+        job();
     })
     .await
 }
 
-/// As [`run`], as a task of its own (for callers that do not wait).
-pub fn spawn<T: Send + 'static>(
+/// Runs `f` on a blocking thread once filesystem work may take another.
+/// The thread's share goes back when `f` returns, not when the caller gives
+/// up: a thread stuck on a mount stays counted. An error: `f` panicked.
+pub async fn run<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<Result<T, JoinError>> {
-    tokio::spawn(run(f))
+) -> Result<T, JoinError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run_job(Box::new(move || {
+        let _ = tx.send(f());
+    }))
+    .await?;
+    Ok(rx.await.expect("a job that returned has sent its result"))
+}
+
+/// As [`run`], for callers that do not wait: `f` runs even if the handle is
+/// dropped.
+pub fn spawn(f: impl FnOnce() + Send + 'static) -> JoinHandle<Result<(), JoinError>> {
+    tokio::spawn(run_job(Box::new(f)))
 }

@@ -398,7 +398,7 @@ where
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE);
     let shown = path.display().to_string();
-    let writer = super::pool::spawn(move || -> Result<std::fs::File> {
+    let writer = super::pool::run(move || -> Result<std::fs::File> {
         use std::io::Write;
         // With gzip, an error that is not the OS's (ENOSPC and the like) is
         // the decoder's: bad input, including bytes after the gzip stream.
@@ -423,25 +423,22 @@ where
             Ok(file)
         }
     });
-    let mut failed = None;
-    while let Some(chunk) = data.next().await {
-        match chunk {
-            Ok(bytes) => {
-                if tx.send(bytes).await.is_err() {
-                    break; // the writer failed; its error is reported below
+    // Fed from here while the writer runs, both in this task.
+    let feed = async move {
+        while let Some(chunk) = data.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    if tx.send(bytes).await.is_err() {
+                        return None; // the writer failed; its error is reported below
+                    }
                 }
-            }
-            Err(e) => {
-                failed = Some(e);
-                break;
+                Err(e) => return Some(e),
             }
         }
-    }
-    drop(tx);
-    let written = writer
-        .await
-        .and_then(|joined| joined)
-        .map_err(|e| Error::internal(format!("write task failed: {e}")))?;
+        None
+    };
+    let (written, failed) = tokio::join!(writer, feed);
+    let written = written.map_err(|e| Error::internal(format!("write task failed: {e}")))?;
     match failed {
         Some(e) => Err(e),
         None => written,
