@@ -1,4 +1,4 @@
-//! Supervision: the tasks that run alongside a process: output pumps (fd → output log) and
+//! Supervision: the one task that runs alongside a process: its output pumps (fd → output log) and
 //! the supervisor (exit status, deadline kill, drain, `end`, table update).
 
 use std::sync::Arc;
@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::exit::end_event;
@@ -157,37 +156,52 @@ pub fn supervise(
             vec![(OutputReader::Pty(pty, scratch), Source::Pty)]
         }
     };
-    let pumps: Vec<JoinHandle<()>> = readers
-        .into_iter()
-        .map(|(reader, source)| tokio::spawn(pump(reader, source, process.clone())))
-        .collect();
+    // One task for the pumps and the supervisor: each further task spawned
+    // per Start woke the other worker thread to steal it.
+    let pumps = futures_util::future::join_all(
+        readers
+            .into_iter()
+            .map(|(reader, source)| pump(reader, source, process.clone())),
+    );
     tokio::spawn(await_end(process, pumps, deadline, table));
 }
 
 async fn await_end(
     process: Arc<Process>,
-    pumps: Vec<JoinHandle<()>>,
+    pumps: impl std::future::Future<Output = Vec<()>>,
     deadline: Option<Instant>,
     table: Arc<ProcessTable>,
 ) {
     let pid = process.pid;
     let mut exit = process.status.clone();
-    let status = match deadline {
-        None => reaped(&mut exit).await,
-        Some(at) => tokio::select! {
-            s = reaped(&mut exit) => s,
-            () = tokio::time::sleep_until(at) => {
-                tracing::info!(pid, "process deadline reached; killing its cgroup and process group");
-                process.kill_all();
-                reaped(&mut exit).await
-            }
-        },
+    let mut pumps = std::pin::pin!(pumps);
+    let mut pumped = false;
+    let reaping = async {
+        match deadline {
+            None => reaped(&mut exit).await,
+            Some(at) => tokio::select! {
+                s = reaped(&mut exit) => s,
+                () = tokio::time::sleep_until(at) => {
+                    tracing::info!(pid, "process deadline reached; killing its cgroup and process group");
+                    process.kill_all();
+                    reaped(&mut exit).await
+                }
+            },
+        }
+    };
+    let mut reaping = std::pin::pin!(reaping);
+    // The pumps run while the process does (they may finish first, at EOF).
+    let status = loop {
+        tokio::select! {
+            s = &mut reaping => break s,
+            _ = &mut pumps, if !pumped => pumped = true,
+        }
     };
     // Exited: no longer listed or signalable; the pumps start their drain.
     process.exited.set();
     table.mark_ended(&process);
-    for p in pumps {
-        let _ = p.await;
+    if !pumped {
+        pumps.await;
     }
     process.release_input().await;
     let mut end = match status {
