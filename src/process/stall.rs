@@ -124,6 +124,7 @@ pub fn watch() {
         let Ok(fd) = (unsafe { AsyncFd::register_with_interest(file, Interest::PRIORITY) }) else {
             return;
         };
+        let fd = std::sync::Arc::new(fd);
         loop {
             let Ok(mut ready) = fd.ready(Interest::PRIORITY).await else {
                 return;
@@ -132,8 +133,14 @@ pub fn watch() {
             drop(ready);
             tokio::time::sleep(MIN_INTERVAL).await;
             // An in-memory table of the kernel's: reading it never waits on
-            // a mount.
-            let stall = read_table(fd.get_ref());
+            // a mount, but sandboxed code that mounts tens of thousands of
+            // times makes it megabytes long; the kernel's formatting then
+            // takes tens of milliseconds, kept off the async workers.
+            let table = fd.clone();
+            let Ok(stall) = tokio::task::spawn_blocking(move || read_table(table.get_ref())).await
+            else {
+                continue;
+            };
             if MAY_STALL.swap(stall, Ordering::Relaxed) != stall {
                 tracing::debug!(may_stall = stall, "mount table changed");
             }
