@@ -42,7 +42,12 @@ pub fn start(address: IpAddr, own_ports: Vec<u16>) {
             tick.tick().await;
             // Sorted: a lookup is a binary search (thousands of listeners,
             // and as many refused, must not cost their product each second).
-            let now = scan::loopback_listeners();
+            // On a blocking thread: where the kernel lacks sock_diag, the
+            // scan reads `/proc/net/tcp*`, which sandboxed code can make
+            // megabytes long (27,000 connections: 478 ms).
+            let Ok(now) = tokio::task::spawn_blocking(scan::loopback_listeners).await else {
+                continue;
+            };
             let listening = |l: &Listener| now.binary_search(l).is_ok();
             forwards.retain(|l, _| listening(l));
             refused.retain(listening);
