@@ -59,11 +59,16 @@ impl Leaf {
         }
     }
 
-    /// `sig` to every process in the cgroup.
+    /// `sig` to every process in the cgroup, read from `cgroup.procs` a
+    /// line at a time (a command that forks a hundred thousand processes
+    /// makes it megabytes long). Blocking: a kill per process.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
-        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs"))?;
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        use std::io::BufRead;
+        let procs = std::fs::File::open(self.dir.join("cgroup.procs"))?;
+        for line in std::io::BufReader::new(procs).lines() {
+            if let Ok(pid) = line?.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
         }
         Ok(())
     }

@@ -150,7 +150,7 @@ fn routes() -> Vec<(String, Route)> {
         ),
         (
             path(PROCESS, "SendSignal"),
-            unary_route(|s, _, r| async move { s.process.send_signal(r) }),
+            unary_route(|s, _, r| async move { s.process.send_signal(r).await }),
         ),
         (
             path(PROCESS, "CloseStdin"),

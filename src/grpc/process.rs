@@ -98,7 +98,7 @@ impl Process for ProcessGrpc {
         req: Request<SendSignalRequest>,
     ) -> Result<Response<SendSignalResponse>, Status> {
         context(&req, &self.defaults)?;
-        Ok(Response::new(self.svc.send_signal(req.into_inner())?))
+        Ok(Response::new(self.svc.send_signal(req.into_inner()).await?))
     }
 
     async fn close_stdin(

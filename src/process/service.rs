@@ -318,12 +318,15 @@ impl ProcessService {
         Ok(UpdateResponse {})
     }
 
-    pub fn send_signal(&self, req: SendSignalRequest) -> Result<SendSignalResponse> {
+    pub async fn send_signal(&self, req: SendSignalRequest) -> Result<SendSignalResponse> {
         let sig = super::exit::to_signal(req.signal)?;
         let p = self.table.find_running(req.process.as_ref())?;
         if req.descendants {
             tracing::info!(pid = p.pid, signal = %sig, "signal to the command's cgroup and group");
-            p.signal_descendants(sig)?;
+            // A kill per process in the cgroup: as many as the command forked.
+            tokio::task::spawn_blocking(move || p.signal_descendants(sig))
+                .await
+                .map_err(|e| Error::internal(format!("signal task failed: {e}")))??;
         } else {
             tracing::info!(pid = p.pid, signal = %sig, "signal to process group");
             p.signal(sig)?;
