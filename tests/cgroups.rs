@@ -120,6 +120,31 @@ async fn every_command_has_its_own_cgroup_and_a_tree_kill_leaves_nothing() {
     kill(&mut c, o2.pid).await;
 }
 
+// Signals other than SIGKILL reach the cgroup through its process list
+// (`cgroup.kill` kills only), read a line at a time on a blocking thread.
+#[tokio::test]
+async fn other_signals_with_descendants_reach_the_whole_cgroup() {
+    let cg = need_cgroups!("signal_tree");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let (mut s, mut o) =
+        started(&mut c, sh("setsid sh -c 'echo $$; exec sleep 1000' & wait")).await;
+    read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+    let escaped: u32 = o.out().trim().parse().unwrap();
+    c.send_signal(SendSignalRequest {
+        process: by_pid(o.pid),
+        signal: Signal::Sigterm as i32,
+        descendants: true,
+    })
+    .await
+    .unwrap();
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(escaped)).await,
+        "the process outside the command's group survived SIGTERM with descendants"
+    );
+}
+
 #[tokio::test]
 async fn the_deadline_kills_the_whole_tree() {
     let cg = need_cgroups!("deadline_tree");
