@@ -27,6 +27,9 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+/// Children reaped in one go before the reaper yields its worker.
+const REAP_BATCH: usize = 256;
+
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
@@ -85,7 +88,12 @@ impl Reaper {
         let r = reaper.clone();
         tokio::spawn(async move {
             loop {
-                r.reap_all();
+                // Orphans reparented to envd in a storm can keep zombies
+                // coming as fast as they are reaped: the worker and the
+                // waiters' lock are given up between batches.
+                while r.reap_batch(REAP_BATCH) {
+                    tokio::task::yield_now().await;
+                }
                 if sigchld.recv().await.is_none() {
                     break;
                 }
@@ -150,9 +158,11 @@ impl Reaper {
     }
 
     /// Collects every exited child; delivers statuses of registered ones.
-    fn reap_all(&self) {
+    /// Reaps every child that has exited, at most `max`; true if it stopped
+    /// at `max` (more may be waiting).
+    fn reap_batch(&self, max: usize) -> bool {
         let mut waiters = self.lock();
-        loop {
+        for _ in 0..max {
             let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Exited(code)),
                 Ok(WaitStatus::Signaled(pid, sig, core_dumped)) => (
@@ -162,11 +172,11 @@ impl Reaper {
                         core_dumped,
                     },
                 ),
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return false,
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "waitpid failed");
-                    return;
+                    return false;
                 }
             };
             let pid = pid.as_raw();
@@ -183,5 +193,6 @@ impl Reaper {
                 tracing::debug!(pid, ?status, "reaped orphan");
             }
         }
+        true
     }
 }
