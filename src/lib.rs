@@ -42,6 +42,7 @@ pub mod sd;
 pub mod server;
 pub mod status;
 pub(crate) mod streams;
+pub(crate) mod threads;
 pub(crate) mod unix_authority;
 pub mod users;
 pub mod wire;

@@ -1948,3 +1948,106 @@ async fn orphan_storms_are_reaped_whole() {
     assert_eq!(left, 0, "orphans left unreaped after the storm");
     healthy(&e);
 }
+
+/// A pids cgroup (v1, or v2 where the pids controller is there) that caps
+/// the tasks of what is moved into it; removed when dropped (after what was
+/// in it has ended).
+struct PidsCap(PathBuf);
+
+impl PidsCap {
+    fn create(name: &str) -> Option<PidsCap> {
+        let unique = format!("envd-test-{name}-{}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/pids");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let base = if v1.join("tasks").is_file() {
+            v1
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "pids"))
+        {
+            v2
+        } else {
+            return None;
+        };
+        let dir = base.join(unique);
+        std::fs::create_dir(&dir).ok()?;
+        Some(PidsCap(dir))
+    }
+
+    /// Moves `pid` (every thread of it) in and caps the cgroup at the tasks
+    /// it has now: no further thread or process can start.
+    fn hold(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+        let now = std::fs::read_to_string(self.0.join("pids.current")).unwrap();
+        std::fs::write(self.0.join("pids.max"), now.trim()).unwrap();
+    }
+
+    fn release(&self) {
+        std::fs::write(self.0.join("pids.max"), "max").unwrap();
+    }
+}
+
+impl Drop for PidsCap {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("pids.max"), "max");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+// Sandboxed code that takes every task the kernel allows (a fork bomb
+// reaching `kernel.threads-max`, a few thousand in a small VM) leaves envd
+// unable to start a thread. tokio's spawn_blocking panics then, and every
+// filesystem call lost its connection without an answer; the refused work
+// stayed queued and ran once a thread could start again, long after its
+// caller was told it failed.
+#[tokio::test]
+async fn calls_when_the_vm_is_out_of_tasks_get_an_answer() {
+    if !is_root() {
+        return skip("out_of_tasks", "a pids cgroup needs root");
+    }
+    let Some(cap) = PidsCap::create("out_of_tasks") else {
+        return skip_on_this_machine("out_of_tasks", "no pids cgroup controller");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let mut fs = e.fs().await;
+    fs.stat(StatRequest {
+        path: s(tmp.path()),
+    })
+    .await
+    .unwrap();
+    // Idle blocking threads exit after a second: then none is left.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cap.hold(e.pid());
+
+    let refused = tmp.path().join("refused");
+    let r = fs.make_dir(MakeDirRequest { path: s(&refused) }).await;
+    let status = r.expect_err("a MakeDir ran without a thread to run on");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("cannot start a thread"),
+        "{status:?}"
+    );
+    let r = c.start(cmd("/bin/true", &[])).await;
+    assert!(r.is_err(), "a Start ran with no task to spare");
+    healthy(&e);
+
+    cap.release();
+    fs.stat(StatRequest {
+        path: s(tmp.path()),
+    })
+    .await
+    .unwrap();
+    run(&mut c, cmd("/bin/true", &[])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !refused.exists(),
+        "a refused MakeDir ran once threads could start again"
+    );
+    drop(e);
+}

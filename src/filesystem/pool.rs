@@ -8,7 +8,8 @@
 //! at most [`MAX`] of them; beyond, calls wait for one without holding any.
 
 use tokio::sync::Semaphore;
-use tokio::task::{JoinError, JoinHandle};
+
+use crate::status::Result;
 
 /// Blocking threads filesystem work may hold; the other 128 of tokio's
 /// stay for the rest.
@@ -16,38 +17,18 @@ pub const MAX: usize = 384;
 
 static THREADS: Semaphore = Semaphore::const_new(MAX);
 
-/// Work for a blocking thread, type-erased: one task type for all of it
-/// (each distinct task type costs kilobytes of code).
-type Job = Box<dyn FnOnce() + Send>;
-
-async fn run_job(job: Job) -> Result<(), JoinError> {
+/// Runs `f` on a blocking thread once filesystem work may take another.
+/// The thread's share goes back when `f` returns, not when the caller gives
+/// up: a thread stuck on a mount stays counted. Errors: `f` panicked, or
+/// the OS refused a thread (see [`crate::threads`]).
+pub async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let share = THREADS
         .acquire()
         .await
         .expect("the semaphore is never closed");
-    tokio::task::spawn_blocking(move || {
+    crate::threads::run("filesystem work", move || {
         let _share = share;
-        job();
+        f()
     })
     .await
-}
-
-/// Runs `f` on a blocking thread once filesystem work may take another.
-/// The thread's share goes back when `f` returns, not when the caller gives
-/// up: a thread stuck on a mount stays counted. An error: `f` panicked.
-pub async fn run<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, JoinError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    run_job(Box::new(move || {
-        let _ = tx.send(f());
-    }))
-    .await?;
-    Ok(rx.await.expect("a job that returned has sent its result"))
-}
-
-/// As [`run`], for callers that do not wait: `f` runs even if the handle is
-/// dropped.
-pub fn spawn(f: impl FnOnce() + Send + 'static) -> JoinHandle<Result<(), JoinError>> {
-    tokio::spawn(run_job(Box::new(f)))
 }

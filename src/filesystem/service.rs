@@ -62,9 +62,7 @@ fn options(recursive: bool, include_entry: bool, allow_network_mounts: bool) -> 
 
 /// Runs blocking filesystem work off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    super::pool::run(f)
-        .await
-        .unwrap_or_else(|e| Err(Error::internal(format!("filesystem task failed: {e}"))))
+    super::pool::run(f).await?
 }
 
 /// As [`blocking`], for a walk over a whole tree: it is told to stop once

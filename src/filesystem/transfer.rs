@@ -99,9 +99,7 @@ pub fn kind_name(ft: &std::fs::FileType) -> &'static str {
 
 /// Opens `path` off the async workers (see [`open_regular`]).
 pub async fn open_for_read(path: PathBuf) -> Result<OpenedFile> {
-    super::pool::run(move || open_regular(&path))
-        .await
-        .map_err(|e| Error::internal(format!("open task failed: {e}")))?
+    super::pool::run(move || open_regular(&path)).await?
 }
 
 /// What part of an open file to stream, and how.
@@ -123,7 +121,9 @@ pub struct ReadPlan {
 /// network overlap with bounded memory.
 pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan) -> ReadStream {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadFileResponse>>(PIPELINE);
-    super::pool::spawn(move || {
+    // Told why when the reader cannot run (the OS refused a thread).
+    let refused = tx.clone();
+    let reader = super::pool::run(move || {
         let send = |r: Result<Bytes>| {
             tx.blocking_send(r.map(|data| ReadFileResponse { data }))
                 .is_ok()
@@ -155,6 +155,11 @@ pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan) -> ReadSt
                 .map(Bytes::from)
                 .map_err(|e| Error::io(format!("compress {}", shown.display()), &e));
             send(tail);
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = reader.await {
+            let _ = refused.send(Err(e)).await;
         }
     });
     Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
@@ -438,7 +443,7 @@ where
         None
     };
     let (written, failed) = tokio::join!(writer, feed);
-    let written = written.map_err(|e| Error::internal(format!("write task failed: {e}")))?;
+    let written = written?;
     match failed {
         Some(e) => Err(e),
         None => written,

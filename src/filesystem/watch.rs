@@ -74,9 +74,7 @@ impl Drop for DirWatch {
 /// Validates `root` and arms the watch on a blocking thread (arming a large
 /// tree walks all of it); events flow once this returns.
 pub async fn watch_dir(root: PathBuf, opts: WatchOptions) -> Result<DirWatch> {
-    let (tr, events) = super::pool::run(move || arm(root, opts))
-        .await
-        .map_err(|e| Error::internal(format!("watch task failed: {e}")))??;
+    let (tr, events) = super::pool::run(move || arm(root, opts)).await??;
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
     let task = tokio::spawn(tr.run(events, tx));
     Ok(DirWatch { events: rx, task })
@@ -157,8 +155,12 @@ impl Translator {
                 (self, out, failed)
             })
             .await;
-            let Ok((tr, out, failed)) = joined else {
-                return;
+            let (tr, out, failed) = match joined {
+                Ok(translated) => translated,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
             };
             self = tr;
             for ev in out {

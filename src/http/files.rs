@@ -260,9 +260,7 @@ pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult 
         .collect::<Result<Vec<_>>>()?;
     let dest = resolve(c.destination.as_bytes(), &user)?;
     let requested = dest.clone();
-    crate::filesystem::pool::run(move || compose::compose(&sources, &dest, &user))
-        .await
-        .map_err(|e| Error::internal(format!("compose task failed: {e}")))??;
+    crate::filesystem::pool::run(move || compose::compose(&sources, &dest, &user)).await??;
     // E2B's shape: the path as requested (a symlink is written through).
     Ok(json(StatusCode::OK, &written(&requested, None)))
 }

@@ -62,9 +62,9 @@ pub async fn fsfreeze(guest: &Guest, freeze: bool) -> RestResult {
     let what = if freeze { "/fsfreeze" } else { "/fsthaw" };
     refuse_outside_vm(guest, what)?;
     let _one_at_a_time = guest.fs_lock().lock().await;
-    tokio::task::spawn_blocking(move || fsfreeze::set_frozen(ROOTFS, freeze))
+    crate::threads::run("fsfreeze", move || fsfreeze::set_frozen(ROOTFS, freeze))
         .await
-        .map_err(|e| Rest::http(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(Rest::from)?
         .map_err(|e| Rest::http(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}")))?;
     tracing::info!(
         "{what}: root filesystem {}",
@@ -75,9 +75,9 @@ pub async fn fsfreeze(guest: &Guest, freeze: bool) -> RestResult {
 
 /// `POST /collapse`: a `CollapseResult`.
 pub async fn collapse() -> RestResult {
-    let result = tokio::task::spawn_blocking(crate::memory::collapse_self)
+    let result = crate::threads::run("collapse", crate::memory::collapse_self)
         .await
-        .map_err(|e| Rest::http(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(Rest::from)?
         .map_err(|e| Rest::http(StatusCode::INTERNAL_SERVER_ERROR, format!("/collapse: {e}")))?;
     tracing::info!(?result, "envd heap collapsed");
     Ok(no_store(json(StatusCode::OK, &result)))

@@ -118,7 +118,7 @@ async fn described(
     process: Arc<ProcessService>,
     known: BTreeMap<Listener, Port>,
 ) -> Result<BTreeMap<Listener, Port>> {
-    tokio::task::spawn_blocking(move || {
+    crate::threads::run("port scan", move || {
         let now = scan::listeners();
         let fresh: Vec<u64> = now
             .iter()
@@ -147,5 +147,4 @@ async fn described(
             .collect()
     })
     .await
-    .map_err(|e| Error::internal(format!("port scan failed: {e}")))
 }

@@ -45,7 +45,8 @@ pub fn start(address: IpAddr, own_ports: Vec<u16>) {
             // On a blocking thread: where the kernel lacks sock_diag, the
             // scan reads `/proc/net/tcp*`, which sandboxed code can make
             // megabytes long (27,000 connections: 478 ms).
-            let Ok(now) = tokio::task::spawn_blocking(scan::loopback_listeners).await else {
+            let Ok(now) = crate::threads::run("listener scan", scan::loopback_listeners).await
+            else {
                 continue;
             };
             let listening = |l: &Listener| now.binary_search(l).is_ok();

@@ -166,9 +166,7 @@ impl ProcessService {
             return self.start_here(ctx, req);
         }
         let (svc, ctx) = (self.clone(), ctx.clone());
-        tokio::task::spawn_blocking(move || svc.start_here(&ctx, req))
-            .await
-            .unwrap_or_else(|e| Err(Error::internal(format!("start task failed: {e}"))))
+        crate::threads::run("start", move || svc.start_here(&ctx, req)).await?
     }
 
     /// [`ProcessService::start`]'s work, on the calling thread.
@@ -323,10 +321,22 @@ impl ProcessService {
         let p = self.table.find_running(req.process.as_ref())?;
         if req.descendants {
             tracing::info!(pid = p.pid, signal = %sig, "signal to the command's cgroup and group");
-            // A kill per process in the cgroup: as many as the command forked.
-            tokio::task::spawn_blocking(move || p.signal_descendants(sig))
-                .await
-                .map_err(|e| Error::internal(format!("signal task failed: {e}")))??;
+            // SIGKILL is one write (`cgroup.kill`); another signal is a kill
+            // per process in the cgroup, as many as the command forked, on
+            // a blocking thread, or here when there is none to spare (a
+            // fork bomb took them all: what such a signal is likely for).
+            if sig == nix::sys::signal::Signal::SIGKILL {
+                p.signal_descendants(sig)?;
+            } else {
+                let q = p.clone();
+                match crate::threads::run("signal", move || q.signal_descendants(sig)).await {
+                    Ok(sent) => sent?,
+                    Err(e) if e.code == crate::status::Code::ResourceExhausted => {
+                        p.signal_descendants(sig)?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         } else {
             tracing::info!(pid = p.pid, signal = %sig, "signal to process group");
             p.signal(sig)?;

@@ -137,7 +137,8 @@ pub fn watch() {
             // times makes it megabytes long; the kernel's formatting then
             // takes tens of milliseconds, kept off the async workers.
             let table = fd.clone();
-            let Ok(stall) = tokio::task::spawn_blocking(move || read_table(table.get_ref())).await
+            let Ok(stall) =
+                crate::threads::run("mount table", move || read_table(table.get_ref())).await
             else {
                 continue;
             };
