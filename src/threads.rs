@@ -6,15 +6,18 @@
 //! sandboxed code has taken every task the kernel allows (a fork bomb
 //! reaching `kernel.threads-max`, a few thousand in a small VM, or a pids
 //! limit), every call that needs one would lose its connection without an
-//! answer. Here that refusal is `RESOURCE_EXHAUSTED`, said once in the log
-//! per burst rather than as a panic with a backtrace each time.
+//! answer. Here that refusal is `RESOURCE_EXHAUSTED`, said in the log at most
+//! every ten seconds rather than as a panic with a backtrace each time.
 
 use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Once};
 
 use crate::status::{Code, Error};
+
+/// Seconds between two log lines about refused threads.
+const LOG_EVERY: u64 = 10;
 
 thread_local! {
     /// Set while this thread asks tokio for a blocking thread: a panic then
@@ -42,10 +45,26 @@ fn refused(payload: &(dyn std::any::Any + Send)) -> Error {
         .map(String::as_str)
         .or_else(|| payload.downcast_ref::<&str>().copied())
         .unwrap_or("the OS refused a thread");
-    tracing::warn!(
-        why,
-        "envd cannot start a thread: the VM is out of tasks (pids or threads)"
-    );
+    // Said at most once per LOG_EVERY: a fork bomb's callers retry often.
+    static SAID_AT: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    // + LOG_EVERY: the first refusal is said too.
+    let now = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+        + LOG_EVERY;
+    let last = SAID_AT.load(Ordering::Relaxed);
+    if now >= last.saturating_add(LOG_EVERY)
+        && SAID_AT
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            why,
+            "envd cannot start a thread: the VM is out of tasks (pids or threads)"
+        );
+    }
     Error::new(
         Code::ResourceExhausted,
         format!(
