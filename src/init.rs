@@ -115,11 +115,17 @@ pub fn loopback_up() {
     }
 }
 
-/// Whether `target` is a mount point (in `/proc/self/mountinfo`).
+/// Whether `target` is a mount point (in `/proc/self/mountinfo`, read a
+/// line at a time: sandboxed root can make the table megabytes long).
 pub(crate) fn is_mounted(target: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target)))
-        .unwrap_or(false)
+    use std::io::BufRead;
+    let Ok(table) = std::fs::File::open("/proc/self/mountinfo") else {
+        return false;
+    };
+    std::io::BufReader::new(table)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.split(' ').nth(4) == Some(target))
 }
 
 /// `envd.*` options from `/proc/cmdline` as envd flags, plus modules to load.
