@@ -176,6 +176,9 @@ async fn bench_transfer(root: &Path) {
     let envd = Envd::start(&[]);
     let block = vec![0x5au8; CHUNK];
     let (raw_up, raw_down) = raw_copy(root, &block);
+    // Idle as issue 14 measures it: settled, then again 2 s after the burst.
+    tokio::time::sleep(SETTLE).await;
+    let idle = status_kib(envd.pid(), "VmRSS:");
     std::fs::remove_file(root.join("raw.bin")).unwrap();
     let mut t = envd.transfer().await;
     let path = root.join("envd.bin");
@@ -191,9 +194,24 @@ async fn bench_transfer(root: &Path) {
         message: Some(Message::Data(chunk.clone())),
     });
     let upload = futures_util::stream::iter(std::iter::once(header).chain(chunks));
+    let after = |label: &'static str| {
+        let pid = envd.pid();
+        async move {
+            tokio::time::sleep(SETTLE).await;
+            let rss = status_kib(pid, "VmRSS:");
+            println!(
+                "envd RSS 2 s after {label}: {rss} KiB ({} anon + {} file-backed) = {:+} KiB over idle ({idle} KiB) (target <= +1 MiB)",
+                status_kib(pid, "RssAnon:"),
+                status_kib(pid, "RssFile:"),
+                i128::from(rss) - i128::from(idle)
+            );
+        }
+    };
+
     let start = Instant::now();
     t.write_file(upload).await.unwrap();
     let up = GIB as f64 / start.elapsed().as_secs_f64();
+    after("the 1 GiB write, connection open").await;
     let start = Instant::now();
     let mut s = t
         .read_file(ReadFileRequest {
@@ -228,7 +246,13 @@ async fn bench_transfer(root: &Path) {
         "envd peak RSS (VmHWM) over the 1 GiB write+read: {:.1} MiB (target <= 32 MiB)",
         status_kib(envd.pid(), "VmHWM:") as f64 / 1024.0
     );
+    after("the read too, connection open").await;
+    drop(t);
+    after("both, connection closed").await;
 }
+
+/// Quiet time before memory figures (issue 14's "within 2 s").
+const SETTLE: Duration = Duration::from_secs(2);
 
 #[tokio::main]
 async fn main() {

@@ -105,6 +105,7 @@ fn main() -> ExitCode {
         // soon after a burst.
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .on_thread_park(envd::memory::on_worker_park)
+        .on_thread_stop(envd::memory::on_thread_stop)
         .build()
     {
         Ok(rt) => rt,

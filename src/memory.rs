@@ -19,8 +19,11 @@ static DIRTY: AtomicBool = AtomicBool::new(false);
 static ACTIVITY: AtomicU64 = AtomicU64::new(0);
 /// Empty tasks spawned after a give-back, to bring idle workers round.
 const WAKE_WORKERS: usize = 4;
-/// Quiet time after the last [`freed`] before memory is given back.
-const QUIET: Duration = Duration::from_secs(1);
+/// Quiet time after the last [`freed`] before memory is given back: a
+/// little longer than an idle blocking thread lives (1 s), so that the
+/// threads a burst used have exited (freeing their heaps, and touching code
+/// pages on the way out) before the give-back, not after it.
+const QUIET: Duration = Duration::from_millis(1250);
 
 /// Says that memory was freed (a command ended, a connection closed); it
 /// goes back to the OS once envd is quiet. Two atomic operations in a burst:
@@ -84,6 +87,14 @@ pub fn on_worker_park() {
             collect_this_thread();
         }
     });
+}
+
+/// The runtime's `on_thread_stop` hook: a blocking thread leaving after
+/// its keep-alive gives back what its heap holds free (a transfer's buffers
+/// were allocated there) before its heap is abandoned, which may be after
+/// the janitor's give-back has run.
+pub fn on_thread_stop() {
+    collect_this_thread();
 }
 
 fn collect_this_thread() {

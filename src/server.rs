@@ -220,6 +220,19 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// finished its first request head is dropped then too.
 const CLOSE_GRACE: Duration = Duration::from_millis(250);
 
+/// Tells `conn` to close once it has been idle for `idle` (checked every
+/// quarter of it, between 100 ms and 5 s).
+async fn close_when_idle(conn: Arc<crate::connections::Conn>, idle: Duration) {
+    let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(tick).await;
+        if conn.idle_for() >= idle {
+            conn.close.notify_one();
+            return;
+        }
+    }
+}
+
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -294,22 +307,20 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
             });
             let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
             tokio::pin!(served);
-            let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    r = served.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                        return;
+            // The idle check is a task of its own, so that this one wakes
+            // only for the connection's traffic: a timer here polled hyper's
+            // connection every tick, faulting its code back in after the
+            // janitor had dropped it.
+            let watcher = tokio::spawn(close_when_idle(reg.conn.clone(), idle));
+            tokio::select! {
+                r = served.as_mut() => {
+                    watcher.abort();
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
                     }
-                    () = reg.conn.close.notified() => break,
-                    () = tokio::time::sleep(tick) => {
-                        if reg.conn.idle_for() >= idle {
-                            break;
-                        }
-                    }
+                    return;
                 }
+                () = reg.conn.close.notified() => watcher.abort(),
             }
             // Idle too long or evicted: GOAWAY / close, then drop it. One
             // that never completed a request head is just dropped.

@@ -161,6 +161,8 @@ pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan) -> ReadSt
         if let Err(e) = reader.await {
             let _ = refused.send(Err(e)).await;
         }
+        // Its buffers go back to the OS once envd is quiet.
+        crate::memory::freed();
     });
     Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
@@ -443,6 +445,8 @@ where
         None
     };
     let (written, failed) = tokio::join!(writer, feed);
+    // Its buffers go back to the OS once envd is quiet.
+    crate::memory::freed();
     let written = written?;
     match failed {
         Some(e) => Err(e),
