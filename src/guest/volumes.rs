@@ -68,18 +68,30 @@ impl Ledger {
         for m in mounts {
             let path = PathBuf::from(&m.path);
             let wanted = (m.nfs_target.clone(), lifecycle.map(str::to_owned));
-            let mounted = crate::init::is_mounted(&m.path);
-            if mounted && self.0.get(&path) == Some(&wanted) {
+            let ours = self.0.get(&path) == Some(&wanted);
+            let (dir, shown) = (path.clone(), m.path.clone());
+            // On a blocking thread: the old volume's NFS server may have
+            // stopped answering, and a look at its mount point then waits.
+            let to_mount = crate::threads::run("volume mount", move || -> Result<bool, String> {
+                let mounted = crate::init::is_mounted(&shown);
+                if mounted && ours {
+                    return Ok(false);
+                }
+                if mounted {
+                    // Another lifecycle's mount (a fork, a new volume): replace it.
+                    nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                        format!("volumeMounts: unmounting the old volume at {shown}: {e}")
+                    })?;
+                }
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("volumeMounts: creating {shown}: {e}"))?;
+                Ok(true)
+            })
+            .await
+            .map_err(|e| format!("volumeMounts: {}", e.message))??;
+            if !to_mount {
                 continue;
             }
-            if mounted {
-                // Another lifecycle's mount (a fork, a new volume): replace it.
-                nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-                    format!("volumeMounts: unmounting the old volume at {}: {e}", m.path)
-                })?;
-            }
-            std::fs::create_dir_all(&path)
-                .map_err(|e| format!("volumeMounts: creating {}: {e}", m.path))?;
             let run = process
                 .run_system(
                     &[
