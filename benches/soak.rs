@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::procfs::zombie_children;
 use common::*;
 use envd::proto::process::process_client::ProcessClient;
 use envd::proto::process::*;
@@ -36,32 +37,12 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Zombie children of `pid`.
-fn zombies(pid: u32) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            // "pid (comm) S ppid ..." — comm may contain spaces.
-            let Some(after) = stat.rsplit_once(") ").map(|(_, a)| a) else {
-                return false;
-            };
-            let mut f = after.split_whitespace();
-            let state = f.next();
-            let ppid = f.next().and_then(|p| p.parse::<u32>().ok());
-            state == Some("Z") && ppid == Some(pid)
-        })
-        .count()
-}
-
 fn snapshot(label: &str, pid: u32) {
     println!(
         "  {label:<8} RSS {:>7.1} MiB   fds {:>5}   zombies {}",
         rss_kib(pid) as f64 / 1024.0,
         fds(pid),
-        zombies(pid)
+        zombie_children(pid)
     );
 }
 
@@ -193,11 +174,11 @@ async fn main() {
         "  envd {rate:.0} spawns/s vs bare fork/exec/wait {bare:.0}/s from {CLIENTS} threads: {:.2}x",
         rate / bare
     );
-    assert_eq!(zombies(e.pid()), 0, "zombies left behind");
+    assert_eq!(zombie_children(e.pid()), 0, "zombies left behind");
 
     println!("2. 1000 concurrent long-running processes with attached output streams");
     long_running(&e, 1000).await;
-    assert_eq!(zombies(e.pid()), 0, "zombies left behind");
+    assert_eq!(zombie_children(e.pid()), 0, "zombies left behind");
 
     println!("3. 1000 concurrent connections");
     connections(&e, 1000).await;

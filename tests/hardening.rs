@@ -1903,23 +1903,6 @@ async fn stuck_filesystem_calls_leave_threads_for_starts() {
     healthy(&e);
 }
 
-/// envd's children that have exited and not been reaped.
-fn zombies_of(parent: u32) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            // After the command's closing parenthesis: state, ppid, ...
-            let mut f = stat.rsplit(") ").next().unwrap_or("").split(' ');
-            let state = f.next();
-            let ppid = f.next().and_then(|p| p.parse::<u32>().ok());
-            state == Some("Z") && ppid == Some(parent)
-        })
-        .count()
-}
-
 // Orphans re-parented to envd (a subreaper, or PID 1) can exit faster than
 // envd reaps them: here two thousand exit while envd is stopped, and it
 // wakes to one merged SIGCHLD. The reaper takes them in batches, yielding
@@ -1940,10 +1923,10 @@ async fn orphan_storms_are_reaped_whole() {
     assert_eq!(o.end().exit_code, 0);
     assert!(o.out().contains("made"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut left = zombies_of(e.pid());
+    let mut left = common::procfs::zombie_children(e.pid());
     while left > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        left = zombies_of(e.pid());
+        left = common::procfs::zombie_children(e.pid());
     }
     assert_eq!(left, 0, "orphans left unreaped after the storm");
     healthy(&e);
