@@ -46,7 +46,7 @@ pub struct Conn {
     in_flight: AtomicUsize,
     /// When it last became idle.
     idle_since: Mutex<Instant>,
-    /// Told to close (evicted to make room).
+    /// Told to close (evicted to make room, or idle too long).
     pub close: Notify,
     /// Already chosen for eviction (never chosen twice).
     evicted: AtomicBool,
