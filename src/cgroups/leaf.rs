@@ -14,6 +14,9 @@ use super::spare::Spares;
 
 use crate::proto::process::ResourceUsage;
 
+/// Passes over `cgroup.procs` a signal other than SIGKILL makes at most.
+const SIGNAL_PASSES: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct Leaf {
     dir: PathBuf,
@@ -59,15 +62,27 @@ impl Leaf {
         }
     }
 
-    /// `sig` to every process in the cgroup, read from `cgroup.procs` a
-    /// line at a time (a command that forks a hundred thousand processes
-    /// makes it megabytes long). Blocking: a kill per process.
+    /// `sig` to every process in the cgroup, each once: `cgroup.procs` is
+    /// read a line at a time (a command that forks a hundred thousand
+    /// processes makes it megabytes long), and read again while a pass
+    /// finds processes it had not signalled (children forked during a pass),
+    /// at most [`SIGNAL_PASSES`] times. Blocking: a kill per process.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
         use std::io::BufRead;
-        let procs = std::fs::File::open(self.dir.join("cgroup.procs"))?;
-        for line in std::io::BufReader::new(procs).lines() {
-            if let Ok(pid) = line?.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        let mut sent = std::collections::HashSet::new();
+        for _ in 0..SIGNAL_PASSES {
+            let procs = std::fs::File::open(self.dir.join("cgroup.procs"))?;
+            let mut fresh = false;
+            for line in std::io::BufReader::new(procs).lines() {
+                if let Ok(pid) = line?.trim().parse::<i32>() {
+                    if sent.insert(pid) {
+                        fresh = true;
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                    }
+                }
+            }
+            if !fresh {
+                break;
             }
         }
         Ok(())
