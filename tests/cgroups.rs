@@ -70,13 +70,9 @@ async fn every_command_has_its_own_cgroup_and_a_tree_kill_leaves_nothing() {
     assert_ne!(cgroup_of(o2.pid), leader, "one cgroup per command");
 
     // A group kill (E2B's) misses the escaped grandchild...
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-        descendants: false,
-    })
-    .await
-    .unwrap();
+    c.send_signal(signal_pid(o.pid, Signal::Sigkill, false))
+        .await
+        .unwrap();
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     assert!(
         alive(grandchild),
@@ -87,13 +83,9 @@ async fn every_command_has_its_own_cgroup_and_a_tree_kill_leaves_nothing() {
     let (mut s, mut o) = started(&mut c, escaping_tree()).await;
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
     let grandchild2: u32 = o.out().trim().parse().unwrap();
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-        descendants: true,
-    })
-    .await
-    .unwrap();
+    c.send_signal(signal_pid(o.pid, Signal::Sigkill, true))
+        .await
+        .unwrap();
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     assert!(
         eventually(Duration::from_secs(5), || !alive(grandchild2)).await,
@@ -131,13 +123,9 @@ async fn other_signals_with_descendants_reach_the_whole_cgroup() {
         started(&mut c, sh("setsid sh -c 'echo $$; exec sleep 1000' & wait")).await;
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
     let escaped: u32 = o.out().trim().parse().unwrap();
-    c.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigterm as i32,
-        descendants: true,
-    })
-    .await
-    .unwrap();
+    c.send_signal(signal_pid(o.pid, Signal::Sigterm, true))
+        .await
+        .unwrap();
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     assert!(
         eventually(Duration::from_secs(5), || !alive(escaped)).await,

@@ -125,13 +125,9 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     let mut o = Outcome::default();
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
     let grandchild = o.out().trim().to_owned();
-    p.send_signal(SendSignalRequest {
-        descendants: false,
-        process: by_pid(o.pid),
-        signal: Signal::Sigterm as i32,
-    })
-    .await
-    .unwrap();
+    p.send_signal(signal_pid(o.pid, Signal::Sigterm, false))
+        .await
+        .unwrap();
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     assert_eq!(o.end().status, "signal: terminated");
     let probe = format!("test -e /proc/{grandchild} && echo alive || echo gone");
@@ -723,11 +719,7 @@ async fn e2b_orchestrator_contract_in_the_systemd_vm() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut kill_req = SendSignalRequest {
-        descendants: false,
-        process: by_pid(server.pid),
-        signal: Signal::Sigkill as i32,
-    };
+    let mut kill_req = signal_pid(server.pid, Signal::Sigkill, false);
     p.send_signal(with_meta(kill_req.clone(), &[("x-access-token", "tok")]))
         .await
         .unwrap();
@@ -811,13 +803,9 @@ async fn resource_control_proof(url: &str, exhaust: bool, hog: &str) {
     let (mut s, mut o) = started(&mut p, sh(tree)).await;
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
     let grandchild = o.out().trim().to_owned();
-    p.send_signal(SendSignalRequest {
-        process: by_pid(o.pid),
-        signal: Signal::Sigkill as i32,
-        descendants: true,
-    })
-    .await
-    .unwrap();
+    p.send_signal(signal_pid(o.pid, Signal::Sigkill, true))
+        .await
+        .unwrap();
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     let t0 = Instant::now();
     while alive(grandchild.clone()).await {
@@ -902,13 +890,9 @@ async fn resource_control_proof(url: &str, exhaust: bool, hog: &str) {
         slowest < Duration::from_secs(1),
         "envd answered in {slowest:?}"
     );
-    p.send_signal(SendSignalRequest {
-        process: by_pid(bomb.pid),
-        signal: Signal::Sigkill as i32,
-        descendants: true,
-    })
-    .await
-    .unwrap();
+    p.send_signal(signal_pid(bomb.pid, Signal::Sigkill, true))
+        .await
+        .unwrap();
 
     if exhaust {
         // No limit of its own: the VM's memory runs out; the command is the

@@ -213,6 +213,15 @@ pub fn by_pid(pid: u32) -> Option<ProcessSelector> {
     })
 }
 
+/// `sig` to process `pid`: its group, or with `descendants` its whole tree.
+pub fn signal_pid(pid: u32, sig: Signal, descendants: bool) -> SendSignalRequest {
+    SendSignalRequest {
+        process: by_pid(pid),
+        signal: sig as i32,
+        descendants,
+    }
+}
+
 pub fn by_tag(tag: &str) -> Option<ProcessSelector> {
     Some(ProcessSelector {
         selector: Some(process_selector::Selector::Tag(tag.into())),
