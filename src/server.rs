@@ -108,9 +108,7 @@ impl Router {
         cors(&mut response);
         response
     }
-}
 
-impl Router {
     /// A native gRPC call, ended at its `grpc-timeout` as gRPC servers do:
     /// a unary or client-streaming call is dropped then (and with it any walk
     /// it started), a server stream has its headers by then. (Start's

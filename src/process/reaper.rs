@@ -157,9 +157,8 @@ impl Reaper {
         Ok((pid, rx))
     }
 
-    /// Collects every exited child; delivers statuses of registered ones.
-    /// Reaps every child that has exited, at most `max`; true if it stopped
-    /// at `max` (more may be waiting).
+    /// Collects exited children, at most `max`, and delivers statuses of
+    /// registered ones; true if it stopped at `max` (more may be waiting).
     fn reap_batch(&self, max: usize) -> bool {
         let mut waiters = self.lock();
         for _ in 0..max {

@@ -147,16 +147,16 @@ impl ProcessService {
         self.cgroups.get().is_some()
     }
 
-    /// Starts a process. Its lifetime is bounded by the request deadline.
-    /// Starts a command. The look at its working directory, the program's
-    /// PATH search and the clone (which returns only once the child has
-    /// exec'd) touch the caller's paths: on a stalled mount (a FUSE or NFS
-    /// server that stopped answering) each waits for as long as the mount
-    /// does, which on an async worker would stall all of envd. So while the
-    /// VM has a mount that may stall ([`super::stall`]), everything up to the
-    /// registration runs on a blocking thread; a caller that goes away
-    /// meanwhile leaves the command registered and supervised, as one that
-    /// goes away later does. Otherwise it runs here.
+    /// Starts a command; its lifetime is bounded by the request deadline.
+    /// The look at its working directory, the program's PATH search and the
+    /// clone (which returns only once the child has exec'd) touch the
+    /// caller's paths: on a stalled mount (a FUSE or NFS server that stopped
+    /// answering) each waits for as long as the mount does, which on an
+    /// async worker would stall all of envd. So while the VM has a mount
+    /// that may stall ([`super::stall`]), everything up to the registration
+    /// runs on a blocking thread; a caller that goes away meanwhile leaves
+    /// the command registered and supervised, as one that goes away later
+    /// does. Otherwise it runs here.
     pub async fn start(
         self: &Arc<Self>,
         ctx: &RequestContext,
