@@ -133,6 +133,51 @@ async fn other_signals_with_descendants_reach_the_whole_cgroup() {
     );
 }
 
+// A command whose processes keep replacing themselves (each forks a child
+// and exits at once, as a daemon that re-spawns itself does) is on a new pid
+// by the time its old one is signalled: SIGTERM with descendants must still
+// leave nothing running in its cgroup. Without the freeze, eight such
+// lineages outran the signal passes in about one round of three here; five
+// rounds must all end empty.
+#[tokio::test]
+async fn sigterm_with_descendants_catches_processes_that_keep_forking() {
+    let cg = need_cgroups!("signal_forkers");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    for round in 0..5 {
+        let (mut s, mut o) = started(
+            &mut c,
+            sh("for i in 1 2 3 4 5 6 7 8; do perl -e 'while (1) { exit if fork }' & done; echo; exec sleep 1000"),
+        )
+        .await;
+        read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+        let name = cgroup_of(o.pid).rsplit('/').next().unwrap().to_owned();
+        let leaf = cg.0.join("user").join(name);
+        let procs = || {
+            std::fs::read_to_string(leaf.join("cgroup.procs"))
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
+        };
+        assert!(
+            eventually(Duration::from_secs(5), || procs() >= 9).await,
+            "the forkers did not start: {} processes",
+            procs()
+        );
+        c.send_signal(signal_pid(o.pid, Signal::Sigterm, true))
+            .await
+            .unwrap();
+        let emptied = eventually(Duration::from_secs(3), || procs() == 0).await;
+        let left = procs();
+        // Nothing is left running whatever the outcome.
+        let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+        assert!(
+            emptied,
+            "round {round}: {left} processes still forking after SIGTERM with descendants"
+        );
+        read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+    }
+}
+
 #[tokio::test]
 async fn the_deadline_kills_the_whole_tree() {
     let cg = need_cgroups!("deadline_tree");

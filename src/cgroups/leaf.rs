@@ -16,6 +16,10 @@ use crate::proto::process::ResourceUsage;
 
 /// Passes over `cgroup.procs` a signal other than SIGKILL makes at most.
 const SIGNAL_PASSES: usize = 8;
+/// The longest a signal waits for its cgroup to freeze. A process in an
+/// uninterruptible sleep (a stalled mount) keeps a cgroup from freezing
+/// for as long as it sleeps; the signal then goes out to what is listed.
+pub const FREEZE_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct Leaf {
@@ -32,9 +36,18 @@ impl Leaf {
 
     /// A leaf a previous envd image created (live upgrade, crash recovery):
     /// only a directory that really is a cgroup.
+    /// A leaf the previous image froze to signal it ([`Hold`]) and could not
+    /// thaw (it crashed in between) is thawed: envd freezes leaves for
+    /// nothing else.
     pub fn adopt(dir: PathBuf) -> Option<Leaf> {
-        (dir.is_absolute() && dir.join("cgroup.procs").is_file())
-            .then_some(Leaf { dir, spares: None })
+        if !(dir.is_absolute() && dir.join("cgroup.procs").is_file()) {
+            return None;
+        }
+        if std::fs::read(dir.join("cgroup.freeze")).is_ok_and(|v| v.starts_with(b"1")) {
+            tracing::warn!(cgroup = %dir.display(), "an adopted command's cgroup was frozen; thawed");
+            let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+        }
+        Some(Leaf { dir, spares: None })
     }
 
     pub fn path(&self) -> &Path {
@@ -62,13 +75,20 @@ impl Leaf {
         }
     }
 
-    /// `sig` to every process in the cgroup, each once: `cgroup.procs` is
-    /// read a line at a time (a command that forks a hundred thousand
-    /// processes makes it megabytes long), and read again while a pass
-    /// finds processes it had not signalled (children forked during a pass),
-    /// at most [`SIGNAL_PASSES`] times. Blocking: a kill per process.
+    /// `sig` to every process in the cgroup, each once. The cgroup is
+    /// frozen meanwhile ([`Hold`]): a process that forks and exits in a loop
+    /// is on a new pid by the time its old one is signalled, and escaped the
+    /// passes below about one time in three; frozen, nothing in the cgroup
+    /// forks, and each process takes its signal as it thaws, before it runs
+    /// again. `cgroup.procs` is read a line at a time (a command that forks a
+    /// hundred thousand processes makes it megabytes long), and read again
+    /// while a pass finds processes it had not signalled (children forked
+    /// during a pass, where the freeze did not complete), at most
+    /// [`SIGNAL_PASSES`] times. Blocking: a kill per process, and up to
+    /// [`FREEZE_WAIT`] for the freeze.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
         use std::io::BufRead;
+        let _held = Hold::freeze(&self.dir);
         let mut sent = std::collections::HashSet::new();
         for _ in 0..SIGNAL_PASSES {
             let procs = std::fs::File::open(self.dir.join("cgroup.procs"))?;
@@ -139,6 +159,50 @@ impl Leaf {
                 }
             }
         });
+    }
+}
+
+/// A leaf frozen for as long as this lives (`cgroup.freeze`), and thawed
+/// when it is dropped. Nothing when the kernel has no cgroup freezer, or
+/// when the leaf was frozen already (it stays as it was).
+struct Hold(Option<PathBuf>);
+
+impl Hold {
+    fn freeze(dir: &Path) -> Hold {
+        let file = dir.join("cgroup.freeze");
+        match std::fs::read(&file) {
+            Ok(v) if v.starts_with(b"0") => {}
+            _ => return Hold(None),
+        }
+        if let Err(e) = std::fs::write(&file, "1") {
+            tracing::debug!(cgroup = %dir.display(), error = %e, "not frozen to signal it");
+            return Hold(None);
+        }
+        let held = Hold(Some(file));
+        // The freeze completes as each process reaches the kernel's freezer;
+        // `cgroup.events` says when all have.
+        let events = dir.join("cgroup.events");
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_micros(50);
+        while !std::fs::read_to_string(&events).is_ok_and(|e| keyed(&e, "frozen") == Some(1)) {
+            if started.elapsed() >= FREEZE_WAIT {
+                tracing::debug!(cgroup = %dir.display(), "signalled before the freeze completed");
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        held
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(file) = &self.0 {
+            if let Err(e) = std::fs::write(file, "0") {
+                tracing::warn!(file = %file.display(), error = %e, "cannot thaw a command's cgroup");
+            }
+        }
     }
 }
 
