@@ -193,3 +193,130 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
         store.names()
     );
 }
+
+/// A SendSignal with descendants freezes the command's cgroup while it
+/// signals; an envd killed in between leaves it frozen, and the envd that
+/// takes over thaws it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
+    const NAME: &str = "frozen_takeover";
+    if !is_root() {
+        return skip(NAME, "creating cgroups needs root");
+    }
+    let Some(cg) = common::cgroup::TestCgroup::create(NAME) else {
+        return skip_on_this_machine(NAME, "no writable cgroup v2 hierarchy with cgroup.freeze");
+    };
+    let store = FdStore::new();
+    let args: Vec<String> = [
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--vm",
+        "--mmds-address",
+        "off",
+        "--forward-address",
+        "off",
+        "--guest-root",
+        std::env::temp_dir().to_str().unwrap(),
+        "--cgroup-root",
+        cg.0.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let (first, urls, _log) = store.spawn(&args);
+    let mut first = KillOnDrop(first);
+    let mut c = client(&urls[0]).await;
+    let mut ticker = sh("while :; do echo tick; sleep 0.05; done");
+    ticker.tag = Some("ticker".into());
+    let (_t, o) = started(&mut c, ticker).await;
+    let leaf = std::fs::read_to_string(format!("/proc/{}/cgroup", o.pid))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .unwrap();
+    let leaf = cg.0.join("user").join(leaf.rsplit('/').next().unwrap());
+    assert!(
+        eventually(Duration::from_secs(5), || store
+            .names()
+            .iter()
+            .any(|n| n.ends_with('p')))
+        .await,
+        "fd store: {:?}",
+        store.names()
+    );
+    // The record is rewritten a few milliseconds after a Start.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // As if envd died between the freeze and the thaw.
+    std::fs::write(leaf.join("cgroup.freeze"), "1").unwrap();
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+
+    let (second, urls2, log2) = store.spawn(&args);
+    let _second = KillOnDrop(second);
+    let mut c = client(&urls2[0]).await;
+    let listed = c.list(ListRequest {}).await.unwrap().into_inner().processes;
+    assert!(
+        listed.iter().any(|p| p.tag.as_deref() == Some("ticker")),
+        "ticker not re-adopted\n{}",
+        log2.lock().unwrap().join("\n")
+    );
+    let thawed = || {
+        std::fs::read_to_string(leaf.join("cgroup.events"))
+            .is_ok_and(|e| e.lines().any(|l| l == "frozen 0"))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), thawed).await,
+        "the re-adopted command's cgroup stayed frozen"
+    );
+    let ticks = |o: &Outcome| o.out().matches("tick").count();
+    let mut resumed = c
+        .connect(envd::proto::process::ConnectRequest {
+            process: by_tag("ticker"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Outcome::default();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        read_until(&mut resumed, &mut seen, |o| ticks(o) >= 3),
+    )
+    .await
+    .expect("the re-adopted command does not run");
+    c.send_signal(SendSignalRequest {
+        process: by_tag("ticker"),
+        signal: Signal::Sigkill as i32,
+        descendants: true,
+    })
+    .await
+    .unwrap();
+}
+
+/// The store never holds a state record that is not whole: an envd killed
+/// right after it started (before its record was first rewritten) is taken
+/// over like any other, listener included.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_envd_killed_right_after_start_up_is_taken_over() {
+    for _ in 0..3 {
+        let store = FdStore::new();
+        let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+        let (first, urls, _log) = store.spawn(&args);
+        let mut first = KillOnDrop(first);
+        // Killed as soon as its record is in the store (before a fix of
+        // 2026-12-05 the record went in empty, and was written 5 ms later).
+        let since = std::time::Instant::now();
+        while !store.names().iter().any(|n| n == "envd-state") {
+            assert!(since.elapsed() < Duration::from_secs(5), "no record stored");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = first.0.kill();
+        let _ = first.0.wait();
+        let (second, urls2, log2) = store.spawn(&args);
+        let _second = KillOnDrop(second);
+        let log = log2.lock().unwrap().join("\n");
+        assert_eq!(urls2[0], urls[0], "the listener was not taken over\n{log}");
+        assert!(!log.contains("unreadable"), "{log}");
+        let mut c = client(&urls2[0]).await;
+        c.list(ListRequest {}).await.unwrap();
+    }
+}

@@ -38,16 +38,28 @@ pub const OFFSETS_NAME: &str = "envd-offsets";
 /// Commands with an offset slot (later ones are still served, but a crash
 /// loses where their output stood).
 const SLOTS: usize = 4096;
-/// Bytes before the encoded state: its length and hash.
+/// Bytes before the encoded state: its length and hash. The state is
+/// written to one of two places in turn, and only once it is whole does the
+/// header (one 16-byte write) switch to it: an envd killed in the middle of a
+/// rewrite leaves the previous record readable. (Rewriting in place lost
+/// every command to a crash that landed mid-write.)
 const HEADER: u64 = 16;
-/// Largest state record read back.
+/// Largest state record written or read back.
 const MAX_STATE: u64 = 64 << 20;
+/// Where the second place starts; the first is at [`HEADER`]. The memfd is
+/// sparse: the gap costs nothing.
+const SECOND: u64 = HEADER + MAX_STATE;
+/// The top bit of the header's length word: the record is in the second
+/// place. (Records written before there were two places never set it.)
+const IN_SECOND: u64 = 1 << 63;
 
 static RECORD: OnceLock<Arc<CrashRecord>> = OnceLock::new();
 
 #[derive(Debug)]
 pub struct CrashRecord {
     state: File,
+    /// Whether the header points at the second place (see [`HEADER`]).
+    in_second: std::sync::atomic::AtomicBool,
     /// Two words per slot: the command's seq + 1 (0: free), its end offset.
     offsets: &'static [AtomicU64],
     free: Mutex<Vec<u32>>,
@@ -83,8 +95,16 @@ pub fn enable(
                 for p in r.process.running() {
                     r.started(&p);
                 }
+                // The store never holds a record that is not whole: the
+                // first one is written before the memfd goes in.
+                let stored = r
+                    .write()
+                    .and_then(|()| crate::sd::store_fd(STATE_NAME, r.state.as_raw_fd()));
+                if let Err(e) = stored {
+                    tracing::warn!(error = %e, "crash records off: the record is not stored");
+                    return;
+                }
                 r.clone().spawn_writer();
-                r.dirty.notify_one();
                 tracing::info!(
                     "crash records on: commands survive an envd crash (systemd fd store)"
                 );
@@ -159,7 +179,6 @@ impl CrashRecord {
         // A previous life's record and listeners go; this one's come in.
         crate::sd::remove_fds(STATE_NAME);
         crate::sd::remove_fds(OFFSETS_NAME);
-        crate::sd::store_fd(STATE_NAME, state.as_raw_fd())?;
         crate::sd::store_fd(OFFSETS_NAME, table.as_raw_fd())?;
         for (i, (_, fd)) in listeners.iter().enumerate() {
             let n = format!("l{i}");
@@ -168,6 +187,7 @@ impl CrashRecord {
         }
         Ok(CrashRecord {
             state,
+            in_second: std::sync::atomic::AtomicBool::new(true),
             offsets,
             free: Mutex::new((0..u32::try_from(SLOTS).unwrap_or(0)).rev().collect()),
             dirty: tokio::sync::Notify::new(),
@@ -244,14 +264,30 @@ impl CrashRecord {
         });
     }
 
+    /// Writes the record to the place the header does not point at, then
+    /// points the header at it (see [`HEADER`]). One writer at a time: the
+    /// first write in [`enable`], then the writer task.
     fn write(&self) -> std::io::Result<()> {
         let bytes = self.record().encode_to_vec();
-        self.state.set_len(HEADER)?;
-        self.state.write_all_at(&bytes, HEADER)?;
+        let len = bytes.len() as u64;
+        if len > MAX_STATE {
+            return Err(std::io::Error::other(format!(
+                "a record of {len} bytes is over {MAX_STATE}"
+            )));
+        }
+        let second = !self.in_second.load(Ordering::Relaxed);
+        let (at, flag) = if second {
+            (SECOND, IN_SECOND)
+        } else {
+            (HEADER, 0)
+        };
+        self.state.write_all_at(&bytes, at)?;
         let mut head = [0u8; 16];
-        head[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        head[..8].copy_from_slice(&(len | flag).to_le_bytes());
         head[8..].copy_from_slice(&fnv(&bytes).to_le_bytes());
-        self.state.write_all_at(&head, 0)
+        self.state.write_all_at(&head, 0)?;
+        self.in_second.store(second, Ordering::Relaxed);
+        Ok(())
     }
 
     fn record(&self) -> State {
@@ -364,13 +400,18 @@ fn read_state(claimed: &mut Claimed, fd: RawFd) -> Result<State, String> {
     let mut head = [0u8; 16];
     file.read_exact_at(&mut head, 0)
         .map_err(|e| e.to_string())?;
-    let len = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
+    let word = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
     let hash = u64::from_le_bytes(head[8..].try_into().unwrap_or_default());
+    let (len, at) = if word & IN_SECOND != 0 {
+        (word & !IN_SECOND, SECOND)
+    } else {
+        (word, HEADER)
+    };
     if len > MAX_STATE {
         return Err(format!("a record of {len} bytes is implausible"));
     }
     let mut bytes = vec![0u8; usize::try_from(len).map_err(|e| e.to_string())?];
-    file.read_exact_at(&mut bytes, HEADER)
+    file.read_exact_at(&mut bytes, at)
         .map_err(|e| e.to_string())?;
     if fnv(&bytes) != hash {
         return Err("the record was torn (envd died while writing it)".into());
