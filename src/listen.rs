@@ -88,6 +88,28 @@ impl fmt::Display for ListenUrl {
     }
 }
 
+/// The URL a socket is bound to, written as envd would have been asked for
+/// it (`tcp://` from its address, `unix://` from its path, `vsock://`): how a
+/// restarted envd recognises its listeners in the service manager's store
+/// when the record that named them is lost. `None` for anything else.
+pub fn bound_url(fd: std::os::fd::BorrowedFd<'_>) -> Option<ListenUrl> {
+    use nix::sys::socket::{getsockname, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
+    if let Some(a) = addr.as_vsock_addr() {
+        return Some(ListenUrl::Vsock {
+            cid: a.cid(),
+            port: a.port(),
+        });
+    }
+    if let Some(a) = addr.as_unix_addr() {
+        return a.path().map(|p| ListenUrl::Unix(p.to_owned()));
+    }
+    // IPv4 or IPv6, read by std (through a duplicate of the fd).
+    let tcp = std::net::TcpListener::from(fd.try_clone_to_owned().ok()?);
+    tcp.local_addr().ok().map(|a| ListenUrl::Tcp(a.to_string()))
+}
+
 /// Any accepted connection.
 pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// What it is, to tell a plain socket from a wrapper.

@@ -320,3 +320,42 @@ async fn an_envd_killed_right_after_start_up_is_taken_over() {
         c.list(ListRequest {}).await.unwrap();
     }
 }
+
+/// A record the next envd cannot read (here overwritten; in life, one left
+/// by a newer envd after a downgrade) loses its commands, but not envd's
+/// listeners: the store still holds them, so on a fixed port a fresh bind
+/// would find the address taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_record_still_gives_the_listeners_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let store = FdStore::new();
+    let args = vec!["--listen".to_owned(), url.clone()];
+    let (first, _, _log) = store.spawn(&args);
+    let mut first = KillOnDrop(first);
+    assert!(
+        eventually(Duration::from_secs(5), || store
+            .names()
+            .iter()
+            .any(|n| n == "envd-state"))
+        .await
+    );
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    store
+        .with_fd("envd-state", |fd| {
+            nix::sys::uio::pwrite(fd, &[0xa5; 16], 0).unwrap();
+        })
+        .unwrap();
+    let (second, urls2, log2) = store.spawn(&args);
+    let _second = KillOnDrop(second);
+    let log = log2.lock().unwrap().join("\n");
+    assert!(log.contains("unreadable"), "{log}");
+    assert_eq!(urls2.first(), Some(&url), "{log}");
+    let mut c = client(&url).await;
+    c.list(ListRequest {}).await.unwrap();
+}

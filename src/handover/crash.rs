@@ -388,11 +388,37 @@ pub fn recover() -> Option<Incoming> {
         }
         state
     });
-    Some(Incoming::from_read(
-        loaded,
-        claimed,
-        "the crashed envd's record",
-    ))
+    let mut incoming = Incoming::from_read(loaded, claimed, "the crashed envd's record");
+    if incoming.report.failed {
+        // The commands are lost with the record, but not the listeners: the
+        // store still holds them, and a fresh bind of the same address would
+        // fail for as long as it does (envd could not start again).
+        incoming.state.listeners = stored_listeners(&fds);
+    }
+    Some(incoming)
+}
+
+/// The listeners in the store (`l0`, `l1`, ...), each with the URL of the
+/// address it is bound to.
+fn stored_listeners(fds: &HashMap<&str, RawFd>) -> Vec<crate::proto::envd::handover::Listener> {
+    fds.iter()
+        .filter(|(name, _)| {
+            name.strip_prefix('l')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|(name, &fd)| {
+            // SAFETY: the fd was handed to this process by the service
+            // manager and stays open at least until it is claimed; it is only
+            // borrowed for the getsockname.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let url = crate::listen::bound_url(borrowed)?;
+            Some(crate::proto::envd::handover::Listener {
+                url: url.to_string(),
+                fd,
+                fd_name: (*name).to_owned(),
+            })
+        })
+        .collect()
 }
 
 fn read_state(claimed: &mut Claimed, fd: RawFd) -> Result<State, String> {

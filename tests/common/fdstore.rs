@@ -79,6 +79,12 @@ impl FdStore {
         }
     }
 
+    /// `f` of the stored fd named `name`, if there is one.
+    pub fn with_fd<R>(&self, name: &str, f: impl FnOnce(&OwnedFd) -> R) -> Option<R> {
+        let store = self.entries.lock().unwrap();
+        store.iter().find(|(n, _)| n == name).map(|(_, fd)| f(fd))
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.entries
             .lock()
