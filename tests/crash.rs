@@ -337,13 +337,10 @@ async fn an_unreadable_record_still_gives_the_listeners_back() {
     let args = vec!["--listen".to_owned(), url.clone()];
     let (first, _, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
-    assert!(
-        eventually(Duration::from_secs(5), || store
-            .names()
-            .iter()
-            .any(|n| n == "envd-state"))
-        .await
-    );
+    let mut c = client(&url).await;
+    let (_s, lost) = started(&mut c, cmd("sleep", &["1000"])).await;
+    let command_fds = |s: &FdStore| s.names().iter().filter(|n| n.starts_with('c')).count();
+    assert!(eventually(Duration::from_secs(5), || command_fds(&store) >= 3).await);
     let _ = first.0.kill();
     let _ = first.0.wait();
     store
@@ -358,4 +355,14 @@ async fn an_unreadable_record_still_gives_the_listeners_back() {
     assert_eq!(urls2.first(), Some(&url), "{log}");
     let mut c = client(&url).await;
     c.list(ListRequest {}).await.unwrap();
+    // The lost command's fds leave the store (they would fill it up).
+    assert!(
+        eventually(Duration::from_secs(5), || command_fds(&store) == 0).await,
+        "{:?}",
+        store.names()
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(lost.pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }

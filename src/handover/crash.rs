@@ -394,6 +394,9 @@ pub fn recover() -> Option<Incoming> {
         // store still holds them, and a fresh bind of the same address would
         // fail for as long as it does (envd could not start again).
         incoming.state.listeners = stored_listeners(&fds);
+        // What it cannot take over leaves the store (the lost commands'
+        // fds), as after a readable record.
+        incoming.state.crash_record = true;
     }
     Some(incoming)
 }
