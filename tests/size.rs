@@ -31,8 +31,10 @@ mod skip;
 /// mount table and port scans off the async workers, SendSignal's kills
 /// on a blocking thread and the reaper's batches; 7,968,040 with each
 /// connection's idle check as a task of its own and the blocking threads'
-/// stop hook.
-const BUDGET: u64 = 7_975_000;
+/// stop hook; 7,984,552 (two 4 KiB steps for the freeze around a tree
+/// signal, one for the crash record's two places and taking listeners back
+/// by address) on 2026-12-05.
+const BUDGET: u64 = 7_992_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -174,8 +174,7 @@ impl Hold {
             Ok(v) if v.starts_with(b"0") => {}
             _ => return Hold(None),
         }
-        if let Err(e) = std::fs::write(&file, "1") {
-            tracing::debug!(cgroup = %dir.display(), error = %e, "not frozen to signal it");
+        if std::fs::write(&file, "1").is_err() {
             return Hold(None);
         }
         let held = Hold(Some(file));
@@ -184,9 +183,9 @@ impl Hold {
         let events = dir.join("cgroup.events");
         let started = std::time::Instant::now();
         let mut pause = Duration::from_micros(50);
+        // Past FREEZE_WAIT the signal goes out to what is listed.
         while !std::fs::read_to_string(&events).is_ok_and(|e| keyed(&e, "frozen") == Some(1)) {
             if started.elapsed() >= FREEZE_WAIT {
-                tracing::debug!(cgroup = %dir.display(), "signalled before the freeze completed");
                 break;
             }
             std::thread::sleep(pause);
