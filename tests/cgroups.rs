@@ -178,6 +178,67 @@ async fn sigterm_with_descendants_catches_processes_that_keep_forking() {
     }
 }
 
+// Stopping and continuing a whole tree works through the freeze that tree
+// signals take: stopped processes count as frozen, and SIGCONT reaches them.
+#[tokio::test]
+async fn sigstop_and_sigcont_with_descendants_pause_and_resume_the_tree() {
+    let cg = need_cgroups!("stop_cont");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let (mut s, mut o) = started(
+        &mut c,
+        sh("setsid sh -c 'while :; do sleep 0.01; done' & echo; exec sh -c 'while :; do sleep 0.01; done'"),
+    )
+    .await;
+    read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
+    let name = cgroup_of(o.pid).rsplit('/').next().unwrap().to_owned();
+    let leaf = cg.0.join("user").join(name);
+    // The state of each process in the cgroup (R, S, T, ...).
+    let states = || -> Vec<char> {
+        std::fs::read_to_string(leaf.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+            .filter_map(|st| st.rsplit(')').next()?.trim_start().chars().next())
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(5), || states().len() >= 2).await);
+    c.send_signal(signal_pid(o.pid, Signal::Sigstop, true))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || states()
+            .iter()
+            .all(|&s| s == 'T'))
+        .await,
+        "not all stopped: {:?}",
+        states()
+    );
+    c.send_signal(signal_pid(o.pid, Signal::Sigcont, true))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let now = states();
+            !now.is_empty() && now.iter().all(|&s| s != 'T')
+        })
+        .await,
+        "still stopped: {:?}",
+        states()
+    );
+    assert_eq!(
+        std::fs::read_to_string(leaf.join("cgroup.freeze"))
+            .unwrap()
+            .trim(),
+        "0",
+        "left frozen"
+    );
+    c.send_signal(signal_pid(o.pid, Signal::Sigkill, true))
+        .await
+        .unwrap();
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+}
+
 #[tokio::test]
 async fn the_deadline_kills_the_whole_tree() {
     let cg = need_cgroups!("deadline_tree");
