@@ -243,12 +243,22 @@ async fn main() {
 
     let mut json = ConnectClient::dial(&envd.tcp).await;
     let mut proto = ConnectClient::dial(&envd.tcp).await;
+    // A second envd as systemd runs it with crash records on: every command's
+    // fds go to the fd store (a stand-in that keeps them, as systemd does)
+    // and the state record is rewritten as commands start and end.
+    let store = common::fdstore::FdStore::new();
+    let (mut stored_envd, stored_urls, _stored_log) =
+        store.spawn(&["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()]);
+    let stored_pid = stored_envd.id();
+    let mut stored = ConnectClient::dial(&stored_urls[0]).await;
     let mut grpc = envd.client().await;
     // Warm up every connection.
     connect_starts(&mut json, Codec::Json, 5).await;
     connect_starts(&mut proto, Codec::Proto, 5).await;
     grpc_starts(&mut grpc, 5).await;
 
+    let mut r_stored = Row::default();
+    connect_starts(&mut stored, Codec::Proto, 5).await;
     let (mut bare, mut r_json, mut r_proto, mut r_grpc) = (
         Row::default(),
         Row::default(),
@@ -266,6 +276,9 @@ async fn main() {
         let t0 = cpu_ticks(pid);
         let t = connect_starts(&mut proto, Codec::Proto, CALLS).await;
         r_proto.add_round(t, cpu_ticks(pid) - t0);
+        let t0 = cpu_ticks(stored_pid);
+        let t = connect_starts(&mut stored, Codec::Proto, CALLS).await;
+        r_stored.add_round(t, cpu_ticks(stored_pid) - t0);
         let t0 = cpu_ticks(pid);
         let t = grpc_starts(&mut grpc, CALLS).await;
         r_grpc.add_round(t, cpu_ticks(pid) - t0);
@@ -293,6 +306,16 @@ async fn main() {
             row.spread()
         );
     }
+    println!(
+        "Start(/bin/true)  Connect proto, crash records on (systemd fd store stand-in) {:>7.0} us = {:.2}x bare  envd CPU {:.3} ms per call = {:.2}x the same without  (spread {:.0}%)",
+        r_stored.median_us(),
+        r_stored.median_us() / base,
+        r_stored.cpu_ms_per_call(),
+        r_stored.cpu_ms_per_call() / r_proto.cpu_ms_per_call(),
+        r_stored.spread()
+    );
+    let _ = stored_envd.kill();
+    let _ = stored_envd.wait();
     let mut pipe = Vec::new();
     let (mut s_json, mut s_proto, mut s_grpc) = (Vec::new(), Vec::new(), Vec::new());
     let mut stream_ticks = [0u64; 3];

@@ -84,44 +84,53 @@ pub fn remove_fds(name: &str) {
     send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
 }
 
+/// The one socket envd sends its notifications from (a socket per message
+/// cost two more system calls each, and a command's start and end send
+/// eight or so under a crash record), with the address they go to; `None`
+/// when systemd does not supervise envd or the socket cannot be made.
+fn notifier() -> Option<&'static (UnixDatagram, nix::sys::socket::UnixAddr)> {
+    static SOCKET: OnceLock<Option<(UnixDatagram, nix::sys::socket::UnixAddr)>> = OnceLock::new();
+    SOCKET
+        .get_or_init(|| {
+            let Some(Some(n)) = NOTIFY.get() else {
+                return None;
+            };
+            let addr = match n.socket.strip_prefix('@') {
+                Some(name) => nix::sys::socket::UnixAddr::new_abstract(name.as_bytes()),
+                None => nix::sys::socket::UnixAddr::new(n.socket.as_str()),
+            };
+            match (UnixDatagram::unbound(), addr) {
+                (Ok(sock), Ok(addr)) => Some((sock, addr)),
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "no socket for sd_notify");
+                    None
+                }
+                (_, Err(e)) => {
+                    tracing::warn!(socket = n.socket, error = %e, "bad NOTIFY_SOCKET");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
 fn send_with_fds(state: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
-    let Some(Some(n)) = NOTIFY.get() else {
+    let Some((sock, addr)) = notifier() else {
         return Ok(());
     };
-    let sock = UnixDatagram::unbound()?;
-    let addr = match n.socket.strip_prefix('@') {
-        Some(name) => UnixAddr::new_abstract(name.as_bytes()),
-        None => UnixAddr::new(n.socket.as_str()),
-    }
-    .map_err(std::io::Error::from)?;
     let iov = [std::io::IoSlice::new(state.as_bytes())];
-    let cmsg = [ControlMessage::ScmRights(fds)];
-    sendmsg(
-        sock.as_raw_fd(),
-        &iov,
-        &cmsg,
-        MsgFlags::empty(),
-        Some(&addr),
-    )
-    .map_err(std::io::Error::from)?;
+    let rights = [ControlMessage::ScmRights(fds)];
+    // No control message at all when there are no fds.
+    let cmsg: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg(sock.as_raw_fd(), &iov, cmsg, MsgFlags::empty(), Some(addr))
+        .map_err(std::io::Error::from)?;
     Ok(())
 }
 
 fn send(state: &str) {
-    let Some(Some(n)) = NOTIFY.get() else { return };
-    let Ok(sock) = UnixDatagram::unbound() else {
-        return;
-    };
-    let result = if let Some(abstract_name) = n.socket.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        sock.send_to(state.as_bytes(), &n.socket)
-    };
-    if let Err(e) = result {
+    if let Err(e) = send_with_fds(state, &[]) {
         tracing::warn!(error = %e, "sd_notify failed");
     }
 }

@@ -53,6 +53,16 @@ const SECOND: u64 = HEADER + MAX_STATE;
 /// place. (Records written before there were two places never set it.)
 const IN_SECOND: u64 = 1 << 63;
 
+/// How long after a change the record is rewritten: a burst of starts and
+/// ends goes into one rewrite.
+const COALESCE: Duration = Duration::from_millis(5);
+/// The least time between two rewrites. A rewrite encodes every command
+/// known, exit records included (up to 256 ended ones, each with its
+/// config): under back-to-back Starts, a rewrite per Start cost envd more
+/// CPU than the Start itself. A command started just before a crash is in
+/// the record at most this much later.
+const MIN_GAP: Duration = Duration::from_millis(25);
+
 static RECORD: OnceLock<Arc<CrashRecord>> = OnceLock::new();
 
 #[derive(Debug)]
@@ -237,7 +247,14 @@ impl CrashRecord {
     }
 
     fn ended(&self, p: &Process) {
-        for what in ['o', 'e', 'i', 't', 'p'] {
+        // The names `started` can have stored for this kind of input (each
+        // removal is a message systemd handles).
+        let stored: &[char] = match &p.input {
+            Input::Pipe(_) => &['o', 'e', 'i', 'p'],
+            Input::Pty(_) => &['o', 'e', 't', 'p'],
+            Input::Null => &['o', 'e', 'p'],
+        };
+        for &what in stored {
             crate::sd::remove_fds(&name(p.seq, what));
         }
         if let Some(&slot) = p.crash_slot.get() {
@@ -251,15 +268,20 @@ impl CrashRecord {
         self.dirty.notify_one();
     }
 
+    /// Rewrites the record after each change: [`COALESCE`] after it, and
+    /// at least [`MIN_GAP`] after the previous rewrite.
     fn spawn_writer(self: Arc<Self>) {
         tokio::spawn(async move {
+            let mut last: Option<tokio::time::Instant> = None;
             loop {
                 self.dirty.notified().await;
-                // Coalesce a burst of starts into one write.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                let soon = tokio::time::Instant::now() + COALESCE;
+                let at = last.map_or(soon, |l| soon.max(l + MIN_GAP));
+                tokio::time::sleep_until(at).await;
                 if let Err(e) = self.write() {
                     tracing::warn!(error = %e, "crash record not written");
                 }
+                last = Some(tokio::time::Instant::now());
             }
         });
     }
