@@ -151,8 +151,7 @@ async fn sigterm_with_descendants_catches_processes_that_keep_forking() {
         )
         .await;
         read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
-        let name = cgroup_of(o.pid).rsplit('/').next().unwrap().to_owned();
-        let leaf = cg.0.join("user").join(name);
+        let leaf = cg.leaf_of(o.pid);
         let procs = || {
             std::fs::read_to_string(leaf.join("cgroup.procs"))
                 .map(|s| s.lines().count())
@@ -191,8 +190,7 @@ async fn sigstop_and_sigcont_with_descendants_pause_and_resume_the_tree() {
     )
     .await;
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
-    let name = cgroup_of(o.pid).rsplit('/').next().unwrap().to_owned();
-    let leaf = cg.0.join("user").join(name);
+    let leaf = cg.leaf_of(o.pid);
     // The state of each process in the cgroup (R, S, T, ...).
     let states = || -> Vec<char> {
         std::fs::read_to_string(leaf.join("cgroup.procs"))

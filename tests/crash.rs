@@ -207,33 +207,15 @@ async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
         return skip_on_this_machine(NAME, "no writable cgroup v2 hierarchy with cgroup.freeze");
     };
     let store = FdStore::new();
-    let args: Vec<String> = [
-        "--listen",
-        "tcp://127.0.0.1:0",
-        "--vm",
-        "--mmds-address",
-        "off",
-        "--forward-address",
-        "off",
-        "--guest-root",
-        std::env::temp_dir().to_str().unwrap(),
-        "--cgroup-root",
-        cg.0.to_str().unwrap(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    args.extend(cg.envd_args());
     let (first, urls, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
     let mut c = client(&urls[0]).await;
     let mut ticker = sh("while :; do echo tick; sleep 0.05; done");
     ticker.tag = Some("ticker".into());
     let (_t, o) = started(&mut c, ticker).await;
-    let leaf = std::fs::read_to_string(format!("/proc/{}/cgroup", o.pid))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
-        .unwrap();
-    let leaf = cg.0.join("user").join(leaf.rsplit('/').next().unwrap());
+    let leaf = cg.leaf_of(o.pid);
     assert!(
         eventually(Duration::from_secs(5), || store
             .names()

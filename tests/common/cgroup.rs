@@ -23,10 +23,10 @@ impl TestCgroup {
 }
 
 impl TestCgroup {
-    /// envd in a VM (no MMDS, no forwarding) managing its cgroups here.
-    pub fn envd(&self) -> super::Envd {
-        let root = self.0.to_str().unwrap().to_owned();
-        super::Envd::start(&[
+    /// The flags of an envd in a VM (no MMDS, no forwarding) managing its
+    /// cgroups here.
+    pub fn envd_args(&self) -> Vec<String> {
+        [
             "--vm",
             "--mmds-address",
             "off",
@@ -35,8 +35,29 @@ impl TestCgroup {
             "--guest-root",
             std::env::temp_dir().to_str().unwrap(),
             "--cgroup-root",
-            &root,
-        ])
+            self.0.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// envd with [`TestCgroup::envd_args`].
+    pub fn envd(&self) -> super::Envd {
+        let args = self.envd_args();
+        super::Envd::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// The cgroup directory of a command envd started (its leaf under
+    /// `user/`), from `/proc/<pid>/cgroup`.
+    pub fn leaf_of(&self, pid: u32) -> std::path::PathBuf {
+        let path = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let path = path
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or_default();
+        self.0
+            .join("user")
+            .join(path.rsplit('/').next().unwrap_or_default())
     }
 }
 
