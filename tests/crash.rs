@@ -47,6 +47,11 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     let mut quick = sh("sleep 0.3; exit 4");
     quick.tag = Some("quick".into());
     let (_q, _) = started(&mut c, quick).await;
+    // One that ends before the crash: an exit record.
+    let mut early = sh("echo early; exit 3");
+    early.tag = Some("early".into());
+    let (mut early_s, mut early_o) = started(&mut c, early).await;
+    read_until(&mut early_s, &mut early_o, |o| o.end.is_some()).await;
 
     // The store holds the listener, the record and each command's fds.
     assert!(
@@ -182,6 +187,10 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
         "{end:?}"
     );
     println!("quick's end (ended while envd was down): {end:?}");
+    // The exit record of a command that ended before the crash.
+    let early = resume_tag(&mut c, "early", 0).await;
+    assert_eq!(early.end().exit_code, 3, "{:?}", early.end());
+
     // Ended commands leave the store.
     assert!(
         eventually(Duration::from_secs(5), || !store

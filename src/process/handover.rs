@@ -43,11 +43,13 @@ fn source_from(code: u32) -> Option<Source> {
 
 /// What both a handover and a crash record say of a command: who it is,
 /// how its input works, its cgroup and time left; no fds (-1) and no output.
-fn identity(p: &Process, retention: Option<Duration>) -> Command {
+/// What a command is. `with_config`: its config too (only `List` reads a
+/// config, and only a running command's).
+fn identity(p: &Process, retention: Option<Duration>, with_config: bool) -> Command {
     Command {
         pid: p.pid,
         tag: p.tag.clone(),
-        config: Some(p.config.clone()),
+        config: with_config.then(|| p.config.clone()),
         seq: p.seq,
         stdout_fd: -1,
         stderr_fd: -1,
@@ -105,7 +107,7 @@ impl ProcessService {
                     })
                     .collect(),
                 end: log.finished.clone(),
-                ..identity(&p, retention)
+                ..identity(&p, retention, true)
             };
             match status {
                 Some(ExitStatus::Exited(code)) => c.exit_code = Some(code),
@@ -142,12 +144,15 @@ impl ProcessService {
             .into_iter()
             .map(|(p, retention)| {
                 let (log_end, end) = p.output.image_end();
+                // An exit record goes without the config: the record is
+                // rewritten often, and ended commands are most of it.
+                let with_config = end.is_none();
                 Command {
                     log_start: log_end,
                     log_end,
                     end,
                     offset_slot: p.crash_slot.get().copied().unwrap_or(u32::MAX),
-                    ..identity(&p, retention)
+                    ..identity(&p, retention, with_config)
                 }
             })
             .collect()
