@@ -191,6 +191,24 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     let early = resume_tag(&mut c, "early", 0).await;
     assert_eq!(early.end().exit_code, 3, "{:?}", early.end());
 
+    // A pty command's fds leave the store when it ends, as a pipe one's do.
+    let mut tty = sh("sleep 0.3");
+    tty.pty = Some(envd::proto::process::Pty {
+        size: Some(envd::proto::process::pty::Size { cols: 80, rows: 24 }),
+    });
+    let (mut tty_s, mut tty_o) = started(&mut c, tty).await;
+    let tty_names = |s: &FdStore| s.names().iter().filter(|n| n.ends_with('t')).count();
+    assert!(
+        eventually(Duration::from_secs(5), || tty_names(&store) == 1).await,
+        "{:?}",
+        store.names()
+    );
+    read_until(&mut tty_s, &mut tty_o, |o| o.end.is_some()).await;
+    assert!(
+        eventually(Duration::from_secs(5), || tty_names(&store) == 0).await,
+        "{:?}",
+        store.names()
+    );
     // Ended commands leave the store.
     assert!(
         eventually(Duration::from_secs(5), || !store

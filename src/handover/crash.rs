@@ -251,7 +251,7 @@ impl CrashRecord {
         // removal is a message systemd handles).
         let stored: &[char] = match &p.input {
             Input::Pipe(_) => &['o', 'e', 'i', 'p'],
-            Input::Pty(_) => &['o', 'e', 't', 'p'],
+            Input::Pty(_) => &['t', 'p'],
             Input::Null => &['o', 'e', 'p'],
         };
         for &what in stored {
