@@ -186,7 +186,9 @@ async fn sigstop_and_sigcont_with_descendants_pause_and_resume_the_tree() {
     let mut c = envd.client().await;
     let (mut s, mut o) = started(
         &mut c,
-        sh("setsid sh -c 'while :; do sleep 0.01; done' & echo; exec sh -c 'while :; do sleep 0.01; done'"),
+        // Sleepers, not shell loops: a shell's vfork waits (state D) for a
+        // child stopped before its exec, and would never show as stopped.
+        sh("setsid sleep 1000 & sleep 1000 & echo; exec sleep 1000"),
     )
     .await;
     read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
@@ -200,7 +202,7 @@ async fn sigstop_and_sigcont_with_descendants_pause_and_resume_the_tree() {
             .filter_map(|st| st.rsplit(')').next()?.trim_start().chars().next())
             .collect()
     };
-    assert!(eventually(Duration::from_secs(5), || states().len() >= 2).await);
+    assert!(eventually(Duration::from_secs(5), || states().len() >= 3).await);
     c.send_signal(signal_pid(o.pid, Signal::Sigstop, true))
         .await
         .unwrap();

@@ -80,7 +80,7 @@ impl Leaf {
     /// is on a new pid by the time its old one is signalled, and escaped the
     /// passes below about one time in three; frozen, nothing in the cgroup
     /// forks, and each process takes its signal as it thaws, before it runs
-    /// again. `cgroup.procs` is read a line at a time (a command that forks a
+    /// again (or at once, when the signal kills it). `cgroup.procs` is read a line at a time (a command that forks a
     /// hundred thousand processes makes it megabytes long), and read again
     /// while a pass finds processes it had not signalled (children forked
     /// during a pass, where the freeze did not complete), at most
@@ -90,11 +90,24 @@ impl Leaf {
         use std::io::BufRead;
         let _held = Hold::freeze(&self.dir);
         let mut sent = std::collections::HashSet::new();
+        // A cgroup that is gone (or going) has nothing left to signal: a
+        // signal that kills (even a frozen process dies of one at once) can
+        // end the command, and its leaf be removed, between two passes.
+        let gone = |e: &std::io::Error| {
+            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+        };
         for _ in 0..SIGNAL_PASSES {
-            let procs = std::fs::File::open(self.dir.join("cgroup.procs"))?;
+            let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
+                Err(e) if gone(&e) => break,
+                r => r?,
+            };
             let mut fresh = false;
             for line in std::io::BufReader::new(procs).lines() {
-                if let Ok(pid) = line?.trim().parse::<i32>() {
+                let line = match line {
+                    Err(e) if gone(&e) => return Ok(()),
+                    r => r?,
+                };
+                if let Ok(pid) = line.trim().parse::<i32>() {
                     if sent.insert(pid) {
                         fresh = true;
                         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
