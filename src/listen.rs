@@ -232,18 +232,17 @@ impl Listener {
     }
 
     /// The URL actually bound (with the real port when port 0 was asked).
+    /// Written as [`ListenUrl`] writes it, as [`bound_url`] does.
     pub fn local_url(&self, asked: &ListenUrl) -> String {
-        match self {
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|_| asked.to_string(), |a| format!("tcp://{a}")),
-            Listener::Vsock(l) => match l.local_addr() {
-                Ok(a) if a.cid() == VMADDR_CID_ANY => format!("vsock://-1:{}", a.port()),
-                Ok(a) => format!("vsock://{}:{}", a.cid(), a.port()),
-                Err(_) => asked.to_string(),
-            },
-            Listener::Unix(_) => asked.to_string(),
-        }
+        let bound = match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| ListenUrl::Tcp(a.to_string())),
+            Listener::Vsock(l) => l.local_addr().ok().map(|a| ListenUrl::Vsock {
+                cid: a.cid(),
+                port: a.port(),
+            }),
+            Listener::Unix(_) => None,
+        };
+        bound.as_ref().unwrap_or(asked).to_string()
     }
 
     pub async fn accept(&self) -> io::Result<Box<dyn Conn>> {

@@ -36,6 +36,7 @@ impl Leaf {
 
     /// A leaf a previous envd image created (live upgrade, crash recovery):
     /// only a directory that really is a cgroup.
+    ///
     /// A leaf the previous image froze to signal it ([`Hold`]) and could not
     /// thaw (it crashed in between) is thawed: envd freezes leaves for
     /// nothing else.
@@ -43,7 +44,7 @@ impl Leaf {
         if !(dir.is_absolute() && dir.join("cgroup.procs").is_file()) {
             return None;
         }
-        if std::fs::read(dir.join("cgroup.freeze")).is_ok_and(|v| v.starts_with(b"1")) {
+        if own_freeze(&dir) == Some(true) {
             tracing::warn!(cgroup = %dir.display(), "an adopted command's cgroup was frozen; thawed");
             let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
         }
@@ -80,12 +81,12 @@ impl Leaf {
     /// is on a new pid by the time its old one is signalled, and escaped the
     /// passes below about one time in three; frozen, nothing in the cgroup
     /// forks, and each process takes its signal as it thaws, before it runs
-    /// again (or at once, when the signal kills it). `cgroup.procs` is read a line at a time (a command that forks a
-    /// hundred thousand processes makes it megabytes long), and read again
-    /// while a pass finds processes it had not signalled (children forked
-    /// during a pass, where the freeze did not complete), at most
-    /// [`SIGNAL_PASSES`] times. Blocking: a kill per process, and up to
-    /// [`FREEZE_WAIT`] for the freeze.
+    /// again (or at once, when the signal kills it). `cgroup.procs` is read a
+    /// line at a time (a command that forks a hundred thousand processes
+    /// makes it megabytes long), and read again while a pass finds processes
+    /// it had not signalled (children forked during a pass, where the freeze
+    /// did not complete), at most [`SIGNAL_PASSES`] times. Blocking: a kill
+    /// per process, and up to [`FREEZE_WAIT`] for the freeze.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
         use std::io::BufRead;
         let _held = Hold::freeze(&self.dir);
@@ -180,24 +181,34 @@ impl Leaf {
 /// when the leaf was frozen already (it stays as it was).
 struct Hold(Option<PathBuf>);
 
+/// Whether the leaf itself is frozen (its own `cgroup.freeze`, not an
+/// ancestor's); `None` without a cgroup freezer.
+fn own_freeze(dir: &Path) -> Option<bool> {
+    std::fs::read(dir.join("cgroup.freeze"))
+        .ok()
+        .map(|v| v.starts_with(b"1"))
+}
+
 impl Hold {
     fn freeze(dir: &Path) -> Hold {
         let file = dir.join("cgroup.freeze");
-        match std::fs::read(&file) {
-            Ok(v) if v.starts_with(b"0") => {}
-            _ => return Hold(None),
-        }
-        if std::fs::write(&file, "1").is_err() {
+        if own_freeze(dir) != Some(false) || std::fs::write(&file, "1").is_err() {
             return Hold(None);
         }
         let held = Hold(Some(file));
         // The freeze completes as each process reaches the kernel's freezer;
-        // `cgroup.events` says when all have.
-        let events = dir.join("cgroup.events");
+        // `cgroup.events` says when all have (read through one directory fd).
+        let files = Files::open(dir);
+        let frozen = || {
+            files
+                .as_ref()
+                .and_then(|f| f.read("cgroup.events"))
+                .is_some_and(|e| keyed(&e, "frozen") == Some(1))
+        };
         let started = std::time::Instant::now();
         let mut pause = Duration::from_micros(50);
         // Past FREEZE_WAIT the signal goes out to what is listed.
-        while !std::fs::read_to_string(&events).is_ok_and(|e| keyed(&e, "frozen") == Some(1)) {
+        while !frozen() {
             if started.elapsed() >= FREEZE_WAIT {
                 break;
             }

@@ -43,8 +43,8 @@ fn source_from(code: u32) -> Option<Source> {
 
 /// What both a handover and a crash record say of a command: who it is,
 /// how its input works, its cgroup and time left; no fds (-1) and no output.
-/// What a command is. `with_config`: its config too (only `List` reads a
-/// config, and only a running command's).
+/// `with_config`: its config too (only `List` reads a config, and only a
+/// running command's).
 fn identity(p: &Process, retention: Option<Duration>, with_config: bool) -> Command {
     Command {
         pid: p.pid,
