@@ -34,7 +34,12 @@ async fn stat_entry_info_is_complete() {
     let f = dir.path().join("a.txt");
     std::fs::write(&f, "hello").unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
-    envd::filesystem::entry::set_metadata(&f, &f, &[("k".into(), "v".into())]).unwrap();
+    envd::filesystem::entry::set_metadata(
+        &std::fs::File::open(&f).unwrap(),
+        &f,
+        &[("k".into(), "v".into())],
+    )
+    .unwrap();
     let e = fs
         .stat(StatRequest { path: s(&f) })
         .await
@@ -706,9 +711,14 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
     let call = tokio::spawn(async move { t2.write_file(tokio_stream_from(rx)).await });
     tx.send(header(&path, false)).await.unwrap();
     tx.send(data(&vec![b'n'; 1 << 20])).await.unwrap();
-    // Wait until envd has its temporary file, so the cut lands mid-upload.
-    let count = || std::fs::read_dir(dir.path()).unwrap().count();
-    assert!(eventually(Duration::from_secs(20), || count() == 2).await);
+    // Wait until envd has its file open, so the cut lands mid-upload.
+    assert!(
+        eventually(Duration::from_secs(20), || writing_into(
+            envd.pid(),
+            dir.path()
+        ))
+        .await
+    );
     relay.cut();
     let answer = call.await.unwrap();
     assert!(answer.is_err(), "a cut upload cannot succeed: {answer:?}");
@@ -775,6 +785,69 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
     .unwrap();
     assert_eq!(std::fs::read_to_string(&p2).unwrap(), "ab");
     assert_eq!(std::fs::metadata(&p2).unwrap().mode() & 0o777, 0o600);
+}
+
+/// Whether process `pid` has a file in `dir` open (a named one, or an
+/// unnamed `O_TMPFILE` one, which shows as `dir/#inode (deleted)`).
+fn writing_into(pid: u32, dir: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| target.parent() == Some(dir))
+}
+
+/// Whether the file system of `dir` has unnamed files (`O_TMPFILE`).
+fn has_unnamed_files(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .is_ok()
+}
+
+// An upload that envd dies in the middle of (a crash, `kill -9`, the OOM
+// killer) leaves nothing in the target's directory: the file being written
+// has no name until it is complete. It used to stay there as a hidden
+// `.envd-*.tmp` sibling for good, as big as what had arrived.
+#[tokio::test]
+async fn an_upload_cut_by_a_crash_of_envd_leaves_nothing() {
+    let dir = scratch();
+    if !has_unnamed_files(dir.path()) {
+        eprintln!(
+            "skipped: the file system of {} has no O_TMPFILE",
+            dir.path().display()
+        );
+        return;
+    }
+    let envd = Envd::start(&[]);
+    let mut t = envd.transfer().await;
+    let path = dir.path().join("keep.txt");
+    std::fs::write(&path, "old content").unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteFileRequest>(4);
+    let call = tokio::spawn(async move { t.write_file(tokio_stream_from(rx)).await });
+    tx.send(header(&path, false)).await.unwrap();
+    tx.send(data(&vec![b'n'; 1 << 20])).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || writing_into(
+            envd.pid(),
+            dir.path()
+        ))
+        .await
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(envd.pid()).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(call.await.unwrap().is_err(), "the upload cannot succeed");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["keep.txt"], "left behind by the crash");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "old content");
 }
 
 fn tokio_stream_from<T: Send + 'static>(

@@ -621,6 +621,8 @@ async fn close_stdin_while_input_is_blocked() {
 }
 
 // Defect 12: a scan of a new directory does not show envd's temporary files.
+// Nor does a watch show the kernel's `#<inode>` placeholder of an upload's
+// unnamed file (`O_TMPFILE`) before its rename; a real file named so shows.
 #[tokio::test]
 async fn uploads_into_new_directories_show_no_temp_files() {
     let e = Envd::start(&[]);
@@ -632,6 +634,8 @@ async fn uploads_into_new_directories_show_no_temp_files() {
         let r = upload(&e, &s(&p), b"data");
         assert_eq!(r.status, 200);
     }
+    let r = upload(&e, &pct(s(&dir.path().join("#42")).as_bytes()), b"data");
+    assert_eq!(r.status, 200);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let mut names = Vec::new();
     while let Ok(Some(Ok(r))) = tokio::time::timeout_at(deadline, stream.next()).await {
@@ -640,7 +644,11 @@ async fn uploads_into_new_directories_show_no_temp_files() {
         }
     }
     assert!(names.iter().any(|n| n.ends_with("sub/file")), "{names:?}");
-    let temps: Vec<_> = names.iter().filter(|n| n.contains(".envd-")).collect();
+    assert!(names.iter().any(|n| n == "#42"), "{names:?}");
+    let temps: Vec<_> = names
+        .iter()
+        .filter(|n| n.contains(".envd-") || (n.contains('#') && *n != "#42"))
+        .collect();
     assert!(temps.is_empty(), "temporary files reported: {temps:?}");
 }
 

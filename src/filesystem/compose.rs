@@ -4,12 +4,11 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
 use nix::unistd::UnlinkatFlags;
 
-use super::ops::{chown_file, sibling_temp_name};
+use super::ops::chown_file;
 use super::pin;
+use super::staged::Staged;
 use super::transfer::OpenedFile;
 use crate::status::{Error, Result};
 use crate::users::User;
@@ -48,43 +47,19 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
             )));
         }
     }
-    let tmp_name = sibling_temp_name();
-    let tmp_shown = target.dir.shown_of(&tmp_name);
-    let result = (|| {
-        let fd = nix::fcntl::openat(
-            target.dir.fd(),
-            tmp_name.as_os_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o644),
-        )
-        .map_err(|e| Error::io(tmp_shown.display(), &e.into()))?;
-        let mut out = std::fs::File::from(fd);
-        for ((f, _), s) in opened.iter_mut().zip(sources) {
-            // Exactly the size seen at open: a source that grows meanwhile
-            // cannot fill the disk.
-            let mut limited = std::io::Read::take(&mut f.file, f.size);
-            std::io::copy(&mut limited, &mut out).map_err(|e| {
-                Error::io(format!("copy {} to {}", s.display(), dest.display()), &e)
-            })?;
-        }
-        chown_file(&out, user, &tmp_shown)?;
-        drop(out);
-        nix::fcntl::renameat(
-            target.dir.fd(),
-            tmp_name.as_os_str(),
-            target.dir.fd(),
-            target.name.as_os_str(),
-        )
-        .map_err(|e| Error::io(dest.display(), &e.into()))
-    })();
-    if let Err(e) = result {
-        let _ = nix::unistd::unlinkat(
-            target.dir.fd(),
-            tmp_name.as_os_str(),
-            UnlinkatFlags::NoRemoveDir,
-        );
-        return Err(e);
+    let (staged, mut out) = Staged::create(&target.dir, 0o644)
+        .map_err(|e| Error::io(format!("create a file beside {}", dest.display()), &e))?;
+    for ((f, _), s) in opened.iter_mut().zip(sources) {
+        // Exactly the size seen at open: a source that grows meanwhile
+        // cannot fill the disk.
+        let mut limited = std::io::Read::take(&mut f.file, f.size);
+        std::io::copy(&mut limited, &mut out)
+            .map_err(|e| Error::io(format!("copy {} to {}", s.display(), dest.display()), &e))?;
     }
+    chown_file(&out, user, &dest)?;
+    staged
+        .publish(&out, &target.dir, &target.name)
+        .map_err(|e| Error::io(dest.display(), &e))?;
     // Each source's parent is pinned too: a directory swapped for a symlink
     // since the copy cannot turn this into a removal elsewhere.
     for s in sources {

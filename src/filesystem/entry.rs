@@ -192,18 +192,18 @@ fn metadata(path: &Path) -> HashMap<String, String> {
     out
 }
 
-/// Sets `user.e2b.<key>` attributes on `path` (not through a symlink there);
-/// messages name `shown`.
-pub fn set_metadata(path: &Path, shown: &Path, meta: &[(String, String)]) -> Result<()> {
-    let cpath = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::invalid("path contains NUL"))?;
+/// Sets `user.e2b.<key>` attributes on the open `file`; messages name
+/// `shown`.
+pub fn set_metadata(file: &std::fs::File, shown: &Path, meta: &[(String, String)]) -> Result<()> {
+    use std::os::fd::AsRawFd;
     for (k, v) in meta {
         let cname = CString::new(format!("{XATTR_PREFIX}{k}"))
             .map_err(|_| Error::invalid(format!("metadata key {k:?} contains NUL")))?;
-        // SAFETY: NUL-terminated name and path; value slice valid for its length.
+        // SAFETY: an open fd, a NUL-terminated name, and a value slice valid
+        // for its length.
         let rc = unsafe {
-            libc::lsetxattr(
-                cpath.as_ptr(),
+            libc::fsetxattr(
+                file.as_raw_fd(),
                 cname.as_ptr(),
                 v.as_ptr().cast(),
                 v.len(),

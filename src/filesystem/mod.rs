@@ -8,6 +8,7 @@ pub mod ops;
 pub mod pin;
 pub mod pool;
 pub mod service;
+pub mod staged;
 pub mod stop;
 pub mod transfer;
 pub mod tree;

@@ -13,8 +13,9 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
 use super::entry::{entry_info, set_metadata, Names};
-use super::ops::{chown_file, sibling_temp_name};
+use super::ops::chown_file;
 use super::pin;
+use super::staged::Staged;
 use crate::proto::transfer::write_file_request::Message;
 use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileResponse, WriteHeader};
 use crate::status::{Error, Result};
@@ -316,40 +317,28 @@ where
         .unwrap_or(DEFAULT_MODE);
     if spec.append {
         let f = open_append(&target, mode, user)?;
-        copy_in(data, f, &shown, spec.gzip).await?;
+        let f = copy_in(data, f, &shown, spec.gzip).await?;
         if let Some(meta) = &spec.metadata {
-            set_metadata(&target.dir.path_of(&target.name), &shown, meta)?;
+            set_metadata(&f, &shown, meta)?;
         }
         return Ok(shown);
     }
-    // Removed on any failure, and also when the client goes away and this
-    // future is dropped mid-upload (before `target`'s directory is closed).
-    let tmp_name = sibling_temp_name();
-    let tmp_shown = target.dir.shown_of(&tmp_name);
-    let fd = nix::fcntl::openat(
-        target.dir.fd(),
-        tmp_name.as_os_str(),
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| Error::io(format!("create {}", tmp_shown.display()), &e.into()))?;
-    let tmp = TempFile::new(target.dir.path_of(&tmp_name));
-    let f = copy_in(data, std::fs::File::from(fd), &shown, spec.gzip).await?;
+    // Nothing is left behind on any failure, nor when the client goes away
+    // and this future is dropped mid-upload (before `target`'s directory is
+    // closed), nor when envd dies mid-upload where the file system has
+    // unnamed files ([`Staged`]).
+    let (staged, f) = Staged::create(&target.dir, 0o600)
+        .map_err(|e| Error::io(format!("create a file beside {}", shown.display()), &e))?;
+    let f = copy_in(data, f, &shown, spec.gzip).await?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(tmp_shown.display(), &e))?;
-    chown_file(&f, user, &tmp_shown)?;
-    drop(f);
+        .map_err(|e| Error::io(shown.display(), &e))?;
+    chown_file(&f, user, &shown)?;
     if let Some(meta) = &spec.metadata {
-        set_metadata(tmp.path(), &tmp_shown, meta)?;
+        set_metadata(&f, &shown, meta)?;
     }
-    nix::fcntl::renameat(
-        target.dir.fd(),
-        tmp_name.as_os_str(),
-        target.dir.fd(),
-        target.name.as_os_str(),
-    )
-    .map_err(|e| Error::io(format!("replace {}", shown.display()), &e.into()))?;
-    tmp.keep();
+    staged
+        .publish(&f, &target.dir, &target.name)
+        .map_err(|e| Error::io(format!("replace {}", shown.display()), &e))?;
     Ok(shown)
 }
 
@@ -451,55 +440,5 @@ where
     match failed {
         Some(e) => Err(e),
         None => written,
-    }
-}
-
-/// Temporary files of uploads in progress (a live upgrade removes them: the
-/// uploads die with the old image, and no destructor runs across exec).
-static UNFINISHED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
-    std::sync::LazyLock::new(Default::default);
-
-fn unfinished() -> std::sync::MutexGuard<'static, std::collections::HashSet<PathBuf>> {
-    UNFINISHED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Removes the temporary files of every upload in progress; returns how
-/// many. Their uploads fail (the client may retry); no target is touched.
-pub fn remove_unfinished_uploads() -> usize {
-    let mut set = unfinished();
-    let n = set.len();
-    for p in set.drain() {
-        let _ = std::fs::remove_file(p);
-    }
-    n
-}
-
-/// A temporary file that is deleted on drop unless kept.
-struct TempFile(Option<PathBuf>);
-
-impl TempFile {
-    fn new(path: PathBuf) -> TempFile {
-        unfinished().insert(path.clone());
-        TempFile(Some(path))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.as_deref().unwrap_or(Path::new(""))
-    }
-
-    /// It has been renamed into place: nothing to delete.
-    fn keep(mut self) {
-        if let Some(p) = self.0.take() {
-            unfinished().remove(&p);
-        }
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            unfinished().remove(&p);
-            let _ = std::fs::remove_file(p);
-        }
     }
 }

@@ -203,7 +203,7 @@ impl Translator {
             _ => return Ok(()),
         };
         for path in ev.paths {
-            if is_envd_temp(&path) || !self.covers(&path) {
+            if is_envd_temp(&path) || is_unnamed(&path) || !self.covers(&path) {
                 continue; // envd's own temporary files are not the user's
             }
             if kind == EventType::Create && self.synthesized.remove(&path) {
@@ -341,10 +341,26 @@ impl Translator {
     }
 }
 
-/// envd's temporary upload files (see `ops::sibling_temp`).
+/// envd's named temporary files (see `ops::sibling_temp_name`).
 fn is_envd_temp(path: &Path) -> bool {
     path.file_name()
         .is_some_and(|n| super::ops::is_sibling_temp(n.as_encoded_bytes()))
+}
+
+/// Whether an event's path is the kernel's placeholder for an unnamed file
+/// (`O_TMPFILE`: envd's uploads until their rename, see `staged`, or any
+/// program's): `#` and the inode number, and no entry of that name exists.
+/// Only such names cost an `lstat`.
+fn is_unnamed(path: &Path) -> bool {
+    let Some(name) = path.file_name().map(|n| n.as_encoded_bytes()) else {
+        return false;
+    };
+    let placeholder = name.len() > 1
+        && name.len() <= 21
+        && name[0] == b'#'
+        && name[1..].iter().all(u8::is_ascii_digit);
+    placeholder
+        && std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 fn lost() -> Error {

@@ -156,7 +156,7 @@ impl Upgrader {
             .process
             .reaper()
             .paused(QUIESCE_LIMIT, || {
-                let uploads = crate::filesystem::transfer::remove_unfinished_uploads();
+                let uploads = crate::filesystem::staged::remove_named();
                 if uploads > 0 {
                     tracing::info!(
                         uploads,

@@ -1,0 +1,150 @@
+//! A file written beside its target and put in the target's place by one
+//! rename, so that the target never shows a partial write (uploads, compose).
+//!
+//! Where the file system can (`O_TMPFILE`: ext4, xfs, btrfs, tmpfs, ...),
+//! the file has no name until it is complete: it gets a hidden name
+//! ([`sibling_temp_name`]) only for the moment between `linkat` and the
+//! rename. Whatever ends envd mid-write (a crash, `kill -9`, the exec of a
+//! live upgrade) leaves nothing behind, because the kernel frees an unnamed
+//! file with its last descriptor. Elsewhere (NFS, FUSE, 9p, overlayfs before
+//! Linux 6.6) the file is a hidden sibling from the start: removed when the
+//! write fails or is dropped, and by a live upgrade ([`remove_named`]).
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{LazyLock, Mutex, MutexGuard};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
+
+use super::ops::sibling_temp_name;
+use super::pin;
+
+/// A file being written for a target in a pinned directory; see the module.
+/// Dropped before [`Staged::publish`], it leaves nothing behind.
+pub struct Staged {
+    /// The hidden name the file has had from the start; `None` while it has
+    /// no name (`O_TMPFILE`).
+    named: Option<Named>,
+}
+
+/// The hidden sibling of a file system without `O_TMPFILE`, registered
+/// for [`remove_named`] while it exists.
+struct Named {
+    name: OsString,
+    path: PathBuf,
+}
+
+/// Named staged files in existence (a live upgrade removes them: their
+/// writes die with the old image, and no destructor runs across exec).
+static NAMED: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+
+fn named() -> MutexGuard<'static, HashSet<PathBuf>> {
+    NAMED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes every named staged file; returns how many. Their writes fail
+/// (the client may retry); no target is touched.
+pub fn remove_named() -> usize {
+    let mut set = named();
+    let n = set.len();
+    for p in set.drain() {
+        let _ = std::fs::remove_file(p);
+    }
+    n
+}
+
+impl Staged {
+    /// A new empty file (mode `mode` less the umask, owned by envd) in `dir`,
+    /// open for writing.
+    pub fn create(dir: &pin::Dir, mode: u32) -> std::io::Result<(Staged, File)> {
+        let mode = Mode::from_bits_truncate(mode);
+        let flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        match nix::fcntl::openat(dir.fd(), ".", flags | OFlag::O_TMPFILE, mode) {
+            Ok(fd) => return Ok((Staged { named: None }, File::from(fd))),
+            // The file system (or a kernel before 3.11, which takes the
+            // flag for O_DIRECTORY) has no unnamed files.
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let name = sibling_temp_name();
+        let fd = nix::fcntl::openat(
+            dir.fd(),
+            name.as_os_str(),
+            flags | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+            mode,
+        )?;
+        let path = dir.path_of(&name);
+        named().insert(path.clone());
+        Ok((
+            Staged {
+                named: Some(Named { name, path }),
+            },
+            File::from(fd),
+        ))
+    }
+
+    /// Puts the finished `file` (the one [`Staged::create`] gave) in place
+    /// of `name` in `dir`, replacing what is there.
+    pub fn publish(
+        mut self,
+        file: &File,
+        dir: &pin::Dir,
+        name: &std::ffi::OsStr,
+    ) -> std::io::Result<()> {
+        let hidden = match self.named.take() {
+            Some(n) => {
+                named().remove(&n.path);
+                n.name
+            }
+            None => {
+                let hidden = sibling_temp_name();
+                link_unnamed(file, dir, &hidden)?;
+                hidden
+            }
+        };
+        let renamed = nix::fcntl::renameat(dir.fd(), hidden.as_os_str(), dir.fd(), name);
+        if renamed.is_err() {
+            let _ = nix::unistd::unlinkat(dir.fd(), hidden.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        Ok(renamed?)
+    }
+}
+
+/// Gives an `O_TMPFILE` file the name `hidden` in `dir`: through its
+/// `/proc/self/fd` link (any user), else with `AT_EMPTY_PATH` (which needs
+/// CAP_DAC_READ_SEARCH) where `/proc` is not mounted.
+fn link_unnamed(file: &File, dir: &pin::Dir, hidden: &OsString) -> std::io::Result<()> {
+    let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let by_proc = nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        link.as_str(),
+        dir.fd(),
+        hidden.as_os_str(),
+        AtFlags::AT_SYMLINK_FOLLOW,
+    );
+    match by_proc {
+        Err(Errno::ENOENT) => Ok(nix::unistd::linkat(
+            file,
+            "",
+            dir.fd(),
+            hidden.as_os_str(),
+            AtFlags::AT_EMPTY_PATH,
+        )?),
+        r => Ok(r?),
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(n) = self.named.take() {
+            named().remove(&n.path);
+            let _ = std::fs::remove_file(&n.path);
+        }
+    }
+}
