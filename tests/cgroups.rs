@@ -179,6 +179,8 @@ async fn sigterm_with_descendants_catches_processes_that_keep_forking() {
 
 // Stopping and continuing a whole tree works through the freeze that tree
 // signals take: stopped processes count as frozen, and SIGCONT reaches them.
+// Each goes out beside seven SIGWINCHes to the same tree at once: they share
+// the leaf's freeze, and the last to end thaws it.
 #[tokio::test]
 async fn sigstop_and_sigcont_with_descendants_pause_and_resume_the_tree() {
     let cg = need_cgroups!("stop_cont");
@@ -203,9 +205,18 @@ async fn sigstop_and_sigcont_with_descendants_pause_and_resume_the_tree() {
             .collect()
     };
     assert!(eventually(Duration::from_secs(5), || states().len() >= 3).await);
-    c.send_signal(signal_pid(o.pid, Signal::Sigstop, true))
-        .await
-        .unwrap();
+    // `sig` to the tree, beside seven SIGWINCHes (ignored by default) to it.
+    let at_once = |sig: Signal| {
+        let calls = (0..8).map(|i| {
+            let mut c = c.clone();
+            let sig = if i == 3 { sig } else { Signal::Sigwinch };
+            async move { c.send_signal(signal_pid(o.pid, sig, true)).await }
+        });
+        futures_util::future::join_all(calls)
+    };
+    for r in at_once(Signal::Sigstop).await {
+        r.unwrap();
+    }
     assert!(
         eventually(Duration::from_secs(5), || states()
             .iter()
@@ -214,9 +225,9 @@ async fn sigstop_and_sigcont_with_descendants_pause_and_resume_the_tree() {
         "not all stopped: {:?}",
         states()
     );
-    c.send_signal(signal_pid(o.pid, Signal::Sigcont, true))
-        .await
-        .unwrap();
+    for r in at_once(Signal::Sigcont).await {
+        r.unwrap();
+    }
     assert!(
         eventually(Duration::from_secs(5), || {
             let now = states();

@@ -27,11 +27,18 @@ pub struct Leaf {
     /// The spares of the workload cgroup it is in, refilled when it retires
     /// (none for a leaf a previous image made).
     spares: Option<Arc<Spares>>,
+    /// How many tree signals hold the leaf frozen ([`Hold`]): the last one
+    /// to end thaws it.
+    holders: Arc<std::sync::Mutex<u32>>,
 }
 
 impl Leaf {
     pub(super) fn new(dir: PathBuf, spares: Option<Arc<Spares>>) -> Leaf {
-        Leaf { dir, spares }
+        Leaf {
+            dir,
+            spares,
+            holders: Arc::default(),
+        }
     }
 
     /// A leaf a previous envd image created (live upgrade, crash recovery):
@@ -48,7 +55,7 @@ impl Leaf {
             tracing::warn!(cgroup = %dir.display(), "an adopted command's cgroup was frozen; thawed");
             let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
         }
-        Some(Leaf { dir, spares: None })
+        Some(Leaf::new(dir, None))
     }
 
     pub fn path(&self) -> &Path {
@@ -89,7 +96,7 @@ impl Leaf {
     /// per process, and up to [`FREEZE_WAIT`] for the freeze.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
         use std::io::BufRead;
-        let _held = Hold::freeze(&self.dir);
+        let _held = Hold::freeze(self);
         let mut sent = std::collections::HashSet::new();
         // A cgroup that is gone (or going) has nothing left to signal: a
         // signal that kills (even a frozen process dies of one at once) can
@@ -177,9 +184,13 @@ impl Leaf {
 }
 
 /// A leaf frozen for as long as this lives (`cgroup.freeze`), and thawed
-/// when it is dropped. Nothing when the kernel has no cgroup freezer, or
-/// when the leaf was frozen already (it stays as it was).
-struct Hold(Option<PathBuf>);
+/// when the last of the tree signals holding it at once ends. Nothing when
+/// the kernel has no cgroup freezer, or when the leaf was frozen already by
+/// something else (it stays as it was).
+struct Hold<'a> {
+    leaf: &'a Leaf,
+    ours: bool,
+}
 
 /// Whether the leaf itself is frozen (its own `cgroup.freeze`, not an
 /// ancestor's); `None` without a cgroup freezer.
@@ -189,13 +200,23 @@ fn own_freeze(dir: &Path) -> Option<bool> {
         .map(|v| v.starts_with(b"1"))
 }
 
-impl Hold {
-    fn freeze(dir: &Path) -> Hold {
-        let file = dir.join("cgroup.freeze");
-        if own_freeze(dir) != Some(false) || std::fs::write(&file, "1").is_err() {
-            return Hold(None);
+impl Hold<'_> {
+    fn freeze(leaf: &Leaf) -> Hold<'_> {
+        let dir = &leaf.dir;
+        let ours = {
+            let mut holders = leaf.holders.lock().unwrap_or_else(|e| e.into_inner());
+            let ours = *holders > 0
+                || (own_freeze(dir) == Some(false)
+                    && std::fs::write(dir.join("cgroup.freeze"), "1").is_ok());
+            if ours {
+                *holders += 1;
+            }
+            ours
+        };
+        let held = Hold { leaf, ours };
+        if !ours {
+            return held;
         }
-        let held = Hold(Some(file));
         // The freeze completes as each process reaches the kernel's freezer;
         // `cgroup.events` says when all have (read through one directory fd).
         let files = Files::open(dir);
@@ -219,10 +240,18 @@ impl Hold {
     }
 }
 
-impl Drop for Hold {
+impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        if let Some(file) = &self.0 {
-            if let Err(e) = std::fs::write(file, "0") {
+        if !self.ours {
+            return;
+        }
+        // The thaw happens under the lock: a signal that comes meanwhile
+        // waits for it, then freezes the leaf afresh.
+        let mut holders = self.leaf.holders.lock().unwrap_or_else(|e| e.into_inner());
+        *holders = holders.saturating_sub(1);
+        if *holders == 0 {
+            let file = self.leaf.dir.join("cgroup.freeze");
+            if let Err(e) = std::fs::write(&file, "0") {
                 tracing::warn!(file = %file.display(), error = %e, "cannot thaw a command's cgroup");
             }
         }
