@@ -76,7 +76,12 @@ pub fn listen_fds() -> &'static [(String, std::os::fd::RawFd)] {
 /// Puts `fd` into systemd's file-descriptor store under `name` (systemd
 /// keeps one entry per open file, so storing the same one again is a no-op).
 pub fn store_fd(name: &str, fd: std::os::fd::RawFd) -> std::io::Result<()> {
-    send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd])
+    store_fds(name, &[fd])
+}
+
+/// Puts `fds` into the store, all under `name`, in one message.
+pub fn store_fds(name: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    send_with_fds(&format!("FDSTORE=1\nFDNAME={name}"), fds)
 }
 
 /// Removes every fd stored under `name`.

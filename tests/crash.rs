@@ -56,9 +56,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     // The store holds the listener, the record and each command's fds.
     assert!(
         eventually(Duration::from_secs(5), || {
-            let n = store.names();
-            n.iter().any(|n| n == "envd-state")
-                && n.iter().filter(|n| n.ends_with('p')).count() >= 4
+            store.names().iter().any(|n| n == "envd-state") && store.command_fds('p') >= 4
         })
         .await,
         "fd store: {:?}",
@@ -153,13 +151,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     let mut cat = cmd("cat", &[]);
     cat.tag = Some("cat".into());
     let (mut cat_s, cat_o) = started(&mut c, cat).await;
-    assert!(
-        eventually(Duration::from_secs(5), || store
-            .names()
-            .iter()
-            .any(|n| n.ends_with('i')))
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), || store.command_fds('i') >= 1).await);
     c.close_stdin(envd::proto::process::CloseStdinRequest {
         process: by_pid(cat_o.pid),
     })
@@ -197,7 +189,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
         size: Some(envd::proto::process::pty::Size { cols: 80, rows: 24 }),
     });
     let (mut tty_s, mut tty_o) = started(&mut c, tty).await;
-    let tty_names = |s: &FdStore| s.names().iter().filter(|n| n.ends_with('t')).count();
+    let tty_names = |s: &FdStore| s.command_fds('t');
     assert!(
         eventually(Duration::from_secs(5), || tty_names(&store) == 1).await,
         "{:?}",
@@ -244,11 +236,7 @@ async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
     let (_t, o) = started(&mut c, ticker).await;
     let leaf = cg.leaf_of(o.pid);
     assert!(
-        eventually(Duration::from_secs(5), || store
-            .names()
-            .iter()
-            .any(|n| n.ends_with('p')))
-        .await,
+        eventually(Duration::from_secs(5), || store.command_fds('p') >= 1).await,
         "fd store: {:?}",
         store.names()
     );

@@ -29,7 +29,7 @@ use super::incoming::Incoming;
 use super::memfd;
 use crate::auth::Auth;
 use crate::defaults::Defaults;
-use crate::process::started::{Input, Process};
+use crate::process::started::{CrashEntry, Input, Process};
 use crate::process::ProcessService;
 use crate::proto::envd::handover::{InitState, Listener, State};
 
@@ -81,10 +81,22 @@ pub struct CrashRecord {
     exe: String,
 }
 
-/// Names of a command's fds in the store.
-fn name(seq: u64, what: char) -> String {
-    format!("c{seq}{what}")
+/// The store name of a command's output fds (pipes or pty master) and its
+/// pidfd, which go in one message and leave in one.
+fn group_name(seq: u64) -> String {
+    format!("c{seq}")
 }
+
+/// The store name of a command's stdin: closing stdin removes it alone.
+fn stdin_name(seq: u64) -> String {
+    format!("c{seq}i")
+}
+
+/// What envds before 2026-12-05 named each output fd and pidfd (`c<seq>`
+/// and one of these): removed when a command is taken over, so that its fds
+/// can go in again under [`group_name`] (the store keeps an open file under
+/// the first name it was stored with).
+const OLD_NAMES: [char; 4] = ['o', 'e', 't', 'p'];
 
 /// Starts keeping crash records, if systemd supervises envd (not as PID 1:
 /// a crash of PID 1 is a kernel panic, handled by re-executing instead).
@@ -102,7 +114,12 @@ pub fn enable(
         Ok(r) => {
             let r = Arc::new(r);
             if RECORD.set(r.clone()).is_ok() {
+                // Commands taken over (from a crash or a live upgrade): their
+                // fds go in again under this envd's names.
                 for p in r.process.running() {
+                    for what in OLD_NAMES {
+                        crate::sd::remove_fds(&format!("c{}{what}", p.seq));
+                    }
                     r.started(&p);
                 }
                 // The store never holds a record that is not whole: the
@@ -142,7 +159,7 @@ pub fn ended(p: &Process) {
 /// or the command would never see end of input.
 pub fn stdin_closed(p: &Process) {
     if RECORD.get().is_some() {
-        crate::sd::remove_fds(&name(p.seq, 'i'));
+        crate::sd::remove_fds(&stdin_name(p.seq));
     }
 }
 
@@ -209,55 +226,56 @@ impl CrashRecord {
         })
     }
 
+    /// One message stores the command's output fds and pidfd, and one more
+    /// its stdin (a message costs envd a system call and systemd a wake-up;
+    /// there were four per Start, and four more at the end).
     fn started(&self, p: &Arc<Process>) {
         if p.pidfd.get().is_none() {
             if let Ok(fd) = pidfd_open(p.pid) {
                 let _ = p.pidfd.set(fd);
             }
         }
-        let store = |what: char, fd: Option<RawFd>| {
-            if let Some(fd) = fd {
-                if let Err(e) = crate::sd::store_fd(&name(p.seq, what), fd) {
-                    tracing::warn!(pid = p.pid, error = %e, "fd store refused a command's fd");
-                }
+        let store = |name: String, fds: &[RawFd]| {
+            if fds.is_empty() {
+                return;
+            }
+            if let Err(e) = crate::sd::store_fds(&name, fds) {
+                tracing::warn!(pid = p.pid, error = %e, "fd store refused a command's fds");
             }
         };
         let [stdout, stderr] = p.fds.get();
-        store('o', stdout);
-        store('e', stderr);
-        match &p.input {
-            Input::Pipe(stdin) => stdin.with_fd(|fd| store('i', fd)),
-            Input::Pty(_) => store('t', p.pty().ok().map(|t| t.raw_fd())),
-            Input::Null => {}
-        }
-        store('p', p.pidfd.get().map(AsRawFd::as_raw_fd));
-        // Registered once (start-up may see a command twice).
-        let slot = if p.crash_slot.get().is_some() {
-            None
-        } else {
-            self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        let pty = match &p.input {
+            Input::Pty(_) => p.pty().ok().map(|t| t.raw_fd()),
+            _ => None,
         };
-        if let Some(slot) = slot {
-            let i = usize::try_from(slot).unwrap_or(0) * 2;
-            self.offsets[i].store(p.seq + 1, Ordering::Release);
-            p.output.mirror_to(&self.offsets[i + 1]);
-            let _ = p.crash_slot.set(slot);
+        let pidfd = p.pidfd.get().map(AsRawFd::as_raw_fd);
+        let group: Vec<RawFd> = [stdout, stderr, pty, pidfd].into_iter().flatten().collect();
+        store(group_name(p.seq), &group);
+        if let Input::Pipe(stdin) = &p.input {
+            stdin.with_fd(|fd| store(stdin_name(p.seq), fd.as_slice()));
+        }
+        // Registered once (start-up may see a command twice).
+        if p.crash.get().is_none() {
+            let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            if let Some(slot) = slot {
+                let i = usize::try_from(slot).unwrap_or(0) * 2;
+                self.offsets[i].store(p.seq + 1, Ordering::Release);
+                p.output.mirror_to(&self.offsets[i + 1]);
+            }
+            let _ = p.crash.set(CrashEntry {
+                slot,
+                pipes: [inode(stdout), inode(stderr)],
+            });
         }
         self.dirty.notify_one();
     }
 
     fn ended(&self, p: &Process) {
-        // The names `started` can have stored for this kind of input (each
-        // removal is a message systemd handles).
-        let stored: &[char] = match &p.input {
-            Input::Pipe(_) => &['o', 'e', 'i', 'p'],
-            Input::Pty(_) => &['t', 'p'],
-            Input::Null => &['o', 'e', 'p'],
-        };
-        for &what in stored {
-            crate::sd::remove_fds(&name(p.seq, what));
+        crate::sd::remove_fds(&group_name(p.seq));
+        if matches!(p.input, Input::Pipe(_)) {
+            crate::sd::remove_fds(&stdin_name(p.seq));
         }
-        if let Some(&slot) = p.crash_slot.get() {
+        if let Some(slot) = p.crash.get().and_then(|c| c.slot) {
             let i = usize::try_from(slot).unwrap_or(0) * 2;
             self.offsets[i].store(0, Ordering::Release);
             self.free
@@ -320,11 +338,20 @@ impl CrashRecord {
             .map(|mut c| {
                 let seq = c.seq;
                 if c.end.is_none() {
-                    c.stdout_name = name(seq, 'o');
-                    c.stderr_name = name(seq, 'e');
-                    c.stdin_name = name(seq, 'i');
-                    c.pty_name = name(seq, 't');
-                    c.pidfd_name = name(seq, 'p');
+                    let group = group_name(seq);
+                    // A pipe is told apart by its inode: none known, no name.
+                    let named = |ino: u64| {
+                        if ino == 0 {
+                            String::new()
+                        } else {
+                            group.clone()
+                        }
+                    };
+                    c.stdout_name = named(c.stdout_ino);
+                    c.stderr_name = named(c.stderr_ino);
+                    c.pty_name.clone_from(&group);
+                    c.pidfd_name = group;
+                    c.stdin_name = stdin_name(seq);
                 }
                 c
             })
@@ -379,24 +406,26 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 /// The record a crashed envd left in the fd store, if systemd handed one
 /// over: commands with their fds by number, ready to be taken over.
 pub fn recover() -> Option<Incoming> {
-    let fds: HashMap<&str, RawFd> = crate::sd::listen_fds()
-        .iter()
-        .map(|(n, fd)| (n.as_str(), *fd))
-        .collect();
-    let state_fd = *fds.get(STATE_NAME)?;
+    // A name can hold several fds (a command's output fds and pidfd).
+    let mut fds: HashMap<&str, Vec<RawFd>> = HashMap::new();
+    for (n, fd) in crate::sd::listen_fds() {
+        fds.entry(n.as_str()).or_default().push(*fd);
+    }
+    let state_fd = *fds.get(STATE_NAME)?.first()?;
     let mut claimed = Claimed::with_floor(3);
     let loaded = read_state(&mut claimed, state_fd).map(|mut state| {
         let table = fds
             .get(OFFSETS_NAME)
+            .and_then(|v| v.first())
             .and_then(|&fd| claimed.take(fd))
             .map(File::from);
+        let named = |n: &str| fds.get(n).map_or(&[][..], Vec::as_slice);
         for c in &mut state.commands {
-            let fd = |n: &str| fds.get(n).copied().unwrap_or(-1);
-            c.stdout_fd = fd(&c.stdout_name);
-            c.stderr_fd = fd(&c.stderr_name);
-            c.stdin_fd = fd(&c.stdin_name);
-            c.pty_fd = fd(&c.pty_name);
-            c.pidfd = fd(&c.pidfd_name);
+            c.stdout_fd = pick(named(&c.stdout_name), Kind::Pipe(c.stdout_ino));
+            c.stderr_fd = pick(named(&c.stderr_name), Kind::Pipe(c.stderr_ino));
+            c.stdin_fd = pick(named(&c.stdin_name), Kind::Pipe(0));
+            c.pty_fd = pick(named(&c.pty_name), Kind::Pty);
+            c.pidfd = pick(named(&c.pidfd_name), Kind::Pidfd);
             if let Some(end) = table
                 .as_ref()
                 .and_then(|t| slot_end(t, c.offset_slot, c.seq))
@@ -406,7 +435,7 @@ pub fn recover() -> Option<Incoming> {
             }
         }
         for l in &mut state.listeners {
-            l.fd = fds.get(l.fd_name.as_str()).copied().unwrap_or(-1);
+            l.fd = named(&l.fd_name).first().copied().unwrap_or(-1);
         }
         state
     });
@@ -423,15 +452,59 @@ pub fn recover() -> Option<Incoming> {
     Some(incoming)
 }
 
+/// What a stored fd of a command is.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A pipe; with its inode number, that pipe (0: the one pipe there is).
+    Pipe(u64),
+    /// A pty master (a character device).
+    Pty,
+    /// A pidfd: neither a pipe nor a character device.
+    Pidfd,
+}
+
+/// The fd of `kind` among those stored under one name (-1: none).
+fn pick(fds: &[RawFd], kind: Kind) -> RawFd {
+    let fits = |fd: RawFd| {
+        // SAFETY: the fd was handed to this process by the service manager
+        // and stays open at least until it is claimed; it is only borrowed
+        // for the fstat.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let Ok(st) = nix::sys::stat::fstat(borrowed) else {
+            return false;
+        };
+        let format = st.st_mode & libc::S_IFMT;
+        match kind {
+            Kind::Pipe(ino) => format == libc::S_IFIFO && (ino == 0 || st.st_ino == ino),
+            Kind::Pty => format == libc::S_IFCHR,
+            Kind::Pidfd => format != libc::S_IFIFO && format != libc::S_IFCHR,
+        }
+    };
+    fds.iter().copied().find(|&fd| fits(fd)).unwrap_or(-1)
+}
+
+/// The inode number of an open fd (0: none, or not known).
+fn inode(fd: Option<RawFd>) -> u64 {
+    fd.map_or(0, |fd| {
+        // SAFETY: `fd` is one of the command's open output fds, borrowed
+        // for the fstat only.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        nix::sys::stat::fstat(borrowed).map_or(0, |st| st.st_ino)
+    })
+}
+
 /// The listeners in the store (`l0`, `l1`, ...), each with the URL of the
 /// address it is bound to.
-fn stored_listeners(fds: &HashMap<&str, RawFd>) -> Vec<crate::proto::envd::handover::Listener> {
+fn stored_listeners(
+    fds: &HashMap<&str, Vec<RawFd>>,
+) -> Vec<crate::proto::envd::handover::Listener> {
     fds.iter()
         .filter(|(name, _)| {
             name.strip_prefix('l')
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         })
-        .filter_map(|(name, &fd)| {
+        .filter_map(|(name, v)| {
+            let fd = *v.first()?;
             // SAFETY: the fd was handed to this process by the service
             // manager and stays open at least until it is claimed; it is only
             // borrowed for the getsockname.

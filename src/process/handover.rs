@@ -147,11 +147,14 @@ impl ProcessService {
                 // An exit record goes without the config: the record is
                 // rewritten often, and ended commands are most of it.
                 let with_config = end.is_none();
+                let crash = p.crash.get().copied().unwrap_or_default();
                 Command {
                     log_start: log_end,
                     log_end,
                     end,
-                    offset_slot: p.crash_slot.get().copied().unwrap_or(u32::MAX),
+                    offset_slot: crash.slot.unwrap_or(u32::MAX),
+                    stdout_ino: crash.pipes[0],
+                    stderr_ino: crash.pipes[1],
                     ..identity(&p, retention, with_config)
                 }
             })
@@ -261,7 +264,7 @@ impl ProcessService {
                 recovered: false,
                 deadline: None,
                 pidfd: Default::default(),
-                crash_slot: Default::default(),
+                crash: Default::default(),
                 described,
             });
             self.table()
@@ -319,7 +322,7 @@ impl ProcessService {
             recovered,
             deadline,
             pidfd: Default::default(),
-            crash_slot: Default::default(),
+            crash: Default::default(),
             described,
         });
         if let Some(fd) = pidfd {

@@ -231,7 +231,7 @@ impl ProcessService {
             recovered: false,
             deadline: ctx.deadline,
             pidfd: Default::default(),
-            crash_slot: Default::default(),
+            crash: Default::default(),
             described,
         });
         self.table.insert(process.clone());

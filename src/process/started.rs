@@ -140,10 +140,20 @@ pub struct Process {
     pub deadline: Option<tokio::time::Instant>,
     /// A pidfd of the process (crash records and re-adopted commands).
     pub pidfd: std::sync::OnceLock<std::os::fd::OwnedFd>,
-    /// Its slot in the crash record's offset table.
-    pub crash_slot: std::sync::OnceLock<u32>,
+    /// What the crash record keeps of it beside its stored fds.
+    pub crash: std::sync::OnceLock<CrashEntry>,
     /// Its share of [`DESCRIPTIONS`] (`tag` and `config`), while it is known.
     pub described: crate::quota::Held,
+}
+
+/// What the crash record keeps of a command beside its stored fds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CrashEntry {
+    /// Its slot in the offset table (none while the table is full).
+    pub slot: Option<u32>,
+    /// The inode numbers of its stdout and stderr pipes (0: none): they tell
+    /// the two apart in the store, where a command's fds share one name.
+    pub pipes: [u64; 2],
 }
 
 /// What the descriptions of all processes envd knows (command, arguments,

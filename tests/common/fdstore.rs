@@ -85,6 +85,29 @@ impl FdStore {
         store.iter().find(|(n, _)| n == name).map(|(_, fd)| f(fd))
     }
 
+    /// How many stored fds of commands (names `c...`) are of `kind`: 'i'
+    /// a pipe stored as stdin (its own name, `c<seq>i`), 'o' any other pipe
+    /// (stdout, stderr), 't' a pty master, 'p' anything else (a pidfd).
+    pub fn command_fds(&self, kind: char) -> usize {
+        let store = self.entries.lock().unwrap();
+        store
+            .iter()
+            .filter(|(n, _)| n.starts_with('c'))
+            .filter(|(n, fd)| {
+                let Ok(st) = nix::sys::stat::fstat(fd) else {
+                    return false;
+                };
+                let found = match st.st_mode & libc::S_IFMT {
+                    libc::S_IFIFO if n.ends_with('i') => 'i',
+                    libc::S_IFIFO => 'o',
+                    libc::S_IFCHR => 't',
+                    _ => 'p',
+                };
+                found == kind
+            })
+            .count()
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.entries
             .lock()
