@@ -289,6 +289,124 @@ async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
     .unwrap();
 }
 
+/// 64-bit FNV-1a, the crash record's checksum.
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// envds before 2026-12-05 stored each of a command's fds under a name of its
+/// own (`c<seq>o`, `e`, `i`, `t`, `p`) and kept no pipe inodes. A store and
+/// record in that shape (made here from a current one) is taken over, and
+/// the old names leave the store with the command.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_that_names_each_fd_is_taken_over() {
+    use envd::proto::envd::handover::State;
+    use prost::Message;
+    let store = FdStore::new();
+    let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    let (first, urls, _log) = store.spawn(&args);
+    let mut first = KillOnDrop(first);
+    let mut c = client(&urls[0]).await;
+    let mut echo = sh("read line; echo got $line; echo to stderr >&2");
+    echo.tag = Some("echo".into());
+    let (_e, echo_o) = started(&mut c, echo).await;
+    assert!(eventually(Duration::from_secs(5), || store.command_fds('o') == 2).await);
+    // The record is rewritten a few milliseconds after a Start.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+
+    // The record as an older envd wrote it: in the first place, one name
+    // per fd, no inodes.
+    let mut state = store
+        .with_fd("envd-state", |fd| {
+            let mut head = [0u8; 16];
+            nix::sys::uio::pread(fd, &mut head, 0).unwrap();
+            let word = u64::from_le_bytes(head[..8].try_into().unwrap());
+            let at = if word >> 63 == 1 { 16 + (64 << 20) } else { 16 };
+            let mut bytes = vec![0u8; usize::try_from(word & !(1 << 63)).unwrap()];
+            nix::sys::uio::pread(fd, &mut bytes, at).unwrap();
+            State::decode(bytes.as_slice()).unwrap()
+        })
+        .unwrap();
+    let cmd = state
+        .commands
+        .iter_mut()
+        .find(|c| c.pid == echo_o.pid)
+        .unwrap();
+    let (seq, inos) = (cmd.seq, (cmd.stdout_ino, cmd.stderr_ino));
+    assert!(inos.0 != 0 && inos.1 != 0, "{cmd:?}");
+    for (name, what) in [
+        (&mut cmd.stdout_name, 'o'),
+        (&mut cmd.stderr_name, 'e'),
+        (&mut cmd.stdin_name, 'i'),
+        (&mut cmd.pty_name, 't'),
+        (&mut cmd.pidfd_name, 'p'),
+    ] {
+        *name = format!("c{seq}{what}");
+    }
+    (cmd.stdout_ino, cmd.stderr_ino) = (0, 0);
+    let bytes = state.encode_to_vec();
+    store
+        .with_fd("envd-state", |fd| {
+            nix::sys::uio::pwrite(fd, &bytes, 16).unwrap();
+            let mut head = [0u8; 16];
+            head[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            head[8..].copy_from_slice(&fnv(&bytes).to_le_bytes());
+            nix::sys::uio::pwrite(fd, &head, 0).unwrap();
+        })
+        .unwrap();
+    let group = format!("c{seq}");
+    store.rename(|n, fd| {
+        if n != group {
+            return None;
+        }
+        let st = nix::sys::stat::fstat(fd).unwrap();
+        let what = match st.st_mode & libc::S_IFMT {
+            libc::S_IFIFO if st.st_ino == inos.0 => 'o',
+            libc::S_IFIFO if st.st_ino == inos.1 => 'e',
+            libc::S_IFCHR => 't',
+            _ => 'p',
+        };
+        Some(format!("c{seq}{what}"))
+    });
+    let old_names = |s: &FdStore| {
+        s.names()
+            .into_iter()
+            .filter(|n| n.starts_with(&group))
+            .collect::<Vec<_>>()
+    };
+    let mut was = old_names(&store);
+    was.sort();
+    assert_eq!(
+        was,
+        ["c0e", "c0i", "c0o", "c0p"].map(|n| n.replace("c0", &group))
+    );
+
+    let (second, urls2, log2) = store.spawn(&args);
+    let _second = KillOnDrop(second);
+    assert_eq!(urls2[0], urls[0]);
+    let mut c = client(&urls2[0]).await;
+    send_input(&mut c, echo_o.pid, stdin_input(b"again\n"))
+        .await
+        .expect("stdin after the takeover");
+    let o = resume_tag(&mut c, "echo", 0).await;
+    assert_eq!(
+        (o.out().as_str(), o.err().as_str()),
+        ("got again\n", "to stderr\n"),
+        "{}",
+        log2.lock().unwrap().join("\n")
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || old_names(&store).is_empty()).await,
+        "{:?}\n{}",
+        store.names(),
+        log2.lock().unwrap().join("\n")
+    );
+}
+
 /// The store never holds a state record that is not whole: an envd killed
 /// right after it started (before its record was first rewritten) is taken
 /// over like any other, listener included.

@@ -121,6 +121,10 @@ pub fn enable(
                         crate::sd::remove_fds(&format!("c{}{what}", p.seq));
                     }
                     r.started(&p);
+                    // Its end may have come before the store did.
+                    if !p.is_running() {
+                        remove_names(&p, false);
+                    }
                 }
                 // The store never holds a record that is not whole: the
                 // first one is written before the memfd goes in.
@@ -148,10 +152,28 @@ pub fn started(p: &Arc<Process>) {
     }
 }
 
-/// A command's `end` is final: its fds leave the store.
+/// A command's `end` is final: its fds leave the store. Also before crash
+/// records are on: a command taken over can end before [`enable`], and its
+/// fds are in the store under the previous envd's names.
 pub fn ended(p: &Process) {
-    if let Some(r) = RECORD.get() {
-        r.ended(p);
+    match RECORD.get() {
+        Some(r) => r.ended(p),
+        None if crate::sd::supervised() => remove_names(p, true),
+        None => {}
+    }
+}
+
+/// Removes a command's fds from the store: its names, and with `old` those
+/// an older envd gave them ([`OLD_NAMES`]).
+fn remove_names(p: &Process, old: bool) {
+    crate::sd::remove_fds(&group_name(p.seq));
+    if matches!(p.input, Input::Pipe(_)) {
+        crate::sd::remove_fds(&stdin_name(p.seq));
+    }
+    if old {
+        for what in OLD_NAMES {
+            crate::sd::remove_fds(&format!("c{}{what}", p.seq));
+        }
     }
 }
 
@@ -271,10 +293,9 @@ impl CrashRecord {
     }
 
     fn ended(&self, p: &Process) {
-        crate::sd::remove_fds(&group_name(p.seq));
-        if matches!(p.input, Input::Pipe(_)) {
-            crate::sd::remove_fds(&stdin_name(p.seq));
-        }
+        // Not stored by this envd: a command taken over that ended before
+        // `enable` stored it again, under the previous envd's names.
+        remove_names(p, p.crash.get().is_none());
         if let Some(slot) = p.crash.get().and_then(|c| c.slot) {
             let i = usize::try_from(slot).unwrap_or(0) * 2;
             self.offsets[i].store(0, Ordering::Release);

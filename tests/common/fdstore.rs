@@ -108,6 +108,15 @@ impl FdStore {
             .count()
     }
 
+    /// Renames each stored fd for which `rename` gives a new name.
+    pub fn rename(&self, rename: impl Fn(&str, &OwnedFd) -> Option<String>) {
+        for (n, fd) in self.entries.lock().unwrap().iter_mut() {
+            if let Some(new) = rename(n, fd) {
+                *n = new;
+            }
+        }
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.entries
             .lock()
