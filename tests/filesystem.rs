@@ -705,20 +705,8 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
     // A client that sends a header and some data, then vanishes: its
     // connection closes with the upload's stream still open.
     let relay = common::cut::CutRelay::start(&envd.tcp).await;
-    let mut t2 =
-        transfer_client::TransferClient::new(envd::client::dial(&relay.url).await.unwrap());
-    let (tx, rx) = tokio::sync::mpsc::channel::<WriteFileRequest>(4);
-    let call = tokio::spawn(async move { t2.write_file(tokio_stream_from(rx)).await });
-    tx.send(header(&path, false)).await.unwrap();
-    tx.send(data(&vec![b'n'; 1 << 20])).await.unwrap();
-    // Wait until envd has its file open, so the cut lands mid-upload.
-    assert!(
-        eventually(Duration::from_secs(20), || writing_into(
-            envd.pid(),
-            dir.path()
-        ))
-        .await
-    );
+    let t2 = transfer_client::TransferClient::new(envd::client::dial(&relay.url).await.unwrap());
+    let (tx, call) = upload_under_way(&envd, t2, &path).await;
     relay.cut();
     let answer = call.await.unwrap();
     assert!(answer.is_err(), "a cut upload cannot succeed: {answer:?}");
@@ -787,6 +775,25 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
     assert_eq!(std::fs::metadata(&p2).unwrap().mode() & 0o777, 0o600);
 }
 
+type Call = tokio::task::JoinHandle<Result<tonic::Response<WriteFileResponse>, tonic::Status>>;
+
+/// A WriteFile to `path` that has sent its header and 1 MiB, once envd has
+/// its file open (so that whatever comes next lands mid-upload): the sender
+/// of the rest, and the call.
+async fn upload_under_way(
+    envd: &Envd,
+    mut t: transfer_client::TransferClient<tonic::transport::Channel>,
+    path: &Path,
+) -> (tokio::sync::mpsc::Sender<WriteFileRequest>, Call) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteFileRequest>(4);
+    let call = tokio::spawn(async move { t.write_file(tokio_stream_from(rx)).await });
+    tx.send(header(path, false)).await.unwrap();
+    tx.send(data(&vec![b'n'; 1 << 20])).await.unwrap();
+    let dir = path.parent().unwrap();
+    assert!(eventually(Duration::from_secs(20), || writing_into(envd.pid(), dir)).await);
+    (tx, call)
+}
+
 /// Whether process `pid` has a file in `dir` open (a named one, or an
 /// unnamed `O_TMPFILE` one, which shows as `dir/#inode (deleted)`).
 fn writing_into(pid: u32, dir: &Path) -> bool {
@@ -822,20 +829,10 @@ async fn an_upload_cut_by_a_crash_of_envd_leaves_nothing() {
         return;
     }
     let envd = Envd::start(&[]);
-    let mut t = envd.transfer().await;
+    let t = envd.transfer().await;
     let path = dir.path().join("keep.txt");
     std::fs::write(&path, "old content").unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<WriteFileRequest>(4);
-    let call = tokio::spawn(async move { t.write_file(tokio_stream_from(rx)).await });
-    tx.send(header(&path, false)).await.unwrap();
-    tx.send(data(&vec![b'n'; 1 << 20])).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || writing_into(
-            envd.pid(),
-            dir.path()
-        ))
-        .await
-    );
+    let (_tx, call) = upload_under_way(&envd, t, &path).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(envd.pid()).unwrap()),
         nix::sys::signal::Signal::SIGKILL,
