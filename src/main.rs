@@ -368,6 +368,7 @@ async fn take_over(
         init_state.restore_last(i.last_init_ns);
     }
     inc.adopt_commands(process, exits);
+    envd::filesystem::hidden::remove_left(std::mem::take(&mut inc.state.temporaries));
     let watchers = std::mem::take(&mut inc.state.watchers);
     inc.report.watchers = watchers.len();
     inc.report.watchers_failed = filesystem.restore_watchers(watchers).await;

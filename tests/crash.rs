@@ -289,6 +289,79 @@ async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
     .unwrap();
 }
 
+/// A Move across file systems copies into a hidden directory beside its
+/// destination and renames it into place. An envd killed in the middle of
+/// the copy left that copy there for good; the envd that takes over removes
+/// it (the crash record lists the temporaries in flight).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_cut_by_a_crash_leaves_no_copy_behind() {
+    use envd::proto::filesystem::filesystem_client::FilesystemClient;
+    use envd::proto::filesystem::MoveRequest;
+    const NAME: &str = "move_crash";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_src) = Tmpfs::mount(NAME, &dir.path().join("src"), "size=256m") else {
+        return;
+    };
+    let tree = dir.path().join("src/tree");
+    small_files_tree(&tree, 400);
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let hidden = || envd_temporaries(&dst);
+
+    let store = FdStore::new();
+    let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    let (first, urls, _log) = store.spawn(&args);
+    let mut first = KillOnDrop(first);
+    let mut fs = FilesystemClient::new(envd::client::dial(&urls[0]).await.unwrap());
+    let request = MoveRequest {
+        source: tree.to_str().unwrap().to_owned(),
+        destination: dst.join("tree").to_str().unwrap().to_owned(),
+    };
+    let since = std::time::Instant::now();
+    let call = tokio::spawn(async move { fs.r#move(request).await });
+    // Killed once the record lists the copy.
+    assert!(
+        eventually(Duration::from_secs(20), || record(&store)
+            .is_some_and(|r| !r.temporaries.is_empty()))
+        .await,
+        "no copy in the record"
+    );
+    println!("killed {:?} after the Move", since.elapsed());
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    assert!(
+        call.await.unwrap().is_err(),
+        "the move finished before the kill"
+    );
+    let left = hidden();
+    assert!(!left.is_empty(), "the copy is gone before the restart");
+
+    let (second, _, log2) = store.spawn(&args);
+    let _second = KillOnDrop(second);
+    assert!(
+        eventually(Duration::from_secs(20), || hidden().is_empty()).await,
+        "left behind: {left:?}\n{}",
+        log2.lock().unwrap().join("\n")
+    );
+    assert!(tree.join("d399/f99").exists(), "the source is untouched");
+    assert!(!dst.join("tree").exists());
+}
+
+/// The state record in `store`, as the last envd wrote it (none before the
+/// first).
+fn record(store: &FdStore) -> Option<envd::proto::envd::handover::State> {
+    use prost::Message;
+    store.with_fd("envd-state", |fd| {
+        let mut head = [0u8; 16];
+        nix::sys::uio::pread(fd, &mut head, 0).unwrap();
+        let word = u64::from_le_bytes(head[..8].try_into().unwrap());
+        let at = if word >> 63 == 1 { 16 + (64 << 20) } else { 16 };
+        let mut bytes = vec![0u8; usize::try_from(word & !(1 << 63)).unwrap()];
+        nix::sys::uio::pread(fd, &mut bytes, at).unwrap();
+        envd::proto::envd::handover::State::decode(bytes.as_slice()).unwrap()
+    })
+}
+
 /// 64-bit FNV-1a, the crash record's checksum.
 fn fnv(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
@@ -302,7 +375,6 @@ fn fnv(b: &[u8]) -> u64 {
 /// the old names leave the store with the command.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_that_names_each_fd_is_taken_over() {
-    use envd::proto::envd::handover::State;
     use prost::Message;
     let store = FdStore::new();
     let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
@@ -320,17 +392,7 @@ async fn a_record_that_names_each_fd_is_taken_over() {
 
     // The record as an older envd wrote it: in the first place, one name
     // per fd, no inodes.
-    let mut state = store
-        .with_fd("envd-state", |fd| {
-            let mut head = [0u8; 16];
-            nix::sys::uio::pread(fd, &mut head, 0).unwrap();
-            let word = u64::from_le_bytes(head[..8].try_into().unwrap());
-            let at = if word >> 63 == 1 { 16 + (64 << 20) } else { 16 };
-            let mut bytes = vec![0u8; usize::try_from(word & !(1 << 63)).unwrap()];
-            nix::sys::uio::pread(fd, &mut bytes, at).unwrap();
-            State::decode(bytes.as_slice()).unwrap()
-        })
-        .unwrap();
+    let mut state = record(&store).unwrap();
     let cmd = state
         .commands
         .iter_mut()

@@ -174,6 +174,53 @@ async fn commands_keep_running_and_lose_no_output_across_a_live_upgrade() {
     assert_eq!(slept.end().status, "signal: terminated");
 }
 
+// A Move across file systems copies into a hidden directory beside its
+// destination. A live upgrade in the middle of the copy ends it (the thread
+// copying dies with the old image) and used to leave the copy for good; the
+// new image is handed the list of temporaries in flight and removes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_cut_by_a_live_upgrade_leaves_no_copy_behind() {
+    use envd::proto::filesystem::MoveRequest;
+    const NAME: &str = "move_upgrade";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_src) = Tmpfs::mount(NAME, &dir.path().join("src"), "size=1g") else {
+        return;
+    };
+    let tree = dir.path().join("src/tree");
+    small_files_tree(&tree, 1000);
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let envd = Envd::start(&[]);
+    let mut fs = envd.fs().await;
+    let request = MoveRequest {
+        source: tree.to_str().unwrap().to_owned(),
+        destination: dst.join("tree").to_str().unwrap().to_owned(),
+    };
+    let call = tokio::spawn(async move { fs.r#move(request).await });
+    assert!(
+        eventually(Duration::from_secs(20), || !envd_temporaries(&dst)
+            .is_empty())
+        .await,
+        "no copy under way"
+    );
+    let tcp = envd.tcp.clone();
+    tokio::task::spawn_blocking(move || upgrade_in_place(&tcp))
+        .await
+        .unwrap();
+    assert!(
+        call.await.unwrap().is_err(),
+        "the move finished before the upgrade"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || envd_temporaries(&dst)
+            .is_empty())
+        .await,
+        "left behind: {:?}",
+        envd_temporaries(&dst)
+    );
+    assert!(tree.join("d999/f99").exists(), "the source is untouched");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_uploaded_build_takes_over_token_environment_and_watchers() {
     let envd = Envd::start(&[]);

@@ -2,6 +2,7 @@
 
 pub mod compose;
 pub mod entry;
+pub mod hidden;
 pub mod inotify;
 pub mod list;
 pub mod ops;

@@ -69,6 +69,9 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
             }
             let tmp_name = sibling_temp_name();
             let tmp = ddir.path_of(&tmp_name);
+            // Until the rename: if envd dies meanwhile, the next image
+            // removes the copy.
+            let _registered = super::hidden::Registered::new(ddir.shown_of(&tmp_name));
             let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp, stop);
             // What the copy made is at most what it visited: removing it
             // again takes no more, however the caller or the tree behaves.

@@ -10,18 +10,17 @@
 //! Linux 6.6) the file is a hidden sibling from the start: removed when the
 //! write fails or is dropped, and by a live upgrade ([`remove_named`]).
 
-use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::UnlinkatFlags;
 
+use super::hidden::Registered;
 use super::ops::sibling_temp_name;
 use super::pin;
 
@@ -33,30 +32,12 @@ pub struct Staged {
     named: Option<Named>,
 }
 
-/// The hidden sibling of a file system without `O_TMPFILE`, registered
-/// for [`remove_named`] while it exists.
+/// The hidden sibling of a file system without `O_TMPFILE`.
 struct Named {
     name: OsString,
+    /// Its path through the pinned directory's fd (see [`pin::Dir::path_of`]).
     path: PathBuf,
-}
-
-/// Named staged files in existence (a live upgrade removes them: their
-/// writes die with the old image, and no destructor runs across exec).
-static NAMED: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
-
-fn named() -> MutexGuard<'static, HashSet<PathBuf>> {
-    NAMED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Removes every named staged file; returns how many. Their writes fail
-/// (the client may retry); no target is touched.
-pub fn remove_named() -> usize {
-    let mut set = named();
-    let n = set.len();
-    for p in set.drain() {
-        let _ = std::fs::remove_file(p);
-    }
-    n
+    _registered: Registered,
 }
 
 impl Staged {
@@ -79,14 +60,12 @@ impl Staged {
             flags | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
             mode,
         )?;
-        let path = dir.path_of(&name);
-        named().insert(path.clone());
-        Ok((
-            Staged {
-                named: Some(Named { name, path }),
-            },
-            File::from(fd),
-        ))
+        let named = Named {
+            path: dir.path_of(&name),
+            _registered: Registered::new(dir.shown_of(&name)),
+            name,
+        };
+        Ok((Staged { named: Some(named) }, File::from(fd)))
     }
 
     /// Puts the finished `file` (the one [`Staged::create`] gave) in place
@@ -98,10 +77,7 @@ impl Staged {
         name: &std::ffi::OsStr,
     ) -> std::io::Result<()> {
         let hidden = match self.named.take() {
-            Some(n) => {
-                named().remove(&n.path);
-                n.name
-            }
+            Some(n) => n.name.clone(),
             None => {
                 let hidden = sibling_temp_name();
                 link_unnamed(file, dir, &hidden)?;
@@ -143,7 +119,6 @@ fn link_unnamed(file: &File, dir: &pin::Dir, hidden: &OsString) -> std::io::Resu
 impl Drop for Staged {
     fn drop(&mut self) {
         if let Some(n) = self.named.take() {
-            named().remove(&n.path);
             let _ = std::fs::remove_file(&n.path);
         }
     }

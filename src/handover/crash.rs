@@ -402,6 +402,7 @@ impl CrashRecord {
             next_seq: self.process.next_seq_public(),
             crash_record: true,
             exe_path: self.exe.clone(),
+            temporaries: crate::filesystem::hidden::list(),
         }
     }
 }

@@ -156,13 +156,6 @@ impl Upgrader {
             .process
             .reaper()
             .paused(QUIESCE_LIMIT, || {
-                let uploads = crate::filesystem::staged::remove_named();
-                if uploads > 0 {
-                    tracing::info!(
-                        uploads,
-                        "live upgrade: uploads in progress fail (their clients may retry)"
-                    );
-                }
                 let mut kept = Kept::default();
                 let state = self.state(&mut kept, *last_init);
                 let bytes = state.encode_to_vec();
@@ -261,6 +254,7 @@ impl Upgrader {
             next_seq,
             crash_record: false,
             exe_path: self.exe.display().to_string(),
+            temporaries: crate::filesystem::hidden::list(),
         }
     }
 }

@@ -458,6 +458,28 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A tree of `dirs` directories of 100 one-byte files each under `root`:
+/// enough entries that copying it takes a while (each file costs an open, a
+/// copy, a chmod, a chown and a utimes).
+pub fn small_files_tree(root: &std::path::Path, dirs: usize) {
+    for d in 0..dirs {
+        let sub = root.join(format!("d{d}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in 0..100 {
+            std::fs::write(sub.join(format!("f{f}")), b"x").unwrap();
+        }
+    }
+}
+
+/// The names of envd's hidden temporaries (`.envd-*`) in `dir`.
+pub fn envd_temporaries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".envd-"))
+        .collect()
+}
+
 /// Starts a process and reads its stream up to the `start` event.
 pub async fn started(
     c: &mut ProcessClient<Channel>,
