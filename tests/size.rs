@@ -33,8 +33,11 @@ mod skip;
 /// connection's idle check as a task of its own and the blocking threads'
 /// stop hook; 7,984,552 (two 4 KiB steps for the freeze around a tree
 /// signal, one for the crash record's two places and taking listeners back
-/// by address) on 2026-12-05.
-const BUDGET: u64 = 7_992_000;
+/// by address) on 2026-12-05; 7,988,776 with a command's fds stored under
+/// one name and told apart by pipe inode; 8,001,064 (three 4 KiB steps)
+/// with the hidden temporaries handed to the next image (the registry, the
+/// state field, the removal on a launched thread) later that day.
+const BUDGET: u64 = 8_004_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -60,23 +60,23 @@ pub fn remove_left(paths: Vec<String>) {
     if paths.is_empty() {
         return;
     }
-    let removal = super::pool::run(move || {
-        for p in &paths {
-            match remove_path(p, &Stop::after(MAX_ENTRIES)) {
-                Ok(()) => {
-                    tracing::info!(path = %p.display(), "removed a temporary the previous envd left")
-                }
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "cannot remove a temporary the previous envd left")
-                }
-            }
+    // One start-up job: launched on a blocking thread of its own, without a
+    // task to await it.
+    let removal = crate::threads::launch(Box::new(move || {
+        let kept = paths
+            .iter()
+            .filter(|p| remove_path(p, &Stop::after(MAX_ENTRIES)).is_err())
+            .count();
+        if kept > 0 {
+            tracing::warn!(
+                kept,
+                "temporaries the previous envd left are not all removed"
+            );
         }
-    });
-    tokio::spawn(async move {
-        if let Err(e) = removal.await {
-            tracing::warn!(error = %e, "temporaries the previous envd left are not removed");
-        }
-    });
+    }));
+    if removal.is_err() {
+        tracing::warn!("temporaries the previous envd left are not removed: no thread");
+    }
 }
 
 fn is_ours(p: &Path) -> bool {
