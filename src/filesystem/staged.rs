@@ -8,7 +8,8 @@
 //! live upgrade) leaves nothing behind, because the kernel frees an unnamed
 //! file with its last descriptor. Elsewhere (NFS, FUSE, 9p, overlayfs before
 //! Linux 6.6) the file is a hidden sibling from the start: removed when the
-//! write fails or is dropped, and by a live upgrade ([`remove_named`]).
+//! write fails or is dropped, and registered ([`super::hidden`]) so that the
+//! next envd image removes it if this one dies with it.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -77,7 +78,8 @@ impl Staged {
         name: &std::ffi::OsStr,
     ) -> std::io::Result<()> {
         let hidden = match self.named.take() {
-            Some(n) => n.name.clone(),
+            // Unregistered here: the rename follows at once.
+            Some(n) => n.name,
             None => {
                 let hidden = sibling_temp_name();
                 link_unnamed(file, dir, &hidden)?;

@@ -117,9 +117,7 @@ pub fn enable(
                 // Commands taken over (from a crash or a live upgrade): their
                 // fds go in again under this envd's names.
                 for p in r.process.running() {
-                    for what in OLD_NAMES {
-                        crate::sd::remove_fds(&format!("c{}{what}", p.seq));
-                    }
+                    remove_old_names(p.seq);
                     r.started(&p);
                     // Its end may have come before the store did.
                     if !p.is_running() {
@@ -171,9 +169,14 @@ fn remove_names(p: &Process, old: bool) {
         crate::sd::remove_fds(&stdin_name(p.seq));
     }
     if old {
-        for what in OLD_NAMES {
-            crate::sd::remove_fds(&format!("c{}{what}", p.seq));
-        }
+        remove_old_names(p.seq);
+    }
+}
+
+/// Removes the names an older envd gave a command's fds ([`OLD_NAMES`]).
+fn remove_old_names(seq: u64) {
+    for what in OLD_NAMES {
+        crate::sd::remove_fds(&format!("c{seq}{what}"));
     }
 }
 
