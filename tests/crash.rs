@@ -296,27 +296,17 @@ async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_move_cut_by_a_crash_leaves_no_copy_behind() {
     use envd::proto::filesystem::filesystem_client::FilesystemClient;
-    use envd::proto::filesystem::MoveRequest;
-    const NAME: &str = "move_crash";
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_src) = Tmpfs::mount(NAME, &dir.path().join("src"), "size=256m") else {
+    let Some(mv) = CrossFsMove::new("move_crash", 400) else {
         return;
     };
-    let tree = dir.path().join("src/tree");
-    small_files_tree(&tree, 400);
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
-    let hidden = || envd_temporaries(&dst);
+    let hidden = || mv.hidden();
 
     let store = FdStore::new();
     let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
     let (first, urls, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
     let mut fs = FilesystemClient::new(envd::client::dial(&urls[0]).await.unwrap());
-    let request = MoveRequest {
-        source: tree.to_str().unwrap().to_owned(),
-        destination: dst.join("tree").to_str().unwrap().to_owned(),
-    };
+    let request = mv.request();
     let since = std::time::Instant::now();
     let call = tokio::spawn(async move { fs.r#move(request).await });
     // Killed once the record lists the copy.
@@ -343,8 +333,8 @@ async fn a_move_cut_by_a_crash_leaves_no_copy_behind() {
         "left behind: {left:?}\n{}",
         log2.lock().unwrap().join("\n")
     );
-    assert!(tree.join("d399/f99").exists(), "the source is untouched");
-    assert!(!dst.join("tree").exists());
+    assert!(mv.tree.join("d399/f99").exists(), "the source is untouched");
+    assert!(!mv.dst.join("tree").exists());
 }
 
 /// The state record in `store`, as the last envd wrote it (none before the

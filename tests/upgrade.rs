@@ -180,27 +180,15 @@ async fn commands_keep_running_and_lose_no_output_across_a_live_upgrade() {
 // new image is handed the list of temporaries in flight and removes them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_move_cut_by_a_live_upgrade_leaves_no_copy_behind() {
-    use envd::proto::filesystem::MoveRequest;
-    const NAME: &str = "move_upgrade";
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_src) = Tmpfs::mount(NAME, &dir.path().join("src"), "size=1g") else {
+    let Some(mv) = CrossFsMove::new("move_upgrade", 1000) else {
         return;
     };
-    let tree = dir.path().join("src/tree");
-    small_files_tree(&tree, 1000);
-    let dst = dir.path().join("dst");
-    std::fs::create_dir(&dst).unwrap();
     let envd = Envd::start(&[]);
     let mut fs = envd.fs().await;
-    let request = MoveRequest {
-        source: tree.to_str().unwrap().to_owned(),
-        destination: dst.join("tree").to_str().unwrap().to_owned(),
-    };
+    let request = mv.request();
     let call = tokio::spawn(async move { fs.r#move(request).await });
     assert!(
-        eventually(Duration::from_secs(20), || !envd_temporaries(&dst)
-            .is_empty())
-        .await,
+        eventually(Duration::from_secs(20), || !mv.hidden().is_empty()).await,
         "no copy under way"
     );
     let tcp = envd.tcp.clone();
@@ -212,13 +200,11 @@ async fn a_move_cut_by_a_live_upgrade_leaves_no_copy_behind() {
         "the move finished before the upgrade"
     );
     assert!(
-        eventually(Duration::from_secs(20), || envd_temporaries(&dst)
-            .is_empty())
-        .await,
+        eventually(Duration::from_secs(20), || mv.hidden().is_empty()).await,
         "left behind: {:?}",
-        envd_temporaries(&dst)
+        mv.hidden()
     );
-    assert!(tree.join("d999/f99").exists(), "the source is untouched");
+    assert!(mv.tree.join("d999/f99").exists(), "the source is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread")]

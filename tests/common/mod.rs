@@ -458,26 +458,60 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A tree of `dirs` directories of 100 one-byte files each under `root`:
-/// enough entries that copying it takes a while (each file costs an open, a
-/// copy, a chmod, a chown and a utimes).
-pub fn small_files_tree(root: &std::path::Path, dirs: usize) {
-    for d in 0..dirs {
-        let sub = root.join(format!("d{d}"));
-        std::fs::create_dir_all(&sub).unwrap();
-        for f in 0..100 {
-            std::fs::write(sub.join(format!("f{f}")), b"x").unwrap();
-        }
-    }
+/// A tree of small files on a tmpfs of its own, and an empty destination
+/// directory on another file system: a Move from one to the other copies.
+pub struct CrossFsMove {
+    pub tree: std::path::PathBuf,
+    pub dst: std::path::PathBuf,
+    // Unmounted before the directory holding it goes.
+    _src: Tmpfs,
+    _dir: tempfile::TempDir,
 }
 
-/// The names of envd's hidden temporaries (`.envd-*`) in `dir`.
-pub fn envd_temporaries(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(".envd-"))
-        .collect()
+impl CrossFsMove {
+    /// `dirs` directories of 100 one-byte files each: enough entries that
+    /// the copy takes a while (each file costs an open, a copy, a chmod, a
+    /// chown and a utimes). `None` (skipped) where no tmpfs can be mounted.
+    pub fn new(test: &str, dirs: usize) -> Option<CrossFsMove> {
+        let dir = tempfile::tempdir().unwrap();
+        // A page per file.
+        let size = format!("size={}m", dirs * 100 * 4 / 1024 + 64);
+        let src = Tmpfs::mount(test, &dir.path().join("src"), &size)?;
+        let tree = dir.path().join("src/tree");
+        for d in 0..dirs {
+            let sub = tree.join(format!("d{d}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            for f in 0..100 {
+                std::fs::write(sub.join(format!("f{f}")), b"x").unwrap();
+            }
+        }
+        let dst = dir.path().join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        Some(CrossFsMove {
+            tree,
+            dst,
+            _src: src,
+            _dir: dir,
+        })
+    }
+
+    /// The Move of the tree into the destination directory.
+    pub fn request(&self) -> envd::proto::filesystem::MoveRequest {
+        envd::proto::filesystem::MoveRequest {
+            source: self.tree.to_str().unwrap().to_owned(),
+            destination: self.dst.join("tree").to_str().unwrap().to_owned(),
+        }
+    }
+
+    /// The names of envd's hidden temporaries (`.envd-*`) in the
+    /// destination directory.
+    pub fn hidden(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dst)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".envd-"))
+            .collect()
+    }
 }
 
 /// Starts a process and reads its stream up to the `start` event.
