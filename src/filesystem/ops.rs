@@ -71,7 +71,7 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
             let tmp = ddir.path_of(&tmp_name);
             // Until the rename: if envd dies meanwhile, the next image
             // removes the copy.
-            let _registered = super::hidden::Registered::new(ddir.shown_of(&tmp_name));
+            let registered = super::hidden::Registered::new(ddir.shown_of(&tmp_name));
             let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp, stop);
             // What the copy made is at most what it visited: removing it
             // again takes no more, however the caller or the tree behaves.
@@ -95,6 +95,7 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
                 undo();
                 Error::io(format!("move into place {}", dst.display()), &e.into())
             })?;
+            drop(registered);
             remove_at(&sdir, &sname, stop)
                 .map_err(|e| Error::io(format!("remove {}", src.display()), &e))
         }
