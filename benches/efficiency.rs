@@ -236,6 +236,11 @@ async fn main() {
         println!("benchmarks run under `cargo bench` / `make bench` only");
         return;
     }
+    // `ENVD_BENCH_ONLY=memory`: only the back-to-idle figures.
+    if std::env::var("ENVD_BENCH_ONLY").as_deref() == Ok("memory") {
+        back_to_idle().await;
+        return;
+    }
     let envd = Envd::start(&[]);
     let pid = envd.pid();
     tokio::time::sleep(SETTLE).await;

@@ -15,21 +15,24 @@ use tokio::sync::Notify;
 static FREED: LazyLock<Notify> = LazyLock::new(Notify::new);
 /// Set by [`freed`], cleared by a give-back.
 static DIRTY: AtomicBool = AtomicBool::new(false);
-/// Counts [`freed`] calls: the janitor tells a quiet second by it.
-static ACTIVITY: AtomicU64 = AtomicU64::new(0);
+/// When [`freed`] was last called, in milliseconds since [`EPOCH`]: the
+/// janitor gives back [`QUIET_MS`] after it.
+static LAST_FREED: AtomicU64 = AtomicU64::new(0);
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 /// Empty tasks spawned after a give-back, to bring idle workers round.
 const WAKE_WORKERS: usize = 4;
 /// Quiet time after the last [`freed`] before memory is given back: a
 /// little longer than an idle blocking thread lives (1 s), so that the
 /// threads a burst used have exited (freeing their heaps, and touching code
 /// pages on the way out) before the give-back, not after it.
-const QUIET: Duration = Duration::from_millis(1250);
+const QUIET_MS: u64 = 1250;
 
 /// Says that memory was freed (a command ended, a connection closed); it
-/// goes back to the OS once envd is quiet. Two atomic operations in a burst:
-/// only the first call after a give-back wakes the janitor.
+/// goes back to the OS once envd is quiet. A clock read and two atomic
+/// operations in a burst: only the first call after a give-back wakes the
+/// janitor.
 pub fn freed() {
-    ACTIVITY.fetch_add(1, Ordering::Relaxed);
+    LAST_FREED.store(millis(), Ordering::Relaxed);
     if !DIRTY.swap(true, Ordering::AcqRel) {
         FREED.notify_one();
     }
@@ -44,7 +47,7 @@ impl Drop for FreedOnDrop {
     }
 }
 
-/// Runs for envd's lifetime: after each burst of work, once [`QUIET`] has
+/// Runs for envd's lifetime: after each burst of work, once [`QUIET_MS`] has
 /// passed without another [`freed`], asks the allocator to return what it
 /// keeps for reuse. mimalloc purges freed pages only when the heap that owns
 /// them allocates again, so threads that go idle right after a burst would
@@ -52,12 +55,16 @@ impl Drop for FreedOnDrop {
 pub async fn give_back_when_quiet() {
     loop {
         FREED.notified().await;
+        // Until QUIET_MS has passed since the latest `freed`, however late in
+        // a wait it came (a fixed sleep that restarts on activity gave back
+        // up to twice that after a burst).
         loop {
-            let seen = ACTIVITY.load(Ordering::Relaxed);
-            tokio::time::sleep(QUIET).await;
-            if ACTIVITY.load(Ordering::Relaxed) == seen {
+            let due = LAST_FREED.load(Ordering::Relaxed).saturating_add(QUIET_MS);
+            let now = millis();
+            if now >= due {
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(due - now)).await;
         }
         // Cleared first: a `freed` from now on rings again.
         DIRTY.store(false, Ordering::Release);
@@ -67,6 +74,11 @@ pub async fn give_back_when_quiet() {
             tokio::spawn(async {});
         }
     }
+}
+
+/// Milliseconds since [`EPOCH`] (a monotonic clock).
+fn millis() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Bumped by every give-back: each runtime worker then gives back its own
