@@ -268,7 +268,10 @@ struct Files(OwnedFd);
 impl Files {
     fn open(dir: &Path) -> Option<Files> {
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        nix::fcntl::open(dir, flags, Mode::empty()).ok().map(Files)
+        // openat, not open: musl's open() follows O_CLOEXEC with an fcntl.
+        nix::fcntl::openat(nix::fcntl::AT_FDCWD, dir, flags, Mode::empty())
+            .ok()
+            .map(Files)
     }
 
     fn read(&self, name: &str) -> Option<String> {

@@ -394,7 +394,9 @@ impl<'a> Walk<'a> {
 }
 
 fn root() -> Result<Dir> {
-    let fd = nix::fcntl::open(
+    // openat, not open: musl's open() follows O_CLOEXEC with an fcntl.
+    let fd = nix::fcntl::openat(
+        nix::fcntl::AT_FDCWD,
         OsStr::new("/"),
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),

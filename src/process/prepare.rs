@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nix::fcntl::{open, OFlag};
+use nix::fcntl::{openat, OFlag, AT_FDCWD};
 use nix::sys::stat::Mode;
 use tokio::net::unix::pipe;
 
@@ -91,7 +91,11 @@ pub fn prepare(
                 let (r, w) = new_pipe(End::Write)?;
                 (r, Input::Pipe(super::started::StdinPipe::new(w)))
             } else {
-                let null = open(
+                // openat: musl's open() follows O_CLOEXEC with an fcntl
+                // of its own (for kernels before 2.6.23), one system call
+                // more per Start.
+                let null = openat(
+                    AT_FDCWD,
                     "/dev/null",
                     OFlag::O_RDONLY | OFlag::O_CLOEXEC,
                     Mode::empty(),

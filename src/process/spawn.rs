@@ -362,8 +362,10 @@ mod child {
     /// Only in the cloned child.
     pub unsafe fn reset_oom_score() {
         // SAFETY: a static C string path; the fd is ours and closed here.
+        // (openat: musl's open() follows O_CLOEXEC with an fcntl.)
         unsafe {
-            let fd = libc::open(
+            let fd = libc::openat(
+                libc::AT_FDCWD,
                 c"/proc/self/oom_score_adj".as_ptr(),
                 libc::O_WRONLY | libc::O_CLOEXEC,
             );
