@@ -89,12 +89,15 @@ impl ConnectClient {
 
 /// Bytes of output in one Connect JSON `process.StartResponse` carrying a
 /// data event, from the length of its base64 text (without decoding it).
+/// The closing quote is found with `memchr`: a byte-at-a-time scan of each
+/// message's text kept the bench's client busy 80% of a JSON stream, so the
+/// row measured the client as much as envd.
 pub fn json_output_len(msg: &[u8]) -> usize {
     const KEYS: [&[u8]; 2] = [b"\"stdout\":\"", b"\"stderr\":\""];
     for key in KEYS {
         if let Some(at) = find(msg, key) {
             let text = &msg[at + key.len()..];
-            let end = text.iter().position(|&b| b == b'"').unwrap();
+            let end = memchr::memchr(b'"', text).unwrap();
             let pad = text[..end].iter().rev().take_while(|&&b| b == b'=').count();
             return end / 4 * 3 - pad;
         }
@@ -103,5 +106,5 @@ pub fn json_output_len(msg: &[u8]) -> usize {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
