@@ -22,6 +22,11 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// envd's arguments in these tests: one listener on a free loopback port.
+fn loopback_args() -> Vec<String> {
+    vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()]
+}
+
 async fn client(url: &str) -> ProcessClient<tonic::transport::Channel> {
     ProcessClient::new(envd::client::dial(url).await.unwrap())
 }
@@ -29,7 +34,7 @@ async fn client(url: &str) -> ProcessClient<tonic::transport::Channel> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     let store = FdStore::new();
-    let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    let args = loopback_args();
     let (first, urls, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
     let url = urls[0].clone();
@@ -226,7 +231,7 @@ async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
         return skip_on_this_machine(NAME, "no writable cgroup v2 hierarchy with cgroup.freeze");
     };
     let store = FdStore::new();
-    let mut args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    let mut args = loopback_args();
     args.extend(cg.envd_args());
     let (first, urls, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
@@ -302,7 +307,7 @@ async fn a_move_cut_by_a_crash_leaves_no_copy_behind() {
     let hidden = || mv.hidden();
 
     let store = FdStore::new();
-    let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    let args = loopback_args();
     let (first, urls, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
     let mut fs = FilesystemClient::new(envd::client::dial(&urls[0]).await.unwrap());
@@ -367,7 +372,7 @@ fn fnv(b: &[u8]) -> u64 {
 async fn a_record_that_names_each_fd_is_taken_over() {
     use prost::Message;
     let store = FdStore::new();
-    let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+    let args = loopback_args();
     let (first, urls, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
     let mut c = client(&urls[0]).await;
@@ -466,7 +471,7 @@ async fn a_record_that_names_each_fd_is_taken_over() {
 async fn an_envd_killed_right_after_start_up_is_taken_over() {
     for _ in 0..3 {
         let store = FdStore::new();
-        let args = vec!["--listen".to_owned(), "tcp://127.0.0.1:0".to_owned()];
+        let args = loopback_args();
         let (first, urls, _log) = store.spawn(&args);
         let mut first = KillOnDrop(first);
         // Killed as soon as its record is in the store (before a fix of

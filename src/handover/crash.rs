@@ -491,11 +491,9 @@ enum Kind {
 /// The fd of `kind` among those stored under one name (-1: none).
 fn pick(fds: &[RawFd], kind: Kind) -> RawFd {
     let fits = |fd: RawFd| {
-        // SAFETY: the fd was handed to this process by the service manager
-        // and stays open at least until it is claimed; it is only borrowed
-        // for the fstat.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let Ok(st) = nix::sys::stat::fstat(borrowed) else {
+        // The fd was handed to this process by the service manager and stays
+        // open at least until it is claimed.
+        let Some(st) = fstat(fd) else {
             return false;
         };
         let format = st.st_mode & libc::S_IFMT;
@@ -510,12 +508,16 @@ fn pick(fds: &[RawFd], kind: Kind) -> RawFd {
 
 /// The inode number of an open fd (0: none, or not known).
 fn inode(fd: Option<RawFd>) -> u64 {
-    fd.map_or(0, |fd| {
-        // SAFETY: `fd` is one of the command's open output fds, borrowed
-        // for the fstat only.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        nix::sys::stat::fstat(borrowed).map_or(0, |st| st.st_ino)
-    })
+    fd.and_then(fstat).map_or(0, |st| st.st_ino)
+}
+
+/// `fstat` of `fd`, which the caller knows to be open for the duration of
+/// the call (a command's output fd, or one the service manager handed over).
+fn fstat(fd: RawFd) -> Option<nix::sys::stat::FileStat> {
+    // SAFETY: open for the duration of the call (see above); borrowed for
+    // the fstat only.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    nix::sys::stat::fstat(borrowed).ok()
 }
 
 /// The listeners in the store (`l0`, `l1`, ...), each with the URL of the
