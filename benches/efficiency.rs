@@ -237,9 +237,21 @@ async fn main() {
         return;
     }
     // `ENVD_BENCH_ONLY=memory`: only the back-to-idle figures.
-    if std::env::var("ENVD_BENCH_ONLY").as_deref() == Ok("memory") {
-        back_to_idle().await;
-        return;
+    // `ENVD_BENCH_ONLY=stream`: only the stdout stream rows.
+    match std::env::var("ENVD_BENCH_ONLY").as_deref() {
+        Ok("memory") => {
+            back_to_idle().await;
+            return;
+        }
+        Ok("stream") => {
+            let envd = Envd::start(&[]);
+            let mut json = ConnectClient::dial(&envd.tcp).await;
+            let mut proto = ConnectClient::dial(&envd.tcp).await;
+            let mut grpc = envd.client().await;
+            stream_rows(envd.pid(), &mut json, &mut proto, &mut grpc).await;
+            return;
+        }
+        _ => {}
     }
     let envd = Envd::start(&[]);
     let pid = envd.pid();
@@ -321,6 +333,24 @@ async fn main() {
     );
     let _ = stored_envd.kill();
     let _ = stored_envd.wait();
+    stream_rows(pid, &mut json, &mut proto, &mut grpc).await;
+    println!("idle RSS          after start-up         {idle_text} (target <= 4 MiB)");
+    println!(
+        "peak RSS          (VmHWM)                {:>6} KiB",
+        status_kib(pid, "VmHWM:")
+    );
+    drop(envd);
+    back_to_idle().await;
+}
+
+/// Streams of stdout through each protocol beside a bare pipe read, in
+/// interleaved rounds.
+async fn stream_rows(
+    pid: u32,
+    json: &mut ConnectClient,
+    proto: &mut ConnectClient,
+    grpc: &mut envd::proto::process::process_client::ProcessClient<tonic::transport::Channel>,
+) {
     let mut pipe = Vec::new();
     let (mut s_json, mut s_proto, mut s_grpc) = (Vec::new(), Vec::new(), Vec::new());
     let mut stream_ticks = [0u64; 3];
@@ -331,13 +361,13 @@ async fn main() {
     for _ in 0..STREAM_ROUNDS {
         pipe.push(bare_pipe());
         let (t0, c0) = (cpu_ticks(pid), thread_cpu());
-        let (wall, m0) = connect_stream(&mut json, Codec::Json).await;
+        let (wall, m0) = connect_stream(json, Codec::Json).await;
         s_json.push(wall);
         let (t1, c1) = (cpu_ticks(pid), thread_cpu());
-        let (wall, m1) = connect_stream(&mut proto, Codec::Proto).await;
+        let (wall, m1) = connect_stream(proto, Codec::Proto).await;
         s_proto.push(wall);
         let (t2, c2) = (cpu_ticks(pid), thread_cpu());
-        let (wall, m2) = grpc_stream(&mut grpc, STREAM_BYTES).await;
+        let (wall, m2) = grpc_stream(grpc, STREAM_BYTES).await;
         s_grpc.push(wall);
         let (t3, c3) = (cpu_ticks(pid), thread_cpu());
         for (i, m) in [m0, m1, m2].into_iter().enumerate() {
@@ -382,13 +412,6 @@ async fn main() {
             (STREAM_BYTES * STREAM_ROUNDS as u64) as f64 / messages[i] as f64 / 1024.0
         );
     }
-    println!("idle RSS          after start-up         {idle_text} (target <= 4 MiB)");
-    println!(
-        "peak RSS          (VmHWM)                {:>6} KiB",
-        status_kib(pid, "VmHWM:")
-    );
-    drop(envd);
-    back_to_idle().await;
 }
 
 /// A fresh envd: idle, then 1,000 Starts, then a 1 GiB stdout stream, each
