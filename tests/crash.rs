@@ -300,10 +300,33 @@ async fn a_cgroup_left_frozen_by_a_killed_envd_is_thawed_on_takeover() {
 /// it (the crash record lists the temporaries in flight).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_move_cut_by_a_crash_leaves_no_copy_behind() {
+    move_cut_by_a_crash("move_crash", Kill::OnceListed).await;
+}
+
+/// Killed the moment the copy appears beside its destination, well within
+/// the 5 ms after which a paced rewrite would list it (envds before
+/// 2026-12-05 listed it that way and left this copy behind): the record
+/// lists a temporary before it exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_killed_as_its_copy_appears_leaves_no_copy_behind() {
+    move_cut_by_a_crash("move_crash_at_once", Kill::AsItAppears).await;
+}
+
+/// When the Move's envd is killed.
+#[derive(Clone, Copy)]
+enum Kill {
+    /// Once the crash record lists the copy.
+    OnceListed,
+    /// As soon as the copy is seen in the destination's directory.
+    AsItAppears,
+}
+
+async fn move_cut_by_a_crash(test: &str, when: Kill) {
     use envd::proto::filesystem::filesystem_client::FilesystemClient;
-    let Some(mv) = CrossFsMove::new("move_crash", 400) else {
+    let Some(mv) = CrossFsMove::new(test, 400) else {
         return;
     };
+    let mv = std::sync::Arc::new(mv);
     let hidden = || mv.hidden();
 
     let store = FdStore::new();
@@ -311,18 +334,42 @@ async fn a_move_cut_by_a_crash_leaves_no_copy_behind() {
     let (first, urls, _log) = store.spawn(&args);
     let mut first = KillOnDrop(first);
     let mut fs = FilesystemClient::new(envd::client::dial(&urls[0]).await.unwrap());
+    // Crash records are on once the first record is stored.
+    assert!(
+        eventually(Duration::from_secs(20), || record(&store).is_some()).await,
+        "no crash record"
+    );
     let request = mv.request();
     let since = std::time::Instant::now();
     let call = tokio::spawn(async move { fs.r#move(request).await });
-    // Killed once the record lists the copy.
-    assert!(
-        eventually(Duration::from_secs(20), || record(&store)
-            .is_some_and(|r| !r.temporaries.is_empty()))
-        .await,
-        "no copy in the record"
-    );
+    match when {
+        Kill::OnceListed => {
+            assert!(
+                eventually(Duration::from_secs(20), || record(&store)
+                    .is_some_and(|r| !r.temporaries.is_empty()))
+                .await,
+                "no copy in the record"
+            );
+            let _ = first.0.kill();
+        }
+        Kill::AsItAppears => {
+            let (watched, pid) = (mv.clone(), first.0.id());
+            let seen = tokio::task::spawn_blocking(move || {
+                let until = std::time::Instant::now() + Duration::from_secs(20);
+                while watched.hidden().is_empty() {
+                    if std::time::Instant::now() > until {
+                        return false;
+                    }
+                }
+                kill_now(pid);
+                true
+            })
+            .await
+            .unwrap();
+            assert!(seen, "no copy appeared");
+        }
+    }
     println!("killed {:?} after the Move", since.elapsed());
-    let _ = first.0.kill();
     let _ = first.0.wait();
     assert!(
         call.await.unwrap().is_err(),
@@ -340,6 +387,12 @@ async fn a_move_cut_by_a_crash_leaves_no_copy_behind() {
     );
     assert!(mv.tree.join("d399/f99").exists(), "the source is untouched");
     assert!(!mv.dst.join("tree").exists());
+}
+
+/// SIGKILL to `pid`, from whichever thread saw the moment.
+fn kill_now(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
 }
 
 /// The state record in `store`, as the last envd wrote it (none before the

@@ -22,14 +22,16 @@ fn live() -> MutexGuard<'static, HashSet<PathBuf>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A temporary registered while this lives.
+/// A temporary registered while this lives. Made before the temporary
+/// itself: under systemd the crash record lists it before it exists (a
+/// rewrite paced as a command's start is would leave it out for up to 25 ms).
 #[derive(Debug)]
 pub struct Registered(PathBuf);
 
 impl Registered {
     pub fn new(path: PathBuf) -> Registered {
         live().insert(path.clone());
-        crate::handover::crash::changed();
+        crate::handover::crash::write_now();
         Registered(path)
     }
 }

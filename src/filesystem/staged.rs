@@ -55,6 +55,8 @@ impl Staged {
             Err(e) => return Err(e.into()),
         }
         let name = sibling_temp_name();
+        // Registered before it exists (see [`Registered`]).
+        let registered = Registered::new(dir.shown_of(&name));
         let fd = nix::fcntl::openat(
             dir.fd(),
             name.as_os_str(),
@@ -63,7 +65,7 @@ impl Staged {
         )?;
         let named = Named {
             path: dir.path_of(&name),
-            _registered: Registered::new(dir.shown_of(&name)),
+            _registered: registered,
             name,
         };
         Ok((Staged { named: Some(named) }, File::from(fd)))

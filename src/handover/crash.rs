@@ -70,6 +70,9 @@ pub struct CrashRecord {
     state: File,
     /// Whether the header points at the second place (see [`HEADER`]).
     in_second: std::sync::atomic::AtomicBool,
+    /// Held for a whole rewrite: the writer task and [`write_now`] (on the
+    /// thread of a filesystem call) both write.
+    writing: Mutex<()>,
     /// Two words per slot: the command's seq + 1 (0: free), its end offset.
     offsets: &'static [AtomicU64],
     free: Mutex<Vec<u32>>,
@@ -188,7 +191,21 @@ pub fn stdin_closed(p: &Process) {
     }
 }
 
-/// Something in the record changed (`/init`).
+/// A hidden temporary is about to be made (`filesystem::hidden`): the
+/// record is rewritten here and now, before the file exists, so that a crash
+/// at any moment after it leaves the next envd the name to remove. Not paced
+/// like a command's start: temporaries are rare (a cross-filesystem Move, an
+/// upload where the file system has no `O_TMPFILE`), each a whole file's
+/// work, and called on the filesystem call's own thread.
+pub fn write_now() {
+    if let Some(r) = RECORD.get() {
+        if let Err(e) = r.write() {
+            tracing::warn!(error = %e, "crash record not written");
+        }
+    }
+}
+
+/// Something in the record changed (`/init`, a temporary gone).
 pub fn changed() {
     if let Some(r) = RECORD.get() {
         r.dirty.notify_one();
@@ -240,6 +257,7 @@ impl CrashRecord {
         Ok(CrashRecord {
             state,
             in_second: std::sync::atomic::AtomicBool::new(true),
+            writing: Mutex::new(()),
             offsets,
             free: Mutex::new((0..u32::try_from(SLOTS).unwrap_or(0)).rev().collect()),
             dirty: tokio::sync::Notify::new(),
@@ -330,8 +348,9 @@ impl CrashRecord {
 
     /// Writes the record to the place the header does not point at, then
     /// points the header at it (see [`HEADER`]). One writer at a time: the
-    /// first write in [`enable`], then the writer task.
+    /// first write in [`enable`], the writer task, [`write_now`].
     fn write(&self) -> std::io::Result<()> {
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let bytes = self.record().encode_to_vec();
         let len = bytes.len() as u64;
         if len > MAX_STATE {
