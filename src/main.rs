@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use envd::auth::Auth;
 use envd::config::Config;
@@ -163,14 +163,7 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     // Signal handlers first: a caller may be served (and signal envd, e.g.
     // SIGHUP to upgrade) as soon as a listener is up, and a signal that
     // arrives before its handler would act by default (SIGHUP kills).
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    // As PID 1, busybox's `poweroff`/`halt` send SIGUSR2/SIGUSR1, and the
-    // kernel SIGPWR: all mean shut down.
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
-    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
-    let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut signals = Signals::install().map_err(|e| e.to_string())?;
     let (before, nofile) = envd::limits::raise_nofile();
     let conns = Connections::new(cfg.conn_limits(nofile));
     tokio::spawn(envd::memory::give_back_when_quiet());
@@ -251,33 +244,7 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
 
     for url in cfg.listeners(start) {
         let carried = incoming.as_mut().and_then(|i| i.listener(&url.to_string()));
-        let bound = match carried.map(|fd| Listener::adopt(&url, fd)) {
-            Some(Ok(l)) => Ok(l),
-            Some(Err(e)) => {
-                tracing::warn!(%url, error = %e, "carried listener unusable; binding anew");
-                Listener::bind(&url).await
-            }
-            None => Listener::bind(&url).await,
-        };
-        match bound {
-            Ok(listener) => {
-                let local = listener.local_url(&url);
-                upgrader.add_listener(url.to_string(), listener.raw_fd());
-                tracing::info!(url = %local, "listening");
-                tokio::spawn(server::serve(
-                    listener,
-                    local,
-                    router.clone(),
-                    conns.clone(),
-                ));
-            }
-            // PID 1 never gives up: e.g. the vsock device may appear later.
-            Err(e) if pid1 => {
-                tracing::error!(%url, error = %e, "cannot listen yet; retrying every second");
-                tokio::spawn(bind_later(url, router.clone(), conns.clone()));
-            }
-            Err(e) => return Err(format!("cannot listen on {url}: {e}")),
-        }
+        listen(url, carried, pid1, &router, &conns, &upgrader).await?;
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -318,33 +285,105 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
     }
     sd::ready();
 
-    loop {
-        let name = tokio::select! {
-            _ = hup.recv() => {
-                // SIGHUP: live upgrade to the program file envd was started
-                // from (replace it on disk, then signal).
-                tracing::info!(program = %upgrader.exe().display(), "SIGHUP: live upgrade");
-                let u = upgrader.clone();
-                tokio::spawn(async move {
-                    let Err(e) = u.upgrade(envd::handover::Image::OnDisk).await;
-                    tracing::error!(error = %e.message, "SIGHUP: live upgrade refused");
-                });
-                continue;
-            }
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = usr1.recv() => "SIGUSR1",
-            _ = usr2.recv() => "SIGUSR2",
-            _ = pwr.recv() => "SIGPWR",
-        };
-        if pid1 || matches!(name, "SIGTERM" | "SIGINT") {
-            tracing::info!("{name}: shutting down");
-            break;
-        }
-        tracing::info!("{name} ignored (not PID 1)");
-    }
+    signals.until_shutdown(pid1, &upgrader).await;
     sd::stopping();
     Ok(())
+}
+
+/// Serves `url` on a listener carried over from the previous image, or else
+/// a new one. As PID 1 a listener that cannot be bound yet is retried in the
+/// background (the vsock device may appear later); otherwise it is fatal.
+async fn listen(
+    url: envd::listen::ListenUrl,
+    carried: Option<std::os::fd::OwnedFd>,
+    pid1: bool,
+    router: &server::Router,
+    conns: &Arc<Connections>,
+    upgrader: &Arc<envd::handover::Upgrader>,
+) -> Result<(), String> {
+    let bound = match carried.map(|fd| Listener::adopt(&url, fd)) {
+        Some(Ok(l)) => Ok(l),
+        Some(Err(e)) => {
+            tracing::warn!(%url, error = %e, "carried listener unusable; binding anew");
+            Listener::bind(&url).await
+        }
+        None => Listener::bind(&url).await,
+    };
+    match bound {
+        Ok(listener) => {
+            let local = listener.local_url(&url);
+            upgrader.add_listener(url.to_string(), listener.raw_fd());
+            tracing::info!(url = %local, "listening");
+            tokio::spawn(server::serve(
+                listener,
+                local,
+                router.clone(),
+                conns.clone(),
+            ));
+            Ok(())
+        }
+        Err(e) if pid1 => {
+            tracing::error!(%url, error = %e, "cannot listen yet; retrying every second");
+            tokio::spawn(bind_later(url, router.clone(), conns.clone()));
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot listen on {url}: {e}")),
+    }
+}
+
+/// The signals envd acts on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    usr1: Signal,
+    usr2: Signal,
+    pwr: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            // As PID 1, busybox's `poweroff`/`halt` send SIGUSR2/SIGUSR1, and
+            // the kernel SIGPWR: all mean shut down.
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+            pwr: signal(SignalKind::from_raw(libc::SIGPWR))?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns once envd is to shut down: SIGTERM or SIGINT, or as PID 1
+    /// also SIGUSR1, SIGUSR2 and SIGPWR. SIGHUP starts a live upgrade.
+    async fn until_shutdown(&mut self, pid1: bool, upgrader: &Arc<envd::handover::Upgrader>) {
+        loop {
+            let name = tokio::select! {
+                _ = self.hup.recv() => {
+                    // SIGHUP: live upgrade to the program file envd was
+                    // started from (replace it on disk, then signal).
+                    tracing::info!(program = %upgrader.exe().display(), "SIGHUP: live upgrade");
+                    let u = upgrader.clone();
+                    tokio::spawn(async move {
+                        let Err(e) = u.upgrade(envd::handover::Image::OnDisk).await;
+                        tracing::error!(error = %e.message, "SIGHUP: live upgrade refused");
+                    });
+                    continue;
+                }
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+                _ = self.usr1.recv() => "SIGUSR1",
+                _ = self.usr2.recv() => "SIGUSR2",
+                _ = self.pwr.recv() => "SIGPWR",
+            };
+            if pid1 || matches!(name, "SIGTERM" | "SIGINT") {
+                tracing::info!("{name}: shutting down");
+                return;
+            }
+            tracing::info!("{name} ignored (not PID 1)");
+        }
+    }
 }
 
 /// Takes over what the previous envd image handed over: `/init` state,
