@@ -1,0 +1,287 @@
+//! Symlinks planted or swapped in by the sandbox's user.
+
+use super::*;
+
+/// The user the planted-symlink tests play (`nobody`).
+const NOBODY: u32 = 65534;
+
+/// envd as root, and a scratch tree with `etc` (root's) and `home` (the
+/// user's); `None` (with the skip printed) when the test is not root.
+fn root_and_user_dirs(test: &str) -> Option<(Envd, tempfile::TempDir, PathBuf, PathBuf)> {
+    if !is_root() {
+        skip(test, "needs root to give symlinks to another user");
+        return None;
+    }
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, home) = (dir.path().join("etc"), dir.path().join("home"));
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    Some((e, dir, etc, home))
+}
+
+/// A symlink at `at` to `to`, owned by the user (as the user would make it).
+fn user_link(to: &Path, at: &Path) {
+    std::os::unix::fs::symlink(to, at).unwrap();
+    std::os::unix::fs::lchown(at, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
+/// A file (or, with `None`, a directory) of the user's at `at`.
+fn user_entry(at: &Path, content: Option<&[u8]>) {
+    match content {
+        Some(c) => std::fs::write(at, c).unwrap(),
+        None => std::fs::create_dir(at).unwrap(),
+    }
+    std::os::unix::fs::chown(at, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
+/// Trades the names of `a` and `b` atomically, as a racing user would.
+fn exchange(a: &Path, b: &Path) -> nix::Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        a,
+        nix::fcntl::AT_FDCWD,
+        b,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+}
+
+// envd changes the filesystem as root. A process running as a user in the
+// sandbox may plant symlinks where the host will write next; they must not
+// steer envd's changes into what that user does not own.
+#[tokio::test]
+async fn planted_symlinks_cannot_steer_root_changes() {
+    let Some((e, _dir, etc, home)) =
+        root_and_user_dirs("planted_symlinks_cannot_steer_root_changes")
+    else {
+        return;
+    };
+    let passwd = etc.join("passwd");
+    std::fs::write(&passwd, b"root's").unwrap();
+    // What the user may plant: links to a root file, a root directory, and a
+    // file not made yet in a root directory; and its own file.
+    let plant = |name: &str, to: &Path| {
+        let link = home.join(name);
+        user_link(to, &link);
+        link
+    };
+    let to_file = plant("out.txt", &passwd);
+    let to_dir = plant("results", &etc);
+    let to_new = plant("new.txt", &etc.join("new"));
+    let mine = home.join("mine");
+    user_entry(&mine, Some(b"user's"));
+
+    for target in [
+        to_file.clone(),
+        to_dir.join("passwd"),
+        to_dir.join("x"),
+        to_new,
+    ] {
+        let r = upload(&e, &s(&target), b"host's");
+        assert_eq!(
+            r.status,
+            403,
+            "upload to {}: {}",
+            target.display(),
+            r.text()
+        );
+        assert!(
+            r.text().contains("symlink owned by uid 65534"),
+            "{}",
+            r.text()
+        );
+    }
+    let compose = serde_json::json!({
+        "source_paths": [s(&mine)],
+        "destination": s(&to_dir.join("c")),
+    });
+    let r = post_json(&e.tcp, "/files/compose", &compose.to_string());
+    assert_eq!(r.status, 403, "{}", r.text());
+    // A source through the user's link: its bytes would go into a file
+    // given to the user.
+    let compose = serde_json::json!({
+        "source_paths": [s(&mine), s(&to_file)],
+        "destination": s(&home.join("joined")),
+    });
+    let r = post_json(&e.tcp, "/files/compose", &compose.to_string());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(!home.join("joined").exists());
+    let mut fs = e.fs().await;
+    let r = fs
+        .make_dir(MakeDirRequest {
+            path: s(&to_dir.join("sub")),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+    let r = fs
+        .r#move(MoveRequest {
+            source: s(&mine),
+            destination: s(&to_dir.join("moved")),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+    let r = fs
+        .remove(RemoveRequest {
+            path: s(&to_dir.join("passwd")),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+    let mut t = e.transfer().await;
+    let append = envd::proto::transfer::WriteFileRequest {
+        message: Some(envd::proto::transfer::write_file_request::Message::Header(
+            envd::proto::transfer::WriteHeader {
+                path: s(&to_file),
+                mode: None,
+                append: true,
+            },
+        )),
+    };
+    let r = t.write_file(futures_util::stream::iter(vec![append])).await;
+    assert_eq!(code(r), tonic::Code::PermissionDenied);
+
+    // Nothing of root's changed hands or content, and nothing was made.
+    let names: Vec<_> = std::fs::read_dir(&etc)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("passwd")]);
+    assert_eq!(std::fs::read(&passwd).unwrap(), b"root's");
+    assert_eq!(std::fs::metadata(&passwd).unwrap().uid(), 0);
+    assert_eq!(std::fs::read(&mine).unwrap(), b"user's");
+
+    // A user's link to what the user owns is written through, as before.
+    let to_mine = plant("to-mine", &mine);
+    let r = upload(&e, &s(&to_mine), b"host's");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&mine).unwrap(), b"host's");
+    assert!(std::fs::symlink_metadata(&to_mine).unwrap().is_symlink());
+    assert_eq!(
+        std::fs::metadata(&mine).unwrap().uid(),
+        0,
+        "given to the uploader"
+    );
+    healthy(&e);
+}
+
+// The race beside it: the user swaps a directory of the path for a symlink
+// to a root directory, again and again, while the host uploads into it. What
+// envd checked is what it writes into.
+#[tokio::test]
+async fn directories_swapped_for_symlinks_mid_write_redirect_nothing() {
+    let Some((e, _dir, etc, home)) =
+        root_and_user_dirs("directories_swapped_for_symlinks_mid_write_redirect_nothing")
+    else {
+        return;
+    };
+    user_entry(&home.join("d"), None);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (home, etc, stop) = (home.clone(), etc.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (d, link) = (home.join("d"), home.join("d.link"));
+            // The user's link is made once, as the user's: root never owns it.
+            user_link(&etc, &link);
+            let mut swaps = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // The directory and the link trade names, atomically.
+                for _ in 0..2 {
+                    exchange(&d, &link).unwrap();
+                    std::thread::yield_now();
+                }
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let mut answers = std::collections::BTreeMap::new();
+    for i in 0..400 {
+        let r = upload(&e, &s(&home.join(format!("d/f{i}"))), b"host's");
+        *answers.entry(r.status).or_insert(0) += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let leaked: Vec<_> = std::fs::read_dir(&etc).unwrap().collect();
+    assert!(
+        leaked.is_empty(),
+        "{} files written into root's directory",
+        leaked.len()
+    );
+    // Both sides of the race were met: some uploads landed, some were refused.
+    println!("{swaps} swaps; answers by status: {answers:?}");
+    assert!(answers.get(&200).copied().unwrap_or(0) > 0, "{answers:?}");
+    assert!(answers.keys().any(|&s| s != 200), "{answers:?}");
+    healthy(&e);
+}
+
+// A cross-filesystem Move copies the user's tree as root, then gives each
+// copy the owner and mode its source had. The user swaps its files for links
+// to a root-only file mid-copy: what `lstat` saw must be what is read.
+#[tokio::test]
+async fn files_swapped_for_links_mid_copy_are_not_read() {
+    let Some((e, dir, etc, home)) =
+        root_and_user_dirs("files_swapped_for_links_mid_copy_are_not_read")
+    else {
+        return;
+    };
+    let mnt = dir.path().join("tmpfs");
+    let Some(_tmpfs) = Tmpfs::mount(
+        "files_swapped_for_links_mid_copy_are_not_read",
+        &mnt,
+        "size=64m",
+    ) else {
+        return;
+    };
+    let secret = etc.join("shadow");
+    std::fs::write(&secret, b"root's secret").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    const FILES: usize = 300;
+    let mut found = 0;
+    for round in 0..10 {
+        let src = home.join(format!("tree{round}"));
+        user_entry(&src, None);
+        for i in 0..FILES {
+            user_entry(&src.join(format!("f{i}")), Some(b"user's"));
+            user_link(&secret, &src.join(format!("l{i}")));
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (src, stop) = (src.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 0..FILES {
+                        let swapped =
+                            exchange(&src.join(format!("f{i}")), &src.join(format!("l{i}")));
+                        if swapped.is_err() {
+                            return; // moved away
+                        }
+                    }
+                }
+            })
+        };
+        let dst = mnt.join(format!("moved{round}"));
+        let mut fs = e.fs().await;
+        let _ = fs
+            .r#move(MoveRequest {
+                source: s(&src),
+                destination: s(&dst),
+            })
+            .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        for entry in std::fs::read_dir(&dst).into_iter().flatten().flatten() {
+            let m = std::fs::symlink_metadata(entry.path()).unwrap();
+            if m.is_file() && std::fs::read(entry.path()).unwrap() == b"root's secret" {
+                assert_eq!(
+                    m.uid(),
+                    0,
+                    "root's secret copied into a file of uid {}",
+                    m.uid()
+                );
+                found += 1;
+            }
+        }
+    }
+    assert_eq!(found, 0, "root's secret was read into the copy");
+    healthy(&e);
+}

@@ -1,0 +1,78 @@
+//! Regression tests for the hardening issue: each test reproduces one way a
+//! caller or a process inside the sandbox could crash envd, exhaust it or
+//! corrupt data, against the real binary over real sockets.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod files;
+mod links;
+mod processes;
+mod requests;
+mod stalls;
+mod trees;
+mod watches;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::http::{addr, post_json, request, Reply};
+use common::*;
+use envd::proto::filesystem::*;
+use envd::proto::process::*;
+use envd::proto::transfer::ReadFileRequest;
+use futures_util::StreamExt;
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// envd still answers `/health` (and so has not crashed or stalled).
+fn healthy(e: &Envd) {
+    let r = request(&e.tcp, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 204, "envd no longer answers /health");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A new empty directory `name` in a temporary directory (kept while the
+/// returned guard lives).
+fn empty_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::create_dir(&path).unwrap();
+    (dir, path)
+}
+
+/// fds of `pid` whose link target contains `what`.
+fn fds_like(pid: u32, what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains(what))
+        .count()
+}
+
+fn upload(e: &Envd, path_query: &str, body: &[u8]) -> Reply {
+    request(
+        &e.tcp,
+        "POST",
+        &format!("/files?path={path_query}"),
+        &[("content-type", "application/octet-stream")],
+        body,
+    )
+}
+
+fn entries(dir: &Path) -> Option<usize> {
+    std::fs::read_dir(dir).ok().map(|d| d.count())
+}

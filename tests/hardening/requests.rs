@@ -1,0 +1,217 @@
+//! What a caller controls in a request: bodies, tokens, connections, timeouts, counts.
+
+use super::*;
+
+// Defect 2: /init with a wrong token is refused before its body is read; an
+// unproven caller may send only a small body; bodies have a time limit.
+#[test]
+fn init_checks_the_token_before_the_body_and_bounds_it() {
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "secret").unwrap();
+    let tf = s(token_file.path());
+    let e = Envd::start(&["--access-token-file", &tf, "--body-timeout", "2"]);
+    // Announce 1 MiB, send none of it: the answer must not wait for it.
+    let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(
+        b"POST /init HTTP/1.1\r\nhost: envd\r\nx-access-token: wrong\r\ncontent-length: 1048576\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // No token shown: a body above 16 KiB is refused.
+    let big = format!(
+        r#"{{"accessToken":"secret","envVars":{{"A":"{}"}}}}"#,
+        "x".repeat(20_000)
+    );
+    let r = post_json(&e.tcp, "/init", &big);
+    assert_eq!(r.status, 413, "{}", r.text());
+
+    // A body that never completes times out.
+    let t = Instant::now();
+    let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(
+        b"POST /init HTTP/1.1\r\nhost: envd\r\nx-access-token: secret\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    let n = c.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(t.elapsed() < Duration::from_secs(15));
+    healthy(&e);
+}
+
+// Defect 2: many slow unauthenticated bodies cannot add up.
+#[test]
+fn slow_bodies_share_one_budget() {
+    let e = Envd::start(&["--body-timeout", "60"]);
+    let before = rss_kib(e.pid());
+    let body = vec![b' '; (1 << 20) - 1];
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..150 {
+        let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        // A refused body is answered and its connection closed mid-write.
+        let _ = c
+            .write_all(b"POST /init HTTP/1.1\r\nhost: envd\r\ncontent-length: 1048576\r\n\r\n")
+            .and_then(|()| c.write_all(&body));
+        held.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for c in &mut held {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 12];
+        if let Ok(n) = c.read(&mut buf) {
+            if buf[..n].starts_with(b"HTTP/1.1 503") {
+                refused += 1;
+            }
+        }
+    }
+    let grown_mib = rss_kib(e.pid()).saturating_sub(before) / 1024;
+    assert!(refused > 0, "no body was refused by the shared budget");
+    assert!(grown_mib < 110, "RSS grew by {grown_mib} MiB");
+    drop(held);
+    healthy(&e);
+}
+
+// Defect 3: envd raises its own soft fd limit; commands get the original.
+#[tokio::test]
+async fn envd_raises_its_fd_limit_but_not_its_commands() {
+    let e = Envd::start_with_ulimit(&[], "-Sn 256");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", e.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let hard: u64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert_eq!(soft, hard, "soft limit not raised: {line}");
+
+    let mut c = e.client().await;
+    let o = run(&mut c, sh("ulimit -Sn")).await;
+    assert_eq!(
+        o.out().trim(),
+        "256",
+        "commands must keep the original limit"
+    );
+}
+
+// Defect 3: idle and half-sent connections cannot exhaust fds, even when
+// the hard limit is low.
+#[tokio::test]
+async fn idle_connections_cannot_exhaust_fds() {
+    let e = Envd::start_with_ulimit(&["--idle-timeout", "2"], "-n 256");
+    // Far more idle connections (some with half a request) than fds.
+    let mut idle = Vec::new();
+    for i in 0..400u32 {
+        let Ok(mut c) = TcpStream::connect(addr(&e.tcp)) else {
+            break;
+        };
+        if i.is_multiple_of(2) {
+            let _ = c.write_all(b"GET /health HTTP/1.1\r\nhost: en");
+        }
+        idle.push(c);
+    }
+    // envd still answers, on a new connection and with a command.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = e.log.lock().unwrap().clone();
+    let refused = log.iter().filter(|l| l.contains("refused")).count();
+    let accept_failed = log.iter().filter(|l| l.contains("accept failed")).count();
+    eprintln!(
+        "refused {refused}, accept failed {accept_failed}, open fds {}",
+        fds_like(e.pid(), "")
+    );
+    healthy(&e);
+    let mut c = e.client().await;
+    assert_eq!(run(&mut c, sh("echo ok")).await.out(), "ok\n");
+
+    // A half-sent request is closed after the idle timeout.
+    let mut slow = TcpStream::connect(addr(&e.tcp)).unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost: en").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = slow.read(&mut buf).unwrap_or(0);
+    assert!(
+        n == 0 || !buf.starts_with(b"HTTP/1.1 2"),
+        "served a half request"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "half request kept open"
+    );
+}
+
+// Bounds: /init refuses environment variables no process could get.
+#[test]
+fn init_validates_env_vars() {
+    let e = Envd::start(&[]);
+    for bad in [
+        r#"{"envVars":{"":"x"}}"#,
+        r#"{"envVars":{"A=B":"x"}}"#,
+        r#"{"envVars":{"A":"x\u0000y"}}"#,
+    ] {
+        let r = post_json(&e.tcp, "/init", bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    // Nothing of the refused requests was applied (E2B_SANDBOX is envd's).
+    let r = request(&e.tcp, "GET", "/envs", &[], b"");
+    assert_eq!(r.json(), serde_json::json!({"E2B_SANDBOX": "false"}));
+}
+
+// A request timeout too large to represent is not a crash.
+#[test]
+fn huge_timeouts_are_no_deadline() {
+    let e = Envd::start(&[]);
+    let r = request(
+        &e.tcp,
+        "POST",
+        "/process.Process/List",
+        &[
+            ("content-type", "application/json"),
+            ("connect-timeout-ms", "18446744073709551615"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    healthy(&e);
+}
+
+// The answer to a multipart upload lists every file written: their number is
+// bounded.
+#[test]
+fn multipart_uploads_write_a_bounded_number_of_files() {
+    let e = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut body = Vec::new();
+    for i in 0..10_001 {
+        let part = format!(
+            "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}/f{i}\"\r\n\r\nx\r\n",
+            s(dir.path())
+        );
+        body.extend_from_slice(part.as_bytes());
+    }
+    body.extend_from_slice(b"--B--\r\n");
+    let r = request(
+        &e.tcp,
+        "POST",
+        "/files",
+        &[("content-type", "multipart/form-data; boundary=B")],
+        &body,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("at most 10000 files"), "{}", r.text());
+    healthy(&e);
+}

@@ -1,0 +1,293 @@
+//! Stalled mounts, orphan storms and a VM out of tasks.
+
+use super::*;
+
+/// A FUSE mount whose server never answers: every access below it waits
+/// (killably) until the mount is aborted, as under a stalled network mount.
+struct StalledMount {
+    at: PathBuf,
+    device: Option<std::fs::File>,
+}
+
+impl StalledMount {
+    fn mount(test: &str, at: &Path) -> Option<StalledMount> {
+        use std::os::fd::AsRawFd;
+        if !is_root() {
+            skip(test, "needs root to mount FUSE");
+            return None;
+        }
+        let Ok(device) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+        else {
+            skip_on_this_machine(test, "no /dev/fuse");
+            return None;
+        };
+        std::fs::create_dir_all(at).unwrap();
+        let options = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0",
+            device.as_raw_fd()
+        );
+        let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+        if let Err(e) = nix::mount::mount(
+            Some("envd-stalled"),
+            at,
+            Some("fuse"),
+            flags,
+            Some(options.as_str()),
+        ) {
+            skip_on_this_machine(test, &format!("cannot mount FUSE: {e}"));
+            return None;
+        }
+        Some(StalledMount {
+            at: at.to_path_buf(),
+            device: Some(device),
+        })
+    }
+}
+
+impl Drop for StalledMount {
+    fn drop(&mut self) {
+        // Closing the device aborts the connection: every waiter gets ENOTCONN.
+        drop(self.device.take());
+        let _ = nix::mount::umount2(&self.at, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Whether envd answers `/health` within `limit`.
+fn answers_within(url: &str, limit: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr(url)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: envd\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 204")
+}
+
+// A Start whose working directory lies on a stalled mount (a FUSE or NFS
+// server that stopped answering) waits in the kernel: in envd's look at the
+// directory, then in the clone, which returns only once the child has
+// exec'd. Those waits were on envd's async workers, so two such Starts (one
+// in a one-vCPU guest) left envd answering nothing at all.
+#[tokio::test]
+async fn starts_on_a_stalled_mount_do_not_stall_envd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stalled = tmp.path().join("stalled");
+    // Mounted after envd started: envd must notice the new mount (it runs
+    // Starts in place while no mount may stall).
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let Some(mount) = StalledMount::mount("starts_on_a_stalled_mount", &stalled) else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let mut req = cmd("/bin/true", &[]);
+        req.process.as_mut().unwrap().cwd = Some(s(&stalled));
+        let mut c = c.clone();
+        waiting.push(tokio::spawn(async move { c.start(req).await.is_ok() }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still_answering = answers_within(&e.tcp, Duration::from_secs(3));
+    let other = if still_answering {
+        let o = tokio::time::timeout(Duration::from_secs(10), run(&mut c, cmd("/bin/true", &[])));
+        o.await.ok().map(|o| o.end().exit_code)
+    } else {
+        None
+    };
+    drop(mount);
+    assert!(
+        still_answering,
+        "envd stopped answering while Starts waited on a stalled mount"
+    );
+    assert_eq!(other, Some(0), "a Start elsewhere did not run to its end");
+    // Aborted, the mount fails every access: the waiting Starts end.
+    for w in waiting {
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("a Start still waits after its mount was aborted")
+            .unwrap();
+    }
+    healthy(&e);
+}
+
+// Each filesystem call on a stalled mount holds a blocking thread until the
+// mount answers, whatever became of its caller. tokio has 512; once calls
+// had taken them all, nothing else that needs one could run: Starts (which
+// take one while such a mount exists), the ports scan, /freeze. Filesystem
+// work now holds at most 384 of them.
+#[tokio::test]
+async fn stuck_filesystem_calls_leave_threads_for_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stalled = tmp.path().join("stalled");
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let fs = e.fs().await;
+    let Some(mount) = StalledMount::mount("stuck_filesystem_calls_leave_threads", &stalled) else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stuck = Vec::new();
+    for i in 0..520 {
+        let mut fs = fs.clone();
+        let path = s(&stalled.join(format!("f{i}")));
+        stuck.push(tokio::spawn(async move {
+            let _ = fs.stat(StatRequest { path }).await;
+        }));
+    }
+    // Let them take what threads they can.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = tokio::time::timeout(Duration::from_secs(10), run(&mut c, cmd("/bin/true", &[])))
+        .await
+        .ok()
+        .map(|o| o.end().exit_code);
+    drop(mount);
+    assert_eq!(
+        started,
+        Some(0),
+        "a Start found no blocking thread left by filesystem calls on a stalled mount"
+    );
+    for t in stuck {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("a Stat still waits after its mount was aborted")
+            .unwrap();
+    }
+    healthy(&e);
+}
+
+// Orphans re-parented to envd (a subreaper, or PID 1) can exit faster than
+// envd reaps them: here two thousand exit while envd is stopped, and it
+// wakes to one merged SIGCHLD. The reaper takes them in batches, yielding
+// its worker between them, and must come back for the rest without waiting
+// for another signal.
+#[tokio::test]
+async fn orphan_storms_are_reaped_whole() {
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    // Each `(sleep 1 &)` leaves an orphan of envd's.
+    let storm = format!(
+        "kill -STOP {envd}; \
+         for j in 1 2 3 4; do (for i in $(seq 500); do (sleep 1 &); done) & done; wait; \
+         sleep 2; kill -CONT {envd}; echo made",
+        envd = e.pid()
+    );
+    let o = run(&mut c, sh(&storm)).await;
+    assert_eq!(o.end().exit_code, 0);
+    assert!(o.out().contains("made"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = common::procfs::zombie_children(e.pid());
+    while left > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = common::procfs::zombie_children(e.pid());
+    }
+    assert_eq!(left, 0, "orphans left unreaped after the storm");
+    healthy(&e);
+}
+
+/// A pids cgroup (v1, or v2 where the pids controller is there) that caps
+/// the tasks of what is moved into it; removed when dropped (after what was
+/// in it has ended).
+struct PidsCap(PathBuf);
+
+impl PidsCap {
+    fn create(name: &str) -> Option<PidsCap> {
+        let unique = format!("envd-test-{name}-{}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/pids");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let base = if v1.join("tasks").is_file() {
+            v1
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "pids"))
+        {
+            v2
+        } else {
+            return None;
+        };
+        let dir = base.join(unique);
+        std::fs::create_dir(&dir).ok()?;
+        Some(PidsCap(dir))
+    }
+
+    /// Moves `pid` (every thread of it) in and caps the cgroup at the tasks
+    /// it has now: no further thread or process can start.
+    fn hold(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+        let now = std::fs::read_to_string(self.0.join("pids.current")).unwrap();
+        std::fs::write(self.0.join("pids.max"), now.trim()).unwrap();
+    }
+
+    fn release(&self) {
+        std::fs::write(self.0.join("pids.max"), "max").unwrap();
+    }
+}
+
+impl Drop for PidsCap {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("pids.max"), "max");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+// Sandboxed code that takes every task the kernel allows (a fork bomb
+// reaching `kernel.threads-max`, a few thousand in a small VM) leaves envd
+// unable to start a thread. tokio's spawn_blocking panics then, and every
+// filesystem call lost its connection without an answer; the refused work
+// stayed queued and ran once a thread could start again, long after its
+// caller was told it failed.
+#[tokio::test]
+async fn calls_when_the_vm_is_out_of_tasks_get_an_answer() {
+    if !is_root() {
+        return skip("out_of_tasks", "a pids cgroup needs root");
+    }
+    let Some(cap) = PidsCap::create("out_of_tasks") else {
+        return skip_on_this_machine("out_of_tasks", "no pids cgroup controller");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let mut fs = e.fs().await;
+    fs.stat(StatRequest {
+        path: s(tmp.path()),
+    })
+    .await
+    .unwrap();
+    // Idle blocking threads exit after a second: then none is left.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cap.hold(e.pid());
+
+    let refused = tmp.path().join("refused");
+    let r = fs.make_dir(MakeDirRequest { path: s(&refused) }).await;
+    let status = r.expect_err("a MakeDir ran without a thread to run on");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("cannot start a thread"),
+        "{status:?}"
+    );
+    let r = c.start(cmd("/bin/true", &[])).await;
+    assert!(r.is_err(), "a Start ran with no task to spare");
+    healthy(&e);
+
+    cap.release();
+    fs.stat(StatRequest {
+        path: s(tmp.path()),
+    })
+    .await
+    .unwrap();
+    run(&mut c, cmd("/bin/true", &[])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !refused.exists(),
+        "a refused MakeDir ran once threads could start again"
+    );
+    drop(e);
+}
