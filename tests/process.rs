@@ -42,6 +42,43 @@ async fn unix_socket_listener_serves_and_is_private() {
     assert_eq!(o.out(), "over unix\n");
 }
 
+/// Commands start with no signal ignored or blocked, whatever envd ignores
+/// (SIGPIPE, which Rust ignores, here SIGQUIT, inherited ignored, and under
+/// this test harness signal 32, which glibc's `posix_spawn` hands over
+/// ignored) or handles. The kernel defaults the handled ones
+/// (`CLONE_CLEAR_SIGHAND`), the child the ignored ones; on kernels without
+/// it, the child all of them. (Before 2026-12-05 children kept real-time
+/// signals envd had inherited ignored.)
+#[tokio::test]
+async fn commands_start_with_default_signal_dispositions() {
+    let envd = Envd::start_after(&[], "trap '' QUIT");
+    let mask = |status: &str, key: &str| {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    let own = std::fs::read_to_string(format!("/proc/{}/status", envd.pid())).unwrap();
+    let quit_and_pipe = (1 << (libc::SIGQUIT - 1)) | (1 << (libc::SIGPIPE - 1));
+    assert_eq!(
+        mask(&own, "SigIgn:") & quit_and_pipe,
+        quit_and_pipe,
+        "{own}"
+    );
+    let mut c = envd.client().await;
+    for req in [cmd("cat", &["/proc/self/status"]), {
+        let mut r = cmd("cat", &["/proc/self/status"]);
+        r.pty = Some(Pty {
+            size: Some(pty::Size { cols: 80, rows: 24 }),
+        });
+        r
+    }] {
+        let pty = req.pty.is_some();
+        let o = run(&mut c, req).await;
+        let out = String::from_utf8_lossy(if pty { &o.pty } else { &o.stdout }).into_owned();
+        assert_eq!(mask(&out, "SigIgn:"), 0, "pty {pty}: {out}");
+        assert_eq!(mask(&out, "SigBlk:"), 0, "pty {pty}: {out}");
+    }
+}
+
 #[tokio::test]
 async fn no_output_is_lost_before_start_event() {
     let envd = Envd::start(&[]);

@@ -5,12 +5,18 @@
 //! allocates it, before the child runs (`CLONE_PARENT_SETTID`): the reaper
 //! tells a child reaped before its clone returned by it.
 //!
-//! - [`into_cgroup`]: `clone3` with `CLONE_INTO_CGROUP`: the child is born in
-//!   its cgroup, so not one instruction of it runs outside (Linux 5.7).
-//! - [`plain`]: libc's `clone`; the child then joins its cgroup itself.
+//! - [`clone3`]: the child is born with every signal envd handles back at
+//!   its default (`CLONE_CLEAR_SIGHAND`, Linux 5.5), so it need not reset
+//!   them one system call each; and, given a cgroup, born in it
+//!   (`CLONE_INTO_CGROUP`, Linux 5.7), so not one instruction of it runs
+//!   outside.
+//! - [`plain`]: libc's `clone`, for older kernels; the child then resets its
+//!   signals and joins its cgroup itself.
 
 use std::io;
 
+/// `CLONE_CLEAR_SIGHAND` from `linux/sched.h`.
+const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 /// `CLONE_INTO_CGROUP` from `linux/sched.h`.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
@@ -68,32 +74,41 @@ pub unsafe fn plain(
     }
 }
 
-/// `clone3` into the cgroup open at `cgroup_dir`, on the stack
-/// `[stack_base, stack_base + stack_len)` (page aligned). An error means no
-/// child was created (e.g. `ENOSYS`/`E2BIG`/`EINVAL` on kernels without
-/// `CLONE_INTO_CGROUP`).
+/// `clone3` with `CLONE_CLEAR_SIGHAND`, into the cgroup open at `cgroup`
+/// if one is given, on the stack `[stack_base, stack_base + stack_len)`
+/// (page aligned). An error means no child was created (e.g.
+/// `ENOSYS`/`E2BIG`/`EINVAL` on kernels without `clone3` or one of the
+/// flags).
 ///
 /// # Safety
 /// As [`plain`].
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn into_cgroup(
+pub unsafe fn clone3(
     entry: Entry,
     stack_base: *mut libc::c_void,
     stack_len: usize,
-    cgroup_dir: libc::c_int,
+    cgroup: Option<libc::c_int>,
     arg: *mut libc::c_void,
     parent_tid: *mut libc::pid_t,
 ) -> io::Result<i32> {
+    let (into, cgroup) = match cgroup {
+        Some(fd) => (
+            CLONE_INTO_CGROUP,
+            u64::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
+        ),
+        None => (0, 0),
+    };
     let args = CloneArgs {
         flags: u64::from(libc::CLONE_VM.unsigned_abs())
             | u64::from(libc::CLONE_VFORK.unsigned_abs())
             | u64::from(libc::CLONE_PARENT_SETTID.unsigned_abs())
-            | CLONE_INTO_CGROUP,
+            | CLONE_CLEAR_SIGHAND
+            | into,
         parent_tid: parent_tid as u64,
         exit_signal: u64::from(libc::SIGCHLD.unsigned_abs()),
         stack: stack_base as u64,
         stack_size: stack_len as u64,
-        cgroup: u64::try_from(cgroup_dir).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
+        cgroup,
         ..Default::default()
     };
     let ret: i64;
@@ -131,13 +146,14 @@ pub unsafe fn into_cgroup(
     i32::try_from(ret).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
 }
 
-/// Without the assembly above, every cgroup join is the child's own write.
+/// Without the assembly above, every child resets its own signals and joins
+/// its cgroup itself.
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn into_cgroup(
+pub unsafe fn clone3(
     _entry: Entry,
     _stack_base: *mut libc::c_void,
     _stack_len: usize,
-    _cgroup_dir: libc::c_int,
+    _cgroup: Option<libc::c_int>,
     _arg: *mut libc::c_void,
     _parent_tid: *mut libc::pid_t,
 ) -> io::Result<i32> {

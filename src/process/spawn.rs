@@ -4,7 +4,10 @@
 //! child may only make async-signal-safe calls: no allocation, no locks, no NSS. [`Prepared`] holds
 //! every C string, pointer array and group list, built in the parent; the child
 //! only runs raw syscalls on them. The child:
-//! - resets every signal disposition (envd ignores SIGPIPE), then its mask,
+//! - resets the signal dispositions envd ignores (SIGPIPE, and any it
+//!   inherited ignored), the kernel having reset those envd handles (`clone3`
+//!   with `CLONE_CLEAR_SIGHAND`; on older kernels the child resets every
+//!   one), then its mask,
 //! - becomes a session and process-group leader (`setsid`), so signals and
 //!   timeouts reach the whole group,
 //! - takes the pty slave as controlling terminal, or the pipes, as fds 0-2,
@@ -64,8 +67,59 @@ pub struct Prepared {
     /// The directory of the cgroup the child is born in (see
     /// `crate::cgroups`).
     cgroup: Option<OwnedFd>,
-    /// Set when `clone3` could not place the child: it joins by itself.
+    /// Set when `clone3` could not be used: the child resets every signal
+    /// and joins its cgroup by itself.
     child_joins: std::cell::Cell<bool>,
+    /// The signals envd ignores (see [`ignored_signals`]).
+    ignored: u64,
+}
+
+/// Every signal, as bits (bit `n - 1` for signal `n`, as `/proc` shows
+/// them): what a child resets itself when the kernel could not.
+const ALL_SIGNALS: u64 = u64::MAX;
+
+/// The kernel's `struct sigaction` (x86_64 and aarch64). Used through the
+/// raw system call: libc's `sigaction` refuses the signals it keeps for
+/// itself (32-34), which envd may still have inherited ignored.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// `rt_sigaction(sig, act, old)`: the kernel's answer (0 or -1).
+///
+/// # Safety
+/// `act` and `old` are null or valid for the call.
+unsafe fn rt_sigaction(sig: i32, act: *const KernelSigaction, old: *mut KernelSigaction) -> i64 {
+    // SAFETY: the caller's contract; the set size is the kernel's (8 bytes).
+    unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, act, old, 8usize) }
+}
+
+/// The signals envd ignores, as bits (bit `n - 1` for signal `n`).
+/// `CLONE_CLEAR_SIGHAND` defaults in the child every signal envd handles,
+/// but an ignored signal stays ignored, across exec too, so the child
+/// defaults these itself. envd ignores SIGPIPE (Rust's runtime does, before
+/// `main`) and whatever it inherited ignored (glibc's `posix_spawn`, for
+/// one, hands its children signal 32 ignored). Read once, at the first
+/// spawn: envd ignores nothing later.
+fn ignored_signals() -> u64 {
+    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        let mut bits = 1u64 << (libc::SIGPIPE - 1);
+        for sig in 1..=64 {
+            let mut old = KernelSigaction::default();
+            // SAFETY: a null action only queries; `old` is ours.
+            let queried = unsafe { rt_sigaction(sig, std::ptr::null(), &mut old) } == 0;
+            if queried && old.handler == libc::SIG_IGN {
+                bits |= 1 << (sig - 1);
+            }
+        }
+        bits
+    })
 }
 
 /// Whether envd's `oom_score_adj` differs from the default 0.
@@ -158,6 +212,7 @@ impl Prepared {
             nofile: crate::limits::child_nofile(),
             cgroup: None,
             child_joins: std::cell::Cell::new(false),
+            ignored: ignored_signals(),
         })
     }
 
@@ -192,30 +247,18 @@ impl Prepared {
         // The kernel writes `pid_slot`, borrowed for the whole call.
         let arg = (self as *const Prepared).cast_mut().cast();
         let parent_tid = pid_slot.as_ptr();
-        let result = match &self.cgroup {
-            Some(dir) => {
-                self.child_joins.set(false);
-                // SAFETY: see above; `self` outlives the call.
-                let born_in = unsafe {
-                    super::clone::into_cgroup(
-                        child_entry,
-                        stack.base,
-                        stack.len,
-                        dir.as_raw_fd(),
-                        arg,
-                        parent_tid,
-                    )
-                };
-                born_in.or_else(|e| {
-                    tracing::debug!(error = %e, "clone3 into the cgroup failed; the child joins it");
-                    self.child_joins.set(true);
-                    // SAFETY: as above.
-                    unsafe { super::clone::plain(child_entry, stack.top(), arg, parent_tid) }
-                })
-            }
-            // SAFETY: as above.
-            None => unsafe { super::clone::plain(child_entry, stack.top(), arg, parent_tid) },
+        let cgroup = self.cgroup.as_ref().map(AsRawFd::as_raw_fd);
+        self.child_joins.set(false);
+        // SAFETY: see above; `self` outlives the call.
+        let cloned = unsafe {
+            super::clone::clone3(child_entry, stack.base, stack.len, cgroup, arg, parent_tid)
         };
+        let result = cloned.or_else(|e| {
+            tracing::debug!(error = %e, "clone3 failed; the child resets its signals and joins its cgroup");
+            self.child_joins.set(true);
+            // SAFETY: as above.
+            unsafe { super::clone::plain(child_entry, stack.top(), arg, parent_tid) }
+        });
         // SAFETY: restores this thread's previous mask.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         stack.give_back();
@@ -236,9 +279,13 @@ impl Prepared {
         // SAFETY: we are the cloned child (this function's contract), which
         // is each step's only requirement; `self` outlives the exec.
         unsafe {
-            child::reset_signals();
-            if let Some(dir) = self.cgroup.as_ref().filter(|_| self.child_joins.get()) {
-                child::join_cgroup(dir.as_raw_fd());
+            if self.child_joins.get() {
+                child::reset_signals(ALL_SIGNALS);
+                if let Some(dir) = &self.cgroup {
+                    child::join_cgroup(dir.as_raw_fd());
+                }
+            } else {
+                child::reset_signals(self.ignored);
             }
             child::session_and_stdio(&self.stdio);
             child::close_other_fds();
@@ -279,22 +326,21 @@ mod child {
 
     use super::{ChildStdio, Credentials};
 
-    /// Signals arrive blocked (see `spawn`): default every disposition
-    /// first, then unblock, so no envd handler ever runs in the child.
+    /// Signals arrive blocked (see `spawn`): default the dispositions of the
+    /// signals in `which` (bit `n - 1` for signal `n`) first, then unblock,
+    /// so no envd handler ever runs in the child and nothing envd ignores
+    /// stays ignored.
     ///
     /// # Safety
     /// Only in the cloned child.
-    pub unsafe fn reset_signals() {
-        // SAFETY: zeroed sigaction/sigset_t are valid values; the calls only
-        // change this process's signal state.
+    pub unsafe fn reset_signals(which: u64) {
+        let dfl = super::KernelSigaction::default();
+        // SAFETY: `dfl` is SIG_DFL with no flags; the calls only change this
+        // process's signal state (KILL and STOP are refused, harmlessly).
         unsafe {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            // envd installs no real-time signal handlers; the standard ones
-            // (and SIGPIPE, which Rust ignores) are all below 32.
-            for sig in 1..32 {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            for sig in 1..=64 {
+                if which & (1 << (sig - 1)) != 0 {
+                    super::rt_sigaction(sig, &dfl, std::ptr::null_mut());
                 }
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -46,10 +46,16 @@ impl Envd {
     /// Like [`Envd::start`], after `ulimit <ulimit>` in the shell that
     /// execs envd (e.g. "-Sn 256": soft open-file limit 256).
     pub fn start_with_ulimit(extra: &[&str], ulimit: &str) -> Envd {
-        Self::start_with(extra, Some(ulimit))
+        Self::start_with(extra, Some(&format!("ulimit {ulimit}")))
     }
 
-    fn start_with(extra: &[&str], ulimit: Option<&str>) -> Envd {
+    /// Like [`Envd::start`], after `prelude` in the shell that execs envd
+    /// (e.g. "trap '' QUIT": envd inherits SIGQUIT ignored).
+    pub fn start_after(extra: &[&str], prelude: &str) -> Envd {
+        Self::start_with(extra, Some(prelude))
+    }
+
+    fn start_with(extra: &[&str], prelude: Option<&str>) -> Envd {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("envd.sock");
         let unix = format!("unix://{}", sock.display());
@@ -60,7 +66,7 @@ impl Envd {
             "tcp://127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let cmd = match ulimit {
+        let cmd = match prelude {
             None => {
                 let mut c = Command::new(binary());
                 c.args(&args);
@@ -69,7 +75,7 @@ impl Envd {
             Some(u) => {
                 let mut c = Command::new("/bin/sh");
                 c.arg("-c")
-                    .arg(format!("ulimit {u} && exec \"$0\" \"$@\""))
+                    .arg(format!("{u} && exec \"$0\" \"$@\""))
                     .arg(binary())
                     .args(&args);
                 c
