@@ -257,6 +257,7 @@ async fn envd_as_pid1_in_an_initramfs_vm() {
     let mut p = ProcessClient::new(envd::client::dial(&vm.url()).await.unwrap());
 
     tunnels_into_a_vm_without_network(&vm.url()).await;
+    a_host_service_through_reverse_tunnels(&vm.url()).await;
 
     // busybox: a shell variable fed from a pipe.
     let hog = "x=$(head -c 268435456 /dev/zero | tr '\\0' a)";
@@ -1018,6 +1019,61 @@ async fn tunnels_into_a_vm_without_network(url: &str) {
         "SDK through the proxy:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The other way in the PID 1 VM, which has no network device: a web server
+/// on the host reached by `wget` in the guest at 127.0.0.1:9090, through
+/// `envctl reverse`'s tunnels (all opened by the host, over hybrid vsock),
+/// once and by 20 fetches at once, each 256 KiB and checked.
+async fn a_host_service_through_reverse_tunnels(url: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let page: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
+    let page = std::sync::Arc::new(page);
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host_port = server.local_addr().unwrap().port();
+    let served = page.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = server.accept().await {
+            let page = served.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", page.len());
+                let _ = c.write_all(answer.as_bytes()).await;
+                let _ = c.write_all(&page).await;
+            });
+        }
+    });
+    let target: envd::client::Target = url.parse().unwrap();
+    let spec: envd::client::reverse::Spec = format!("9090:{host_port}").parse().unwrap();
+    tokio::spawn(envd::client::reverse::serve(
+        spec,
+        std::sync::Arc::new(target),
+        None,
+    ));
+    use sha2::Digest;
+    let want: String = sha2::Sha256::digest(page.as_slice())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut p = ProcessClient::new(envd::client::dial(url).await.unwrap());
+    // Until the first waiting tunnel has reached envd, nothing listens.
+    let fetch = "for i in $(seq 100); do wget -q -O /tmp/host.page http://127.0.0.1:9090/ && exec sha256sum /tmp/host.page; sleep 0.2; done; exit 1";
+    let o = run(&mut p, sh(fetch)).await;
+    assert!(o.out().starts_with(&want), "{} {}", o.out(), o.err());
+    let many =
+        "for i in $(seq 20); do (wget -q -O - http://127.0.0.1:9090/ | sha256sum) & done; wait";
+    let o = run(&mut p, sh(many)).await;
+    let out = o.out();
+    let sums: Vec<&str> = out.lines().collect();
+    assert_eq!(sums.len(), 20, "{out} {}", o.err());
+    assert!(sums.iter().all(|l| l.starts_with(&want)), "{out}");
 }
 
 /// Follows a Start/Connect stream until it ends or breaks (an upgrade or a

@@ -268,6 +268,76 @@ fn forward_carries_many_connections_and_large_streams() {
     let _ = fwd.wait();
 }
 
+/// A service on the host reached from the "guest's" loopback through
+/// `envctl reverse` (over envd's Unix socket): 20 connections at once, each
+/// echoed whole, more than the tunnels waiting at envd; a guest port that
+/// is taken makes `envctl reverse` fail with envd's answer; and the
+/// listener goes once no tunnel waits on it.
+#[test]
+fn reverse_tunnels_reach_a_host_service_from_the_vms_loopback() {
+    let service = echo_server();
+    let envd = Envd::start(&[]);
+    let guest_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = format!("{guest_port}:{service}");
+    let (mut rev, addr) = envctl(&envd.unix, &["reverse", &spec], None);
+    assert_eq!(addr, format!("127.0.0.1:{guest_port}"));
+    // Listening once the first waiting tunnel has reached envd.
+    assert!(
+        eventually_sync(Duration::from_secs(10), || TcpStream::connect(&addr)
+            .is_ok()),
+        "envd never listened on {addr}"
+    );
+    let workers: Vec<_> = (0..20u8)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let msg = vec![i; 256 << 10];
+                let mut w = s.try_clone().unwrap();
+                let sender = std::thread::spawn(move || w.write_all(&msg).unwrap());
+                let mut back = vec![0u8; 256 << 10];
+                s.read_exact(&mut back).unwrap();
+                sender.join().unwrap();
+                assert!(
+                    back.iter().all(|b| *b == i),
+                    "connection {i} came back changed"
+                );
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // A port the "guest" already uses.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_envctl"))
+        .args([
+            "--url",
+            &envd.unix,
+            "reverse",
+            &format!("{taken_port}:{service}"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("409"), "{err}");
+    // Without waiting tunnels the listener goes (after its linger).
+    let _ = rev.kill();
+    let _ = rev.wait();
+    assert!(
+        eventually_sync(Duration::from_secs(20), || TcpStream::connect(&addr)
+            .is_err()),
+        "envd still listens on {addr}"
+    );
+}
+
 #[test]
 fn proxy_lets_any_tcp_client_reach_envd() {
     let envd = Envd::start(&[]);

@@ -40,6 +40,24 @@ impl std::str::FromStr for Spec {
     }
 }
 
+/// Why a tunnel did not open.
+#[derive(Debug)]
+pub enum Refused {
+    /// envd answered with this status; the status line.
+    Status(u16, String),
+    /// envd could not be reached, or the exchange broke off.
+    Failed(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Status(_, line) => write!(f, "envd refused the tunnel: {line}"),
+            Refused::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Opens a tunnel to `127.0.0.1:port` in the VM: the stream after envd's
 /// 200, and any bytes of the guest's that came with the answer.
 pub async fn open(
@@ -47,39 +65,62 @@ pub async fn open(
     port: u16,
     token: Option<&str>,
 ) -> Result<(Box<dyn Conn>, Vec<u8>), String> {
+    tunnel(target, port, token, false)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Asks envd for a tunnel to the VM's `127.0.0.1:port`, or with `listen`
+/// for the next guest connection to it (a reverse tunnel, see
+/// `crate::http::reverse`; the answer comes when one arrives).
+pub async fn tunnel(
+    target: &Target,
+    port: u16,
+    token: Option<&str>,
+    listen: bool,
+) -> Result<(Box<dyn Conn>, Vec<u8>), Refused> {
+    let failed = |e: std::io::Error| Refused::Failed(e.to_string());
     let mut s = target
         .connect()
         .await
-        .map_err(|e| format!("cannot reach envd: {e}"))?;
+        .map_err(|e| Refused::Failed(format!("cannot reach envd: {e}")))?;
     let mut head = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
     if let Some(t) = token {
         head.push_str(&format!("X-Access-Token: {t}\r\n"));
     }
+    if listen {
+        head.push_str(&format!("{}: listen\r\n", crate::http::reverse::HEADER));
+    }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    s.write_all(head.as_bytes()).await.map_err(failed)?;
     let mut buf = Vec::with_capacity(512);
     let end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
         if buf.len() > MAX_HEAD {
-            return Err("envd's answer to CONNECT is too long".into());
+            return Err(Refused::Failed(
+                "envd's answer to CONNECT is too long".into(),
+            ));
         }
         let mut chunk = [0u8; 1024];
-        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        let n = s.read(&mut chunk).await.map_err(failed)?;
         if n == 0 {
-            return Err("envd closed the connection before answering CONNECT".into());
+            return Err(Refused::Failed(
+                "envd closed the connection before answering CONNECT".into(),
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
     let status_line = String::from_utf8_lossy(&buf[..end]);
     let first = status_line.lines().next().unwrap_or("").to_owned();
-    if first.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("envd refused the tunnel: {first}"));
+    match first.split_whitespace().nth(1).map(str::parse::<u16>) {
+        Some(Ok(200)) => Ok((s, buf.split_off(end))),
+        Some(Ok(code)) => Err(Refused::Status(code, first)),
+        _ => Err(Refused::Failed(format!(
+            "envd's answer to CONNECT: {first}"
+        ))),
     }
-    Ok((s, buf.split_off(end)))
 }
 
 /// Serves one forward until the process ends.

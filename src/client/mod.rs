@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 pub mod forward;
 pub mod proxy;
+pub mod reverse;
 pub mod upgrade;
 
 use crate::wire::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};

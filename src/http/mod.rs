@@ -7,6 +7,7 @@ pub mod init;
 mod metrics;
 mod pause;
 mod query;
+pub mod reverse;
 pub mod tunnel;
 mod upgrade;
 

@@ -4,7 +4,10 @@
 //! answer is 200, carries bytes both ways. HTTP/1.1 (one tunnel per
 //! connection) and HTTP/2 (many tunnels over one connection, each a stream).
 //! Only destinations the policy allows (default: guest loopback), named by
-//! IP address or `localhost` (no DNS lookups on a client's behalf).
+//! IP address or `localhost` (no DNS lookups on a client's behalf). With
+//! `Envd-Tunnel: listen` the tunnel goes the other way: envd listens on the
+//! address and answers with the next guest connection there
+//! ([`super::reverse`]).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -83,15 +86,24 @@ pub async fn handle(req: Request<Incoming>, policy: &TunnelPolicy) -> RestResult
             format!("{MAX_TUNNELS} tunnels are open already; close one or retry later"),
         )
     })?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(dest))
-        .await
-        .map_err(|_| {
-            Rest::http(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("{dest}: connect timed out"),
-            )
-        })?
-        .map_err(|e| Rest::http(StatusCode::BAD_GATEWAY, format!("{dest}: {e}")))?;
+    let listen = req
+        .headers()
+        .get(super::reverse::HEADER)
+        .is_some_and(super::reverse::asked);
+    let stream = if listen {
+        // A reverse tunnel: the next guest connection to `dest`.
+        super::reverse::accept(dest).await?
+    } else {
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(dest))
+            .await
+            .map_err(|_| {
+                Rest::http(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("{dest}: connect timed out"),
+                )
+            })?
+            .map_err(|e| Rest::http(StatusCode::BAD_GATEWAY, format!("{dest}: {e}")))?
+    };
     let _ = stream.set_nodelay(true);
     let guard = req
         .extensions()

@@ -89,6 +89,13 @@ enum Cmd {
         #[arg(required = true)]
         specs: Vec<String>,
     },
+    /// Make services on the host reachable on the VM's loopback: each
+    /// GUEST_PORT:[HOST_ADDR:]HOST_PORT, through envd (reverse tunnels, all
+    /// opened by the host).
+    Reverse {
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
     /// Live-upgrade envd: upload BINARY (none: envd re-executes its own
     /// program file), wait until the new image answers, print its build.
     /// Commands keep running; clients re-attach with a resume offset.
@@ -156,6 +163,9 @@ async fn main() -> ExitCode {
     }
     if let Cmd::Forward { specs } = &cli.cmd {
         return tunnels::forward(&cli.url, specs, cli.token.clone()).await;
+    }
+    if let Cmd::Reverse { specs } = &cli.cmd {
+        return tunnels::reverse(&cli.url, specs, cli.token.clone()).await;
     }
     if let Cmd::Upgrade { binary, timeout } = &cli.cmd {
         return upgrade(&cli.url, binary.as_deref(), cli.token.as_deref(), *timeout).await;
@@ -274,7 +284,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             }
             Ok(0)
         }
-        Cmd::Proxy { .. } | Cmd::Forward { .. } | Cmd::Upgrade { .. } => {
+        Cmd::Proxy { .. } | Cmd::Forward { .. } | Cmd::Reverse { .. } | Cmd::Upgrade { .. } => {
             Err("runs before dialing".into())
         }
         Cmd::Ports { follow } => tunnels::ports(ctx, follow).await,

@@ -1,5 +1,5 @@
-//! `envctl proxy`, `envctl forward` and `envctl ports`: reaching into a
-//! VM that may have no network.
+//! `envctl proxy`, `envctl forward`, `envctl reverse` and `envctl ports`:
+//! reaching into (and out of) a VM that may have no network.
 
 use std::process::ExitCode;
 
@@ -35,8 +35,28 @@ pub async fn proxy(url: &str, listen: &str) -> ExitCode {
 
 /// `envctl forward`: every spec at once, until interrupted.
 pub async fn forward(url: &str, specs: &[String], token: Option<String>) -> ExitCode {
-    let parsed: Result<Vec<envd::client::forward::Spec>, String> =
-        specs.iter().map(|s| s.parse()).collect();
+    serve_all(url, specs, token, envd::client::forward::serve).await
+}
+
+/// `envctl reverse`: every spec at once, until interrupted.
+pub async fn reverse(url: &str, specs: &[String], token: Option<String>) -> ExitCode {
+    serve_all(url, specs, token, envd::client::reverse::serve).await
+}
+
+/// Parses every spec, then serves each on a task of its own until
+/// interrupted or one fails.
+async fn serve_all<S, F, Fut>(
+    url: &str,
+    specs: &[String],
+    token: Option<String>,
+    serve: F,
+) -> ExitCode
+where
+    S: std::str::FromStr<Err = String>,
+    F: Fn(S, std::sync::Arc<envd::client::Target>, Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let parsed: Result<Vec<S>, String> = specs.iter().map(|s| s.parse()).collect();
     let target: Result<envd::client::Target, String> = url.parse();
     let (specs, target) = match (parsed, target) {
         (Ok(s), Ok(t)) => (s, std::sync::Arc::new(t)),
@@ -47,11 +67,7 @@ pub async fn forward(url: &str, specs: &[String], token: Option<String>) -> Exit
     };
     let mut tasks = tokio::task::JoinSet::new();
     for spec in specs {
-        tasks.spawn(envd::client::forward::serve(
-            spec,
-            target.clone(),
-            token.clone(),
-        ));
+        tasks.spawn(serve(spec, target.clone(), token.clone()));
     }
     while let Some(done) = tasks.join_next().await {
         if let Ok(Err(e)) = done {
