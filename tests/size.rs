@@ -36,8 +36,11 @@ mod skip;
 /// by address) on 2026-12-05; 7,988,776 with a command's fds stored under
 /// one name and told apart by pipe inode; 8,001,064 (three 4 KiB steps)
 /// with the hidden temporaries handed to the next image (the registry, the
-/// state field, the removal on a launched thread) later that day.
-const BUDGET: u64 = 8_004_000;
+/// state field, the removal on a launched thread) later that day; 7,997,032
+/// after the type-erased removal job; 8,021,736 (six 4 KiB steps) with
+/// reverse tunnels (the listening side of CONNECT: its list of listeners,
+/// the waiting requests, the linger task) on 2026-12-05.
+const BUDGET: u64 = 8_024_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -7,10 +7,9 @@
 //! token and the same address policy as forward tunnels; a guest connection
 //! that arrives while no request waits stays in the listener's backlog.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -36,15 +35,19 @@ pub fn asked(value: &http::HeaderValue) -> bool {
 
 struct Shared {
     listener: TcpListener,
-    /// Requests waiting on it; changed under the map's lock only.
+    /// Requests waiting on it; changed under the list's lock only.
     waiting: AtomicUsize,
 }
 
-static LISTENERS: LazyLock<Mutex<HashMap<SocketAddr, Arc<Shared>>>> =
-    LazyLock::new(Default::default);
+/// The addresses listened on (at most [`MAX_LISTENERS`]: a list is enough).
+static LISTENERS: Mutex<Vec<(SocketAddr, Arc<Shared>)>> = Mutex::new(Vec::new());
 
-fn listeners() -> MutexGuard<'static, HashMap<SocketAddr, Arc<Shared>>> {
+fn listeners() -> MutexGuard<'static, Vec<(SocketAddr, Arc<Shared>)>> {
     LISTENERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn find(list: &[(SocketAddr, Arc<Shared>)], addr: SocketAddr) -> Option<usize> {
+    list.iter().position(|(a, _)| *a == addr)
 }
 
 /// One waiting request; leaving schedules the listener's removal once no
@@ -56,11 +59,11 @@ struct Waiting {
 
 impl Waiting {
     fn enter(addr: SocketAddr) -> Result<Waiting, Rest> {
-        let mut map = listeners();
-        let shared = match map.get(&addr) {
-            Some(s) => s.clone(),
+        let mut list = listeners();
+        let shared = match find(&list, addr) {
+            Some(i) => list[i].1.clone(),
             None => {
-                if map.len() >= MAX_LISTENERS {
+                if list.len() >= MAX_LISTENERS {
                     return Err(Rest::http(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("{MAX_LISTENERS} reverse tunnel addresses are in use already"),
@@ -71,7 +74,7 @@ impl Waiting {
                     listener,
                     waiting: AtomicUsize::new(0),
                 });
-                map.insert(addr, s.clone());
+                list.push((addr, s.clone()));
                 tracing::debug!(%addr, "reverse tunnel: listening");
                 s
             }
@@ -89,7 +92,7 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        let _map = listeners();
+        let _list = listeners();
         if self.shared.waiting.fetch_sub(1, Ordering::Relaxed) != 1 {
             return;
         }
@@ -100,32 +103,28 @@ impl Drop for Waiting {
         };
         runtime.spawn(async move {
             tokio::time::sleep(LINGER).await;
-            let mut map = listeners();
-            let idle = map.get(&addr).is_some_and(|s| {
+            let mut list = listeners();
+            let idle = find(&list, addr).filter(|&i| {
+                let s = &list[i].1;
                 shared.upgrade().is_some_and(|w| Arc::ptr_eq(s, &w))
                     && s.waiting.load(Ordering::Relaxed) == 0
             });
-            if idle {
-                map.remove(&addr);
+            if let Some(i) = idle {
+                list.swap_remove(i);
                 tracing::debug!(%addr, "reverse tunnel: no longer listening");
             }
         });
     }
 }
 
-/// A listening socket on `addr`, with the address reusable at once after a
-/// previous listener (as servers do), but never shared with a live one.
+/// A listening socket on `addr` (std's bind sets `SO_REUSEADDR`, so the
+/// address is free again at once after a previous listener, but never
+/// shared with a live one).
 fn bind(addr: SocketAddr) -> Result<TcpListener, Rest> {
-    let bound = (|| {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
-    })();
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    });
     bound.map_err(|e| {
         let status = if e.kind() == std::io::ErrorKind::AddrInUse {
             StatusCode::CONFLICT
