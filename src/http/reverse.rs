@@ -8,9 +8,8 @@
 //! that arrives while no request waits stays in the listener's backlog.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
@@ -35,23 +34,32 @@ pub fn asked(value: &http::HeaderValue) -> bool {
 
 struct Shared {
     listener: TcpListener,
-    /// Requests waiting on it; changed under the list's lock only.
-    waiting: AtomicUsize,
+    /// Changed under the list's lock only.
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Requests waiting on the listener.
+    waiting: usize,
+    /// When the last waiting request went.
+    idle_since: Instant,
+    /// A task waits to remove the listener once it has been idle for
+    /// [`LINGER`] (one per listener, however often requests come and go).
+    lingering: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The addresses listened on (at most [`MAX_LISTENERS`]: a list is enough).
 static LISTENERS: Mutex<Vec<(SocketAddr, Arc<Shared>)>> = Mutex::new(Vec::new());
 
 fn listeners() -> MutexGuard<'static, Vec<(SocketAddr, Arc<Shared>)>> {
-    LISTENERS.lock().unwrap_or_else(|e| e.into_inner())
+    lock(&LISTENERS)
 }
 
-fn find(list: &[(SocketAddr, Arc<Shared>)], addr: SocketAddr) -> Option<usize> {
-    list.iter().position(|(a, _)| *a == addr)
-}
-
-/// One waiting request; leaving schedules the listener's removal once no
-/// request waits on it any more.
+/// One waiting request; the last to leave sets the listener's linger going.
 struct Waiting {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -60,8 +68,8 @@ struct Waiting {
 impl Waiting {
     fn enter(addr: SocketAddr) -> Result<Waiting, Rest> {
         let mut list = listeners();
-        let shared = match find(&list, addr) {
-            Some(i) => list[i].1.clone(),
+        let shared = match list.iter().find(|(a, _)| *a == addr) {
+            Some((_, s)) => s.clone(),
             None => {
                 if list.len() >= MAX_LISTENERS {
                     return Err(Rest::http(
@@ -69,23 +77,28 @@ impl Waiting {
                         format!("{MAX_LISTENERS} reverse tunnel addresses are in use already"),
                     ));
                 }
-                let listener = bind(addr)?;
                 let s = Arc::new(Shared {
-                    listener,
-                    waiting: AtomicUsize::new(0),
+                    listener: bind(addr)?,
+                    state: Mutex::new(State {
+                        waiting: 0,
+                        idle_since: Instant::now(),
+                        lingering: false,
+                    }),
                 });
                 list.push((addr, s.clone()));
                 tracing::debug!(%addr, "reverse tunnel: listening");
                 s
             }
         };
-        if shared.waiting.load(Ordering::Relaxed) >= MAX_WAITING {
+        let mut state = lock(&shared.state);
+        if state.waiting >= MAX_WAITING {
             return Err(Rest::http(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{MAX_WAITING} requests wait on {addr} already"),
             ));
         }
-        shared.waiting.fetch_add(1, Ordering::Relaxed);
+        state.waiting += 1;
+        drop(state);
         Ok(Waiting { addr, shared })
     }
 }
@@ -93,27 +106,47 @@ impl Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         let _list = listeners();
-        if self.shared.waiting.fetch_sub(1, Ordering::Relaxed) != 1 {
+        let mut state = lock(&self.shared.state);
+        state.waiting -= 1;
+        if state.waiting > 0 {
             return;
         }
-        let (addr, shared) = (self.addr, Arc::downgrade(&self.shared));
+        state.idle_since = Instant::now();
+        if state.lingering {
+            return;
+        }
         // Outside a runtime (envd shutting down) the listener goes with envd.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        runtime.spawn(async move {
-            tokio::time::sleep(LINGER).await;
+        state.lingering = true;
+        runtime.spawn(linger(self.addr, Arc::downgrade(&self.shared)));
+    }
+}
+
+/// Removes the listener once no request has waited on it for [`LINGER`],
+/// or ends when one waits again.
+async fn linger(addr: SocketAddr, shared: Weak<Shared>) {
+    loop {
+        let until = {
             let mut list = listeners();
-            let idle = find(&list, addr).filter(|&i| {
-                let s = &list[i].1;
-                shared.upgrade().is_some_and(|w| Arc::ptr_eq(s, &w))
-                    && s.waiting.load(Ordering::Relaxed) == 0
-            });
-            if let Some(i) = idle {
-                list.swap_remove(i);
-                tracing::debug!(%addr, "reverse tunnel: no longer listening");
+            let Some(s) = shared.upgrade() else {
+                return;
+            };
+            let mut state = lock(&s.state);
+            if state.waiting > 0 {
+                state.lingering = false;
+                return;
             }
-        });
+            let until = state.idle_since + LINGER;
+            if Instant::now() >= until {
+                list.retain(|(_, l)| !Arc::ptr_eq(l, &s));
+                tracing::debug!(%addr, "reverse tunnel: no longer listening");
+                return;
+            }
+            until
+        };
+        tokio::time::sleep_until(until.into()).await;
     }
 }
 
