@@ -115,6 +115,10 @@ async fn main() {
     let file_peers = (transfer_peers[1].1.pid, transfer_peers[2].1.pid);
 
     start_rows(&vm, &mut p, "1 vCPU").await;
+    // `ENVD_BENCH_ONLY=start`: only the boot and the Start row above.
+    if std::env::var("ENVD_BENCH_ONLY").as_deref() == Ok("start") {
+        return;
+    }
 
     // 64 MiB each way: envd Transfer vs the raw peer.
     let block = vec![0x5au8; 1 << 20];
