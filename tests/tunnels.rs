@@ -211,6 +211,33 @@ fn early_bytes_then_half_close<S: Read + Write>(
     String::from_utf8_lossy(&back).into_owned()
 }
 
+/// `n` connections to `addr` at once, each sending `len` bytes of its own
+/// value while it reads them back from an echo behind the tunnel.
+fn echo_at_once(addr: &str, n: u8, len: usize) {
+    let workers: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let msg = vec![i; len];
+                let mut w = s.try_clone().unwrap();
+                let sender = std::thread::spawn(move || w.write_all(&msg).unwrap());
+                let mut back = vec![0u8; len];
+                s.read_exact(&mut back).unwrap();
+                sender.join().unwrap();
+                assert!(
+                    back.iter().all(|b| *b == i),
+                    "connection {i} came back changed"
+                );
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
 #[test]
 fn forward_carries_many_connections_and_large_streams() {
     let port = echo_server();
@@ -218,25 +245,7 @@ fn forward_carries_many_connections_and_large_streams() {
     // Over TCP, where envd splices each tunnel socket to socket.
     let (mut fwd, addr) = envctl(&envd.tcp, &["forward", &format!("0:{port}")], None);
     // 50 connections at once.
-    let workers: Vec<_> = (0..50u8)
-        .map(|i| {
-            let addr = addr.clone();
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(&addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let msg = vec![i; 64 << 10];
-                let mut w = s.try_clone().unwrap();
-                let sender = std::thread::spawn(move || w.write_all(&msg).unwrap());
-                let mut back = vec![0u8; 64 << 10];
-                s.read_exact(&mut back).unwrap();
-                sender.join().unwrap();
-                assert!(back.iter().all(|b| *b == i));
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join().unwrap();
-    }
+    echo_at_once(&addr, 50, 64 << 10);
     // 64 MiB through one tunnel, checked.
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -291,28 +300,7 @@ fn reverse_tunnels_reach_a_host_service_from_the_vms_loopback() {
             .is_ok()),
         "envd never listened on {addr}"
     );
-    let workers: Vec<_> = (0..20u8)
-        .map(|i| {
-            let addr = addr.clone();
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(&addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let msg = vec![i; 256 << 10];
-                let mut w = s.try_clone().unwrap();
-                let sender = std::thread::spawn(move || w.write_all(&msg).unwrap());
-                let mut back = vec![0u8; 256 << 10];
-                s.read_exact(&mut back).unwrap();
-                sender.join().unwrap();
-                assert!(
-                    back.iter().all(|b| *b == i),
-                    "connection {i} came back changed"
-                );
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join().unwrap();
-    }
+    echo_at_once(&addr, 20, 256 << 10);
     // A port the "guest" already uses.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();

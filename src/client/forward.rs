@@ -31,12 +31,10 @@ impl std::str::FromStr for Spec {
         let guest_port: u16 = guest
             .parse()
             .map_err(|_| format!("'{s}': bad guest port"))?;
-        let listen = if host_part.contains(':') {
-            host_part.to_owned()
-        } else {
-            format!("127.0.0.1:{host_part}")
-        };
-        Ok(Spec { listen, guest_port })
+        Ok(Spec {
+            listen: super::on_loopback_unless_named(host_part),
+            guest_port,
+        })
     }
 }
 

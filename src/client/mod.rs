@@ -112,6 +112,16 @@ pub async fn hybrid_handshake(s: &mut UnixStream, port: u32) -> io::Result<()> {
     }
 }
 
+/// `ADDR:PORT` as given, or a bare `PORT` on 127.0.0.1 (the host side of
+/// `envctl forward` and `envctl reverse` specs).
+fn on_loopback_unless_named(addr: &str) -> String {
+    if addr.contains(':') {
+        addr.to_owned()
+    } else {
+        format!("127.0.0.1:{addr}")
+    }
+}
+
 /// Dials envd at `url`.
 pub async fn dial(url: &str) -> Result<Channel, String> {
     let target: Target = url.parse()?;

@@ -37,12 +37,10 @@ impl std::str::FromStr for Spec {
         if guest_port == 0 {
             return Err(bad());
         }
-        let host = if host.contains(':') {
-            host.to_owned()
-        } else {
-            format!("127.0.0.1:{host}")
-        };
-        Ok(Spec { guest_port, host })
+        Ok(Spec {
+            guest_port,
+            host: super::on_loopback_unless_named(host),
+        })
     }
 }
 
