@@ -392,6 +392,59 @@ async fn many_tunnels_share_one_http2_connection() {
             .expect("an HTTP/2 tunnel hung")
             .unwrap();
     }
+    // Reverse tunnels over the same connection: five requests wait at envd,
+    // five "guest" clients connect to the port envd listens on, and each
+    // answered tunnel (this test playing the host service) echoes.
+    let guest = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut hosts = Vec::new();
+    for _ in 0..5 {
+        let mut sender = sender.clone();
+        hosts.push(tokio::spawn(async move {
+            let req = ::http::Request::builder()
+                .method(::http::Method::CONNECT)
+                .uri(format!("127.0.0.1:{guest}"))
+                .header("envd-tunnel", "listen")
+                .body(Empty::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+            let mut got = [0u8; 1000];
+            io.read_exact(&mut got).await.unwrap();
+            io.write_all(&got).await.unwrap();
+            // Ended, not dropped (a dropped HTTP/2 stream is reset, and
+            // what it had not sent yet with it); then the guest's end.
+            io.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            io.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        }));
+    }
+    let mut guests = Vec::new();
+    for i in 0..5u8 {
+        guests.push(tokio::spawn(async move {
+            let mut s = loop {
+                match tokio::net::TcpStream::connect(("127.0.0.1", guest)).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            s.write_all(&[i; 1000]).await.unwrap();
+            let mut back = [0u8; 1000];
+            s.read_exact(&mut back).await.unwrap();
+            assert!(back.iter().all(|b| *b == i), "guest client {i}");
+        }));
+    }
+    for t in guests.into_iter().chain(hosts) {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("an HTTP/2 reverse tunnel hung")
+            .unwrap();
+    }
 }
 
 #[tokio::test]
