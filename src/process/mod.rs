@@ -7,6 +7,7 @@
 //! envd's own commands (mount, `-cmd`) through the same path.
 
 pub mod clone;
+pub mod dispositions;
 pub mod events;
 pub mod exit;
 pub mod flag;

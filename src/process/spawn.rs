@@ -25,6 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use super::dispositions;
 use crate::status::{Error, Result};
 
 /// Credentials to switch to in the child.
@@ -67,59 +68,11 @@ pub struct Prepared {
     /// The directory of the cgroup the child is born in (see
     /// `crate::cgroups`).
     cgroup: Option<OwnedFd>,
-    /// Set when `clone3` could not be used: the child resets every signal
-    /// and joins its cgroup by itself.
-    child_joins: std::cell::Cell<bool>,
-    /// The signals envd ignores (see [`ignored_signals`]).
+    /// Set when `clone3` could not be used (`clone` was): the child resets
+    /// every signal and joins its cgroup by itself.
+    plain_clone: std::cell::Cell<bool>,
+    /// The signals envd ignores (see [`dispositions::ignored`]).
     ignored: u64,
-}
-
-/// Every signal, as bits (bit `n - 1` for signal `n`, as `/proc` shows
-/// them): what a child resets itself when the kernel could not.
-const ALL_SIGNALS: u64 = u64::MAX;
-
-/// The kernel's `struct sigaction` (x86_64 and aarch64). Used through the
-/// raw system call: libc's `sigaction` refuses the signals it keeps for
-/// itself (32-34), which envd may still have inherited ignored.
-#[repr(C)]
-#[derive(Default)]
-struct KernelSigaction {
-    handler: usize,
-    flags: u64,
-    restorer: usize,
-    mask: u64,
-}
-
-/// `rt_sigaction(sig, act, old)`: the kernel's answer (0 or -1).
-///
-/// # Safety
-/// `act` and `old` are null or valid for the call.
-unsafe fn rt_sigaction(sig: i32, act: *const KernelSigaction, old: *mut KernelSigaction) -> i64 {
-    // SAFETY: the caller's contract; the set size is the kernel's (8 bytes).
-    unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, act, old, 8usize) }
-}
-
-/// The signals envd ignores, as bits (bit `n - 1` for signal `n`).
-/// `CLONE_CLEAR_SIGHAND` defaults in the child every signal envd handles,
-/// but an ignored signal stays ignored, across exec too, so the child
-/// defaults these itself. envd ignores SIGPIPE (Rust's runtime does, before
-/// `main`) and whatever it inherited ignored (glibc's `posix_spawn`, for
-/// one, hands its children signal 32 ignored). Read once, at the first
-/// spawn: envd ignores nothing later.
-fn ignored_signals() -> u64 {
-    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *IGNORED.get_or_init(|| {
-        let mut bits = 1u64 << (libc::SIGPIPE - 1);
-        for sig in 1..=64 {
-            let mut old = KernelSigaction::default();
-            // SAFETY: a null action only queries; `old` is ours.
-            let queried = unsafe { rt_sigaction(sig, std::ptr::null(), &mut old) } == 0;
-            if queried && old.handler == libc::SIG_IGN {
-                bits |= 1 << (sig - 1);
-            }
-        }
-        bits
-    })
 }
 
 /// Whether envd's `oom_score_adj` differs from the default 0.
@@ -211,8 +164,8 @@ impl Prepared {
             reset_oom: own_oom_score_adjusted(),
             nofile: crate::limits::child_nofile(),
             cgroup: None,
-            child_joins: std::cell::Cell::new(false),
-            ignored: ignored_signals(),
+            plain_clone: std::cell::Cell::new(false),
+            ignored: dispositions::ignored(),
         })
     }
 
@@ -248,14 +201,14 @@ impl Prepared {
         let arg = (self as *const Prepared).cast_mut().cast();
         let parent_tid = pid_slot.as_ptr();
         let cgroup = self.cgroup.as_ref().map(AsRawFd::as_raw_fd);
-        self.child_joins.set(false);
+        self.plain_clone.set(false);
         // SAFETY: see above; `self` outlives the call.
         let cloned = unsafe {
             super::clone::clone3(child_entry, stack.base, stack.len, cgroup, arg, parent_tid)
         };
         let result = cloned.or_else(|e| {
             tracing::debug!(error = %e, "clone3 failed; the child resets its signals and joins its cgroup");
-            self.child_joins.set(true);
+            self.plain_clone.set(true);
             // SAFETY: as above.
             unsafe { super::clone::plain(child_entry, stack.top(), arg, parent_tid) }
         });
@@ -279,13 +232,13 @@ impl Prepared {
         // SAFETY: we are the cloned child (this function's contract), which
         // is each step's only requirement; `self` outlives the exec.
         unsafe {
-            if self.child_joins.get() {
-                child::reset_signals(ALL_SIGNALS);
+            if self.plain_clone.get() {
+                dispositions::reset_in_child(dispositions::ALL);
                 if let Some(dir) = &self.cgroup {
                     child::join_cgroup(dir.as_raw_fd());
                 }
             } else {
-                child::reset_signals(self.ignored);
+                dispositions::reset_in_child(self.ignored);
             }
             child::session_and_stdio(&self.stdio);
             child::close_other_fds();
@@ -325,29 +278,6 @@ mod child {
     use std::os::fd::AsRawFd;
 
     use super::{ChildStdio, Credentials};
-
-    /// Signals arrive blocked (see `spawn`): default the dispositions of the
-    /// signals in `which` (bit `n - 1` for signal `n`) first, then unblock,
-    /// so no envd handler ever runs in the child and nothing envd ignores
-    /// stays ignored.
-    ///
-    /// # Safety
-    /// Only in the cloned child.
-    pub unsafe fn reset_signals(which: u64) {
-        let dfl = super::KernelSigaction::default();
-        // SAFETY: `dfl` is SIG_DFL with no flags; the calls only change this
-        // process's signal state (KILL and STOP are refused, harmlessly).
-        unsafe {
-            for sig in 1..=64 {
-                if which & (1 << (sig - 1)) != 0 {
-                    super::rt_sigaction(sig, &dfl, std::ptr::null_mut());
-                }
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        }
-    }
 
     /// A new session (and the pty as controlling terminal), then stdio.
     ///
