@@ -326,6 +326,80 @@ fn reverse_tunnels_reach_a_host_service_from_the_vms_loopback() {
     );
 }
 
+/// Reverse tunnels are bounded: at most 256 requests wait on one address,
+/// and envd listens on at most 64 addresses; past either, a clear 503.
+#[test]
+fn reverse_tunnels_are_bounded() {
+    let envd = Envd::start(&[]);
+    let free_port = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    // Sends a reverse request for `port`; the connection, left waiting.
+    let ask = |port: u16| {
+        let mut s = TcpStream::connect(envd.tcp.trim_start_matches("tcp://")).unwrap();
+        write!(
+            s,
+            "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nEnvd-Tunnel: listen\r\n\r\n"
+        )
+        .unwrap();
+        s
+    };
+    // envd's answer on `s` within `limit` (empty: none yet, it waits).
+    let answer = |s: &mut TcpStream, limit: Duration| {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut head = vec![0u8; 1024];
+        match s.read(&mut head) {
+            Ok(n) => String::from_utf8_lossy(&head[..n]).into_owned(),
+            Err(_) => String::new(),
+        }
+    };
+    let port = free_port();
+    let mut held: Vec<TcpStream> = (0..256).map(|_| ask(port)).collect();
+    // More, until envd refuses one: the 257th, or a few later if some of the
+    // first were still on their way in.
+    let refused = loop {
+        let mut s = ask(port);
+        let a = answer(&mut s, Duration::from_millis(500));
+        if !a.is_empty() {
+            break a;
+        }
+        held.push(s);
+        assert!(
+            held.len() <= 300,
+            "more than 256 requests wait on one address"
+        );
+    };
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("256 requests wait"), "{refused}");
+    for s in held.iter_mut().take(8) {
+        assert_eq!(
+            answer(s, Duration::from_millis(10)),
+            "",
+            "a waiting request was answered"
+        );
+    }
+
+    // 63 more addresses (64 in all), each listened on once its request is in.
+    let ports: Vec<u16> = (0..63).map(|_| free_port()).collect();
+    held.extend(ports.iter().map(|&p| ask(p)));
+    let listening = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_err();
+    assert!(
+        eventually_sync(Duration::from_secs(10), || ports
+            .iter()
+            .all(|p| listening(*p))),
+        "envd does not listen on every address asked for"
+    );
+    let mut one_more = ask(free_port());
+    let a = answer(&mut one_more, Duration::from_secs(10));
+    assert!(a.starts_with("HTTP/1.1 503"), "{a}");
+    assert!(a.contains("64 reverse tunnel addresses"), "{a}");
+    drop(held);
+}
+
 #[test]
 fn proxy_lets_any_tcp_client_reach_envd() {
     let envd = Envd::start(&[]);
