@@ -221,6 +221,15 @@ impl PidsCap {
         std::fs::write(self.0.join("pids.max"), now.trim()).unwrap();
     }
 
+    /// The tasks in the cgroup now.
+    fn tasks(&self) -> u32 {
+        std::fs::read_to_string(self.0.join("pids.current"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     fn release(&self) {
         std::fs::write(self.0.join("pids.max"), "max").unwrap();
     }
@@ -235,6 +244,34 @@ impl Drop for PidsCap {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// Caps envd's tasks at a moment when it has no blocking thread: only its
+/// main thread and its async workers. Idle blocking threads exit after a
+/// second, but anything that mounts on the machine (other tests do) makes
+/// envd read the mount table on one: so rather than wait a fixed time, this
+/// waits until only those threads are left, caps, and counts again, and
+/// starts over if a blocking thread slipped in between.
+async fn hold_without_blocking_threads(cap: &PidsCap, pid: u32) {
+    let floor = 1 + std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count() as u32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "envd kept more than its {floor} threads (main and workers) for a minute: {}",
+            threads()
+        );
+        if threads() > floor {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        cap.hold(pid);
+        if threads() <= floor && cap.tasks() <= floor {
+            return;
+        }
+        cap.release();
     }
 }
 
@@ -261,9 +298,7 @@ async fn calls_when_the_vm_is_out_of_tasks_get_an_answer() {
     })
     .await
     .unwrap();
-    // Idle blocking threads exit after a second: then none is left.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    cap.hold(e.pid());
+    hold_without_blocking_threads(&cap, e.pid()).await;
 
     let refused = tmp.path().join("refused");
     let r = fs.make_dir(MakeDirRequest { path: s(&refused) }).await;
