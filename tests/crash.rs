@@ -58,6 +58,11 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     let (mut early_s, mut early_o) = started(&mut c, early).await;
     read_until(&mut early_s, &mut early_o, |o| o.end.is_some()).await;
 
+    // One whose output envd reads and no client takes before the crash.
+    let mut unread = sh("for i in 1 2 3; do echo out $i; echo err $i >&2; done; sleep 3");
+    unread.tag = Some("unread".into());
+    let (_u, _) = started(&mut c, unread).await;
+
     // The store holds the listener, the record and each command's fds.
     assert!(
         eventually(Duration::from_secs(5), || {
@@ -112,6 +117,20 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
         nums,
         (0..120).collect::<Vec<_>>(),
         "counter across the crash"
+    );
+
+    // What the killed envd had read and delivered to nobody was kept in
+    // the crash record's output tails: all of it, each byte from its pipe.
+    let kept = resume_tag(&mut c, "unread", 0).await;
+    assert_eq!(
+        kept.start.as_ref().unwrap().output_lost,
+        Some(0),
+        "output read before the crash was lost"
+    );
+    assert_eq!(kept.out(), "out 1\nout 2\nout 3\n");
+    assert_eq!(
+        String::from_utf8_lossy(&kept.stderr),
+        "err 1\nerr 2\nerr 3\n"
     );
 
     // Input and signals reach re-adopted commands; exits are reported.

@@ -27,6 +27,7 @@ use prost::Message;
 use super::carry::Claimed;
 use super::incoming::Incoming;
 use super::memfd;
+use super::tails::{self, Tails};
 use crate::auth::Auth;
 use crate::defaults::Defaults;
 use crate::process::started::{CrashEntry, Input, Process};
@@ -75,6 +76,9 @@ pub struct CrashRecord {
     writing: Mutex<()>,
     /// Two words per slot: the command's seq + 1 (0: free), its end offset.
     offsets: &'static [AtomicU64],
+    /// The newest output of the commands in the first slots (none if the
+    /// memory for it could not be had).
+    tails: Option<Tails>,
     free: Mutex<Vec<u32>>,
     dirty: tokio::sync::Notify,
     process: Arc<ProcessService>,
@@ -249,6 +253,11 @@ impl CrashRecord {
         crate::sd::remove_fds(STATE_NAME);
         crate::sd::remove_fds(OFFSETS_NAME);
         crate::sd::store_fd(OFFSETS_NAME, table.as_raw_fd())?;
+        crate::sd::remove_fds(tails::NAME);
+        let tails = Tails::new()
+            .and_then(|t| crate::sd::store_fd(tails::NAME, t.fd()).map(|()| t))
+            .inspect_err(|e| tracing::warn!(error = %e, "crash records keep no output tails"))
+            .ok();
         for (i, (_, fd)) in listeners.iter().enumerate() {
             let n = format!("l{i}");
             crate::sd::remove_fds(&n);
@@ -259,6 +268,7 @@ impl CrashRecord {
             in_second: std::sync::atomic::AtomicBool::new(true),
             writing: Mutex::new(()),
             offsets,
+            tails,
             free: Mutex::new((0..u32::try_from(SLOTS).unwrap_or(0)).rev().collect()),
             dirty: tokio::sync::Notify::new(),
             process,
@@ -303,7 +313,10 @@ impl CrashRecord {
             if let Some(slot) = slot {
                 let i = usize::try_from(slot).unwrap_or(0) * 2;
                 self.offsets[i].store(p.seq + 1, Ordering::Release);
-                p.output.mirror_to(&self.offsets[i + 1]);
+                let tails = self.tails.as_ref();
+                p.output.mirror_to(&self.offsets[i + 1], |end| {
+                    tails.and_then(|t| t.claim(slot, p.seq, end))
+                });
             }
             let _ = p.crash.set(CrashEntry {
                 slot,
@@ -320,6 +333,9 @@ impl CrashRecord {
         if let Some(slot) = p.crash.get().and_then(|c| c.slot) {
             let i = usize::try_from(slot).unwrap_or(0) * 2;
             self.offsets[i].store(0, Ordering::Release);
+            if let Some(t) = &self.tails {
+                t.free(slot);
+            }
             self.free
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -463,6 +479,11 @@ pub fn recover() -> Option<Incoming> {
             .and_then(|v| v.first())
             .and_then(|&fd| claimed.take(fd))
             .map(File::from);
+        let ring = fds
+            .get(tails::NAME)
+            .and_then(|v| v.first())
+            .and_then(|&fd| claimed.take(fd))
+            .map(File::from);
         let named = |n: &str| fds.get(n).map_or(&[][..], Vec::as_slice);
         for c in &mut state.commands {
             c.stdout_fd = pick(named(&c.stdout_name), Kind::Pipe(c.stdout_ino));
@@ -476,6 +497,14 @@ pub fn recover() -> Option<Incoming> {
             {
                 c.log_start = end;
                 c.log_end = end;
+                // What the crashed envd had read but not delivered.
+                if let Some((from, chunks)) = ring
+                    .as_ref()
+                    .and_then(|r| tails::read(r, c.offset_slot, c.seq, end))
+                {
+                    c.log_start = from;
+                    c.chunks = chunks;
+                }
             }
         }
         for l in &mut state.listeners {

@@ -26,6 +26,7 @@ pub mod exits;
 pub mod incoming;
 pub mod memfd;
 pub mod quiesce;
+pub mod tails;
 pub mod upgrader;
 
 pub use upgrader::{Image, Upgrader};

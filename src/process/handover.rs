@@ -24,23 +24,6 @@ const INPUT_PIPE: u32 = 0;
 const INPUT_PTY: u32 = 1;
 const INPUT_NONE: u32 = 2;
 
-fn source_code(s: Source) -> u32 {
-    match s {
-        Source::Stdout => 0,
-        Source::Stderr => 1,
-        Source::Pty => 2,
-    }
-}
-
-fn source_from(code: u32) -> Option<Source> {
-    match code {
-        0 => Some(Source::Stdout),
-        1 => Some(Source::Stderr),
-        2 => Some(Source::Pty),
-        _ => None,
-    }
-}
-
 /// What both a handover and a crash record say of a command: who it is,
 /// how its input works, its cgroup and time left; no fds (-1) and no output.
 /// `with_config`: its config too (only `List` reads a config, and only a
@@ -102,7 +85,7 @@ impl ProcessService {
                     .into_iter()
                     .map(|(offset, source, data)| Chunk {
                         offset,
-                        source: source_code(source),
+                        source: Source::code(source),
                         data,
                     })
                     .collect(),
@@ -222,7 +205,7 @@ impl ProcessService {
         let chunks = c
             .chunks
             .into_iter()
-            .filter_map(|ch| Some((ch.offset, source_from(ch.source)?, ch.data)))
+            .filter_map(|ch| Some((ch.offset, Source::from_code(ch.source)?, ch.data)))
             .collect();
         let finished = c.end.clone();
         let output = OutputLog::restore(

@@ -222,7 +222,7 @@ impl PidsCap {
     }
 
     /// The tasks in the cgroup now.
-    fn tasks(&self) -> u32 {
+    fn tasks(&self) -> usize {
         std::fs::read_to_string(self.0.join("pids.current"))
             .unwrap()
             .trim()
@@ -254,8 +254,12 @@ impl Drop for PidsCap {
 /// waits until only those threads are left, caps, and counts again, and
 /// starts over if a blocking thread slipped in between.
 async fn hold_without_blocking_threads(cap: &PidsCap, pid: u32) {
-    let floor = 1 + std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count() as u32;
+    let floor = 1 + std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(

@@ -42,6 +42,36 @@ pub enum Source {
     Pty,
 }
 
+impl Source {
+    /// Its number in a handover or crash record.
+    pub fn code(self) -> u32 {
+        match self {
+            Source::Stdout => 0,
+            Source::Stderr => 1,
+            Source::Pty => 2,
+        }
+    }
+
+    pub fn from_code(code: u32) -> Option<Source> {
+        match code {
+            0 => Some(Source::Stdout),
+            1 => Some(Source::Stderr),
+            2 => Some(Source::Pty),
+            _ => None,
+        }
+    }
+}
+
+/// Where a log publishes what it appends for a crash record: shared memory
+/// that outlives envd in systemd's fd store.
+#[derive(Debug)]
+pub struct Mirror {
+    /// The end offset.
+    pub end: &'static AtomicU64,
+    /// The newest bytes, if the command has a ring.
+    pub tail: Option<crate::handover::tails::Tail>,
+}
+
 /// A log's content, carried across a live upgrade.
 #[derive(Debug, Default)]
 pub struct LogImage {
@@ -59,9 +89,8 @@ pub struct OutputLog {
     budget: Arc<Budget>,
     /// Bumped on every change; producers and subscribers wait on it.
     changed: watch::Sender<()>,
-    /// Where the end offset is published for a crash record (shared memory
-    /// that outlives envd in systemd's fd store).
-    mirror: std::sync::OnceLock<&'static AtomicU64>,
+    /// Where appends are published for a crash record.
+    mirror: std::sync::OnceLock<Mirror>,
 }
 
 /// What a subscriber reads next.
@@ -129,9 +158,13 @@ impl OutputLog {
                 };
                 if fits {
                     let before = g.cost();
+                    let mirror = self.mirror.get();
+                    if let Some(t) = mirror.and_then(|m| m.tail.as_ref()) {
+                        t.record(g.end, source, &data);
+                    }
                     g.push(source, data, self.merge_max());
-                    if let Some(m) = self.mirror.get() {
-                        m.store(g.end, Ordering::Release);
+                    if let Some(m) = mirror {
+                        m.end.store(g.end, Ordering::Release);
                     }
                     self.budget.add(g.cost() - before, false);
                     self.trim(&mut g);
@@ -161,10 +194,17 @@ impl OutputLog {
         self.budget.over()
     }
 
-    /// Publishes the end offset to `cell` from now on.
-    pub fn mirror_to(&self, cell: &'static AtomicU64) {
-        cell.store(self.lock().end, Ordering::Release);
-        let _ = self.mirror.set(cell);
+    /// Publishes appends to `mirror` from now on; `tail` is given the end
+    /// offset as of then.
+    pub fn mirror_to(
+        &self,
+        end: &'static AtomicU64,
+        tail: impl FnOnce(u64) -> Option<crate::handover::tails::Tail>,
+    ) {
+        let g = self.lock();
+        end.store(g.end, Ordering::Release);
+        let tail = tail(g.end);
+        let _ = self.mirror.set(Mirror { end, tail });
     }
 
     /// Offset one past the newest byte, and the `end` once final.
