@@ -237,6 +237,69 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     );
 }
 
+/// A client that stops reading holds a fast writer back (back-pressure):
+/// envd's log fills, then its pump stops reading the pipe. Whatever envd
+/// has read by then is in the log (or reported lost), never only in a
+/// pump's hands: after a kill -9, the output that comes back at the
+/// resume offset is the writer's own bytes at that offset.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_held_back_by_a_slow_client_survives_a_crash_without_a_gap() {
+    let store = FdStore::new();
+    let args = loopback_args();
+    let (first, urls, _log) = store.spawn(&args);
+    let mut first = KillOnDrop(first);
+    let url = urls[0].clone();
+    let mut c = client(&url).await;
+    const LINES: u32 = 1_500_000;
+    let mut writer = cmd("seq", &["1", &LINES.to_string()]);
+    writer.tag = Some("writer".into());
+    // Started and then not read: the client's window and envd's log fill.
+    let (stream, _) = started(&mut c, writer).await;
+    let mut stalled = 0;
+    let mut last = 0;
+    while stalled < 5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let end = store_end(&store);
+        stalled = if end == last { stalled + 1 } else { 0 };
+        last = end;
+    }
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    drop(stream);
+
+    let (second, _urls2, _log2) = store.spawn(&args);
+    let _second = KillOnDrop(second);
+    let mut c = client(&url).await;
+    let rest = resume_tag(&mut c, "writer", 0).await;
+    let start = rest.start.as_ref().unwrap();
+    let at = usize::try_from(start.output_offset.unwrap()).unwrap();
+    assert_eq!(start.output_lost, Some(at as u64));
+    assert_eq!(rest.end().exit_code, 0, "{:?}", rest.end());
+    let all: String = (1..=LINES).map(|i| format!("{i}\n")).collect();
+    assert!(at > 0 && at < all.len(), "resumed at {at} of {}", all.len());
+    let got = rest.out();
+    assert_eq!(got.len(), all.len() - at, "output from {at}: a gap or more");
+    assert!(
+        got == all[at..],
+        "output from {at} is not the writer's: first difference at {:?}",
+        got.bytes().zip(all[at..].bytes()).position(|(a, b)| a != b)
+    );
+}
+
+/// The end offset the crash record's offset table publishes for the first
+/// slot (the test's only command).
+fn store_end(store: &FdStore) -> u64 {
+    store
+        .with_fd("envd-offsets", |fd| {
+            let mut w = [0u8; 8];
+            match nix::sys::uio::pread(fd, &mut w, 8) {
+                Ok(8) => u64::from_ne_bytes(w),
+                _ => 0,
+            }
+        })
+        .unwrap_or(0)
+}
+
 /// A SendSignal with descendants freezes the command's cgroup while it
 /// signals; an envd killed in between leaves it frozen, and the envd that
 /// takes over thaws it.

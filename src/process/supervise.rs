@@ -64,28 +64,39 @@ enum OutputReader {
 }
 
 impl OutputReader {
-    /// Appends what is available to `buf`; `Ok(0)` at end of output. A new
-    /// buffer is [`READ_CHUNK`] while `small` (all output logs together are
-    /// over their budget: every stalled stream holds a buffer or two).
-    async fn read(&mut self, buf: &mut BytesMut, small: bool) -> std::io::Result<usize> {
+    /// Bytes one read takes at most: [`READ_CHUNK`] while `small` (all
+    /// output logs together are over their budget: every stalled stream
+    /// holds a buffer or two).
+    fn want(&self, small: bool) -> usize {
+        match self {
+            OutputReader::Pipe(_, true) if !small => PIPE_READ_CHUNK,
+            _ => READ_CHUNK,
+        }
+    }
+
+    /// Appends what is available to `buf`, at most `limit` bytes; `Ok(0)`
+    /// at end of output.
+    async fn read(&mut self, buf: &mut BytesMut, limit: usize) -> std::io::Result<usize> {
         if buf.capacity() - buf.len() < MIN_ROOM {
-            buf.reserve(match self {
-                OutputReader::Pipe(_, true) if !small => PIPE_READ_CHUNK,
-                _ => READ_CHUNK,
-            });
+            buf.reserve(limit.max(MIN_ROOM));
         }
         match self {
             OutputReader::Pipe(rx, grown) => {
-                let room = buf.capacity() - buf.len();
-                let n = rx.read_buf(buf).await?;
-                if n == room && !*grown {
+                let spare = buf.capacity() - buf.len();
+                let room = spare.min(limit);
+                let n = rx
+                    .read_buf(&mut bytes::BufMut::limit(&mut *buf, room))
+                    .await?;
+                // A read that filled the whole buffer: the pipe is busy.
+                if n == spare && !*grown {
                     *grown = true;
                     grow(rx);
                 }
                 Ok(n)
             }
             OutputReader::Pty(pty, scratch) => {
-                let n = pty.read(scratch).await?;
+                let room = scratch.len().min(limit);
+                let n = pty.read(&mut scratch[..room]).await?;
                 buf.extend_from_slice(&scratch[..n]);
                 Ok(n)
             }
@@ -115,19 +126,23 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     // per read: streaming output reads in a tight loop.
     let mut quiesce = Box::pin(crate::handover::quiesce::until_requested());
     loop {
+        // Room first, then the read: what is read goes into the log at once
+        // (back-pressure waits here, with the bytes still in the kernel).
+        let room = log.reserve(reader.want(log.pressed()), false).await;
         let read = tokio::select! {
             biased;
             () = &mut quiesce => {
+                drop(room);
                 crate::handover::quiesce::park().await;
                 quiesce = Box::pin(crate::handover::quiesce::until_requested());
                 continue;
             }
-            r = reader.read(&mut buf, log.pressed()) => r,
+            r = reader.read(&mut buf, room.bytes()) => r,
             () = exited_and_idle(&process.exited) => break,
         };
         match read {
             Ok(0) => break,
-            Ok(_) => log.append(source, buf.split().freeze()).await,
+            Ok(_) => log.commit(room, source, buf.split().freeze()),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::debug!(error = %e, ?source, "output read failed");

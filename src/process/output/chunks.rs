@@ -31,6 +31,10 @@ pub(super) struct Inner {
     pub(super) cursors: HashMap<u64, u64>,
     pub(super) next_id: u64,
     pub(super) finished: Option<EndEvent>,
+    /// Bytes producers may still append without waiting, and in how many
+    /// reads ([`super::Reserved`]).
+    pub(super) reserved: u64,
+    pub(super) reservations: usize,
 }
 
 impl Inner {

@@ -130,53 +130,97 @@ impl OutputLog {
         if data.is_empty() {
             return;
         }
+        let room = self.reserve(data.len(), true).await;
+        self.commit(room, source, data);
+    }
+
+    /// Waits until output may be appended without letting an attached
+    /// subscriber fall too far behind, and reserves room for it: `want`
+    /// bytes, or with `whole` unset as many as there is room for, once that
+    /// is at least a quarter of what a subscriber may lag (never a trickle of
+    /// tiny reads). A pump reserves before it reads: whatever it reads then
+    /// goes into the log at once, never waiting in its hands, where a crash
+    /// of envd would lose it without a trace.
+    pub async fn reserve(&self, want: usize, whole: bool) -> Reserved<'_> {
+        let want = want as u64;
         let mut rx = self.changed.subscribe();
         loop {
             rx.mark_unchanged();
             {
                 let mut g = self.lock();
-                // While a live upgrade quiesces, nobody will read again in
-                // this image: appending beats holding bytes in a pump's hands.
-                let max_chunks = max_chunks(self.capacity);
-                // Over the shared budget, an attached subscriber may fall
-                // only [`FLOOR`] behind: its unread bytes cannot be dropped,
-                // so many attached clients that do not read would otherwise
-                // hold `capacity` each (300 took envd to +547 MiB).
-                let ahead = if self.budget.over() {
-                    FLOOR.min(self.capacity)
-                } else {
-                    self.capacity
-                };
-                let fits = match g.slowest() {
-                    _ if crate::handover::quiesce::requested() => true,
-                    None => true,
-                    Some(c) => {
-                        c == g.end
-                            || (g.end - c + data.len() as u64 <= ahead
-                                && g.unread_chunks(c) < max_chunks)
-                    }
-                };
-                if fits {
-                    let before = g.cost();
-                    let mirror = self.mirror.get();
-                    if let Some(t) = mirror.and_then(|m| m.tail.as_ref()) {
-                        t.record(g.end, source, &data);
-                    }
-                    g.push(source, data, self.merge_max());
-                    if let Some(m) = mirror {
-                        m.end.store(g.end, Ordering::Release);
-                    }
-                    self.budget.add(g.cost() - before, false);
-                    self.trim(&mut g);
-                    drop(g);
-                    self.notify();
-                    return;
+                if let Some(bytes) = self.room(&g, want, whole) {
+                    g.reserved += bytes;
+                    g.reservations += 1;
+                    return Reserved {
+                        log: self,
+                        bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+                        held: true,
+                    };
                 }
             }
             if rx.changed().await.is_err() {
-                return;
+                return Reserved {
+                    log: self,
+                    bytes: 0,
+                    held: false,
+                };
             }
         }
+    }
+
+    /// What [`Self::reserve`] may grant now.
+    fn room(&self, g: &Inner, want: u64, whole: bool) -> Option<u64> {
+        // While a live upgrade quiesces, nobody will read again in this
+        // image: appending beats holding bytes in a pump's hands.
+        if crate::handover::quiesce::requested() {
+            return Some(want);
+        }
+        let Some(c) = g.slowest() else {
+            return Some(want);
+        };
+        if c == g.end && g.reservations == 0 {
+            return Some(want);
+        }
+        // Over the shared budget, an attached subscriber may fall only
+        // [`FLOOR`] behind: its unread bytes cannot be dropped, so many
+        // attached clients that do not read would otherwise hold `capacity`
+        // each (300 took envd to +547 MiB).
+        let ahead = if self.budget.over() {
+            FLOOR.min(self.capacity)
+        } else {
+            self.capacity
+        };
+        let room = ahead.saturating_sub(g.end - c + g.reserved);
+        let least = if whole {
+            want
+        } else {
+            want.min(ahead / 4).max(1)
+        };
+        let chunks = g.unread_chunks(c) + g.reservations;
+        (room >= least && chunks < max_chunks(self.capacity)).then_some(room.min(want))
+    }
+
+    /// Appends what was read into `room` (at most its size), without
+    /// waiting.
+    pub fn commit(&self, mut room: Reserved<'_>, source: Source, data: Bytes) {
+        let mut g = self.lock();
+        room.release(&mut g);
+        if data.is_empty() {
+            return;
+        }
+        let before = g.cost();
+        let mirror = self.mirror.get();
+        if let Some(t) = mirror.and_then(|m| m.tail.as_ref()) {
+            t.record(g.end, source, &data);
+        }
+        g.push(source, data, self.merge_max());
+        if let Some(m) = mirror {
+            m.end.store(g.end, Ordering::Release);
+        }
+        self.budget.add(g.cost() - before, false);
+        self.trim(&mut g);
+        drop(g);
+        self.notify();
     }
 
     /// Drops the oldest read output beyond the capacity, and beyond
@@ -346,6 +390,42 @@ impl Drop for OutputLog {
     fn drop(&mut self) {
         let g = self.lock();
         self.budget.sub(g.cost(), g.finished.is_some());
+    }
+}
+
+/// Room reserved in a log ([`OutputLog::reserve`]); given back if dropped
+/// unused.
+#[derive(Debug)]
+pub struct Reserved<'a> {
+    log: &'a OutputLog,
+    bytes: usize,
+    /// Counted in the log's reservations until released.
+    held: bool,
+}
+
+impl Reserved<'_> {
+    /// How many bytes may be appended.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn release(&mut self, g: &mut Inner) {
+        if self.held {
+            g.reserved -= self.bytes as u64;
+            g.reservations -= 1;
+            self.held = false;
+        }
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            let mut g = self.log.lock();
+            self.release(&mut g);
+            drop(g);
+            self.log.notify();
+        }
     }
 }
 

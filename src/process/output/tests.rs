@@ -252,3 +252,37 @@ async fn slow_subscriber_applies_back_pressure() {
     log.append(Source::Stdout, Bytes::from_static(b"abcdefghij"))
         .await;
 }
+
+/// Room reserved for a read counts as output an attached subscriber has
+/// not read: two pumps of one log cannot together run further ahead than
+/// the capacity, and room given back unused lets the other go on.
+#[tokio::test]
+async fn reserved_room_counts_against_a_slow_subscriber() {
+    let log = OutputLog::new(256 << 10, Budget::new(u64::MAX));
+    let mut sub = log.subscribe_live();
+    log.append(Source::Stdout, Bytes::from(vec![1; 100 << 10]))
+        .await;
+    // 156 KiB of room left; a pump wanting 128 KiB gets it.
+    let first = log.reserve(128 << 10, false).await;
+    assert_eq!(first.bytes(), 128 << 10);
+    // 28 KiB left, less than a quarter of the capacity: a second waits.
+    let second = tokio::time::timeout(Duration::from_millis(100), log.reserve(64 << 10, false));
+    assert!(second.await.is_err(), "room granted beyond the capacity");
+    // The first read only 10 KiB: what it did not use is room again (146
+    // KiB), and the second gets what it wants.
+    log.commit(first, Source::Stderr, Bytes::from(vec![2; 10 << 10]));
+    assert_eq!(log.image_end().0, 110 << 10);
+    let second = tokio::time::timeout(Duration::from_millis(100), log.reserve(64 << 10, false))
+        .await
+        .expect("room after the first gave back what it did not use");
+    assert_eq!(second.bytes(), 64 << 10);
+    drop(second);
+    // Reading catches the subscriber up: a whole append fits again.
+    while let Some(Next::Data(..)) = sub.try_next() {}
+    let whole = log.reserve(300 << 10, true).await;
+    assert_eq!(
+        whole.bytes(),
+        300 << 10,
+        "a caught-up subscriber holds nothing back"
+    );
+}
