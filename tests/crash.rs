@@ -31,14 +31,24 @@ async fn client(url: &str) -> ProcessClient<tonic::transport::Channel> {
     ProcessClient::new(envd::client::dial(url).await.unwrap())
 }
 
+/// The first envd of a test, on a free loopback port: it, its URL and a
+/// client.
+async fn first_envd(
+    store: &FdStore,
+    args: &[String],
+) -> (KillOnDrop, String, ProcessClient<tonic::transport::Channel>) {
+    let (first, urls, _log) = store.spawn(args);
+    let first = KillOnDrop(first);
+    let url = urls[0].clone();
+    let c = client(&url).await;
+    (first, url, c)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     let store = FdStore::new();
     let args = loopback_args();
-    let (first, urls, _log) = store.spawn(&args);
-    let mut first = KillOnDrop(first);
-    let url = urls[0].clone();
-    let mut c = client(&url).await;
+    let (mut first, url, mut c) = first_envd(&store, &args).await;
 
     let mut counter = sh("i=0; while [ $i -lt 120 ]; do echo $i; i=$((i+1)); sleep 0.02; done");
     counter.tag = Some("counter".into());
@@ -246,10 +256,7 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
 async fn output_held_back_by_a_slow_client_survives_a_crash_without_a_gap() {
     let store = FdStore::new();
     let args = loopback_args();
-    let (first, urls, _log) = store.spawn(&args);
-    let mut first = KillOnDrop(first);
-    let url = urls[0].clone();
-    let mut c = client(&url).await;
+    let (mut first, url, mut c) = first_envd(&store, &args).await;
     const LINES: u32 = 1_500_000;
     let mut writer = cmd("seq", &["1", &LINES.to_string()]);
     writer.tag = Some("writer".into());

@@ -225,28 +225,10 @@ impl CrashRecord {
         exe: String,
     ) -> std::io::Result<CrashRecord> {
         let state = memfd::create(c"envd-state")?;
-        let table = memfd::create(c"envd-offsets")?;
-        let bytes = SLOTS * 2 * 8;
-        table.set_len(bytes as u64)?;
-        // SAFETY: maps `bytes` bytes of a memfd of exactly that size, shared,
-        // read-write; the mapping is never unmapped (it lives as long as
-        // envd), and only accessed through AtomicU64s (8-byte aligned: mmap
-        // returns page-aligned memory).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                table.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `ptr` is a live mapping of SLOTS * 2 u64-sized, zeroed,
-        // aligned words, valid for the rest of envd's life.
+        let (table, ptr) = memfd::mapped(c"envd-offsets", SLOTS * 2 * 8)?;
+        // SAFETY: `ptr` is a live, page-aligned mapping of SLOTS * 2
+        // u64-sized, zeroed words, valid for the rest of envd's life, and
+        // only accessed as atomics.
         let offsets: &'static [AtomicU64] =
             unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), SLOTS * 2) };
         // A previous life's record and listeners go; this one's come in.

@@ -19,6 +19,31 @@ pub fn create(name: &CStr) -> io::Result<File> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
+/// A new memfd of `len` zeroed bytes, mapped shared and read-write for the
+/// rest of envd's life (never unmapped): memory that a later envd finds in
+/// the fd store. The mapping is page aligned.
+pub fn mapped(name: &CStr, len: usize) -> io::Result<(File, *mut u8)> {
+    let file = create(name)?;
+    file.set_len(len as u64)?;
+    // SAFETY: maps `len` bytes of a memfd of exactly that size, shared,
+    // read-write, at an address the kernel picks; nothing else is mapped
+    // over it, and it is never unmapped.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((file, ptr.cast()))
+}
+
 /// A memfd holding `bytes`.
 pub fn with(name: &CStr, bytes: &[u8]) -> io::Result<File> {
     let mut f = create(name)?;

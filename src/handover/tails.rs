@@ -63,32 +63,15 @@ unsafe impl Sync for Tails {}
 
 impl Tails {
     pub fn new() -> std::io::Result<Tails> {
-        let file = super::memfd::create(c"envd-tails")?;
-        file.set_len(SIZE)?;
         let len = usize::try_from(SIZE).map_err(std::io::Error::other)?;
-        // SAFETY: maps the whole memfd (exactly SIZE bytes), shared,
-        // read-write; never unmapped (it lives as long as envd). Page
-        // aligned, so the header words are aligned for AtomicU64.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let (file, ptr) = super::memfd::mapped(c"envd-tails", len)?;
         let headers = usize::try_from(RINGS_AT / 8).unwrap_or(0);
         // SAFETY: the mapping starts with RINGS_AT bytes of zeroed, aligned
         // words and lives for the rest of envd's life; they are only
         // accessed as atomics.
         let words = unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), headers) };
         // SAFETY: RINGS_AT is within the mapping of SIZE bytes.
-        let rings = unsafe { ptr.cast::<u8>().add(headers * 8) };
+        let rings = unsafe { ptr.add(headers * 8) };
         Ok(Tails { file, words, rings })
     }
 
