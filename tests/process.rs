@@ -285,6 +285,30 @@ async fn the_childs_stdio_pipes_are_blocking() {
     assert_eq!(o.end().exit_code, 0);
 }
 
+/// A command that writes only to stderr, through the smallest log, to a
+/// client that reads slowly: the idle stdout reader must never hold room
+/// the stderr reader needs (it would wait forever for output that never
+/// comes, and the stream would stall).
+#[tokio::test]
+async fn one_busy_stream_of_two_is_never_stalled_by_the_idle_one() {
+    let envd = Envd::start(&["--output-buffer", "65536"]);
+    let mut c = envd.client().await;
+    let (mut s, mut o) = started(&mut c, sh("head -c 3000000 /dev/zero >&2")).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        use futures_util::StreamExt;
+        while let Some(item) = s.next().await {
+            o.record(item.unwrap().event());
+            // Slow: the log is full between reads.
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    })
+    .await
+    .expect("the stderr stream stalled");
+    assert_eq!(o.stderr.len(), 3_000_000);
+    assert!(o.stdout.is_empty());
+    assert_eq!(o.end().exit_code, 0);
+}
+
 #[tokio::test]
 async fn close_stdin_is_idempotent_and_input_after_close_fails() {
     let envd = Envd::start(&[]);

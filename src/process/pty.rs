@@ -102,6 +102,24 @@ impl Pty {
         }
     }
 
+    /// Waits until the terminal has output, or its end, without reading.
+    pub async fn readable(&self) -> io::Result<()> {
+        // Dropped without clearing: the readiness stays for `try_read`.
+        self.master.readable().await.map(drop)
+    }
+
+    /// Reads what is there without waiting (`WouldBlock` if nothing is);
+    /// `Ok(0)` at the end of output.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.master.try_io(tokio::io::Interest::READABLE, |fd| {
+            nix::unistd::read(fd, buf).map_err(io::Error::from)
+        });
+        match read {
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(0),
+            r => r,
+        }
+    }
+
     /// Writes all of `data` to the terminal (the child's input).
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         let _serialised = self.write_lock.lock().await;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
@@ -74,9 +73,17 @@ impl OutputReader {
         }
     }
 
-    /// Appends what is available to `buf`, at most `limit` bytes; `Ok(0)`
-    /// at end of output.
-    async fn read(&mut self, buf: &mut BytesMut, limit: usize) -> std::io::Result<usize> {
+    /// Waits until there is output to read, or its end.
+    async fn readable(&self) -> std::io::Result<()> {
+        match self {
+            OutputReader::Pipe(rx, _) => rx.readable().await,
+            OutputReader::Pty(pty, _) => pty.readable().await,
+        }
+    }
+
+    /// Appends what is there to `buf`, at most `limit` bytes, without
+    /// waiting (`WouldBlock` if nothing is); `Ok(0)` at end of output.
+    fn try_read(&mut self, buf: &mut BytesMut, limit: usize) -> std::io::Result<usize> {
         if buf.capacity() - buf.len() < MIN_ROOM {
             buf.reserve(limit.max(MIN_ROOM));
         }
@@ -84,9 +91,7 @@ impl OutputReader {
             OutputReader::Pipe(rx, grown) => {
                 let spare = buf.capacity() - buf.len();
                 let room = spare.min(limit);
-                let n = rx
-                    .read_buf(&mut bytes::BufMut::limit(&mut *buf, room))
-                    .await?;
+                let n = rx.try_read_buf(&mut bytes::BufMut::limit(&mut *buf, room))?;
                 // A read that filled the whole buffer: the pipe is busy.
                 if n == spare && !*grown {
                     *grown = true;
@@ -96,7 +101,7 @@ impl OutputReader {
             }
             OutputReader::Pty(pty, scratch) => {
                 let room = scratch.len().min(limit);
-                let n = pty.read(&mut scratch[..room]).await?;
+                let n = pty.try_read(&mut scratch[..room])?;
                 buf.extend_from_slice(&scratch[..n]);
                 Ok(n)
             }
@@ -116,8 +121,8 @@ fn grow(rx: &pipe::Receiver) {
 
 /// Copies one output fd into the log until end of output, or until the
 /// process has exited and the fd stayed silent for `DRAIN_IDLE`. A live
-/// upgrade parks it between reads (both reads are cancel-safe: a byte is
-/// either in `buf`, then appended, or still in the kernel).
+/// upgrade parks it between reads: a byte is either in the log or still in
+/// the kernel.
 async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     let _counted = crate::handover::quiesce::PumpGuard::new();
     let log = process.output.clone();
@@ -126,24 +131,35 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     // per read: streaming output reads in a tight loop.
     let mut quiesce = Box::pin(crate::handover::quiesce::until_requested());
     loop {
-        // Room first, then the read: what is read goes into the log at once
-        // (back-pressure waits here, with the bytes still in the kernel).
-        let room = log.reserve(reader.want(log.pressed()), false).await;
-        let read = tokio::select! {
+        // Output first, then room in the log, then the read, which takes
+        // what is there at once: nothing read waits outside the log
+        // (back-pressure waits with the bytes still in the kernel), and room
+        // is held only for that read.
+        let ready = tokio::select! {
             biased;
             () = &mut quiesce => {
-                drop(room);
                 crate::handover::quiesce::park().await;
                 quiesce = Box::pin(crate::handover::quiesce::until_requested());
                 continue;
             }
-            r = reader.read(&mut buf, room.bytes()) => r,
+            r = reader.readable() => r,
             () = exited_and_idle(&process.exited) => break,
         };
+        let read = match ready {
+            Ok(()) => {
+                let room = log.reserve(reader.want(log.pressed()), false).await;
+                reader.try_read(&mut buf, room.bytes()).map(|n| (n, room))
+            }
+            Err(e) => Err(e),
+        };
         match read {
-            Ok(0) => break,
-            Ok(_) => log.commit(room, source, buf.split().freeze()),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok((0, _)) => break,
+            Ok((_, room)) => log.commit(room, source, buf.split().freeze()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
             Err(e) => {
                 tracing::debug!(error = %e, ?source, "output read failed");
                 break;

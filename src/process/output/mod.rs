@@ -138,9 +138,10 @@ impl OutputLog {
     /// subscriber fall too far behind, and reserves room for it: `want`
     /// bytes, or with `whole` unset as many as there is room for, once that
     /// is at least a quarter of what a subscriber may lag (never a trickle of
-    /// tiny reads). A pump reserves before it reads: whatever it reads then
-    /// goes into the log at once, never waiting in its hands, where a crash
-    /// of envd would lose it without a trace.
+    /// tiny reads). A pump reserves once its fd is readable and before it
+    /// reads, and reads without waiting: whatever it reads goes into the log
+    /// at once, never waiting in its hands (where a crash of envd would lose
+    /// it without a trace), and no room stays reserved across a wait.
     pub async fn reserve(&self, want: usize, whole: bool) -> Reserved<'_> {
         let want = want as u64;
         let mut rx = self.changed.subscribe();
