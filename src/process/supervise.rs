@@ -1,6 +1,7 @@
 //! Supervision: the one task that runs alongside a process: its output pumps (fd → output log) and
 //! the supervisor (exit status, deadline kill, drain, `end`, table update).
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,6 +82,19 @@ impl OutputReader {
         }
     }
 
+    /// Bytes waiting to be read (`FIONREAD`), if the kernel says.
+    fn available(&self) -> Option<usize> {
+        let fd = match self {
+            OutputReader::Pipe(rx, _) => rx.as_raw_fd(),
+            OutputReader::Pty(pty, _) => pty.raw_fd(),
+        };
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer, which is
+        // valid for the call; `fd` is open for as long as `self` is.
+        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        (r == 0).then(|| usize::try_from(n).unwrap_or(0))
+    }
+
     /// Appends what is there to `buf`, at most `limit` bytes, without
     /// waiting (`WouldBlock` if nothing is); `Ok(0)` at end of output.
     fn try_read(&mut self, buf: &mut BytesMut, limit: usize) -> std::io::Result<usize> {
@@ -119,6 +133,32 @@ fn grow(rx: &pipe::Receiver) {
     }
 }
 
+/// Moves what a readable fd holds into the log: waits for room, then reads
+/// without waiting. `Ok(true)` at the end of output.
+async fn take(
+    reader: &mut OutputReader,
+    log: &super::output::OutputLog,
+    buf: &mut BytesMut,
+    source: Source,
+) -> std::io::Result<bool> {
+    let want = reader.want(log.pressed());
+    let room = match log.try_reserve(want, false) {
+        Some(room) => room,
+        // Readable with nothing in it: the end of output (or a stale
+        // wake-up). One byte finds out, without waiting for room that a
+        // client that stopped reading may never make (the command's end
+        // would wait with it).
+        None if reader.available() == Some(0) => log.overdraw(1),
+        None => log.reserve(want, false).await,
+    };
+    let n = reader.try_read(buf, room.bytes())?;
+    if n == 0 {
+        return Ok(true);
+    }
+    log.commit(room, source, buf.split().freeze());
+    Ok(false)
+}
+
 /// Copies one output fd into the log until end of output, or until the
 /// process has exited and the fd stayed silent for `DRAIN_IDLE`. A live
 /// upgrade parks it between reads: a byte is either in the log or still in
@@ -145,16 +185,13 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
             r = reader.readable() => r,
             () = exited_and_idle(&process.exited) => break,
         };
-        let read = match ready {
-            Ok(()) => {
-                let room = log.reserve(reader.want(log.pressed()), false).await;
-                reader.try_read(&mut buf, room.bytes()).map(|n| (n, room))
-            }
+        let taken = match ready {
+            Ok(()) => take(&mut reader, &log, &mut buf, source).await,
             Err(e) => Err(e),
         };
-        match read {
-            Ok((0, _)) => break,
-            Ok((_, room)) => log.commit(room, source, buf.split().freeze()),
+        match taken {
+            Ok(true) => break,
+            Ok(false) => {}
             Err(e)
                 if matches!(
                     e.kind(),
@@ -266,4 +303,49 @@ async fn reaped(exit: &mut ExitWatch) -> Option<ExitStatus> {
         return *s;
     }
     *exit.borrow()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::output::{Budget, OutputLog};
+
+    /// A log held full by a subscriber that stopped reading, and a pipe at
+    /// its end with nothing left in it: the end is seen at once, not after
+    /// the subscriber reads again (it may never).
+    #[tokio::test]
+    async fn the_end_of_output_needs_no_room_in_the_log() {
+        let log = OutputLog::new(64 << 10, Budget::new(u64::MAX));
+        let stopped = log.subscribe_live();
+        log.append(Source::Stdout, bytes::Bytes::from(vec![0; 56 << 10]))
+            .await;
+        let (mut tx, rx) = pipe::pipe().unwrap();
+        let mut reader = OutputReader::Pipe(rx, false);
+        let mut buf = BytesMut::new();
+        // Some output first: it waits for room, as it must.
+        tokio::io::AsyncWriteExt::write_all(&mut tx, &[1; 20 << 10])
+            .await
+            .unwrap();
+        reader.readable().await.unwrap();
+        let waits = tokio::time::timeout(
+            Duration::from_millis(200),
+            take(&mut reader, &log, &mut buf, Source::Stdout),
+        );
+        assert!(waits.await.is_err(), "output read with no room for it");
+        // Once it is in (the subscriber read) and the writer is gone: the end.
+        drop(stopped);
+        assert!(!take(&mut reader, &log, &mut buf, Source::Stdout)
+            .await
+            .unwrap());
+        let _stopped_again = log.subscribe_live();
+        log.append(Source::Stdout, bytes::Bytes::from(vec![0; 56 << 10]))
+            .await;
+        drop(tx);
+        reader.readable().await.unwrap();
+        let end = tokio::time::timeout(
+            Duration::from_secs(5),
+            take(&mut reader, &log, &mut buf, Source::Stdout),
+        );
+        assert!(end.await.expect("the end waited for room").unwrap());
+    }
 }

@@ -143,21 +143,11 @@ impl OutputLog {
     /// at once, never waiting in its hands (where a crash of envd would lose
     /// it without a trace), and no room stays reserved across a wait.
     pub async fn reserve(&self, want: usize, whole: bool) -> Reserved<'_> {
-        let want = want as u64;
         let mut rx = self.changed.subscribe();
         loop {
             rx.mark_unchanged();
-            {
-                let mut g = self.lock();
-                if let Some(bytes) = self.room(&g, want, whole) {
-                    g.reserved += bytes;
-                    g.reservations += 1;
-                    return Reserved {
-                        log: self,
-                        bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
-                        held: true,
-                    };
-                }
+            if let Some(room) = self.try_reserve(want, whole) {
+                return room;
             }
             if rx.changed().await.is_err() {
                 return Reserved {
@@ -166,6 +156,31 @@ impl OutputLog {
                     held: false,
                 };
             }
+        }
+    }
+
+    /// [`Self::reserve`] without waiting: `None` if there is no room now.
+    pub fn try_reserve(&self, want: usize, whole: bool) -> Option<Reserved<'_>> {
+        let mut g = self.lock();
+        let bytes = self.room(&g, want as u64, whole)?;
+        Some(self.hold(&mut g, bytes))
+    }
+
+    /// Room for `bytes` whether or not there is any: a reader that expects
+    /// its fd's end reads one byte to see it, rather than wait for room
+    /// that a client that stopped reading may never make.
+    pub fn overdraw(&self, bytes: usize) -> Reserved<'_> {
+        let mut g = self.lock();
+        self.hold(&mut g, bytes as u64)
+    }
+
+    fn hold(&self, g: &mut Inner, bytes: u64) -> Reserved<'_> {
+        g.reserved += bytes;
+        g.reservations += 1;
+        Reserved {
+            log: self,
+            bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+            held: true,
         }
     }
 
