@@ -247,6 +247,66 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
     );
 }
 
+/// Output that envd read survives a second crash that comes before anyone
+/// re-attached: the envd that took the command over starts the command's
+/// ring with the output it got back.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_survives_a_second_crash_after_a_takeover() {
+    let store = FdStore::new();
+    let args = loopback_args();
+    let (mut envd, url, mut c) = first_envd(&store, &args).await;
+    let mut said = sh("echo one; echo two >&2; sleep 30");
+    said.tag = Some("said".into());
+    let (mut s, mut o) = started(&mut c, said).await;
+    read_until(&mut s, &mut o, |o| {
+        !o.stdout.is_empty() && !o.stderr.is_empty()
+    })
+    .await;
+    for _ in 0..2 {
+        // The record is rewritten a few milliseconds after a Start or a
+        // takeover.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = envd.0.kill();
+        let _ = envd.0.wait();
+        let (next, _, _) = store.spawn(&args);
+        envd = KillOnDrop(next);
+        let mut c = client(&url).await;
+        let listed = c.list(ListRequest {}).await.unwrap().into_inner().processes;
+        assert!(listed.iter().any(|p| p.tag.as_deref() == Some("said")));
+    }
+    let mut c = client(&url).await;
+    let mut s = c
+        .connect(envd::proto::process::ConnectRequest {
+            process: by_tag("said"),
+            resume_offset: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.start.is_some()).await;
+    assert_eq!(
+        o.start.as_ref().unwrap().output_lost,
+        Some(0),
+        "output lost to the second crash"
+    );
+    read_until(&mut s, &mut o, |o| {
+        !o.stdout.is_empty() && !o.stderr.is_empty()
+    })
+    .await;
+    assert_eq!(
+        (o.out().as_str(), o.stderr.as_slice()),
+        ("one\n", &b"two\n"[..])
+    );
+    c.send_signal(SendSignalRequest {
+        process: by_tag("said"),
+        signal: Signal::Sigkill as i32,
+        descendants: false,
+    })
+    .await
+    .unwrap();
+}
+
 /// A client that stops reading holds a fast writer back (back-pressure):
 /// envd's log fills, then its pump stops reading the pipe. Whatever envd
 /// has read by then is in the log (or reported lost), never only in a

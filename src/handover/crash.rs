@@ -296,8 +296,8 @@ impl CrashRecord {
                 let i = usize::try_from(slot).unwrap_or(0) * 2;
                 self.offsets[i].store(p.seq + 1, Ordering::Release);
                 let tails = self.tails.as_ref();
-                p.output.mirror_to(&self.offsets[i + 1], |end| {
-                    tails.and_then(|t| t.claim(slot, p.seq, end))
+                p.output.mirror_to(&self.offsets[i + 1], |from| {
+                    tails.and_then(|t| t.claim(slot, p.seq, from))
                 });
             }
             let _ = p.crash.set(CrashEntry {

@@ -33,7 +33,7 @@ pub const NAME: &str = "envd-tails";
 /// Slots (of the offset table's) that have a ring.
 pub const TAIL_SLOTS: u32 = 256;
 /// Bytes of output each ring keeps.
-const RING: u64 = 64 * 1024;
+pub const RING: u64 = 64 * 1024;
 /// Words of a slot's header.
 const HEADER_WORDS: usize = 32;
 const OWNER: usize = 0;
@@ -79,12 +79,13 @@ impl Tails {
         self.file.as_raw_fd()
     }
 
-    /// The ring of `slot` for command `seq`, whose log ends at `end` now;
-    /// none beyond [`TAIL_SLOTS`].
-    pub fn claim(&self, slot: u32, seq: u64, end: u64) -> Option<Tail> {
+    /// The ring of `slot` for command `seq`, to hold its output from offset
+    /// `from` on (what its log holds from there is recorded next); none
+    /// beyond [`TAIL_SLOTS`].
+    pub fn claim(&self, slot: u32, seq: u64, from: u64) -> Option<Tail> {
         let header = self.header(slot)?;
         header[OWNER].store(0, Ordering::Release);
-        header[LOW].store(end, Ordering::Release);
+        header[LOW].store(from, Ordering::Release);
         header[COUNT].store(0, Ordering::Release);
         header[OWNER].store(seq + 1, Ordering::Release);
         let at = usize::try_from(u64::from(slot) * RING).ok()?;

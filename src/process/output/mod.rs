@@ -259,8 +259,8 @@ impl OutputLog {
         self.budget.over()
     }
 
-    /// Publishes appends to `mirror` from now on; `tail` is given the end
-    /// offset as of then.
+    /// Publishes appends to `end` (and a ring, if `tail` gives one for the
+    /// lowest offset it is to hold) from now on.
     pub fn mirror_to(
         &self,
         end: &'static AtomicU64,
@@ -268,7 +268,20 @@ impl OutputLog {
     ) {
         let g = self.lock();
         end.store(g.end, Ordering::Release);
-        let tail = tail(g.end);
+        // The ring starts with the newest bytes the log holds: output that a
+        // previous envd image read and no client has taken yet survives a
+        // crash after a takeover or a live upgrade too.
+        let from = g
+            .end
+            .saturating_sub(crate::handover::tails::RING)
+            .max(g.start);
+        let tail = tail(from);
+        if let Some(t) = &tail {
+            for c in g.chunks.iter().filter(|c| c.end() > from) {
+                let skip = usize::try_from(from.saturating_sub(c.offset)).unwrap_or(0);
+                t.record(c.offset + skip as u64, c.source, &c.data[skip..]);
+            }
+        }
         let _ = self.mirror.set(Mirror { end, tail });
     }
 
