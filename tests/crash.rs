@@ -31,8 +31,9 @@ async fn client(url: &str) -> ProcessClient<tonic::transport::Channel> {
     ProcessClient::new(envd::client::dial(url).await.unwrap())
 }
 
-/// The first envd of a test, on a free loopback port: it, its URL and a
-/// client.
+/// The first envd of a test, on a free loopback port, once it keeps crash
+/// records (its first record is in the store: commands started before that
+/// are in the record only if still running then): it, its URL and a client.
 async fn first_envd(
     store: &FdStore,
     args: &[String],
@@ -41,6 +42,11 @@ async fn first_envd(
     let first = KillOnDrop(first);
     let url = urls[0].clone();
     let c = client(&url).await;
+    let on = || store.names().iter().any(|n| n == "envd-state");
+    assert!(
+        eventually(Duration::from_secs(10), on).await,
+        "no crash record"
+    );
     (first, url, c)
 }
 
@@ -213,9 +219,12 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
         "{end:?}"
     );
     println!("quick's end (ended while envd was down): {end:?}");
-    // The exit record of a command that ended before the crash.
+    // The exit record of a command that ended before the crash, with its
+    // output (its ring stays as long as the record).
     let early = resume_tag(&mut c, "early", 0).await;
     assert_eq!(early.end().exit_code, 3, "{:?}", early.end());
+    assert_eq!(early.start.as_ref().unwrap().output_lost, Some(0));
+    assert_eq!(early.out(), "early\n");
 
     // A pty command's fds leave the store when it ends, as a pipe one's do.
     let mut tty = sh("sleep 0.3");
@@ -351,6 +360,44 @@ async fn output_held_back_by_a_slow_client_survives_a_crash_without_a_gap() {
         "output from {at} is not the writer's: first difference at {:?}",
         got.bytes().zip(all[at..].bytes()).position(|(a, b)| a != b)
     );
+}
+
+/// A command's slot in the crash record (and its output ring) stays as long
+/// as its exit record, and is free again once the record is forgotten.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forgotten_exit_record_gives_its_slot_back() {
+    let store = FdStore::new();
+    let mut args = loopback_args();
+    args.extend(["--exit-retention".to_owned(), "1".to_owned()]);
+    let (_envd, _, mut c) = first_envd(&store, &args).await;
+    let (s, _) = started(&mut c, sh("echo x")).await;
+    assert_eq!(collect(s).await.out(), "x\n");
+    assert_eq!(
+        owned_slots(&store),
+        1,
+        "the slot went with the command's end"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Expired records are forgotten when the table is next looked at.
+    c.list(ListRequest {}).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || owned_slots(&store) == 0).await,
+        "a forgotten exit record kept its slot"
+    );
+}
+
+/// Slots of the crash record's offset table that a command owns.
+fn owned_slots(store: &FdStore) -> usize {
+    store
+        .with_fd("envd-offsets", |fd| {
+            let mut table = vec![0u8; 64 * 16];
+            let n = nix::sys::uio::pread(fd, &mut table, 0).unwrap_or(0);
+            table[..n]
+                .chunks_exact(16)
+                .filter(|slot| slot[..8] != [0; 8])
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// The end offset the crash record's offset table publishes for the first

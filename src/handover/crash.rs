@@ -168,6 +168,14 @@ pub fn ended(p: &Process) {
     }
 }
 
+/// A command with a slot is forgotten (its exit record went): the slot, and
+/// its ring's pages, are free again.
+pub fn forgotten(slot: u32) {
+    if let Some(r) = RECORD.get() {
+        r.forgotten(slot);
+    }
+}
+
 /// Removes a command's fds from the store: its names, and with `old` those
 /// an older envd gave them ([`OLD_NAMES`]).
 fn remove_names(p: &Process, old: bool) {
@@ -312,18 +320,21 @@ impl CrashRecord {
         // Not stored by this envd: a command taken over that ended before
         // `enable` stored it again, under the previous envd's names.
         remove_names(p, p.crash.get().is_none());
-        if let Some(slot) = p.crash.get().and_then(|c| c.slot) {
-            let i = usize::try_from(slot).unwrap_or(0) * 2;
-            self.offsets[i].store(0, Ordering::Release);
-            if let Some(t) = &self.tails {
-                t.free(slot);
-            }
-            self.free
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(slot);
-        }
+        // Its slot stays while its exit record does ([`forgotten`]): the
+        // output a client had not taken when it ended survives a crash too.
         self.dirty.notify_one();
+    }
+
+    fn forgotten(&self, slot: u32) {
+        let i = usize::try_from(slot).unwrap_or(0) * 2;
+        self.offsets[i].store(0, Ordering::Release);
+        if let Some(t) = &self.tails {
+            t.free(slot);
+        }
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(slot);
     }
 
     /// Rewrites the record after each change: [`COALESCE`] after it, and

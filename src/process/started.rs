@@ -146,6 +146,14 @@ pub struct Process {
     pub described: crate::quota::Held,
 }
 
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(slot) = self.crash.get().and_then(|c| c.slot) {
+            crate::handover::crash::forgotten(slot);
+        }
+    }
+}
+
 /// What the crash record keeps of a command beside its stored fds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CrashEntry {
