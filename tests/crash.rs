@@ -372,29 +372,37 @@ async fn a_forgotten_exit_record_gives_its_slot_back() {
     let (_envd, _, mut c) = first_envd(&store, &args).await;
     let (s, _) = started(&mut c, sh("echo x")).await;
     assert_eq!(collect(s).await.out(), "x\n");
+    let held = || {
+        (
+            owned(&store, "envd-offsets", 16),
+            owned(&store, "envd-tails", 256),
+        )
+    };
     assert_eq!(
-        owned_slots(&store),
-        1,
-        "the slot went with the command's end"
+        held(),
+        (1, 1),
+        "the slot or ring went with the command's end"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Expired records are forgotten when the table is next looked at.
     c.list(ListRequest {}).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || owned_slots(&store) == 0).await,
-        "a forgotten exit record kept its slot"
+        eventually(Duration::from_secs(5), || held() == (0, 0)).await,
+        "a forgotten exit record kept its slot or ring: {:?}",
+        held()
     );
 }
 
-/// Slots of the crash record's offset table that a command owns.
-fn owned_slots(store: &FdStore) -> usize {
+/// Entries of a crash record's table (`name`, entries of `stride` bytes that
+/// start with their owner word) that a command owns, among the first 64.
+fn owned(store: &FdStore, name: &str, stride: usize) -> usize {
     store
-        .with_fd("envd-offsets", |fd| {
-            let mut table = vec![0u8; 64 * 16];
+        .with_fd(name, |fd| {
+            let mut table = vec![0u8; 64 * stride];
             let n = nix::sys::uio::pread(fd, &mut table, 0).unwrap_or(0);
             table[..n]
-                .chunks_exact(16)
-                .filter(|slot| slot[..8] != [0; 8])
+                .chunks_exact(stride)
+                .filter(|entry| entry[..8] != [0; 8])
                 .count()
         })
         .unwrap_or(0)

@@ -168,11 +168,11 @@ pub fn ended(p: &Process) {
     }
 }
 
-/// A command with a slot is forgotten (its exit record went): the slot, and
-/// its ring's pages, are free again.
-pub fn forgotten(slot: u32) {
+/// A command in the record is forgotten (its exit record went): its slot
+/// and its ring are free again.
+pub fn forgotten(entry: &CrashEntry, seq: u64) {
     if let Some(r) = RECORD.get() {
-        r.forgotten(slot);
+        r.forgotten(entry, seq);
     }
 }
 
@@ -300,16 +300,20 @@ impl CrashRecord {
         // Registered once (start-up may see a command twice).
         if p.crash.get().is_none() {
             let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let mut ring = None;
             if let Some(slot) = slot {
                 let i = usize::try_from(slot).unwrap_or(0) * 2;
                 self.offsets[i].store(p.seq + 1, Ordering::Release);
                 let tails = self.tails.as_ref();
                 p.output.mirror_to(&self.offsets[i + 1], |from| {
-                    tails.and_then(|t| t.claim(slot, p.seq, from))
+                    let tail = tails.and_then(|t| t.claim(p.seq, from));
+                    ring = tail.as_ref().map(tails::Tail::index);
+                    tail
                 });
             }
             let _ = p.crash.set(CrashEntry {
                 slot,
+                ring,
                 pipes: [inode(stdout), inode(stderr)],
             });
         }
@@ -320,17 +324,24 @@ impl CrashRecord {
         // Not stored by this envd: a command taken over that ended before
         // `enable` stored it again, under the previous envd's names.
         remove_names(p, p.crash.get().is_none());
-        // Its slot stays while its exit record does ([`forgotten`]): the
-        // output a client had not taken when it ended survives a crash too.
+        // Its slot and ring stay while its exit record does ([`forgotten`]):
+        // the output a client had not taken when it ended survives a crash
+        // too (unless a starting command needs the ring first).
+        if let (Some(t), Some(ring)) = (&self.tails, p.crash.get().and_then(|c| c.ring)) {
+            t.ended(ring, p.seq);
+        }
         self.dirty.notify_one();
     }
 
-    fn forgotten(&self, slot: u32) {
+    fn forgotten(&self, entry: &CrashEntry, seq: u64) {
+        if let (Some(t), Some(ring)) = (&self.tails, entry.ring) {
+            t.release(ring, seq);
+        }
+        let Some(slot) = entry.slot else {
+            return;
+        };
         let i = usize::try_from(slot).unwrap_or(0) * 2;
         self.offsets[i].store(0, Ordering::Release);
-        if let Some(t) = &self.tails {
-            t.free(slot);
-        }
         self.free
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -477,6 +488,7 @@ pub fn recover() -> Option<Incoming> {
             .and_then(|v| v.first())
             .and_then(|&fd| claimed.take(fd))
             .map(File::from);
+        let owners = ring.as_ref().map(tails::owners).unwrap_or_default();
         let named = |n: &str| fds.get(n).map_or(&[][..], Vec::as_slice);
         for c in &mut state.commands {
             c.stdout_fd = pick(named(&c.stdout_name), Kind::Pipe(c.stdout_ino));
@@ -491,10 +503,10 @@ pub fn recover() -> Option<Incoming> {
                 c.log_start = end;
                 c.log_end = end;
                 // What the crashed envd had read but not delivered.
-                if let Some((from, chunks)) = ring
-                    .as_ref()
-                    .and_then(|r| tails::read(r, c.offset_slot, c.seq, end))
-                {
+                if let Some((from, chunks)) = ring.as_ref().and_then(|r| {
+                    let index = *owners.get(&c.seq)?;
+                    tails::read(r, index, c.seq, end)
+                }) {
                     c.log_start = from;
                     c.chunks = chunks;
                 }

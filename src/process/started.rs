@@ -148,8 +148,8 @@ pub struct Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if let Some(slot) = self.crash.get().and_then(|c| c.slot) {
-            crate::handover::crash::forgotten(slot);
+        if let Some(entry) = self.crash.get() {
+            crate::handover::crash::forgotten(entry, self.seq);
         }
     }
 }
@@ -159,6 +159,8 @@ impl Drop for Process {
 pub struct CrashEntry {
     /// Its slot in the offset table (none while the table is full).
     pub slot: Option<u32>,
+    /// Its output ring (none while every ring is a running command's).
+    pub ring: Option<u32>,
     /// The inode numbers of its stdout and stderr pipes (0: none): they tell
     /// the two apart in the store, where a command's fds share one name.
     pub pipes: [u64; 2],
