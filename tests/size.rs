@@ -41,8 +41,12 @@ mod skip;
 /// reverse tunnels (the listening side of CONNECT: its list of listeners,
 /// the waiting requests, the linger task) on 2026-12-05; 8,029,928 (two
 /// 4 KiB steps) with the crash record's output tails (the ring and its
-/// recovery) and pumps that reserve room before they read, the next day.
-const BUDGET: u64 = 8_032_000;
+/// recovery) and pumps that reserve room before they read, the next day;
+/// 8,042,216 (three more 4 KiB steps) with the rings as a pool that exit
+/// records keep until a starting command needs one (the pool, its lookup
+/// by owner, the slot freed when a record is forgotten). A sorted list
+/// instead of the owner map came out 4 KiB larger.
+const BUDGET: u64 = 8_044_000;
 
 #[test]
 fn static_binary_within_budget() {
