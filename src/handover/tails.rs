@@ -112,7 +112,13 @@ impl Tails {
         let mut pool = self.pool();
         let index = match pool.free.pop() {
             Some(i) => i,
-            None => pool.ended.pop_front()?.0,
+            // An entry whose command no longer owns the ring is stale.
+            None => loop {
+                let (i, owner) = pool.ended.pop_front()?;
+                if self.owned_by(i, owner) {
+                    break i;
+                }
+            },
         };
         let header = self.header(index)?;
         // Under the pool's lock: the command it was taken from no longer
@@ -135,7 +141,7 @@ impl Tails {
     /// until it is forgotten or a starting command needs one.
     pub fn ended(&self, index: u32, seq: u64) {
         let mut pool = self.pool();
-        if self.owned_by(index, seq) {
+        if self.owned_by(index, seq) && !pool.ended.iter().any(|&(i, _)| i == index) {
             pool.ended.push_back((index, seq));
         }
     }
@@ -153,12 +159,12 @@ impl Tails {
             return;
         };
         header[OWNER].store(0, Ordering::Release);
-        let written = header[COUNT].swap(0, Ordering::AcqRel) > 0;
-        pool.free.push(index);
-        drop(pool);
-        if written {
+        // Before it is free: a hole punched later would zero what its next
+        // command had written.
+        if header[COUNT].swap(0, Ordering::AcqRel) > 0 {
             self.punch(index);
         }
+        pool.free.push(index);
     }
 
     fn owned_by(&self, index: u32, seq: u64) -> bool {
@@ -411,6 +417,8 @@ mod tests {
             "a running command's ring taken"
         );
         tails.ended(held[7].index(), 7);
+        tails.ended(held[3].index(), 3);
+        // Said twice, it is still one ring to give up.
         tails.ended(held[3].index(), 3);
         let taken = tails.claim(1000, 0).unwrap();
         assert_eq!(taken.index(), held[7].index(), "not the oldest ended");
