@@ -20,6 +20,9 @@ const SIGNAL_PASSES: usize = 8;
 /// uninterruptible sleep (a stalled mount) keeps a cgroup from freezing
 /// for as long as it sleeps; the signal then goes out to what is listed.
 pub const FREEZE_WAIT: Duration = Duration::from_millis(100);
+/// How much longer a freeze not complete by [`FREEZE_WAIT`] is waited for,
+/// after the first signal passes, for a last round.
+const LATE_FREEZE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Leaf {
@@ -92,12 +95,31 @@ impl Leaf {
     /// line at a time (a command that forks a hundred thousand processes
     /// makes it megabytes long), and read again while a pass finds processes
     /// it had not signalled (children forked during a pass, where the freeze
-    /// did not complete), at most [`SIGNAL_PASSES`] times. Blocking: a kill
-    /// per process, and up to [`FREEZE_WAIT`] for the freeze.
+    /// did not complete), at most [`SIGNAL_PASSES`] times; and once more
+    /// when a freeze that was late completes. Blocking: a kill per process,
+    /// up to [`FREEZE_WAIT`] for the freeze, and where it was late up to
+    /// [`LATE_FREEZE_WAIT`] more.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
-        use std::io::BufRead;
-        let _held = Hold::freeze(self);
+        let held = Hold::freeze(self);
         let mut sent = std::collections::HashSet::new();
+        self.signal_passes(sig, &mut sent)?;
+        // A freeze not complete by FREEZE_WAIT (a loaded machine) let
+        // processes that were not frozen yet fork past the passes: once it
+        // completes, one more round catches what they started.
+        if held.ours && !held.wait_frozen(Duration::ZERO) && held.wait_frozen(LATE_FREEZE_WAIT) {
+            self.signal_passes(sig, &mut sent)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `cgroup.procs` and signals each process not in `sent`, again
+    /// while a pass finds such processes, at most [`SIGNAL_PASSES`] times.
+    fn signal_passes(
+        &self,
+        sig: nix::sys::signal::Signal,
+        sent: &mut std::collections::HashSet<i32>,
+    ) -> std::io::Result<()> {
+        use std::io::BufRead;
         // A cgroup that is gone (or going) has nothing left to signal: a
         // signal that kills (even a frozen process dies of one at once) can
         // end the command, and its leaf be removed, between two passes.
@@ -217,9 +239,15 @@ impl Hold<'_> {
         if !ours {
             return held;
         }
-        // The freeze completes as each process reaches the kernel's freezer;
-        // `cgroup.events` says when all have (read through one directory fd).
-        let files = Files::open(dir);
+        held.wait_frozen(FREEZE_WAIT);
+        held
+    }
+
+    /// Waits up to `limit` (zero: looks once) for every process in the leaf
+    /// to reach the kernel's freezer (`cgroup.events`, read through one
+    /// directory fd); whether they did.
+    fn wait_frozen(&self, limit: Duration) -> bool {
+        let files = Files::open(&self.leaf.dir);
         let frozen = || {
             files
                 .as_ref()
@@ -228,15 +256,16 @@ impl Hold<'_> {
         };
         let started = std::time::Instant::now();
         let mut pause = Duration::from_micros(50);
-        // Past FREEZE_WAIT the signal goes out to what is listed.
-        while !frozen() {
-            if started.elapsed() >= FREEZE_WAIT {
-                break;
+        loop {
+            if frozen() {
+                return true;
+            }
+            if started.elapsed() >= limit {
+                return false;
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(5));
         }
-        held
     }
 }
 
