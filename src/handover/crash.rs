@@ -76,7 +76,7 @@ pub struct CrashRecord {
     writing: Mutex<()>,
     /// Two words per slot: the command's seq + 1 (0: free), its end offset.
     offsets: &'static [AtomicU64],
-    /// The newest output of the commands in the first slots (none if the
+    /// The newest output of each command, in a pool of rings (none if the
     /// memory for it could not be had).
     tails: Option<Tails>,
     free: Mutex<Vec<u32>>,
@@ -478,16 +478,13 @@ pub fn recover() -> Option<Incoming> {
     let state_fd = *fds.get(STATE_NAME)?.first()?;
     let mut claimed = Claimed::with_floor(3);
     let loaded = read_state(&mut claimed, state_fd).map(|mut state| {
-        let table = fds
-            .get(OFFSETS_NAME)
-            .and_then(|v| v.first())
-            .and_then(|&fd| claimed.take(fd))
-            .map(File::from);
-        let ring = fds
-            .get(tails::NAME)
-            .and_then(|v| v.first())
-            .and_then(|&fd| claimed.take(fd))
-            .map(File::from);
+        // A memfd the record keeps beside it.
+        let mut memfd = |name: &str| {
+            let fd = *fds.get(name)?.first()?;
+            claimed.take(fd).map(File::from)
+        };
+        let table = memfd(OFFSETS_NAME);
+        let ring = memfd(tails::NAME);
         let owners = ring.as_ref().map(tails::owners).unwrap_or_default();
         let named = |n: &str| fds.get(n).map_or(&[][..], Vec::as_slice);
         for c in &mut state.commands {

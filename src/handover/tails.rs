@@ -1,4 +1,4 @@
-//! The newest output of each running command, in shared memory that
+//! The newest output of each command, in shared memory that
 //! outlives envd in systemd's fd store: a crash record's output tails.
 //!
 //! The offset table ([`super::crash`]) tells a restarted envd where the old

@@ -90,18 +90,6 @@ impl Pty {
         self.master.get_ref().as_raw_fd()
     }
 
-    /// Reads output; `Ok(0)` once the terminal is closed on the slave side.
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.master.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
     /// Waits until the terminal has output, or its end, without reading.
     pub async fn readable(&self) -> io::Result<()> {
         // Dropped without clearing: the readiness stays for `try_read`.
@@ -109,7 +97,7 @@ impl Pty {
     }
 
     /// Reads what is there without waiting (`WouldBlock` if nothing is);
-    /// `Ok(0)` at the end of output.
+    /// `Ok(0)` once the terminal is closed on the slave side (`EIO`).
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         let read = self.master.try_io(tokio::io::Interest::READABLE, |fd| {
             nix::unistd::read(fd, buf).map_err(io::Error::from)
