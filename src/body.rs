@@ -82,22 +82,66 @@ impl std::fmt::Display for BodyError {
 
 /// Reads `body` to its end: at most `limit` bytes, within the body timeout,
 /// within the shared budget.
-pub async fn read_to_end<B>(body: B, limit: usize) -> std::result::Result<Bytes, BodyError>
+///
+/// A body refused for its size or for the budget is read on and thrown
+/// away (up to [`DRAIN_MAX`] bytes, within [`DRAIN_TIME`]) before the
+/// error goes back. Over HTTP/1.1 a server that answers while the client
+/// is still sending must close the connection, and the client's next write
+/// meets a reset that can take the answer with it: the caller would see a
+/// broken pipe instead of the reason. Drained, the answer arrives and the
+/// connection stays open for the next request.
+pub async fn read_to_end<B>(mut body: B, limit: usize) -> std::result::Result<Bytes, BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     let t = timeout();
-    tokio::time::timeout(t, read(body, limit))
+    let result = tokio::time::timeout(t, read(&mut body, limit))
         .await
-        .unwrap_or(Err(BodyError::Timeout(t)))
+        .unwrap_or(Err(BodyError::Timeout(t)));
+    if let Err(BodyError::TooLarge(_) | BodyError::Busy) = result {
+        let _ = tokio::time::timeout(DRAIN_TIME, discard(&mut body, DRAIN_MAX)).await;
+    }
+    result
 }
 
-async fn read<B>(mut body: B, limit: usize) -> std::result::Result<Bytes, BodyError>
+/// How much of a refused body is read and thrown away before answering.
+pub const DRAIN_MAX: u64 = 16 << 20;
+
+/// How long a refused body is read before answering anyway.
+pub const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads and drops `body` until its end or `max` bytes, whichever is first.
+/// A body declared longer than `max` is not read at all: the answer goes at
+/// once and the connection closes.
+async fn discard<B>(body: &mut B, max: u64)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    if body.size_hint().lower() > max {
+        return;
+    }
+    let mut seen = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            seen += data.len() as u64;
+            if seen > max {
+                return;
+            }
+        }
+    }
+}
+
+async fn read<B>(body: &mut B, limit: usize) -> std::result::Result<Bytes, BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    // A body that declares its length over the limit is refused before any
+    // of it is held.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge(limit));
+    }
     // Chunks as they came, joined once at the end: growing one buffer would
     // hold up to twice the body while it arrives.
     let mut chunks: Vec<Bytes> = Vec::new();

@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::Write;
+use std::time::Duration;
 
 use common::http::{envelope, post_json, request, Reply};
 use common::*;
@@ -211,6 +212,79 @@ fn connect_bad_input_gets_connect_errors_and_server_keeps_serving() {
 
     // Still serving.
     assert_eq!(post_json(u, "/process.Process/List", "{}").status, 200);
+}
+
+/// Reads one reply with a `content-length` from a kept-alive connection.
+fn read_one_reply(s: &mut std::net::TcpStream) -> Reply {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
+        raw.push(byte[0]);
+    }
+    let head = common::http::parse(&raw);
+    let len: usize = head.header("content-length").unwrap().parse().unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    raw.extend_from_slice(&body);
+    common::http::parse(&raw)
+}
+
+#[test]
+fn an_oversized_body_is_answered_and_its_connection_kept() {
+    let envd = Envd::start(&[]);
+    let big = format!(r#"{{"path":"{}"}}"#, "x".repeat(5 << 20));
+    let mut s = std::net::TcpStream::connect(common::http::addr(&envd.tcp)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // Declared and chunked: envd refuses each after its limit, while the
+    // rest is still on its way (held back 300 ms here). A server that
+    // answered and closed then would reset the connection under the
+    // client's next write.
+    for chunked in [false, true] {
+        let framing = if chunked {
+            "transfer-encoding: chunked".to_owned()
+        } else {
+            format!("content-length: {}", big.len())
+        };
+        write!(
+            s,
+            "POST /filesystem.Filesystem/Stat HTTP/1.1\r\nhost: envd\r\n\
+             content-type: application/json\r\n{framing}\r\n\r\n"
+        )
+        .unwrap();
+        let (first, rest) = big.as_bytes().split_at((4 << 20) + 100);
+        for (i, part) in [first, rest].into_iter().enumerate() {
+            if i == 1 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            if chunked {
+                write!(s, "{:x}\r\n", part.len()).unwrap();
+            }
+            s.write_all(part).unwrap();
+            if chunked {
+                s.write_all(b"\r\n").unwrap();
+            }
+        }
+        if chunked {
+            s.write_all(b"0\r\n\r\n").unwrap();
+        }
+        let r = read_one_reply(&mut s);
+        assert_eq!(
+            (r.status, r.json()["code"].as_str()),
+            (429, Some("resource_exhausted")),
+            "chunked: {chunked}"
+        );
+    }
+    // The same connection serves the next call.
+    write!(
+        s,
+        "POST /process.Process/List HTTP/1.1\r\nhost: envd\r\n\
+         content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let r = read_one_reply(&mut s);
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[test]
