@@ -100,9 +100,19 @@ where
         .await
         .unwrap_or(Err(BodyError::Timeout(t)));
     if let Err(BodyError::TooLarge(_) | BodyError::Busy) = result {
-        let _ = tokio::time::timeout(DRAIN_TIME, discard(&mut body, DRAIN_MAX)).await;
+        drain(&mut body).await;
     }
     result
+}
+
+/// Reads what is left of a refused body and throws it away, so that the
+/// answer reaches an HTTP/1.1 client still sending it (see
+/// [`read_to_end`]): [`DRAIN_MAX`] bytes within [`DRAIN_TIME`] at most.
+pub async fn drain<B>(body: &mut B)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let _ = tokio::time::timeout(DRAIN_TIME, discard(body, DRAIN_MAX)).await;
 }
 
 /// How much of a refused body is read and thrown away before answering.

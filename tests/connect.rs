@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::http::{envelope, post_json, request, Reply};
+use common::http::{envelope, post_json, request, request_paused, Reply};
 use common::*;
 use prost::Message;
 
@@ -629,12 +629,15 @@ fn files_disk_full_is_507_and_leaves_nothing() {
     let envd = Envd::start(&[]);
     let target = mnt.join("f");
     std::fs::write(&target, "old").unwrap();
-    let r = request(
+    // 1 MiB fills the file system; the rest comes 300 ms later, after the
+    // answer is decided, and must not meet a reset connection.
+    let r = request_paused(
         &envd.tcp,
         "POST",
         &format!("/files?path={}", target.display()),
         &[("content-type", "application/octet-stream")],
         &vec![7u8; 3 << 20],
+        Some(2 << 20),
     );
     let entries = std::fs::read_dir(&mnt).unwrap().count();
     let content = std::fs::read_to_string(&target).unwrap();

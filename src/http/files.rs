@@ -131,7 +131,9 @@ fn gzip_body(headers: &HeaderMap) -> std::result::Result<bool, Rest> {
 }
 
 /// The request body as a byte stream.
-fn body_bytes(body: Incoming) -> impl Stream<Item = std::io::Result<Bytes>> + Unpin + Send {
+fn body_bytes(
+    body: &mut Incoming,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Unpin + Send + '_ {
     Box::pin(BodyStream::new(body).filter_map(|f| async move {
         match f {
             Ok(frame) => frame.into_data().ok().map(Ok),
@@ -183,16 +185,30 @@ impl Upload<'_> {
 
 pub async fn upload(req: Request<Incoming>, q: Query, defaults: &Defaults) -> RestResult {
     let user = user_of(&q, defaults)?;
-    let (parts, body) = req.into_parts();
-    let content_type = parts
-        .headers
+    let (parts, mut body) = req.into_parts();
+    let result = upload_parts(&parts.headers, &mut body, &q, &user).await;
+    if result.is_err() {
+        // A file refused midway (disk full, a bad part): what the client
+        // still sends is read and dropped, so that it gets the answer.
+        crate::body::drain(&mut body).await;
+    }
+    result
+}
+
+async fn upload_parts(
+    headers: &HeaderMap,
+    body: &mut Incoming,
+    q: &Query,
+    user: &User,
+) -> RestResult {
+    let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mut upload = Upload {
-        user: &user,
-        metadata: metadata(&parts.headers)?,
-        gzip: gzip_body(&parts.headers)?,
+        user,
+        metadata: metadata(headers)?,
+        gzip: gzip_body(headers)?,
         written: Vec::new(),
         seen: HashSet::new(),
     };

@@ -54,6 +54,20 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Reply {
+    request_paused(url, method, path, headers, body, None)
+}
+
+/// As [`request`], but with a pause of 300 ms after the first `pause_at`
+/// bytes of the body: a server that answers before reading the rest must
+/// still let the client send it and read the answer.
+pub fn request_paused(
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    pause_at: Option<usize>,
+) -> Reply {
     let mut s = TcpStream::connect(addr(url)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nhost: envd\r\nconnection: close\r\n");
@@ -77,7 +91,12 @@ pub fn request(
         }
         s.write_all(b"0\r\n\r\n").unwrap();
     } else {
-        s.write_all(body).unwrap();
+        let (first, rest) = body.split_at(pause_at.unwrap_or(body.len()));
+        s.write_all(first).unwrap();
+        if !rest.is_empty() {
+            std::thread::sleep(Duration::from_millis(300));
+            s.write_all(rest).unwrap();
+        }
     }
     read_reply(&mut s)
 }
