@@ -83,7 +83,7 @@ impl std::fmt::Display for BodyError {
 /// Reads `body` to its end: at most `limit` bytes, within the body timeout,
 /// within the shared budget.
 ///
-/// A body refused for its size or for the budget is read on and thrown
+/// A body refused for its size is read on and thrown
 /// away (up to [`DRAIN_MAX`] bytes, within [`DRAIN_TIME`]) before the
 /// error goes back. Over HTTP/1.1 a server that answers while the client
 /// is still sending must close the connection, and the client's next write
@@ -99,7 +99,9 @@ where
     let result = tokio::time::timeout(t, read(&mut body, limit))
         .await
         .unwrap_or(Err(BodyError::Timeout(t)));
-    if let Err(BodyError::TooLarge(_) | BodyError::Busy) = result {
+    // Not when the shared budget is spent: envd is then flooded with
+    // bodies, and answering at once frees the connection soonest.
+    if let Err(BodyError::TooLarge(_)) = result {
         drain(&mut body).await;
     }
     result
