@@ -28,6 +28,7 @@ pub mod http;
 pub(crate) mod ids;
 pub mod init;
 pub mod limits;
+pub mod linger;
 pub mod listen;
 pub mod logging;
 pub mod memory;

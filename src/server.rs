@@ -303,7 +303,8 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
                     Ok::<_, Infallible>(response.map(|b| HttpBody::new(Tracked::new(b, guard))))
                 }
             });
-            let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
+            let io = TokioIo::new(crate::linger::Lingering::new(conn));
+            let served = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(served);
             // The idle check is a task of its own, so that this one wakes
             // only for the connection's traffic: a timer here polled hyper's

@@ -485,6 +485,56 @@ fn files_upload_download_range_gzip_metadata_compose() {
     assert_eq!(r.json()["code"], 404);
 }
 
+// An answer given before the body is read (a wrong token here) must reach
+// a client that is still sending the body: envd closes its side, then reads
+// and drops the rest until the client closes. Without that the socket is
+// reset, and Node's fetch (the JS SDK's) reports EPIPE instead of the 401.
+// A client that never stops sending is cut off after 10 s.
+#[test]
+fn an_early_answer_reaches_a_client_still_sending() {
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "s3cret").unwrap();
+    let envd = Envd::start(&["--access-token-file", token_file.path().to_str().unwrap()]);
+    let upload = [
+        ("content-type", "application/octet-stream"),
+        ("x-access-token", "wrong"),
+    ];
+    let r = request_paused(
+        &envd.tcp,
+        "POST",
+        "/files?path=/tmp/never-written",
+        &upload,
+        &vec![1u8; 8 << 20],
+        Some(1 << 20),
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+
+    let mut s = std::net::TcpStream::connect(common::http::addr(&envd.tcp)).unwrap();
+    write!(
+        s,
+        "POST /files?path=/tmp/never-written HTTP/1.1\r\nhost: envd\r\n\
+         x-access-token: wrong\r\ncontent-length: 100000000000\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    let t = std::time::Instant::now();
+    let cut = loop {
+        if let Err(e) = s.write_all(&chunk) {
+            break e;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "envd kept reading a refused body for 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        t.elapsed() >= Duration::from_secs(5),
+        "cut off after {:?} ({cut}): envd did not linger",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn access_token_on_every_protocol_and_signatures() {
     let token_file = tempfile::NamedTempFile::new().unwrap();

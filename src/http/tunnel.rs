@@ -139,13 +139,13 @@ async fn carry(
     use crate::relay::splice;
     use tokio::io::AsyncWriteExt;
 
-    let parts =
-        match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<Box<dyn Conn>>>(upgraded)
-        {
-            Ok(parts) => parts,
-            Err(upgraded) => return crate::relay::relay(TokioIo::new(upgraded), stream).await,
-        };
-    let mut conn = parts.io.into_inner();
+    type Io = TokioIo<crate::linger::Lingering<Box<dyn Conn>>>;
+    let parts = match hyper_util::server::conn::auto::upgrade::downcast::<Io>(upgraded) {
+        Ok(parts) => parts,
+        Err(upgraded) => return crate::relay::relay(TokioIo::new(upgraded), stream).await,
+    };
+    // Out of its lingering wrapper: a tunnel half-closes and reads on.
+    let mut conn = parts.io.into_inner().into_inner();
     match splice::Pipes::new() {
         Ok(pipes) => match into_socket(conn)? {
             Socket::Plain(client) => {
