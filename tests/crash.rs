@@ -271,6 +271,12 @@ async fn output_survives_a_second_crash_after_a_takeover() {
         !o.stdout.is_empty() && !o.stderr.is_empty()
     })
     .await;
+    // And one that ended before the first crash: its exit record, taken
+    // over, keeps its output through the second too.
+    let mut ended = sh("echo three; echo four >&2");
+    ended.tag = Some("ended".into());
+    let (mut es, mut eo) = started(&mut c, ended).await;
+    read_until(&mut es, &mut eo, |o| o.end.is_some()).await;
     for _ in 0..2 {
         // The record is rewritten a few milliseconds after a Start or a
         // takeover.
@@ -306,6 +312,16 @@ async fn output_survives_a_second_crash_after_a_takeover() {
     assert_eq!(
         (o.out().as_str(), o.stderr.as_slice()),
         ("one\n", &b"two\n"[..])
+    );
+    let ended = resume_tag(&mut c, "ended", 0).await;
+    assert_eq!(
+        ended.start.as_ref().unwrap().output_lost,
+        Some(0),
+        "an ended command's output lost to the second crash"
+    );
+    assert_eq!(
+        (ended.out(), ended.err()),
+        ("three\n".into(), "four\n".into())
     );
     c.send_signal(SendSignalRequest {
         process: by_tag("said"),

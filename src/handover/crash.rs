@@ -131,6 +131,14 @@ pub fn enable(
                         remove_names(&p, false);
                     }
                 }
+                // Exit records taken over keep their output through another
+                // crash: each gets a slot and a ring as a command does
+                // (after the running ones, oldest first, so that the newest
+                // keep theirs when rings run short).
+                for p in r.process.ended_records() {
+                    r.register(&p, [None, None]);
+                    r.ring_ended(&p);
+                }
                 // The store never holds a record that is not whole: the
                 // first one is written before the memfd goes in.
                 let stored = r
@@ -297,7 +305,14 @@ impl CrashRecord {
         if let Input::Pipe(stdin) = &p.input {
             stdin.with_fd(|fd| store(stdin_name(p.seq), fd.as_slice()));
         }
-        // Registered once (start-up may see a command twice).
+        self.register(p, [stdout, stderr]);
+        self.dirty.notify_one();
+    }
+
+    /// Gives a command its slot in the offset table and its output ring,
+    /// once (start-up may see a command twice); `pipes` are its output fds
+    /// as stored.
+    fn register(&self, p: &Arc<Process>, [stdout, stderr]: [Option<RawFd>; 2]) {
         if p.crash.get().is_none() {
             let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let mut ring = None;
@@ -317,20 +332,24 @@ impl CrashRecord {
                 pipes: [inode(stdout), inode(stderr)],
             });
         }
-        self.dirty.notify_one();
     }
 
     fn ended(&self, p: &Process) {
         // Not stored by this envd: a command taken over that ended before
         // `enable` stored it again, under the previous envd's names.
         remove_names(p, p.crash.get().is_none());
-        // Its slot and ring stay while its exit record does ([`forgotten`]):
-        // the output a client had not taken when it ended survives a crash
-        // too (unless a starting command needs the ring first).
+        self.ring_ended(p);
+        self.dirty.notify_one();
+    }
+
+    /// An ended command keeps its slot and ring while its exit record
+    /// lives ([`forgotten`]): the output a client had not taken when it
+    /// ended survives a crash too (unless a starting command needs the ring
+    /// first).
+    fn ring_ended(&self, p: &Process) {
         if let (Some(t), Some(ring)) = (&self.tails, p.crash.get().and_then(|c| c.ring)) {
             t.ended(ring, p.seq);
         }
-        self.dirty.notify_one();
     }
 
     fn forgotten(&self, entry: &CrashEntry, seq: u64) {

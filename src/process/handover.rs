@@ -149,6 +149,12 @@ impl ProcessService {
         self.table().running()
     }
 
+    /// Ended commands whose exit records are kept, oldest first.
+    pub fn ended_records(&self) -> Vec<Arc<Process>> {
+        let all = self.table().all().into_iter();
+        all.filter_map(|(p, left)| left.map(|_| p)).collect()
+    }
+
     pub fn next_seq_public(&self) -> u64 {
         self.next_seq()
     }
