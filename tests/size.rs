@@ -45,8 +45,10 @@ mod skip;
 /// 8,042,216 (three more 4 KiB steps) with the rings as a pool that exit
 /// records keep until a starting command needs one (the pool, its lookup
 /// by owner, the slot freed when a record is forgotten). A sorted list
-/// instead of the owner map came out 4 KiB larger.
-const BUDGET: u64 = 8_044_000;
+/// instead of the owner map came out 4 KiB larger. 8,046,312 (one 4 KiB
+/// step) with rings for taken-over exit records; the lingering close and
+/// the drained bodies before it fit in the same pages.
+const BUDGET: u64 = 8_048_000;
 
 #[test]
 fn static_binary_within_budget() {
