@@ -110,6 +110,41 @@ pub fn bound_url(fd: std::os::fd::BorrowedFd<'_>) -> Option<ListenUrl> {
     tcp.local_addr().ok().map(|a| ListenUrl::Tcp(a.to_string()))
 }
 
+/// The writing half of a connection wrapper that changes only its reads or
+/// its close: `poll_write`, `poll_write_vectored`, `is_write_vectored` and
+/// `poll_flush` go to the wrapped connection, the field `inner`.
+macro_rules! delegate_writes {
+    () => {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+    };
+}
+pub(crate) use delegate_writes;
+
 /// Any accepted connection.
 pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// What it is, to tell a plain socket from a wrapper.
