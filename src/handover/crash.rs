@@ -310,8 +310,8 @@ impl CrashRecord {
     }
 
     /// Gives a command its slot in the offset table and its output ring,
-    /// once (start-up may see a command twice); `pipes` are its output fds
-    /// as stored.
+    /// once (start-up may see a command twice), with its stdout and stderr
+    /// fds as stored (none for an exit record).
     fn register(&self, p: &Arc<Process>, [stdout, stderr]: [Option<RawFd>; 2]) {
         if p.crash.get().is_none() {
             let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
