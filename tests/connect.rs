@@ -217,12 +217,7 @@ fn connect_bad_input_gets_connect_errors_and_server_keeps_serving() {
 /// Reads one reply with a `content-length` from a kept-alive connection.
 fn read_one_reply(s: &mut std::net::TcpStream) -> Reply {
     use std::io::Read;
-    let mut raw = Vec::new();
-    let mut byte = [0u8; 1];
-    while !raw.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
-        raw.push(byte[0]);
-    }
+    let mut raw = common::http::read_head(s);
     let head = common::http::parse(&raw);
     let len: usize = head.header("content-length").unwrap().parse().unwrap();
     let mut body = vec![0u8; len];

@@ -195,13 +195,7 @@ fn early_bytes_then_half_close<S: Read + Write>(
     while_open: impl FnOnce(),
 ) -> String {
     s.write_all(head.as_bytes()).unwrap();
-    let mut answer = Vec::new();
-    let mut b = [0u8; 1];
-    while !answer.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).unwrap(), 1, "envd closed before answering");
-        answer.push(b[0]);
-    }
-    let answer = String::from_utf8(answer).unwrap();
+    let answer = String::from_utf8(common::http::read_head(s)).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     while_open();
     s.write_all(b"late").unwrap();

@@ -112,6 +112,18 @@ pub fn post_json(url: &str, path: &str, body: &str) -> Reply {
     )
 }
 
+/// Reads a reply's head, up to and with its blank line, a byte at a time
+/// (what follows stays unread); the connection must not end before it.
+pub fn read_head(s: &mut impl Read) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
+        head.push(byte[0]);
+    }
+    head
+}
+
 pub fn read_reply(s: &mut TcpStream) -> Reply {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();

@@ -167,12 +167,7 @@ fn start_unread(e: &Envd, script: &str) -> TcpStream {
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(&body).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut got = Vec::new();
-    let mut b = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        got.push(b[0]);
-    }
+    let got = common::http::read_head(&mut s);
     assert!(
         got.starts_with(b"HTTP/1.1 200"),
         "{}",
