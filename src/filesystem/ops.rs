@@ -68,21 +68,43 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
                 )));
             }
             let tmp_name = sibling_temp_name();
-            let tmp = ddir.path_of(&tmp_name);
             // Until the rename: if envd dies meanwhile, the next image
             // removes the copy.
             let registered = super::hidden::Registered::new(ddir.shown_of(&tmp_name));
-            let copied = super::tree::copy_tree(&sdir.path_of(&sname), &tmp, stop);
+            let copied = super::tree::copy_tree(sdir.fd(), &sname, ddir.fd(), &tmp_name, stop);
             // What the copy made is at most what it visited: removing it
             // again takes no more, however the caller or the tree behaves.
             let undo = || {
                 let _ = remove_at(&ddir, &tmp_name, &Stop::after(stop.visited() + 1));
             };
-            if let Err(e) = copied {
+            let made = match copied {
+                Ok(made) => made,
+                Err(e) => {
+                    undo();
+                    return Err(Error::io(
+                        format!("copy {} to {}", src.display(), dst.display()),
+                        &e,
+                    ));
+                }
+            };
+            // The name must still lead to the copy: a process that swapped
+            // something else in would have that moved into place, and the
+            // source removed.
+            let there = nix::sys::stat::fstatat(
+                ddir.fd(),
+                tmp_name.as_os_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map(|st| (st.st_dev, st.st_ino));
+            if there != Ok(made) {
                 undo();
-                return Err(Error::io(
-                    format!("copy {} to {}", src.display(), dst.display()),
-                    &e,
+                return Err(Error::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "the copy of {} was replaced in {} before it was moved into place; the source is left as it was",
+                        src.display(),
+                        ddir.shown().display()
+                    ),
                 ));
             }
             nix::fcntl::renameat(

@@ -11,8 +11,8 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use nix::dir::{Dir, OwningIter, Type};
 use nix::errno::Errno;
@@ -118,61 +118,122 @@ fn unlink_at(dir: &Dir, name: &CStr, flags: UnlinkatFlags) -> io::Result<()> {
     }
 }
 
-/// Sets `path`'s modification time to that of `meta` (not following a
-/// symlink). Any time the filesystem stored, pre-1970 included, is valid.
-fn copy_mtime(path: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
-    let mtime = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+/// What a copy's attributes go onto: an entry it made, held open (a
+/// directory or a regular file), or a symlink it made, by its name in the
+/// directory open at the first fd (a symlink cannot be opened for this).
+enum Made<'a> {
+    Open(BorrowedFd<'a>),
+    Link(BorrowedFd<'a>, &'a CStr),
+}
+
+/// Owner (when root), mode and times of `meta` onto what the copy made. The
+/// owner goes first: a chown clears the set-user-ID and set-group-ID bits
+/// that the mode then sets again (as `cp -a` does). Nothing here resolves a
+/// path: what a process in the sandbox renames meanwhile is not followed.
+fn copy_attributes(made: Made, meta: &std::fs::Metadata) -> io::Result<()> {
+    let owner = nix::unistd::geteuid().is_root().then(|| {
+        (
+            Some(nix::unistd::Uid::from_raw(meta.uid())),
+            Some(nix::unistd::Gid::from_raw(meta.gid())),
+        )
+    });
     let atime = TimeSpec::new(meta.atime(), meta.atime_nsec());
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        &atime,
-        &mtime,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )?;
+    let mtime = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    match made {
+        Made::Open(fd) => {
+            if let Some((uid, gid)) = owner {
+                nix::unistd::fchown(fd, uid, gid)?;
+            }
+            nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(meta.mode() & 0o7777))?;
+            // Any time the filesystem stored, pre-1970 included, is valid.
+            nix::sys::stat::futimens(fd, &atime, &mtime)?;
+        }
+        Made::Link(dir, name) => {
+            if let Some((uid, gid)) = owner {
+                nix::unistd::fchownat(dir, name, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+            }
+            nix::sys::stat::utimensat(
+                dir,
+                name,
+                &atime,
+                &mtime,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )?;
+        }
+    }
     Ok(())
 }
 
-/// Mode, owner (when root) and times of `src`'s metadata onto `dst`.
-fn copy_attributes(dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
-    if !meta.file_type().is_symlink() {
-        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+/// Makes the directory `name` in the directory open at `parent` (0700 until
+/// its attributes are copied) and opens it, never through a symlink. It must
+/// be envd's own: a directory put in its place between the two calls is not
+/// written into.
+fn make_dir_at(parent: BorrowedFd, name: &CStr) -> io::Result<Dir> {
+    nix::sys::stat::mkdirat(parent, name, Mode::S_IRWXU)?;
+    let dir = open_dir_at(parent, name)?;
+    if nix::sys::stat::fstat(&dir)?.st_uid != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "'{}' was replaced while the copy made it",
+                name.to_string_lossy()
+            ),
+        ));
     }
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
-    }
-    copy_mtime(dst, meta)
+    Ok(dir)
 }
 
 /// Copies one non-directory, the entry `name` of the source directory open
-/// at `dir` (`meta` is what `lstat` saw): a regular file's bytes, a symlink
-/// as a link. Anything else (device, FIFO, socket) is refused: reading it
-/// could block forever or never end. The file is opened without following a
-/// symlink and must be the one `lstat` saw: an entry swapped for a link to
-/// a root file since must not be read into a copy that gets the entry's
-/// owner and mode.
-fn copy_leaf(dir: BorrowedFd, name: &CStr, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
+/// at `dir` (`meta` is what `lstat` saw), to the new entry `dst_name` of the
+/// directory open at `dst`: a regular file's bytes, a symlink as a link.
+/// Anything else (device, FIFO, socket) is refused: reading it could block
+/// forever or never end. The file is opened without following a symlink
+/// and must be the one `lstat` saw: an entry swapped for a link to a root
+/// file since must not be read into a copy that gets the entry's owner and
+/// mode. The new file is made with `O_EXCL | O_NOFOLLOW` and given its
+/// attributes through its own fd.
+fn copy_leaf(
+    dir: BorrowedFd,
+    name: &CStr,
+    dst: BorrowedFd,
+    dst_name: &CStr,
+    meta: &std::fs::Metadata,
+) -> io::Result<Identity> {
     let ft = meta.file_type();
     if ft.is_symlink() {
         let target = nix::fcntl::readlinkat(dir, name)?;
-        std::os::unix::fs::symlink(target, dst)?;
+        nix::unistd::symlinkat(target.as_os_str(), dst, dst_name)?;
+        let made = identity(nix::sys::stat::fstatat(
+            dst,
+            dst_name,
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?);
+        copy_attributes(Made::Link(dst, dst_name), meta)?;
+        Ok(made)
     } else if ft.is_file() {
         let (from, _) =
             super::pin::open_seen(dir, std::ffi::OsStr::from_bytes(name.to_bytes()), meta)?;
-        let mut to = std::fs::File::create_new(dst)?;
+        let to = nix::fcntl::openat(
+            dst,
+            dst_name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )?;
+        let mut to = std::fs::File::from(to);
         // The size `lstat` saw, not until end of file: a file that a process
         // keeps appending to would otherwise never finish copying.
         io::copy(&mut io::Read::take(from, meta.len()), &mut to)?;
+        copy_attributes(Made::Open(to.as_fd()), meta)?;
+        Ok(identity(nix::sys::stat::fstat(&to)?))
     } else {
-        return Err(io::Error::new(
+        Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
                 "'{}' is not a regular file, directory or symlink",
                 name.to_string_lossy()
             ),
-        ));
+        ))
     }
-    copy_attributes(dst, meta)
 }
 
 /// `lstat` of the entry `name` of the directory open at `dir`.
@@ -181,49 +242,66 @@ fn lstat_at(dir: BorrowedFd, name: &CStr) -> io::Result<std::fs::Metadata> {
     std::fs::symlink_metadata(super::pin::fd_path(dir, name))
 }
 
-/// Copies the tree at `src` to the new path `dst`, keeping symlinks as links
-/// and preserving modes, owners and modification times. Iterative; a
-/// directory's attributes are applied once its contents are in. The source
-/// is read through open directory fds, each entered with `O_NOFOLLOW`: a
-/// directory inside it swapped for a symlink mid-copy is never followed.
-/// Each file gets the bytes its size said when it was reached. Stops with
-/// an error when `stop` says so; `stop.visited()` then bounds what was made.
-pub fn copy_tree(src: &Path, dst: &Path, stop: &Stop) -> io::Result<()> {
-    let meta = std::fs::symlink_metadata(src)?;
-    let (parent, name) = match (src.parent(), src.file_name()) {
-        (Some(p), Some(n)) => (p, n),
-        _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
-    };
-    let parent = Dir::open(
-        parent,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let name =
-        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+/// Which file an entry is: (device, inode).
+pub type Identity = (u64, u64);
+
+fn identity(st: nix::sys::stat::FileStat) -> Identity {
+    (st.st_dev, st.st_ino)
+}
+
+/// A name as the `*at` calls take it.
+fn c_name(name: &std::ffi::OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Copies the entry `src_name` of the directory open at `src_dir` to the new
+/// entry `dst_name` of the directory open at `dst_dir`, keeping symlinks as
+/// links and preserving modes, owners and modification times. Iterative; a
+/// directory's attributes are applied once its contents are in. Both trees
+/// are reached only through open directory fds, each entered with
+/// `O_NOFOLLOW`: a directory swapped for a symlink mid-copy, on either side,
+/// is never followed, and nothing the copy makes or changes is reached by a
+/// path. Each file gets the bytes its size said when it was reached. Stops
+/// with an error when `stop` says so; `stop.visited()` then bounds what was
+/// made. Returns which file the copy's top is, for the caller to check that
+/// the name still leads to it before it moves the copy into place.
+pub fn copy_tree(
+    src_dir: BorrowedFd,
+    src_name: &std::ffi::OsStr,
+    dst_dir: BorrowedFd,
+    dst_name: &std::ffi::OsStr,
+    stop: &Stop,
+) -> io::Result<Identity> {
+    let (src_name, dst_name) = (c_name(src_name)?, c_name(dst_name)?);
+    let meta = lstat_at(src_dir, &src_name)?;
     if !meta.is_dir() {
-        return copy_leaf(parent.as_fd(), &name, dst, &meta);
+        return copy_leaf(src_dir, &src_name, dst_dir, &dst_name, &meta);
     }
     /// A directory being copied: its entries are read one at a time, as the
     /// copy reaches them (a directory of millions of entries costs no more).
     struct Frame {
         src: OwningIter,
-        dst: PathBuf,
+        dst: Dir,
         meta: std::fs::Metadata,
     }
-    let open = |parent: BorrowedFd, name: &CStr, dst: PathBuf, meta| -> io::Result<Frame> {
+    let open = |parent: BorrowedFd, name: &CStr, dst: BorrowedFd, meta| -> io::Result<Frame> {
         let src = open_dir_at(parent, name)?.into_iter();
-        std::fs::DirBuilder::new().mode(0o700).create(&dst)?;
+        let dst = make_dir_at(dst, name)?;
         Ok(Frame { src, dst, meta })
     };
     stop.check()?;
-    let mut stack = vec![open(parent.as_fd(), &name, dst.to_path_buf(), meta)?];
+    let mut stack = vec![{
+        let src = open_dir_at(src_dir, &src_name)?.into_iter();
+        let dst = make_dir_at(dst_dir, &dst_name)?;
+        Frame { src, dst, meta }
+    }];
+    let top = identity(nix::sys::stat::fstat(&stack[0].dst)?);
     while let Some(top) = stack.last_mut() {
         let name = match top.src.next() {
             Some(entry) => entry?.file_name().to_owned(),
             None => {
                 let done = stack.pop().expect("the loop saw a frame");
-                copy_attributes(&done.dst, &done.meta)?;
+                copy_attributes(Made::Open(done.dst.as_fd()), &done.meta)?;
                 continue;
             }
         };
@@ -231,20 +309,19 @@ pub fn copy_tree(src: &Path, dst: &Path, stop: &Stop) -> io::Result<()> {
             continue;
         }
         stop.check()?;
-        let d = top.dst.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
         let meta = match lstat_at(borrow_dir(&top.src), &name) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // vanished
             Err(e) => return Err(e),
         };
         if meta.is_dir() {
-            let frame = open(borrow_dir(&top.src), &name, d, meta)?;
+            let frame = open(borrow_dir(&top.src), &name, top.dst.as_fd(), meta)?;
             stack.push(frame);
         } else {
-            copy_leaf(borrow_dir(&top.src), &name, &d, &meta)?;
+            copy_leaf(borrow_dir(&top.src), &name, top.dst.as_fd(), &name, &meta)?;
         }
     }
-    Ok(())
+    Ok(top)
 }
 
 /// The directory fd a copy frame reads from.
@@ -316,7 +393,15 @@ mod tests {
         )
         .unwrap();
         let dst = tmp.path().join("c");
-        copy_tree(&src, &dst, &Stop::after(u64::MAX)).unwrap();
+        let top = std::fs::File::open(tmp.path()).unwrap();
+        copy_tree(
+            top.as_fd(),
+            "s".as_ref(),
+            top.as_fd(),
+            "c".as_ref(),
+            &Stop::after(u64::MAX),
+        )
+        .unwrap();
         assert_eq!(std::fs::read(dst.join("old")).unwrap(), b"1969");
         assert_eq!(
             std::fs::metadata(dst.join("old")).unwrap().mtime(),

@@ -285,3 +285,120 @@ async fn files_swapped_for_links_mid_copy_are_not_read() {
     assert_eq!(found, 0, "root's secret was read into the copy");
     healthy(&e);
 }
+
+/// Swaps every envd temporary (`.envd-*`) in `dir` with a fresh link of the
+/// user's to `to`, and back, until `stop`: a user redirecting the name a
+/// cross-filesystem Move copies into. Returns the swaps made.
+fn steer_temporaries(
+    dir: PathBuf,
+    to: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    static LINKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    std::thread::spawn(move || {
+        let mut swaps = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let name = entry.file_name();
+                if !name.as_bytes().starts_with(b".envd-") {
+                    continue;
+                }
+                let n = LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let link = dir.join(format!("steer{n}"));
+                user_link(&to, &link);
+                if exchange(&entry.path(), &link).is_ok() {
+                    swaps += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                    let _ = exchange(&entry.path(), &link);
+                }
+            }
+        }
+        swaps
+    })
+}
+
+// A cross-filesystem Move copies into a temporary beside the destination,
+// in a directory the user owns, then gives each copy its source's owner and
+// mode. The user swaps the temporary for a link to a root directory again
+// and again: nothing may be made there, and no root file may get the
+// source's mode (a chmod through the link would make it the user's to
+// write).
+#[tokio::test]
+async fn a_moves_copy_cannot_be_steered_by_its_destination() {
+    const TEST: &str = "a_moves_copy_cannot_be_steered_by_its_destination";
+    let Some((e, dir, etc, home)) = root_and_user_dirs(TEST) else {
+        return;
+    };
+    let mnt = dir.path().join("tmpfs");
+    let Some(_tmpfs) = Tmpfs::mount(TEST, &mnt, "size=256m") else {
+        return;
+    };
+    let shadow = etc.join("shadow");
+    std::fs::write(&shadow, b"root's").unwrap();
+    std::fs::set_permissions(&shadow, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let root_dir = dir.path().join("etc.d");
+    std::fs::create_dir(&root_dir).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut fs = e.fs().await;
+    let mut swaps = 0;
+    let mut answers = std::collections::BTreeMap::new();
+    for round in 0..6 {
+        // A tree (its directories are made by path, before the fix) and a
+        // single large file (its mode was set by path after its bytes).
+        let src = mnt.join(format!("src{round}"));
+        let single = round % 2 == 1;
+        if single {
+            let f = std::fs::File::create(&src).unwrap();
+            f.set_len(48 << 20).unwrap();
+            std::os::unix::fs::chown(&src, Some(NOBODY), Some(NOBODY)).unwrap();
+            std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                .unwrap();
+        } else {
+            user_entry(&src, None);
+            // Mostly directories: a swap in place when one is made leaks it.
+            for d in 0..400 {
+                user_entry(&src.join(format!("d{d}")), None);
+                user_entry(&src.join(format!("d{d}/f")), Some(b"user's"));
+            }
+        }
+        // A file is swapped for a link to root's file, a tree for a link to
+        // root's directory.
+        let to = if single {
+            shadow.clone()
+        } else {
+            root_dir.clone()
+        };
+        stop.store(false, std::sync::atomic::Ordering::Relaxed);
+        let steering = steer_temporaries(home.clone(), to, stop.clone());
+        let r = fs
+            .r#move(MoveRequest {
+                source: s(&src),
+                destination: s(&home.join(format!("moved{round}"))),
+            })
+            .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swaps += steering.join().unwrap();
+        if let Err(status) = &r {
+            // A copy that was swapped away is not moved into place, and the
+            // source stays.
+            if status.code() == tonic::Code::FailedPrecondition {
+                assert!(src.exists(), "the source was removed: {status:?}");
+            }
+        }
+        *answers
+            .entry(r.map_or_else(|s| format!("{:?}", s.code()), |_| "Ok".into()))
+            .or_insert(0) += 1;
+    }
+    println!("{swaps} swaps; answers: {answers:?}");
+    let made: Vec<_> = std::fs::read_dir(&root_dir).unwrap().flatten().collect();
+    assert!(
+        made.is_empty(),
+        "{} entries made in root's directory",
+        made.len()
+    );
+    let mode = std::fs::metadata(&shadow).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "root's file was given the source's mode");
+    assert_eq!(std::fs::read(&shadow).unwrap(), b"root's");
+    assert!(swaps > 0, "the user never caught a temporary to swap");
+    healthy(&e);
+}
