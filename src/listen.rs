@@ -209,7 +209,7 @@ impl Listener {
             ListenUrl::Unix(path) => {
                 remove_stale_socket(path)?;
                 let l = UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))?;
+                restrict_socket(path)?;
                 Ok(Listener::Unix(l))
             }
             ListenUrl::Vsock { cid, port } => Ok(Listener::Vsock(VsockListener::bind(
@@ -317,6 +317,34 @@ fn sockopt_int(fd: &std::os::fd::OwnedFd, opt: libc::c_int) -> io::Result<libc::
         return Err(io::Error::last_os_error());
     }
     Ok(v)
+}
+
+/// Gives the socket file envd just bound at `path` [`UNIX_SOCKET_MODE`]. The
+/// path is opened without following a symlink and must be a socket: if its
+/// directory is writable by others, a link swapped in after the bind must not
+/// steer the chmod onto another file.
+fn restrict_socket(path: &std::path::Path) -> io::Result<()> {
+    use nix::fcntl::OFlag;
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let st = nix::sys::stat::fstat(&fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the socket's path was replaced right after it was bound",
+        ));
+    }
+    // An O_PATH fd takes no fchmod; its /proc link leads to the socket file
+    // itself. Without /proc (PID 1 before it is mounted), the path.
+    let mode = std::fs::Permissions::from_mode(UNIX_SOCKET_MODE);
+    let by_fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    match std::fs::set_permissions(by_fd, mode.clone()) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::set_permissions(path, mode),
+        r => r,
+    }
 }
 
 /// A leftover socket file from an earlier run is replaced; any other file at
