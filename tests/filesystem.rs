@@ -773,6 +773,18 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
     .unwrap();
     assert_eq!(std::fs::read_to_string(&p2).unwrap(), "ab");
     assert_eq!(std::fs::metadata(&p2).unwrap().mode() & 0o777, 0o600);
+
+    // A mode with the set-user-ID and set-group-ID bits is kept whole (the
+    // file's chown to the user would clear them if it came last).
+    let p3 = dir.path().join("tool");
+    let mut h = header(&p3, false);
+    if let Some(Message::Header(hh)) = h.message.as_mut() {
+        hh.mode = Some(0o6755);
+    }
+    t.write_file(futures_util::stream::iter(vec![h, data(b"#!/bin/sh\n")]))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::metadata(&p3).unwrap().mode() & 0o7777, 0o6755);
 }
 
 type Call = tokio::task::JoinHandle<Result<tonic::Response<WriteFileResponse>, tonic::Status>>;

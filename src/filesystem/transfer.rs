@@ -330,9 +330,11 @@ where
     let (staged, f) = Staged::create(&target.dir, 0o600)
         .map_err(|e| Error::io(format!("create a file beside {}", shown.display()), &e))?;
     let f = copy_in(data, f, &shown, spec.gzip).await?;
+    // The owner first: a chown clears the set-user-ID and set-group-ID bits
+    // that the mode asks for.
+    chown_file(&f, user, &shown)?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io(shown.display(), &e))?;
-    chown_file(&f, user, &shown)?;
     if let Some(meta) = &spec.metadata {
         set_metadata(&f, &shown, meta)?;
     }
