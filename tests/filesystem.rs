@@ -395,6 +395,30 @@ async fn move_across_filesystems() {
         std::fs::read_link(dst.join("link")).unwrap(),
         PathBuf::from("d/file")
     );
+    // A symlink on its own moves as a link, and a single file keeps its mode.
+    std::os::unix::fs::symlink("/nowhere", dir.path().join("alone")).unwrap();
+    std::fs::write(dir.path().join("tool"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("tool"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    for name in ["alone", "tool"] {
+        fs.r#move(MoveRequest {
+            source: s(&dir.path().join(name)),
+            destination: s(&mnt.join(name)),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        std::fs::read_link(mnt.join("alone")).unwrap(),
+        PathBuf::from("/nowhere")
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.join("tool")).unwrap().mode() & 0o7777,
+        0o4755
+    );
 }
 
 async fn next_fs_event(s: &mut tonic::Streaming<WatchDirResponse>) -> FilesystemEvent {
