@@ -631,10 +631,14 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn header(path: &Path, append: bool) -> WriteFileRequest {
+    header_with_mode(path, append, None)
+}
+
+fn header_with_mode(path: &Path, append: bool, mode: Option<u32>) -> WriteFileRequest {
     WriteFileRequest {
         message: Some(Message::Header(WriteHeader {
             path: s(path),
-            mode: None,
+            mode,
             append,
         })),
     }
@@ -782,10 +786,7 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
 
     // Append, and a mode for a new file.
     let p2 = dir.path().join("log");
-    let mut h = header(&p2, true);
-    if let Some(Message::Header(hh)) = h.message.as_mut() {
-        hh.mode = Some(0o600);
-    }
+    let h = header_with_mode(&p2, true, Some(0o600));
     t.write_file(futures_util::stream::iter(vec![h, data(b"a")]))
         .await
         .unwrap();
@@ -801,10 +802,7 @@ async fn interrupted_write_keeps_old_content_and_leaves_nothing() {
     // A mode with the set-user-ID and set-group-ID bits is kept whole (the
     // file's chown to the user would clear them if it came last).
     let p3 = dir.path().join("tool");
-    let mut h = header(&p3, false);
-    if let Some(Message::Header(hh)) = h.message.as_mut() {
-        hh.mode = Some(0o6755);
-    }
+    let h = header_with_mode(&p3, false, Some(0o6755));
     t.write_file(futures_util::stream::iter(vec![h, data(b"#!/bin/sh\n")]))
         .await
         .unwrap();
