@@ -165,22 +165,16 @@ fn copy_attributes(made: Made, meta: &std::fs::Metadata) -> io::Result<()> {
 }
 
 /// Makes the directory `name` in the directory open at `parent` (0700 until
-/// its attributes are copied) and opens it, never through a symlink. It must
-/// be envd's own: a directory put in its place between the two calls is not
-/// written into.
+/// its attributes are copied) and opens it, never through a symlink. A link
+/// put in its place between the two calls fails the copy. A directory put
+/// there instead can only be at the copy's top (below it, only envd may
+/// change anything) and is then the user's own, which gets the copy, just
+/// as the destination would. Its owner is not checked: on a file system
+/// that maps root to another user (NFS `root_squash`) envd's own directory
+/// is not root's either.
 fn make_dir_at(parent: BorrowedFd, name: &CStr) -> io::Result<Dir> {
     nix::sys::stat::mkdirat(parent, name, Mode::S_IRWXU)?;
-    let dir = open_dir_at(parent, name)?;
-    if nix::sys::stat::fstat(&dir)?.st_uid != nix::unistd::geteuid().as_raw() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "'{}' was replaced while the copy made it",
-                name.to_string_lossy()
-            ),
-        ));
-    }
-    Ok(dir)
+    Ok(open_dir_at(parent, name)?)
 }
 
 /// Copies one non-directory, the entry `name` of the source directory open
