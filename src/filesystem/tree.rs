@@ -166,15 +166,31 @@ fn copy_attributes(made: Made, meta: &std::fs::Metadata) -> io::Result<()> {
 
 /// Makes the directory `name` in the directory open at `parent` (0700 until
 /// its attributes are copied) and opens it, never through a symlink. A link
-/// put in its place between the two calls fails the copy. A directory put
-/// there instead can only be at the copy's top (below it, only envd may
-/// change anything) and is then the user's own, which gets the copy, just
-/// as the destination would. Its owner is not checked: on a file system
-/// that maps root to another user (NFS `root_squash`) envd's own directory
-/// is not root's either.
+/// put in its place between the two calls fails the copy. So does any
+/// directory with entries: one swapped in there (only possible at the
+/// copy's top, in a directory the user owns: below it, only envd may change
+/// anything) would be given the source's owner and mode at the end, and a
+/// root directory the user had moved there would hand its contents to the
+/// user. An empty one costs nothing. The owner is not checked: on a file
+/// system that maps root to another user (NFS `root_squash`) envd's own new
+/// directory is not root's either.
 fn make_dir_at(parent: BorrowedFd, name: &CStr) -> io::Result<Dir> {
     nix::sys::stat::mkdirat(parent, name, Mode::S_IRWXU)?;
-    Ok(open_dir_at(parent, name)?)
+    let mut dir = open_dir_at(parent, name)?;
+    // The iterator rewinds the directory when dropped.
+    let full = dir
+        .iter()
+        .any(|e| e.map_or(true, |e| !is_dot(e.file_name())));
+    if full {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "'{}' was replaced by a directory with entries while the copy made it",
+                name.to_string_lossy()
+            ),
+        ));
+    }
+    Ok(dir)
 }
 
 /// Copies one non-directory, the entry `name` of the source directory open
