@@ -28,7 +28,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
 use crate::status::{Error, Result};
@@ -288,9 +288,8 @@ impl<'a> Walk<'a> {
             return Ok(());
         }
         let shown = self.cur.shown_of(&name);
-        let mut made = false;
-        // Twice at most: a directory made here (or concurrently) is opened
-        // on the second pass.
+        // Twice at most: a directory made concurrently is opened on the
+        // second pass.
         for _ in 0..2 {
             // Most components are plain directories: one `openat` says so.
             // A symlink or any other file is `ENOTDIR` here (`O_NOFOLLOW`),
@@ -298,7 +297,7 @@ impl<'a> Walk<'a> {
             let fd = match open_dir_at(self.cur.fd(), &name) {
                 Ok(fd) => {
                     self.cur = Dir { fd, shown };
-                    self.made = made;
+                    self.made = false;
                     return Ok(());
                 }
                 Err(Errno::ENOTDIR) => open_at(self.cur.fd(), &name),
@@ -306,8 +305,12 @@ impl<'a> Walk<'a> {
             };
             let fd = match fd {
                 Ok(fd) => fd,
-                Err(Errno::ENOENT) if self.create.is_some() && !made => {
-                    made = self.make(&name, &shown)?;
+                Err(Errno::ENOENT) if self.create.is_some() => {
+                    if let Some(fd) = self.make(&name, &shown)? {
+                        self.cur = Dir { fd, shown };
+                        self.made = true;
+                        return Ok(());
+                    }
                     continue;
                 }
                 Err(e) => return Err(Error::io(shown.display(), &e.into())),
@@ -317,7 +320,7 @@ impl<'a> Walk<'a> {
             match st.st_mode & libc::S_IFMT {
                 libc::S_IFDIR => {
                     self.cur = Dir { fd, shown };
-                    self.made = made;
+                    self.made = false;
                 }
                 libc::S_IFLNK => {
                     let target = self.link_target(&fd, &shown)?;
@@ -344,12 +347,16 @@ impl<'a> Walk<'a> {
         ))
     }
 
-    /// Makes directory `name` for the walk's user; false if it appeared
-    /// meanwhile.
-    fn make(&self, name: &OsStr, shown: &Path) -> Result<bool> {
+    /// Makes directory `name` for the walk's user and returns it open;
+    /// `None` if it appeared meanwhile. It is opened without following a
+    /// link and must be empty, and is given to the user through that fd: a
+    /// directory of root's that a process swapped in under the name between
+    /// the `mkdirat` and the open (in a directory the user owns) must not be
+    /// handed to the user with its contents.
+    fn make(&self, name: &OsStr, shown: &Path) -> Result<Option<OwnedFd>> {
         match nix::sys::stat::mkdirat(self.cur.fd(), name, Mode::from_bits_truncate(0o755)) {
             Ok(()) => {}
-            Err(Errno::EEXIST) => return Ok(false),
+            Err(Errno::EEXIST) => return Ok(None),
             Err(Errno::ENOTDIR) => {
                 return Err(Error::invalid(format!(
                     "cannot create '{}': a parent is not a directory",
@@ -363,19 +370,42 @@ impl<'a> Walk<'a> {
                 ))
             }
         }
+        let failed = |e: Errno| Error::io(shown.display(), &e.into());
+        let mut made = nix::dir::Dir::openat(
+            self.cur.fd(),
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(failed)?;
+        // The iterator rewinds the directory when dropped.
+        let full = made
+            .iter()
+            .any(|e| e.map_or(true, |e| !matches!(e.file_name().to_bytes(), b"." | b"..")));
+        if full {
+            return Err(Error::new(
+                crate::status::Code::FailedPrecondition,
+                format!(
+                    "'{}' was replaced by a directory with entries while it was made",
+                    shown.display()
+                ),
+            ));
+        }
         if let Some(user) = self.create {
             if nix::unistd::geteuid().is_root() {
-                nix::unistd::fchownat(
-                    self.cur.fd(),
-                    name,
+                nix::unistd::fchown(
+                    &made,
                     Some(nix::unistd::Uid::from_raw(user.uid)),
                     Some(nix::unistd::Gid::from_raw(user.gid)),
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
                 )
                 .map_err(|e| Error::io(format!("chown {}", shown.display()), &e.into()))?;
             }
         }
-        Ok(true)
+        Ok(Some(
+            made.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io(shown.display(), &e))?,
+        ))
     }
 
     /// The target of the symlink open at `fd`, counting the hop.
