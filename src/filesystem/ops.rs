@@ -8,7 +8,6 @@ use std::path::Path;
 
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
-use nix::unistd::UnlinkatFlags;
 
 use super::pin;
 use super::stop::Stop;
@@ -71,22 +70,30 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
             // Until the rename: if envd dies meanwhile, the next image
             // removes the copy.
             let registered = super::hidden::Registered::new(ddir.shown_of(&tmp_name));
-            let copied = super::tree::copy_tree(sdir.fd(), &sname, ddir.fd(), &tmp_name, stop);
+            let mut made = None;
+            let copied =
+                super::tree::copy_tree(sdir.fd(), &sname, ddir.fd(), &tmp_name, stop, &mut made);
             // What the copy made is at most what it visited: removing it
             // again takes no more, however the caller or the tree behaves.
-            let undo = || {
-                let _ = remove_at(&ddir, &tmp_name, &Stop::after(stop.visited() + 1));
-            };
-            let made = match copied {
-                Ok(made) => made,
-                Err(e) => {
-                    undo();
-                    return Err(Error::io(
-                        format!("copy {} to {}", src.display(), dst.display()),
-                        &e,
-                    ));
+            // Only the copy goes: what a process swapped in under its name
+            // (a root directory of the user's, for one) is left alone.
+            let undo = |made: Option<super::tree::Identity>| {
+                if let Some(made) = made {
+                    let _ = super::tree::remove_entry_at(
+                        ddir.fd(),
+                        &tmp_name,
+                        Some(made),
+                        &Stop::after(stop.visited() + 1),
+                    );
                 }
             };
+            if let Err(e) = copied {
+                undo(made);
+                return Err(Error::io(
+                    format!("copy {} to {}", src.display(), dst.display()),
+                    &e,
+                ));
+            }
             // The name must still lead to the copy: a process that swapped
             // something else in would have that moved into place, and the
             // source removed.
@@ -96,8 +103,8 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
                 AtFlags::AT_SYMLINK_NOFOLLOW,
             )
             .map(|st| (st.st_dev, st.st_ino));
-            if there != Ok(made) {
-                undo();
+            if made.is_none() || there.ok() != made {
+                undo(made);
                 return Err(Error::new(
                     Code::FailedPrecondition,
                     format!(
@@ -114,11 +121,12 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
                 dname.as_os_str(),
             )
             .map_err(|e| {
-                undo();
+                undo(made);
                 Error::io(format!("move into place {}", dst.display()), &e.into())
             })?;
             drop(registered);
-            remove_at(&sdir, &sname, stop)
+            // The source as it was seen, not whatever has its name now.
+            super::tree::remove_entry_at(sdir.fd(), &sname, Some((seen.st_dev, seen.st_ino)), stop)
                 .map_err(|e| Error::io(format!("remove {}", src.display()), &e))
         }
         Err(e) => Err(Error::io(
@@ -199,10 +207,5 @@ pub fn remove_path(path: &Path, stop: &Stop) -> Result<()> {
 /// Removes the entry `name` of a pinned directory, a whole tree if it is one
 /// (until `stop` says otherwise).
 pub fn remove_at(dir: &pin::Dir, name: &OsStr, stop: &Stop) -> io::Result<()> {
-    let st = nix::sys::stat::fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
-    if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-        super::tree::remove_dir_tree(&dir.path_of(name), stop)
-    } else {
-        nix::unistd::unlinkat(dir.fd(), name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from)
-    }
+    super::tree::remove_entry_at(dir.fd(), name, None, stop)
 }

@@ -12,7 +12,6 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use nix::dir::{Dir, OwningIter, Type};
 use nix::errno::Errno;
@@ -48,18 +47,39 @@ fn is_dir_at(parent: impl AsFd, name: &CStr, hint: Option<Type>) -> nix::Result<
     }
 }
 
-/// `rm -r` of the directory `root` (which must not be a symlink): every
-/// descent is an `openat(O_NOFOLLOW)` relative to the parent's open fd, so a
-/// concurrent rename or symlink swap cannot redirect it outside the tree.
-/// Stops with an error when `stop` says so, leaving the rest.
-pub fn remove_dir_tree(root: &Path, stop: &Stop) -> io::Result<()> {
-    let top = Dir::open(
-        root,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
+/// Removes the entry `name` of the directory open at `parent` (`rm -r` if
+/// it is a directory), only if it is the file `expect` (device, inode) when
+/// given. A directory's removal descends with `openat(O_NOFOLLOW)` relative
+/// to each parent's open fd, so a concurrent rename or symlink swap cannot
+/// redirect it outside the tree, and the directory it opens must be the one
+/// it looked at: what a process swaps in under the name meanwhile (a root
+/// directory of the user's, for one) is left alone, with an error. Stops
+/// with an error when `stop` says so, leaving the rest.
+pub fn remove_entry_at(
+    parent: BorrowedFd,
+    name: &std::ffi::OsStr,
+    expect: Option<Identity>,
+    stop: &Stop,
+) -> io::Result<()> {
+    let name = c_name(name)?;
+    let st = nix::sys::stat::fstatat(parent, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    let seen = identity(st);
+    if expect.is_some_and(|e| e != seen) {
+        return Err(replaced(&name));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Ok(nix::unistd::unlinkat(
+            parent,
+            name.as_c_str(),
+            UnlinkatFlags::NoRemoveDir,
+        )?);
+    }
+    let top = open_dir_at(parent, &name)?;
+    if identity(nix::sys::stat::fstat(&top)?) != seen {
+        return Err(replaced(&name));
+    }
     // Each frame: an open directory and its name in the frame below.
-    let mut stack: Vec<(Dir, CString)> = vec![(top, CString::default())];
+    let mut stack: Vec<(Dir, CString)> = vec![(top, name)];
     while let Some((dir, _)) = stack.last_mut() {
         // A batch of entries from the directory's beginning (the iterator
         // rewinds when dropped); what earlier passes removed is gone from it.
@@ -78,8 +98,8 @@ pub fn remove_dir_tree(root: &Path, stop: &Stop) -> io::Result<()> {
             let (done, name) = stack.pop().expect("the loop saw a frame");
             drop(done);
             match stack.last() {
-                Some((parent, _)) => unlink_at(parent, &name, UnlinkatFlags::RemoveDir)?,
-                None => std::fs::remove_dir(root)?,
+                Some((above, _)) => unlink_at(above, &name, UnlinkatFlags::RemoveDir)?,
+                None => nix::unistd::unlinkat(parent, name.as_c_str(), UnlinkatFlags::RemoveDir)?,
             }
             continue;
         }
@@ -105,6 +125,14 @@ pub fn remove_dir_tree(root: &Path, stop: &Stop) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The error for an entry that is no longer the file it was.
+fn replaced(name: &CStr) -> io::Error {
+    io::Error::other(format!(
+        "'{}' was replaced by another file meanwhile; it is left as it is",
+        name.to_string_lossy()
+    ))
 }
 
 /// Entries read per pass over a directory being emptied.
@@ -174,7 +202,9 @@ fn copy_attributes(made: Made, meta: &std::fs::Metadata) -> io::Result<()> {
 /// user. An empty one costs nothing. The owner is not checked: on a file
 /// system that maps root to another user (NFS `root_squash`) envd's own new
 /// directory is not root's either.
-fn make_dir_at(parent: BorrowedFd, name: &CStr) -> io::Result<Dir> {
+/// `made` says which directory it is once it has passed, for an undo to
+/// remove that one only: a refused one may be a root directory.
+fn make_dir_at(parent: BorrowedFd, name: &CStr, made: &mut Option<Identity>) -> io::Result<Dir> {
     nix::sys::stat::mkdirat(parent, name, Mode::S_IRWXU)?;
     let mut dir = open_dir_at(parent, name)?;
     // The iterator rewinds the directory when dropped.
@@ -190,6 +220,7 @@ fn make_dir_at(parent: BorrowedFd, name: &CStr) -> io::Result<Dir> {
             ),
         ));
     }
+    *made = Some(identity(nix::sys::stat::fstat(&dir)?));
     Ok(dir)
 }
 
@@ -208,18 +239,18 @@ fn copy_leaf(
     dst: BorrowedFd,
     dst_name: &CStr,
     meta: &std::fs::Metadata,
-) -> io::Result<Identity> {
+    made: &mut Option<Identity>,
+) -> io::Result<()> {
     let ft = meta.file_type();
     if ft.is_symlink() {
         let target = nix::fcntl::readlinkat(dir, name)?;
         nix::unistd::symlinkat(target.as_os_str(), dst, dst_name)?;
-        let made = identity(nix::sys::stat::fstatat(
+        *made = Some(identity(nix::sys::stat::fstatat(
             dst,
             dst_name,
             AtFlags::AT_SYMLINK_NOFOLLOW,
-        )?);
-        copy_attributes(Made::Link(dst, dst_name), meta)?;
-        Ok(made)
+        )?));
+        copy_attributes(Made::Link(dst, dst_name), meta)
     } else if ft.is_file() {
         let (from, _) =
             super::pin::open_seen(dir, std::ffi::OsStr::from_bytes(name.to_bytes()), meta)?;
@@ -230,11 +261,11 @@ fn copy_leaf(
             Mode::S_IRUSR | Mode::S_IWUSR,
         )?;
         let mut to = std::fs::File::from(to);
+        *made = Some(identity(nix::sys::stat::fstat(&to)?));
         // The size `lstat` saw, not until end of file: a file that a process
         // keeps appending to would otherwise never finish copying.
         io::copy(&mut io::Read::take(from, meta.len()), &mut to)?;
-        copy_attributes(Made::Open(to.as_fd()), meta)?;
-        Ok(identity(nix::sys::stat::fstat(&to)?))
+        copy_attributes(Made::Open(to.as_fd()), meta)
     } else {
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -273,19 +304,21 @@ fn c_name(name: &std::ffi::OsStr) -> io::Result<CString> {
 /// is never followed, and nothing the copy makes or changes is reached by a
 /// path. Each file gets the bytes its size said when it was reached. Stops
 /// with an error when `stop` says so; `stop.visited()` then bounds what was
-/// made. Returns which file the copy's top is, for the caller to check that
-/// the name still leads to it before it moves the copy into place.
+/// made. `made` says which file the copy's top is as soon as it exists (an
+/// unfinished copy too), for the caller to check that the name still leads
+/// to it before it moves the copy into place or removes it again.
 pub fn copy_tree(
     src_dir: BorrowedFd,
     src_name: &std::ffi::OsStr,
     dst_dir: BorrowedFd,
     dst_name: &std::ffi::OsStr,
     stop: &Stop,
-) -> io::Result<Identity> {
+    made: &mut Option<Identity>,
+) -> io::Result<()> {
     let (src_name, dst_name) = (c_name(src_name)?, c_name(dst_name)?);
     let meta = lstat_at(src_dir, &src_name)?;
     if !meta.is_dir() {
-        return copy_leaf(src_dir, &src_name, dst_dir, &dst_name, &meta);
+        return copy_leaf(src_dir, &src_name, dst_dir, &dst_name, &meta, made);
     }
     /// A directory being copied: its entries are read one at a time, as the
     /// copy reaches them (a directory of millions of entries costs no more).
@@ -296,16 +329,13 @@ pub fn copy_tree(
     }
     let open = |parent: BorrowedFd, name: &CStr, dst: BorrowedFd, meta| -> io::Result<Frame> {
         let src = open_dir_at(parent, name)?.into_iter();
-        let dst = make_dir_at(dst, name)?;
+        let dst = make_dir_at(dst, name, &mut None)?;
         Ok(Frame { src, dst, meta })
     };
     stop.check()?;
-    let mut stack = vec![{
-        let src = open_dir_at(src_dir, &src_name)?.into_iter();
-        let dst = make_dir_at(dst_dir, &dst_name)?;
-        Frame { src, dst, meta }
-    }];
-    let top = identity(nix::sys::stat::fstat(&stack[0].dst)?);
+    let src = open_dir_at(src_dir, &src_name)?.into_iter();
+    let dst = make_dir_at(dst_dir, &dst_name, made)?;
+    let mut stack = vec![Frame { src, dst, meta }];
     while let Some(top) = stack.last_mut() {
         let name = match top.src.next() {
             Some(entry) => entry?.file_name().to_owned(),
@@ -328,10 +358,17 @@ pub fn copy_tree(
             let frame = open(borrow_dir(&top.src), &name, top.dst.as_fd(), meta)?;
             stack.push(frame);
         } else {
-            copy_leaf(borrow_dir(&top.src), &name, top.dst.as_fd(), &name, &meta)?;
+            copy_leaf(
+                borrow_dir(&top.src),
+                &name,
+                top.dst.as_fd(),
+                &name,
+                &meta,
+                &mut None,
+            )?;
         }
     }
-    Ok(top)
+    Ok(())
 }
 
 /// The directory fd a copy frame reads from.
@@ -345,6 +382,7 @@ fn borrow_dir(iter: &OwningIter) -> BorrowedFd<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// A chain of `depth` nested directories under `root`, built with
     /// relative paths so it may exceed PATH_MAX.
@@ -377,7 +415,8 @@ mod tests {
         let root = tmp.path().join("t");
         std::fs::create_dir(&root).unwrap();
         deep_tree(&root, 3000);
-        remove_dir_tree(&root, &Stop::after(u64::MAX)).unwrap();
+        let top = std::fs::File::open(tmp.path()).unwrap();
+        remove_entry_at(top.as_fd(), "t".as_ref(), None, &Stop::after(u64::MAX)).unwrap();
         assert!(!root.exists());
     }
 
@@ -410,6 +449,7 @@ mod tests {
             top.as_fd(),
             "c".as_ref(),
             &Stop::after(u64::MAX),
+            &mut None,
         )
         .unwrap();
         assert_eq!(std::fs::read(dst.join("old")).unwrap(), b"1969");

@@ -402,3 +402,135 @@ async fn a_moves_copy_cannot_be_steered_by_its_destination() {
     assert!(swaps > 0, "the user never caught a temporary to swap");
     healthy(&e);
 }
+
+/// Watches `dir` (inotify) and trades each new entry whose name starts with
+/// `prefix` for `with` (`RENAME_EXCHANGE`) the moment it appears, then back,
+/// until `stop`: a user racing the two system calls between envd making a
+/// directory and giving it its owner. Returns the trades made.
+fn trade_new_entries(
+    dir: PathBuf,
+    prefix: &'static [u8],
+    with: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    std::thread::spawn(move || {
+        // SAFETY: plain inotify calls on an fd this thread owns.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK) };
+        assert!(fd >= 0);
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: as above; `c` outlives the call.
+        let wd = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_CREATE) };
+        assert!(wd >= 0);
+        let mut buf = [0u8; 4096];
+        let mut trades = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: reads into our buffer.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            let Ok(n) = usize::try_from(n) else {
+                std::thread::yield_now();
+                continue;
+            };
+            // Each event: wd, mask, cookie, len (4 bytes each), then the
+            // name, NUL-padded to `len`.
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap());
+                let raw = &buf[off + 16..off + 16 + len as usize];
+                let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+                off += 16 + len as usize;
+                if name.starts_with(prefix) {
+                    let made = dir.join(std::ffi::OsStr::from_bytes(name));
+                    if exchange(&made, &with).is_ok() {
+                        trades += 1;
+                        let _ = exchange(&made, &with);
+                    }
+                }
+            }
+        }
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+        trades
+    })
+}
+
+// A walk that makes a missing directory for the user gives it to the user,
+// and a cross-filesystem Move gives its copy the source's owner. The user
+// watches its home and trades each new directory (or envd's temporary) for
+// a root directory of its home the moment it appears: neither chown may
+// land on that.
+#[tokio::test]
+async fn directories_made_for_the_user_cannot_be_traded_for_roots() {
+    const TEST: &str = "directories_made_for_the_user_cannot_be_traded_for_roots";
+    let Some((e, dir, _etc, home)) = root_and_user_dirs(TEST) else {
+        return;
+    };
+    let mnt = dir.path().join("tmpfs");
+    let Some(_tmpfs) = Tmpfs::mount(TEST, &mnt, "size=16m") else {
+        return;
+    };
+    let secret = home.join("secret");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(secret.join("key"), b"root's").unwrap();
+    // Root's directory is followed by an fd, wherever the trades leave it: it
+    // must stay root's, in place in the tree, with its file.
+    let held = std::fs::File::open(&secret).unwrap();
+    let intact = |when: &str| {
+        let m = held.metadata().unwrap();
+        assert_eq!(
+            m.uid(),
+            0,
+            "root's directory was given to the user by {when}"
+        );
+        assert!(m.nlink() > 0, "root's directory was removed by {when}");
+        let key = nix::fcntl::openat(
+            &held,
+            "key",
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        );
+        assert!(key.is_ok(), "root's file was removed by {when}");
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trading = trade_new_entries(home.clone(), b"m", secret.clone(), stop.clone());
+    let mut answers = std::collections::BTreeMap::new();
+    for i in 0..2000 {
+        let r = upload(
+            &e,
+            &format!("{}&username=nobody", s(&home.join(format!("m{i}/f")))),
+            b"host's",
+        );
+        *answers.entry(r.status).or_insert(0) += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let made_trades = trading.join().unwrap();
+    println!("uploads: {made_trades} trades; answers by status: {answers:?}");
+    intact("an upload");
+
+    stop.store(false, std::sync::atomic::Ordering::Relaxed);
+    let trading = trade_new_entries(home.clone(), b".envd-", secret.clone(), stop.clone());
+    let mut fs = e.fs().await;
+    let mut answers = std::collections::BTreeMap::new();
+    for i in 0..1000 {
+        let src = mnt.join(format!("t{i}"));
+        user_entry(&src, None);
+        let r = fs
+            .r#move(MoveRequest {
+                source: s(&src),
+                destination: s(&home.join(format!("moved{i}"))),
+            })
+            .await;
+        *answers
+            .entry(r.map_or_else(|s| format!("{:?}", s.code()), |_| "Ok".into()))
+            .or_insert(0) += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let move_trades = trading.join().unwrap();
+    println!("moves: {move_trades} trades; answers: {answers:?}");
+    intact("a Move's copy");
+    assert!(
+        made_trades > 0 && move_trades > 0,
+        "the user never caught a new entry"
+    );
+    healthy(&e);
+}
