@@ -4,11 +4,10 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use nix::unistd::UnlinkatFlags;
-
 use super::ops::chown_file;
 use super::pin;
 use super::staged::Staged;
+use super::stop::Stop;
 use super::transfer::OpenedFile;
 use crate::status::{Error, Result};
 use crate::users::User;
@@ -61,10 +60,15 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
         .publish(&out, &target.dir, &target.name)
         .map_err(|e| Error::io(dest.display(), &e))?;
     // Each source's parent is pinned too: a directory swapped for a symlink
-    // since the copy cannot turn this into a removal elsewhere.
-    for s in sources {
+    // since the copy cannot turn this into a removal elsewhere. And a source
+    // goes only if its name still leads to the file that was read: a newer
+    // file saved under that name since (by rename, as editors save) stays.
+    // One put there between that check and the unlink still goes; no more
+    // than a user may do itself, since removing a file takes write access to
+    // its directory, not to the file.
+    for ((_, id), s) in opened.iter().zip(sources) {
         if let Ok((dir, name)) = pin::parent(s, None) {
-            let _ = nix::unistd::unlinkat(dir.fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir);
+            let _ = super::tree::remove_entry_at(dir.fd(), &name, Some(*id), &Stop::after(1));
         }
     }
     Ok(dest)
