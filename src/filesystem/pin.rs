@@ -16,6 +16,12 @@
 //!   refused with `PERMISSION_DENIED`. So a process running as `user` cannot
 //!   plant `~/out.txt -> /etc/passwd` and have the host's next upload replace
 //!   a root file and give it to `user`.
+//! - **What envd makes, it holds.** A directory or file it creates is opened
+//!   at once (`O_NOFOLLOW`; `O_EXCL` for a file; a new directory must be
+//!   empty) and given its owner and mode only through that fd; a tree it
+//!   removes must be the directory it looked at. A process that trades the
+//!   new name for a root directory of the same directory between two calls
+//!   (inotify tells it when) gets nothing of root's.
 //!
 //! Reads are not walked this way (what they return goes to the caller),
 //! except compose's sources: their bytes go into a file given to the user,
