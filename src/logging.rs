@@ -1,6 +1,13 @@
 //! Logging setup: `tracing` to stderr, text or JSON. Input bytes and tokens
 //! are never logged at info level or above.
 //!
+//! A line carries strings a caller chose (a command, a path), so every
+//! control character in it but its final newline is written escaped (`\n`,
+//! `\x1b`, ...): a command named `a\n<a forged line>` cannot add a line to
+//! the log, nor an escape sequence drive the console. For the same reason
+//! text lines have no colours (envd's own escape sequences would be
+//! escaped too).
+//!
 //! When stderr is a terminal (as PID 1, the VM's serial console) lines are
 //! written by a thread of their own: an emulated UART takes about half a
 //! millisecond for a line, which would otherwise sit on the path of every
@@ -50,7 +57,7 @@ pub fn init(cfg: &Config) {
         .with_writer(writer);
     match cfg.log_format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(terminal).init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
     }
 }
 
@@ -176,58 +183,92 @@ impl<'a> MakeWriter<'a> for Writer {
     type Writer = Line;
 
     fn make_writer(&'a self) -> Line {
-        match self {
-            Writer::InPlace => Line::InPlace(std::io::stderr()),
-            Writer::Queued(c) => Line::Queued(c, Vec::new()),
+        Line {
+            to: *self,
+            text: Vec::new(),
         }
     }
 }
 
-/// One log line on its way out.
-enum Line {
-    InPlace(std::io::Stderr),
-    Queued(&'static Console, Vec<u8>),
+/// One log line on its way out: gathered, then written escaped (see the
+/// module) when the formatter is done with it.
+struct Line {
+    to: Writer,
+    text: Vec<u8>,
 }
 
 impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Line::InPlace(e) => e.write(buf),
-            Line::Queued(_, line) => {
-                line.extend_from_slice(buf);
-                Ok(buf.len())
-            }
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            Line::InPlace(e) => e.write_all(buf),
-            Line::Queued(..) => self.write(buf).map(drop),
-        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Line::InPlace(e) => e.flush(),
-            Line::Queued(..) => Ok(()),
-        }
+        Ok(())
     }
 }
 
 impl Drop for Line {
     fn drop(&mut self) {
-        if let Line::Queued(c, line) = self {
-            if !line.is_empty() {
-                c.push(std::mem::take(line));
+        if self.text.is_empty() {
+            return;
+        }
+        let line = escape_controls(&self.text);
+        match self.to {
+            Writer::InPlace => {
+                let _ = std::io::stderr().write_all(&line);
             }
+            Writer::Queued(c) => c.push(line),
         }
     }
+}
+
+/// `text` with every control character escaped but a final newline: C0
+/// controls and DEL as `\n`, `\r`, `\t` or `\xNN`, and the C1 controls
+/// (U+0080 to U+009F, which some terminals obey as escape sequences) as
+/// `\u{NN}`. Other bytes pass as they are.
+fn escape_controls(text: &[u8]) -> Vec<u8> {
+    let (body, end) = match text.split_last() {
+        Some((b'\n', body)) => (body, &b"\n"[..]),
+        _ => (text, &b""[..]),
+    };
+    let mut out = Vec::with_capacity(text.len() + 8);
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            0xc2 if body.get(i + 1).is_some_and(|c| (0x80..=0x9f).contains(c)) => {
+                out.extend_from_slice(format!("\\u{{{:02x}}}", body[i + 1]).as_bytes());
+                i += 1;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    out.extend_from_slice(end);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_but_the_final_newline() {
+        let line = "INFO process started cmd=a\n2026 INFO forged\r\x1b[2J\u{9b}1m\tok é\n";
+        let out = String::from_utf8(escape_controls(line.as_bytes())).unwrap();
+        assert_eq!(
+            out,
+            "INFO process started cmd=a\\n2026 INFO forged\\r\\x1b[2J\\u{9b}1m\\tok é\n"
+        );
+        assert_eq!(out.matches('\n').count(), 1);
+        // A line without a newline gets none.
+        assert_eq!(escape_controls(b"a\x07"), b"a\\x07");
+    }
 
     #[test]
     fn the_console_queue_is_bounded_in_lines_and_bytes() {

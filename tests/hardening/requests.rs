@@ -215,3 +215,30 @@ fn multipart_uploads_write_a_bounded_number_of_files() {
     assert!(r.text().contains("at most 10000 files"), "{}", r.text());
     healthy(&e);
 }
+
+// A caller chooses the strings envd logs (a command's name): a newline in
+// one must not add a forged line to the log, nor an escape sequence reach
+// the console.
+#[tokio::test]
+async fn a_caller_cannot_forge_log_lines() {
+    let e = Envd::start(&[]);
+    let mut c = e.client().await;
+    let forged = "/bin/true\nFORGED-LINE INFO root login\x1b[2J";
+    let o = run(&mut c, cmd(forged, &[])).await;
+    assert_ne!(o.end().exit_code, 0, "no such program");
+    assert!(
+        eventually(Duration::from_secs(5), || e.logged("process started")).await,
+        "the start was not logged"
+    );
+    let log = e.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .all(|l| !l.starts_with("FORGED-LINE") && !l.contains('\x1b')),
+        "a forged line or an escape sequence reached the log: {log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("/bin/true\\nFORGED-LINE INFO root login\\x1b[2J")),
+        "the command is not in the log, escaped: {log:?}"
+    );
+}
