@@ -21,6 +21,37 @@ fn root_and_user_dirs(test: &str) -> Option<(Envd, tempfile::TempDir, PathBuf, P
     Some((e, dir, etc, home))
 }
 
+/// [`root_and_user_dirs`] with a tmpfs mounted beside them: a Move from it
+/// into the user's home crosses file systems. Fields drop in order: envd,
+/// then the tmpfs, then the directory holding it.
+struct CrossScene {
+    e: Envd,
+    mnt: PathBuf,
+    etc: PathBuf,
+    home: PathBuf,
+    _tmpfs: Tmpfs,
+    _dir: tempfile::TempDir,
+}
+
+fn cross_scene(test: &str, size: &str) -> Option<CrossScene> {
+    let (e, dir, etc, home) = root_and_user_dirs(test)?;
+    let mnt = dir.path().join("tmpfs");
+    let tmpfs = Tmpfs::mount(test, &mnt, size)?;
+    Some(CrossScene {
+        e,
+        mnt,
+        etc,
+        home,
+        _tmpfs: tmpfs,
+        _dir: dir,
+    })
+}
+
+/// Root's `path` gets `mode`.
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
 /// A symlink at `at` to `to`, owned by the user (as the user would make it).
 fn user_link(to: &Path, at: &Path) {
     std::os::unix::fs::symlink(to, at).unwrap();
@@ -325,18 +356,17 @@ fn steer_temporaries(
 // write).
 #[tokio::test]
 async fn a_moves_copy_cannot_be_steered_by_its_destination() {
-    const TEST: &str = "a_moves_copy_cannot_be_steered_by_its_destination";
-    let Some((e, dir, etc, home)) = root_and_user_dirs(TEST) else {
+    let Some(scene) = cross_scene(
+        "a_moves_copy_cannot_be_steered_by_its_destination",
+        "size=256m",
+    ) else {
         return;
     };
-    let mnt = dir.path().join("tmpfs");
-    let Some(_tmpfs) = Tmpfs::mount(TEST, &mnt, "size=256m") else {
-        return;
-    };
+    let (e, mnt, etc, home) = (&scene.e, &scene.mnt, &scene.etc, &scene.home);
     let shadow = etc.join("shadow");
     std::fs::write(&shadow, b"root's").unwrap();
-    std::fs::set_permissions(&shadow, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let root_dir = dir.path().join("etc.d");
+    set_mode(&shadow, 0o600);
+    let root_dir = etc.join("d");
     std::fs::create_dir(&root_dir).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut fs = e.fs().await;
@@ -400,7 +430,7 @@ async fn a_moves_copy_cannot_be_steered_by_its_destination() {
     assert_eq!(mode, 0o600, "root's file was given the source's mode");
     assert_eq!(std::fs::read(&shadow).unwrap(), b"root's");
     assert!(swaps > 0, "the user never caught a temporary to swap");
-    healthy(&e);
+    healthy(e);
 }
 
 /// Watches `dir` (inotify) and trades each new entry whose name starts with
@@ -460,17 +490,16 @@ fn trade_new_entries(
 // land on that.
 #[tokio::test]
 async fn directories_made_for_the_user_cannot_be_traded_for_roots() {
-    const TEST: &str = "directories_made_for_the_user_cannot_be_traded_for_roots";
-    let Some((e, dir, _etc, home)) = root_and_user_dirs(TEST) else {
+    let Some(scene) = cross_scene(
+        "directories_made_for_the_user_cannot_be_traded_for_roots",
+        "size=16m",
+    ) else {
         return;
     };
-    let mnt = dir.path().join("tmpfs");
-    let Some(_tmpfs) = Tmpfs::mount(TEST, &mnt, "size=16m") else {
-        return;
-    };
+    let (e, mnt, home) = (&scene.e, &scene.mnt, &scene.home);
     let secret = home.join("secret");
     std::fs::create_dir(&secret).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    set_mode(&secret, 0o700);
     std::fs::write(secret.join("key"), b"root's").unwrap();
     // Root's directory is followed by an fd, wherever the trades leave it: it
     // must stay root's, in place in the tree, with its file.
@@ -496,7 +525,7 @@ async fn directories_made_for_the_user_cannot_be_traded_for_roots() {
     let mut answers = std::collections::BTreeMap::new();
     for i in 0..2000 {
         let r = upload(
-            &e,
+            e,
             &format!("{}&username=nobody", s(&home.join(format!("m{i}/f")))),
             b"host's",
         );
@@ -532,5 +561,5 @@ async fn directories_made_for_the_user_cannot_be_traded_for_roots() {
         made_trades > 0 && move_trades > 0,
         "the user never caught a new entry"
     );
-    healthy(&e);
+    healthy(e);
 }
