@@ -3,7 +3,7 @@
 //!
 //! A line carries strings a caller chose (a command, a path), so every
 //! control character in it but its final newline is written escaped (`\n`,
-//! `\x1b`, ...): a command named `a\n<a forged line>` cannot add a line to
+//! `\x1b`, `\u009b`, ...): a command named `a\n<a forged line>` cannot add a line to
 //! the log, nor an escape sequence drive the console. For the same reason
 //! text lines have no colours (envd's own escape sequences would be
 //! escaped too).
@@ -226,7 +226,8 @@ impl Drop for Line {
 /// `text` with every control character escaped but a final newline: C0
 /// controls and DEL as `\n`, `\r`, `\t` or `\xNN`, and the C1 controls
 /// (U+0080 to U+009F, which some terminals obey as escape sequences) as
-/// `\u{NN}`. Other bytes pass as they are.
+/// `\u00NN`, which also keeps a JSON line valid (serde escapes C0 controls
+/// itself but passes C1 through). Other bytes pass as they are.
 fn escape_controls(text: &[u8]) -> Vec<u8> {
     let (body, end) = match text.split_last() {
         Some((b'\n', body)) => (body, &b"\n"[..]),
@@ -242,7 +243,7 @@ fn escape_controls(text: &[u8]) -> Vec<u8> {
             b'\t' => out.extend_from_slice(b"\\t"),
             0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
             0xc2 if body.get(i + 1).is_some_and(|c| (0x80..=0x9f).contains(c)) => {
-                out.extend_from_slice(format!("\\u{{{:02x}}}", body[i + 1]).as_bytes());
+                out.extend_from_slice(format!("\\u00{:02x}", body[i + 1]).as_bytes());
                 i += 1;
             }
             _ => out.push(b),
@@ -263,11 +264,17 @@ mod tests {
         let out = String::from_utf8(escape_controls(line.as_bytes())).unwrap();
         assert_eq!(
             out,
-            "INFO process started cmd=a\\n2026 INFO forged\\r\\x1b[2J\\u{9b}1m\\tok é\n"
+            "INFO process started cmd=a\\n2026 INFO forged\\r\\x1b[2J\\u009b1m\\tok é\n"
         );
         assert_eq!(out.matches('\n').count(), 1);
         // A line without a newline gets none.
         assert_eq!(escape_controls(b"a\x07"), b"a\\x07");
+        // A JSON line stays JSON: serde escapes C0 itself, and C1 comes out
+        // as a JSON escape.
+        let json = serde_json::json!({"cmd": "a\n\u{9b}b"}).to_string() + "\n";
+        let back: serde_json::Value =
+            serde_json::from_slice(&escape_controls(json.as_bytes())).unwrap();
+        assert_eq!(back["cmd"], "a\n\u{9b}b");
     }
 
     #[test]
