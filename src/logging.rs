@@ -223,35 +223,54 @@ impl Drop for Line {
     }
 }
 
-/// `text` with every control character escaped but a final newline: C0
-/// controls and DEL as `\n`, `\r`, `\t` or `\xNN`, and the C1 controls
-/// (U+0080 to U+009F, which some terminals obey as escape sequences) as
-/// `\u00NN`, which also keeps a JSON line valid (serde escapes C0 controls
-/// itself but passes C1 through). Other bytes pass as they are.
+/// `text` with every control character escaped but a final newline (see
+/// [`escape_controls_into`]).
 fn escape_controls(text: &[u8]) -> Vec<u8> {
     let (body, end) = match text.split_last() {
         Some((b'\n', body)) => (body, &b"\n"[..]),
         _ => (text, &b""[..]),
     };
     let mut out = Vec::with_capacity(text.len() + 8);
+    escape_controls_into(body, &mut out);
+    out.extend_from_slice(end);
+    out
+}
+
+/// A string from envd or the guest (a file name, a command, an error naming
+/// a path) as a terminal may safely show it: [`escape_controls_into`] on
+/// all of it. For `envctl`, whose listings would otherwise hand the host's
+/// terminal whatever escape sequences code in the sandbox put in a name.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = Vec::with_capacity(text.len() + 8);
+    escape_controls_into(text.as_bytes(), &mut out);
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Appends `text` to `out` with every control character escaped: C0 controls
+/// and DEL as `\n`, `\r`, `\t` or `\xNN`, and the C1 controls (U+0080 to
+/// U+009F, which some terminals obey as escape sequences) as `\u00NN`, which
+/// also keeps a JSON line valid (serde escapes C0 controls itself but passes
+/// C1 through). Other bytes pass as they are.
+fn escape_controls_into(text: &[u8], out: &mut Vec<u8>) {
     let mut i = 0;
-    while i < body.len() {
-        let b = body[i];
+    while i < text.len() {
+        let b = text[i];
         match b {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
             0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
-            0xc2 if body.get(i + 1).is_some_and(|c| (0x80..=0x9f).contains(c)) => {
-                out.extend_from_slice(format!("\\u00{:02x}", body[i + 1]).as_bytes());
+            0xc2 if text.get(i + 1).is_some_and(|c| (0x80..=0x9f).contains(c)) => {
+                out.extend_from_slice(format!("\\u00{:02x}", text[i + 1]).as_bytes());
                 i += 1;
             }
             _ => out.push(b),
         }
         i += 1;
     }
-    out.extend_from_slice(end);
-    out
 }
 
 #[cfg(test)]
@@ -275,6 +294,9 @@ mod tests {
         let back: serde_json::Value =
             serde_json::from_slice(&escape_controls(json.as_bytes())).unwrap();
         assert_eq!(back["cmd"], "a\n\u{9b}b");
+        // What envctl shows: every control character, a final newline too.
+        assert_eq!(shown("ok é"), "ok é");
+        assert_eq!(shown("\x1b]0;x\x07\n"), "\\x1b]0;x\\x07\\n");
     }
 
     #[test]

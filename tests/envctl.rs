@@ -102,3 +102,39 @@ fn exec_on_a_pty() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+// Names come from the sandbox: a file named with an escape sequence (here
+// one that sets the terminal's title and rings its bell, and a newline)
+// must reach the host's terminal escaped, not obeyed.
+#[test]
+fn listings_show_control_characters_escaped() {
+    let envd = Envd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let name = "evil\x1b]0;owned\x07\nname";
+    std::fs::write(dir.path().join(name), b"x").unwrap();
+    let ls = envctl(&envd, &["ls", dir.path().to_str().unwrap()]);
+    assert!(ls.status.success());
+    let out = String::from_utf8_lossy(&ls.stdout).into_owned();
+    assert!(
+        !out.contains('\x1b') && !out.contains('\x07'),
+        "raw control characters reached the terminal: {out:?}"
+    );
+    assert!(
+        out.contains("evil\\x1b]0;owned\\x07\\nname"),
+        "the name is not shown escaped: {out:?}"
+    );
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "a name's newline made a line: {out:?}"
+    );
+    // An error naming such a path is escaped too.
+    let missing = dir.path().join("gone\x1b[2J");
+    let stat = envctl(&envd, &["stat", missing.to_str().unwrap()]);
+    assert!(!stat.status.success());
+    let err = String::from_utf8_lossy(&stat.stderr).into_owned();
+    assert!(
+        !err.contains('\x1b') && err.contains("gone\\x1b[2J"),
+        "{err:?}"
+    );
+}

@@ -95,7 +95,11 @@ pub async fn copy(ctx: &Ctx, from: &str, to: &str) -> Result<u8, String> {
                 .join()
                 .map_err(|_| "reader panicked".to_owned())?
                 .map_err(|e| e.to_string())?;
-            eprintln!("{} bytes -> {}", entry.size, entry.path);
+            eprintln!(
+                "{} bytes -> {}",
+                entry.size,
+                envd::logging::shown(&entry.path)
+            );
             Ok(0)
         }
         (Some(remote), None) => {

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use envd::logging::shown;
 use envd::proto::filesystem::filesystem_client::FilesystemClient;
 use envd::proto::filesystem::{watch_dir_response, ListDirRequest, StatRequest, WatchDirRequest};
 use envd::proto::process::process_client::ProcessClient;
@@ -173,7 +174,7 @@ async fn main() -> ExitCode {
     let channel = match envd::client::wait_ready(&cli.url, Duration::from_secs(cli.wait)).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("envctl: {e}");
+            eprintln!("envctl: {}", shown(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -187,7 +188,7 @@ async fn main() -> ExitCode {
     match dispatch(&ctx, cli.cmd).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("envctl: {e}");
+            eprintln!("envctl: {}", shown(&e));
             ExitCode::from(1)
         }
     }
@@ -227,7 +228,11 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
             for e in entries {
                 println!(
                     "{} {:>8} {:<8} {:<8} {}",
-                    e.permissions, e.size, e.owner, e.group, e.path
+                    shown(&e.permissions),
+                    e.size,
+                    shown(&e.owner),
+                    shown(&e.group),
+                    shown(&e.path)
                 );
             }
             Ok(0)
@@ -259,7 +264,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
                 if let Some(watch_dir_response::Event::Filesystem(e)) = msg.map_err(status)?.event {
                     let kind = envd::proto::filesystem::EventType::try_from(e.r#type)
                         .map_or("?".into(), |t| t.as_str_name().to_owned());
-                    println!("{kind} {}", e.name);
+                    println!("{kind} {}", shown(&e.name));
                 }
             }
             Ok(0)
@@ -277,9 +282,9 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
                 println!(
                     "{:>7} {:<12} {} {}",
                     info.pid,
-                    info.tag.unwrap_or_default(),
-                    c.cmd,
-                    c.args.join(" ")
+                    shown(&info.tag.unwrap_or_default()),
+                    shown(&c.cmd),
+                    shown(&c.args.join(" "))
                 );
             }
             Ok(0)
