@@ -532,13 +532,24 @@ async fn a_move_killed_as_its_copy_appears_leaves_no_copy_behind() {
     move_cut_by_a_crash("move_crash_at_once", Kill::AsItAppears).await;
 }
 
+/// A copy left by a crash, which a process in the sandbox then trades for a
+/// directory of root's before the next envd starts: the record says which
+/// file the copy was, and the next envd removes only that.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_traded_after_a_crash_is_not_what_is_removed() {
+    move_cut_by_a_crash("move_crash_traded", Kill::Traded).await;
+}
+
 /// When the Move's envd is killed.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Kill {
     /// Once the crash record lists the copy.
     OnceListed,
     /// As soon as the copy is seen in the destination's directory.
     AsItAppears,
+    /// Once the crash record says which file the copy is; the copy is then
+    /// renamed away and a root directory put under its name.
+    Traded,
 }
 
 async fn move_cut_by_a_crash(test: &str, when: Kill) {
@@ -563,10 +574,16 @@ async fn move_cut_by_a_crash(test: &str, when: Kill) {
     let since = std::time::Instant::now();
     let call = tokio::spawn(async move { fs.r#move(request).await });
     match when {
-        Kill::OnceListed => {
+        Kill::OnceListed | Kill::Traded => {
+            // Traded: once the record has the copy's device and inode.
+            let listed = |r: &envd::proto::envd::handover::State| {
+                r.temporaries
+                    .iter()
+                    .any(|t| when != Kill::Traded || t.contains('\0'))
+            };
             assert!(
                 eventually(Duration::from_secs(20), || record(&store)
-                    .is_some_and(|r| !r.temporaries.is_empty()))
+                    .is_some_and(|r| listed(&r)))
                 .await,
                 "no copy in the record"
             );
@@ -597,6 +614,33 @@ async fn move_cut_by_a_crash(test: &str, when: Kill) {
     );
     let left = hidden();
     assert!(!left.is_empty(), "the copy is gone before the restart");
+    if when == Kill::Traded {
+        let name = mv.dst.join(&left[0]);
+        std::fs::rename(&name, mv.dst.join("away")).unwrap();
+        std::fs::create_dir(&name).unwrap();
+        std::fs::write(name.join("key"), b"root's").unwrap();
+        let (second, _, log2) = store.spawn(&args);
+        let _second = KillOnDrop(second);
+        // The next envd tries the name and leaves what is there now (with a
+        // warning), or removes it.
+        let tried =
+            || {
+                !name.join("key").exists()
+                    || log2.lock().unwrap().iter().any(|l| {
+                        l.contains("temporaries the previous envd left are not all removed")
+                    })
+            };
+        assert!(
+            eventually(Duration::from_secs(20), tried).await,
+            "the next envd did not try the copy's name"
+        );
+        assert!(
+            name.join("key").exists(),
+            "the directory traded in under the copy's name was removed"
+        );
+        assert!(mv.tree.join("d399/f99").exists(), "the source is untouched");
+        return;
+    }
 
     let (second, _, log2) = store.spawn(&args);
     let _second = KillOnDrop(second);

@@ -4,21 +4,28 @@
 //! real path while it exists. The next envd image (a live upgrade's, or the
 //! one systemd starts after a crash, through the crash record) is handed the
 //! list and removes them: the image that was filling them cannot.
+//!
+//! A temporary is registered by name before it exists, and by which file it
+//! is (device, inode) as soon as it does: the next image removes that file
+//! only. A process that traded a root directory of its own directory in
+//! under the temporary's name, between the crash and the cleanup, keeps it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
-use super::ops::{is_sibling_temp, remove_path};
+use super::ops::{is_sibling_temp, remove_path_seen};
 use super::stop::Stop;
+use super::tree::Identity;
 
 /// Most entries the removal of one left-over temporary walks. A copy is
 /// visible in its directory, so code in the sandbox could keep adding to it.
 const MAX_ENTRIES: u64 = 10_000_000;
 
-static LIVE: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+/// The temporaries in flight, and which file each is once made.
+static LIVE: LazyLock<Mutex<HashMap<PathBuf, Option<Identity>>>> = LazyLock::new(Default::default);
 
-fn live() -> MutexGuard<'static, HashSet<PathBuf>> {
+fn live() -> MutexGuard<'static, HashMap<PathBuf, Option<Identity>>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -30,9 +37,17 @@ pub struct Registered(PathBuf);
 
 impl Registered {
     pub fn new(path: PathBuf) -> Registered {
-        live().insert(path.clone());
+        live().insert(path.clone(), None);
         crate::handover::crash::write_now();
         Registered(path)
+    }
+
+    /// The temporary now exists and is the file `id`.
+    pub fn made(&self, id: Identity) {
+        if let Some(seen) = live().get_mut(&self.0) {
+            *seen = Some(id);
+        }
+        crate::handover::crash::write_now();
     }
 }
 
@@ -43,21 +58,47 @@ impl Drop for Registered {
     }
 }
 
-/// The temporaries in flight, for the next image.
+/// The temporaries in flight, for the next image: each path, followed once
+/// it is made by a NUL and `device:inode`. A path cannot hold a NUL, and an
+/// image from before this form takes such an entry for no temporary of its
+/// own and leaves it (what it left before the form existed, it removes).
 pub fn list() -> Vec<String> {
     live()
         .iter()
-        .filter_map(|p| p.to_str().map(str::to_owned))
+        .filter_map(|(p, id)| {
+            let p = p.to_str()?;
+            Some(match id {
+                Some((dev, ino)) => format!("{p}\0{dev}:{ino}"),
+                None => p.to_owned(),
+            })
+        })
         .collect()
+}
+
+/// An entry of [`list`]: the path, and which file it is if that was known.
+fn parse(entry: &str) -> (PathBuf, Option<Identity>) {
+    match entry.split_once('\0') {
+        Some((path, id)) => {
+            let id = id
+                .split_once(':')
+                .and_then(|(d, i)| Some((d.parse().ok()?, i.parse().ok()?)));
+            // A malformed identity names no file: nothing is removed.
+            (
+                PathBuf::from(path),
+                Some(id.unwrap_or((u64::MAX, u64::MAX))),
+            )
+        }
+        None => (PathBuf::from(entry), None),
+    }
 }
 
 /// Removes, in the background, what a previous image left: only absolute
 /// paths whose last component is one of envd's temporary names.
 pub fn remove_left(paths: Vec<String>) {
-    let paths: Vec<PathBuf> = paths
-        .into_iter()
-        .map(PathBuf::from)
-        .filter(|p| is_ours(p))
+    let paths: Vec<(PathBuf, Option<Identity>)> = paths
+        .iter()
+        .map(|e| parse(e))
+        .filter(|(p, _)| is_ours(p))
         .collect();
     if paths.is_empty() {
         return;
@@ -67,7 +108,7 @@ pub fn remove_left(paths: Vec<String>) {
     let removal = crate::threads::launch(Box::new(move || {
         let kept = paths
             .iter()
-            .filter(|p| remove_path(p, &Stop::after(MAX_ENTRIES)).is_err())
+            .filter(|(p, id)| remove_path_seen(p, *id, &Stop::after(MAX_ENTRIES)).is_err())
             .count();
         if kept > 0 {
             tracing::warn!(

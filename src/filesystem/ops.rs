@@ -72,7 +72,10 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
             let registered = super::hidden::Registered::new(ddir.shown_of(&tmp_name));
             let mut made = None;
             let copied =
-                super::tree::copy_tree(sdir.fd(), &sname, ddir.fd(), &tmp_name, stop, &mut made);
+                super::tree::copy_tree(sdir.fd(), &sname, ddir.fd(), &tmp_name, stop, &mut |id| {
+                    made = Some(id);
+                    registered.made(id);
+                });
             // What the copy made is at most what it visited: removing it
             // again takes no more, however the caller or the tree behaves.
             // Only the copy goes: what a process swapped in under its name
@@ -192,8 +195,18 @@ pub fn is_sibling_temp(name: &[u8]) -> bool {
 /// not followed. Directory trees of any depth are removed iteratively, until
 /// `stop` says otherwise. The parent is pinned ([`pin`]).
 pub fn remove_path(path: &Path, stop: &Stop) -> Result<()> {
+    remove_path_seen(path, None, stop)
+}
+
+/// [`remove_path`] of the file `expect` (device, inode) only, when given:
+/// whatever else has its name now is left alone (with an error).
+pub fn remove_path_seen(
+    path: &Path,
+    expect: Option<super::tree::Identity>,
+    stop: &Stop,
+) -> Result<()> {
     let r = match pin::parent(path, None) {
-        Ok((dir, name)) => remove_at(&dir, &name, stop),
+        Ok((dir, name)) => super::tree::remove_entry_at(dir.fd(), &name, expect, stop),
         Err(e) if e.code == Code::NotFound => Ok(()),
         Err(e) => return Err(e),
     };

@@ -202,9 +202,9 @@ fn copy_attributes(made: Made, meta: &std::fs::Metadata) -> io::Result<()> {
 /// user. An empty one costs nothing. The owner is not checked: on a file
 /// system that maps root to another user (NFS `root_squash`) envd's own new
 /// directory is not root's either.
-/// `made` says which directory it is once it has passed, for an undo to
+/// `made` is told which directory it is once it has passed, for an undo to
 /// remove that one only: a refused one may be a root directory.
-fn make_dir_at(parent: BorrowedFd, name: &CStr, made: &mut Option<Identity>) -> io::Result<Dir> {
+fn make_dir_at(parent: BorrowedFd, name: &CStr, made: &mut dyn FnMut(Identity)) -> io::Result<Dir> {
     nix::sys::stat::mkdirat(parent, name, Mode::S_IRWXU)?;
     let mut dir = open_dir_at(parent, name)?;
     // The iterator rewinds the directory when dropped.
@@ -220,7 +220,7 @@ fn make_dir_at(parent: BorrowedFd, name: &CStr, made: &mut Option<Identity>) -> 
             ),
         ));
     }
-    *made = Some(identity(nix::sys::stat::fstat(&dir)?));
+    made(identity(nix::sys::stat::fstat(&dir)?));
     Ok(dir)
 }
 
@@ -239,13 +239,13 @@ fn copy_leaf(
     dst: BorrowedFd,
     dst_name: &CStr,
     meta: &std::fs::Metadata,
-    made: &mut Option<Identity>,
+    made: &mut dyn FnMut(Identity),
 ) -> io::Result<()> {
     let ft = meta.file_type();
     if ft.is_symlink() {
         let target = nix::fcntl::readlinkat(dir, name)?;
         nix::unistd::symlinkat(target.as_os_str(), dst, dst_name)?;
-        *made = Some(identity(nix::sys::stat::fstatat(
+        made(identity(nix::sys::stat::fstatat(
             dst,
             dst_name,
             AtFlags::AT_SYMLINK_NOFOLLOW,
@@ -261,7 +261,7 @@ fn copy_leaf(
             Mode::S_IRUSR | Mode::S_IWUSR,
         )?;
         let mut to = std::fs::File::from(to);
-        *made = Some(identity(nix::sys::stat::fstat(&to)?));
+        made(identity(nix::sys::stat::fstat(&to)?));
         // The size `lstat` saw, not until end of file: a file that a process
         // keeps appending to would otherwise never finish copying.
         io::copy(&mut io::Read::take(from, meta.len()), &mut to)?;
@@ -304,16 +304,16 @@ fn c_name(name: &std::ffi::OsStr) -> io::Result<CString> {
 /// is never followed, and nothing the copy makes or changes is reached by a
 /// path. Each file gets the bytes its size said when it was reached. Stops
 /// with an error when `stop` says so; `stop.visited()` then bounds what was
-/// made. `made` says which file the copy's top is as soon as it exists (an
-/// unfinished copy too), for the caller to check that the name still leads
-/// to it before it moves the copy into place or removes it again.
+/// made. `made` is told which file the copy's top is as soon as it exists
+/// (an unfinished copy too), for the caller to check that the name still
+/// leads to it before it moves the copy into place or removes it again.
 pub fn copy_tree(
     src_dir: BorrowedFd,
     src_name: &std::ffi::OsStr,
     dst_dir: BorrowedFd,
     dst_name: &std::ffi::OsStr,
     stop: &Stop,
-    made: &mut Option<Identity>,
+    made: &mut dyn FnMut(Identity),
 ) -> io::Result<()> {
     let (src_name, dst_name) = (c_name(src_name)?, c_name(dst_name)?);
     let meta = lstat_at(src_dir, &src_name)?;
@@ -329,7 +329,7 @@ pub fn copy_tree(
     }
     let open = |parent: BorrowedFd, name: &CStr, dst: BorrowedFd, meta| -> io::Result<Frame> {
         let src = open_dir_at(parent, name)?.into_iter();
-        let dst = make_dir_at(dst, name, &mut None)?;
+        let dst = make_dir_at(dst, name, &mut |_| {})?;
         Ok(Frame { src, dst, meta })
     };
     stop.check()?;
@@ -364,7 +364,7 @@ pub fn copy_tree(
                 top.dst.as_fd(),
                 &name,
                 &meta,
-                &mut None,
+                &mut |_| {},
             )?;
         }
     }
@@ -449,7 +449,7 @@ mod tests {
             top.as_fd(),
             "c".as_ref(),
             &Stop::after(u64::MAX),
-            &mut None,
+            &mut |_| {},
         )
         .unwrap();
         assert_eq!(std::fs::read(dst.join("old")).unwrap(), b"1969");
