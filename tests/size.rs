@@ -47,8 +47,11 @@ mod skip;
 /// by owner, the slot freed when a record is forgotten). A sorted list
 /// instead of the owner map came out 4 KiB larger. 8,046,312 (one 4 KiB
 /// step) with rings for taken-over exit records; the lingering close and
-/// the drained bodies before it fit in the same pages.
-const BUDGET: u64 = 8_048_000;
+/// the drained bodies before it fit in the same pages. 8,050,408 (one 4 KiB
+/// step) with the ninth session's hardening: the copy, the made directories
+/// and the removals through fds, the log's escaping, and the temporaries'
+/// device and inode in the record.
+const BUDGET: u64 = 8_052_000;
 
 #[test]
 fn static_binary_within_budget() {
