@@ -105,7 +105,7 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
                 tmp_name.as_os_str(),
                 AtFlags::AT_SYMLINK_NOFOLLOW,
             )
-            .map(|st| (st.st_dev, st.st_ino));
+            .map(super::tree::identity);
             if made.is_none() || there.ok() != made {
                 undo(made);
                 return Err(Error::new(
@@ -129,7 +129,7 @@ pub fn move_path(src: &Path, dst: &Path, user: &User, stop: &Stop) -> Result<()>
             })?;
             drop(registered);
             // The source as it was seen, not whatever has its name now.
-            super::tree::remove_entry_at(sdir.fd(), &sname, Some((seen.st_dev, seen.st_ino)), stop)
+            super::tree::remove_entry_at(sdir.fd(), &sname, Some(super::tree::identity(seen)), stop)
                 .map_err(|e| Error::io(format!("remove {}", src.display()), &e))
         }
         Err(e) => Err(Error::io(

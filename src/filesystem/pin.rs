@@ -376,27 +376,16 @@ impl<'a> Walk<'a> {
                 ))
             }
         }
-        let failed = |e: Errno| Error::io(shown.display(), &e.into());
-        let mut made = nix::dir::Dir::openat(
-            self.cur.fd(),
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(failed)?;
-        // The iterator rewinds the directory when dropped.
-        let full = made
-            .iter()
-            .any(|e| e.map_or(true, |e| !matches!(e.file_name().to_bytes(), b"." | b"..")));
-        if full {
-            return Err(Error::new(
-                crate::status::Code::FailedPrecondition,
-                format!(
-                    "'{}' was replaced by a directory with entries while it was made",
-                    shown.display()
-                ),
-            ));
-        }
+        let made = super::tree::open_made_dir(self.cur.fd(), name).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::new(
+                    crate::status::Code::FailedPrecondition,
+                    format!("'{}': {e}", shown.display()),
+                )
+            } else {
+                Error::io(shown.display(), &e)
+            }
+        })?;
         if let Some(user) = self.create {
             if nix::unistd::geteuid().is_root() {
                 nix::unistd::fchown(

@@ -63,8 +63,7 @@ impl Staged {
             flags | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
             mode,
         )?;
-        let st = nix::sys::stat::fstat(&fd)?;
-        registered.made((st.st_dev, st.st_ino));
+        registered.made(super::tree::identity(nix::sys::stat::fstat(&fd)?));
         let named = Named {
             path: dir.path_of(&name),
             _registered: registered,

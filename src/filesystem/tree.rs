@@ -28,7 +28,7 @@ fn is_dot(name: &CStr) -> bool {
 
 /// Opens directory `name` inside `parent` without following a symlink, so a
 /// directory swapped for a link mid-walk is never entered.
-fn open_dir_at(parent: impl AsFd, name: &CStr) -> nix::Result<Dir> {
+fn open_dir_at<P: ?Sized + nix::NixPath>(parent: impl AsFd, name: &P) -> nix::Result<Dir> {
     Dir::openat(
         parent,
         name,
@@ -74,7 +74,7 @@ pub fn remove_entry_at(
             UnlinkatFlags::NoRemoveDir,
         )?);
     }
-    let top = open_dir_at(parent, &name)?;
+    let top = open_dir_at(parent, name.as_c_str())?;
     if identity(nix::sys::stat::fstat(&top)?) != seen {
         return Err(replaced(&name));
     }
@@ -113,7 +113,7 @@ pub fn remove_entry_at(
             unlink_at(dir, &name, UnlinkatFlags::NoRemoveDir)?;
         }
         if let Some(name) = subdir {
-            match open_dir_at(dir.as_fd(), &name) {
+            match open_dir_at(dir.as_fd(), name.as_c_str()) {
                 Ok(child) => stack.push((child, name)),
                 // Replaced by a non-directory meanwhile: remove that instead.
                 Err(Errno::ENOTDIR | Errno::ELOOP) => {
@@ -192,20 +192,18 @@ fn copy_attributes(made: Made, meta: &std::fs::Metadata) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the directory `name` in the directory open at `parent` (0700 until
-/// its attributes are copied) and opens it, never through a symlink. A link
-/// put in its place between the two calls fails the copy. So does any
-/// directory with entries: one swapped in there (only possible at the
-/// copy's top, in a directory the user owns: below it, only envd may change
-/// anything) would be given the source's owner and mode at the end, and a
-/// root directory the user had moved there would hand its contents to the
-/// user. An empty one costs nothing. The owner is not checked: on a file
-/// system that maps root to another user (NFS `root_squash`) envd's own new
-/// directory is not root's either.
-/// `made` is told which directory it is once it has passed, for an undo to
-/// remove that one only: a refused one may be a root directory.
-fn make_dir_at(parent: BorrowedFd, name: &CStr, made: &mut dyn FnMut(Identity)) -> io::Result<Dir> {
-    nix::sys::stat::mkdirat(parent, name, Mode::S_IRWXU)?;
+/// Opens the directory `name` that the caller has just made in the
+/// directory open at `parent`, never through a symlink, and only while it
+/// is still empty. Whoever makes a directory for root to change (give an
+/// owner, a mode, contents) opens it this way: a link put in its place
+/// between the two calls is refused (`O_NOFOLLOW`), and so is any directory
+/// with entries (`AlreadyExists`), such as a root directory that a user
+/// traded in under the name in a directory it owns, which would otherwise
+/// be handed to the user with its contents. An empty one gives nobody
+/// anything. The owner is not checked: on a file system that maps root to
+/// another user (NFS `root_squash`) envd's own new directory is not root's
+/// either.
+pub fn open_made_dir<P: ?Sized + nix::NixPath>(parent: BorrowedFd, name: &P) -> io::Result<Dir> {
     let mut dir = open_dir_at(parent, name)?;
     // The iterator rewinds the directory when dropped.
     let full = dir
@@ -214,12 +212,20 @@ fn make_dir_at(parent: BorrowedFd, name: &CStr, made: &mut dyn FnMut(Identity)) 
     if full {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!(
-                "'{}' was replaced by a directory with entries while the copy made it",
-                name.to_string_lossy()
-            ),
+            "a directory with entries was put in its place while it was made",
         ));
     }
+    Ok(dir)
+}
+
+/// Makes the directory `name` in the directory open at `parent` (0700 until
+/// its attributes are copied) and opens it ([`open_made_dir`]: below the
+/// copy's top only envd may change anything, so only the top can be traded).
+/// `made` is told which directory it is once it has passed, for an undo to
+/// remove that one only: a refused one may be a root directory.
+fn make_dir_at(parent: BorrowedFd, name: &CStr, made: &mut dyn FnMut(Identity)) -> io::Result<Dir> {
+    nix::sys::stat::mkdirat(parent, name, Mode::S_IRWXU)?;
+    let dir = open_made_dir(parent, name)?;
     made(identity(nix::sys::stat::fstat(&dir)?));
     Ok(dir)
 }
@@ -286,7 +292,7 @@ fn lstat_at(dir: BorrowedFd, name: &CStr) -> io::Result<std::fs::Metadata> {
 /// Which file an entry is: (device, inode).
 pub type Identity = (u64, u64);
 
-fn identity(st: nix::sys::stat::FileStat) -> Identity {
+pub fn identity(st: nix::sys::stat::FileStat) -> Identity {
     (st.st_dev, st.st_ino)
 }
 
@@ -333,7 +339,7 @@ pub fn copy_tree(
         Ok(Frame { src, dst, meta })
     };
     stop.check()?;
-    let src = open_dir_at(src_dir, &src_name)?.into_iter();
+    let src = open_dir_at(src_dir, src_name.as_c_str())?.into_iter();
     let dst = make_dir_at(dst_dir, &dst_name, made)?;
     let mut stack = vec![Frame { src, dst, meta }];
     while let Some(top) = stack.last_mut() {
