@@ -213,7 +213,7 @@ impl Drop for Line {
         if self.text.is_empty() {
             return;
         }
-        let line = escape_controls(&self.text);
+        let line = escape_controls(std::mem::take(&mut self.text));
         match self.to {
             Writer::InPlace => {
                 let _ = std::io::stderr().write_all(&line);
@@ -224,12 +224,18 @@ impl Drop for Line {
 }
 
 /// `text` with every control character escaped but a final newline (see
-/// [`escape_controls_into`]).
-fn escape_controls(text: &[u8]) -> Vec<u8> {
+/// [`escape_controls_into`]). Nearly every line has none: it is then given
+/// back as it is, not copied.
+fn escape_controls(text: Vec<u8>) -> Vec<u8> {
     let (body, end) = match text.split_last() {
         Some((b'\n', body)) => (body, &b"\n"[..]),
-        _ => (text, &b""[..]),
+        _ => (&text[..], &b""[..]),
     };
+    // 0xc2 leads every C1 control (and other characters, which the full
+    // pass leaves as they are).
+    if !body.iter().any(|&b| b < 0x20 || b == 0x7f || b == 0xc2) {
+        return text;
+    }
     let mut out = Vec::with_capacity(text.len() + 8);
     escape_controls_into(body, &mut out);
     out.extend_from_slice(end);
@@ -280,19 +286,24 @@ mod tests {
     #[test]
     fn control_characters_are_escaped_but_the_final_newline() {
         let line = "INFO process started cmd=a\n2026 INFO forged\r\x1b[2J\u{9b}1m\tok é\n";
-        let out = String::from_utf8(escape_controls(line.as_bytes())).unwrap();
+        let out = String::from_utf8(escape_controls(line.as_bytes().to_vec())).unwrap();
         assert_eq!(
             out,
             "INFO process started cmd=a\\n2026 INFO forged\\r\\x1b[2J\\u009b1m\\tok é\n"
         );
         assert_eq!(out.matches('\n').count(), 1);
         // A line without a newline gets none.
-        assert_eq!(escape_controls(b"a\x07"), b"a\\x07");
+        assert_eq!(escape_controls(b"a\x07".to_vec()), b"a\\x07");
+        // Lines without control characters pass as they are, a £ (0xc2 0xa3,
+        // not a C1 control) too.
+        for clean in ["plain line\n", "\u{a3}5 \u{e9}t\u{e9}\n", "no newline"] {
+            assert_eq!(escape_controls(clean.as_bytes().to_vec()), clean.as_bytes());
+        }
         // A JSON line stays JSON: serde escapes C0 itself, and C1 comes out
         // as a JSON escape.
         let json = serde_json::json!({"cmd": "a\n\u{9b}b"}).to_string() + "\n";
         let back: serde_json::Value =
-            serde_json::from_slice(&escape_controls(json.as_bytes())).unwrap();
+            serde_json::from_slice(&escape_controls(json.into_bytes())).unwrap();
         assert_eq!(back["cmd"], "a\n\u{9b}b");
         // What envctl shows: every control character, a final newline too.
         assert_eq!(shown("ok é"), "ok é");
