@@ -216,14 +216,95 @@ fn connect_bad_input_gets_connect_errors_and_server_keeps_serving() {
 
 /// Reads one reply with a `content-length` from a kept-alive connection.
 fn read_one_reply(s: &mut std::net::TcpStream) -> Reply {
+    let raw = common::http::read_head(s);
+    read_rest_of_reply(s, raw)
+}
+
+/// Reads the body of a reply whose head is `raw`, by its `content-length`.
+fn read_rest_of_reply(s: &mut std::net::TcpStream, mut raw: Vec<u8>) -> Reply {
     use std::io::Read;
-    let mut raw = common::http::read_head(s);
     let head = common::http::parse(&raw);
     let len: usize = head.header("content-length").unwrap().parse().unwrap();
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).unwrap();
     raw.extend_from_slice(&body);
     common::http::parse(&raw)
+}
+
+/// Reads one reply from a kept-alive connection: by its `content-length`,
+/// or chunked up to and with its last chunk.
+fn read_stream_reply(s: &mut std::net::TcpStream) -> Reply {
+    use std::io::BufRead;
+    let mut raw = common::http::read_head(s);
+    if !String::from_utf8_lossy(&raw).contains("transfer-encoding: chunked") {
+        return read_rest_of_reply(s, raw);
+    }
+    let mut r = std::io::BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        raw.extend_from_slice(line.as_bytes());
+        let size = usize::from_str_radix(line.trim(), 16).unwrap();
+        let mut chunk = vec![0u8; size + 2];
+        std::io::Read::read_exact(&mut r, &mut chunk).unwrap();
+        raw.extend_from_slice(&chunk);
+        if size == 0 {
+            assert!(r.buffer().is_empty(), "bytes after the reply's last chunk");
+            return common::http::parse(&raw);
+        }
+    }
+}
+
+/// A streaming call's one request message comes first; the body's end
+/// (HTTP/1.1's last chunk) may come later, as the Python SDK sends it. The
+/// connection must then stay open for the client's next call: one closed
+/// without a `connection: close` in the answer fails the call the client
+/// sends on it next (CI saw the SDK's `commands.kill` fail so).
+#[test]
+fn a_stream_whose_body_ends_late_keeps_its_connection() {
+    let envd = Envd::start(&[]);
+    let mut s = std::net::TcpStream::connect(common::http::addr(&envd.tcp)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let calls = [
+        (
+            "/process.Process/Start",
+            r#"{"process":{"cmd":"/bin/echo","args":["hi"]}}"#,
+            "aGkK",
+        ),
+        // An error answer, too.
+        (
+            "/process.Process/Connect",
+            r#"{"process":{"pid":999999}}"#,
+            "not_found",
+        ),
+    ];
+    for (path, message, expected) in calls {
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nhost: envd\r\ncontent-type: application/connect+json\r\n\
+             connect-protocol-version: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        .unwrap();
+        let env = envelope(0, message.as_bytes());
+        write!(s, "{:x}\r\n", env.len()).unwrap();
+        s.write_all(&env).unwrap();
+        s.write_all(b"\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(b"0\r\n\r\n").unwrap();
+        let r = read_stream_reply(&mut s);
+        assert_eq!(r.status, 200, "{path}");
+        assert_ne!(r.header("connection"), Some("close"), "{path}");
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(text.contains(expected), "{path}: {text}");
+    }
+    write!(
+        s,
+        "POST /process.Process/List HTTP/1.1\r\nhost: envd\r\n\
+         content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let r = read_one_reply(&mut s);
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[test]

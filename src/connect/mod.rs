@@ -353,16 +353,25 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<BoxStream<Resp>>>,
 {
-    let mut input = request_stream::<Req>(wire, body);
-    let req = match input.next().await {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return stream_error(wire.codec, &e),
-        None => {
-            return stream_error(
-                wire.codec,
-                &Error::invalid(format!("missing the {} message", Req::full_name())),
-            )
+    let name = Req::full_name();
+    let mut reader = EnvelopeReader::new(body, MAX_MESSAGE);
+    let first = loop {
+        match reader.next().await {
+            Ok(Some((flags, _))) if flags & FLAG_END != 0 => continue,
+            other => break other,
         }
+    };
+    // The body's end may come after its one message: read it on, so that
+    // the connection serves the client's next call.
+    crate::body::finish_in_background(reader.into_body());
+    let req = match first {
+        Ok(Some((flags, payload))) => decode_envelope::<Req>(wire, &name, flags, &payload),
+        Ok(None) => Err(Error::invalid(format!("missing the {name} message"))),
+        Err(e) => Err(e),
+    };
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => return stream_error(wire.codec, &e),
     };
     match f(req).await {
         Ok(s) => stream_response(wire, s),
