@@ -117,25 +117,6 @@ where
     let _ = tokio::time::timeout(DRAIN_TIME, discard(body, DRAIN_MAX)).await;
 }
 
-/// Reads the rest of a body its handler is done with, in the background
-/// ([`DRAIN_MAX`] bytes within [`DRAIN_TIME`] at most), so that an HTTP/1.1
-/// connection stays open for the client's next request.
-///
-/// A streaming call's one request message may arrive before its body's end
-/// (the last chunk). hyper closes a connection whose request body was dropped
-/// before its end, unless the end is already there, and its answer does not
-/// say so (no `connection: close`): a client that reuses the connection
-/// loses the request it sends on it next.
-pub fn finish_in_background<B>(mut body: B)
-where
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-{
-    if body.is_end_stream() {
-        return;
-    }
-    tokio::spawn(async move { drain(&mut body).await });
-}
-
 /// How much of a refused body is read and thrown away before answering.
 pub const DRAIN_MAX: u64 = 16 << 20;
 

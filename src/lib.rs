@@ -39,6 +39,7 @@ pub mod proto;
 pub mod quota;
 pub mod relay;
 pub(crate) mod request;
+pub mod request_body;
 pub mod sd;
 pub mod server;
 pub mod status;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tonic::service::Routes;
@@ -26,6 +25,7 @@ use crate::process::ProcessService;
 use crate::proto::filesystem::filesystem_server::FilesystemServer;
 use crate::proto::process::process_server::ProcessServer;
 use crate::proto::transfer::transfer_server::TransferServer;
+use crate::request_body::RequestBody;
 use crate::status::{Code, Error};
 use crate::wire::HttpBody;
 use crate::wire::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
@@ -72,7 +72,7 @@ impl Router {
     }
 
     /// Routes one request.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+    pub async fn handle(&self, req: Request<RequestBody>) -> Response<HttpBody> {
         if req.method() == http::Method::OPTIONS {
             return preflight(&req);
         }
@@ -114,7 +114,7 @@ impl Router {
     /// it started), a server stream has its headers by then. (Start's
     /// deadline bounds its process instead; the service applies it.) A
     /// malformed header is left for the service to refuse.
-    async fn grpc_call(&self, req: Request<Incoming>) -> Response<HttpBody> {
+    async fn grpc_call(&self, req: Request<RequestBody>) -> Response<HttpBody> {
         let deadline = crate::request::deadline(req.headers()).ok().flatten();
         let call = self.grpc.clone().oneshot(req);
         let answered = match deadline {
@@ -153,7 +153,7 @@ fn cors(r: &mut Response<HttpBody>) {
     );
 }
 
-fn preflight(req: &Request<Incoming>) -> Response<HttpBody> {
+fn preflight(req: &Request<RequestBody>) -> Response<HttpBody> {
     let mut r = Response::builder()
         .status(StatusCode::NO_CONTENT)
         .header(
@@ -288,7 +288,10 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
             // A closed connection's buffers go back to the OS once quiet.
             let _freed = crate::memory::FreedOnDrop;
             let tracked = reg.conn.clone();
-            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (parts, body) = req.into_parts();
+                let (body, closing) = RequestBody::new(body, parts.version < http::Version::HTTP_2);
+                let mut req = Request::from_parts(parts, body);
                 let router = router.clone();
                 let guard = tracked.begin();
                 if req.method() == http::Method::CONNECT {
@@ -299,7 +302,14 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
                     req.extensions_mut().insert(busy);
                 }
                 async move {
-                    let response = router.handle(req).await;
+                    let mut response = router.handle(req).await;
+                    if closing.is_set() {
+                        // Its body is left unread: hyper closes the connection.
+                        response.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
                     Ok::<_, Infallible>(response.map(|b| HttpBody::new(Tracked::new(b, guard))))
                 }
             });

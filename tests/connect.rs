@@ -220,11 +220,15 @@ fn read_one_reply(s: &mut std::net::TcpStream) -> Reply {
     read_rest_of_reply(s, raw)
 }
 
-/// Reads the body of a reply whose head is `raw`, by its `content-length`.
+/// Reads the body of a reply whose head is `raw`, by its `content-length`
+/// (none: no body).
 fn read_rest_of_reply(s: &mut std::net::TcpStream, mut raw: Vec<u8>) -> Reply {
     use std::io::Read;
     let head = common::http::parse(&raw);
-    let len: usize = head.header("content-length").unwrap().parse().unwrap();
+    // A 204 has none.
+    let len: usize = head
+        .header("content-length")
+        .map_or(0, |v| v.parse().unwrap());
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).unwrap();
     raw.extend_from_slice(&body);
@@ -305,6 +309,57 @@ fn a_stream_whose_body_ends_late_keeps_its_connection() {
     .unwrap();
     let r = read_one_reply(&mut s);
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// An answer given before the request's body has all come (a refused
+/// token, an unknown path, an upload to a path that cannot be written) keeps
+/// the connection for the client's next request; one that cannot keep it (a
+/// body declared too long to read on) says `connection: close`. A client
+/// told nothing reuses the connection and loses its next request.
+#[test]
+fn an_early_answer_keeps_its_connection_or_says_it_closes() {
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "s3cret").unwrap();
+    let envd = Envd::start(&["--access-token-file", token_file.path().to_str().unwrap()]);
+    let token = "x-access-token: s3cret\r\n";
+    let cases = [
+        ("POST /files?path=/etc/passwd/x", token, 400),
+        ("POST /files?path=/tmp/x", "x-access-token: wrong\r\n", 401),
+        ("POST /no-such-endpoint", token, 404),
+        ("POST /process.Process/List", token, 415),
+    ];
+    let body = vec![b'a'; 1 << 20];
+    for (line, auth, status) in cases {
+        let mut s = std::net::TcpStream::connect(common::http::addr(&envd.tcp)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "{line} HTTP/1.1\r\nhost: envd\r\n{auth}content-type: text/plain\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body[..1000]).unwrap();
+        let r = read_one_reply(&mut s);
+        assert_eq!(r.status, status, "{line}: {}", r.text());
+        assert_ne!(r.header("connection"), Some("close"), "{line}");
+        s.write_all(&body[1000..]).unwrap();
+        write!(s, "GET /health HTTP/1.1\r\nhost: envd\r\n\r\n").unwrap();
+        let r = read_one_reply(&mut s);
+        assert_eq!(r.status, 204, "{line}, then /health: {}", r.text());
+    }
+    let mut s = std::net::TcpStream::connect(common::http::addr(&envd.tcp)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST /files?path=/tmp/x HTTP/1.1\r\nhost: envd\r\nx-access-token: wrong\r\n\
+         content-length: 100000000000\r\n\r\n"
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let r = read_one_reply(&mut s);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
 }
 
 #[test]

@@ -57,11 +57,6 @@ where
         }
     }
 
-    /// The body, for what is left of it: envelopes already read are gone.
-    pub fn into_body(self) -> B {
-        self.body
-    }
-
     /// The next envelope's flags and payload; `None` at a clean end.
     pub async fn next(&mut self) -> Result<Option<(u8, Bytes)>> {
         loop {

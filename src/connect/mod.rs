@@ -15,7 +15,6 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{Full, StreamBody};
-use hyper::body::Incoming;
 use prost::{Message, Name};
 use tokio::time::Instant;
 
@@ -23,6 +22,7 @@ pub use codec::Codec;
 use envelope::{end_frame, frame_with, EnvelopeReader, FLAG_COMPRESSED, FLAG_END};
 pub use routes::{is_connect_path, ConnectRouter};
 
+use crate::request_body::RequestBody;
 use crate::status::{Code, Error, Result};
 
 pub use crate::wire::HttpBody;
@@ -199,7 +199,7 @@ async fn with_deadline<T>(
 }
 
 /// Unary: one message in, one out.
-pub async fn unary<Req, Resp, F, Fut>(wire: Wire, body: Incoming, f: F) -> Response<HttpBody>
+pub async fn unary<Req, Resp, F, Fut>(wire: Wire, body: RequestBody, f: F) -> Response<HttpBody>
 where
     Req: Message + Default + Name,
     Resp: Message + Name + 'static,
@@ -253,7 +253,7 @@ fn decode_envelope<Req: Message + Default>(
 }
 
 /// The request messages of a streaming call, decoded as they arrive.
-fn request_stream<Req>(wire: Wire, body: Incoming) -> BoxStream<Req>
+fn request_stream<Req>(wire: Wire, body: RequestBody) -> BoxStream<Req>
 where
     Req: Message + Default + Name + Send + 'static,
 {
@@ -344,7 +344,7 @@ where
 /// Server streaming: one message in, a stream out.
 pub async fn server_stream<Req, Resp, F, Fut>(
     wire: Wire,
-    body: Incoming,
+    body: RequestBody,
     f: F,
 ) -> Response<HttpBody>
 where
@@ -353,25 +353,16 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<BoxStream<Resp>>>,
 {
-    let name = Req::full_name();
-    let mut reader = EnvelopeReader::new(body, MAX_MESSAGE);
-    let first = loop {
-        match reader.next().await {
-            Ok(Some((flags, _))) if flags & FLAG_END != 0 => continue,
-            other => break other,
+    let mut input = request_stream::<Req>(wire, body);
+    let req = match input.next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return stream_error(wire.codec, &e),
+        None => {
+            return stream_error(
+                wire.codec,
+                &Error::invalid(format!("missing the {} message", Req::full_name())),
+            )
         }
-    };
-    // The body's end may come after its one message: read it on, so that
-    // the connection serves the client's next call.
-    crate::body::finish_in_background(reader.into_body());
-    let req = match first {
-        Ok(Some((flags, payload))) => decode_envelope::<Req>(wire, &name, flags, &payload),
-        Ok(None) => Err(Error::invalid(format!("missing the {name} message"))),
-        Err(e) => Err(e),
-    };
-    let req = match req {
-        Ok(r) => r,
-        Err(e) => return stream_error(wire.codec, &e),
     };
     match f(req).await {
         Ok(s) => stream_response(wire, s),
@@ -382,7 +373,7 @@ where
 /// Client streaming: a stream in, one message out (as a stream response).
 pub async fn client_stream<Req, Resp, F, Fut>(
     wire: Wire,
-    body: Incoming,
+    body: RequestBody,
     f: F,
 ) -> Response<HttpBody>
 where

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use prost::{Message, Name};
 
 use super::{client_stream, server_stream, unary, unary_error, BoxStream, HttpBody, Kind, Wire};
@@ -25,6 +24,7 @@ use crate::proto::process::*;
 use crate::proto::transfer::transfer_server::SERVICE_NAME as TRANSFER;
 use crate::proto::transfer::*;
 use crate::request::RequestContext;
+use crate::request_body::RequestBody;
 use crate::status::{Code, Error, Result};
 
 /// What a route's handler can reach.
@@ -37,7 +37,7 @@ struct Services {
 
 type Svc = Arc<Services>;
 type Reply = Pin<Box<dyn Future<Output = Response<HttpBody>> + Send>>;
-type Call = Box<dyn Fn(Svc, Wire, RequestContext, Incoming) -> Reply + Send + Sync>;
+type Call = Box<dyn Fn(Svc, Wire, RequestContext, RequestBody) -> Reply + Send + Sync>;
 
 /// One RPC: its call kind, whether the request deadline bounds the call, and
 /// how to call it.
@@ -259,7 +259,7 @@ impl ConnectRouter {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<HttpBody> {
+    pub async fn handle(&self, req: Request<RequestBody>) -> Response<HttpBody> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
         let Some(route) = self.routes.get(path) else {

@@ -12,7 +12,6 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyStream, StreamBody};
-use hyper::body::Incoming;
 
 use super::headers::{accepted_gzip, content_disposition, content_type, metadata, parse_range};
 use super::{json, read_json_body, user_of, Query, Rest, RestResult};
@@ -20,6 +19,7 @@ use crate::defaults::Defaults;
 use crate::filesystem::compose;
 use crate::filesystem::transfer::{open_for_read, stream_file, write_bytes, ReadPlan, WriteSpec};
 use crate::paths;
+use crate::request_body::RequestBody;
 use crate::status::{Error, Result};
 use crate::users::User;
 use crate::wire::HttpBody;
@@ -42,7 +42,7 @@ fn built(b: http::response::Builder, body: HttpBody) -> RestResult {
         .map_err(|e| Rest::from(Error::internal(e.to_string())))
 }
 
-pub async fn download(req: Request<Incoming>, q: Query, defaults: &Defaults) -> RestResult {
+pub async fn download(req: Request<RequestBody>, q: Query, defaults: &Defaults) -> RestResult {
     let user = user_of(&q, defaults)?;
     let gzip =
         accepted_gzip(req.headers()).map_err(|m| Rest::http(StatusCode::NOT_ACCEPTABLE, m))?;
@@ -132,7 +132,7 @@ fn gzip_body(headers: &HeaderMap) -> std::result::Result<bool, Rest> {
 
 /// The request body as a byte stream.
 fn body_bytes(
-    body: &mut Incoming,
+    body: &mut RequestBody,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Unpin + Send + '_ {
     Box::pin(BodyStream::new(body).filter_map(|f| async move {
         match f {
@@ -183,7 +183,7 @@ impl Upload<'_> {
     }
 }
 
-pub async fn upload(req: Request<Incoming>, q: Query, defaults: &Defaults) -> RestResult {
+pub async fn upload(req: Request<RequestBody>, q: Query, defaults: &Defaults) -> RestResult {
     let user = user_of(&q, defaults)?;
     let (parts, mut body) = req.into_parts();
     let result = upload_parts(&parts.headers, &mut body, &q, &user).await;
@@ -197,7 +197,7 @@ pub async fn upload(req: Request<Incoming>, q: Query, defaults: &Defaults) -> Re
 
 async fn upload_parts(
     headers: &HeaderMap,
-    body: &mut Incoming,
+    body: &mut RequestBody,
     q: &Query,
     user: &User,
 ) -> RestResult {
@@ -260,7 +260,7 @@ struct ComposeRequest {
     username: Option<String>,
 }
 
-pub async fn compose(req: Request<Incoming>, defaults: &Defaults) -> RestResult {
+pub async fn compose(req: Request<RequestBody>, defaults: &Defaults) -> RestResult {
     let body = read_json_body(req.into_body(), COMPOSE_BODY_LIMIT).await?;
     let c: ComposeRequest =
         serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad JSON: {e}")))?;

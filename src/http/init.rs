@@ -16,12 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Request, StatusCode};
-use hyper::body::Incoming;
 
 use super::{empty, Rest, RestResult};
 use crate::auth::{Auth, Verdict, TOKEN_HEADER};
 use crate::defaults::Defaults;
 use crate::guest::{mmds, trust, volumes, Guest};
+use crate::request_body::RequestBody;
 use crate::status::Error;
 use crate::users::User;
 
@@ -82,7 +82,7 @@ impl InitState {
 }
 
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     defaults: &Defaults,
     auth: &Auth,
     state: &InitState,

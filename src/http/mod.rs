@@ -16,10 +16,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::auth::{Auth, Verdict};
 use crate::defaults::Defaults;
+use crate::request_body::RequestBody;
 use crate::status::Error;
 use crate::users::User;
 use crate::wire::HttpBody;
@@ -74,7 +74,7 @@ impl RestRouter {
     /// Serves `req`. With `signed`, the caller showed no token and the
     /// request must carry a valid signature (checked here, where the query
     /// is parsed once for both the check and the handler).
-    pub async fn handle(&self, req: Request<Incoming>, signed: bool) -> Response<HttpBody> {
+    pub async fn handle(&self, req: Request<RequestBody>, signed: bool) -> Response<HttpBody> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         if method == http::Method::CONNECT {
@@ -145,7 +145,12 @@ impl RestRouter {
 
     /// The request's query; with `signed`, only if its signature for `op`
     /// is valid.
-    fn signed_query(&self, req: &Request<Incoming>, op: &str, signed: bool) -> Result<Query, Rest> {
+    fn signed_query(
+        &self,
+        req: &Request<RequestBody>,
+        op: &str,
+        signed: bool,
+    ) -> Result<Query, Rest> {
         let q = query(req);
         if !signed {
             return Ok(q);
@@ -205,7 +210,7 @@ pub type RestResult = Result<Response<HttpBody>, Rest>;
 
 /// A JSON request body of at most `limit` bytes (see [`crate::body`]): over
 /// the limit is 413, the shared budget spent 503, too slow 408.
-pub async fn read_json_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, Rest> {
+pub async fn read_json_body(body: RequestBody, limit: usize) -> Result<bytes::Bytes, Rest> {
     use crate::body::BodyError;
     crate::body::read_to_end(body, limit).await.map_err(|e| {
         let status = match e {

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::{empty, Rest, RestResult};
 use crate::connections::InFlight;
+use crate::request_body::RequestBody;
 
 /// How long connecting to the destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +50,7 @@ impl TunnelPolicy {
 }
 
 /// `CONNECT host:port`.
-pub async fn handle(req: Request<Incoming>, policy: &TunnelPolicy) -> RestResult {
+pub async fn handle(req: Request<RequestBody>, policy: &TunnelPolicy) -> RestResult {
     let authority = req
         .uri()
         .authority()

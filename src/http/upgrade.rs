@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use super::{Rest, RestResult};
 use crate::handover::{memfd, Image, Upgrader};
+use crate::request_body::RequestBody;
 
 /// Largest binary accepted.
 pub const MAX_BINARY: u64 = 256 << 20;
@@ -25,7 +25,7 @@ pub const MAX_BINARY: u64 = 256 << 20;
 const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const SHA256_HEADER: &str = "x-envd-upgrade-sha256";
 
-pub async fn handle(req: Request<Incoming>, upgrader: &Upgrader) -> RestResult {
+pub async fn handle(req: Request<RequestBody>, upgrader: &Upgrader) -> RestResult {
     let one = upgrader
         .begin()
         .map_err(|e| Rest::http(StatusCode::CONFLICT, e.message))?;
@@ -53,7 +53,7 @@ pub async fn handle(req: Request<Incoming>, upgrader: &Upgrader) -> RestResult {
 }
 
 /// The body into a memfd, checked against `want`.
-async fn receive(mut body: Incoming, want: Option<[u8; 32]>) -> Result<Image, Rest> {
+async fn receive(mut body: RequestBody, want: Option<[u8; 32]>) -> Result<Image, Rest> {
     let mut file = memfd::create(c"envd-upgrade")
         .map_err(|e| Rest::from(crate::status::Error::io("create a memfd", &e)))?;
     let mut hash = Sha256::new();
