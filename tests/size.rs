@@ -50,8 +50,11 @@ mod skip;
 /// the drained bodies before it fit in the same pages. 8,050,408 (one 4 KiB
 /// step) with the ninth session's hardening: the copy, the made directories
 /// and the removals through fds, the log's escaping, and the temporaries'
-/// device and inode in the record.
-const BUDGET: u64 = 8_052_000;
+/// device and inode in the record. 8,070,888 (five 4 KiB steps) with request
+/// bodies read on in the background when a handler drops them early: about
+/// 16 KiB of symbols, mostly tokio's task code for the drain's own future
+/// type (raw poll, harness, drop of its cell) and the body type's `Drop`.
+const BUDGET: u64 = 8_072_000;
 
 #[test]
 fn static_binary_within_budget() {
