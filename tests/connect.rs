@@ -214,6 +214,18 @@ fn connect_bad_input_gets_connect_errors_and_server_keeps_serving() {
     assert_eq!(post_json(u, "/process.Process/List", "{}").status, 200);
 }
 
+/// A List on the kept-alive connection `s` is answered.
+fn still_serves(s: &mut std::net::TcpStream) {
+    write!(
+        s,
+        "POST /process.Process/List HTTP/1.1\r\nhost: envd\r\n\
+         content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let r = read_one_reply(s);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// Reads one reply with a `content-length` from a kept-alive connection.
 fn read_one_reply(s: &mut std::net::TcpStream) -> Reply {
     let raw = common::http::read_head(s);
@@ -301,14 +313,7 @@ fn a_stream_whose_body_ends_late_keeps_its_connection() {
         let text = String::from_utf8_lossy(&r.body).into_owned();
         assert!(text.contains(expected), "{path}: {text}");
     }
-    write!(
-        s,
-        "POST /process.Process/List HTTP/1.1\r\nhost: envd\r\n\
-         content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
-    )
-    .unwrap();
-    let r = read_one_reply(&mut s);
-    assert_eq!(r.status, 200, "{}", r.text());
+    still_serves(&mut s);
 }
 
 /// An answer given before the request's body has all come (a refused
@@ -408,14 +413,7 @@ fn an_oversized_body_is_answered_and_its_connection_kept() {
         );
     }
     // The same connection serves the next call.
-    write!(
-        s,
-        "POST /process.Process/List HTTP/1.1\r\nhost: envd\r\n\
-         content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
-    )
-    .unwrap();
-    let r = read_one_reply(&mut s);
-    assert_eq!(r.status, 200, "{}", r.text());
+    still_serves(&mut s);
 }
 
 #[test]
