@@ -180,16 +180,32 @@ def test_commands_timeout():
     sbx = sandbox()
     t = time.time()
     try:
-        sbx.commands.run("sleep 30", timeout=1)
+        # 3 s: the login shell's profile (0.35 s here, idle) is done by then;
+        # see started_past_its_profile.
+        sbx.commands.run("sleep 30", timeout=3)
         raise AssertionError("expected a timeout")
     except TimeoutException:
         pass
     assert time.time() - t < 10
 
 
+def started_past_its_profile(sbx, name):
+    """Runs `sleep 60` in the background once the login shell's profile is
+    done: a kill that lands inside the profile can leave a lock of the
+    machine's own (pyenv's rehash lock in root's .bashrc) that holds every
+    later login shell for 60 s."""
+    mark = os.path.join(ROOT, name)
+    h = sbx.commands.run(f"touch {mark}; sleep 60", background=True)
+    deadline = time.time() + 30
+    while not sbx.files.exists(mark) and time.time() < deadline:
+        time.sleep(0.02)
+    assert sbx.files.exists(mark)
+    return h
+
+
 def test_commands_background_list_kill_connect_stdin():
     sbx = sandbox()
-    h = sbx.commands.run("sleep 60", background=True)
+    h = started_past_its_profile(sbx, "sleeping")
     assert any(pr.pid == h.pid for pr in sbx.commands.list())
     assert sbx.commands.kill(h.pid) is True
     try:
