@@ -195,7 +195,7 @@ def started_past_its_profile(sbx, name):
     machine's own (pyenv's rehash lock in root's .bashrc) that holds every
     later login shell for 60 s."""
     mark = os.path.join(ROOT, name)
-    h = sbx.commands.run(f"touch {mark}; sleep 60", background=True)
+    h = sbx.commands.run(f"mkdir -p {ROOT} && touch {mark}; sleep 60", background=True)
     deadline = time.time() + 30
     while not sbx.files.exists(mark) and time.time() < deadline:
         time.sleep(0.02)

@@ -54,7 +54,7 @@ const tests = {
     // Killed only once the login shell's profile is done: a kill inside it can
     // leave a lock of the machine's own (pyenv's rehash lock in root's .bashrc)
     // that holds every later login shell for 60 s.
-    const h = await sbx.commands.run(`touch ${p('sleeping')}; sleep 60`, { background: true })
+    const h = await sbx.commands.run(`mkdir -p ${root} && touch ${p('sleeping')}; sleep 60`, { background: true })
     for (let i = 0; i < 1500 && !(await sbx.files.exists(p('sleeping'))); i++) await new Promise((r) => setTimeout(r, 20))
     assert.ok(await sbx.files.exists(p('sleeping')))
     assert.ok((await sbx.commands.list()).some((x) => x.pid === h.pid))
