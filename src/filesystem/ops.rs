@@ -2,7 +2,6 @@
 //! owned by that user; move falls back to copy + remove across filesystems;
 //! remove is `rm -rf` and succeeds on a missing path.
 
-use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 
@@ -215,10 +214,4 @@ pub fn remove_path_seen(
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("remove {}", path.display()), &e)),
     }
-}
-
-/// Removes the entry `name` of a pinned directory, a whole tree if it is one
-/// (until `stop` says otherwise).
-pub fn remove_at(dir: &pin::Dir, name: &OsStr, stop: &Stop) -> io::Result<()> {
-    super::tree::remove_entry_at(dir.fd(), name, None, stop)
 }
