@@ -333,15 +333,21 @@ pub fn copy_tree(
         dst: Dir,
         meta: std::fs::Metadata,
     }
-    let open = |parent: BorrowedFd, name: &CStr, dst: BorrowedFd, meta| -> io::Result<Frame> {
-        let src = open_dir_at(parent, name)?.into_iter();
-        let dst = make_dir_at(dst, name, &mut |_| {})?;
+    /// Opens the source directory and makes its copy; `made` as above.
+    fn open(
+        src: BorrowedFd,
+        src_name: &CStr,
+        dst: BorrowedFd,
+        dst_name: &CStr,
+        meta: std::fs::Metadata,
+        made: &mut dyn FnMut(Identity),
+    ) -> io::Result<Frame> {
+        let src = open_dir_at(src, src_name)?.into_iter();
+        let dst = make_dir_at(dst, dst_name, made)?;
         Ok(Frame { src, dst, meta })
-    };
+    }
     stop.check()?;
-    let src = open_dir_at(src_dir, src_name.as_c_str())?.into_iter();
-    let dst = make_dir_at(dst_dir, &dst_name, made)?;
-    let mut stack = vec![Frame { src, dst, meta }];
+    let mut stack = vec![open(src_dir, &src_name, dst_dir, &dst_name, meta, made)?];
     while let Some(top) = stack.last_mut() {
         let name = match top.src.next() {
             Some(entry) => entry?.file_name().to_owned(),
@@ -361,7 +367,14 @@ pub fn copy_tree(
             Err(e) => return Err(e),
         };
         if meta.is_dir() {
-            let frame = open(borrow_dir(&top.src), &name, top.dst.as_fd(), meta)?;
+            let frame = open(
+                borrow_dir(&top.src),
+                &name,
+                top.dst.as_fd(),
+                &name,
+                meta,
+                &mut |_| {},
+            )?;
             stack.push(frame);
         } else {
             copy_leaf(
