@@ -117,6 +117,12 @@ where
     let _ = tokio::time::timeout(DRAIN_TIME, discard(body, DRAIN_MAX)).await;
 }
 
+/// Whether most of the shared budget is spent: envd is being flooded with
+/// bodies, and closing a connection then frees it soonest.
+pub fn flooded() -> bool {
+    budget().available_permits() < TOTAL_BUDGET / 2
+}
+
 /// How much of a refused body is read and thrown away before answering.
 pub const DRAIN_MAX: u64 = 16 << 20;
 

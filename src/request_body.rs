@@ -11,17 +11,46 @@
 //!
 //! So a body dropped early is read on and thrown away (16 MiB within 2 s at
 //! most, as [`crate::body::drain`]) and the connection serves the next
-//! request. A body declared longer than that is not read: the answer then
-//! says `connection: close`, when it is not already on its way.
+//! request. Each drain holds its connection's read buffer (up to about
+//! 400 KiB while a client sends fast), so at most [`MAX_DRAINS`] run at once,
+//! and none while envd is flooded with bodies (most of the shared body
+//! budget spent). A body not drained (beyond those, or declared longer than
+//! 16 MiB) is not read: the answer then says `connection: close`, when it is
+//! not already on its way.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+/// Bodies drained at once, at most.
+pub const MAX_DRAINS: usize = 16;
+
+static DRAINING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_DRAINS`] places, held while a drain runs.
+struct DrainSlot;
+
+impl DrainSlot {
+    fn claim() -> Option<DrainSlot> {
+        DRAINING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_DRAINS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| DrainSlot)
+    }
+}
+
+impl Drop for DrainSlot {
+    fn drop(&mut self) {
+        DRAINING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A request's body (see the module's notes).
 pub struct RequestBody {
@@ -96,9 +125,15 @@ impl Drop for RequestBody {
             return;
         }
         let runtime = tokio::runtime::Handle::try_current();
-        match runtime {
-            Ok(rt) if body.size_hint().lower() <= crate::body::DRAIN_MAX => {
-                rt.spawn(async move { crate::body::drain(&mut body).await });
+        let slot = (body.size_hint().lower() <= crate::body::DRAIN_MAX && !crate::body::flooded())
+            .then(DrainSlot::claim)
+            .flatten();
+        match (runtime, slot) {
+            (Ok(rt), Some(slot)) => {
+                rt.spawn(async move {
+                    crate::body::drain(&mut body).await;
+                    drop(slot);
+                });
             }
             _ => closing.store(true, Ordering::Release),
         }

@@ -85,6 +85,48 @@ fn slow_bodies_share_one_budget() {
     healthy(&e);
 }
 
+// Bodies left unread by an early answer are drained in the background so
+// that their connections serve the next request; each drain holds its
+// connection's read buffer, so only 16 run at once. Beyond, the answer says
+// `connection: close` and the connection is not kept.
+#[test]
+fn drains_of_unread_bodies_are_bounded() {
+    let e = Envd::start(&[]);
+    let t = Instant::now();
+    let mut conns = Vec::new();
+    let (mut kept, mut closing) = (0, 0);
+    for _ in 0..24 {
+        let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // A body that never ends: its drain lasts its full 2 s.
+        c.write_all(
+            b"POST /no-such-endpoint HTTP/1.1\r\nhost: envd\r\n\
+              transfer-encoding: chunked\r\n\r\n1\r\na\r\n",
+        )
+        .unwrap();
+        let head = String::from_utf8_lossy(&common::http::read_head(&mut c)).into_owned();
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        if head.contains("connection: close") {
+            closing += 1;
+        } else {
+            kept += 1;
+        }
+        conns.push(c);
+    }
+    // Within the first drains' 2 s no place has come free, so the count is
+    // exact (here the 24 answers take about 30 ms).
+    if t.elapsed() < Duration::from_millis(1800) {
+        assert_eq!((kept, closing), (16, 8));
+    } else {
+        eprintln!(
+            "SKIP the drain count: 24 answers took {:?}, past the drains' 2 s",
+            t.elapsed()
+        );
+    }
+    drop(conns);
+    healthy(&e);
+}
+
 // Defect 3: envd raises its own soft fd limit; commands get the original.
 #[tokio::test]
 async fn envd_raises_its_fd_limit_but_not_its_commands() {
