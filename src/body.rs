@@ -160,10 +160,19 @@ where
     if body.size_hint().lower() > limit as u64 {
         return Err(BodyError::TooLarge(limit));
     }
-    // Chunks as they came, joined once at the end: growing one buffer would
-    // hold up to twice the body while it arrives.
+    // A body of a declared length that comes in pieces is copied into one
+    // buffer of that length as it arrives, and the budget is charged for all
+    // of it with its first bytes. Its chunks are let go at once: kept, they
+    // pin the pieces of the connection's read buffers they were split from,
+    // which the budget does not count and which leave the heap fragmented
+    // (after 64 one-MiB bodies, 24-30 MiB stayed once their connections had
+    // closed; 6-8 MiB copied). Other bodies are kept as they came and joined
+    // once at the end: growing one buffer would hold up to twice the body.
+    let declared = body.size_hint().exact();
+    let mut whole: Option<BytesMut> = None;
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
+    let mut charged = 0usize;
     let mut held = None::<tokio::sync::SemaphorePermit<'static>>;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
@@ -173,14 +182,36 @@ where
         if total + data.len() > limit {
             return Err(BodyError::TooLarge(limit));
         }
-        let n = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge(limit))?;
-        let permit = budget().try_acquire_many(n).map_err(|_| BodyError::Busy)?;
-        match &mut held {
-            Some(h) => h.merge(permit),
-            None => held = Some(permit),
+        // The first piece of a body that is not all there at once.
+        let opens = total == 0 && data.len() as u64 != declared.unwrap_or(0);
+        let due = match declared {
+            // At most `limit`, checked above.
+            Some(n) if opens => usize::try_from(n).unwrap_or(limit).max(data.len()),
+            _ => total + data.len(),
+        };
+        if due > charged {
+            let n = u32::try_from(due - charged).map_err(|_| BodyError::TooLarge(limit))?;
+            let permit = budget().try_acquire_many(n).map_err(|_| BodyError::Busy)?;
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+            charged = due;
         }
         total += data.len();
-        chunks.push(data);
+        match (&mut whole, declared) {
+            (Some(buf), _) => buf.extend_from_slice(&data),
+            (None, Some(_)) if opens => {
+                let mut buf = BytesMut::with_capacity(charged);
+                buf.extend_from_slice(&data);
+                whole = Some(buf);
+            }
+            // The whole body at once, or one of unknown length.
+            _ => chunks.push(data),
+        }
+    }
+    if let Some(buf) = whole {
+        return Ok(buf.freeze());
     }
     if chunks.len() == 1 {
         return Ok(chunks.pop().unwrap_or_default());

@@ -54,7 +54,9 @@ mod skip;
 /// bodies read on in the background when a handler drops them early: about
 /// 16 KiB of symbols, mostly tokio's task code for the drain's own future
 /// type (raw poll, harness, drop of its cell) and the body type's `Drop`.
-const BUDGET: u64 = 8_072_000;
+/// 8,074,984 (one 4 KiB step) with a body of declared length copied into
+/// one buffer as it arrives.
+const BUDGET: u64 = 8_076_000;
 
 #[test]
 fn static_binary_within_budget() {
