@@ -19,7 +19,7 @@
 //! not already on its way.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -27,30 +27,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::quota::Quota;
+
 /// Bodies drained at once, at most.
 pub const MAX_DRAINS: usize = 16;
 
-static DRAINING: AtomicUsize = AtomicUsize::new(0);
-
-/// One of the [`MAX_DRAINS`] places, held while a drain runs.
-struct DrainSlot;
-
-impl DrainSlot {
-    fn claim() -> Option<DrainSlot> {
-        DRAINING
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_DRAINS).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| DrainSlot)
-    }
-}
-
-impl Drop for DrainSlot {
-    fn drop(&mut self) {
-        DRAINING.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+/// The drains running now, each holding one place until it ends.
+static DRAINS: Quota = Quota::new(MAX_DRAINS);
 
 /// A request's body (see the module's notes).
 pub struct RequestBody {
@@ -126,7 +109,7 @@ impl Drop for RequestBody {
         }
         let runtime = tokio::runtime::Handle::try_current();
         let slot = (body.size_hint().lower() <= crate::body::DRAIN_MAX && !crate::body::flooded())
-            .then(DrainSlot::claim)
+            .then(|| DRAINS.try_hold(1))
             .flatten();
         match (runtime, slot) {
             (Ok(rt), Some(slot)) => {
