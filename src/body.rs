@@ -169,10 +169,11 @@ where
     // closed; 6-8 MiB copied). Other bodies are kept as they came and joined
     // once at the end: growing one buffer would hold up to twice the body.
     let declared = body.size_hint().exact();
+    // At most `limit`, checked above.
+    let declared_len = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit));
     let mut whole: Option<BytesMut> = None;
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
-    let mut charged = 0usize;
     let mut held = None::<tokio::sync::SemaphorePermit<'static>>;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
@@ -182,13 +183,8 @@ where
         if total + data.len() > limit {
             return Err(BodyError::TooLarge(limit));
         }
-        // The first piece of a body that is not all there at once.
-        let opens = total == 0 && data.len() as u64 != declared.unwrap_or(0);
-        let due = match declared {
-            // At most `limit`, checked above.
-            Some(n) if opens => usize::try_from(n).unwrap_or(limit).max(data.len()),
-            _ => total + data.len(),
-        };
+        let due = (total + data.len()).max(declared_len);
+        let charged = held.as_ref().map_or(0, |h| h.num_permits());
         if due > charged {
             let n = u32::try_from(due - charged).map_err(|_| BodyError::TooLarge(limit))?;
             let permit = budget().try_acquire_many(n).map_err(|_| BodyError::Busy)?;
@@ -196,18 +192,18 @@ where
                 Some(h) => h.merge(permit),
                 None => held = Some(permit),
             }
-            charged = due;
         }
         total += data.len();
-        match (&mut whole, declared) {
-            (Some(buf), _) => buf.extend_from_slice(&data),
-            (None, Some(_)) if opens => {
-                let mut buf = BytesMut::with_capacity(charged);
+        match &mut whole {
+            Some(buf) => buf.extend_from_slice(&data),
+            // The first piece of a declared body that is not all there.
+            None if declared.is_some() && chunks.is_empty() && data.len() != declared_len => {
+                let mut buf = BytesMut::with_capacity(due);
                 buf.extend_from_slice(&data);
                 whole = Some(buf);
             }
             // The whole body at once, or one of unknown length.
-            _ => chunks.push(data),
+            None => chunks.push(data),
         }
     }
     if let Some(buf) = whole {
