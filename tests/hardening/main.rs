@@ -37,22 +37,13 @@ fn healthy(e: &Envd) {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
+    common::procfs::status_kib(pid, "VmRSS:")
 }
 
 /// The anonymous part of `pid`'s resident memory (heap and stacks, not the
 /// binary's pages), in KiB.
 fn anon_kib(pid: u32) -> u64 {
-    status_kib(pid, "RssAnon:")
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    common::procfs::status_kib(pid, "RssAnon:")
 }
 
 /// A new empty directory `name` in a temporary directory (kept while the
