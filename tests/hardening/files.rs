@@ -275,7 +275,7 @@ async fn oversized_listings_stop_early_with_a_clear_error() {
     for i in 0..40_000 {
         std::fs::File::create(big.join(format!("{stem}{i:06}"))).unwrap();
     }
-    let hwm = |pid| common::procfs::status_kib(pid, "VmHWM");
+    let hwm = |pid| common::procfs::status_kib(pid, "VmHWM:");
     let before = hwm(e.pid());
     let mut fs = e.fs().await;
     let err = fs
