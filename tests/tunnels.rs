@@ -83,6 +83,18 @@ fn connect(envd: &str, dest: &str, token: Option<&str>) -> (TcpStream, String) {
     (s, String::from_utf8_lossy(&head).into_owned())
 }
 
+/// A loopback port that refuses connections, held for as long as the
+/// returned socket lives: bound, never listening. A port merely freed after a
+/// bind can be taken again before it is used, by another test's listener or
+/// by the connection to it itself (a loopback connect whose ephemeral source
+/// port is its destination connects to itself), and then it answers.
+fn refused_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
 #[test]
 fn connect_tunnels_reach_the_vms_loopback_only() {
     let port = echo_server();
@@ -100,11 +112,7 @@ fn connect_tunnels_reach_the_vms_loopback_only() {
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     let (_, head) = connect(&envd.tcp, "10.1.2.3:80", Some("secret"));
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_held, closed) = refused_port();
     let (_, head) = connect(&envd.tcp, &format!("127.0.0.1:{closed}"), Some("secret"));
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     let (_, head) = connect(&envd.tcp, "example.com:80", Some("secret"));
