@@ -248,13 +248,13 @@ impl Drop for PidsCap {
 }
 
 /// Caps envd's tasks at a moment when it has no blocking thread: only its
-/// main thread and its async workers. Idle blocking threads exit after a
+/// main thread, its async workers and its log writer. Idle blocking threads exit after a
 /// second, but anything that mounts on the machine (other tests do) makes
 /// envd read the mount table on one: so rather than wait a fixed time, this
 /// waits until only those threads are left, caps, and counts again, and
 /// starts over if a blocking thread slipped in between.
 async fn hold_without_blocking_threads(cap: &PidsCap, pid: u32) {
-    let floor = 1 + std::thread::available_parallelism().map_or(1, |n| n.get());
+    let floor = 2 + std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = || {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
@@ -264,7 +264,7 @@ async fn hold_without_blocking_threads(cap: &PidsCap, pid: u32) {
     loop {
         assert!(
             Instant::now() < deadline,
-            "envd kept more than its {floor} threads (main and workers) for a minute: {}",
+            "envd kept more than its {floor} threads (main, workers, log) for a minute: {}",
             threads()
         );
         if threads() > floor {
@@ -329,4 +329,114 @@ async fn calls_when_the_vm_is_out_of_tasks_get_an_answer() {
         "a refused MakeDir ran once threads could start again"
     );
     drop(e);
+}
+
+// envd's log goes wherever its stderr leads: journald's socket under
+// systemd, a pipe under a supervisor. A reader that stops reading (journald
+// busy with a flood from the sandbox, a supervisor stopped) fills that
+// buffer, and a log line written in place then waited on an async worker;
+// with both workers waiting, envd answered nothing. Lines that would wait
+// now go to a bounded queue and a thread of their own; a line that finds the
+// queue full is dropped and counted.
+#[tokio::test]
+async fn a_log_pipe_that_is_not_read_does_not_stall_envd() {
+    let (rx, tx) = std::io::pipe().unwrap();
+    // The smallest pipe the kernel makes (one page): a few lines fill it.
+    nix::fcntl::fcntl(&rx, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
+    log_reader_stops(std::process::Stdio::from(tx), Box::new(rx)).await;
+}
+
+#[tokio::test]
+async fn a_log_socket_that_is_not_read_does_not_stall_envd() {
+    let (rx, tx) = std::os::unix::net::UnixStream::pair().unwrap();
+    // As small a send buffer as the kernel allows.
+    nix::sys::socket::setsockopt(&tx, nix::sys::socket::sockopt::SndBuf, &4096).unwrap();
+    let tx: std::os::fd::OwnedFd = tx.into();
+    log_reader_stops(std::process::Stdio::from(tx), Box::new(rx)).await;
+}
+
+/// envd with `stderr` (whose other end is `reader`), read until envd is
+/// ready and then not for 300 Starts.
+async fn log_reader_stops(stderr: std::process::Stdio, reader: Box<dyn Read + Send>) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(binary());
+    command
+        .args(["--listen", "tcp://127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(command.spawn().unwrap());
+    // The test's own copy of the write end must not keep the reader from
+    // its end of file.
+    drop(command);
+    let mut lines = std::io::BufReader::new(reader);
+    let mut tcp = None;
+    let mut line = String::new();
+    while lines.read_line(&mut line).unwrap() > 0 {
+        if line.contains("listening") {
+            tcp = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("url="))
+                .map(str::to_owned);
+        }
+        if line.contains("envd ready") {
+            break;
+        }
+        line.clear();
+    }
+    let tcp = tcp.expect("envd's TCP listener");
+    // From here on nobody reads envd's stderr. Each Start logs a line of
+    // about 2 KiB (its command's path): 300 of them are more than the
+    // buffer and the queue hold.
+    let path = format!("/bin/{}true", "./".repeat(1000));
+    let mut c = envd::proto::process::process_client::ProcessClient::new(
+        envd::client::dial(&tcp).await.unwrap(),
+    );
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        for i in 0..300 {
+            let o = run_within(&mut c, cmd(&path, &[]), Duration::from_secs(10)).await;
+            assert_eq!(o.end().exit_code, 0, "Start {i}");
+        }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "Starts stopped being answered once envd's stderr was full"
+    );
+    let r = request(&tcp, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 204);
+    // Read again: the lines queued come out, and the count of those dropped.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut line = String::new();
+        while lines.read_line(&mut line).unwrap_or(0) > 0 {
+            text.push_str(&line);
+            if line.contains("log lines dropped") {
+                break;
+            }
+            line.clear();
+        }
+        let _ = tx.send(text);
+    });
+    // One more line for the writer to take after the drops.
+    run(&mut c, cmd("/bin/true", &[])).await;
+    let text = rx.recv_timeout(Duration::from_secs(20));
+    drop(child);
+    let text = text.unwrap_or_else(|_| rx.recv().unwrap());
+    assert!(
+        text.contains("log lines dropped"),
+        "no count of the dropped lines in:\n{}",
+        &text[text.len().saturating_sub(2000)..]
+    );
 }

@@ -8,34 +8,19 @@
 //! text lines have no colours (envd's own escape sequences would be
 //! escaped too).
 //!
-//! When stderr is a terminal (as PID 1, the VM's serial console) lines are
-//! written by a thread of their own: an emulated UART takes about half a
-//! millisecond for a line, which would otherwise sit on the path of every
-//! request that logs (a Start's `process started`). The queue is bounded;
-//! a line that finds it full is dropped and counted, never waited for.
-//! Elsewhere (a pipe, journald's socket, a file) lines are written in place.
+//! No log line waits for stderr's reader on a request's path: lines go out
+//! through [`outbox`], which writes a line in place only where that cannot
+//! wait, and otherwise queues it (bounded) for a thread of its own.
 
-use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
-use std::sync::{Condvar, Mutex, OnceLock};
-use std::time::Duration;
+mod outbox;
+
+use std::io::Write;
 
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
-
-/// Lines queued for the terminal at most.
-const QUEUE: usize = 256;
-/// Bytes queued for the terminal at most (a log line may carry a caller's
-/// long string; a stalled console must not make envd hold them all).
-const QUEUE_BYTES: usize = 256 * 1024;
-/// A longer line is cut to this length (marked) before it is queued.
-const MAX_LINE: usize = 16 * 1024;
-/// How a cut line ends.
-const CUT: &[u8] = b" [cut]\n";
-/// How long [`flush`] waits for the queue to drain.
-const FLUSH_WAIT: Duration = Duration::from_secs(1);
+use outbox::Outbox;
 
 pub fn init(cfg: &Config) {
     let filter = match &cfg.log_level {
@@ -46,12 +31,7 @@ pub fn init(cfg: &Config) {
         eprintln!("envd: bad log filter ({e}); using 'info'");
         EnvFilter::new("info")
     });
-    let terminal = std::io::stderr().is_terminal();
-    let writer = if terminal {
-        Console::start().map_or(Writer::InPlace, Writer::Queued)
-    } else {
-        Writer::InPlace
-    };
+    let writer = Outbox::start().map_or(Writer::InPlace, Writer::Queued);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -64,119 +44,13 @@ pub fn init(cfg: &Config) {
 /// Waits (at most a second) until the queued lines are out: before envd
 /// exits, powers off or replaces its image.
 pub fn flush() {
-    let Some(c) = CONSOLE.get() else {
-        return;
-    };
-    let Ok(q) = c.queue.lock() else {
-        return;
-    };
-    let _ = c
-        .changed
-        .wait_timeout_while(q, FLUSH_WAIT, |q| !q.lines.is_empty() || q.writing);
-}
-
-static CONSOLE: OnceLock<Console> = OnceLock::new();
-
-#[derive(Default)]
-struct Queue {
-    lines: VecDeque<Vec<u8>>,
-    /// Bytes in `lines`.
-    bytes: usize,
-    /// A line is being written (taken off the queue, not out yet).
-    writing: bool,
-    dropped: u64,
-}
-
-impl Queue {
-    /// Queues `line` (cut to [`MAX_LINE`]) unless the queue is full, in lines
-    /// or bytes; a line that does not fit is counted as dropped.
-    fn admit(&mut self, mut line: Vec<u8>) -> bool {
-        if line.len() > MAX_LINE {
-            let mut at = MAX_LINE - CUT.len();
-            // Not inside a UTF-8 sequence.
-            while at > 0 && line[at] & 0xC0 == 0x80 {
-                at -= 1;
-            }
-            line.truncate(at);
-            line.extend_from_slice(CUT);
-        }
-        if self.lines.len() >= QUEUE || self.bytes + line.len() > QUEUE_BYTES {
-            self.dropped += 1;
-            return false;
-        }
-        self.bytes += line.len();
-        self.lines.push_back(line);
-        true
-    }
-
-    /// The next line and how many were dropped since the last one taken.
-    fn take(&mut self) -> Option<(Vec<u8>, u64)> {
-        let line = self.lines.pop_front()?;
-        self.bytes -= line.len();
-        Some((line, std::mem::take(&mut self.dropped)))
-    }
-}
-
-struct Console {
-    queue: Mutex<Queue>,
-    /// Rung when a line is queued and when the writer has written one.
-    changed: Condvar,
-}
-
-impl Console {
-    /// The writer thread; `None` (write in place) if it cannot start.
-    fn start() -> Option<&'static Console> {
-        let console = CONSOLE.get_or_init(|| Console {
-            queue: Mutex::new(Queue::default()),
-            changed: Condvar::new(),
-        });
-        std::thread::Builder::new()
-            .name("envd-log".into())
-            .spawn(move || console.write_out())
-            .ok()?;
-        Some(console)
-    }
-
-    fn push(&self, line: Vec<u8>) {
-        let Ok(mut q) = self.queue.lock() else {
-            return;
-        };
-        if q.admit(line) {
-            drop(q);
-            self.changed.notify_all();
-        }
-    }
-
-    fn write_out(&self) {
-        let mut err = std::io::stderr();
-        loop {
-            let Ok(q) = self.queue.lock() else {
-                return;
-            };
-            let Ok(mut q) = self.changed.wait_while(q, |q| q.lines.is_empty()) else {
-                return;
-            };
-            let Some((line, lost)) = q.take() else {
-                continue;
-            };
-            q.writing = true;
-            drop(q);
-            if lost > 0 {
-                let _ = writeln!(err, "envd: {lost} log lines dropped (console too slow)");
-            }
-            let _ = err.write_all(&line);
-            if let Ok(mut q) = self.queue.lock() {
-                q.writing = false;
-            }
-            self.changed.notify_all();
-        }
-    }
+    outbox::flush();
 }
 
 #[derive(Clone, Copy)]
 enum Writer {
     InPlace,
-    Queued(&'static Console),
+    Queued(&'static Outbox),
 }
 
 impl<'a> MakeWriter<'a> for Writer {
@@ -308,35 +182,5 @@ mod tests {
         // What envctl shows: every control character, a final newline too.
         assert_eq!(shown("ok é"), "ok é");
         assert_eq!(shown("\x1b]0;x\x07\n"), "\\x1b]0;x\\x07\\n");
-    }
-
-    #[test]
-    fn the_console_queue_is_bounded_in_lines_and_bytes() {
-        let mut q = Queue::default();
-        // A caller's long string: cut, marked, still one line.
-        assert!(q.admit(vec![b'x'; 1 << 20]));
-        let (line, lost) = q.take().unwrap();
-        assert_eq!((line.len(), lost), (MAX_LINE, 0));
-        assert!(line.ends_with(CUT));
-        // A cut never splits a UTF-8 sequence.
-        assert!(q.admit("é".repeat(MAX_LINE).into_bytes()));
-        let (line, _) = q.take().unwrap();
-        let text = &line[..line.len() - CUT.len()];
-        assert!(std::str::from_utf8(text).is_ok());
-        // Long lines fill the byte bound before the line bound.
-        let mut queued = 0;
-        while q.admit(vec![b'y'; 1 << 20]) {
-            queued += 1;
-        }
-        assert_eq!(queued, QUEUE_BYTES / MAX_LINE);
-        assert!(q.bytes <= QUEUE_BYTES);
-        // Short lines meet the line bound.
-        let mut q = Queue::default();
-        for _ in 0..QUEUE + 10 {
-            q.admit(b"short\n".to_vec());
-        }
-        assert_eq!((q.lines.len(), q.dropped), (QUEUE, 10));
-        let (_, lost) = q.take().unwrap();
-        assert_eq!((lost, q.dropped, q.bytes), (10, 0, (QUEUE - 1) * 6));
     }
 }
