@@ -10,21 +10,25 @@
 //! Start's `process started`).
 //!
 //! So a line is written in place only where that cannot wait: on a socket
-//! without waiting (`MSG_DONTWAIT`), into a pipe with room for all of it,
-//! or to a file or `/dev/null`. Otherwise (a terminal always, a full pipe or
-//! socket, or while earlier lines are queued, which keeps the order) it is
-//! queued for a thread of its own. The queue is bounded; a line that finds
-//! it full is dropped and counted, never waited for. Handing every line to
-//! the thread cost a Start about 1.5 context switches more.
+//! with `MSG_DONTWAIT`, into a pipe through a non-blocking description of
+//! its own, or to a file or `/dev/null`. What such a write leaves (all of a
+//! line on a full pipe or socket, or the rest of one), every line for a
+//! terminal, and every line while earlier ones are queued (which keeps the
+//! order) is queued for a thread of its own, which writes with blocking
+//! writes. The queue is bounded; a line that finds it full is dropped and
+//! counted, never waited for. Handing every line to the thread cost a Start
+//! about 1.5 context switches more.
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
 use nix::sys::socket::{send, MsgFlags};
-use nix::sys::stat::{fstat, SFlag};
+use nix::sys::stat::{fstat, Mode, SFlag};
 
 /// Lines queued at most.
 const QUEUE: usize = 256;
@@ -54,14 +58,19 @@ pub(super) fn flush() {
 }
 
 /// What stderr is, as far as a write to it may wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Sink {
     /// Written with `MSG_DONTWAIT`: journald's stream, a socket pair.
     Socket,
-    /// Written in place when it has room for the whole line.
-    Pipe,
-    /// Always queued: a terminal is slow even when it has room.
-    Terminal,
+    /// Written through this non-blocking description of the same pipe.
+    /// Its own: setting `O_NONBLOCK` on stderr's would change it for every
+    /// process that shares it (a shell, a supervisor). Whether a pipe has
+    /// room cannot be told from outside (it counts pages, not bytes: 16
+    /// lines of 2.2 KiB fill a 64 KiB pipe).
+    Pipe(OwnedFd),
+    /// Always queued: a terminal is slow even when it has room, and a pipe
+    /// that could not be opened again (no `/proc`, no reader left).
+    Queued,
     /// Written in place: a file, `/dev/null`, or what `fstat` cannot tell.
     Other,
 }
@@ -76,9 +85,16 @@ impl Sink {
         if kind == SFlag::S_IFSOCK {
             Sink::Socket
         } else if kind == SFlag::S_IFIFO {
-            Sink::Pipe
+            // Opening a pipe through /proc opens it anew, as a FIFO; with
+            // O_NONBLOCK that open does not wait for a reader either.
+            open(
+                "/proc/self/fd/2",
+                OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_or(Sink::Queued, Sink::Pipe)
         } else if std::io::IsTerminal::is_terminal(&err) {
-            Sink::Terminal
+            Sink::Queued
         } else {
             Sink::Other
         }
@@ -95,53 +111,33 @@ enum InPlace {
     Wait,
 }
 
-/// Writes `line` to stderr if `sink` takes it without waiting.
-fn in_place(sink: Sink, line: &[u8]) -> InPlace {
-    let mut err = std::io::stderr();
+impl InPlace {
+    /// From a write that does not wait.
+    fn of(written: nix::Result<usize>, len: usize) -> InPlace {
+        match written {
+            Ok(n) if n >= len => InPlace::Done,
+            Ok(n) => InPlace::Part(n),
+            Err(Errno::EAGAIN | Errno::EINTR) => InPlace::Wait,
+            // The reader is gone: lost, as a blocking write's would be.
+            Err(_) => InPlace::Done,
+        }
+    }
+}
+
+/// Writes `line` to stderr as far as `sink` takes it without waiting.
+fn in_place(sink: &Sink, line: &[u8]) -> InPlace {
     match sink {
-        Sink::Terminal => InPlace::Wait,
+        Sink::Queued => InPlace::Wait,
         Sink::Other => {
-            let _ = err.write_all(line);
+            let _ = std::io::stderr().write_all(line);
             InPlace::Done
         }
         Sink::Socket => {
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-            match send(err.as_raw_fd(), line, flags) {
-                Ok(n) if n >= line.len() => InPlace::Done,
-                Ok(n) => InPlace::Part(n),
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => InPlace::Wait,
-                // The reader is gone or the socket unconnected: lost, as a
-                // write's would be.
-                Err(_) => InPlace::Done,
-            }
+            InPlace::of(send(libc::STDERR_FILENO, line, flags), line.len())
         }
-        // Only envd writes to its stderr: with room for all of the line
-        // now, a write does not wait.
-        Sink::Pipe => match pipe_room(&err) {
-            Some(room) if room >= line.len() => {
-                let _ = err.write_all(line);
-                InPlace::Done
-            }
-            _ => InPlace::Wait,
-        },
+        Sink::Pipe(fd) => InPlace::of(nix::unistd::write(fd, line), line.len()),
     }
-}
-
-/// Free bytes in the pipe behind `fd`: its size less what is unread. Asked
-/// each time, since its reader may resize it.
-fn pipe_room(fd: &impl AsRawFd) -> Option<usize> {
-    let fd = fd.as_raw_fd();
-    // SAFETY: F_GETPIPE_SZ takes no argument and only returns a number;
-    // `fd` is stderr, open for envd's life.
-    let size = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
-    let mut unread: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int through the pointer, which is
-    // valid for the call.
-    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) };
-    if size < 0 || r != 0 {
-        return None;
-    }
-    usize::try_from(size.saturating_sub(unread)).ok()
 }
 
 /// `line` cut to [`MAX_LINE`] (marked, never inside a UTF-8 sequence).
@@ -223,7 +219,7 @@ impl Outbox {
         };
         // Under the lock: a line written in place cannot pass one queued.
         if q.idle() {
-            match in_place(self.sink, &line) {
+            match in_place(&self.sink, &line) {
                 InPlace::Done => return,
                 InPlace::Part(n) => {
                     line.drain(..n);
