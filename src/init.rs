@@ -252,9 +252,28 @@ fn others_alive() -> bool {
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| *pid != 1)
         .any(|pid| {
-            // Kernel threads have an empty cmdline; zombies are reaped by us.
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| user_process_alive(&stat))
         })
+}
+
+/// Whether a `/proc/PID/stat` line is of a user-space process not yet
+/// dead: not a kernel thread (`PF_KTHREAD` in its flags), not a zombie. Read
+/// from `stat`, not `cmdline`: reading a process's `cmdline` takes its
+/// memory map's lock, which sandboxed code can keep taken (a page fault it
+/// never lets finish, through userfaultfd, with a thread waiting to map),
+/// and PID 1's shutdown would wait on it for good.
+fn user_process_alive(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    // The name (field 2) is in parentheses and may hold anything.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next().unwrap_or("X");
+    // Fields 4 to 8 (ppid, pgrp, session, tty, tpgid), then the flags.
+    let flags = fields.nth(5).and_then(|f| f.parse::<u64>().ok());
+    !matches!(state, "Z" | "X" | "x") && flags.is_some_and(|f| f & PF_KTHREAD == 0)
 }
 
 #[cfg(test)]
@@ -278,5 +297,22 @@ mod tests {
         assert_eq!(mods, ["/a.ko", "/b.ko"]);
         let (args, _) = parse_cmdline("quiet");
         assert_eq!(args, ["--listen", PID1_DEFAULT_LISTEN]);
+    }
+
+    #[test]
+    fn shutdown_waits_for_user_processes_only() {
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(user_process_alive(&me), "{me}");
+        // kthreadd, where the test can see it (not in a PID namespace).
+        if let Ok(k) = std::fs::read_to_string("/proc/2/stat") {
+            if k.contains("(kthreadd)") {
+                assert!(!user_process_alive(&k), "{k}");
+            }
+        }
+        let zombie = "77 (a) b) c) Z 1 77 77 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 5";
+        assert!(!user_process_alive(zombie));
+        let odd_name = "78 (x) S 1 2 3 4 5 6) R 1 78 78 0 -1 4194560 0 0 0 0 0 0 0 0 20";
+        assert!(user_process_alive(odd_name));
+        assert!(!user_process_alive("79 (cut"));
     }
 }
