@@ -107,6 +107,50 @@ fn slow_bodies_share_one_budget() {
     healthy(&e);
 }
 
+// A body of unknown length (chunked) was kept as the pieces it came in until
+// its end: one `Bytes` (32 bytes, and a hold on the read buffer it was
+// split from) per chunk, where the shared budget counts only the chunk's
+// data. Sent in chunks of one byte, 256 KiB of body cost envd about 10 MiB.
+// Small pieces are now copied together as they come.
+#[test]
+fn bodies_of_tiny_chunks_cost_what_they_hold() {
+    let e = Envd::start(&["--body-timeout", "60"]);
+    let before = anon_kib(e.pid());
+    const CONNECTIONS: usize = 8;
+    const CHUNKS: usize = 256 << 10;
+    let wire = b"1\r\n \r\n".repeat(CHUNKS);
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+        c.write_all(b"POST /init HTTP/1.1\r\nhost: envd\r\ntransfer-encoding: chunked\r\n\r\n")
+            .unwrap();
+        // Never ended: the body is held, not yet parsed.
+        c.write_all(&wire).unwrap();
+        held.push(c);
+    }
+    // Until envd has read all of it (its memory stops growing).
+    let mut grown = 0;
+    for _ in 0..600 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = anon_kib(e.pid()).saturating_sub(before);
+        if now == grown && now > 0 {
+            break;
+        }
+        grown = now;
+    }
+    let counted_kib = (CONNECTIONS * CHUNKS / 1024) as u64;
+    eprintln!("{CONNECTIONS} bodies of {counted_kib} KiB in all, in one-byte chunks: +{grown} KiB");
+    // What the bodies hold, plus a read buffer per connection (at most
+    // 408 KiB) and as much again for the heap's own slack.
+    let bound = 2 * (counted_kib + CONNECTIONS as u64 * 408);
+    assert!(
+        grown < bound,
+        "{grown} KiB held for {counted_kib} KiB of bodies (bound {bound})"
+    );
+    drop(held);
+    healthy(&e);
+}
+
 // Bodies left unread by an early answer are drained in the background so
 // that their connections serve the next request; each drain holds its
 // connection's read buffer, so only 16 run at once. Beyond, the answer says
