@@ -55,8 +55,10 @@ mod skip;
 /// 16 KiB of symbols, mostly tokio's task code for the drain's own future
 /// type (raw poll, harness, drop of its cell) and the body type's `Drop`.
 /// 8,074,984 (one 4 KiB step) with a body of declared length copied into
-/// one buffer as it arrives.
-const BUDGET: u64 = 8_076_000;
+/// one buffer as it arrives. 8,083,240 (two 4 KiB steps) with the log's
+/// outbox (a line in place where it cannot wait, the pipe opened anew) and a
+/// chunked body gathered in blocks, on 2026-12-06.
+const BUDGET: u64 = 8_084_000;
 
 #[test]
 fn static_binary_within_budget() {
