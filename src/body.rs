@@ -167,8 +167,8 @@ where
     // which the budget does not count and which leave the heap fragmented
     // (after 64 one-MiB bodies, 24-30 MiB stayed once their connections had
     // closed; 6-8 MiB copied). A body of unknown length (chunked, or HTTP/2
-    // without a length) is copied into blocks of [`BLOCK`] bytes as it
-    // arrives (see [`Blocks`]) and joined once at its end.
+    // without a length) is copied into blocks as it arrives (see [`Blocks`])
+    // and joined once at its end.
     let declared = body.size_hint().exact();
     // At most `limit`, checked above.
     let declared_len = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit));
