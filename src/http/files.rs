@@ -230,13 +230,24 @@ async fn upload_parts(
     }
     let boundary = multer::parse_boundary(content_type)
         .map_err(|e| Error::invalid(format!("multipart: {e}")))?;
-    let mut fields = multer::Multipart::new(body_bytes(body), boundary);
-    while let Some(field) = fields
-        .next_field()
-        .await
-        .map_err(|e| Error::invalid(format!("multipart: {e}")))?
-    {
+    let heads = std::sync::Arc::new(super::multipart::Heads::default());
+    let mut fields = multer::Multipart::new(heads.guard(body_bytes(body)), boundary);
+    loop {
+        heads.looking();
+        let field = fields.next_field().await;
+        heads.found();
+        let Some(mut field) = field.map_err(|e| Error::invalid(format!("multipart: {e}")))? else {
+            break;
+        };
         if field.name() != Some("file") {
+            // Read to its end here, so that looking for the next part
+            // reads only its boundary and headers.
+            while field
+                .chunk()
+                .await
+                .map_err(|e| Error::invalid(format!("multipart: {e}")))?
+                .is_some()
+            {}
             continue;
         }
         let dest = query_path

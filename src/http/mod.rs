@@ -5,6 +5,7 @@ mod files;
 pub mod headers;
 pub mod init;
 mod metrics;
+mod multipart;
 mod pause;
 mod query;
 pub mod reverse;

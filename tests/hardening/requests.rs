@@ -324,6 +324,72 @@ fn multipart_uploads_write_a_bounded_number_of_files() {
     healthy(&e);
 }
 
+// The multipart parser keeps what it reads until it finds what it looks
+// for: a part's headers that never end grew its buffer for as long as the
+// client sent (and each look scanned all of it again). A part must now
+// begin within 1 MiB; a large part named other than `file` still passes.
+#[test]
+fn multipart_headers_that_never_end_are_refused() {
+    let e = Envd::start(&[]);
+    let before = anon_kib(e.pid());
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("f");
+    let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "POST /files?path={} HTTP/1.1\r\nhost: envd\r\n\
+         content-type: multipart/form-data; boundary=B\r\ntransfer-encoding: chunked\r\n\r\n",
+        s(&target)
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    let chunk = |data: &[u8]| {
+        let mut v = format!("{:x}\r\n", data.len()).into_bytes();
+        v.extend_from_slice(data);
+        v.extend_from_slice(b"\r\n");
+        v
+    };
+    c.write_all(&chunk(
+        b"--B\r\nContent-Disposition: form-data; name=\"file\"\r\nX-Pad: ",
+    ))
+    .unwrap();
+    // 64 MiB of one header line, unless envd refuses it first.
+    let pad = chunk(&vec![b'a'; 1 << 20]);
+    let mut sent_mib = 0;
+    for _ in 0..64 {
+        if c.write_all(&pad).is_err() {
+            break;
+        }
+        sent_mib += 1;
+    }
+    let grown_mib = anon_kib(e.pid()).saturating_sub(before) / 1024;
+    let mut answer = [0u8; 12];
+    let answered = c.read_exact(&mut answer).is_ok();
+    eprintln!("sent {sent_mib} MiB of headers; envd +{grown_mib} MiB");
+    assert!(
+        answered && answer.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(grown_mib < 16, "envd grew by {grown_mib} MiB");
+    // A large part of another name is read through, not counted as headers.
+    let mut body = b"--B\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\n".to_vec();
+    body.extend(vec![b'o'; 3 << 20]);
+    body.extend_from_slice(
+        b"\r\n--B\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nkept\r\n--B--\r\n",
+    );
+    let r = request(
+        &e.tcp,
+        "POST",
+        &format!("/files?path={}", s(&target)),
+        &[("content-type", "multipart/form-data; boundary=B")],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&target).unwrap(), b"kept");
+    healthy(&e);
+}
+
 // A caller chooses the strings envd logs (a command's name): a newline in
 // one must not add a forged line to the log, nor an escape sequence reach
 // the console.
