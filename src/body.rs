@@ -117,6 +117,13 @@ where
     let _ = tokio::time::timeout(DRAIN_TIME, discard(body, DRAIN_MAX)).await;
 }
 
+/// `n` bytes of the shared budget, held until the permit is dropped, for a
+/// message buffered outside [`read_to_end`] (a streamed call's envelope).
+pub fn hold(n: usize) -> std::result::Result<tokio::sync::SemaphorePermit<'static>, BodyError> {
+    let n = u32::try_from(n).map_err(|_| BodyError::Busy)?;
+    budget().try_acquire_many(n).map_err(|_| BodyError::Busy)
+}
+
 /// Whether most of the shared budget is spent: envd is being flooded with
 /// bodies, and closing a connection then frees it soonest.
 pub fn flooded() -> bool {

@@ -35,12 +35,22 @@ pub fn end_frame(error: Option<&Error>) -> Bytes {
     .expect("a small JSON value always serialises and frames")
 }
 
-/// Reads envelopes from a request body, incrementally.
+/// A message up to this size is read without the shared body budget
+/// (every stream has one such message in reading at most).
+const UNCHARGED: usize = 64 << 10;
+
+/// Reads envelopes from a request body, incrementally. A message larger than
+/// [`UNCHARGED`] is charged to the shared body budget (`crate::body`) for
+/// its whole declared length while it is read, and its buffer is made that
+/// size at once: without, every stream could hold a message of up to `max`
+/// bytes in reading (twice that in a doubled buffer), however many streams
+/// there were.
 pub struct EnvelopeReader<B> {
     body: B,
     buf: BytesMut,
     max: usize,
     done: bool,
+    charged: Option<tokio::sync::SemaphorePermit<'static>>,
 }
 
 impl<B> EnvelopeReader<B>
@@ -54,6 +64,7 @@ where
             buf: BytesMut::new(),
             max,
             done: false,
+            charged: None,
         }
     }
 
@@ -75,7 +86,14 @@ where
                 if self.buf.len() >= 5 + len {
                     let flags = self.buf[0];
                     self.buf.advance(5);
-                    return Ok(Some((flags, self.buf.split_to(len).freeze())));
+                    let message = self.buf.split_to(len).freeze();
+                    // Read: the handler holds it now.
+                    self.charged = None;
+                    return Ok(Some((flags, message)));
+                }
+                if len > UNCHARGED && self.charged.is_none() {
+                    self.charged = Some(crate::body::hold(len).map_err(Error::from)?);
+                    self.buf.reserve(5 + len - self.buf.len());
                 }
             }
             if self.done {

@@ -151,6 +151,56 @@ fn bodies_of_tiny_chunks_cost_what_they_hold() {
     healthy(&e);
 }
 
+// A streamed call's message is read whole before it is decoded: up to
+// 4 MiB, which every stream could hold in reading outside the shared body
+// budget. 48 StreamInputs each one byte short of a 4 MiB message took envd
+// to +216 MiB, none refused. A message over 64 KiB is now charged to the
+// budget for its length while it is read (+73 MiB, 32 refused).
+#[test]
+fn streamed_messages_in_reading_share_the_body_budget() {
+    let e = Envd::start(&["--body-timeout", "60"]);
+    let before = anon_kib(e.pid());
+    const STREAMS: usize = 48;
+    const MESSAGE: usize = 4 << 20;
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(MESSAGE).unwrap().to_be_bytes());
+    body.resize(5 + MESSAGE - 1, b'x');
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..STREAMS {
+        let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = format!(
+            "POST /process.Process/StreamInput HTTP/1.1\r\nhost: envd\r\n\
+             content-type: application/connect+proto\r\ncontent-length: {}\r\n\r\n",
+            5 + MESSAGE
+        );
+        // A refused stream is answered and its connection closed mid-write.
+        let _ = c
+            .write_all(head.as_bytes())
+            .and_then(|()| c.write_all(&body));
+        held.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for c in &mut held {
+        c.set_nonblocking(true).unwrap();
+        let mut answer = [0u8; 4096];
+        if let Ok(n) = c.read(&mut answer) {
+            if String::from_utf8_lossy(&answer[..n]).contains("resource_exhausted") {
+                refused += 1;
+            }
+        }
+    }
+    let grown_mib = anon_kib(e.pid()).saturating_sub(before) / 1024;
+    eprintln!("{STREAMS} messages of 4 MiB in reading: envd +{grown_mib} MiB, {refused} refused");
+    assert!(refused > 0, "no stream was refused by the shared budget");
+    // The 64 MiB budget, a read buffer per connection (at most 408 KiB)
+    // and room for the heap's own slack.
+    assert!(grown_mib < 104, "envd grew by {grown_mib} MiB");
+    drop(held);
+    healthy(&e);
+}
+
 // Bodies left unread by an early answer are drained in the background so
 // that their connections serve the next request; each drain holds its
 // connection's read buffer, so only 16 run at once. Beyond, the answer says
