@@ -116,7 +116,10 @@ impl Router {
     /// malformed header is left for the service to refuse.
     async fn grpc_call(&self, req: Request<RequestBody>) -> Response<HttpBody> {
         let deadline = crate::request::deadline(req.headers()).ok().flatten();
-        let call = self.grpc.clone().oneshot(req);
+        let call = self
+            .grpc
+            .clone()
+            .oneshot(req.map(crate::grpc::charge::Charged::new));
         let answered = match deadline {
             None => call.await,
             Some(at) => match tokio::time::timeout_at(at, call).await {

@@ -2,6 +2,7 @@
 //! logic. Each handler parses the [`RequestContext`], calls the service and
 //! maps errors through [`crate::status`].
 
+pub mod charge;
 pub mod filesystem;
 pub mod ports;
 pub mod process;
@@ -17,10 +18,13 @@ fn client_stream<T>(
     use futures_util::StreamExt;
     s.map(|r| {
         r.map_err(|st| {
-            crate::status::Error::new(
-                crate::status::Code::InvalidArgument,
-                format!("input stream: {}", st.message()),
-            )
+            // A message refused for the shared body budget says so.
+            let code = if st.code() == tonic::Code::ResourceExhausted {
+                crate::status::Code::ResourceExhausted
+            } else {
+                crate::status::Code::InvalidArgument
+            };
+            crate::status::Error::new(code, format!("input stream: {}", st.message()))
         })
     })
 }

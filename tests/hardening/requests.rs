@@ -201,6 +201,74 @@ fn streamed_messages_in_reading_share_the_body_budget() {
     healthy(&e);
 }
 
+// The same over native gRPC: tonic gathers each message whole before it
+// decodes it, on every stream, outside the budget.
+#[tokio::test]
+async fn grpc_messages_in_reading_share_the_body_budget() {
+    let e = Envd::start(&["--body-timeout", "60"]);
+    let before = anon_kib(e.pid());
+    const STREAMS: usize = 48;
+    const MESSAGE: usize = 4 << 20;
+    let mut message = vec![0u8];
+    message.extend_from_slice(&u32::try_from(MESSAGE).unwrap().to_be_bytes());
+    message.resize(5 + MESSAGE - 1, b'x');
+    let message = bytes::Bytes::from(message);
+    let mut held = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..STREAMS {
+        let tcp = tokio::net::TcpStream::connect(common::http::addr(&e.tcp))
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async {
+                let b = rx.recv().await?;
+                Some((
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                    rx,
+                ))
+            },
+        )));
+        let req = ::http::Request::post("http://envd/process.Process/StreamInput")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        answers.push(tokio::spawn(send.send_request(req)));
+        // One byte short of the whole message; never ended.
+        tx.send(message.clone()).await.unwrap();
+        held.push(tx);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let grown_mib = anon_kib(e.pid()).saturating_sub(before) / 1024;
+    let mut refused = 0;
+    for a in answers.iter_mut() {
+        if !a.is_finished() {
+            continue;
+        }
+        if let Ok(Ok(r)) = a.await {
+            if r.headers().get("grpc-status").is_some_and(|v| v == "8") {
+                refused += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{STREAMS} gRPC messages of 4 MiB in reading: envd +{grown_mib} MiB, {refused} refused"
+    );
+    assert!(refused > 0, "no stream was refused by the shared budget");
+    assert!(grown_mib < 104, "envd grew by {grown_mib} MiB");
+    drop(held);
+    healthy(&e);
+}
+
 // Bodies left unread by an early answer are drained in the background so
 // that their connections serve the next request; each drain holds its
 // connection's read buffer, so only 16 run at once. Beyond, the answer says

@@ -1,0 +1,153 @@
+//! A native gRPC call's request body, its large messages charged to the
+//! shared body budget (`crate::body`) while they arrive.
+//!
+//! tonic gathers each message whole before it decodes it: up to 4 MiB, on
+//! every stream of every connection, outside any budget. [`Charged`] reads
+//! the gRPC framing (`[flags u8][length u32 BE][message]`) as the body
+//! passes through it unchanged, and holds the budget for a message over 64
+//! KiB from its prefix until its last byte has gone to tonic, which then
+//! decodes it. Refused, the call ends with `RESOURCE_EXHAUSTED`, as a
+//! Connect call's message does (`crate::connect::envelope`).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::SemaphorePermit;
+
+/// A message up to this size is read without the budget.
+const UNCHARGED: usize = 64 << 10;
+
+/// Where the body is in the framing.
+enum Framing {
+    /// In a message's prefix: the bytes of it seen so far.
+    Prefix([u8; 5], usize),
+    /// In a message: its bytes still to come.
+    Message(usize),
+}
+
+pub struct Charged<B> {
+    inner: B,
+    framing: Framing,
+    held: Option<SemaphorePermit<'static>>,
+}
+
+impl<B> Charged<B> {
+    pub fn new(inner: B) -> Self {
+        Charged {
+            inner,
+            framing: Framing::Prefix([0; 5], 0),
+            held: None,
+        }
+    }
+
+    /// Follows the framing through `data`; an error if a message's charge
+    /// is refused.
+    fn follow(&mut self, mut data: &[u8]) -> Result<(), tonic::Status> {
+        while !data.is_empty() {
+            match &mut self.framing {
+                Framing::Prefix(prefix, seen) => {
+                    let n = (5 - *seen).min(data.len());
+                    prefix[*seen..*seen + n].copy_from_slice(&data[..n]);
+                    *seen += n;
+                    data = &data[n..];
+                    if *seen == 5 {
+                        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+                        let len = usize::try_from(len).unwrap_or(usize::MAX);
+                        // tonic refuses a message over its limit itself.
+                        if len > UNCHARGED && len <= crate::wire::MAX_DECODE {
+                            let permit = crate::body::hold(len)
+                                .map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
+                            self.held = Some(permit);
+                        }
+                        self.framing = Framing::Message(len);
+                    }
+                }
+                Framing::Message(left) => {
+                    let n = (*left).min(data.len());
+                    *left -= n;
+                    data = &data[n..];
+                }
+            }
+            if matches!(self.framing, Framing::Message(0)) {
+                // All of it has gone to tonic.
+                self.held = None;
+                self.framing = Framing::Prefix([0; 5], 0);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B> Body for Charged<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref() {
+            if let Err(refused) = this.follow(data) {
+                return Poll::Ready(Some(Err(Box::new(refused))));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Vec<u8> {
+        let mut f = vec![0u8];
+        f.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+        f.resize(5 + len, 7);
+        f
+    }
+
+    #[test]
+    fn a_large_message_is_charged_until_its_last_byte() {
+        let mut c = Charged::new(http_body_util::Empty::<Bytes>::new());
+        // Small messages, in any pieces: never charged.
+        let small = [frame(10), frame(UNCHARGED)].concat();
+        for piece in small.chunks(3) {
+            c.follow(piece).unwrap();
+            assert!(c.held.is_none());
+        }
+        // A large one: charged from its prefix to its last byte.
+        let large = frame(UNCHARGED + 1);
+        c.follow(&large[..4]).unwrap();
+        assert!(c.held.is_none(), "not before its length is known");
+        c.follow(&large[4..large.len() - 1]).unwrap();
+        assert_eq!(
+            c.held.as_ref().map(|p| p.num_permits()),
+            Some(UNCHARGED + 1)
+        );
+        // Its last byte, with the next message's first.
+        c.follow(&[large[large.len() - 1], 0]).unwrap();
+        assert!(c.held.is_none());
+        assert!(matches!(c.framing, Framing::Prefix(_, 1)));
+    }
+}
