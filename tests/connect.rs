@@ -830,16 +830,7 @@ fn files_disk_full_is_507_and_leaves_nothing() {
 async fn connect_over_http2_prior_knowledge() {
     use http_body_util::{BodyExt, Full};
     let envd = Envd::start(&[]);
-    let tcp = tokio::net::TcpStream::connect(common::http::addr(&envd.tcp))
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = common::http::http2(&envd.tcp).await;
     let post = |path: &str, ct: &str, body: Vec<u8>| {
         ::http::Request::post(format!("http://envd{path}"))
             .header("content-type", ct)

@@ -486,20 +486,11 @@ fn proxy_lets_any_tcp_client_reach_envd() {
 #[tokio::test]
 async fn many_tunnels_share_one_http2_connection() {
     use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port = echo_server();
     let envd = Envd::start(&[]);
-    let tcp = tokio::net::TcpStream::connect(envd.tcp.trim_start_matches("tcp://"))
-        .await
-        .unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let sender = common::http::http2::<Empty<bytes::Bytes>>(&envd.tcp).await;
     let mut tasks = Vec::new();
     for i in 0..10u8 {
         let mut sender = sender.clone();

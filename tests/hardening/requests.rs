@@ -216,16 +216,7 @@ async fn grpc_messages_in_reading_share_the_body_budget() {
     let mut held = Vec::new();
     let mut answers = Vec::new();
     for _ in 0..STREAMS {
-        let tcp = tokio::net::TcpStream::connect(common::http::addr(&e.tcp))
-            .await
-            .unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let mut send = common::http::http2(&e.tcp).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
         let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
             rx,
