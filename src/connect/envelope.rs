@@ -35,16 +35,12 @@ pub fn end_frame(error: Option<&Error>) -> Bytes {
     .expect("a small JSON value always serialises and frames")
 }
 
-/// A message up to this size is read without the shared body budget
-/// (every stream has one such message in reading at most).
-const UNCHARGED: usize = 64 << 10;
-
-/// Reads envelopes from a request body, incrementally. A message larger than
-/// [`UNCHARGED`] is charged to the shared body budget (`crate::body`) for
-/// its whole declared length while it is read, and its buffer is made that
-/// size at once: without, every stream could hold a message of up to `max`
-/// bytes in reading (twice that in a doubled buffer), however many streams
-/// there were.
+/// Reads envelopes from a request body, incrementally. A message that is not
+/// all there yet is charged to the shared body budget (`crate::body`) for
+/// its whole declared length until it is, and its buffer is made that size
+/// at once: without, every stream could hold a message of up to `max` bytes
+/// in reading (twice that in a doubled buffer), however many streams there
+/// were.
 pub struct EnvelopeReader<B> {
     body: B,
     buf: BytesMut,
@@ -91,7 +87,7 @@ where
                     self.charged = None;
                     return Ok(Some((flags, message)));
                 }
-                if len > UNCHARGED && self.charged.is_none() {
+                if self.charged.is_none() {
                     self.charged = Some(crate::body::hold(len).map_err(Error::from)?);
                     self.buf.reserve(5 + len - self.buf.len());
                 }

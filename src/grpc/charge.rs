@@ -1,13 +1,15 @@
-//! A native gRPC call's request body, its large messages charged to the
-//! shared body budget (`crate::body`) while they arrive.
+//! A native gRPC call's request body, its messages charged to the shared
+//! body budget (`crate::body`) while they arrive.
 //!
 //! tonic gathers each message whole before it decodes it: up to 4 MiB, on
 //! every stream of every connection, outside any budget. [`Charged`] reads
 //! the gRPC framing (`[flags u8][length u32 BE][message]`) as the body
-//! passes through it unchanged, and holds the budget for a message over 64
-//! KiB from its prefix until its last byte has gone to tonic, which then
-//! decodes it. Refused, the call ends with `RESOURCE_EXHAUSTED`, as a
-//! Connect call's message does (`crate::connect::envelope`).
+//! passes through it unchanged. A message not all there at the end of a
+//! frame holds the budget for its whole length until its last byte has gone
+//! to tonic, which then decodes it; one that comes whole in a frame is
+//! already held by that frame and is not charged. Refused, the call ends
+//! with `RESOURCE_EXHAUSTED`, as a Connect call's message does
+//! (`crate::connect::envelope`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,15 +18,12 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::SemaphorePermit;
 
-/// A message up to this size is read without the budget.
-const UNCHARGED: usize = 64 << 10;
-
 /// Where the body is in the framing.
 enum Framing {
     /// In a message's prefix: the bytes of it seen so far.
     Prefix([u8; 5], usize),
-    /// In a message: its bytes still to come.
-    Message(usize),
+    /// In a message of this length: its bytes still to come.
+    Message { len: usize, left: usize },
 }
 
 pub struct Charged<B> {
@@ -55,25 +54,28 @@ impl<B> Charged<B> {
                     if *seen == 5 {
                         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
                         let len = usize::try_from(len).unwrap_or(usize::MAX);
-                        // tonic refuses a message over its limit itself.
-                        if len > UNCHARGED && len <= crate::wire::MAX_DECODE {
-                            let permit = crate::body::hold(len)
-                                .map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
-                            self.held = Some(permit);
-                        }
-                        self.framing = Framing::Message(len);
+                        self.framing = Framing::Message { len, left: len };
                     }
                 }
-                Framing::Message(left) => {
+                Framing::Message { left, .. } => {
                     let n = (*left).min(data.len());
                     *left -= n;
                     data = &data[n..];
                 }
             }
-            if matches!(self.framing, Framing::Message(0)) {
+            if matches!(self.framing, Framing::Message { left: 0, .. }) {
                 // All of it has gone to tonic.
                 self.held = None;
                 self.framing = Framing::Prefix([0; 5], 0);
+            }
+        }
+        // A message that goes on past this frame: charged until it ends.
+        // (tonic refuses one over its limit itself.)
+        if let Framing::Message { len, .. } = self.framing {
+            if self.held.is_none() && len <= crate::wire::MAX_DECODE {
+                let permit = crate::body::hold(len)
+                    .map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
+                self.held = Some(permit);
             }
         }
         Ok(())
@@ -128,26 +130,27 @@ mod tests {
     }
 
     #[test]
-    fn a_large_message_is_charged_until_its_last_byte() {
+    fn a_message_is_charged_from_the_frame_it_goes_on_past_to_its_end() {
         let mut c = Charged::new(http_body_util::Empty::<Bytes>::new());
-        // Small messages, in any pieces: never charged.
-        let small = [frame(10), frame(UNCHARGED)].concat();
-        for piece in small.chunks(3) {
-            c.follow(piece).unwrap();
-            assert!(c.held.is_none());
-        }
-        // A large one: charged from its prefix to its last byte.
-        let large = frame(UNCHARGED + 1);
-        c.follow(&large[..4]).unwrap();
+        // Messages whole in their frame: never charged.
+        c.follow(&[frame(10), frame(70_000)].concat()).unwrap();
+        assert!(c.held.is_none());
+        // A message in pieces: charged once its length is known, for all of
+        // it, until its last byte.
+        let m = frame(100_000);
+        c.follow(&m[..4]).unwrap();
         assert!(c.held.is_none(), "not before its length is known");
-        c.follow(&large[4..large.len() - 1]).unwrap();
-        assert_eq!(
-            c.held.as_ref().map(|p| p.num_permits()),
-            Some(UNCHARGED + 1)
-        );
+        c.follow(&m[4..m.len() - 1]).unwrap();
+        assert_eq!(c.held.as_ref().map(|p| p.num_permits()), Some(100_000));
         // Its last byte, with the next message's first.
-        c.follow(&[large[large.len() - 1], 0]).unwrap();
+        c.follow(&[m[m.len() - 1], 0]).unwrap();
         assert!(c.held.is_none());
         assert!(matches!(c.framing, Framing::Prefix(_, 1)));
+        // A small one in pieces is charged too.
+        let small = frame(10);
+        c.follow(&small[1..8]).unwrap();
+        assert_eq!(c.held.as_ref().map(|p| p.num_permits()), Some(10));
+        c.follow(&small[8..]).unwrap();
+        assert!(c.held.is_none());
     }
 }

@@ -154,8 +154,8 @@ fn bodies_of_tiny_chunks_cost_what_they_hold() {
 // A streamed call's message is read whole before it is decoded: up to
 // 4 MiB, which every stream could hold in reading outside the shared body
 // budget. 48 StreamInputs each one byte short of a 4 MiB message took envd
-// to +216 MiB, none refused. A message over 64 KiB is now charged to the
-// budget for its length while it is read (+73 MiB, 32 refused).
+// to +216 MiB, none refused. A message not all there is now charged to the
+// budget for its length until it is (+73 MiB, 32 refused).
 #[test]
 fn streamed_messages_in_reading_share_the_body_budget() {
     let e = Envd::start(&["--body-timeout", "60"]);
