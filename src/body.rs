@@ -27,7 +27,9 @@ pub fn set_timeout(t: Duration) {
     );
 }
 
-fn timeout() -> Duration {
+/// The body timeout: also how long a streamed message, once begun and
+/// charged to the budget, has to arrive whole.
+pub fn timeout() -> Duration {
     Duration::from_millis(TIMEOUT_MS.load(Ordering::Relaxed))
 }
 

@@ -40,13 +40,16 @@ pub fn end_frame(error: Option<&Error>) -> Bytes {
 /// its whole declared length until it is, and its buffer is made that size
 /// at once: without, every stream could hold a message of up to `max` bytes
 /// in reading (twice that in a doubled buffer), however many streams there
-/// were.
+/// were. Charged, it must arrive within the body timeout, as a buffered
+/// body must: a stalled message would otherwise keep its part of the
+/// budget from every other call for as long as its stream stayed open.
 pub struct EnvelopeReader<B> {
     body: B,
     buf: BytesMut,
     max: usize,
     done: bool,
-    charged: Option<tokio::sync::SemaphorePermit<'static>>,
+    /// The charge of a message in reading, and when it must be whole.
+    charged: Option<(tokio::sync::SemaphorePermit<'static>, tokio::time::Instant)>,
 }
 
 impl<B> EnvelopeReader<B>
@@ -88,7 +91,9 @@ where
                     return Ok(Some((flags, message)));
                 }
                 if self.charged.is_none() {
-                    self.charged = Some(crate::body::hold(len).map_err(Error::from)?);
+                    let permit = crate::body::hold(len).map_err(Error::from)?;
+                    let by = tokio::time::Instant::now() + crate::body::timeout();
+                    self.charged = Some((permit, by));
                     self.buf.reserve(5 + len - self.buf.len());
                 }
             }
@@ -102,7 +107,22 @@ where
                     )))
                 };
             }
-            match self.body.frame().await {
+            let frame = match &self.charged {
+                None => self.body.frame().await,
+                Some((_, by)) => match tokio::time::timeout_at(*by, self.body.frame()).await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        return Err(Error::new(
+                            Code::DeadlineExceeded,
+                            format!(
+                                "a message did not arrive whole within {:?}",
+                                crate::body::timeout()
+                            ),
+                        ))
+                    }
+                },
+            };
+            match frame {
                 None => self.done = true,
                 Some(Err(e)) => {
                     return Err(Error::invalid(format!("reading the request body: {e}")))

@@ -9,8 +9,11 @@
 //! to tonic, which then decodes it; one that comes whole in a frame is
 //! already held by that frame and is not charged. Refused, the call ends
 //! with `RESOURCE_EXHAUSTED`, as a Connect call's message does
-//! (`crate::connect::envelope`).
+//! (`crate::connect::envelope`). Charged, a message must arrive within the
+//! body timeout (else `DEADLINE_EXCEEDED`), so that a stalled one cannot keep
+//! its part of the budget from every other call.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -29,7 +32,8 @@ enum Framing {
 pub struct Charged<B> {
     inner: B,
     framing: Framing,
-    held: Option<SemaphorePermit<'static>>,
+    /// The charge of a message in reading, and when it must be whole.
+    held: Option<(SemaphorePermit<'static>, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<B> Charged<B> {
@@ -75,7 +79,8 @@ impl<B> Charged<B> {
             if self.held.is_none() && len <= crate::wire::MAX_DECODE {
                 let permit = crate::body::hold(len)
                     .map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
-                self.held = Some(permit);
+                let by = Box::pin(tokio::time::sleep(crate::body::timeout()));
+                self.held = Some((permit, by));
             }
         }
         Ok(())
@@ -99,7 +104,18 @@ where
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if let Some((_, by)) = &mut this.held {
+                    if by.as_mut().poll(cx).is_ready() {
+                        let late = tonic::Status::deadline_exceeded(format!(
+                            "a message did not arrive whole within {:?}",
+                            crate::body::timeout()
+                        ));
+                        return Poll::Ready(Some(Err(Box::new(late))));
+                    }
+                }
+                return Poll::Pending;
+            }
         };
         if let Some(data) = frame.data_ref() {
             if let Err(refused) = this.follow(data) {
@@ -129,8 +145,8 @@ mod tests {
         f
     }
 
-    #[test]
-    fn a_message_is_charged_from_the_frame_it_goes_on_past_to_its_end() {
+    #[tokio::test]
+    async fn a_message_is_charged_from_the_frame_it_goes_on_past_to_its_end() {
         let mut c = Charged::new(http_body_util::Empty::<Bytes>::new());
         // Messages whole in their frame: never charged.
         c.follow(&[frame(10), frame(70_000)].concat()).unwrap();
@@ -141,7 +157,7 @@ mod tests {
         c.follow(&m[..4]).unwrap();
         assert!(c.held.is_none(), "not before its length is known");
         c.follow(&m[4..m.len() - 1]).unwrap();
-        assert_eq!(c.held.as_ref().map(|p| p.num_permits()), Some(100_000));
+        assert_eq!(c.held.as_ref().map(|(p, _)| p.num_permits()), Some(100_000));
         // Its last byte, with the next message's first.
         c.follow(&[m[m.len() - 1], 0]).unwrap();
         assert!(c.held.is_none());
@@ -149,7 +165,7 @@ mod tests {
         // A small one in pieces is charged too.
         let small = frame(10);
         c.follow(&small[1..8]).unwrap();
-        assert_eq!(c.held.as_ref().map(|p| p.num_permits()), Some(10));
+        assert_eq!(c.held.as_ref().map(|(p, _)| p.num_permits()), Some(10));
         c.follow(&small[8..]).unwrap();
         assert!(c.held.is_none());
     }

@@ -18,11 +18,12 @@ fn client_stream<T>(
     use futures_util::StreamExt;
     s.map(|r| {
         r.map_err(|st| {
-            // A message refused for the shared body budget says so.
-            let code = if st.code() == tonic::Code::ResourceExhausted {
-                crate::status::Code::ResourceExhausted
-            } else {
-                crate::status::Code::InvalidArgument
+            // A message refused for the shared body budget, or too slow to
+            // arrive once charged to it, says so.
+            let code = match st.code() {
+                tonic::Code::ResourceExhausted => crate::status::Code::ResourceExhausted,
+                tonic::Code::DeadlineExceeded => crate::status::Code::DeadlineExceeded,
+                _ => crate::status::Code::InvalidArgument,
             };
             crate::status::Error::new(code, format!("input stream: {}", st.message()))
         })

@@ -260,6 +260,66 @@ async fn grpc_messages_in_reading_share_the_body_budget() {
     healthy(&e);
 }
 
+// A message charged to the budget must arrive within the body timeout, as a
+// buffered body must: stalled, it would keep its part of the budget from
+// every other call for as long as its stream stayed open.
+#[tokio::test]
+async fn a_stalled_message_gives_its_charge_back() {
+    let e = Envd::start(&["--body-timeout", "1"]);
+    let mut message = vec![0u8];
+    message.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    message.resize(5 + 1000, b'x');
+    // Connect over HTTP/1.1.
+    let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /process.Process/StreamInput HTTP/1.1\r\nhost: envd\r\n\
+         content-type: application/connect+proto\r\ncontent-length: {}\r\n\r\n",
+        5 + (1 << 20)
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(&message).unwrap();
+    let t = Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = c.read(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(text.contains("deadline_exceeded"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Native gRPC over HTTP/2.
+    let mut send = common::http::http2(&e.tcp).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async {
+            let b = rx.recv().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                rx,
+            ))
+        },
+    )));
+    let req = ::http::Request::post("http://envd/process.Process/StreamInput")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let answer = tokio::spawn(send.send_request(req));
+    tx.send(message.into()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("no answer within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"4"[..]),
+        "{:?}",
+        r.headers()
+    );
+    drop(tx);
+    healthy(&e);
+}
+
 // Bodies left unread by an early answer are drained in the background so
 // that their connections serve the next request; each drain holds its
 // connection's read buffer, so only 16 run at once. Beyond, the answer says
