@@ -201,6 +201,34 @@ fn streamed_messages_in_reading_share_the_body_budget() {
     healthy(&e);
 }
 
+/// A native gRPC StreamInput on a connection of its own: its body's bytes
+/// go as they are sent on the returned sender; the task gives its answer.
+async fn grpc_stream_input(
+    url: &str,
+) -> (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    tokio::task::JoinHandle<hyper::Result<::http::Response<hyper::body::Incoming>>>,
+) {
+    let mut send = common::http::http2(url).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async {
+            let b = rx.recv().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                rx,
+            ))
+        },
+    )));
+    let req = ::http::Request::post("http://envd/process.Process/StreamInput")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    (tx, tokio::spawn(send.send_request(req)))
+}
+
 // The same over native gRPC: tonic gathers each message whole before it
 // decodes it, on every stream, outside the budget.
 #[tokio::test]
@@ -216,24 +244,8 @@ async fn grpc_messages_in_reading_share_the_body_budget() {
     let mut held = Vec::new();
     let mut answers = Vec::new();
     for _ in 0..STREAMS {
-        let mut send = common::http::http2(&e.tcp).await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
-        let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
-            rx,
-            |mut rx| async {
-                let b = rx.recv().await?;
-                Some((
-                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
-                    rx,
-                ))
-            },
-        )));
-        let req = ::http::Request::post("http://envd/process.Process/StreamInput")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(body)
-            .unwrap();
-        answers.push(tokio::spawn(send.send_request(req)));
+        let (tx, answer) = grpc_stream_input(&e.tcp).await;
+        answers.push(answer);
         // One byte short of the whole message; never ended.
         tx.send(message.clone()).await.unwrap();
         held.push(tx);
@@ -286,24 +298,7 @@ async fn a_stalled_message_gives_its_charge_back() {
     assert!(text.contains("deadline_exceeded"), "{text}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // Native gRPC over HTTP/2.
-    let mut send = common::http::http2(&e.tcp).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
-    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
-        rx,
-        |mut rx| async {
-            let b = rx.recv().await?;
-            Some((
-                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
-                rx,
-            ))
-        },
-    )));
-    let req = ::http::Request::post("http://envd/process.Process/StreamInput")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .unwrap();
-    let answer = tokio::spawn(send.send_request(req));
+    let (tx, answer) = grpc_stream_input(&e.tcp).await;
     tx.send(message.into()).await.unwrap();
     let r = tokio::time::timeout(Duration::from_secs(5), answer)
         .await
