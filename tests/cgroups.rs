@@ -428,7 +428,10 @@ async fn leaves_are_made_ahead_and_each_serves_one_command() {
 
     // More commands at once than spares: each gets a leaf of its own, the
     // later ones made on the spot; limits hold on either kind (where this
-    // machine lets envd write pids.max at all).
+    // machine lets envd write pids.max at all). Five, not three: the
+    // project's CI twice saw a third spare ready in time for the third
+    // (leaves p0, p7, p6), which at most two spares plus one late refill
+    // cannot cover for five.
     let mut limited = sh("sleep 1000");
     limited.limits = Some(ResourceLimits {
         pids_max: Some(50),
@@ -444,7 +447,7 @@ async fn leaves_are_made_ahead_and_each_serves_one_command() {
         assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
         false
     };
-    for _ in 0..3 {
+    for _ in 0..5 {
         let req = if limits_work {
             limited.clone()
         } else {
@@ -457,7 +460,7 @@ async fn leaves_are_made_ahead_and_each_serves_one_command() {
     assert_eq!(distinct.len(), live.len(), "{groups:?}");
     assert!(
         groups.iter().any(|g| !g.contains("-p")),
-        "the third leaf is made on the spot: {groups:?}"
+        "the later leaves are made on the spot: {groups:?}"
     );
     for g in &groups {
         let name = g.trim().rsplit('/').next().unwrap();
