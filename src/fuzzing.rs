@@ -32,7 +32,10 @@ pub const TARGETS: &[(&str, Target)] = &[
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
+        // Timers: a Connect message in pieces must arrive within the body
+        // timeout (`EnvelopeReader`).
         tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .expect("a current-thread runtime")
     })
