@@ -119,11 +119,40 @@ where
     let _ = tokio::time::timeout(DRAIN_TIME, discard(body, DRAIN_MAX)).await;
 }
 
-/// `n` bytes of the shared budget, held until the permit is dropped, for a
-/// message buffered outside [`read_to_end`] (a streamed call's envelope).
-pub fn hold(n: usize) -> std::result::Result<tokio::sync::SemaphorePermit<'static>, BodyError> {
-    let n = u32::try_from(n).map_err(|_| BodyError::Busy)?;
-    budget().try_acquire_many(n).map_err(|_| BodyError::Busy)
+/// A streamed call's message (a Connect envelope, a native gRPC message)
+/// that is not all there yet: charged to the shared budget for its whole
+/// length while this lives, and due whole by [`MessageCharge::by`] (the body
+/// timeout from its start), as a buffered body is.
+pub struct MessageCharge {
+    held: tokio::sync::SemaphorePermit<'static>,
+    /// When the message must be whole.
+    pub by: tokio::time::Instant,
+}
+
+impl MessageCharge {
+    /// Charges a message of `len` bytes; `RESOURCE_EXHAUSTED` when the budget
+    /// is spent.
+    pub fn begin(len: usize) -> Result<Self, Error> {
+        let n = u32::try_from(len).map_err(|_| BodyError::Busy)?;
+        let held = budget().try_acquire_many(n).map_err(|_| BodyError::Busy)?;
+        Ok(MessageCharge {
+            held,
+            by: tokio::time::Instant::now() + timeout(),
+        })
+    }
+
+    /// The bytes charged.
+    pub fn bytes(&self) -> usize {
+        self.held.num_permits()
+    }
+
+    /// What a call whose message missed [`MessageCharge::by`] is told.
+    pub fn late() -> Error {
+        Error::new(
+            Code::DeadlineExceeded,
+            format!("a message did not arrive whole within {:?}", timeout()),
+        )
+    }
 }
 
 /// Whether most of the shared budget is spent: envd is being flooded with

@@ -48,8 +48,8 @@ pub struct EnvelopeReader<B> {
     buf: BytesMut,
     max: usize,
     done: bool,
-    /// The charge of a message in reading, and when it must be whole.
-    charged: Option<(tokio::sync::SemaphorePermit<'static>, tokio::time::Instant)>,
+    /// The charge of a message in reading.
+    charged: Option<crate::body::MessageCharge>,
 }
 
 impl<B> EnvelopeReader<B>
@@ -91,9 +91,7 @@ where
                     return Ok(Some((flags, message)));
                 }
                 if self.charged.is_none() {
-                    let permit = crate::body::hold(len).map_err(Error::from)?;
-                    let by = tokio::time::Instant::now() + crate::body::timeout();
-                    self.charged = Some((permit, by));
+                    self.charged = Some(crate::body::MessageCharge::begin(len)?);
                     self.buf.reserve(5 + len - self.buf.len());
                 }
             }
@@ -109,18 +107,9 @@ where
             }
             let frame = match &self.charged {
                 None => self.body.frame().await,
-                Some((_, by)) => match tokio::time::timeout_at(*by, self.body.frame()).await {
-                    Ok(f) => f,
-                    Err(_) => {
-                        return Err(Error::new(
-                            Code::DeadlineExceeded,
-                            format!(
-                                "a message did not arrive whole within {:?}",
-                                crate::body::timeout()
-                            ),
-                        ))
-                    }
-                },
+                Some(c) => tokio::time::timeout_at(c.by, self.body.frame())
+                    .await
+                    .map_err(|_| crate::body::MessageCharge::late())?,
             };
             match frame {
                 None => self.done = true,

@@ -19,7 +19,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::SemaphorePermit;
+
+use crate::body::MessageCharge;
 
 /// Where the body is in the framing.
 enum Framing {
@@ -32,8 +33,8 @@ enum Framing {
 pub struct Charged<B> {
     inner: B,
     framing: Framing,
-    /// The charge of a message in reading, and when it must be whole.
-    held: Option<(SemaphorePermit<'static>, Pin<Box<tokio::time::Sleep>>)>,
+    /// The charge of a message in reading, and its deadline's timer.
+    held: Option<(MessageCharge, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<B> Charged<B> {
@@ -77,10 +78,9 @@ impl<B> Charged<B> {
         // (tonic refuses one over its limit itself.)
         if let Framing::Message { len, .. } = self.framing {
             if self.held.is_none() && len <= crate::wire::MAX_DECODE {
-                let permit = crate::body::hold(len)
-                    .map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
-                let by = Box::pin(tokio::time::sleep(crate::body::timeout()));
-                self.held = Some((permit, by));
+                let charge = MessageCharge::begin(len).map_err(tonic::Status::from)?;
+                let by = Box::pin(tokio::time::sleep_until(charge.by));
+                self.held = Some((charge, by));
             }
         }
         Ok(())
@@ -107,10 +107,7 @@ where
             Poll::Pending => {
                 if let Some((_, by)) = &mut this.held {
                     if by.as_mut().poll(cx).is_ready() {
-                        let late = tonic::Status::deadline_exceeded(format!(
-                            "a message did not arrive whole within {:?}",
-                            crate::body::timeout()
-                        ));
+                        let late = tonic::Status::from(MessageCharge::late());
                         return Poll::Ready(Some(Err(Box::new(late))));
                     }
                 }
@@ -157,7 +154,7 @@ mod tests {
         c.follow(&m[..4]).unwrap();
         assert!(c.held.is_none(), "not before its length is known");
         c.follow(&m[4..m.len() - 1]).unwrap();
-        assert_eq!(c.held.as_ref().map(|(p, _)| p.num_permits()), Some(100_000));
+        assert_eq!(c.held.as_ref().map(|(p, _)| p.bytes()), Some(100_000));
         // Its last byte, with the next message's first.
         c.follow(&[m[m.len() - 1], 0]).unwrap();
         assert!(c.held.is_none());
@@ -165,7 +162,7 @@ mod tests {
         // A small one in pieces is charged too.
         let small = frame(10);
         c.follow(&small[1..8]).unwrap();
-        assert_eq!(c.held.as_ref().map(|(p, _)| p.num_permits()), Some(10));
+        assert_eq!(c.held.as_ref().map(|(p, _)| p.bytes()), Some(10));
         c.follow(&small[8..]).unwrap();
         assert!(c.held.is_none());
     }
