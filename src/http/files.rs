@@ -228,39 +228,38 @@ async fn upload_parts(
             "gzip is supported for octet-stream uploads only",
         ));
     }
-    let boundary = multer::parse_boundary(content_type)
-        .map_err(|e| Error::invalid(format!("multipart: {e}")))?;
+    let boundary = multer::parse_boundary(content_type).map_err(bad_multipart)?;
     let heads = std::sync::Arc::new(super::multipart::Heads::default());
     let mut fields = multer::Multipart::new(heads.guard(body_bytes(body)), boundary);
     loop {
         heads.looking();
         let field = fields.next_field().await;
         heads.found();
-        let Some(mut field) = field.map_err(|e| Error::invalid(format!("multipart: {e}")))? else {
+        let Some(mut field) = field.map_err(bad_multipart)? else {
             break;
         };
         if field.name() != Some("file") {
             // Read to its end here, so that looking for the next part
             // reads only its boundary and headers.
-            while field
-                .chunk()
-                .await
-                .map_err(|e| Error::invalid(format!("multipart: {e}")))?
-                .is_some()
-            {}
+            while field.chunk().await.map_err(bad_multipart)?.is_some() {}
             continue;
         }
         let dest = query_path
             .map(<[u8]>::to_vec)
             .or_else(|| field.file_name().map(|n| n.as_bytes().to_vec()))
             .unwrap_or_default();
-        let data = field.map(|r| r.map_err(|e| Error::invalid(format!("multipart: {e}"))));
+        let data = field.map(|r| r.map_err(bad_multipart));
         upload.file(&dest, data).await?;
     }
     if upload.written.is_empty() {
         return Err(Error::invalid("no part named 'file' in the upload").into());
     }
     Ok(json(StatusCode::OK, &upload.written))
+}
+
+/// A multipart body the parser (or [`super::multipart`]'s bound) refused.
+fn bad_multipart(e: multer::Error) -> Error {
+    Error::invalid(format!("multipart: {e}"))
 }
 
 #[derive(serde::Deserialize)]

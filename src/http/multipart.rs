@@ -66,8 +66,8 @@ where
 {
     type Item = std::io::Result<Bytes>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let heads = self.heads.clone();
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Guarded { body, heads } = self.get_mut();
         let looking = heads.looking.load(Ordering::Relaxed);
         // The parser reads on while pieces are there: made to look after
         // each one, it finds a part's headers in the piece that ends them.
@@ -75,7 +75,7 @@ where
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let next = Pin::new(&mut self.body).poll_next(cx);
+        let next = Pin::new(body).poll_next(cx);
         if let Poll::Ready(Some(Ok(piece))) = &next {
             if looking {
                 heads.handed.store(true, Ordering::Relaxed);

@@ -151,6 +151,16 @@ fn bodies_of_tiny_chunks_cost_what_they_hold() {
     healthy(&e);
 }
 
+/// The start of a streamed message (Connect envelope or gRPC framing alike:
+/// a flags byte and a big-endian length) that declares `len` bytes and
+/// brings the first `sent` of them.
+fn message_start(len: usize, sent: usize) -> Vec<u8> {
+    let mut m = vec![0u8];
+    m.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+    m.resize(5 + sent, b'x');
+    m
+}
+
 // A streamed call's message is read whole before it is decoded: up to
 // 4 MiB, which every stream could hold in reading outside the shared body
 // budget. 48 StreamInputs each one byte short of a 4 MiB message took envd
@@ -162,9 +172,7 @@ fn streamed_messages_in_reading_share_the_body_budget() {
     let before = anon_kib(e.pid());
     const STREAMS: usize = 48;
     const MESSAGE: usize = 4 << 20;
-    let mut body = vec![0u8];
-    body.extend_from_slice(&u32::try_from(MESSAGE).unwrap().to_be_bytes());
-    body.resize(5 + MESSAGE - 1, b'x');
+    let body = message_start(MESSAGE, MESSAGE - 1);
     let mut held = Vec::new();
     let mut refused = 0;
     for _ in 0..STREAMS {
@@ -237,10 +245,7 @@ async fn grpc_messages_in_reading_share_the_body_budget() {
     let before = anon_kib(e.pid());
     const STREAMS: usize = 48;
     const MESSAGE: usize = 4 << 20;
-    let mut message = vec![0u8];
-    message.extend_from_slice(&u32::try_from(MESSAGE).unwrap().to_be_bytes());
-    message.resize(5 + MESSAGE - 1, b'x');
-    let message = bytes::Bytes::from(message);
+    let message = bytes::Bytes::from(message_start(MESSAGE, MESSAGE - 1));
     let mut held = Vec::new();
     let mut answers = Vec::new();
     for _ in 0..STREAMS {
@@ -278,9 +283,7 @@ async fn grpc_messages_in_reading_share_the_body_budget() {
 #[tokio::test]
 async fn a_stalled_message_gives_its_charge_back() {
     let e = Envd::start(&["--body-timeout", "1"]);
-    let mut message = vec![0u8];
-    message.extend_from_slice(&(1u32 << 20).to_be_bytes());
-    message.resize(5 + 1000, b'x');
+    let message = message_start(1 << 20, 1000);
     // Connect over HTTP/1.1.
     let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
