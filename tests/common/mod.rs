@@ -169,10 +169,8 @@ pub fn spawn_command(mut cmd: Command) -> Result<(Child, Vec<String>, Log), Stri
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if line.contains("listening") {
-                if let Some(u) = line.split_whitespace().find_map(|w| w.strip_prefix("url=")) {
-                    urls.push(u.to_owned());
-                }
+            if let Some(u) = listening_url(&line) {
+                urls.push(u.to_owned());
             }
             if line.contains("envd ready") {
                 if let Some(tx) = tx.take() {
@@ -196,6 +194,14 @@ pub fn spawn_command(mut cmd: Command) -> Result<(Child, Vec<String>, Log), Stri
             Err("envd not ready within 20 s".into())
         }
     }
+}
+
+/// The URL an envd log line saying it is listening names.
+pub fn listening_url(line: &str) -> Option<&str> {
+    if !line.contains("listening") {
+        return None;
+    }
+    line.split_whitespace().find_map(|w| w.strip_prefix("url="))
 }
 
 pub fn cmd(cmd: &str, args: &[&str]) -> StartRequest {

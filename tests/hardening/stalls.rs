@@ -385,11 +385,8 @@ async fn log_reader_stops(stderr: std::process::Stdio, reader: Box<dyn Read + Se
     let mut tcp = None;
     let mut line = String::new();
     while lines.read_line(&mut line).unwrap() > 0 {
-        if line.contains("listening") {
-            tcp = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("url="))
-                .map(str::to_owned);
+        if let Some(u) = listening_url(&line) {
+            tcp = Some(u.to_owned());
         }
         if line.contains("envd ready") {
             break;
