@@ -538,6 +538,107 @@ async fn kill_reaches_the_whole_group_and_orphans_are_reaped() {
     assert_eq!(proc_state(orphan), None, "orphan was not reaped");
 }
 
+/// `cmd &` in a shell: the command's `end` does not wait for the background
+/// job, and the job is not killed by it. It goes on writing to the pipe it
+/// inherited (envd keeps that open, unread), so its next line is no
+/// `SIGPIPE`. (Before 2026-12-06 envd closed the pipe 500 ms after the
+/// job's last line, and the job died at its next one.)
+#[tokio::test]
+async fn background_jobs_outlive_the_end_and_keep_writing() {
+    let envd = Envd::start(&[]);
+    let mut c = envd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("alive");
+    let script = format!(
+        "(sleep 1.5; echo late; echo late >&2; echo alive > {}) & echo started",
+        mark.display()
+    );
+    let o = run_within(&mut c, sh(&script), Duration::from_secs(10)).await;
+    assert_eq!(o.out(), "started\n");
+    assert_eq!(o.end().exit_code, 0);
+    assert!(!mark.exists(), "the end waited for the background job");
+    let alive = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&mark).is_ok_and(|t| t == "alive\n")
+    })
+    .await;
+    assert!(
+        alive,
+        "the background job died writing to its stdout/stderr"
+    );
+}
+
+/// A background job that never goes quiet holds the command's `end` back
+/// 2 s at most (it used to hold it for as long as the job wrote, as in
+/// upstream envd); everything the command itself wrote is still delivered,
+/// to a client that reads slowly too, with more than 2 s of the command's
+/// output still in the pipe when it exits.
+#[tokio::test]
+async fn a_chatty_background_job_does_not_hold_the_end() {
+    let envd = Envd::start(&["--output-buffer", "65536"]);
+    // A small stream window, and a small output log: envd takes in little
+    // of what nobody has read yet.
+    let channel = tonic::transport::Endpoint::from_shared(envd.tcp.replace("tcp://", "http://"))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut c = process_client::ProcessClient::new(channel);
+    // The job writes 'x' lines every 10 ms for up to 60 s; the command
+    // writes 1.5 MB of 'a' and exits with much of it still in the pipe.
+    let script = "(i=0; while [ $i -lt 6000 ]; do echo x; i=$((i+1)); sleep 0.01; done) & \
+                  echo $! >&2; head -c 1500000 /dev/zero | tr '\\0' a";
+    let mut s = c.start(sh(script)).await.unwrap().into_inner();
+    let began = Instant::now();
+    let mut o = Outcome::default();
+    read_until(&mut s, &mut o, |o| o.err().ends_with('\n')).await;
+    let job: i32 = o.err().trim().parse().unwrap();
+    // About 250 KB/s until 300 ms after the command exited (envd sees the
+    // exit at its next read), then nothing for 3 s, then as fast as it
+    // comes.
+    let mut exited = None;
+    let mut paused = false;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(item) = s.next().await {
+            let ev = item.expect("stream error").event.unwrap();
+            let len = match &ev.event {
+                Some(process_event::Event::Data(d)) => match &d.output {
+                    Some(process_event::data_event::Output::Stdout(b)) => b.len(),
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            o.record(ev);
+            if paused {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_micros(len as u64 * 4)).await;
+            match exited {
+                None if proc_state(o.pid).is_none() => exited = Some(Instant::now()),
+                Some(at) if at.elapsed() > Duration::from_millis(300) => {
+                    paused = true;
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        paused,
+        "the command did not exit before its output was read"
+    );
+    let took = began.elapsed();
+    // SAFETY: kill(2) with a pid and a signal; no memory is involved.
+    unsafe { libc::kill(job, libc::SIGKILL) };
+    assert!(ended.is_ok(), "no end within 30 s: the job holds it");
+    assert_eq!(o.end().exit_code, 0);
+    let a = o.stdout.iter().filter(|&&b| b == b'a').count();
+    assert_eq!(a, 1_500_000, "the command's own output was cut short");
+    assert!(o.stdout.iter().all(|&b| matches!(b, b'a' | b'x' | b'\n')));
+    assert!(took < Duration::from_secs(25), "took {took:?}");
+}
+
 #[tokio::test]
 async fn own_session_and_no_leaked_fds() {
     let envd = Envd::start(&[]);

@@ -12,6 +12,7 @@ pub mod events;
 pub mod exit;
 pub mod flag;
 pub mod handover;
+pub mod linger;
 pub mod output;
 pub mod prepare;
 pub mod pty;

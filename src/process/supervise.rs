@@ -35,8 +35,13 @@ const MIN_ROOM: usize = 16 * 1024;
 const GROWN_PIPE: libc::c_int = 1 << 20;
 
 /// After the process exits, output is read until EOF; if a descendant keeps
-/// the pipe or pty open, reading stops once it stays silent this long.
+/// the pipe or pty open, reading stops once it stays silent this long...
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+/// ...or, for a descendant that never goes quiet, this long after the exit,
+/// once what the fd held at the exit has been read (nothing the command
+/// itself wrote is left behind). The pipe is then kept open
+/// ([`super::linger`]): the descendant goes on writing, unread.
+pub const DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Output fds of a started process, on envd's side.
 #[derive(Debug)]
@@ -48,10 +53,39 @@ pub enum OutputFds {
     Pty(Arc<Pty>),
 }
 
-/// Resolves once the process has exited and then `DRAIN_IDLE` has passed.
-async fn exited_and_idle(exited: &super::flag::Flag) {
-    exited.wait().await;
-    tokio::time::sleep(DRAIN_IDLE).await;
+/// Reading after the process exited: when to stop.
+struct Drain {
+    /// Bytes the fd held at the exit, not read yet.
+    owed: usize,
+    /// The last read, or the exit.
+    last: Instant,
+    /// [`DRAIN_MAX`] after the exit.
+    cap: Instant,
+}
+
+impl Drain {
+    fn new(owed: usize) -> Drain {
+        let now = Instant::now();
+        Drain {
+            owed,
+            last: now,
+            cap: now + DRAIN_MAX,
+        }
+    }
+
+    fn took(&mut self, n: usize) {
+        self.owed = self.owed.saturating_sub(n);
+        self.last = Instant::now();
+    }
+
+    fn stop_at(&self) -> Instant {
+        let idle = self.last + DRAIN_IDLE;
+        if self.owed == 0 {
+            idle.min(self.cap)
+        } else {
+            idle
+        }
+    }
 }
 
 /// One output fd of a process, read in chunks of at most [`PIPE_READ_CHUNK`].
@@ -134,13 +168,13 @@ fn grow(rx: &pipe::Receiver) {
 }
 
 /// Moves what a readable fd holds into the log: waits for room, then reads
-/// without waiting. `Ok(true)` at the end of output.
+/// without waiting. The bytes read; `Ok(0)` at the end of output.
 async fn take(
     reader: &mut OutputReader,
     log: &super::output::OutputLog,
     buf: &mut BytesMut,
     source: Source,
-) -> std::io::Result<bool> {
+) -> std::io::Result<usize> {
     let want = reader.want(log.pressed());
     let room = match log.try_reserve(want, false) {
         Some(room) => room,
@@ -152,17 +186,15 @@ async fn take(
         None => log.reserve(want, false).await,
     };
     let n = reader.try_read(buf, room.bytes())?;
-    if n == 0 {
-        return Ok(true);
+    if n > 0 {
+        log.commit(room, source, buf.split().freeze());
     }
-    log.commit(room, source, buf.split().freeze());
-    Ok(false)
+    Ok(n)
 }
 
 /// Copies one output fd into the log until end of output, or until the
-/// process has exited and the fd stayed silent for `DRAIN_IDLE`. A live
-/// upgrade parks it between reads: a byte is either in the log or still in
-/// the kernel.
+/// process has exited and [`Drain`] says to stop. A live upgrade parks it
+/// between reads: a byte is either in the log or still in the kernel.
 async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     let _counted = crate::handover::quiesce::PumpGuard::new();
     let log = process.output.clone();
@@ -170,7 +202,21 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     // One registration for the pump's life (re-made after a park), not one
     // per read: streaming output reads in a tight loop.
     let mut quiesce = Box::pin(crate::handover::quiesce::until_requested());
-    loop {
+    let mut drain: Option<Drain> = None;
+    let ended = loop {
+        // Checked here, not only in the select below: an fd that is always
+        // readable wins that. What the fd holds when the exit is seen may
+        // be the command's own output.
+        if drain.is_none() && process.exited.is_set() {
+            drain = Some(Drain::new(reader.available().unwrap_or(0)));
+        }
+        if drain
+            .as_ref()
+            .is_some_and(|d| Instant::now() >= d.stop_at())
+        {
+            break false;
+        }
+        let stop_at = drain.as_ref().map(Drain::stop_at);
         // Output first, then room in the log, then the read, which takes
         // what is there at once: nothing read waits outside the log
         // (back-pressure waits with the bytes still in the kernel), and room
@@ -180,18 +226,28 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
             () = &mut quiesce => {
                 crate::handover::quiesce::park().await;
                 quiesce = Box::pin(crate::handover::quiesce::until_requested());
+                if let Some(d) = &mut drain {
+                    d.took(0);
+                }
                 continue;
             }
             r = reader.readable() => r,
-            () = exited_and_idle(&process.exited) => break,
+            () = process.exited.wait(), if drain.is_none() => continue,
+            () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => {
+                break false;
+            }
         };
         let taken = match ready {
             Ok(()) => take(&mut reader, &log, &mut buf, source).await,
             Err(e) => Err(e),
         };
         match taken {
-            Ok(true) => break,
-            Ok(false) => {}
+            Ok(0) => break true,
+            Ok(n) => {
+                if let Some(d) = &mut drain {
+                    d.took(n);
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -199,12 +255,16 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
                 ) => {}
             Err(e) => {
                 tracing::debug!(error = %e, ?source, "output read failed");
-                break;
+                break true;
             }
         }
-    }
-    // The fd closes with `reader`: a live upgrade must no longer carry it.
+    };
+    // A live upgrade must no longer carry the fd: it closes with `reader`,
+    // or, a pipe a descendant still holds, is kept unread.
     process.fds.forget(source);
+    if let (false, OutputReader::Pipe(rx, _)) = (ended, reader) {
+        super::linger::linger(rx);
+    }
 }
 
 /// Starts the pumps and the supervisor of a just-spawned process.
@@ -334,9 +394,10 @@ mod tests {
         assert!(waits.await.is_err(), "output read with no room for it");
         // Once it is in (the subscriber read) and the writer is gone: the end.
         drop(stopped);
-        assert!(!take(&mut reader, &log, &mut buf, Source::Stdout)
+        let n = take(&mut reader, &log, &mut buf, Source::Stdout)
             .await
-            .unwrap());
+            .unwrap();
+        assert_eq!(n, 20 << 10);
         let _stopped_again = log.subscribe_live();
         log.append(Source::Stdout, bytes::Bytes::from(vec![0; 56 << 10]))
             .await;
@@ -346,6 +407,6 @@ mod tests {
             Duration::from_secs(5),
             take(&mut reader, &log, &mut buf, Source::Stdout),
         );
-        assert!(end.await.expect("the end waited for room").unwrap());
+        assert_eq!(end.await.expect("the end waited for room").unwrap(), 0);
     }
 }

@@ -152,6 +152,45 @@ async fn ended_processes_hold_no_fds() {
     assert!(settled, "fds grew from {before} to {after}");
 }
 
+/// Output pipes kept open after a command's end for a background job that
+/// holds them (so that its writes are no `SIGPIPE`) are bounded by envd's
+/// open-file limit: an eighth of it. Here 256 fds: 32 pipes, where 40
+/// commands each leave two behind.
+#[tokio::test]
+async fn pipes_kept_for_background_jobs_are_bounded() {
+    let e = Envd::start_after(&[], "ulimit -n 256");
+    let mut c = e.client().await;
+    run(&mut c, sh("true")).await;
+    let before = fds_like(e.pid(), "pipe:");
+    let runs = (0..40).map(|_| {
+        let mut c = c.clone();
+        async move { run(&mut c, sh("sleep 60 & echo $!")).await }
+    });
+    let jobs: Vec<i32> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|o| {
+            assert_eq!(o.end().exit_code, 0);
+            o.out().trim().parse().unwrap()
+        })
+        .collect();
+    let kept = fds_like(e.pid(), "pipe:") - before;
+    // Envd still serves, with fds to spare.
+    let o = run(&mut c, sh("echo still")).await;
+    for job in jobs {
+        // SAFETY: kill(2) with a pid and a signal; no memory is involved.
+        unsafe { libc::kill(job, libc::SIGKILL) };
+    }
+    assert_eq!(o.out(), "still\n");
+    assert_eq!(kept, 32, "pipes kept for background jobs");
+    // Once the jobs are gone, so are the pipes.
+    let gone = eventually(Duration::from_secs(10), || {
+        fds_like(e.pid(), "pipe:") <= before
+    })
+    .await;
+    assert!(gone, "kept pipes outlived their writers");
+}
+
 /// Starts `script` over Connect (binary proto, HTTP/1.1) on a connection
 /// of its own and reads only the response head: the stream stays attached
 /// and unread while the socket is kept.
