@@ -233,9 +233,12 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
             }
             r = reader.readable() => r,
             () = process.exited.wait(), if drain.is_none() => continue,
-            () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => {
-                break false;
-            }
+            // An async block: no timer is made unless it is polled.
+            () = async move {
+                if let Some(at) = stop_at {
+                    tokio::time::sleep_until(at).await;
+                }
+            }, if stop_at.is_some() => break false,
         };
         let taken = match ready {
             Ok(()) => take(&mut reader, &log, &mut buf, source).await,
