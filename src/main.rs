@@ -407,6 +407,7 @@ async fn take_over(
         init_state.restore_last(i.last_init_ns);
     }
     inc.adopt_commands(process, exits);
+    inc.adopt_kept_pipes();
     envd::filesystem::hidden::remove_left(std::mem::take(&mut inc.state.temporaries));
     let watchers = std::mem::take(&mut inc.state.watchers);
     inc.report.watchers = watchers.len();

@@ -174,6 +174,44 @@ async fn commands_keep_running_and_lose_no_output_across_a_live_upgrade() {
     assert_eq!(slept.end().status, "signal: terminated");
 }
 
+/// A background job left by an ended command still writes to the pipe it
+/// inherited after a live upgrade: the new image drains the pipes the old one
+/// kept for such jobs, so the job's write is no `SIGPIPE`.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_jobs_keep_their_pipe_across_a_live_upgrade() {
+    let envd = Envd::start(&[]);
+    let mut c = envd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (go, mark) = (dir.path().join("go"), dir.path().join("alive"));
+    let script = format!(
+        "(while [ ! -e {go} ]; do sleep 0.05; done; echo late; echo late >&2; \
+          echo alive > {mark}) & echo started",
+        go = go.display(),
+        mark = mark.display()
+    );
+    let o = run(&mut c, sh(&script)).await;
+    assert_eq!(o.out(), "started\n");
+    let url = envd.tcp.clone();
+    tokio::task::spawn_blocking(move || upgrade_in_place(&url))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || envd
+            .logged("kept pipes drained on"))
+        .await,
+        "the new image took over no kept pipe"
+    );
+    std::fs::write(&go, b"").unwrap();
+    let alive = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&mark).is_ok_and(|t| t == "alive\n")
+    })
+    .await;
+    assert!(
+        alive,
+        "the job died writing to its stdout/stderr after the upgrade"
+    );
+}
+
 // A Move across file systems copies into a hidden directory beside its
 // destination. A live upgrade in the middle of the copy ends it (the thread
 // copying dies with the old image) and used to leave the copy for good; the

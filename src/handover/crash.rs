@@ -464,6 +464,8 @@ impl CrashRecord {
             crash_record: true,
             exe_path: self.exe.clone(),
             temporaries: crate::filesystem::hidden::list(),
+            // Not in systemd's store: a crash closes them.
+            kept_pipes: Vec::new(),
         }
     }
 }

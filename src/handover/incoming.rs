@@ -174,6 +174,15 @@ impl Incoming {
             }
         }
     }
+
+    /// Drains on the pipes the previous image kept for background jobs.
+    pub fn adopt_kept_pipes(&mut self) {
+        let fds: Vec<OwnedFd> = std::mem::take(&mut self.state.kept_pipes)
+            .into_iter()
+            .filter_map(|fd| self.claimed.take(fd))
+            .collect();
+        crate::process::linger::adopt(fds);
+    }
 }
 
 fn decode(fd: OwnedFd) -> Result<State, String> {

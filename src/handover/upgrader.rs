@@ -255,6 +255,7 @@ impl Upgrader {
             crash_record: false,
             exe_path: self.exe.display().to_string(),
             temporaries: crate::filesystem::hidden::list(),
+            kept_pipes: crate::process::linger::carry(kept),
         }
     }
 }

@@ -11,14 +11,16 @@
 //! At most [`MAX_LINGERING`] pipes are kept, and no more than an eighth of
 //! envd's open-file limit (connections may take half); beyond that a pipe
 //! is closed as before. A pty is not kept: its master closing is a hangup,
-//! as when a terminal goes away. A live upgrade does not carry kept pipes:
-//! they close with the old image.
+//! as when a terminal goes away. A live upgrade carries kept pipes to the
+//! next image, which drains them on; a crash closes them.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tokio::net::unix::pipe;
+
+use crate::handover::carry::Kept;
 
 /// Pipes kept at most (each is one fd and one idle task).
 pub const MAX_LINGERING: usize = 4096;
@@ -27,6 +29,15 @@ pub const MAX_LINGERING: usize = 4096;
 const SPLICE_MAX: usize = 1 << 20;
 
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// The kept pipes' fds, for a live upgrade to carry. A drain takes its fd
+/// out under this lock before it closes it, so whoever holds the lock sees
+/// only open fds.
+static KEPT: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+fn kept() -> std::sync::MutexGuard<'static, Vec<RawFd>> {
+    KEPT.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// How many pipes may be kept (see the module's note).
 fn limit() -> usize {
@@ -48,10 +59,45 @@ pub fn linger(rx: pipe::Receiver) {
         tracing::debug!("output pipe closed after the end: too many kept");
         return;
     }
+    let fd = rx.as_raw_fd();
+    kept().push(fd);
     tokio::spawn(async move {
         drain(&rx).await;
+        {
+            let mut k = kept();
+            k.retain(|&f| f != fd);
+            drop(rx);
+        }
         LINGERING.fetch_sub(1, Ordering::AcqRel);
     });
+}
+
+/// Duplicates of the kept pipes for the next image; their numbers.
+pub fn carry(into: &mut Kept) -> Vec<i32> {
+    kept()
+        .iter()
+        .map(|&fd| into.keep(Some(fd)))
+        .filter(|&n| n >= 0)
+        .collect()
+}
+
+/// Keeps the pipes a previous image kept (carried by a live upgrade).
+/// Anything that is not the read end of a pipe is closed.
+pub fn adopt(fds: Vec<OwnedFd>) {
+    let total = fds.len();
+    let mut taken = 0;
+    for fd in fds {
+        match pipe::Receiver::from_owned_fd(fd) {
+            Ok(rx) => {
+                taken += 1;
+                linger(rx);
+            }
+            Err(e) => tracing::warn!(error = %e, "handover: a kept pipe is not one; closed"),
+        }
+    }
+    if total > 0 {
+        tracing::info!(taken, total, "handover: kept pipes drained on");
+    }
 }
 
 async fn drain(rx: &pipe::Receiver) {
