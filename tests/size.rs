@@ -63,8 +63,9 @@ mod skip;
 /// 8,095,528 (one more) with such a message's deadline. 8,111,912 (four
 /// 4 KiB steps; 13 KB of code) with output pipes kept open for background
 /// jobs after a command's end (their own task, the splice into /dev/null)
-/// and the pump's bounded drain after the exit.
-const BUDGET: u64 = 8_112_000;
+/// and the pump's bounded drain after the exit. 8,116,136 (one more) with
+/// those pipes carried by a live upgrade.
+const BUDGET: u64 = 8_117_000;
 
 #[test]
 fn static_binary_within_budget() {
