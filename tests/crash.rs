@@ -259,6 +259,63 @@ async fn a_restarted_envd_takes_over_the_commands_of_a_killed_one() {
 /// Output that envd read survives a second crash that comes before anyone
 /// re-attached: the envd that took the command over starts the command's
 /// ring with the output it got back.
+/// A background job left by an ended command keeps the pipe it writes to
+/// across an envd crash: the pipe is in the fd store (`k<seq>o`, `k<seq>e`),
+/// the restarted envd drains it on, so the job's next write is no `SIGPIPE`;
+/// once the job is gone the store lets the pipes go.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_jobs_keep_their_pipe_across_a_crash() {
+    let store = FdStore::new();
+    let args = loopback_args();
+    let (mut first, _url, mut c) = first_envd(&store, &args).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (go, mark) = (dir.path().join("go"), dir.path().join("alive"));
+    let script = format!(
+        "(while [ ! -e {go} ]; do sleep 0.05; done; echo late; echo late >&2; \
+          echo alive > {mark}) & echo started",
+        go = go.display(),
+        mark = mark.display()
+    );
+    let o = run(&mut c, sh(&script)).await;
+    assert_eq!(o.out(), "started\n");
+    let kept = || store.names().iter().filter(|n| n.starts_with('k')).count();
+    assert!(
+        eventually(Duration::from_secs(5), || kept() == 2).await,
+        "fd store: {:?}",
+        store.names()
+    );
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+
+    let (second, _, log2) = store.spawn(&args);
+    let _second = KillOnDrop(second);
+    let took = || {
+        log2.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("kept pipes drained on"))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), took).await,
+        "no kept pipe taken over:\n{}",
+        log2.lock().unwrap().join("\n")
+    );
+    std::fs::write(&go, b"").unwrap();
+    let alive = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&mark).is_ok_and(|t| t == "alive\n")
+    })
+    .await;
+    assert!(
+        alive,
+        "the job died writing to its stdout/stderr after the crash"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || kept() == 0).await,
+        "kept pipes stayed in the store: {:?}",
+        store.names()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn output_survives_a_second_crash_after_a_takeover() {
     let store = FdStore::new();

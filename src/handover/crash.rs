@@ -32,7 +32,7 @@ use crate::auth::Auth;
 use crate::defaults::Defaults;
 use crate::process::started::{CrashEntry, Input, Process};
 use crate::process::ProcessService;
-use crate::proto::envd::handover::{InitState, Listener, State};
+use crate::proto::envd::handover::{InitState, KeptPipe, Listener, State};
 
 pub const STATE_NAME: &str = "envd-state";
 pub const OFFSETS_NAME: &str = "envd-offsets";
@@ -203,6 +203,14 @@ fn remove_old_names(seq: u64) {
     }
 }
 
+/// A pipe kept for a background job after its command's end
+/// ([`crate::process::linger`]) was closed (its writers are gone): its store entry goes.
+pub fn pipe_unkept(name: &str) {
+    if crate::sd::supervised() {
+        crate::sd::remove_fds(name);
+    }
+}
+
 /// A command's stdin was closed: the store's copy of the pipe must go too,
 /// or the command would never see end of input.
 pub fn stdin_closed(p: &Process) {
@@ -338,6 +346,13 @@ impl CrashRecord {
         // Not stored by this envd: a command taken over that ended before
         // `enable` stored it again, under the previous envd's names.
         remove_names(p, p.crash.get().is_none());
+        // Only now: the store keeps one entry per open file, and a pipe kept
+        // for a background job was in the command's group until here.
+        crate::process::linger::with_kept_of(p.seq, |name, fd| {
+            if let Err(e) = crate::sd::store_fd(name, fd) {
+                tracing::warn!(name, error = %e, "fd store refused a kept pipe");
+            }
+        });
         self.ring_ended(p);
         self.dirty.notify_one();
     }
@@ -536,6 +551,16 @@ pub fn recover() -> Option<Incoming> {
         state
     });
     let mut incoming = Incoming::from_read(loaded, claimed, "the crashed envd's record");
+    // Kept pipes are known by their names alone (the record is not
+    // rewritten for them).
+    incoming.state.kept_pipes = crate::sd::listen_fds()
+        .iter()
+        .filter(|(n, _)| crate::process::linger::is_store_name(n))
+        .map(|(n, fd)| KeptPipe {
+            fd: *fd,
+            fd_name: n.clone(),
+        })
+        .collect();
     if incoming.report.failed {
         // The commands are lost with the record, but not the listeners: the
         // store still holds them, and a fresh bind of the same address would

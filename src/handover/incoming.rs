@@ -177,11 +177,11 @@ impl Incoming {
 
     /// Drains on the pipes the previous image kept for background jobs.
     pub fn adopt_kept_pipes(&mut self) {
-        let fds: Vec<OwnedFd> = std::mem::take(&mut self.state.kept_pipes)
+        let pipes = std::mem::take(&mut self.state.kept_pipes)
             .into_iter()
-            .filter_map(|fd| self.claimed.take(fd))
+            .filter_map(|k| Some((self.claimed.take(k.fd)?, k.fd_name)))
             .collect();
-        crate::process::linger::adopt(fds);
+        crate::process::linger::adopt(pipes);
     }
 }
 

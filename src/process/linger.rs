@@ -12,7 +12,9 @@
 //! envd's open-file limit (connections may take half); beyond that a pipe
 //! is closed as before. A pty is not kept: its master closing is a hangup,
 //! as when a terminal goes away. A live upgrade carries kept pipes to the
-//! next image, which drains them on; a crash closes them.
+//! next image, which drains them on; with crash records on (under systemd)
+//! they are in systemd's fd store too, and an envd restarted after a crash
+//! drains them on.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +22,9 @@ use std::sync::{Mutex, OnceLock};
 
 use tokio::net::unix::pipe;
 
+use super::output::Source;
 use crate::handover::carry::Kept;
+use crate::proto::envd::handover::KeptPipe;
 
 /// Pipes kept at most (each is one fd and one idle task).
 pub const MAX_LINGERING: usize = 4096;
@@ -30,12 +34,12 @@ const SPLICE_MAX: usize = 1 << 20;
 
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
 
-/// The kept pipes' fds, for a live upgrade to carry. A drain takes its fd
-/// out under this lock before it closes it, so whoever holds the lock sees
-/// only open fds.
-static KEPT: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+/// The kept pipes, for a live upgrade to carry: each one's fd and its name
+/// in systemd's fd store. A drain takes its entry out under this lock before
+/// it closes the fd, so whoever holds the lock sees only open fds.
+static KEPT: Mutex<Vec<(RawFd, String)>> = Mutex::new(Vec::new());
 
-fn kept() -> std::sync::MutexGuard<'static, Vec<RawFd>> {
+fn kept() -> std::sync::MutexGuard<'static, Vec<(RawFd, String)>> {
     KEPT.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -48,51 +52,95 @@ fn limit() -> usize {
     })
 }
 
-/// Keeps `rx` open and drains it until its writers are gone; or, over the
-/// [`limit`], closes it.
-pub fn linger(rx: pipe::Receiver) {
+/// The name a kept pipe of command `seq` has in systemd's fd store.
+pub fn store_name(seq: u64, source: Source) -> String {
+    let which = if source == Source::Stderr { 'e' } else { 'o' };
+    format!("k{seq}{which}")
+}
+
+/// Whether `name` is one [`store_name`] makes.
+pub fn is_store_name(name: &str) -> bool {
+    name.strip_prefix('k')
+        .and_then(|n| n.strip_suffix(['o', 'e']))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Keeps `rx`, the pipe a command's background job still holds, open and
+/// drains it until its writers are gone; or, over the [`limit`], closes it.
+/// With crash records on, the command's end puts it into systemd's fd store
+/// as `name` ([`with_kept_of`]).
+pub fn linger(rx: pipe::Receiver, name: String) {
+    keep(rx, name);
+}
+
+/// Calls `f` with the store name and fd of each pipe kept for command
+/// `seq`, with the lock held (so each fd is open meanwhile).
+pub fn with_kept_of(seq: u64, mut f: impl FnMut(&str, RawFd)) {
+    let names = [
+        store_name(seq, Source::Stdout),
+        store_name(seq, Source::Stderr),
+    ];
+    for (fd, name) in kept().iter() {
+        if names.contains(name) {
+            f(name, *fd);
+        }
+    }
+}
+
+fn keep(rx: pipe::Receiver, name: String) {
     let max = limit();
     let taken = LINGERING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
         (n < max).then_some(n + 1)
     });
     if taken.is_err() {
         tracing::debug!("output pipe closed after the end: too many kept");
+        crate::handover::crash::pipe_unkept(&name);
         return;
     }
     let fd = rx.as_raw_fd();
-    kept().push(fd);
+    kept().push((fd, name.clone()));
     tokio::spawn(async move {
         drain(&rx).await;
         {
             let mut k = kept();
-            k.retain(|&f| f != fd);
+            k.retain(|(f, _)| *f != fd);
             drop(rx);
         }
+        crate::handover::crash::pipe_unkept(&name);
         LINGERING.fetch_sub(1, Ordering::AcqRel);
     });
 }
 
-/// Duplicates of the kept pipes for the next image; their numbers.
-pub fn carry(into: &mut Kept) -> Vec<i32> {
+/// Duplicates of the kept pipes for the next image.
+pub fn carry(into: &mut Kept) -> Vec<KeptPipe> {
     kept()
         .iter()
-        .map(|&fd| into.keep(Some(fd)))
-        .filter(|&n| n >= 0)
+        .filter_map(|(fd, name)| {
+            let n = into.keep(Some(*fd));
+            (n >= 0).then(|| KeptPipe {
+                fd: n,
+                fd_name: name.clone(),
+            })
+        })
         .collect()
 }
 
-/// Keeps the pipes a previous image kept (carried by a live upgrade).
-/// Anything that is not the read end of a pipe is closed.
-pub fn adopt(fds: Vec<OwnedFd>) {
-    let total = fds.len();
+/// Keeps the pipes a previous image kept (carried by a live upgrade, or
+/// left in systemd's fd store by a crashed envd, where they stay under the
+/// same names). Anything that is not the read end of a pipe is closed.
+pub fn adopt(pipes: Vec<(OwnedFd, String)>) {
+    let total = pipes.len();
     let mut taken = 0;
-    for fd in fds {
+    for (fd, name) in pipes {
         match pipe::Receiver::from_owned_fd(fd) {
             Ok(rx) => {
                 taken += 1;
-                linger(rx);
+                keep(rx, name);
             }
-            Err(e) => tracing::warn!(error = %e, "handover: a kept pipe is not one; closed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "handover: a kept pipe is not one; closed");
+                crate::handover::crash::pipe_unkept(&name);
+            }
         }
     }
     if total > 0 {
@@ -156,4 +204,34 @@ fn dev_null() -> Option<std::os::fd::BorrowedFd<'static>> {
     })
     .as_ref()
     .map(|f| f.as_fd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_names_are_told_from_others() {
+        for (seq, source) in [
+            (0, Source::Stdout),
+            (17, Source::Stderr),
+            (u64::MAX, Source::Pty),
+        ] {
+            assert!(is_store_name(&store_name(seq, source)));
+        }
+        assert_eq!(store_name(5, Source::Stderr), "k5e");
+        for other in [
+            "k",
+            "ko",
+            "kxo",
+            "k1",
+            "c1o",
+            "k1i",
+            "l0",
+            "envd-state",
+            "k-1o",
+        ] {
+            assert!(!is_store_name(other), "{other}");
+        }
+    }
 }

@@ -266,7 +266,7 @@ async fn pump(mut reader: OutputReader, source: Source, process: Arc<Process>) {
     // or, a pipe a descendant still holds, is kept unread.
     process.fds.forget(source);
     if let (false, OutputReader::Pipe(rx, _)) = (ended, reader) {
-        super::linger::linger(rx);
+        super::linger::linger(rx, super::linger::store_name(process.seq, source));
     }
 }
 
