@@ -64,8 +64,9 @@ mod skip;
 /// 4 KiB steps; 13 KB of code) with output pipes kept open for background
 /// jobs after a command's end (their own task, the splice into /dev/null)
 /// and the pump's bounded drain after the exit. 8,116,136 (one more) with
-/// those pipes carried by a live upgrade.
-const BUDGET: u64 = 8_117_000;
+/// those pipes carried by a live upgrade; 8,124,328 (two more) with them in
+/// systemd's fd store for a crash, by name.
+const BUDGET: u64 = 8_125_000;
 
 #[test]
 fn static_binary_within_budget() {
