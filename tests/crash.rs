@@ -268,16 +268,8 @@ async fn background_jobs_keep_their_pipe_across_a_crash() {
     let store = FdStore::new();
     let args = loopback_args();
     let (mut first, _url, mut c) = first_envd(&store, &args).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (go, mark) = (dir.path().join("go"), dir.path().join("alive"));
-    let script = format!(
-        "(while [ ! -e {go} ]; do sleep 0.05; done; echo late; echo late >&2; \
-          echo alive > {mark}) & echo started",
-        go = go.display(),
-        mark = mark.display()
-    );
-    let o = run(&mut c, sh(&script)).await;
-    assert_eq!(o.out(), "started\n");
+    let job = BackgroundJob::new();
+    assert_eq!(run(&mut c, job.command()).await.out(), "started\n");
     let kept = || store.names().iter().filter(|n| n.starts_with('k')).count();
     assert!(
         eventually(Duration::from_secs(5), || kept() == 2).await,
@@ -300,13 +292,8 @@ async fn background_jobs_keep_their_pipe_across_a_crash() {
         "no kept pipe taken over:\n{}",
         log2.lock().unwrap().join("\n")
     );
-    std::fs::write(&go, b"").unwrap();
-    let alive = eventually(Duration::from_secs(10), || {
-        std::fs::read_to_string(&mark).is_ok_and(|t| t == "alive\n")
-    })
-    .await;
     assert!(
-        alive,
+        job.release().await,
         "the job died writing to its stdout/stderr after the crash"
     );
     assert!(

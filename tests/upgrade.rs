@@ -181,16 +181,8 @@ async fn commands_keep_running_and_lose_no_output_across_a_live_upgrade() {
 async fn background_jobs_keep_their_pipe_across_a_live_upgrade() {
     let envd = Envd::start(&[]);
     let mut c = envd.client().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (go, mark) = (dir.path().join("go"), dir.path().join("alive"));
-    let script = format!(
-        "(while [ ! -e {go} ]; do sleep 0.05; done; echo late; echo late >&2; \
-          echo alive > {mark}) & echo started",
-        go = go.display(),
-        mark = mark.display()
-    );
-    let o = run(&mut c, sh(&script)).await;
-    assert_eq!(o.out(), "started\n");
+    let job = BackgroundJob::new();
+    assert_eq!(run(&mut c, job.command()).await.out(), "started\n");
     let url = envd.tcp.clone();
     tokio::task::spawn_blocking(move || upgrade_in_place(&url))
         .await
@@ -201,13 +193,8 @@ async fn background_jobs_keep_their_pipe_across_a_live_upgrade() {
         .await,
         "the new image took over no kept pipe"
     );
-    std::fs::write(&go, b"").unwrap();
-    let alive = eventually(Duration::from_secs(10), || {
-        std::fs::read_to_string(&mark).is_ok_and(|t| t == "alive\n")
-    })
-    .await;
     assert!(
-        alive,
+        job.release().await,
         "the job died writing to its stdout/stderr after the upgrade"
     );
 }

@@ -417,6 +417,45 @@ pub async fn read_until<T: HasEvent>(
     .expect("condition not reached within 30 s");
 }
 
+/// A command that leaves a background job holding its stdout and stderr and
+/// ends at once: the job waits for [`BackgroundJob::release`], then writes a
+/// line to each and leaves a mark file, if it is still alive.
+pub struct BackgroundJob {
+    dir: tempfile::TempDir,
+}
+
+impl BackgroundJob {
+    pub fn new() -> BackgroundJob {
+        BackgroundJob {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn command(&self) -> StartRequest {
+        sh(&format!(
+            "(while [ ! -e {go} ]; do sleep 0.05; done; echo late; echo late >&2; \
+              echo alive > {mark}) & echo started",
+            go = self.dir.path().join("go").display(),
+            mark = self.mark().display()
+        ))
+    }
+
+    fn mark(&self) -> std::path::PathBuf {
+        self.dir.path().join("alive")
+    }
+
+    /// Whether the job has written (it has not before its release).
+    pub fn wrote(&self) -> bool {
+        std::fs::read_to_string(self.mark()).is_ok_and(|t| t == "alive\n")
+    }
+
+    /// Lets the job write; whether it lived through it (10 s at most).
+    pub async fn release(&self) -> bool {
+        std::fs::write(self.dir.path().join("go"), b"").unwrap();
+        eventually(Duration::from_secs(10), || self.wrote()).await
+    }
+}
+
 /// Polls `check` every 20 ms until it holds or `limit` passes; returns
 /// whether it held. For effects envd produces after answering (cleanup
 /// after a client vanishes), whose timing depends on the machine's load.
