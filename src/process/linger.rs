@@ -65,14 +65,6 @@ pub fn is_store_name(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Keeps `rx`, the pipe a command's background job still holds, open and
-/// drains it until its writers are gone; or, over the [`limit`], closes it.
-/// With crash records on, the command's end puts it into systemd's fd store
-/// as `name` ([`with_kept_of`]).
-pub fn linger(rx: pipe::Receiver, name: String) {
-    keep(rx, name);
-}
-
 /// Calls `f` with the store name and fd of each pipe kept for command
 /// `seq`, with the lock held (so each fd is open meanwhile).
 pub fn with_kept_of(seq: u64, mut f: impl FnMut(&str, RawFd)) {
@@ -87,7 +79,11 @@ pub fn with_kept_of(seq: u64, mut f: impl FnMut(&str, RawFd)) {
     }
 }
 
-fn keep(rx: pipe::Receiver, name: String) {
+/// Keeps `rx`, the pipe a command's background job still holds, open and
+/// drains it until its writers are gone; or, over the [`limit`], closes it.
+/// With crash records on, the command's end puts it into systemd's fd store
+/// as `name` ([`with_kept_of`]).
+pub fn linger(rx: pipe::Receiver, name: String) {
     let max = limit();
     let taken = LINGERING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
         (n < max).then_some(n + 1)
@@ -135,7 +131,7 @@ pub fn adopt(pipes: Vec<(OwnedFd, String)>) {
         match pipe::Receiver::from_owned_fd(fd) {
             Ok(rx) => {
                 taken += 1;
-                keep(rx, name);
+                linger(rx, name);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "handover: a kept pipe is not one; closed");
