@@ -204,7 +204,8 @@ fn remove_old_names(seq: u64) {
 }
 
 /// A pipe kept for a background job after its command's end
-/// ([`crate::process::linger`]) was closed (its writers are gone): its store entry goes.
+/// ([`crate::process::linger`]) was closed (its writers are gone): its
+/// store entry goes.
 pub fn pipe_unkept(name: &str) {
     if crate::sd::supervised() {
         crate::sd::remove_fds(name);
@@ -479,7 +480,8 @@ impl CrashRecord {
             crash_record: true,
             exe_path: self.exe.clone(),
             temporaries: crate::filesystem::hidden::list(),
-            // Not in systemd's store: a crash closes them.
+            // In the store under their own names, found by those after a
+            // crash (`recover`): the record is not rewritten for them.
             kept_pipes: Vec::new(),
         }
     }
