@@ -68,11 +68,16 @@ pub fn is_store_name(name: &str) -> bool {
 /// Calls `f` with the store name and fd of each pipe kept for command
 /// `seq`, with the lock held (so each fd is open meanwhile).
 pub fn with_kept_of(seq: u64, mut f: impl FnMut(&str, RawFd)) {
+    let kept = kept();
+    // Every command's end asks; most find none kept, and no names are made.
+    if kept.is_empty() {
+        return;
+    }
     let names = [
         store_name(seq, Source::Stdout),
         store_name(seq, Source::Stderr),
     ];
-    for (fd, name) in kept().iter() {
+    for (fd, name) in kept.iter() {
         if names.contains(name) {
             f(name, *fd);
         }
