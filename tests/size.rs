@@ -65,8 +65,9 @@ mod skip;
 /// jobs after a command's end (their own task, the splice into /dev/null)
 /// and the pump's bounded drain after the exit. 8,116,136 (one more) with
 /// those pipes carried by a live upgrade; 8,124,328 (two more) with them in
-/// systemd's fd store for a crash, by name.
-const BUDGET: u64 = 8_125_000;
+/// systemd's fd store for a crash, by name. 8,136,808 (three more) with
+/// systemd's notifications sent without waiting or queued for a thread.
+const BUDGET: u64 = 8_137_000;
 
 #[test]
 fn static_binary_within_budget() {

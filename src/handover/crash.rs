@@ -299,8 +299,12 @@ impl CrashRecord {
             if fds.is_empty() {
                 return;
             }
-            if let Err(e) = crate::sd::store_fds(&name, fds) {
-                tracing::warn!(pid = p.pid, error = %e, "fd store refused a command's fds");
+            // WouldBlock: systemd does not read; the outbox says so.
+            match crate::sd::store_fds(&name, fds) {
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                    tracing::warn!(pid = p.pid, error = %e, "fd store refused a command's fds");
+                }
+                _ => {}
             }
         };
         let [stdout, stderr] = p.fds.get();
@@ -350,8 +354,11 @@ impl CrashRecord {
         // Only now: the store keeps one entry per open file, and a pipe kept
         // for a background job was in the command's group until here.
         crate::process::linger::with_kept_of(p.seq, |name, fd| {
-            if let Err(e) = crate::sd::store_fd(name, fd) {
-                tracing::warn!(name, error = %e, "fd store refused a kept pipe");
+            match crate::sd::store_fd(name, fd) {
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                    tracing::warn!(name, error = %e, "fd store refused a kept pipe");
+                }
+                _ => {}
             }
         });
         self.ring_ended(p);

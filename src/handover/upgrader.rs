@@ -151,6 +151,17 @@ impl Upgrader {
                 "output pumps did not stop in time; the upgrade was called off",
             ));
         }
+        // What is queued for systemd (a command's store or removal) would
+        // die with this image. Not waited for beyond a second: systemd may
+        // not be reading at all.
+        let flushing = std::time::Instant::now();
+        while !crate::sd::flush(std::time::Duration::ZERO) {
+            if flushing.elapsed() >= std::time::Duration::from_secs(1) {
+                tracing::warn!("live upgrade: notifications for systemd still queued are lost");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let started = std::time::Instant::now();
         let result = self
             .process

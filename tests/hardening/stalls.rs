@@ -439,3 +439,89 @@ async fn log_reader_stops(stderr: std::process::Stdio, reader: Box<dyn Read + Se
         &text[text.len().saturating_sub(2000)..]
     );
 }
+
+/// systemd's notify socket full and not read (systemd busy or stopped, or
+/// flooded by any process in the VM, which may send to it): under crash
+/// records each Start stores its command's fds there and each end removes
+/// them, more than the socket's queue holds (10 datagrams by the kernel's
+/// default, 512 under systemd). No call may wait for systemd.
+#[tokio::test]
+async fn a_notify_socket_that_is_not_read_does_not_stall_envd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let e = Envd::start_after(&[], &format!("export NOTIFY_SOCKET='{}'", path.display()));
+    let mut c = e.client().await;
+    // Enough to fill the socket's queue: what follows waits in envd's.
+    for _ in 0..20 {
+        run_within(&mut c, cmd("/bin/true", &[]), Duration::from_secs(10)).await;
+    }
+    // A command's stdin, whose copy for the store is still queued, sees the
+    // end of its input when its client closes it, without systemd.
+    let (mut s, mut o) = started(&mut c, cmd("cat", &[])).await;
+    c.close_stdin(CloseStdinRequest {
+        process: by_pid(o.pid),
+    })
+    .await
+    .expect("CloseStdin");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        read_until(&mut s, &mut o, |o| o.end.is_some()),
+    )
+    .await
+    .expect("cat never saw the end of its input while systemd did not read");
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        for i in 0..300 {
+            let o = run_within(&mut c, cmd("/bin/true", &[]), Duration::from_secs(10)).await;
+            assert_eq!(o.end().exit_code, 0, "Start {i}");
+        }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "Starts stopped being answered once systemd's notify socket was full"
+    );
+    healthy(&e);
+    assert!(e.logged("systemd does not read its notify socket"));
+    // Read now: what was queued comes out, in order (no command's store
+    // after its removal).
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut removed = std::collections::HashSet::new();
+    let mut buf = vec![0u8; 4096];
+    let mut stored_after_removal = Vec::new();
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        // Any fds that came along are closed with the message (recv
+        // without room for them).
+        let Ok(n) = socket.recv(&mut buf) else { break };
+        last = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let name = last.lines().find_map(|l| l.strip_prefix("FDNAME="));
+        match (last.lines().next(), name) {
+            (Some("FDSTOREREMOVE=1"), Some(n)) => {
+                removed.insert(n.to_owned());
+            }
+            // A command's names (`c...`); envd's own are removed before
+            // they are stored, for a previous life's.
+            (Some("FDSTORE=1"), Some(n)) if n.starts_with('c') && removed.contains(n) => {
+                stored_after_removal.push(n.to_owned());
+            }
+            _ => {}
+        }
+        if removed.len() > 320 {
+            break;
+        }
+    }
+    assert!(
+        stored_after_removal.is_empty(),
+        "stored after their removal: {stored_after_removal:?}"
+    );
+    assert!(
+        removed.len() > 320,
+        "{} removals came out; the last message: {last:?}",
+        removed.len()
+    );
+    healthy(&e);
+}

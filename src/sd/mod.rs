@@ -2,7 +2,10 @@
 //! once every listener is bound, watchdog pings at half of `$WATCHDOG_USEC`,
 //! and the file-descriptor store (`FDSTORE=1`, handed back as `$LISTEN_FDS`
 //! after a restart). The variables are taken out of envd's environment at
-//! start-up, so they never reach a child either way.
+//! start-up, so they never reach a child either way. Messages leave through
+//! [`outbox`], which never waits for systemd.
+
+mod outbox;
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::OnceLock;
@@ -93,8 +96,8 @@ pub fn remove_fds(name: &str) {
 /// cost two more system calls each, and a command's start and end send
 /// eight or so under a crash record), with the address they go to; `None`
 /// when systemd does not supervise envd or the socket cannot be made.
-fn notifier() -> Option<&'static (UnixDatagram, nix::sys::socket::UnixAddr)> {
-    static SOCKET: OnceLock<Option<(UnixDatagram, nix::sys::socket::UnixAddr)>> = OnceLock::new();
+fn notifier() -> Option<&'static outbox::Outbox> {
+    static SOCKET: OnceLock<Option<outbox::Outbox>> = OnceLock::new();
     SOCKET
         .get_or_init(|| {
             let Some(Some(n)) = NOTIFY.get() else {
@@ -105,7 +108,7 @@ fn notifier() -> Option<&'static (UnixDatagram, nix::sys::socket::UnixAddr)> {
                 None => nix::sys::socket::UnixAddr::new(n.socket.as_str()),
             };
             match (UnixDatagram::unbound(), addr) {
-                (Ok(sock), Ok(addr)) => Some((sock, addr)),
+                (Ok(sock), Ok(addr)) => Some(outbox::Outbox::new(sock, addr)),
                 (Err(e), _) => {
                     tracing::warn!(error = %e, "no socket for sd_notify");
                     None
@@ -119,19 +122,20 @@ fn notifier() -> Option<&'static (UnixDatagram, nix::sys::socket::UnixAddr)> {
         .as_ref()
 }
 
+/// Sends `state` with `fds` now, or queues it (see [`outbox`]): never waits
+/// for systemd.
 fn send_with_fds(state: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    use std::os::fd::AsRawFd;
-    let Some((sock, addr)) = notifier() else {
-        return Ok(());
-    };
-    let iov = [std::io::IoSlice::new(state.as_bytes())];
-    let rights = [ControlMessage::ScmRights(fds)];
-    // No control message at all when there are no fds.
-    let cmsg: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-    sendmsg(sock.as_raw_fd(), &iov, cmsg, MsgFlags::empty(), Some(addr))
-        .map_err(std::io::Error::from)?;
-    Ok(())
+    match notifier() {
+        Some(o) => o.send(state, fds),
+        None => Ok(()),
+    }
+}
+
+/// Waits at most `limit` until the notifications queued for systemd are
+/// sent (before a live upgrade's exec, which would lose them); whether they
+/// were.
+pub fn flush(limit: Duration) -> bool {
+    notifier().is_none_or(|o| o.flush(limit))
 }
 
 fn send(state: &str) {
