@@ -192,21 +192,39 @@ async fn recursive_watches_forget_deleted_directories() {
     let mut w = watch(&mut fs, &root, true).await;
     let stem = "s".repeat(200);
     // 6,000 directories of 3.8 KiB paths would cost ~68 MiB if remembered.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = seen.clone();
     let reader = tokio::spawn(async move {
-        let mut seen = 0u64;
         loop {
             match w.next().await {
                 Some(Ok(r)) => match r.event {
-                    Some(W::Filesystem(ev)) if ev.name.ends_with("/again/file") => return Ok(seen),
-                    _ => seen += 1,
+                    Some(W::Filesystem(ev)) if ev.name.ends_with("/again/file") => {
+                        return Ok(counted.load(std::sync::atomic::Ordering::SeqCst))
+                    }
+                    _ => {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                 },
                 Some(Err(status)) => return Err(status),
                 None => panic!("the watch ended"),
             }
         }
     });
-    // In batches the watch can follow (its queue holds ~1 MiB of events),
-    // each watched before it goes.
+    // Until the watch has passed on `n` more events (a batch's), at most
+    // 10 s: its queue holds ~1 MiB of events (~250 of these paths), so the
+    // batches go at the pace the watch follows, however busy the machine.
+    let passed_on = |n: u64| {
+        let seen = seen.clone();
+        async move {
+            let want = seen.load(std::sync::atomic::Ordering::SeqCst) + n;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while seen.load(std::sync::atomic::Ordering::SeqCst) < want && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    // Each directory watched (its creation passed on) before it goes.
     for batch in 0..120 {
         let dirs: Vec<_> = (0..50)
             .map(|i| deep.join(format!("{stem}{batch}-{i}")))
@@ -214,11 +232,11 @@ async fn recursive_watches_forget_deleted_directories() {
         for d in &dirs {
             std::fs::create_dir(d).unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        passed_on(50).await;
         for d in &dirs {
             std::fs::remove_dir(d).unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        passed_on(50).await;
     }
     let again = deep.join("again");
     for _ in 0..3 {
