@@ -206,5 +206,5 @@ pub fn headers(data: &[u8]) {
     }
     // Only parsing: the user lookup of the Basic header is the part that
     // touches the system, and unknown users are an ordinary error.
-    let _ = crate::request::RequestContext::from_headers(&map, defaults);
+    let _ = crate::request::RequestContext::from_headers(&map, defaults, Default::default());
 }

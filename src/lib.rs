@@ -7,6 +7,7 @@
 //! from errors to status codes. Only what the binaries, the host client, the
 //! tests and the fuzz targets use is public.
 
+pub(crate) mod answers;
 pub mod auth;
 pub mod body;
 pub mod build_id;

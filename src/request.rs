@@ -22,10 +22,19 @@ pub struct RequestContext {
     pub keepalive: Duration,
     /// From `connect-timeout-ms` or `grpc-timeout` (the earlier of the two).
     pub deadline: Option<Instant>,
+    /// What the answer holds of the budget for large answers (a listing
+    /// grows it as it reads; see [`crate::answers`]).
+    pub answer: crate::answers::Share,
 }
 
 impl RequestContext {
-    pub fn from_headers(headers: &HeaderMap, defaults: &Defaults) -> Result<Self> {
+    /// The context of a request with `headers`, whose answer is counted in
+    /// `answer` (the share the router gave the request).
+    pub fn from_headers(
+        headers: &HeaderMap,
+        defaults: &Defaults,
+        answer: crate::answers::Share,
+    ) -> Result<Self> {
         let user = match headers.get(http::header::AUTHORIZATION) {
             Some(v) => User::lookup(&basic_user(v.as_bytes())?)?,
             None => User::lookup(&defaults.user())?,
@@ -34,6 +43,7 @@ impl RequestContext {
             user,
             keepalive: keepalive(headers)?,
             deadline: deadline(headers)?,
+            answer,
         })
     }
 }

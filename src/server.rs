@@ -71,8 +71,16 @@ impl Router {
         })
     }
 
-    /// Routes one request.
-    pub async fn handle(&self, req: Request<RequestBody>) -> Response<HttpBody> {
+    /// Routes one request. Its answer's share of the budget for large
+    /// answers ([`crate::answers`]) goes with the request and is kept with
+    /// the answer's body until that is sent or dropped.
+    pub async fn handle(&self, mut req: Request<RequestBody>) -> Response<HttpBody> {
+        let answer = crate::answers::Share::default();
+        req.extensions_mut().insert(answer.clone());
+        self.route(req).await.map(|body| answer.keep_with(body))
+    }
+
+    async fn route(&self, req: Request<RequestBody>) -> Response<HttpBody> {
         if req.method() == http::Method::OPTIONS {
             return preflight(&req);
         }

@@ -67,7 +67,11 @@ mod skip;
 /// those pipes carried by a live upgrade; 8,124,328 (two more) with them in
 /// systemd's fd store for a crash, by name. 8,136,808 (three more) with
 /// systemd's notifications sent without waiting or queued for a thread.
-const BUDGET: u64 = 8_137_000;
+/// 8,181,928 (eleven more) with large answers counted in a budget of their
+/// own from building to reading (a share per request, the metered body, a
+/// listing's count and its second try alone) and listings and watcher
+/// events written as JSON item by item.
+const BUDGET: u64 = 8_182_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -199,7 +199,15 @@ async fn with_deadline<T>(
 }
 
 /// Unary: one message in, one out.
-pub async fn unary<Req, Resp, F, Fut>(wire: Wire, body: RequestBody, f: F) -> Response<HttpBody>
+///
+/// The encoded answer is counted in `answer` (see [`crate::answers`]) in
+/// place of what building it counted, or refused if it does not fit.
+pub async fn unary<Req, Resp, F, Fut>(
+    wire: Wire,
+    body: RequestBody,
+    answer: crate::answers::Share,
+    f: F,
+) -> Response<HttpBody>
 where
     Req: Message + Default + Name,
     Resp: Message + Name + 'static,
@@ -215,7 +223,10 @@ where
         };
         let req: Req = codec::decode(wire.codec, &Req::full_name(), &raw)?;
         let resp = with_deadline(wire.deadline, f(req)).await?;
-        codec::encode(wire.codec, &Resp::full_name(), &resp)
+        let encoded = codec::encode(wire.codec, &Resp::full_name(), &resp)?;
+        drop(resp);
+        answer.settle(encoded.len())?;
+        Ok(encoded)
     }
     .await;
     match result {

@@ -68,7 +68,8 @@ where
         kind: Kind::Unary,
         deadline_bounds_call: true,
         call: Box::new(move |svc, wire, ctx, body| {
-            Box::pin(unary(wire, body, move |req| f(svc, ctx, req)))
+            let answer = ctx.answer.clone();
+            Box::pin(unary(wire, body, answer, move |req| f(svc, ctx, req)))
         }),
     }
 }
@@ -121,7 +122,7 @@ fn routes() -> Vec<(String, Route)> {
     vec![
         (
             path(PROCESS, "List"),
-            unary_route(|s, _, _: ListRequest| async move { Ok(s.process.list()) }),
+            unary_route(|s, c, _: ListRequest| async move { s.process.list(&c) }),
         ),
         (
             path(PROCESS, "Start"),
@@ -190,7 +191,7 @@ fn routes() -> Vec<(String, Route)> {
         ),
         (
             path(FILESYSTEM, "GetWatcherEvents"),
-            unary_route(|s, _, r| async move { s.fs.get_watcher_events(r) }),
+            unary_route(|s, c, r| async move { s.fs.get_watcher_events(&c, r) }),
         ),
         (
             path(FILESYSTEM, "RemoveWatcher"),
@@ -283,7 +284,12 @@ impl ConnectRouter {
             Ok(w) => w,
             Err(response) => return *response,
         };
-        let ctx = match RequestContext::from_headers(&parts.headers, &self.defaults) {
+        let answer = parts
+            .extensions
+            .get::<crate::answers::Share>()
+            .cloned()
+            .unwrap_or_default();
+        let ctx = match RequestContext::from_headers(&parts.headers, &self.defaults, answer) {
             Ok(c) => c,
             Err(e) if kind == Kind::Unary => return unary_error(&e),
             Err(e) => return super::stream_error(wire.codec, &e),

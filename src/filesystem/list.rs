@@ -13,6 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::entry::{from_metadata, Names};
+use super::stop::Stop;
 use prost::Message;
 
 use crate::proto::filesystem::EntryInfo;
@@ -38,8 +39,87 @@ fn too_large(shown: &Path, read: usize) -> Error {
     )
 }
 
-/// Lists `shown` (resolved to `real`) to `depth` levels (0 means 1).
-pub fn list_dir(real: &Path, shown: &Path, depth: u32) -> Result<Vec<EntryInfo>> {
+/// What a directory entry read but not listed yet counts (the entry in its
+/// frame and its name's own allocation).
+const DIRENT_COST: usize = 96;
+/// What the allocator adds to each string of a listed entry.
+const ALLOC_OVERHEAD: usize = 16;
+/// A listing counts its cost in steps of this many bytes.
+const COST_STEP: usize = 1 << 20;
+/// A listing that holds more than this is built alone (see [`ALONE`]).
+const ALONE_ABOVE: usize = 4 << 20;
+
+/// Large listings are built one at a time. Built side by side, each
+/// growing its count in the answers' budget, they could all run it out
+/// half-way and all be refused (sixty listings of a big directory at once:
+/// none answered), where one at a time each is built whole while the
+/// budget lasts. Smaller listings are not held up by them.
+pub static ALONE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// A listing's outcome.
+pub enum Listing {
+    Done(Vec<EntryInfo>),
+    /// It grew past [`ALONE_ABOVE`] before it was done: list again once
+    /// [`ALONE`] allows.
+    Large,
+}
+
+/// What a listing holds, counted in its answer's share ([`crate::answers`])
+/// as it grows: the directory entries read and not yet listed, and the
+/// entries listed (each a struct and strings of its own in memory, 3–4
+/// times its encoding, until it is encoded).
+struct Cost<'a> {
+    answer: &'a crate::answers::Share,
+    /// Built under [`ALONE`]: no bound but the budget's.
+    alone: bool,
+    stop: &'a Stop,
+    pending: usize,
+    encoded: usize,
+    listed: usize,
+    counted: usize,
+}
+
+/// What a listed entry takes in memory.
+fn in_memory(e: &EntryInfo) -> usize {
+    let strings = [&e.name, &e.path, &e.permissions, &e.owner, &e.group]
+        .into_iter()
+        .chain(e.symlink_target.as_ref())
+        .chain(e.metadata.iter().flat_map(|(k, v)| [k, v]));
+    std::mem::size_of::<EntryInfo>()
+        + strings
+            .map(|s| s.capacity() + ALLOC_OVERHEAD)
+            .sum::<usize>()
+}
+
+impl Cost<'_> {
+    /// Counts what is held now, if it has outgrown what was counted (in
+    /// steps). An error when the answers' budget cannot take it, or the
+    /// caller has gone away; `false` when the listing is to be built alone
+    /// and is not.
+    fn check(&mut self) -> Result<bool> {
+        self.stop.check().map_err(|e| Error::io("listing", &e))?;
+        let cost = self.pending * DIRENT_COST + self.listed;
+        if cost > ALONE_ABOVE && !self.alone {
+            return Ok(false);
+        }
+        if cost > self.counted && cost >= crate::answers::SMALL {
+            self.counted = cost + COST_STEP;
+            self.answer.hold(self.counted)?;
+        }
+        Ok(true)
+    }
+}
+
+/// Lists `shown` (resolved to `real`) to `depth` levels (0 means 1),
+/// counting what it holds in `answer`; `alone` under [`ALONE`].
+pub fn list_dir(
+    real: &Path,
+    shown: &Path,
+    depth: u32,
+    answer: &crate::answers::Share,
+    alone: bool,
+    stop: &Stop,
+) -> Result<Listing> {
     let meta = std::fs::metadata(real).map_err(|e| Error::io(real.display(), &e))?;
     if !meta.is_dir() {
         return Err(Error::invalid(format!(
@@ -51,11 +131,21 @@ pub fn list_dir(real: &Path, shown: &Path, depth: u32) -> Result<Vec<EntryInfo>>
     let mut names = Names::default();
     let mut seen = HashSet::from([(meta.dev(), meta.ino())]);
     let levels = depth.max(1);
-    let (mut encoded, mut read_left) = (0usize, MAX_READ);
+    let mut read_left = MAX_READ;
+    let mut cost = Cost {
+        answer,
+        alone,
+        stop,
+        pending: 0,
+        encoded: 0,
+        listed: 0,
+        counted: 0,
+    };
     // Depth-first, in name order, without recursion: each frame holds a
     // directory's remaining entries (reversed, so `pop` yields name order).
-    let root = Frame::read(real, shown, levels, &mut read_left)
-        .map_err(|e| Error::io(real.display(), &e))?;
+    let Some(root) = Frame::read(real, shown, levels, &mut read_left, &mut cost)? else {
+        return Ok(Listing::Large);
+    };
     if root.truncated {
         return Err(too_large(shown, MAX_READ - read_left));
     }
@@ -65,6 +155,7 @@ pub fn list_dir(real: &Path, shown: &Path, depth: u32) -> Result<Vec<EntryInfo>>
             stack.pop();
             continue;
         };
+        cost.pending -= 1;
         let path = e.path();
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue; // vanished
@@ -72,23 +163,33 @@ pub fn list_dir(real: &Path, shown: &Path, depth: u32) -> Result<Vec<EntryInfo>>
         let shown_child = top.shown.join(e.file_name());
         let entry = from_metadata(&path, &shown_child, &meta, &mut names);
         // The entry, its field key and its length.
-        encoded += entry.encoded_len() + 4;
-        if encoded > MAX_LISTING {
+        cost.encoded += entry.encoded_len() + 4;
+        if cost.encoded > MAX_LISTING {
             return Err(too_large(shown, MAX_READ - read_left));
+        }
+        cost.listed += in_memory(&entry);
+        if !cost.check()? {
+            return Ok(Listing::Large);
         }
         out.push(entry);
         let below = top.levels - 1;
         if below > 0 && meta.is_dir() && seen.insert((meta.dev(), meta.ino())) {
-            // Vanished or unreadable below the root: skipped.
-            if let Ok(frame) = Frame::read(&path, &shown_child, below, &mut read_left) {
-                if frame.truncated {
+            // Vanished or unreadable below the root: skipped (the budget's
+            // refusal is not).
+            match Frame::read(&path, &shown_child, below, &mut read_left, &mut cost) {
+                Ok(None) => return Ok(Listing::Large),
+                Ok(Some(frame)) if frame.truncated => {
                     return Err(too_large(shown, MAX_READ - read_left));
                 }
-                stack.push(frame);
+                Ok(Some(frame)) => stack.push(frame),
+                Err(e) if e.code == Code::ResourceExhausted || cost.stop.check().is_err() => {
+                    return Err(e)
+                }
+                Err(_) => {}
             }
         }
     }
-    Ok(out)
+    Ok(Listing::Done(out))
 }
 
 /// One directory being listed.
@@ -102,24 +203,37 @@ struct Frame {
 }
 
 impl Frame {
-    /// Reads a directory's entries, at most `left` of them (counted down).
-    fn read(real: &Path, shown: &Path, levels: u32, left: &mut usize) -> std::io::Result<Frame> {
+    /// Reads a directory's entries, at most `left` of them (counted down),
+    /// counting them in `cost`; `None` when the listing is to be built
+    /// alone and is not.
+    fn read(
+        real: &Path,
+        shown: &Path,
+        levels: u32,
+        left: &mut usize,
+        cost: &mut Cost,
+    ) -> Result<Option<Frame>> {
         let mut entries = Vec::new();
         let mut truncated = false;
-        for e in std::fs::read_dir(real)?.flatten() {
+        let dir = std::fs::read_dir(real).map_err(|e| Error::io(real.display(), &e))?;
+        for e in dir.flatten() {
             if *left == 0 {
                 truncated = true;
                 break;
             }
             *left -= 1;
             entries.push(e);
+            cost.pending += 1;
+            if !cost.check()? {
+                return Ok(None);
+            }
         }
         entries.sort_by_key(|e| std::cmp::Reverse(e.file_name()));
-        Ok(Frame {
+        Ok(Some(Frame {
             shown: shown.to_path_buf(),
             levels,
             entries,
             truncated,
-        })
+        }))
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 
 use super::entry::{entry_info, Names};
-use super::list::list_dir;
+use super::list::{list_dir, Listing};
 use super::ops;
 use super::stop::{Abandoned, Stop};
 use super::transfer::{self, ReadStream};
@@ -132,10 +132,35 @@ impl FilesystemService {
         req: ListDirRequest,
     ) -> Result<ListDirResponse> {
         let shown = resolve(ctx, &req.path)?;
-        blocking(move || Self::list_blocking(&shown, req.depth)).await
+        let list = |alone: bool| {
+            let (shown, answer) = (shown.clone(), ctx.answer.clone());
+            walking(move |stop| Self::list_blocking(&shown, req.depth, &answer, alone, stop))
+        };
+        let entries = match list(false).await? {
+            Listing::Done(entries) => entries,
+            Listing::Large => {
+                // What the first try counted went with it.
+                ctx.answer.hold(0)?;
+                let _alone = super::list::ALONE
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::internal("large listings are closed"))?;
+                match list(true).await? {
+                    Listing::Done(entries) => entries,
+                    Listing::Large => return Err(Error::internal("a listing alone was not done")),
+                }
+            }
+        };
+        Ok(ListDirResponse { entries })
     }
 
-    fn list_blocking(shown: &std::path::Path, depth: u32) -> Result<ListDirResponse> {
+    fn list_blocking(
+        shown: &std::path::Path,
+        depth: u32,
+        answer: &crate::answers::Share,
+        alone: bool,
+        stop: &Stop,
+    ) -> Result<Listing> {
         // A symlinked root is followed (only the root).
         let real = std::fs::canonicalize(shown).map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => {
@@ -143,9 +168,7 @@ impl FilesystemService {
             }
             _ => Error::io(shown.display(), &e),
         })?;
-        Ok(ListDirResponse {
-            entries: list_dir(&real, shown, depth)?,
-        })
+        list_dir(&real, shown, depth, answer, alone, stop)
     }
 
     pub async fn remove(&self, ctx: &RequestContext, req: RemoveRequest) -> Result<RemoveResponse> {
@@ -214,10 +237,11 @@ impl FilesystemService {
 
     pub fn get_watcher_events(
         &self,
+        ctx: &RequestContext,
         req: GetWatcherEventsRequest,
     ) -> Result<GetWatcherEventsResponse> {
         Ok(GetWatcherEventsResponse {
-            events: self.watchers.poll(&req.watcher_id)?,
+            events: self.watchers.poll(&req.watcher_id, &ctx.answer)?,
         })
     }
 

@@ -227,7 +227,10 @@ impl Watchers {
     /// Returns and clears the buffered events. If events were dropped since
     /// the last poll, this poll fails with DATA_LOSS saying how many (the
     /// buffered events stay for the next poll).
-    pub fn poll(&self, id: &str) -> Result<Vec<FilesystemEvent>> {
+    ///
+    /// The events' encoding is counted in `answer` before they are taken:
+    /// refused there, they stay buffered.
+    pub fn poll(&self, id: &str, answer: &crate::answers::Share) -> Result<Vec<FilesystemEvent>> {
         let p = lock(&self.map)
             .get(id)
             .cloned()
@@ -252,6 +255,7 @@ impl Watchers {
                 return Err(e.clone());
             }
         }
+        answer.hold(s.bytes)?;
         Ok(s.take())
     }
 

@@ -109,9 +109,9 @@ impl Filesystem for FilesystemGrpc {
         &self,
         req: Request<GetWatcherEventsRequest>,
     ) -> Result<Response<GetWatcherEventsResponse>, Status> {
-        context(&req, &self.defaults)?;
+        let ctx = context(&req, &self.defaults)?;
         Ok(Response::new(
-            self.svc.get_watcher_events(req.into_inner())?,
+            self.svc.get_watcher_events(&ctx, req.into_inner())?,
         ))
     }
 

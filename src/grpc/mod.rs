@@ -35,5 +35,10 @@ fn context<T>(
     defaults: &Defaults,
 ) -> Result<RequestContext, tonic::Status> {
     let headers = req.metadata().clone().into_headers();
-    Ok(RequestContext::from_headers(&headers, defaults)?)
+    let answer = req
+        .extensions()
+        .get::<crate::answers::Share>()
+        .cloned()
+        .unwrap_or_default();
+    Ok(RequestContext::from_headers(&headers, defaults, answer)?)
 }

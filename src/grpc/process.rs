@@ -38,8 +38,8 @@ fn events<T: Send + 'static>(
 #[tonic::async_trait]
 impl Process for ProcessGrpc {
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        context(&req, &self.defaults)?;
-        Ok(Response::new(self.svc.list()))
+        let ctx = context(&req, &self.defaults)?;
+        Ok(Response::new(self.svc.list(&ctx)?))
     }
 
     type ConnectStream = RpcStream<ConnectResponse>;

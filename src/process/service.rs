@@ -288,8 +288,10 @@ impl ProcessService {
         Ok(events::stream(start, sub, ctx.keepalive, ctx.deadline))
     }
 
-    pub fn list(&self) -> ListResponse {
-        ListResponse {
+    /// The running commands; the answer is counted in the request's share
+    /// of the answers' budget ([`crate::answers`]).
+    pub fn list(&self, ctx: &RequestContext) -> Result<ListResponse> {
+        let list = ListResponse {
             processes: self
                 .table
                 .running()
@@ -302,7 +304,9 @@ impl ProcessService {
                 })
                 .collect(),
             resource_control: self.resource_control(),
-        }
+        };
+        ctx.answer.hold(prost::Message::encoded_len(&list))?;
+        Ok(list)
     }
 
     pub fn update(&self, req: UpdateRequest) -> Result<UpdateResponse> {

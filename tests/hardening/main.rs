@@ -2,6 +2,7 @@
 //! caller or a process inside the sandbox could crash envd, exhaust it or
 //! corrupt data, against the real binary over real sockets.
 
+mod answers;
 #[path = "../common/mod.rs"]
 mod common;
 mod files;

@@ -218,7 +218,9 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8, String> {
         }
         Cmd::Cp { from, to } => copy::copy(ctx, &from, &to).await,
         Cmd::Ls { path, depth } => {
-            let mut fs = FilesystemClient::new(ctx.channel.clone());
+            // As large a listing as envd sends (tonic's default is 4 MiB).
+            let mut fs = FilesystemClient::new(ctx.channel.clone())
+                .max_decoding_message_size(envd::wire::MAX_ENCODE);
             let entries = fs
                 .list_dir(ctx.req(ListDirRequest { path, depth }))
                 .await
