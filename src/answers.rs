@@ -59,6 +59,7 @@ impl Share {
     /// Holds `n` bytes in all from now on (more or fewer than before; none
     /// under [`SMALL`]). An error when more do not fit, and then what was
     /// held stays held.
+    #[inline(never)]
     pub fn hold(&self, n: usize) -> Result<()> {
         let n = if n < SMALL { 0 } else { n };
         let had = self.0 .0.load(Ordering::Relaxed);
@@ -86,6 +87,7 @@ impl Share {
     /// building it held nothing, they must fit ([`Share::hold`]); if it did,
     /// what it took is gone from where it was (a watcher's buffered events)
     /// and its encoding is held whether it fits or not.
+    #[inline(never)]
     pub fn settle(&self, n: usize) -> Result<()> {
         if self.held() == 0 {
             return self.hold(n);

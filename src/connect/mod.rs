@@ -223,16 +223,25 @@ where
         };
         let req: Req = codec::decode(wire.codec, &Req::full_name(), &raw)?;
         let resp = with_deadline(wire.deadline, f(req)).await?;
-        let encoded = codec::encode(wire.codec, &Resp::full_name(), &resp)?;
-        drop(resp);
-        answer.settle(encoded.len())?;
-        Ok(encoded)
+        // The message goes before its encoding is counted.
+        codec::encode(wire.codec, &Resp::full_name(), &resp)
     }
     .await;
-    match result {
+    unary_answer(wire.codec, &answer, result)
+}
+
+/// A unary call's answer once encoded (or failed), its length counted in
+/// `answer`. Apart from [`unary`], whose copies per RPC it would enlarge.
+#[inline(never)]
+fn unary_answer(
+    codec: Codec,
+    answer: &crate::answers::Share,
+    result: Result<Vec<u8>>,
+) -> Response<HttpBody> {
+    match result.and_then(|bytes| answer.settle(bytes.len()).map(|()| bytes)) {
         Ok(bytes) => json_response(
             StatusCode::OK,
-            match wire.codec {
+            match codec {
                 Codec::Json => "application/json",
                 Codec::Proto => "application/proto",
             },
