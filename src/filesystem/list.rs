@@ -55,6 +55,11 @@ const ALONE_ABOVE: usize = 4 << 20;
 /// none answered), where one at a time each is built whole while the
 /// budget lasts. Smaller listings are not held up by them.
 pub static ALONE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+/// How long a large listing waits for [`ALONE`] before it is built anyway
+/// (beside the one that holds it). The permit is for fairness, the budget
+/// is the bound: a listing stuck on a stalled mount, whose caller waits
+/// without a deadline, must not hold every other large listing up.
+pub const ALONE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A listing's outcome.
 pub enum Listing {

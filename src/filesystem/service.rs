@@ -141,10 +141,9 @@ impl FilesystemService {
             Listing::Large => {
                 // What the first try counted went with it.
                 ctx.answer.hold(0)?;
-                let _alone = super::list::ALONE
-                    .acquire()
-                    .await
-                    .map_err(|_| Error::internal("large listings are closed"))?;
+                let _alone =
+                    tokio::time::timeout(super::list::ALONE_WAIT, super::list::ALONE.acquire())
+                        .await;
                 match list(true).await? {
                     Listing::Done(entries) => entries,
                     Listing::Large => return Err(Error::internal("a listing alone was not done")),

@@ -525,3 +525,75 @@ async fn a_notify_socket_that_is_not_read_does_not_stall_envd() {
     );
     healthy(&e);
 }
+
+// Large listings are built one at a time, for the budget's sake. One that
+// reached a stalled mount waits there, holding its turn for as long as its
+// caller waits (no deadline: for ever), and every other large listing
+// waited behind it. A listing now waits its turn 10 s at most, and then is
+// built beside it.
+#[test]
+fn a_large_listing_stuck_on_a_stalled_mount_does_not_hold_up_others() {
+    const TEST: &str = "a_large_listing_stuck_on_a_stalled_mount_does_not_hold_up_others";
+    let e = Envd::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    // 12,000 entries of 160-character names: past the 4 MiB above which a
+    // listing is built alone.
+    let big = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let stem = "f".repeat(150);
+        for i in 0..12_000 {
+            std::fs::File::create(dir.join(format!("{stem}{i:010}"))).unwrap();
+        }
+        dir
+    };
+    let (stuck, other) = (big("stuck"), big("other"));
+    // Listed last, after every file: the listing has its turn by then.
+    let Some(mount) = StalledMount::mount(TEST, &stuck.join("zz")) else {
+        return;
+    };
+    // Its caller waits without a deadline, for as long as it takes.
+    let mut stuck_call = TcpStream::connect(addr(&e.tcp)).unwrap();
+    let body = format!(r#"{{"path":"{}"}}"#, stuck.display());
+    stuck_call
+        .write_all(
+            format!(
+                "POST /filesystem.Filesystem/ListDir HTTP/1.1\r\nhost: envd\r\n\
+                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stuck_call.set_nonblocking(true).unwrap();
+    let mut head = [0u8; 12];
+    assert!(
+        stuck_call.read(&mut head).is_err(),
+        "the listing of the stalled mount did not wait"
+    );
+    let (url, body) = (
+        e.tcp.clone(),
+        format!(r#"{{"path":"{}"}}"#, other.display()),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(post_json(&url, "/filesystem.Filesystem/ListDir", &body).status);
+    });
+    // Within the helper's own 30 s read timeout.
+    let answered = rx.recv_timeout(Duration::from_secs(25));
+    drop(mount);
+    assert_eq!(
+        answered.ok(),
+        Some(200),
+        "a large listing waited behind one stuck on a stalled mount"
+    );
+    // Aborted, the mount fails the stuck listing, which then answers.
+    stuck_call.set_nonblocking(false).unwrap();
+    stuck_call
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stuck_call.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 "));
+    healthy(&e);
+}
