@@ -56,6 +56,24 @@ fn empty_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// A Connect JSON ListDir of `dir` sent on a new connection whose receive
+/// buffer is as small as the kernel allows (the answer stays in envd).
+fn list_unread(e: &Envd, dir: &Path) -> TcpStream {
+    let c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    let body = format!(r#"{{"path":"{}","depth":1}}"#, dir.display());
+    (&c).write_all(
+        format!(
+            "POST /filesystem.Filesystem/ListDir HTTP/1.1\r\nhost: envd\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    c
+}
+
 /// fds of `pid` whose link target contains `what`.
 fn fds_like(pid: u32, what: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

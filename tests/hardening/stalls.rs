@@ -553,18 +553,7 @@ fn a_large_listing_stuck_on_a_stalled_mount_does_not_hold_up_others() {
         return;
     };
     // Its caller waits without a deadline, for as long as it takes.
-    let mut stuck_call = TcpStream::connect(addr(&e.tcp)).unwrap();
-    let body = format!(r#"{{"path":"{}"}}"#, stuck.display());
-    stuck_call
-        .write_all(
-            format!(
-                "POST /filesystem.Filesystem/ListDir HTTP/1.1\r\nhost: envd\r\n\
-                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
+    let mut stuck_call = list_unread(&e, &stuck);
     std::thread::sleep(Duration::from_secs(2));
     stuck_call.set_nonblocking(true).unwrap();
     let mut head = [0u8; 12];
