@@ -61,10 +61,27 @@ impl Share {
     /// held stays held.
     #[inline(never)]
     pub fn hold(&self, n: usize) -> Result<()> {
+        self.set(n, false)
+    }
+
+    /// The answer is encoded, `n` bytes: they are held from now on. If
+    /// building it held nothing, they must fit ([`Share::hold`]); if it did,
+    /// what it took is gone from where it was (a watcher's buffered events)
+    /// and its encoding is held whether it fits or not.
+    #[inline(never)]
+    pub fn settle(&self, n: usize) -> Result<()> {
+        self.set(n, self.held() > 0)
+    }
+
+    /// Holds `n` bytes in all (none under [`SMALL`]); more than before
+    /// only if they fit, unless `forced`.
+    fn set(&self, n: usize, forced: bool) -> Result<()> {
         let n = if n < SMALL { 0 } else { n };
-        let had = self.0 .0.load(Ordering::Relaxed);
+        let had = self.held();
         if n > had {
-            if !HELD.try_take(n - had) {
+            if forced {
+                HELD.take(n - had);
+            } else if !HELD.try_take(n - had) {
                 return Err(Error::new(
                     Code::ResourceExhausted,
                     format!(
@@ -80,25 +97,6 @@ impl Share {
             HELD.give(had - n);
         }
         self.0 .0.store(n, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// The answer is encoded, `n` bytes: they are held from now on. If
-    /// building it held nothing, they must fit ([`Share::hold`]); if it did,
-    /// what it took is gone from where it was (a watcher's buffered events)
-    /// and its encoding is held whether it fits or not.
-    #[inline(never)]
-    pub fn settle(&self, n: usize) -> Result<()> {
-        if self.held() == 0 {
-            return self.hold(n);
-        }
-        let n = if n < SMALL { 0 } else { n };
-        let had = self.0 .0.swap(n, Ordering::Relaxed);
-        if n > had {
-            HELD.take(n - had);
-        } else {
-            HELD.give(had - n);
-        }
         Ok(())
     }
 
