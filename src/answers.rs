@@ -59,7 +59,6 @@ impl Share {
     /// Holds `n` bytes in all from now on (more or fewer than before; none
     /// under [`SMALL`]). An error when more do not fit, and then what was
     /// held stays held.
-    #[inline(never)]
     pub fn hold(&self, n: usize) -> Result<()> {
         self.set(n, false)
     }
@@ -68,13 +67,13 @@ impl Share {
     /// building it held nothing, they must fit ([`Share::hold`]); if it did,
     /// what it took is gone from where it was (a watcher's buffered events)
     /// and its encoding is held whether it fits or not.
-    #[inline(never)]
     pub fn settle(&self, n: usize) -> Result<()> {
         self.set(n, self.held() > 0)
     }
 
     /// Holds `n` bytes in all (none under [`SMALL`]); more than before
     /// only if they fit, unless `forced`.
+    #[inline(never)]
     fn set(&self, n: usize, forced: bool) -> Result<()> {
         let n = if n < SMALL { 0 } else { n };
         let had = self.held();
