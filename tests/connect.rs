@@ -614,6 +614,58 @@ fn files_upload_download_range_gzip_metadata_compose() {
     assert_eq!(r.json()["code"], 404);
 }
 
+// The kernel's own files give a size of 0 (`/proc`) or a page (`/sys`)
+// whatever they hold. A download promised that size: `/proc/self/status`
+// came back empty, and `/sys/class/net/lo/address` (18 bytes for 4,096)
+// was cut off with an error. They are read to their end now, unannounced
+// (chunked), and a range of them is the whole file.
+#[test]
+fn files_the_kernel_makes_are_downloaded_whole() {
+    let envd = Envd::start(&[]);
+    let u = &envd.tcp;
+    let status = "/files?path=/proc/self/status";
+    let r = request(u, "GET", status, &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(
+        text.contains(&format!("\nPid:\t{}\n", envd.pid())),
+        "envd's own status, whole: {text:?}"
+    );
+    assert!(r.header("content-length").is_none(), "no size is promised");
+    let r = request(u, "GET", status, &[("range", "bytes=0-3")], b"");
+    assert_eq!(r.status, 200, "a range of a made file is the whole file");
+    assert!(r.text().contains("VmRSS:"), "{}", r.text());
+    let r = request(u, "GET", status, &[("accept-encoding", "gzip")], b"");
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    let mut plain = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(r.body.as_slice()),
+        &mut plain,
+    )
+    .unwrap();
+    assert!(plain.starts_with("Name:\tenvd\n"), "{plain:?}");
+
+    let lo = "/sys/class/net/lo/address";
+    if std::path::Path::new(lo).exists() {
+        let r = request(u, "GET", &format!("/files?path={lo}"), &[], b"");
+        assert_eq!((r.status, r.text().as_str()), (200, "00:00:00:00:00:00\n"));
+    }
+
+    // A file that is empty, on a file system that keeps sizes, still says so.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let r = request(
+        u,
+        "GET",
+        &format!("/files?path={}", empty.display()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-length"), Some("0"));
+}
+
 // An answer given before the body is read (a wrong token here) must reach
 // a client that is still sending the body: envd closes its side, then reads
 // and drops the rest until the client closes. Without that the socket is

@@ -98,6 +98,7 @@ fn open_source(s: &Path) -> Result<(OpenedFile, (u64, u64))> {
         OpenedFile {
             file,
             size: meta.len(),
+            generated: false,
         },
         id,
     ))

@@ -36,6 +36,9 @@ const PIPELINE: usize = 2;
 pub struct OpenedFile {
     pub file: std::fs::File,
     pub size: u64,
+    /// Its bytes are made by the kernel as they are read (`/proc`, `/sys`,
+    /// ...): `size` says nothing of how many there are.
+    pub generated: bool,
 }
 
 /// Opens `path` for reading. The open never blocks (`O_NONBLOCK`: a FIFO
@@ -67,15 +70,43 @@ pub fn open_regular_io(path: &Path) -> std::io::Result<OpenedFile> {
             kind_name(&ft)
         )
     } else {
+        let generated = generated(&file, meta.len());
         return Ok(OpenedFile {
             file,
             size: meta.len(),
+            generated,
         });
     };
     Err(std::io::Error::new(
         std::io::ErrorKind::InvalidInput,
         refused,
     ))
+}
+
+/// Whether `file`, of `size` bytes by its inode, is one of the kernel's
+/// own (proc, sysfs, cgroup, debugfs, tracefs, securityfs, configfs), made
+/// as it is read: those give a size of 0 or one page whatever they hold
+/// (`/proc/meminfo` 0, `/sys/class/net/lo/address` 4,096 for 18 bytes).
+/// Only such sizes are checked, so other files cost no `fstatfs`.
+fn generated(file: &std::fs::File, size: u64) -> bool {
+    if size != 0 && size != 4096 {
+        return false;
+    }
+    nix::sys::statfs::fstatfs(file).is_ok_and(|st| {
+        #[allow(clippy::unnecessary_cast)] // `i64` on glibc, `u64` on musl
+        let magic = st.filesystem_type().0 as i64;
+        matches!(
+            magic,
+            0x9FA0 // proc
+                | 0x6265_6572 // sysfs
+                | 0x6367_7270 // cgroup2
+                | 0x0027_E0EB // cgroup
+                | 0x6462_6720 // debugfs
+                | 0x7472_6163 // tracefs
+                | 0x7363_6673 // securityfs
+                | 0x6265_6570 // configfs
+        )
+    })
 }
 
 /// What a non-regular file is, for messages.

@@ -54,16 +54,21 @@ pub async fn download(req: Request<RequestBody>, q: Query, defaults: &Defaults) 
     let mut response = Response::builder()
         .header("content-type", content_type(&path))
         .header("content-disposition", content_disposition(name))
-        .header("vary", "Accept-Encoding")
-        .header("accept-ranges", "bytes");
-    let range = req
-        .headers()
-        .get("range")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_range(v, size));
+        .header("vary", "Accept-Encoding");
+    // A file the kernel makes as it is read (`/proc/meminfo`) has no size
+    // to promise or take ranges of: its bytes go to their end, unannounced.
+    let range = if opened.generated {
+        None
+    } else {
+        response = response.header("accept-ranges", "bytes");
+        req.headers()
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_range(v, size))
+    };
     let mut plan = ReadPlan {
-        length: Some(size),
-        exact: true,
+        length: (!opened.generated).then_some(size),
+        exact: !opened.generated,
         ..Default::default()
     };
     match range {
@@ -83,11 +88,11 @@ pub async fn download(req: Request<RequestBody>, q: Query, defaults: &Defaults) 
         }
         None => plan.gzip = gzip,
     }
-    response = if plan.gzip {
-        response.header("content-encoding", "gzip")
-    } else {
-        response.header("content-length", plan.length.unwrap_or(size))
-    };
+    if plan.gzip {
+        response = response.header("content-encoding", "gzip");
+    } else if let Some(length) = plan.length {
+        response = response.header("content-length", length);
+    }
     let frames = stream_file(opened, path, plan).map(|r| {
         r.map(|m| Frame::data(m.data))
             .map_err(|e| std::io::Error::other(e.message))
