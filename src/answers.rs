@@ -80,6 +80,16 @@ impl Share {
         if n > had {
             if forced {
                 HELD.take(n - had);
+            } else if n > MAX {
+                // Never to fit, however long it waited.
+                return Err(Error::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "this answer alone would hold more than the {} MiB envd gives all \
+                         answers together: ask for less (fewer levels, a subdirectory)",
+                        MAX >> 20
+                    ),
+                ));
             } else if !HELD.try_take(n - had) {
                 return Err(Error::new(
                     Code::ResourceExhausted,
@@ -193,6 +203,10 @@ mod tests {
         let c = Share::default();
         let refused = c.hold(MAX).unwrap_err();
         assert_eq!(refused.code, Code::ResourceExhausted);
+        assert!(refused.message.contains("retry"), "{}", refused.message);
+        assert_eq!(c.held(), 0);
+        let never = c.hold(MAX + 1).unwrap_err();
+        assert!(never.message.contains("alone"), "{}", never.message);
         assert_eq!(c.held(), 0);
         drop(a);
         assert_eq!(held_now(), 512 << 10, "the clone still holds it");

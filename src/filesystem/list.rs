@@ -108,7 +108,8 @@ impl Cost<'_> {
             return Ok(false);
         }
         if cost > self.counted && cost >= crate::answers::SMALL {
-            self.counted = cost + COST_STEP;
+            // A step ahead, but never past the budget for what fits in it.
+            self.counted = (cost + COST_STEP).min(crate::answers::MAX).max(cost);
             self.answer.hold(self.counted)?;
         }
         Ok(true)

@@ -154,3 +154,25 @@ async fn grpc_answers_not_read_count_too() {
     };
     assert_eq!(answered, 200, "the budget did not come back");
 }
+
+// A listing whose entries alone take more than the whole budget in memory
+// (200,000 short names: under the 16 MiB a response may carry, but ~5 times
+// that as entries before they are encoded) can never be answered. It was
+// refused as if other answers held the budget, telling the caller to retry.
+#[test]
+fn a_listing_larger_than_the_budget_is_not_told_to_retry() {
+    let e = Envd::start(&[]);
+    let (_guard, dir) = empty_dir("short-names");
+    for i in 0..200_000 {
+        std::fs::File::create(dir.join(i.to_string())).unwrap();
+    }
+    let r = list_json(&e, &dir);
+    assert_eq!(r.status, 429, "{}", &r.text()[..r.text().len().min(300)]);
+    assert!(!r.text().contains("retry"), "{}", r.text());
+    let why = r.text();
+    assert!(
+        why.contains("ask for less") || why.contains("fewer levels"),
+        "{why}"
+    );
+    healthy(&e);
+}
