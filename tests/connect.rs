@@ -651,6 +651,16 @@ fn files_the_kernel_makes_are_downloaded_whole() {
         assert_eq!((r.status, r.text().as_str()), (200, "00:00:00:00:00:00\n"));
     }
 
+    // Compose would have copied the size (none) and then tried to remove it.
+    let dest = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"{{"source_paths":["/proc/meminfo"],"destination":"{}/m"}}"#,
+        dest.path().display()
+    );
+    let r = post_json(u, "/files/compose", &body);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("made by the kernel"), "{}", r.text());
+
     // A file that is empty, on a file system that keeps sizes, still says so.
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");

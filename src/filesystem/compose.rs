@@ -93,6 +93,14 @@ fn open_source(s: &Path) -> Result<(OpenedFile, (u64, u64))> {
         )),
         _ => Error::io(s.display(), &e),
     })?;
+    if super::transfer::generated(&file, meta.len()) {
+        // Its size says nothing of its bytes, and it cannot be removed.
+        return Err(Error::invalid(format!(
+            "source '{}' is made by the kernel as it is read (its size says nothing of it); \
+             compose takes files it can copy and remove",
+            s.display()
+        )));
+    }
     let id = (meta.dev(), meta.ino());
     Ok((
         OpenedFile {

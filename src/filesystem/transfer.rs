@@ -88,7 +88,7 @@ pub fn open_regular_io(path: &Path) -> std::io::Result<OpenedFile> {
 /// as it is read: those give a size of 0 or one page whatever they hold
 /// (`/proc/meminfo` 0, `/sys/class/net/lo/address` 4,096 for 18 bytes).
 /// Only such sizes are checked, so other files cost no `fstatfs`.
-fn generated(file: &std::fs::File, size: u64) -> bool {
+pub fn generated(file: &std::fs::File, size: u64) -> bool {
     if size != 0 && size != 4096 {
         return false;
     }
