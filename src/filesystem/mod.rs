@@ -1,6 +1,7 @@
 //! The filesystem service: entries, listing, mutations, watches, transfers.
 
 pub mod compose;
+pub mod download;
 pub mod entry;
 pub mod hidden;
 pub mod inotify;

@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use nix::errno::Errno;
@@ -21,8 +21,6 @@ use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileRespon
 use crate::status::{Error, Result};
 use crate::users::User;
 
-/// Largest chunk sent by ReadFile (and read per disk read of a download).
-pub const TRANSFER_CHUNK: usize = 1 << 20;
 /// Mode of new files when the request names none (0666 less umask 022).
 const DEFAULT_MODE: u32 = 0o644;
 
@@ -148,131 +146,18 @@ pub struct ReadPlan {
     pub gzip: bool,
 }
 
-/// Streams part of `opened` (see [`ReadPlan`]). A blocking thread reads (and
-/// compresses) ahead at most `PIPELINE` chunks, so disk, compression and
-/// network overlap with bounded memory.
-pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan) -> ReadStream {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadFileResponse>>(PIPELINE);
-    // Told why when the reader cannot run (the OS refused a thread).
-    let refused = tx.clone();
-    let reader = super::pool::run(move || {
-        let send = |r: Result<Bytes>| {
-            tx.blocking_send(r.map(|data| ReadFileResponse { data }))
-                .is_ok()
-        };
-        let mut gz = plan
-            .gzip
-            .then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-        let chunks = FileChunks::new(&opened.file, &shown, plan);
-        for chunk in chunks {
-            let chunk = match (chunk, gz.as_mut()) {
-                (Ok(data), Some(enc)) => {
-                    use std::io::Write;
-                    match enc.write_all(&data) {
-                        Ok(()) if enc.get_ref().is_empty() => continue,
-                        Ok(()) => Ok(Bytes::from(std::mem::take(enc.get_mut()))),
-                        Err(e) => Err(Error::io(format!("compress {}", shown.display()), &e)),
-                    }
-                }
-                (other, _) => other,
-            };
-            let failed = chunk.is_err();
-            if !send(chunk) || failed {
-                return; // the client went away, or the read failed
-            }
-        }
-        if let Some(enc) = gz {
-            let tail = enc
-                .finish()
-                .map(Bytes::from)
-                .map_err(|e| Error::io(format!("compress {}", shown.display()), &e));
-            send(tail);
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(e) = reader.await {
-            let _ = refused.send(Err(e)).await;
-        }
-        // Its buffers go back to the OS once envd is quiet.
-        crate::memory::freed();
-    });
-    Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
-}
-
-/// The chunks of a [`ReadPlan`], read with `pread` from one open file.
-struct FileChunks<'a> {
-    file: &'a std::fs::File,
-    shown: &'a Path,
-    pos: u64,
-    remaining: u64,
-    exact: bool,
-    done: bool,
-}
-
-impl<'a> FileChunks<'a> {
-    fn new(file: &'a std::fs::File, shown: &'a Path, plan: ReadPlan) -> Self {
-        Self {
-            file,
-            shown,
-            pos: plan.offset,
-            remaining: plan.length.unwrap_or(u64::MAX),
-            exact: plan.exact,
-            done: false,
-        }
-    }
-}
-
-impl Iterator for FileChunks<'_> {
-    type Item = Result<Bytes>;
-
-    fn next(&mut self) -> Option<Result<Bytes>> {
-        use std::os::unix::fs::FileExt;
-        if self.done || self.remaining == 0 {
-            return None;
-        }
-        let want = TRANSFER_CHUNK.min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
-        let mut buf = BytesMut::zeroed(want);
-        let mut filled = 0;
-        while filled < want {
-            match self
-                .file
-                .read_at(&mut buf[filled..], self.pos + filled as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(Error::io(self.shown.display(), &e)));
-                }
-            }
-        }
-        if filled == 0 {
-            self.done = true;
-            return self.exact.then(|| {
-                Err(Error::new(
-                    crate::status::Code::DataLoss,
-                    format!("'{}' shrank while it was being read", self.shown.display()),
-                ))
-            });
-        }
-        buf.truncate(filled);
-        self.pos += filled as u64;
-        self.remaining -= filled as u64;
-        Some(Ok(buf.freeze()))
-    }
-}
-
 /// ReadFile: opens `path` and streams `length` bytes (default: to the end)
 /// from `offset`.
+/// Waits for its slot first ([`super::download::slot`]).
 pub async fn read_file(path: PathBuf, offset: u64, length: Option<u64>) -> Result<ReadStream> {
+    let slot = super::download::slot(false).await?;
     let opened = open_for_read(path.clone()).await?;
     let plan = ReadPlan {
         offset,
         length,
         ..Default::default()
     };
-    Ok(stream_file(opened, path, plan))
+    Ok(super::download::stream_file(opened, path, plan, slot))
 }
 
 /// What to write where. Shared by gRPC WriteFile and HTTP `POST /files`.

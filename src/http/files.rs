@@ -17,7 +17,8 @@ use super::headers::{accepted_gzip, content_disposition, content_type, metadata,
 use super::{json, read_json_body, user_of, Query, Rest, RestResult};
 use crate::defaults::Defaults;
 use crate::filesystem::compose;
-use crate::filesystem::transfer::{open_for_read, stream_file, write_bytes, ReadPlan, WriteSpec};
+use crate::filesystem::download::{slot, stream_file};
+use crate::filesystem::transfer::{open_for_read, write_bytes, ReadPlan, WriteSpec};
 use crate::paths;
 use crate::request_body::RequestBody;
 use crate::status::{Error, Result};
@@ -47,6 +48,11 @@ pub async fn download(req: Request<RequestBody>, q: Query, defaults: &Defaults) 
     let gzip =
         accepted_gzip(req.headers()).map_err(|m| Rest::http(StatusCode::NOT_ACCEPTABLE, m))?;
     let path = resolve(q.bytes("path").unwrap_or_default(), &user)?;
+    // Its place among the downloads sent at once, before the file is held;
+    // none within the wait is 503, as envd says it is busy elsewhere.
+    let slot = slot(gzip)
+        .await
+        .map_err(|e| Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message))?;
     // One open file gives both the size and the bytes.
     let opened = open_for_read(path.clone()).await?;
     let size = opened.size;
@@ -93,7 +99,7 @@ pub async fn download(req: Request<RequestBody>, q: Query, defaults: &Defaults) 
     } else if let Some(length) = plan.length {
         response = response.header("content-length", length);
     }
-    let frames = stream_file(opened, path, plan).map(|r| {
+    let frames = stream_file(opened, path, plan, slot).map(|r| {
         r.map(|m| Frame::data(m.data))
             .map_err(|e| std::io::Error::other(e.message))
     });

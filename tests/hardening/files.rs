@@ -314,3 +314,83 @@ async fn oversized_listings_stop_early_with_a_clear_error() {
     assert_eq!(listed.entries.len(), 1);
     healthy(&e);
 }
+
+/// A `GET /files` of `file` on a new connection whose receive buffer is as
+/// small as the kernel allows, never read.
+fn download_unread(e: &Envd, file: &Path, gzip: bool) -> TcpStream {
+    let c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    let coding = if gzip {
+        "accept-encoding: gzip\r\n"
+    } else {
+        ""
+    };
+    (&c).write_all(
+        format!(
+            "GET /files?path={} HTTP/1.1\r\nhost: envd\r\n{coding}\r\n",
+            file.display()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    c
+}
+
+// A client that asked for a large file and read none of it held a blocking
+// thread and 4 MiB of envd's (1 MiB chunks read ahead into a queue): 200
+// such clients took envd past 800 MiB, 400 to 1.3 GiB with most of the
+// threads filesystem work may hold. Now chunks are read when asked for and
+// grow as the client reads, at most 64 downloads are sent at once (gzip
+// ones count four), and one beyond waits for its turn, then is refused.
+#[test]
+fn downloads_not_read_are_bounded() {
+    let e = Envd::start(&[]);
+    let (_guard, dir) = empty_dir("downloads");
+    let big = dir.join("big");
+    std::fs::write(&big, vec![7u8; 64 << 20]).unwrap();
+    let small = dir.join("small");
+    std::fs::write(&small, b"hello").unwrap();
+    let before = anon_kib(e.pid());
+    let held: Vec<TcpStream> = (0..200)
+        .map(|i| download_unread(&e, &big, i % 8 == 0))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let grown = anon_kib(e.pid()).saturating_sub(before) / 1024;
+    println!("200 unread downloads: envd grew by {grown} MiB");
+    assert!(
+        grown < 160,
+        "200 unread downloads: envd grew by {grown} MiB"
+    );
+    healthy(&e);
+    let stat = post_json(
+        &e.tcp,
+        "/filesystem.Filesystem/Stat",
+        &format!(r#"{{"path":"{}"}}"#, small.display()),
+    );
+    assert_eq!(stat.status, 200, "{}", stat.text());
+    let get_small = || {
+        request(
+            &e.tcp,
+            "GET",
+            &format!("/files?path={}", s(&small)),
+            &[],
+            b"",
+        )
+    };
+    let t = Instant::now();
+    let r = get_small();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("retry later"), "{}", r.text());
+    assert!(t.elapsed() >= Duration::from_secs(9), "refused at once");
+    drop(held);
+    // The slots come back once those clients are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get_small();
+        if r.status == 200 {
+            assert_eq!(r.body, b"hello");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
+    }
+}
