@@ -82,6 +82,9 @@ pub struct Config {
 
     /// Connections open at once. At the cap the longest-idle connection is
     /// closed to admit a new one. Also bounded by half the open-file limit.
+    /// Requests in flight at once (HTTP/2 carries many on one connection)
+    /// are bounded by the same number; beyond, a request is answered at
+    /// once with RESOURCE_EXHAUSTED (`/health` still answers).
     #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
     pub max_connections: u64,
@@ -291,6 +294,7 @@ impl Config {
         let by_fds = (nofile / 2).max(16);
         crate::connections::ConnLimits {
             max: usize::try_from(self.max_connections.min(by_fds)).unwrap_or(usize::MAX),
+            requests: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             idle: Duration::from_secs(self.idle_timeout),
         }
     }

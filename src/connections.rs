@@ -26,6 +26,9 @@ use tokio::time::Instant;
 pub struct ConnLimits {
     /// Connections open at once.
     pub max: usize,
+    /// Requests in flight at once, all connections together (HTTP/2 lets
+    /// each carry many): `--max-connections`, whatever the fd limit.
+    pub requests: usize,
     /// An idle connection is closed after this long.
     pub idle: Duration,
 }
@@ -37,6 +40,8 @@ pub struct Connections {
     next_id: AtomicU64,
     /// Connections told to close that have not closed yet.
     closing: AtomicUsize,
+    /// Requests in flight on all connections together.
+    requests: Arc<AtomicUsize>,
 }
 
 /// One open connection's state.
@@ -52,6 +57,9 @@ pub struct Conn {
     evicted: AtomicBool,
     /// Requests begun on it so far.
     requests: AtomicU64,
+    /// Requests in flight on all connections, and how many may be.
+    all_in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +73,7 @@ impl Connections {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             closing: AtomicUsize::new(0),
+            requests: Arc::default(),
         })
     }
 
@@ -93,6 +102,8 @@ impl Connections {
             close: Notify::new(),
             evicted: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            all_in_flight: self.requests.clone(),
+            max_in_flight: self.limits.requests,
         });
         open.insert(id, conn.clone());
         Some(Registered {
@@ -150,6 +161,7 @@ impl Conn {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.all_in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
 
@@ -172,8 +184,27 @@ impl Conn {
 #[derive(Debug)]
 pub struct InFlight(Arc<Conn>);
 
+impl InFlight {
+    /// When more requests are in flight than envd serves at once
+    /// ([`ConnLimits::requests`]), this one's limit: it is to be answered at
+    /// once (see [`Crowded`]).
+    pub fn crowded(&self) -> Option<Crowded> {
+        let max = self.0.max_in_flight;
+        (self.0.all_in_flight.load(Ordering::Acquire) > max).then_some(Crowded(max))
+    }
+}
+
+/// Marks a request that came while envd had more in flight than it serves
+/// at once. Each request in flight costs envd memory whoever holds it open
+/// (about 12 KiB for an attached output stream: its HTTP/2 stream, its
+/// futures, tonic's buffer), and a client could hold four million
+/// (connections times streams).
+#[derive(Debug, Clone, Copy)]
+pub struct Crowded(pub usize);
+
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.all_in_flight.fetch_sub(1, Ordering::AcqRel);
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             *lock(&self.0.idle_since) = Instant::now();
         }

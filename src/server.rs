@@ -96,6 +96,14 @@ impl Router {
         } else {
             RestRouter::access(req.method(), path)
         };
+        if let Some(crowded) = req.extensions().get::<crate::connections::Crowded>() {
+            // `/health` still says envd is alive: it is, and busy.
+            if path != "/health" {
+                let mut response = crowded_answer(crowded.0, grpc, connect);
+                cors(&mut response);
+                return response;
+            }
+        }
         let presented = req.headers().get(TOKEN_HEADER).map(HeaderValue::as_bytes);
         // With no token shown, a signed URL may stand in for it (checked by
         // the REST router); a wrong token is never rescued by a signature.
@@ -144,6 +152,25 @@ impl Router {
             Ok(r) => r,
             Err(never) => match never {},
         }
+    }
+}
+
+/// The answer to a request beyond those envd serves at once.
+#[cold]
+fn crowded_answer(max: usize, grpc: bool, connect: bool) -> Response<HttpBody> {
+    let e = Error::new(
+        Code::ResourceExhausted,
+        format!(
+            "envd has {max} requests in flight, as many as it serves at once: retry once some \
+             have ended"
+        ),
+    );
+    if grpc {
+        grpc_error(e)
+    } else if connect {
+        crate::connect::unary_error(&e)
+    } else {
+        Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message).response()
     }
 }
 
@@ -305,6 +332,9 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
                 let mut req = Request::from_parts(parts, body);
                 let router = router.clone();
                 let guard = tracked.begin();
+                if let Some(crowded) = guard.crowded() {
+                    req.extensions_mut().insert(crowded);
+                }
                 if req.method() == http::Method::CONNECT {
                     // A tunnel keeps the connection busy for as long as it lives.
                     let busy = crate::http::tunnel::TunnelGuard(Arc::new(std::sync::Mutex::new(

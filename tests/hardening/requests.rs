@@ -583,3 +583,58 @@ async fn a_caller_cannot_forge_log_lines() {
         "the command is not in the log, escaped: {log:?}"
     );
 }
+
+// HTTP/2 lets one connection carry a thousand requests at once, and envd
+// takes as many connections: a caller could hold millions of attached
+// output streams (about 12 KiB of envd's each; 10,000 took 130 MiB), or of
+// requests whose bodies never come. Now envd serves at most as many
+// requests at once as it takes connections; one beyond is answered at
+// once with `RESOURCE_EXHAUSTED` (`/health` still answers), and they are
+// served again once some have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded() {
+    let e = Envd::start(&["--max-connections", "64"]);
+    let mut c = e.client().await;
+    let mut started = c.start(cmd("sleep", &["600"])).await.unwrap().into_inner();
+    let pid = match started.next().await.unwrap().unwrap().event.unwrap().event {
+        Some(process_event::Event::Start(s)) => s.pid,
+        other => panic!("{other:?}"),
+    };
+    let channel = envd::client::dial(&e.tcp).await.unwrap();
+    let attach = || {
+        let mut c = envd::proto::process::process_client::ProcessClient::new(channel.clone());
+        async move {
+            let req = ConnectRequest {
+                process: by_pid(pid),
+                ..Default::default()
+            };
+            let mut s = c.connect(req).await?.into_inner();
+            s.next().await.expect("a start event")?;
+            Ok::<_, tonic::Status>(s)
+        }
+    };
+    let tries = futures_util::future::join_all((0..100).map(|_| attach())).await;
+    let (held, refused): (Vec<_>, Vec<_>) = tries.into_iter().partition(Result::is_ok);
+    println!("{} attached, {} refused", held.len(), refused.len());
+    assert!(
+        (60..=64).contains(&held.len()),
+        "{} of 100 attached with 64 requests at once",
+        held.len()
+    );
+    let why = refused[0].as_ref().err().unwrap();
+    assert_eq!(why.code(), tonic::Code::ResourceExhausted, "{why:?}");
+    assert!(why.message().contains("in flight"), "{why:?}");
+    healthy(&e);
+    let r = post_json(&e.tcp, "/filesystem.Filesystem/Stat", r#"{"path":"/"}"#);
+    assert_eq!(r.status, 429, "{}", r.text());
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while post_json(&e.tcp, "/filesystem.Filesystem/Stat", r#"{"path":"/"}"#).status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "still refused after the streams ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    attach().await.expect("attached again");
+}
