@@ -16,23 +16,17 @@
 //!   reaches 1 MiB chunks within seven. What a download nobody reads holds
 //!   is then mostly what hyper queues for a connection whose socket is full
 //!   (up to ~400 KiB on HTTP/1.1) and the chunks waiting behind it.
-//! - **Slots.** At most [`SLOTS`] downloads are sent at once (so they hold
-//!   at most that many of the 384 threads), a gzip one counting
-//!   [`GZIP_SLOTS`] (its encoder holds ~300 KiB). A download beyond waits
-//!   for a slot [`SLOT_WAIT`] at most, holding no file, and is then refused
-//!   (`RESOURCE_EXHAUSTED`; `GET /files`: 503). Small files take their slot
-//!   for a moment, so a thousand asked for at once are sent in turn.
+//! - **Slots.** At most 64 downloads are sent at once, a gzip one counting
+//!   [`GZIP_SLOTS`] ([`super::slots`]).
 //!
 //! Reading each chunk as a job of its own when the last was taken (no
 //! thread held between chunks) cost 15–20% of a 1 GiB download's speed
 //! (1,360–1,410 MiB/s against 1,580–1,780), so the job stays.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use std::path::PathBuf;
 
+use super::slots::{Slot, DOWNLOADS};
 use super::transfer::{OpenedFile, ReadPlan, ReadStream};
 use crate::proto::transfer::ReadFileResponse;
 use crate::quota::{Held, Quota};
@@ -47,34 +41,14 @@ pub const MAX_CHUNK: usize = 1 << 20;
 /// Chunks over [`FREE_CHUNK`], all downloads together.
 static LARGE: Quota = Quota::new(32 << 20);
 
-/// Downloads sent at once, in slots.
-pub const SLOTS: u32 = 64;
-/// What a gzip download counts.
+/// What a gzip download counts of [`DOWNLOADS`].
 const GZIP_SLOTS: u32 = 4;
 /// Chunks read ahead of the network.
 const PIPELINE: usize = 2;
-/// How long a download waits for its slots.
-pub const SLOT_WAIT: Duration = Duration::from_secs(10);
-static SENDING: Semaphore = Semaphore::const_new(SLOTS as usize);
 
-/// A download's place among those sent at once.
-#[derive(Debug)]
-pub struct Slot(#[allow(dead_code)] SemaphorePermit<'static>);
-
-/// Waits (at most [`SLOT_WAIT`]) for a download's slots; `gzip` takes more.
+/// Waits for a download's slots (see [`super::slots`]); `gzip` takes more.
 pub async fn slot(gzip: bool) -> Result<Slot> {
-    let n = if gzip { GZIP_SLOTS } else { 1 };
-    match tokio::time::timeout(SLOT_WAIT, SENDING.acquire_many(n)).await {
-        Ok(Ok(permit)) => Ok(Slot(permit)),
-        _ => Err(Error::new(
-            Code::ResourceExhausted,
-            format!(
-                "envd is sending as many downloads as it sends at once ({SLOTS}, a gzip one \
-                 counting {GZIP_SLOTS}) and none ended within {} s: retry later",
-                SLOT_WAIT.as_secs()
-            ),
-        )),
-    }
+    DOWNLOADS.take(if gzip { GZIP_SLOTS } else { 1 }).await
 }
 
 /// Streams part of `opened` (see [`ReadPlan`]) while `slot` is held.

@@ -10,6 +10,7 @@ pub mod ops;
 pub mod pin;
 pub mod pool;
 pub mod service;
+pub mod slots;
 pub mod staged;
 pub mod stop;
 pub mod transfer;

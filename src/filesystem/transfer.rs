@@ -198,6 +198,7 @@ where
         append: header.append,
         ..Default::default()
     };
+    let slot = super::slots::UPLOADS.take(1).await?;
     let data = input.filter_map(|m| async move {
         match m.map(|m| m.message) {
             Ok(Some(Message::Data(d))) => Some(Ok(d)),
@@ -208,7 +209,7 @@ where
             Err(e) => Some(Err(e)),
         }
     });
-    let path = write_bytes(spec, user, Box::pin(data)).await?;
+    let path = write_bytes(spec, user, Box::pin(data), &slot).await?;
     Ok(WriteFileResponse {
         entry: Some(entry_info(&path, &path, &mut Names::default())?),
     })
@@ -219,8 +220,14 @@ where
 /// temporary file beside the target, removed on any failure or cancellation.
 /// A symlink at the path is written through, by [`super::pin`]'s rules, and
 /// everything after the walk happens through the pinned directory. Returns
-/// the path written.
-pub async fn write_bytes<S>(spec: WriteSpec, user: &User, data: S) -> Result<PathBuf>
+/// the path written. Its caller holds an upload's slot
+/// ([`super::slots::UPLOADS`]): the writer holds a thread until the data ends.
+pub async fn write_bytes<S>(
+    spec: WriteSpec,
+    user: &User,
+    data: S,
+    _slot: &super::slots::Slot,
+) -> Result<PathBuf>
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {

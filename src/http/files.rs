@@ -18,6 +18,7 @@ use super::{json, read_json_body, user_of, Query, Rest, RestResult};
 use crate::defaults::Defaults;
 use crate::filesystem::compose;
 use crate::filesystem::download::{slot, stream_file};
+use crate::filesystem::slots::{Slot, UPLOADS};
 use crate::filesystem::transfer::{open_for_read, write_bytes, ReadPlan, WriteSpec};
 use crate::paths;
 use crate::request_body::RequestBody;
@@ -156,6 +157,7 @@ fn body_bytes(
 /// The files of an upload, each written as it arrives.
 struct Upload<'a> {
     user: &'a User,
+    slot: &'a Slot,
     metadata: Option<Vec<(String, String)>>,
     gzip: bool,
     written: Vec<serde_json::Value>,
@@ -186,7 +188,7 @@ impl Upload<'_> {
             metadata: self.metadata.clone(),
             ..Default::default()
         };
-        write_bytes(spec, self.user, data).await?;
+        write_bytes(spec, self.user, data, self.slot).await?;
         // E2B's answer names the path as requested (a symlink is written
         // through).
         self.written.push(written(&path, self.metadata.as_deref()));
@@ -196,8 +198,14 @@ impl Upload<'_> {
 
 pub async fn upload(req: Request<RequestBody>, q: Query, defaults: &Defaults) -> RestResult {
     let user = user_of(&q, defaults)?;
+    // Its place among the uploads that run at once (the writer holds a
+    // thread while the client sends); none within the wait is 503.
+    let slot = UPLOADS
+        .take(1)
+        .await
+        .map_err(|e| Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message))?;
     let (parts, mut body) = req.into_parts();
-    let result = upload_parts(&parts.headers, &mut body, &q, &user).await;
+    let result = upload_parts(&parts.headers, &mut body, &q, &user, &slot).await;
     if result.is_err() {
         // A file refused midway (disk full, a bad part): what the client
         // still sends is read and dropped, so that it gets the answer.
@@ -211,6 +219,7 @@ async fn upload_parts(
     body: &mut RequestBody,
     q: &Query,
     user: &User,
+    slot: &Slot,
 ) -> RestResult {
     let content_type = headers
         .get("content-type")
@@ -218,6 +227,7 @@ async fn upload_parts(
         .unwrap_or("");
     let mut upload = Upload {
         user,
+        slot,
         metadata: metadata(headers)?,
         gzip: gzip_body(headers)?,
         written: Vec::new(),

@@ -394,3 +394,59 @@ fn downloads_not_read_are_bounded() {
         assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
     }
 }
+
+/// A `POST /files` of 1 MiB to `path` on a new connection that sends the
+/// first KiB and then nothing.
+fn upload_stalled(e: &Envd, path: &Path) -> TcpStream {
+    let c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    (&c).write_all(
+        format!(
+            "POST /files?path={} HTTP/1.1\r\nhost: envd\r\n\
+             content-type: application/octet-stream\r\ncontent-length: 1048576\r\n\r\n",
+            path.display()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    (&c).write_all(&[1u8; 1024]).unwrap();
+    c
+}
+
+// An upload's writer waits on a blocking thread for the client's next
+// bytes. 400 uploads that sent their first KiB and then nothing held every
+// thread filesystem work may hold (384): a `Stat` waited for as long as they
+// did. Now at most 64 uploads run at once; one beyond waits for its turn,
+// then is refused, and the other filesystem calls are answered meanwhile.
+#[test]
+fn stalled_uploads_do_not_hold_up_other_calls() {
+    let e = Envd::start(&[]);
+    let (_guard, dir) = empty_dir("uploads");
+    let held: Vec<TcpStream> = (0..400)
+        .map(|i| upload_stalled(&e, &dir.join(format!("f{i}"))))
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let url = e.tcp.clone();
+    let stat = format!(r#"{{"path":"{}"}}"#, dir.display());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(post_json(&url, "/filesystem.Filesystem/Stat", &stat).status);
+    });
+    let status = rx.recv_timeout(Duration::from_secs(10));
+    assert_eq!(status, Ok(200), "a Stat beside 400 stalled uploads");
+    healthy(&e);
+    let t = Instant::now();
+    let r = upload(&e, &s(&dir.join("late")), b"late");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("retry later"), "{}", r.text());
+    assert!(t.elapsed() >= Duration::from_secs(9), "refused at once");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = upload(&e, &s(&dir.join("late")), b"late");
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
+    }
+    assert_eq!(std::fs::read(dir.join("late")).unwrap(), b"late");
+}
