@@ -76,8 +76,9 @@ mod skip;
 /// the client takes them and give their share back when dropped, and the
 /// downloads' slots.
 /// 8,190,248 (two more) with requests in flight bounded and uploads given
-/// slots of their own.
-const BUDGET: u64 = 8_191_000;
+/// slots of their own; 8,198,504 (two more) with a stalled upload giving
+/// its slot up to others.
+const BUDGET: u64 = 8_199_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -6,13 +6,23 @@
 //! the client to send one. Nothing bounded how many: 400 uploads that sent
 //! their first KiB and then nothing left no thread for any other filesystem
 //! call (a `Stat` waited for as long as they did), and 400 downloads not
-//! read took envd to 1.3 GiB. Now at most [`Slots::max`] of each run at
+//! read took envd to 1.3 GiB. Now at most 64 of each run at
 //! once, so together they hold at most 128 of the 384 threads. A transfer
 //! beyond waits for a slot [`WAIT`] at most, holding no file, and is then
 //! refused (`RESOURCE_EXHAUSTED`; REST: 503). Most transfers take their
 //! slot for a moment, so a thousand asked for at once run in turn.
+//!
+//! An upload whose client has sent nothing for [`STALL`] gives its slot up
+//! when others want one (they wait, or were turned away within that time):
+//! it ends with `DEADLINE_EXCEEDED` and leaves nothing. So clients that
+//! stall cannot keep the upload slots from the others for long; alone, a
+//! slow client is never cut. A download is not cut so: ended, it would
+//! still hold what its connection had queued (up to ~400 KiB in hyper on
+//! HTTP/1.1) until the client closed it, and its slot would go to another,
+//! so the slots would no longer bound that memory.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -20,6 +30,10 @@ use crate::status::{Code, Error, Result};
 
 /// How long a transfer waits for its slots.
 pub const WAIT: Duration = Duration::from_secs(10);
+/// A transfer that makes no progress this long gives its slot up to others.
+pub const STALL: Duration = Duration::from_secs(30);
+/// How often a waiting transfer looks whether it is stalled.
+pub const STALL_STEP: Duration = Duration::from_secs(1);
 
 /// One direction's slots.
 pub struct Slots {
@@ -27,6 +41,18 @@ pub struct Slots {
     max: u32,
     /// What runs in them, for messages ("downloads").
     what: &'static str,
+    /// Transfers waiting for slots now.
+    waiting: AtomicUsize,
+    /// When one was last turned away (ms since the first, plus one; 0:
+    /// never).
+    turned_away: AtomicU64,
+}
+
+/// The clock of [`Slots::turned_away`].
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let ms = START.get_or_init(Instant::now).elapsed().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
 }
 
 /// Downloads (`GET /files`, `ReadFile`); a gzip one takes 4 (its encoder
@@ -45,28 +71,67 @@ impl Slots {
             sem: Semaphore::const_new(max as usize),
             max,
             what,
+            waiting: AtomicUsize::new(0),
+            turned_away: AtomicU64::new(0),
         }
-    }
-
-    /// How many run at once.
-    pub fn max(&self) -> u32 {
-        self.max
     }
 
     /// Waits (at most [`WAIT`]) for `n` slots.
     pub async fn take(&'static self, n: u32) -> Result<Slot> {
-        match tokio::time::timeout(WAIT, self.sem.acquire_many(n)).await {
-            Ok(Ok(permit)) => Ok(Slot(permit)),
-            _ => Err(Error::new(
-                Code::ResourceExhausted,
-                format!(
-                    "envd is running as many {} as it runs at once ({}) and none ended \
-                     within {} s: retry later",
-                    self.what,
-                    self.max,
-                    WAIT.as_secs()
-                ),
-            )),
+        if let Ok(permit) = self.sem.try_acquire_many(n) {
+            return Ok(Slot(permit));
         }
+        // Counted as waiting until this returns or its caller goes away.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = Waiting(&self.waiting);
+        let got = tokio::time::timeout(WAIT, self.sem.acquire_many(n)).await;
+        drop(waiting);
+        match got {
+            Ok(Ok(permit)) => Ok(Slot(permit)),
+            _ => {
+                self.turned_away.store(now_ms(), Ordering::Relaxed);
+                Err(self.refusal())
+            }
+        }
+    }
+
+    /// Whether an upload quiet for [`STALL`] is to give its slot up:
+    /// another waits for one, or was turned away within that time.
+    pub fn wanted(&self) -> bool {
+        let away = self.turned_away.load(Ordering::Relaxed);
+        self.waiting.load(Ordering::Acquire) > 0
+            || (away != 0 && now_ms().saturating_sub(away) < STALL.as_secs() * 1000)
+    }
+
+    /// How an upload that gave its slot up ends.
+    pub fn stalled(&self) -> Error {
+        Error::new(
+            Code::DeadlineExceeded,
+            format!(
+                "nothing moved for {} s while other {} waited for a place: ended to make room",
+                STALL.as_secs(),
+                self.what
+            ),
+        )
+    }
+
+    #[cold]
+    fn refusal(&self) -> Error {
+        Error::new(
+            Code::ResourceExhausted,
+            format!(
+                "envd is running as many {} as it runs at once ({}) and none ended \
+                     within {} s: retry later",
+                self.what,
+                self.max,
+                WAIT.as_secs()
+            ),
+        )
     }
 }

@@ -346,17 +346,37 @@ where
     });
     // Fed from here while the writer runs, both in this task.
     let feed = async move {
-        while let Some(chunk) = data.next().await {
+        use super::slots::{STALL, STALL_STEP, UPLOADS};
+        // Looked at once a step (not a timer per chunk): a stalled client
+        // gives its slot up to others.
+        let mut tick = tokio::time::interval(STALL_STEP);
+        // Not a burst of ticks after a slow write: those are not the client's.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        let (mut quiet, mut moved) = (std::time::Duration::ZERO, false);
+        loop {
+            let chunk = tokio::select! {
+                chunk = data.next() => chunk,
+                _ = tick.tick() => {
+                    quiet = if moved { std::time::Duration::ZERO } else { quiet + STALL_STEP };
+                    moved = false;
+                    if quiet >= STALL && UPLOADS.wanted() {
+                        return Some(UPLOADS.stalled());
+                    }
+                    continue;
+                }
+            };
+            moved = true;
             match chunk {
-                Ok(bytes) => {
+                Some(Ok(bytes)) => {
                     if tx.send(bytes).await.is_err() {
                         return None; // the writer failed; its error is reported below
                     }
                 }
-                Err(e) => return Some(e),
+                Some(Err(e)) => return Some(e),
+                None => return None,
             }
         }
-        None
     };
     let (written, failed) = tokio::join!(writer, feed);
     // Its buffers go back to the OS once envd is quiet.

@@ -417,10 +417,13 @@ fn upload_stalled(e: &Envd, path: &Path) -> TcpStream {
 // thread filesystem work may hold (384): a `Stat` waited for as long as they
 // did. Now at most 64 uploads run at once; one beyond waits for its turn,
 // then is refused, and the other filesystem calls are answered meanwhile.
+// Quiet for 30 s while others want their places, stalled uploads give them
+// up.
 #[test]
 fn stalled_uploads_do_not_hold_up_other_calls() {
     let e = Envd::start(&[]);
     let (_guard, dir) = empty_dir("uploads");
+    let start = Instant::now();
     let held: Vec<TcpStream> = (0..400)
         .map(|i| upload_stalled(&e, &dir.join(format!("f{i}"))))
         .collect();
@@ -439,8 +442,8 @@ fn stalled_uploads_do_not_hold_up_other_calls() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("retry later"), "{}", r.text());
     assert!(t.elapsed() >= Duration::from_secs(9), "refused at once");
-    drop(held);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Their clients still connected, the stalled uploads end after 30 s.
+    let deadline = start + Duration::from_secs(50);
     loop {
         let r = upload(&e, &s(&dir.join("late")), b"late");
         if r.status == 200 {
@@ -448,5 +451,27 @@ fn stalled_uploads_do_not_hold_up_other_calls() {
         }
         assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
     }
+    println!("an upload was received again after {:?}", start.elapsed());
     assert_eq!(std::fs::read(dir.join("late")).unwrap(), b"late");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "the stalled uploads leave nothing: {left:?}");
+    drop(held);
+}
+
+// Alone, an upload that pauses longer than the stall limit is not cut:
+// it gives its place up only to others that want one.
+#[test]
+fn a_slow_upload_alone_is_not_cut() {
+    let e = Envd::start(&[]);
+    let (_guard, dir) = empty_dir("slow");
+    let f = dir.join("f");
+    let mut c = upload_stalled(&e, &f);
+    std::thread::sleep(Duration::from_secs(33));
+    c.write_all(&vec![2u8; (1 << 20) - 1024]).unwrap();
+    let head = common::http::read_head(&mut c);
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let got = std::fs::read(&f).unwrap();
+    assert_eq!(got.len(), 1 << 20);
+    assert!(got[..1024].iter().all(|&b| b == 1) && got[1024..].iter().all(|&b| b == 2));
 }
