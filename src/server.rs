@@ -96,26 +96,27 @@ impl Router {
         } else {
             RestRouter::access(req.method(), path)
         };
-        if let Some(crowded) = req.extensions().get::<crate::connections::Crowded>() {
-            // `/health` still says envd is alive: it is, and busy.
-            if path != "/health" {
-                let mut response = crowded_answer(crowded.0, grpc, connect);
-                cors(&mut response);
-                return response;
-            }
-        }
+        // Beyond the requests envd serves at once, answered at once; `/health`
+        // still says envd is alive: it is, and busy.
+        let crowded = req
+            .extensions()
+            .get::<crate::connections::Crowded>()
+            .filter(|_| path != "/health")
+            .map(|c| c.0);
         let presented = req.headers().get(TOKEN_HEADER).map(HeaderValue::as_bytes);
         // With no token shown, a signed URL may stand in for it (checked by
         // the REST router); a wrong token is never rescued by a signature.
-        let verdict = match (access, self.auth.check_token(presented)) {
-            (Access::Open, _) => Ok(false),
-            (_, Verdict::Allowed) => Ok(false),
-            (Access::TokenOrSignature, Verdict::Missing) => Ok(true),
-            (_, v) => Err(refusal(v)),
+        let verdict = match (crowded, access, self.auth.check_token(presented)) {
+            (Some(max), ..) => Err(crowded_error(max)),
+            (None, Access::Open, _) => Ok(false),
+            (None, _, Verdict::Allowed) => Ok(false),
+            (None, Access::TokenOrSignature, Verdict::Missing) => Ok(true),
+            (None, _, v) => Err(refusal(v)),
         };
         let mut response = match verdict {
             Err(e) if grpc => grpc_error(e),
             Err(e) if connect => crate::connect::unary_error(&e),
+            Err(e) if crowded.is_some() => Rest::busy(e.message).response(),
             Err(e) => Rest::from(e).response(),
             Ok(_) if grpc => self.grpc_call(req).await,
             Ok(_) if connect => self.connect.handle(req).await,
@@ -155,23 +156,16 @@ impl Router {
     }
 }
 
-/// The answer to a request beyond those envd serves at once.
+/// The refusal of a request beyond those envd serves at once.
 #[cold]
-fn crowded_answer(max: usize, grpc: bool, connect: bool) -> Response<HttpBody> {
-    let e = Error::new(
+fn crowded_error(max: usize) -> Error {
+    Error::new(
         Code::ResourceExhausted,
         format!(
             "envd has {max} requests in flight, as many as it serves at once: retry once some \
              have ended"
         ),
-    );
-    if grpc {
-        grpc_error(e)
-    } else if connect {
-        crate::connect::unary_error(&e)
-    } else {
-        Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message).response()
-    }
+    )
 }
 
 fn grpc_error(e: Error) -> Response<HttpBody> {

@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use std::path::PathBuf;
 
 use super::slots::{Slot, DOWNLOADS};
-use super::transfer::{OpenedFile, ReadPlan, ReadStream};
+use super::transfer::{OpenedFile, ReadPlan, ReadStream, PIPELINE};
 use crate::proto::transfer::ReadFileResponse;
 use crate::quota::{Held, Quota};
 use crate::status::{Code, Error, Result};
@@ -43,8 +43,6 @@ static LARGE: Quota = Quota::new(32 << 20);
 
 /// What a gzip download counts of [`DOWNLOADS`].
 const GZIP_SLOTS: u32 = 4;
-/// Chunks read ahead of the network.
-const PIPELINE: usize = 2;
 
 /// Waits for a download's slots (see [`super::slots`]); `gzip` takes more.
 pub async fn slot(gzip: bool) -> Result<Slot> {
@@ -53,7 +51,7 @@ pub async fn slot(gzip: bool) -> Result<Slot> {
 
 /// Streams part of `opened` (see [`ReadPlan`]) while `slot` is held.
 pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan, slot: Slot) -> ReadStream {
-    let reader = Reader {
+    let mut reader = Reader {
         file: opened.file,
         shown,
         pos: plan.offset,
@@ -69,7 +67,6 @@ pub fn stream_file(opened: OpenedFile, shown: PathBuf, plan: ReadPlan, slot: Slo
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadFileResponse>>(PIPELINE);
     // Told why when the reader cannot run (the OS refused a thread).
     let refused = tx.clone();
-    let mut reader = reader;
     let job = super::pool::run(move || {
         while let Some(chunk) = reader.next_chunk() {
             let failed = chunk.is_err();

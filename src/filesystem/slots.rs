@@ -21,7 +21,8 @@
 //! HTTP/1.1) until the client closed it, and its slot would go to another,
 //! so the slots would no longer bound that memory.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -43,16 +44,8 @@ pub struct Slots {
     what: &'static str,
     /// Transfers waiting for slots now.
     waiting: AtomicUsize,
-    /// When one was last turned away (ms since the first, plus one; 0:
-    /// never).
-    turned_away: AtomicU64,
-}
-
-/// The clock of [`Slots::turned_away`].
-fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let ms = START.get_or_init(Instant::now).elapsed().as_millis();
-    u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
+    /// When one was last turned away.
+    turned_away: Mutex<Option<Instant>>,
 }
 
 /// Downloads (`GET /files`, `ReadFile`); a gzip one takes 4 (its encoder
@@ -72,7 +65,7 @@ impl Slots {
             max,
             what,
             waiting: AtomicUsize::new(0),
-            turned_away: AtomicU64::new(0),
+            turned_away: Mutex::new(None),
         }
     }
 
@@ -95,7 +88,7 @@ impl Slots {
         match got {
             Ok(Ok(permit)) => Ok(Slot(permit)),
             _ => {
-                self.turned_away.store(now_ms(), Ordering::Relaxed);
+                *self.turned_away() = Some(Instant::now());
                 Err(self.refusal())
             }
         }
@@ -104,9 +97,12 @@ impl Slots {
     /// Whether an upload quiet for [`STALL`] is to give its slot up:
     /// another waits for one, or was turned away within that time.
     pub fn wanted(&self) -> bool {
-        let away = self.turned_away.load(Ordering::Relaxed);
         self.waiting.load(Ordering::Acquire) > 0
-            || (away != 0 && now_ms().saturating_sub(away) < STALL.as_secs() * 1000)
+            || self.turned_away().is_some_and(|at| at.elapsed() < STALL)
+    }
+
+    fn turned_away(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.turned_away.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How an upload that gave its slot up ends.
@@ -127,7 +123,7 @@ impl Slots {
             Code::ResourceExhausted,
             format!(
                 "envd is running as many {} as it runs at once ({}) and none ended \
-                     within {} s: retry later",
+                 within {} s: retry later",
                 self.what,
                 self.max,
                 WAIT.as_secs()

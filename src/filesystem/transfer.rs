@@ -27,7 +27,7 @@ const DEFAULT_MODE: u32 = 0o644;
 pub type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadFileResponse>> + Send>>;
 
 /// Chunks in flight between the disk thread and the network, each way.
-const PIPELINE: usize = 2;
+pub(super) const PIPELINE: usize = 2;
 
 /// A file opened for reading, with the size it had when opened.
 #[derive(Debug)]

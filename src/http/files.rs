@@ -51,9 +51,7 @@ pub async fn download(req: Request<RequestBody>, q: Query, defaults: &Defaults) 
     let path = resolve(q.bytes("path").unwrap_or_default(), &user)?;
     // Its place among the downloads sent at once, before the file is held;
     // none within the wait is 503, as envd says it is busy elsewhere.
-    let slot = slot(gzip)
-        .await
-        .map_err(|e| Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message))?;
+    let slot = slot(gzip).await.map_err(|e| Rest::busy(e.message))?;
     // One open file gives both the size and the bytes.
     let opened = open_for_read(path.clone()).await?;
     let size = opened.size;
@@ -200,10 +198,7 @@ pub async fn upload(req: Request<RequestBody>, q: Query, defaults: &Defaults) ->
     let user = user_of(&q, defaults)?;
     // Its place among the uploads that run at once (the writer holds a
     // thread while the client sends); none within the wait is 503.
-    let slot = UPLOADS
-        .take(1)
-        .await
-        .map_err(|e| Rest::http(StatusCode::SERVICE_UNAVAILABLE, e.message))?;
+    let slot = UPLOADS.take(1).await.map_err(|e| Rest::busy(e.message))?;
     let (parts, mut body) = req.into_parts();
     let result = upload_parts(&parts.headers, &mut body, &q, &user, &slot).await;
     if result.is_err() {

@@ -192,6 +192,12 @@ impl Rest {
         }
     }
 
+    /// 503: envd is busy (a shared bound is reached), not out of disk
+    /// (507, what `RESOURCE_EXHAUSTED` is otherwise on REST).
+    pub fn busy(message: impl Into<String>) -> Self {
+        Rest::http(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+
     pub fn response(&self) -> Response<HttpBody> {
         let body = serde_json::json!({"code": self.status.as_u16(), "message": self.message});
         let mut r = json(self.status, &body);

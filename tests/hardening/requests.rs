@@ -627,6 +627,9 @@ async fn requests_in_flight_are_bounded() {
     healthy(&e);
     let r = post_json(&e.tcp, "/filesystem.Filesystem/Stat", r#"{"path":"/"}"#);
     assert_eq!(r.status, 429, "{}", r.text());
+    // On REST, busy (503), not a full disk (507).
+    let r = request(&e.tcp, "GET", "/envs", &[], b"");
+    assert_eq!(r.status, 503, "{}", r.text());
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(10);
     while post_json(&e.tcp, "/filesystem.Filesystem/Stat", r#"{"path":"/"}"#).status != 200 {
