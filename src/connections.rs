@@ -60,6 +60,8 @@ pub struct Conn {
     /// Requests in flight on all connections, and how many may be.
     all_in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
+    /// HTTP/1.x: what its answers have handed to hyper and not written yet.
+    pub backlog: crate::backlog::Backlog,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +106,7 @@ impl Connections {
             requests: AtomicU64::new(0),
             all_in_flight: self.requests.clone(),
             max_in_flight: self.limits.requests,
+            backlog: crate::backlog::Backlog::default(),
         });
         open.insert(id, conn.clone());
         Some(Registered {
@@ -211,17 +214,22 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it is finished.
+/// A response body that keeps its request in flight until it is finished;
+/// on HTTP/1.x it is asked for more only while its connection's
+/// [`Backlog`](crate::backlog::Backlog) has room.
 pub struct Tracked<B> {
     inner: B,
     guard: Option<InFlight>,
+    paced: bool,
 }
 
 impl<B> Tracked<B> {
-    pub fn new(inner: B, guard: InFlight) -> Self {
+    /// `paced`: by its connection's backlog (HTTP/1.x).
+    pub fn new(inner: B, guard: InFlight, paced: bool) -> Self {
         Self {
             inner,
             guard: Some(guard),
+            paced,
         }
     }
 }
@@ -237,9 +245,23 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.guard = None;
+        let this = &mut *self;
+        let backlog = match &this.guard {
+            Some(InFlight(conn)) if this.paced => Some(&conn.backlog),
+            _ => None,
+        };
+        if let Some(backlog) = backlog {
+            std::task::ready!(backlog.poll_room(cx));
+        }
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(backlog), Some(data)) = (backlog, frame.data_ref()) {
+                    backlog.handed(data.len());
+                }
+            }
+            Poll::Ready(_) => this.guard = None,
+            Poll::Pending => {}
         }
         r
     }

@@ -9,6 +9,7 @@
 
 pub(crate) mod answers;
 pub mod auth;
+pub mod backlog;
 pub mod body;
 pub mod build_id;
 pub mod cgroups;

@@ -13,6 +13,7 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 
 use crate::auth::{refusal, Auth, Verdict, TOKEN_HEADER};
+use crate::backlog::Counted;
 use crate::connect::{is_connect_path, ConnectRouter};
 use crate::connections::{Connections, Tracked};
 use crate::defaults::Defaults;
@@ -278,6 +279,9 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// A served connection as hyper holds it (a tunnel takes it back out).
+pub type ServedIo = TokioIo<crate::linger::Lingering<Counted<Box<dyn crate::listen::Conn>>>>;
+
 /// Accepts connections forever; each is served on its own task, tracked by
 /// `conns` (cap, idle timeout, eviction).
 pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<Connections>) {
@@ -322,7 +326,8 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
             let tracked = reg.conn.clone();
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (parts, body) = req.into_parts();
-                let (body, closing) = RequestBody::new(body, parts.version < http::Version::HTTP_2);
+                let h1 = parts.version < http::Version::HTTP_2;
+                let (body, closing) = RequestBody::new(body, h1);
                 let mut req = Request::from_parts(parts, body);
                 let router = router.clone();
                 let guard = tracked.begin();
@@ -345,10 +350,13 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
                             http::HeaderValue::from_static("close"),
                         );
                     }
-                    Ok::<_, Infallible>(response.map(|b| HttpBody::new(Tracked::new(b, guard))))
+                    Ok::<_, Infallible>(response.map(|b| HttpBody::new(Tracked::new(b, guard, h1))))
                 }
             });
-            let io = TokioIo::new(crate::linger::Lingering::new(conn));
+            let io = TokioIo::new(crate::linger::Lingering::new(Counted::new(
+                conn,
+                reg.conn.clone(),
+            )));
             let served = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(served);
             // The idle check is a task of its own, so that this one wakes

@@ -77,8 +77,9 @@ mod skip;
 /// downloads' slots.
 /// 8,190,248 (two more) with requests in flight bounded and uploads given
 /// slots of their own; 8,198,504 (two more) with a stalled upload giving
-/// its slot up to others.
-const BUDGET: u64 = 8_199_000;
+/// its slot up to others; 8,202,600 (one more) with an HTTP/1.x answer
+/// asked for more only while little of it waits for the socket.
+const BUDGET: u64 = 8_203_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -135,17 +135,18 @@ async fn carry(
     upgraded: hyper::upgrade::Upgraded,
     stream: tokio::net::TcpStream,
 ) -> std::io::Result<(u64, u64)> {
-    use crate::listen::{into_socket, Conn, Socket};
+    use crate::listen::{into_socket, Socket};
     use crate::relay::splice;
     use tokio::io::AsyncWriteExt;
 
-    type Io = TokioIo<crate::linger::Lingering<Box<dyn Conn>>>;
-    let parts = match hyper_util::server::conn::auto::upgrade::downcast::<Io>(upgraded) {
+    let parts = match hyper_util::server::conn::auto::upgrade::downcast::<crate::server::ServedIo>(
+        upgraded,
+    ) {
         Ok(parts) => parts,
         Err(upgraded) => return crate::relay::relay(TokioIo::new(upgraded), stream).await,
     };
     // Out of its lingering wrapper: a tunnel half-closes and reads on.
-    let mut conn = parts.io.into_inner().into_inner();
+    let mut conn = parts.io.into_inner().into_inner().into_inner();
     match splice::Pipes::new() {
         Ok(pipes) => match into_socket(conn)? {
             Socket::Plain(client) => {
