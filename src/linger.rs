@@ -93,13 +93,7 @@ impl<T: AsyncRead + Unpin> Lingering<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
+    crate::listen::delegate_reads!();
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<T> {

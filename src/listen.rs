@@ -145,6 +145,21 @@ macro_rules! delegate_writes {
 }
 pub(crate) use delegate_writes;
 
+/// The reading half of a connection wrapper that changes only its writes
+/// or its close: `poll_read` goes to the wrapped connection, `inner`.
+macro_rules! delegate_reads {
+    () => {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    };
+}
+pub(crate) use delegate_reads;
+
 /// Any accepted connection.
 pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// What it is, to tell a plain socket from a wrapper.

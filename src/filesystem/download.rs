@@ -14,8 +14,9 @@
 //!   chunks over [`FREE_CHUNK`] come from [`LARGE`], shared by all
 //!   downloads, and are [`FREE_CHUNK`] when it is spent. A fast download
 //!   reaches 1 MiB chunks within seven. What a download nobody reads holds
-//!   is then mostly what hyper queues for a connection whose socket is full
-//!   (up to ~400 KiB on HTTP/1.1) and the chunks waiting behind it.
+//!   is then mostly the chunk hyper is writing to a socket that is full
+//!   (on HTTP/1.x with at most 64 KiB more, [`crate::backlog`]) and the
+//!   chunks waiting behind it.
 //! - **Slots.** At most 64 downloads are sent at once, a gzip one counting
 //!   [`GZIP_SLOTS`] ([`super::slots`]).
 //!

@@ -16,10 +16,12 @@
 //! when others want one (they wait, or were turned away within that time):
 //! it ends with `DEADLINE_EXCEEDED` and leaves nothing. So clients that
 //! stall cannot keep the upload slots from the others for long; alone, a
-//! slow client is never cut. A download is not cut so: ended, it would
-//! still hold what its connection had queued (up to ~400 KiB in hyper on
-//! HTTP/1.1) until the client closed it, and its slot would go to another,
-//! so the slots would no longer bound that memory.
+//! slow client is never cut. A download is not cut so: hyper asks a
+//! stalled answer for nothing more, so an end could reach its client only by
+//! closing the connection (on HTTP/2, every stream on it). Ended without
+//! that, it would still hold the chunk hyper is writing (up to 1 MiB) until
+//! the client closed it, and its slot would go to another, so the slots
+//! would no longer bound that memory.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
