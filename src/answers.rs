@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::quota::Quota;
+use crate::quota::{LastRefusal, Quota};
 use crate::status::{Code, Error, Result};
 use crate::wire::HttpBody;
 
@@ -40,6 +40,14 @@ pub const SMALL: usize = 64 << 10;
 const PIECE: usize = 64 << 10;
 
 static HELD: Quota = Quota::new(MAX);
+/// When an answer was last refused for want of room.
+static REFUSED: LastRefusal = LastRefusal::new();
+
+/// Whether an answer was refused for want of room within `d`: answers
+/// held for callers that stopped reading are then in the way.
+pub fn wanted_within(d: std::time::Duration) -> bool {
+    REFUSED.within(d)
+}
 
 /// What one request holds of [`MAX`] for its answer; clones share it, and
 /// it is given back when the last is dropped.
@@ -91,6 +99,7 @@ impl Share {
                     ),
                 ));
             } else if !HELD.try_take(n - had) {
+                REFUSED.mark();
                 return Err(Error::new(
                     Code::ResourceExhausted,
                     format!(

@@ -7,16 +7,25 @@
 //! that much in envd on every such connection: 300 of them, unread, took
 //! envd to +163-177 MiB (19 of them the output logs' floors). Now a
 //! connection counts the body bytes handed to hyper and the bytes written
-//! to its socket, and an answer's body is asked for its next frame only
-//! while no more than [`LIMIT`] of them wait (then woken when the socket has
-//! taken all but [`RESUME`]). What stays in envd for a client that does not
-//! read is that and the frame being written: +53-61 MiB.
+//! to its socket, and an answer's body is asked for its next piece (of at
+//! most [`PIECE`]) only while no more than [`LIMIT`] of them wait (then
+//! woken when the socket has taken all but [`RESUME`]). What stays in envd
+//! for a client that does not read is that and the frame being handed on:
+//! +53-66 MiB.
+//!
+//! An answer that has had no room for [`STALL`] (30 s: its client took
+//! nothing) gives way when others want what it may hold ([`wanted`]: a
+//! download's slot, a share of the large answers' budget, a place among the
+//! requests in flight): it ends with an error, and hyper closes the
+//! connection, which frees all of it. Alone, a slow client is never cut.
 //!
 //! HTTP/2 multiplexes answers on one socket, each under its own flow
 //! control, so a per-connection count would let one stalled stream stop the
 //! others. It needs none: h2 takes a stream's next frame only once the last
 //! is on its way, and 600 unread streams cost what their logs hold and
-//! ~20 KiB each.
+//! ~20 KiB each. Nor is a stalled HTTP/2 answer cut: hyper asks it for
+//! nothing more, so only closing the connection, and every stream on it,
+//! would reach it.
 
 use std::io;
 use std::pin::Pin;
@@ -29,9 +38,40 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Body bytes a connection may have waiting in hyper for its socket before
 /// the answer is asked for more.
-pub const LIMIT: u64 = 64 << 10;
+pub const LIMIT: usize = 64 << 10;
+/// The largest piece an answer's data is handed on in (HTTP/1.x): with
+/// [`LIMIT`] waiting, hyper's queue stays under its own limit (~400 KB), so
+/// hyper keeps asking the answer for more, which is when a stall is seen.
+/// Smaller pieces cost throughput (64 KiB: 1 GiB downloads ~8% slower over
+/// TCP), not memory: a piece is a slice of its frame.
+pub const PIECE: usize = 256 << 10;
 /// A paused answer is woken when no more than this waits.
-const RESUME: u64 = LIMIT / 2;
+const RESUME: u64 = LIMIT as u64 / 2;
+/// An answer that has had no room this long gives way to others that want
+/// what it may hold ([`wanted`]): the uploads' limit.
+pub use crate::filesystem::slots::{STALL, STALL_STEP};
+
+/// Whether others want what an answer whose client stopped reading may
+/// hold: a download's slot, a share of the large answers' budget, or its
+/// place among the requests in flight (each refused or waited for within
+/// [`STALL`]).
+pub fn wanted() -> bool {
+    crate::filesystem::slots::DOWNLOADS.wanted()
+        || crate::answers::wanted_within(STALL)
+        || crate::connections::crowded_within(STALL)
+}
+
+/// How an answer that gave way ends: on HTTP/1.x hyper then closes its
+/// connection, which is what frees what it held (the client is not
+/// reading, so nothing else could reach it).
+#[cold]
+pub fn stalled() -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!(
+        "the client took nothing of this answer for {} s while others waited for what it \
+         holds: ended to make room",
+        STALL.as_secs()
+    ))
+}
 
 /// One connection's count (see the module).
 #[derive(Debug, Default)]
@@ -54,11 +94,11 @@ impl Backlog {
     /// Ready while fewer than [`LIMIT`] bytes wait for the socket; else the
     /// task is woken when the socket has taken all but [`RESUME`].
     pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.waits() <= LIMIT {
+        if self.waits() <= LIMIT as u64 {
             return Poll::Ready(());
         }
         self.waiting.register(cx.waker());
-        if self.waits() <= LIMIT {
+        if self.waits() <= LIMIT as u64 {
             return Poll::Ready(());
         }
         Poll::Pending

@@ -10,6 +10,7 @@
 //! idle connection to close, a new connection is refused.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
+
+use crate::wire::HttpBody;
 use tokio::time::Instant;
 
 /// Limits on connections.
@@ -193,8 +196,20 @@ impl InFlight {
     /// once (see [`Crowded`]).
     pub fn crowded(&self) -> Option<Crowded> {
         let max = self.0.max_in_flight;
-        (self.0.all_in_flight.load(Ordering::Acquire) > max).then_some(Crowded(max))
+        let crowded = self.0.all_in_flight.load(Ordering::Acquire) > max;
+        if crowded {
+            CROWDED.mark();
+        }
+        crowded.then_some(Crowded(max))
     }
+}
+
+/// When a request was last refused for the requests in flight.
+static CROWDED: crate::quota::LastRefusal = crate::quota::LastRefusal::new();
+
+/// Whether a request was refused for the requests in flight within `d`.
+pub fn crowded_within(d: Duration) -> bool {
+    CROWDED.within(d)
 }
 
 /// Marks a request that came while envd had more in flight than it serves
@@ -216,61 +231,112 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request in flight until it is finished;
 /// on HTTP/1.x it is asked for more only while its connection's
-/// [`Backlog`](crate::backlog::Backlog) has room.
-pub struct Tracked<B> {
-    inner: B,
+/// [`Backlog`](crate::backlog::Backlog) has room, and ends when it has had
+/// none for [`STALL`](crate::backlog::STALL) while others want what it may
+/// hold ([`crate::backlog::wanted`]).
+pub struct Tracked {
+    inner: HttpBody,
     guard: Option<InFlight>,
     paced: bool,
+    /// What is left of the data frame being handed on (paced: in pieces of
+    /// at most [`PIECE`](crate::backlog::PIECE), so that hyper's own queue
+    /// never fills and it keeps asking, which is when a stall is seen).
+    rest: Bytes,
+    /// Since when it has had no room, and when to look again.
+    stalled: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
 }
 
-impl<B> Tracked<B> {
+impl Tracked {
     /// `paced`: by its connection's backlog (HTTP/1.x).
-    pub fn new(inner: B, guard: InFlight, paced: bool) -> Self {
+    pub fn new(inner: HttpBody, guard: InFlight, paced: bool) -> Self {
         Self {
             inner,
             guard: Some(guard),
             paced,
+            rest: Bytes::new(),
+            stalled: None,
         }
+    }
+
+    /// Ready when there is room for more; an error when it has waited for
+    /// room long enough to give way.
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tonic::Status>> {
+        let Some(InFlight(conn)) = self.guard.as_ref().filter(|_| self.paced) else {
+            return Poll::Ready(Ok(()));
+        };
+        if conn.backlog.poll_room(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Ok(()));
+        }
+        let (since, look) = self.stalled.get_or_insert_with(|| {
+            let now = Instant::now();
+            let look = tokio::time::sleep_until(now + crate::backlog::STALL_STEP);
+            (now, Box::pin(look))
+        });
+        while look.as_mut().poll(cx).is_ready() {
+            if since.elapsed() >= crate::backlog::STALL && crate::backlog::wanted() {
+                return Poll::Ready(Err(crate::backlog::stalled()));
+            }
+            let next = Instant::now() + crate::backlog::STALL_STEP;
+            look.as_mut().reset(next);
+        }
+        Poll::Pending
     }
 }
 
-impl<B> Body for Tracked<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
+impl Body for Tracked {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = tonic::Status;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let this = &mut *self;
-        let backlog = match &this.guard {
-            Some(InFlight(conn)) if this.paced => Some(&conn.backlog),
-            _ => None,
-        };
-        if let Some(backlog) = backlog {
-            std::task::ready!(backlog.poll_room(cx));
+        if let Err(e) = std::task::ready!(this.poll_room(cx)) {
+            this.guard = None;
+            this.rest = Bytes::new();
+            return Poll::Ready(Some(Err(e)));
         }
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(backlog), Some(data)) = (backlog, frame.data_ref()) {
-                    backlog.handed(data.len());
+        let paced = match &this.guard {
+            Some(InFlight(conn)) if this.paced => conn,
+            _ => {
+                let r = Pin::new(&mut this.inner).poll_frame(cx);
+                if matches!(r, Poll::Ready(None | Some(Err(_)))) {
+                    this.guard = None;
+                }
+                return r;
+            }
+        };
+        if this.rest.is_empty() {
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                end => {
+                    this.guard = None;
+                    return Poll::Ready(end);
                 }
             }
-            Poll::Ready(_) => this.guard = None,
-            Poll::Pending => {}
         }
-        r
+        let n = this.rest.len().min(crate::backlog::PIECE);
+        paced.backlog.handed(n);
+        Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }

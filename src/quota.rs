@@ -117,3 +117,35 @@ mod tests {
         assert_eq!(Q.used(), 0);
     }
 }
+
+impl Default for LastRefusal {
+    fn default() -> Self {
+        LastRefusal::new()
+    }
+}
+
+/// When something was last refused, to tell whether others want what a
+/// stalled holder keeps (see [`crate::filesystem::slots`] and
+/// [`crate::backlog`]).
+#[derive(Debug)]
+pub struct LastRefusal(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl LastRefusal {
+    pub const fn new() -> LastRefusal {
+        LastRefusal(std::sync::Mutex::new(None))
+    }
+
+    /// Something was refused now.
+    pub fn mark(&self) {
+        *self.lock() = Some(std::time::Instant::now());
+    }
+
+    /// Whether something was refused within `d`.
+    pub fn within(&self, d: std::time::Duration) -> bool {
+        self.lock().is_some_and(|at| at.elapsed() < d)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

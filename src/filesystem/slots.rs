@@ -16,19 +16,20 @@
 //! when others want one (they wait, or were turned away within that time):
 //! it ends with `DEADLINE_EXCEEDED` and leaves nothing. So clients that
 //! stall cannot keep the upload slots from the others for long; alone, a
-//! slow client is never cut. A download is not cut so: hyper asks a
-//! stalled answer for nothing more, so an end could reach its client only by
-//! closing the connection (on HTTP/2, every stream on it). Ended without
-//! that, it would still hold the chunk hyper is writing (up to 1 MiB) until
-//! the client closed it, and its slot would go to another, so the slots
-//! would no longer bound that memory.
+//! slow client is never cut. A download over HTTP/1.x whose client took
+//! nothing for [`STALL`] gives way on the same terms, and its connection is
+//! closed, which frees what it held ([`crate::backlog`]). Over HTTP/2 it is
+//! not: hyper asks such a stream for nothing more, so an end could reach it
+//! only by closing the connection and every stream on it; ended without
+//! that, it would keep the chunk hyper holds (up to 1 MiB) while its slot
+//! went to another, so the slots would no longer bound that memory.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use crate::quota::LastRefusal;
 use crate::status::{Code, Error, Result};
 
 /// How long a transfer waits for its slots.
@@ -47,7 +48,7 @@ pub struct Slots {
     /// Transfers waiting for slots now.
     waiting: AtomicUsize,
     /// When one was last turned away.
-    turned_away: Mutex<Option<Instant>>,
+    turned_away: LastRefusal,
 }
 
 /// Downloads (`GET /files`, `ReadFile`); a gzip one takes 4 (its encoder
@@ -67,7 +68,7 @@ impl Slots {
             max,
             what,
             waiting: AtomicUsize::new(0),
-            turned_away: Mutex::new(None),
+            turned_away: LastRefusal::new(),
         }
     }
 
@@ -90,7 +91,7 @@ impl Slots {
         match got {
             Ok(Ok(permit)) => Ok(Slot(permit)),
             _ => {
-                *self.turned_away() = Some(Instant::now());
+                self.turned_away.mark();
                 Err(self.refusal())
             }
         }
@@ -99,12 +100,7 @@ impl Slots {
     /// Whether an upload quiet for [`STALL`] is to give its slot up:
     /// another waits for one, or was turned away within that time.
     pub fn wanted(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0
-            || self.turned_away().is_some_and(|at| at.elapsed() < STALL)
-    }
-
-    fn turned_away(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        self.turned_away.lock().unwrap_or_else(|e| e.into_inner())
+        self.waiting.load(Ordering::Acquire) > 0 || self.turned_away.within(STALL)
     }
 
     /// How an upload that gave its slot up ends.

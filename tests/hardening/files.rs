@@ -395,6 +395,84 @@ fn downloads_not_read_are_bounded() {
     }
 }
 
+// Downloads whose clients read nothing kept their slots for as long as the
+// clients kept the connections open: 64 of them left every other download
+// waiting 10 s and then refused. Now one (over HTTP/1.x) whose client took
+// nothing for 30 s gives way when others want a slot, and its connection
+// is closed.
+#[test]
+fn stalled_downloads_make_room() {
+    let e = Envd::start(&[]);
+    let (_guard, dir) = empty_dir("stalled-downloads");
+    let big = dir.join("big");
+    std::fs::write(&big, vec![7u8; 16 << 20]).unwrap();
+    let small = dir.join("small");
+    std::fs::write(&small, b"hello").unwrap();
+    let start = Instant::now();
+    let held: Vec<TcpStream> = (0..64).map(|_| download_unread(&e, &big, false)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let sockets = fds_like(e.pid(), "socket:");
+    let get_small = || {
+        request(
+            &e.tcp,
+            "GET",
+            &format!("/files?path={}", s(&small)),
+            &[],
+            b"",
+        )
+    };
+    let r = get_small();
+    assert_eq!(r.status, 503, "{}", r.text());
+    let deadline = start + Duration::from_secs(50);
+    loop {
+        let r = get_small();
+        if r.status == 200 {
+            assert_eq!(r.body, b"hello");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
+    }
+    let after = start.elapsed();
+    println!("a download was sent again after {after:?}");
+    assert!(
+        after >= Duration::from_secs(30),
+        "cut before the stall limit"
+    );
+    // The stalled ones were ended, their connections closed.
+    let closed_by = Instant::now() + Duration::from_secs(10);
+    while fds_like(e.pid(), "socket:") + 64 > sockets {
+        assert!(
+            Instant::now() < closed_by,
+            "{} sockets open, {sockets} with the stalled downloads",
+            fds_like(e.pid(), "socket:")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
+    healthy(&e);
+}
+
+// Alone, a download whose client pauses longer than the stall limit is not
+// cut: it gives way only to others that want a slot.
+#[test]
+fn a_slow_download_alone_is_not_cut() {
+    let e = Envd::start(&[]);
+    let (_guard, dir) = empty_dir("slow-download");
+    let big = dir.join("big");
+    std::fs::write(&big, vec![7u8; 64 << 20]).unwrap();
+    let mut c = TcpStream::connect(addr(&e.tcp)).unwrap();
+    let get = format!("GET /files?path={} HTTP/1.1\r\nhost: envd\r\n\r\n", s(&big));
+    c.write_all(get.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(33));
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = common::http::read_head(&mut c);
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = vec![0u8; 64 << 20];
+    c.read_exact(&mut body).unwrap();
+    assert!(body.iter().all(|&b| b == 7));
+}
+
 /// A `POST /files` of 1 MiB to `path` on a new connection that sends the
 /// first KiB and then nothing.
 fn upload_stalled(e: &Envd, path: &Path) -> TcpStream {

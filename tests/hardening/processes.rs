@@ -229,7 +229,7 @@ async fn unread_attached_streams_hold_bounded_output() {
     println!("300 unread streams of `yes`: envd grew by {grown_mib} MiB");
     // Each stalled stream keeps 64 KiB unread in its log (the budget's
     // floor: 19 MiB in all), and at most 64 KiB waiting in hyper for the
-    // socket besides the message being written: +53-61 MiB. hyper used to
+    // socket besides the message being written: +53-66 MiB. hyper used to
     // queue ~400 KB a connection: +163-177 MiB (and before the budget held
     // for attached streams, +617 MiB with the default budget).
     assert!(grown_mib < 100, "envd grew by {grown_mib} MiB");
