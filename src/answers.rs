@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::pieces::Pieces;
 use crate::quota::{LastRefusal, Quota};
 use crate::status::{Code, Error, Result};
 use crate::wire::HttpBody;
@@ -130,8 +131,7 @@ impl Share {
             return body;
         }
         HttpBody::new(Metered {
-            inner: body,
-            rest: Bytes::new(),
+            inner: Pieces::new(body, PIECE),
             share: Some(self),
         })
     }
@@ -146,9 +146,7 @@ fn held_now() -> usize {
 /// A counted answer's body: its data in pieces, its share given back at the
 /// end.
 struct Metered {
-    inner: HttpBody,
-    /// What is left of the data frame being handed on.
-    rest: Bytes,
+    inner: Pieces<HttpBody>,
     share: Option<Share>,
 }
 
@@ -160,38 +158,19 @@ impl Body for Metered {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<std::result::Result<Frame<Bytes>, Self::Error>>> {
-        if self.rest.is_empty() {
-            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(f))) => f,
-                Poll::Ready(end) => {
-                    self.share = None;
-                    return Poll::Ready(end);
-                }
-                Poll::Pending => return Poll::Pending,
-            };
-            match frame.into_data() {
-                Ok(data) => self.rest = data,
-                Err(other) => return Poll::Ready(Some(Ok(other))),
-            }
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None | Some(Err(_)))) {
+            self.share = None;
         }
-        let n = self.rest.len().min(PIECE);
-        let piece = self.rest.split_to(n);
-        Poll::Ready(Some(Ok(Frame::data(piece))))
+        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.inner.is_end_stream()
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
-        let rest = self.rest.len() as u64;
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + rest);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + rest);
-        }
-        hint
+        self.inner.size_hint()
     }
 }
 

@@ -20,9 +20,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
-
-use crate::wire::HttpBody;
 use tokio::time::Instant;
+
+use crate::pieces::Pieces;
+use crate::wire::HttpBody;
 
 /// Limits on connections.
 #[derive(Debug, Clone, Copy)]
@@ -235,13 +236,12 @@ impl Drop for InFlight {
 /// none for [`STALL`](crate::backlog::STALL) while others want what it may
 /// hold ([`crate::backlog::wanted`]).
 pub struct Tracked {
-    inner: HttpBody,
+    /// Paced, in pieces of at most [`PIECE`](crate::backlog::PIECE), so
+    /// that hyper's own queue never fills and it keeps asking, which is when
+    /// a stall is seen.
+    inner: Pieces<HttpBody>,
     guard: Option<InFlight>,
     paced: bool,
-    /// What is left of the data frame being handed on (paced: in pieces of
-    /// at most [`PIECE`](crate::backlog::PIECE), so that hyper's own queue
-    /// never fills and it keeps asking, which is when a stall is seen).
-    rest: Bytes,
     /// Since when it has had no room, and when to look again.
     stalled: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
 }
@@ -249,11 +249,15 @@ pub struct Tracked {
 impl Tracked {
     /// `paced`: by its connection's backlog (HTTP/1.x).
     pub fn new(inner: HttpBody, guard: InFlight, paced: bool) -> Self {
+        let piece = if paced {
+            crate::backlog::PIECE
+        } else {
+            usize::MAX
+        };
         Self {
-            inner,
+            inner: Pieces::new(inner, piece),
             guard: Some(guard),
             paced,
-            rest: Bytes::new(),
             stalled: None,
         }
     }
@@ -295,48 +299,27 @@ impl Body for Tracked {
         let this = &mut *self;
         if let Err(e) = std::task::ready!(this.poll_room(cx)) {
             this.guard = None;
-            this.rest = Bytes::new();
             return Poll::Ready(Some(Err(e)));
         }
-        let paced = match &this.guard {
-            Some(InFlight(conn)) if this.paced => conn,
-            _ => {
-                let r = Pin::new(&mut this.inner).poll_frame(cx);
-                if matches!(r, Poll::Ready(None | Some(Err(_)))) {
-                    this.guard = None;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => match (&this.guard, frame.data_ref()) {
+                (Some(InFlight(conn)), Some(data)) if this.paced => {
+                    conn.backlog.handed(data.len());
                 }
-                return r;
-            }
-        };
-        if this.rest.is_empty() {
-            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.rest = data,
-                    Err(other) => return Poll::Ready(Some(Ok(other))),
-                },
-                end => {
-                    this.guard = None;
-                    return Poll::Ready(end);
-                }
-            }
+                _ => {}
+            },
+            Poll::Ready(_) => this.guard = None,
+            Poll::Pending => {}
         }
-        let n = this.rest.len().min(crate::backlog::PIECE);
-        paced.backlog.handed(n);
-        Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.inner.is_end_stream()
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
-        let rest = self.rest.len() as u64;
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + rest);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + rest);
-        }
-        hint
+        self.inner.size_hint()
     }
 }

@@ -35,6 +35,7 @@ pub mod listen;
 pub mod logging;
 pub mod memory;
 pub(crate) mod paths;
+pub(crate) mod pieces;
 pub mod ports;
 pub mod process;
 pub mod proto;

@@ -336,6 +336,33 @@ fn download_unread(e: &Envd, file: &Path, gzip: bool) -> TcpStream {
     c
 }
 
+/// In a new directory `name`: `big`, `len` bytes of 7s, and `small`,
+/// "hello".
+fn big_and_small(name: &str, len: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (guard, dir) = empty_dir(name);
+    let (big, small) = (dir.join("big"), dir.join("small"));
+    std::fs::write(&big, vec![7u8; len]).unwrap();
+    std::fs::write(&small, b"hello").unwrap();
+    (guard, big, small)
+}
+
+/// Asks for `small` (see [`big_and_small`]) until it is sent, by `deadline`.
+fn small_sent_by(e: &Envd, small: &Path, deadline: Instant) {
+    loop {
+        let r = get_file(e, small);
+        if r.status == 200 {
+            assert_eq!(r.body, b"hello");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
+    }
+}
+
+/// `GET /files` of `file` on a connection of its own.
+fn get_file(e: &Envd, file: &Path) -> Reply {
+    request(&e.tcp, "GET", &format!("/files?path={}", s(file)), &[], b"")
+}
+
 // A client that asked for a large file and read none of it held a blocking
 // thread and 4 MiB of envd's (1 MiB chunks read ahead into a queue): 200
 // such clients took envd past 800 MiB, 400 to 1.3 GiB with most of the
@@ -345,11 +372,7 @@ fn download_unread(e: &Envd, file: &Path, gzip: bool) -> TcpStream {
 #[test]
 fn downloads_not_read_are_bounded() {
     let e = Envd::start(&[]);
-    let (_guard, dir) = empty_dir("downloads");
-    let big = dir.join("big");
-    std::fs::write(&big, vec![7u8; 64 << 20]).unwrap();
-    let small = dir.join("small");
-    std::fs::write(&small, b"hello").unwrap();
+    let (_guard, big, small) = big_and_small("downloads", 64 << 20);
     let before = anon_kib(e.pid());
     let held: Vec<TcpStream> = (0..200)
         .map(|i| download_unread(&e, &big, i % 8 == 0))
@@ -368,31 +391,14 @@ fn downloads_not_read_are_bounded() {
         &format!(r#"{{"path":"{}"}}"#, small.display()),
     );
     assert_eq!(stat.status, 200, "{}", stat.text());
-    let get_small = || {
-        request(
-            &e.tcp,
-            "GET",
-            &format!("/files?path={}", s(&small)),
-            &[],
-            b"",
-        )
-    };
     let t = Instant::now();
-    let r = get_small();
+    let r = get_file(&e, &small);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("retry later"), "{}", r.text());
     assert!(t.elapsed() >= Duration::from_secs(9), "refused at once");
     drop(held);
     // The slots come back once those clients are gone.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = get_small();
-        if r.status == 200 {
-            assert_eq!(r.body, b"hello");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
-    }
+    small_sent_by(&e, &small, Instant::now() + Duration::from_secs(10));
 }
 
 // Downloads whose clients read nothing kept their slots for as long as the
@@ -403,35 +409,14 @@ fn downloads_not_read_are_bounded() {
 #[test]
 fn stalled_downloads_make_room() {
     let e = Envd::start(&[]);
-    let (_guard, dir) = empty_dir("stalled-downloads");
-    let big = dir.join("big");
-    std::fs::write(&big, vec![7u8; 16 << 20]).unwrap();
-    let small = dir.join("small");
-    std::fs::write(&small, b"hello").unwrap();
+    let (_guard, big, small) = big_and_small("stalled-downloads", 16 << 20);
     let start = Instant::now();
     let held: Vec<TcpStream> = (0..64).map(|_| download_unread(&e, &big, false)).collect();
     std::thread::sleep(Duration::from_secs(1));
     let sockets = fds_like(e.pid(), "socket:");
-    let get_small = || {
-        request(
-            &e.tcp,
-            "GET",
-            &format!("/files?path={}", s(&small)),
-            &[],
-            b"",
-        )
-    };
-    let r = get_small();
+    let r = get_file(&e, &small);
     assert_eq!(r.status, 503, "{}", r.text());
-    let deadline = start + Duration::from_secs(50);
-    loop {
-        let r = get_small();
-        if r.status == 200 {
-            assert_eq!(r.body, b"hello");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{} {}", r.status, r.text());
-    }
+    small_sent_by(&e, &small, start + Duration::from_secs(50));
     let after = start.elapsed();
     println!("a download was sent again after {after:?}");
     assert!(
