@@ -13,8 +13,8 @@
 //! for a client that does not read is that and the frame being handed on:
 //! +53-66 MiB.
 //!
-//! An answer that has had no room for [`STALL`] (30 s: its client took
-//! nothing) gives way when others want what it may hold ([`wanted`]: a
+//! An answer that has had no room while its socket took nothing for
+//! [`STALL`] (30 s) gives way when others want what it may hold ([`wanted`]: a
 //! download's slot, a share of the large answers' budget, a place among the
 //! requests in flight): it ends with an error, and hyper closes the
 //! connection, which frees all of it. Alone, a slow client is never cut.
@@ -102,6 +102,11 @@ impl Backlog {
             return Poll::Ready(());
         }
         Poll::Pending
+    }
+
+    /// Bytes written to the socket so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
     }
 
     /// `n` body bytes handed to hyper.

@@ -232,9 +232,9 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request in flight until it is finished;
 /// on HTTP/1.x it is asked for more only while its connection's
-/// [`Backlog`](crate::backlog::Backlog) has room, and ends when it has had
-/// none for [`STALL`](crate::backlog::STALL) while others want what it may
-/// hold ([`crate::backlog::wanted`]).
+/// [`Backlog`](crate::backlog::Backlog) has room, and ends when its socket
+/// has taken nothing for [`STALL`](crate::backlog::STALL) while others want
+/// what it may hold ([`crate::backlog::wanted`]).
 pub struct Tracked {
     /// Paced, in pieces of at most [`PIECE`](crate::backlog::PIECE), so
     /// that hyper's own queue never fills and it keeps asking, which is when
@@ -242,8 +242,9 @@ pub struct Tracked {
     inner: Pieces<HttpBody>,
     guard: Option<InFlight>,
     paced: bool,
-    /// Since when it has had no room, and when to look again.
-    stalled: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// While it has no room: since when its socket has taken nothing (and
+    /// what it had taken then), and when to look again.
+    stalled: Option<(Instant, u64, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl Tracked {
@@ -272,13 +273,17 @@ impl Tracked {
             self.stalled = None;
             return Poll::Ready(Ok(()));
         }
-        let (since, look) = self.stalled.get_or_insert_with(|| {
+        let (since, taken, look) = self.stalled.get_or_insert_with(|| {
             let now = Instant::now();
             let look = tokio::time::sleep_until(now + crate::backlog::STALL_STEP);
-            (now, Box::pin(look))
+            (now, conn.backlog.written(), Box::pin(look))
         });
         while look.as_mut().poll(cx).is_ready() {
-            if since.elapsed() >= crate::backlog::STALL && crate::backlog::wanted() {
+            // A slow client that takes something is not stalled.
+            let written = conn.backlog.written();
+            if written != *taken {
+                (*since, *taken) = (Instant::now(), written);
+            } else if since.elapsed() >= crate::backlog::STALL && crate::backlog::wanted() {
                 return Poll::Ready(Err(crate::backlog::stalled()));
             }
             let next = Instant::now() + crate::backlog::STALL_STEP;

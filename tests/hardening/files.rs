@@ -405,13 +405,28 @@ fn downloads_not_read_are_bounded() {
 // clients kept the connections open: 64 of them left every other download
 // waiting 10 s and then refused. Now one (over HTTP/1.x) whose client took
 // nothing for 30 s gives way when others want a slot, and its connection
-// is closed.
+// is closed; one whose client reads, however slowly, is not.
 #[test]
 fn stalled_downloads_make_room() {
     let e = Envd::start(&[]);
     let (_guard, big, small) = big_and_small("stalled-downloads", 16 << 20);
     let start = Instant::now();
-    let held: Vec<TcpStream> = (0..64).map(|_| download_unread(&e, &big, false)).collect();
+    // One client reads, 256 KiB a second; 63 read nothing.
+    let mut slow = TcpStream::connect(addr(&e.tcp)).unwrap();
+    let get = format!("GET /files?path={} HTTP/1.1\r\nhost: envd\r\n\r\n", s(&big));
+    slow.write_all(get.as_bytes()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 256 << 10]);
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let n = slow.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        (slow, got)
+    });
+    let held: Vec<TcpStream> = (0..63).map(|_| download_unread(&e, &big, false)).collect();
     std::thread::sleep(Duration::from_secs(1));
     let sockets = fds_like(e.pid(), "socket:");
     let r = get_file(&e, &small);
@@ -425,7 +440,7 @@ fn stalled_downloads_make_room() {
     );
     // The stalled ones were ended, their connections closed.
     let closed_by = Instant::now() + Duration::from_secs(10);
-    while fds_like(e.pid(), "socket:") + 64 > sockets {
+    while fds_like(e.pid(), "socket:") + 63 > sockets {
         assert!(
             Instant::now() < closed_by,
             "{} sockets open, {sockets} with the stalled downloads",
@@ -434,6 +449,16 @@ fn stalled_downloads_make_room() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(held);
+    // The one that read slowly was not cut: it is sent whole.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut slow, mut got) = reader.join().unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut rest = vec![0u8; head + (16 << 20) - got.len()];
+    slow.read_exact(&mut rest).unwrap();
+    got.extend_from_slice(&rest);
+    assert!(got[head..].iter().all(|&b| b == 7));
     healthy(&e);
 }
 
