@@ -38,10 +38,11 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Pieces<B> {
         let this = &mut *self;
         if this.rest.is_empty() {
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.rest = data,
-                    Err(other) => return Poll::Ready(Some(Ok(other))),
-                },
+                // A frame that fits (and any that is not data) goes on as it is.
+                Some(Ok(frame)) if frame.data_ref().is_none_or(|d| d.len() <= this.max) => {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Some(Ok(frame)) => this.rest = frame.into_data().unwrap_or_default(),
                 end => return Poll::Ready(end),
             }
         }

@@ -118,12 +118,6 @@ mod tests {
     }
 }
 
-impl Default for LastRefusal {
-    fn default() -> Self {
-        LastRefusal::new()
-    }
-}
-
 /// When something was last refused, to tell whether others want what a
 /// stalled holder keeps (see [`crate::filesystem::slots`] and
 /// [`crate::backlog`]).
@@ -147,5 +141,11 @@ impl LastRefusal {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for LastRefusal {
+    fn default() -> Self {
+        LastRefusal::new()
     }
 }

@@ -97,8 +97,9 @@ impl Slots {
         }
     }
 
-    /// Whether an upload quiet for [`STALL`] is to give its slot up:
-    /// another waits for one, or was turned away within that time.
+    /// Whether a transfer stalled for [`STALL`] is to give its slot up (an
+    /// upload here, a download through [`crate::backlog::wanted`]): another
+    /// waits for one, or was turned away within that time.
     pub fn wanted(&self) -> bool {
         self.waiting.load(Ordering::Acquire) > 0 || self.turned_away.within(STALL)
     }
