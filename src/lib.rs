@@ -45,6 +45,7 @@ pub(crate) mod request;
 pub mod request_body;
 pub mod sd;
 pub mod server;
+pub(crate) mod small_files;
 pub mod status;
 pub(crate) mod streams;
 pub(crate) mod threads;

@@ -384,6 +384,62 @@ fn outside_a_vm_the_system_is_left_alone() {
     }
 }
 
+/// Anything root in the VM may put a FIFO (or a device) where `/init`
+/// rewrites `/etc/hosts` or the CA bundle: envd refused with the file named
+/// instead of waiting on the FIFO for a writer on one of its workers (which
+/// took the request, and two such took envd), or reading a device forever.
+#[test]
+fn init_refuses_system_files_that_are_not_files() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("etc/ssl/certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let fifo = |p: &std::path::Path| {
+        nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+    };
+    fifo(&root.path().join("etc/hosts"));
+    fifo(&certs.join("ca-certificates.crt"));
+    let envd = vm_envd(root.path(), None, &[]);
+    for (field, body) in [
+        ("hyperloopIP", r#"{"hyperloopIP":"10.0.0.1"}"#.to_owned()),
+        (
+            "caBundle",
+            serde_json::json!({ "caBundle": CERT }).to_string(),
+        ),
+        // Both at once, twice over: each would have held a worker.
+        (
+            "hyperloopIP",
+            serde_json::json!({ "hyperloopIP": "10.0.0.2", "caBundle": CERT }).to_string(),
+        ),
+        (
+            "hyperloopIP",
+            serde_json::json!({ "hyperloopIP": "10.0.0.3", "caBundle": CERT }).to_string(),
+        ),
+    ] {
+        let t = std::time::Instant::now();
+        let r = post_json(&envd.tcp, "/init", &body);
+        assert_eq!(r.status, 400, "{field}: {}", r.text());
+        assert!(
+            r.text().contains(field) && r.text().contains("not a regular file (a FIFO)"),
+            "{}",
+            r.text()
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{field}: {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(get(&envd.tcp, "/health", None).status, 204);
+    // Put back as files, the same fields work.
+    std::fs::remove_file(root.path().join("etc/hosts")).unwrap();
+    std::fs::remove_file(certs.join("ca-certificates.crt")).unwrap();
+    let body = serde_json::json!({ "hyperloopIP": "10.0.0.4", "caBundle": CERT }).to_string();
+    let r = post_json(&envd.tcp, "/init", &body);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let hosts = std::fs::read_to_string(root.path().join("etc/hosts")).unwrap();
+    assert!(hosts.contains("10.0.0.4\tevents.e2b.local"), "{hosts}");
+}
+
 #[test]
 fn freezing_is_refused_outside_a_vm() {
     let envd = Envd::start(&[]);

@@ -28,24 +28,14 @@ impl Names {
     fn user(&mut self, uid: u32) -> String {
         self.users
             .entry(uid)
-            .or_insert_with(|| {
-                nix::unistd::User::from_uid(uid.into())
-                    .ok()
-                    .flatten()
-                    .map_or_else(|| uid.to_string(), |u| u.name)
-            })
+            .or_insert_with(|| crate::users::user_name(uid).unwrap_or_else(|| uid.to_string()))
             .clone()
     }
 
     fn group(&mut self, gid: u32) -> String {
         self.groups
             .entry(gid)
-            .or_insert_with(|| {
-                nix::unistd::Group::from_gid(gid.into())
-                    .ok()
-                    .flatten()
-                    .map_or_else(|| gid.to_string(), |g| g.name)
-            })
+            .or_insert_with(|| crate::users::group_name(gid).unwrap_or_else(|| gid.to_string()))
             .clone()
     }
 }

@@ -2,8 +2,9 @@
 //! `/init`): `events.e2b.local` resolves to that address, and to nothing
 //! else, however often it is set.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub const EVENTS_HOST: &str = "events.e2b.local";
@@ -14,20 +15,11 @@ const MAX_HOSTS: u64 = 4 << 20;
 /// Points `events.e2b.local` at `ip` in the hosts file at `path`; returns
 /// whether the file changed.
 pub fn point_events_host(path: &Path, ip: IpAddr) -> std::io::Result<bool> {
-    let mut text = String::new();
-    match std::fs::File::open(path) {
-        Ok(f) => {
-            f.take(MAX_HOSTS + 1).read_to_string(&mut text)?;
-            if text.len() as u64 > MAX_HOSTS {
-                return Err(std::io::Error::other(format!(
-                    "{} is larger than {MAX_HOSTS} bytes",
-                    path.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let text = match crate::small_files::read_text(path, MAX_HOSTS) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e),
-    }
+    };
     let wanted = format!("{ip}\t{EVENTS_HOST}");
     let new = rewrite(&text, &wanted);
     if new == text {
@@ -36,11 +28,13 @@ pub fn point_events_host(path: &Path, ip: IpAddr) -> std::io::Result<bool> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    // In place, not by rename: /etc/hosts is often a bind mount.
+    // In place, not by rename: /etc/hosts is often a bind mount. Opened
+    // without waiting: a FIFO swapped in since the read must not hang it.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
     f.write_all(new.as_bytes())?;
     Ok(true)

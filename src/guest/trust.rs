@@ -3,6 +3,7 @@
 //! system bundle between markers, so a later `/init` replaces it instead of
 //! stacking copies.
 
+use std::io::Write;
 use std::path::Path;
 
 /// Where Debian-style systems keep local CAs, and the combined bundle.
@@ -53,14 +54,8 @@ pub fn install(root: &Path, pem: &str) -> std::io::Result<bool> {
     let local = root.join(LOCAL_CA);
     let mut changed = write_if_different(&local, pem)?;
     let bundle = root.join(SYSTEM_BUNDLE);
-    let current = match std::fs::metadata(&bundle) {
-        Ok(m) if m.len() > MAX_BUNDLE => {
-            return Err(std::io::Error::other(format!(
-                "{} is larger than {MAX_BUNDLE} bytes",
-                bundle.display()
-            )))
-        }
-        Ok(_) => std::fs::read_to_string(&bundle)?,
+    let current = match crate::small_files::read_text(&bundle, MAX_BUNDLE) {
+        Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e),
     };
@@ -85,15 +80,24 @@ fn without_block(text: &str) -> String {
 }
 
 fn write_if_different(path: &Path, text: &str) -> std::io::Result<bool> {
-    if std::fs::read(path).is_ok_and(|old| old == text.as_bytes()) {
+    if crate::small_files::read(path, MAX_BUNDLE).is_ok_and(|old| old == text.as_bytes()) {
         return Ok(false);
     }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
     // Beside the target, then renamed over it: readers never see half a bundle.
+    // A new file (`O_EXCL`): never through a link left at its name.
     let tmp = path.with_extension("envd-tmp");
-    std::fs::write(&tmp, text)?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?
+        .write_all(text.as_bytes())?;
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     std::fs::rename(&tmp, path)?;
     Ok(true)

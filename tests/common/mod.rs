@@ -29,6 +29,14 @@ use envd::proto::transfer::transfer_client::TransferClient;
 use futures_util::{Stream, StreamExt};
 use tonic::transport::Channel;
 
+/// How envd is started, beyond its arguments.
+enum Launch<'a> {
+    /// Shell commands run first, in the shell that execs envd.
+    Prelude(&'a str),
+    /// A command that execs envd.
+    Wrapper(&'a [&'a str]),
+}
+
 pub struct Envd {
     child: Child,
     pub tcp: String,
@@ -46,16 +54,23 @@ impl Envd {
     /// Like [`Envd::start`], after `ulimit <ulimit>` in the shell that
     /// execs envd (e.g. "-Sn 256": soft open-file limit 256).
     pub fn start_with_ulimit(extra: &[&str], ulimit: &str) -> Envd {
-        Self::start_with(extra, Some(&format!("ulimit {ulimit}")))
+        Self::start_with(extra, Some(Launch::Prelude(&format!("ulimit {ulimit}"))))
     }
 
     /// Like [`Envd::start`], after `prelude` in the shell that execs envd
     /// (e.g. "trap '' QUIT": envd inherits SIGQUIT ignored).
     pub fn start_after(extra: &[&str], prelude: &str) -> Envd {
-        Self::start_with(extra, Some(prelude))
+        Self::start_with(extra, Some(Launch::Prelude(prelude)))
     }
 
-    fn start_with(extra: &[&str], prelude: Option<&str>) -> Envd {
+    /// Like [`Envd::start`], run by `wrapper` (a command that execs its
+    /// arguments, e.g. `unshare --mount`: envd in a mount namespace of its
+    /// own, which the test may change with `nsenter`).
+    pub fn start_in(wrapper: &[&str], extra: &[&str]) -> Envd {
+        Self::start_with(extra, Some(Launch::Wrapper(wrapper)))
+    }
+
+    fn start_with(extra: &[&str], launch: Option<Launch<'_>>) -> Envd {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("envd.sock");
         let unix = format!("unix://{}", sock.display());
@@ -66,13 +81,18 @@ impl Envd {
             "tcp://127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let cmd = match prelude {
+        let cmd = match launch {
             None => {
                 let mut c = Command::new(binary());
                 c.args(&args);
                 c
             }
-            Some(u) => {
+            Some(Launch::Wrapper(w)) => {
+                let mut c = Command::new(w[0]);
+                c.args(&w[1..]).arg(binary()).args(&args);
+                c
+            }
+            Some(Launch::Prelude(u)) => {
                 let mut c = Command::new("/bin/sh");
                 c.arg("-c")
                     .arg(format!("{u} && exec \"$0\" \"$@\""))

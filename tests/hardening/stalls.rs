@@ -586,3 +586,65 @@ fn a_large_listing_stuck_on_a_stalled_mount_does_not_hold_up_others() {
     assert!(head.starts_with(b"HTTP/1.1 "));
     healthy(&e);
 }
+
+// Anything root in the VM may put a FIFO in place of `/etc/passwd` or
+// `/etc/group`. envd looked users up through libc, which opened the file
+// and waited for a writer on the async worker, holding the lookup cache's
+// lock: the request, and every one after it, hung. Now the databases are
+// read only as regular files: root is still root (as with no database at
+// all), another user gets an error that names the file, at once.
+#[tokio::test]
+async fn account_databases_swapped_for_fifos_do_not_hang_requests() {
+    const TEST: &str = "account_databases_swapped_for_fifos_do_not_hang_requests";
+    if !is_root() {
+        skip(TEST, "needs root to mount over /etc/passwd in a namespace");
+        return;
+    }
+    // In a mount namespace of its own: the FIFOs cover the files for envd only.
+    let e = Envd::start_in(&["unshare", "--mount", "--propagation", "private"], &[]);
+    let mut c = e.client().await;
+    let limit = Duration::from_secs(10);
+    let o = run_within(&mut c, cmd("id", &["-u"]), limit).await;
+    assert_eq!(o.out().trim(), "0");
+
+    let dir = tempfile::tempdir().unwrap();
+    for db in ["passwd", "group"] {
+        let fifo = dir.path().join(db);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let pid = e.pid().to_string();
+        let target = format!("/etc/{db}");
+        let status = std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-m", "mount", "--bind"])
+            .arg(&fifo)
+            .arg(&target)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot mount a FIFO over {target}");
+    }
+
+    let o = tokio::time::timeout(limit, run_within(&mut c, cmd("id", &["-u"]), limit))
+        .await
+        .expect("a lookup of root waited on the FIFO");
+    assert_eq!(o.out().trim(), "0", "root without a readable database");
+    let refused = tokio::time::timeout(limit, c.start(as_user(cmd("id", &["-u"]), "nobody")))
+        .await
+        .expect("a lookup of another user waited on the FIFO");
+    let e2 = refused.expect_err("nobody is not known without a database");
+    assert!(
+        e2.message().contains("/etc/passwd") && e2.message().contains("FIFO"),
+        "{e2:?}"
+    );
+    // Owner names of entries came from the same lookups (on the
+    // filesystem threads, each stuck for good): shown as numbers now.
+    let mut fs = e.fs().await;
+    let stat = tokio::time::timeout(limit, fs.stat(StatRequest { path: "/".into() }))
+        .await
+        .expect("a Stat waited on the FIFO")
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    assert_eq!((stat.owner.as_str(), stat.group.as_str()), ("0", "0"));
+    let o = run_within(&mut c, cmd("true", &[]), limit).await;
+    assert_eq!(o.end().exit_code, 0);
+}

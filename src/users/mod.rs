@@ -1,12 +1,13 @@
 //! User accounts: lookup by name, home directory and group memberships.
 
+mod db;
+
 use std::collections::BTreeMap;
-use std::ffi::CString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use nix::unistd::{Gid, Uid};
+use nix::unistd::Uid;
 
 use crate::status::{Error, Result};
 
@@ -30,12 +31,7 @@ impl User {
                 "invalid user name {name:?}"
             )));
         }
-        let stamp = DbStamp::now();
-        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.stamp != stamp {
-            cache.stamp = stamp;
-            cache.users.clear();
-        }
+        let mut cache = Cache::current();
         if let Some(u) = cache.users.get(name) {
             return Ok(u.clone());
         }
@@ -47,10 +43,11 @@ impl User {
     }
 
     fn lookup_uncached(name: &str) -> Result<User> {
-        match nix::unistd::User::from_name(name) {
-            Ok(Some(pw)) => Ok(Self::from_passwd(pw)),
-            // A minimal image (an initramfs) may have no /etc/passwd: root
-            // still exists.
+        match db::account(Path::new(db::PASSWD), db::Key::Name(name)) {
+            Ok(Some(a)) => Ok(Self::from_account(a)),
+            // A minimal image (an initramfs) may have no /etc/passwd, and
+            // one that cannot be read must not lock root out: root still
+            // exists.
             Ok(None) | Err(_) if name == "root" => Ok(Self::bare_root()),
             Ok(None) => Err(Error::unauthenticated(format!("unknown user '{name}'"))),
             Err(e) => Err(Error::internal(format!("looking up user '{name}': {e}"))),
@@ -59,7 +56,7 @@ impl User {
 
     /// Root when the account database does not know it.
     fn bare_root() -> User {
-        let home = if std::path::Path::new("/root").is_dir() {
+        let home = if Path::new("/root").is_dir() {
             "/root"
         } else {
             "/"
@@ -79,29 +76,62 @@ impl User {
         if uid.is_root() {
             return Self::lookup("root");
         }
-        let pw = nix::unistd::User::from_uid(uid)
+        let a = db::account(Path::new(db::PASSWD), db::Key::Uid(uid.as_raw()))
             .map_err(|e| Error::internal(format!("looking up uid {uid}: {e}")))?
             .ok_or_else(|| Error::internal(format!("uid {uid} has no passwd entry")))?;
-        Ok(Self::from_passwd(pw))
+        Ok(Self::from_account(a))
     }
 
-    fn from_passwd(pw: nix::unistd::User) -> User {
-        let groups = CString::new(pw.name.as_str())
-            .ok()
-            .and_then(|c| nix::unistd::getgrouplist(&c, pw.gid).ok())
-            .map(|gs| gs.into_iter().map(Gid::as_raw).collect())
-            .unwrap_or_else(|| vec![pw.gid.as_raw()]);
+    fn from_account(a: db::Account) -> User {
+        let groups = db::groups(Path::new(db::GROUP), &a.name, a.gid);
         User {
-            name: pw.name,
-            uid: pw.uid.as_raw(),
-            gid: pw.gid.as_raw(),
-            home: pw.dir,
+            name: a.name,
+            uid: a.uid,
+            gid: a.gid,
+            home: a.home,
             groups,
         }
     }
 }
 
-/// At most this many users are cached.
+/// The name of the account `uid`, if `/etc/passwd` (a regular file) has
+/// one. Cached as lookups by name are.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut cache = Cache::current();
+    remembered(&mut cache.user_names, uid, || {
+        db::account(Path::new(db::PASSWD), db::Key::Uid(uid))
+            .ok()
+            .flatten()
+            .map(|a| a.name)
+    })
+}
+
+/// The name of group `gid`, if `/etc/group` (a regular file) has one.
+pub fn group_name(gid: u32) -> Option<String> {
+    let mut cache = Cache::current();
+    remembered(&mut cache.group_names, gid, || {
+        db::group_name(Path::new(db::GROUP), gid)
+    })
+}
+
+/// `map[id]`, looked up by `load` (and kept, while the map has room) the
+/// first time.
+fn remembered(
+    map: &mut BTreeMap<u32, Option<String>>,
+    id: u32,
+    load: impl FnOnce() -> Option<String>,
+) -> Option<String> {
+    if let Some(name) = map.get(&id) {
+        return name.clone();
+    }
+    let name = load();
+    if map.len() < CACHE_MAX {
+        map.insert(id, name.clone());
+    }
+    name
+}
+
+/// At most this many users are cached (and as many user and group names).
 const CACHE_MAX: usize = 256;
 
 /// Change times of the account databases; a different stamp empties the cache.
@@ -115,7 +145,7 @@ impl DbStamp {
                 .ok()
                 .and_then(|m| Some((m.modified().ok()?, std::os::unix::fs::MetadataExt::ino(&m))))
         };
-        DbStamp([of("/etc/passwd"), of("/etc/group")])
+        DbStamp([of(db::PASSWD), of(db::GROUP)])
     }
 }
 
@@ -123,9 +153,29 @@ impl DbStamp {
 struct Cache {
     stamp: DbStamp,
     users: BTreeMap<String, User>,
+    /// Names of uids and gids (`EntryInfo`'s owner and group); `None`: none.
+    user_names: BTreeMap<u32, Option<String>>,
+    group_names: BTreeMap<u32, Option<String>>,
+}
+
+impl Cache {
+    /// The cache, emptied first if the databases changed since it was filled.
+    fn current() -> std::sync::MutexGuard<'static, Cache> {
+        let stamp = DbStamp::now();
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.stamp != stamp {
+            *cache = Cache {
+                stamp,
+                ..Cache::default()
+            };
+        }
+        cache
+    }
 }
 
 static CACHE: Mutex<Cache> = Mutex::new(Cache {
     stamp: DbStamp([None, None]),
     users: BTreeMap::new(),
+    user_names: BTreeMap::new(),
+    group_names: BTreeMap::new(),
 });
