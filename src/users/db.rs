@@ -89,7 +89,9 @@ pub fn group_name(group: &Path, gid: u32) -> Option<String> {
 fn read(path: &Path) -> std::io::Result<String> {
     // Not UTF-8 as a whole is read lossily: one bad line must not hide
     // every account.
-    crate::small_files::read(path, MAX_DB).map(|b| String::from_utf8_lossy(&b).into_owned())
+    crate::small_files::read(path, MAX_DB).map(|b| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
 }
 
 /// `name:password:uid:gid:gecos:home:shell`; `None` for a malformed line
@@ -145,6 +147,17 @@ mod tests {
         assert_eq!(
             account(&dir.path().join("none"), Key::Uid(0)).unwrap(),
             None
+        );
+        // A line that is not UTF-8 hides no other.
+        std::fs::write(
+            &passwd,
+            b"b\xffd:x:5:5::/h:/bin/sh\nuser:x:7:7::/u:/bin/sh\n",
+        )
+        .unwrap();
+        assert_eq!(account(&passwd, Key::Name("user")).unwrap().unwrap().uid, 7);
+        assert_eq!(
+            account(&passwd, Key::Uid(5)).unwrap().unwrap().name,
+            "b\u{fffd}d"
         );
 
         let group = dir.path().join("group");
