@@ -23,9 +23,9 @@
 //! control, so a per-connection count would let one stalled stream stop the
 //! others. It needs none: h2 takes a stream's next frame only once the last
 //! is on its way, and 600 unread streams cost what their logs hold and
-//! ~20 KiB each. Nor is a stalled HTTP/2 answer cut: hyper asks it for
-//! nothing more, so only closing the connection, and every stream on it,
-//! would reach it.
+//! ~20 KiB each. A stalled HTTP/2 answer is asked for nothing more, so it
+//! cannot end itself; a connection all of whose answers are held back by
+//! their client is closed instead ([`crate::connections::HeldBack`]).
 
 use std::io;
 use std::pin::Pin;

@@ -66,6 +66,13 @@ pub struct Conn {
     max_in_flight: usize,
     /// HTTP/1.x: what its answers have handed to hyper and not written yet.
     pub backlog: crate::backlog::Backlog,
+    /// HTTP/2: answers whose client has not taken their last frame yet
+    /// (hyper asks an answer for more only once its client's window has
+    /// room), and data frames its answers have handed on so far.
+    held: AtomicUsize,
+    moved: AtomicU64,
+    /// Closed because every answer on it was held back (see [`HeldBack`]).
+    cut: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,6 +118,9 @@ impl Connections {
             all_in_flight: self.requests.clone(),
             max_in_flight: self.limits.requests,
             backlog: crate::backlog::Backlog::default(),
+            held: AtomicUsize::new(0),
+            moved: AtomicU64::new(0),
+            cut: AtomicBool::new(false),
         });
         open.insert(id, conn.clone());
         Some(Registered {
@@ -178,12 +188,61 @@ impl Conn {
         self.requests.load(Ordering::Relaxed) > 0
     }
 
+    /// Whether it was closed because every answer on it was held back.
+    pub fn was_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
     /// How long it has been idle (zero while a request is in flight).
     pub fn idle_for(&self) -> Duration {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
         }
         lock(&self.idle_since).elapsed()
+    }
+}
+
+/// HTTP/2's stall rule, checked by a connection's watcher now and then. A
+/// stalled HTTP/2 answer is never asked for more, so it cannot end itself
+/// as an HTTP/1.x answer does (`Tracked`); and a stream cannot be reset
+/// from outside hyper. So the rule is the connection's: when every request
+/// in flight on it is an answer whose client has not taken its last frame
+/// (a client that stopped reading its socket, or that opens no window for
+/// any of them), and none has moved for [`STALL`](crate::backlog::STALL),
+/// while others want what they may hold ([`crate::backlog::wanted`]), the
+/// connection is closed, which ends them all. Nothing on it could move
+/// anyway; a connection with one answer still flowing, a request still
+/// coming in or a tunnel is left alone.
+#[derive(Debug, Default)]
+pub struct HeldBack {
+    /// Since when every request in flight has been held back, and how many
+    /// frames its answers had handed on then.
+    since: Option<(Instant, u64)>,
+}
+
+impl HeldBack {
+    /// Whether `conn` is to be cut now (and marks it so).
+    pub fn check(&mut self, conn: &Conn) -> bool {
+        let in_flight = conn.in_flight.load(Ordering::Acquire);
+        let held = conn.held.load(Ordering::Acquire);
+        if in_flight == 0 || held < in_flight {
+            self.since = None;
+            return false;
+        }
+        let moved = conn.moved.load(Ordering::Acquire);
+        match self.since {
+            Some((at, was)) if was == moved => {
+                let cut = at.elapsed() >= crate::backlog::STALL && crate::backlog::wanted();
+                if cut {
+                    conn.cut.store(true, Ordering::Release);
+                }
+                cut
+            }
+            _ => {
+                self.since = Some((Instant::now(), moved));
+                false
+            }
+        }
     }
 }
 
@@ -242,6 +301,9 @@ pub struct Tracked {
     inner: Pieces<HttpBody>,
     guard: Option<InFlight>,
     paced: bool,
+    /// HTTP/2: its last data frame is not taken yet (counted in its
+    /// connection's `held` until it is asked for more, or dropped).
+    held: bool,
     /// While it has no room: since when its socket has taken nothing (and
     /// what it had taken then), and when to look again.
     stalled: Option<(Instant, u64, Pin<Box<tokio::time::Sleep>>)>,
@@ -259,7 +321,24 @@ impl Tracked {
             inner: Pieces::new(inner, piece),
             guard: Some(guard),
             paced,
+            held: false,
             stalled: None,
+        }
+    }
+
+    /// Counts it as held back (`true`: a data frame just handed on) or not.
+    fn hold(&mut self, held: bool) {
+        if held == self.held {
+            return;
+        }
+        if let Some(InFlight(conn)) = &self.guard {
+            if held {
+                conn.held.fetch_add(1, Ordering::AcqRel);
+                conn.moved.fetch_add(1, Ordering::AcqRel);
+            } else {
+                conn.held.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.held = held;
         }
     }
 
@@ -302,6 +381,8 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let this = &mut *self;
+        // Asked for more: its client took the last frame.
+        this.hold(false);
         if let Err(e) = std::task::ready!(this.poll_room(cx)) {
             this.guard = None;
             return Poll::Ready(Some(Err(e)));
@@ -312,6 +393,7 @@ impl Body for Tracked {
                 (Some(InFlight(conn)), Some(data)) if this.paced => {
                     conn.backlog.handed(data.len());
                 }
+                (Some(_), Some(_)) => this.hold(true),
                 _ => {}
             },
             Poll::Ready(_) => this.guard = None,
@@ -326,5 +408,11 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.hold(false);
     }
 }

@@ -251,13 +251,16 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// finished its first request head is dropped then too.
 const CLOSE_GRACE: Duration = Duration::from_millis(250);
 
-/// Tells `conn` to close once it has been idle for `idle` (checked every
-/// quarter of it, between 100 ms and 5 s).
-async fn close_when_idle(conn: Arc<crate::connections::Conn>, idle: Duration) {
+/// Tells `conn` to close once it has been idle for `idle`, or once every
+/// answer on it has been held back by its client for long enough while
+/// others want what they hold ([`crate::connections::HeldBack`]; HTTP/2).
+/// Checked every quarter of `idle`, between 100 ms and 5 s.
+async fn watch(conn: Arc<crate::connections::Conn>, idle: Duration) {
     let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut held_back = crate::connections::HeldBack::default();
     loop {
         tokio::time::sleep(tick).await;
-        if conn.idle_for() >= idle {
+        if conn.idle_for() >= idle || held_back.check(&conn) {
             conn.close.notify_one();
             return;
         }
@@ -363,7 +366,7 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
             // only for the connection's traffic: a timer here polled hyper's
             // connection every tick, faulting its code back in after the
             // janitor had dropped it.
-            let watcher = tokio::spawn(close_when_idle(reg.conn.clone(), idle));
+            let watcher = tokio::spawn(watch(reg.conn.clone(), idle));
             tokio::select! {
                 r = served.as_mut() => {
                     watcher.abort();
@@ -373,6 +376,15 @@ pub async fn serve(listener: Listener, url: String, router: Router, conns: Arc<C
                     return;
                 }
                 () = reg.conn.close.notified() => watcher.abort(),
+            }
+            if reg.conn.was_cut() {
+                // Its client takes nothing: a GOAWAY would not get through.
+                tracing::info!(
+                    "connection closed: its client took nothing of any answer on it for {} s \
+                     while others waited for what they hold",
+                    crate::backlog::STALL.as_secs()
+                );
+                return;
             }
             // Idle too long or evicted: GOAWAY / close, then drop it. One
             // that never completed a request head is just dropped.

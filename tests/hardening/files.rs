@@ -483,6 +483,120 @@ fn a_slow_download_alone_is_not_cut() {
     assert!(body.iter().all(|&b| b == 7));
 }
 
+/// A `ReadFile` of `path` over `c` (native gRPC, HTTP/2), not read yet.
+async fn read_over_grpc(
+    c: &mut envd::proto::transfer::transfer_client::TransferClient<tonic::transport::Channel>,
+    path: &Path,
+) -> tonic::Streaming<envd::proto::transfer::ReadFileResponse> {
+    let req = ReadFileRequest {
+        path: s(path),
+        ..Default::default()
+    };
+    c.read_file(req).await.unwrap().into_inner()
+}
+
+// The same over HTTP/2: 64 `ReadFile` streams on one gRPC connection whose
+// client reads none of them held every download's slot for as long as the
+// connection stayed open (hyper asks a stalled HTTP/2 answer for nothing
+// more, so the HTTP/1.x rule above never saw them). Now a connection all of
+// whose answers have been held back by its client for 30 s, while others
+// want a slot, is closed. A stream read slowly on another connection is
+// left alone and sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_downloads_make_room() {
+    let e = Envd::start(&[]);
+    let (_guard, big, small) = big_and_small("stalled-h2-downloads", 16 << 20);
+    let start = Instant::now();
+    // Long enough that its reader holds its slot past the test's end.
+    let longer = big.with_file_name("longer");
+    std::fs::write(&longer, vec![7u8; 64 << 20]).unwrap();
+    let mut slow_client = e.transfer().await;
+    let mut slow = read_over_grpc(&mut slow_client, &longer).await;
+    // Read at 256 KiB/s until told to stop, then to its end.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let slow_reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        while let Some(m) = slow.message().await.unwrap() {
+            got += m.data.len();
+            if !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let pause = m.data.len() as u64 * 1000 / (256 << 10);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        }
+        got
+    });
+    let mut held_client = e.transfer().await;
+    let mut held = Vec::new();
+    for _ in 0..63 {
+        held.push(read_over_grpc(&mut held_client, &big).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (e2, small2) = (e.tcp.clone(), small.clone());
+    let refused = tokio::task::spawn_blocking(move || {
+        request(&e2, "GET", &format!("/files?path={}", s(&small2)), &[], b"")
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let e2 = e.tcp.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = start + Duration::from_secs(50);
+        loop {
+            let r = request(&e2, "GET", &format!("/files?path={}", s(&small)), &[], b"");
+            if r.status == 200 {
+                assert_eq!(r.body, b"hello");
+                return;
+            }
+            assert!(Instant::now() < deadline, "no download was sent again");
+        }
+    })
+    .await
+    .unwrap();
+    let after = start.elapsed();
+    println!("a download was sent again after {after:?}");
+    assert!(
+        after >= Duration::from_secs(30),
+        "cut before the stall limit"
+    );
+    // The held streams end with an error: their connection was closed.
+    for mut h in held {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match h.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return "ended",
+                    Err(_) => return "failed",
+                }
+            }
+        })
+        .await;
+        assert_eq!(ended, Ok("failed"));
+    }
+    assert!(e.logged("its client took nothing of any answer on it for 30 s"));
+    assert!(!slow_reader.is_finished(), "the slow reader was not slow");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(slow_reader.await.unwrap(), 64 << 20);
+    healthy(&e);
+}
+
+// Alone, an HTTP/2 download whose client reads nothing for longer than the
+// stall limit is not cut.
+#[tokio::test]
+async fn a_slow_http2_download_alone_is_not_cut() {
+    let e = Envd::start(&[]);
+    let (_guard, big, _small) = big_and_small("slow-h2-download", 32 << 20);
+    let mut c = e.transfer().await;
+    let mut stream = read_over_grpc(&mut c, &big).await;
+    tokio::time::sleep(Duration::from_secs(33)).await;
+    let mut got = 0usize;
+    while let Some(m) = stream.message().await.unwrap() {
+        assert!(m.data.iter().all(|&b| b == 7));
+        got += m.data.len();
+    }
+    assert_eq!(got, 32 << 20);
+}
+
 /// A `POST /files` of 1 MiB to `path` on a new connection that sends the
 /// first KiB and then nothing.
 fn upload_stalled(e: &Envd, path: &Path) -> TcpStream {
