@@ -588,7 +588,8 @@ async fn a_slow_http2_download_alone_is_not_cut() {
     let (_guard, big, _small) = big_and_small("slow-h2-download", 32 << 20);
     let mut c = e.transfer().await;
     let mut stream = read_over_grpc(&mut c, &big).await;
-    tokio::time::sleep(Duration::from_secs(33)).await;
+    // Past the stall limit and the watcher's next look (every 5 s).
+    tokio::time::sleep(Duration::from_secs(40)).await;
     let mut got = 0usize;
     while let Some(m) = stream.message().await.unwrap() {
         assert!(m.data.iter().all(|&b| b == 7));
