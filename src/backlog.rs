@@ -61,6 +61,35 @@ pub fn wanted() -> bool {
         || crate::connections::crowded_within(STALL)
 }
 
+/// A holder's progress count (bytes its socket took, frames its answers
+/// handed on), watched for the stall rule: whether it has stood still for
+/// [`STALL`] while others want what the holder keeps ([`wanted`]).
+#[derive(Debug, Default)]
+pub struct Standstill {
+    /// Since when the count has not moved, and what it was then.
+    since: Option<(tokio::time::Instant, u64)>,
+}
+
+impl Standstill {
+    /// Looks at the count now (the first look starts the clock); whether
+    /// the holder is to give way.
+    pub fn gives_way(&mut self, progress: u64) -> bool {
+        match self.since {
+            Some((at, was)) if was == progress => at.elapsed() >= STALL && wanted(),
+            _ => {
+                self.since = Some((tokio::time::Instant::now(), progress));
+                false
+            }
+        }
+    }
+
+    /// Not stalled (it has room, or nothing to hand on): the next look
+    /// starts the clock again.
+    pub fn reset(&mut self) {
+        self.since = None;
+    }
+}
+
 /// How an answer that gave way ends: on HTTP/1.x hyper then closes its
 /// connection, which is what frees what it held (the client is not
 /// reading, so nothing else could reach it).

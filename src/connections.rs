@@ -22,6 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::backlog::Standstill;
 use crate::pieces::Pieces;
 use crate::wire::HttpBody;
 
@@ -215,34 +216,24 @@ impl Conn {
 /// coming in or a tunnel is left alone.
 #[derive(Debug, Default)]
 pub struct HeldBack {
-    /// Since when every request in flight has been held back, and how many
-    /// frames its answers had handed on then.
-    since: Option<(Instant, u64)>,
+    /// The frames its answers handed on, while every request in flight is
+    /// held back.
+    still: Standstill,
 }
 
 impl HeldBack {
     /// Whether `conn` is to be cut now (and marks it so).
     pub fn check(&mut self, conn: &Conn) -> bool {
         let in_flight = conn.in_flight.load(Ordering::Acquire);
-        let held = conn.held.load(Ordering::Acquire);
-        if in_flight == 0 || held < in_flight {
-            self.since = None;
+        if in_flight == 0 || conn.held.load(Ordering::Acquire) < in_flight {
+            self.still.reset();
             return false;
         }
-        let moved = conn.moved.load(Ordering::Acquire);
-        match self.since {
-            Some((at, was)) if was == moved => {
-                let cut = at.elapsed() >= crate::backlog::STALL && crate::backlog::wanted();
-                if cut {
-                    conn.cut.store(true, Ordering::Release);
-                }
-                cut
-            }
-            _ => {
-                self.since = Some((Instant::now(), moved));
-                false
-            }
+        let cut = self.still.gives_way(conn.moved.load(Ordering::Acquire));
+        if cut {
+            conn.cut.store(true, Ordering::Release);
         }
+        cut
     }
 }
 
@@ -304,9 +295,10 @@ pub struct Tracked {
     /// HTTP/2: its last data frame is not taken yet (counted in its
     /// connection's `held` until it is asked for more, or dropped).
     held: bool,
-    /// While it has no room: since when its socket has taken nothing (and
-    /// what it had taken then), and when to look again.
-    stalled: Option<(Instant, u64, Pin<Box<tokio::time::Sleep>>)>,
+    /// While it has no room: what its socket has taken, and when to look
+    /// at it again.
+    still: Standstill,
+    look: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Tracked {
@@ -322,7 +314,8 @@ impl Tracked {
             guard: Some(guard),
             paced,
             held: false,
-            stalled: None,
+            still: Standstill::default(),
+            look: None,
         }
     }
 
@@ -349,20 +342,17 @@ impl Tracked {
             return Poll::Ready(Ok(()));
         };
         if conn.backlog.poll_room(cx).is_ready() {
-            self.stalled = None;
+            self.still.reset();
+            self.look = None;
             return Poll::Ready(Ok(()));
         }
-        let (since, taken, look) = self.stalled.get_or_insert_with(|| {
-            let now = Instant::now();
-            let look = tokio::time::sleep_until(now + crate::backlog::STALL_STEP);
-            (now, conn.backlog.written(), Box::pin(look))
+        let look = self.look.get_or_insert_with(|| {
+            // A slow client that takes something is not stalled.
+            self.still.gives_way(conn.backlog.written());
+            Box::pin(tokio::time::sleep(crate::backlog::STALL_STEP))
         });
         while look.as_mut().poll(cx).is_ready() {
-            // A slow client that takes something is not stalled.
-            let written = conn.backlog.written();
-            if written != *taken {
-                (*since, *taken) = (Instant::now(), written);
-            } else if since.elapsed() >= crate::backlog::STALL && crate::backlog::wanted() {
+            if self.still.gives_way(conn.backlog.written()) {
                 return Poll::Ready(Err(crate::backlog::stalled()));
             }
             let next = Instant::now() + crate::backlog::STALL_STEP;
