@@ -90,34 +90,6 @@ impl Drop for Held {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn takes_up_to_the_limit_and_both_or_neither() {
-        let (a, b) = (Quota::new(10), Quota::new(4));
-        assert!(a.try_take(6));
-        assert!(!a.try_take(5));
-        assert_eq!(a.used(), 6);
-        assert!(a.try_take_both(&b, 4));
-        assert_eq!((a.used(), b.used()), (10, 4));
-        a.give(4);
-        assert!(!a.try_take_both(&b, 1), "b is full");
-        assert_eq!((a.used(), b.used()), (6, 4));
-    }
-
-    #[test]
-    fn a_hold_gives_back_when_dropped() {
-        static Q: Quota = Quota::new(10);
-        let h = Q.try_hold(7).unwrap();
-        assert!(Q.try_hold(4).is_none());
-        assert_eq!(Q.used(), 7, "a refused hold gives nothing back");
-        drop(h);
-        assert_eq!(Q.used(), 0);
-    }
-}
-
 /// When something was last refused, to tell whether others want what a
 /// stalled holder keeps (see [`crate::filesystem::slots`] and
 /// [`crate::backlog`]).
@@ -147,5 +119,33 @@ impl LastRefusal {
 impl Default for LastRefusal {
     fn default() -> Self {
         LastRefusal::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_up_to_the_limit_and_both_or_neither() {
+        let (a, b) = (Quota::new(10), Quota::new(4));
+        assert!(a.try_take(6));
+        assert!(!a.try_take(5));
+        assert_eq!(a.used(), 6);
+        assert!(a.try_take_both(&b, 4));
+        assert_eq!((a.used(), b.used()), (10, 4));
+        a.give(4);
+        assert!(!a.try_take_both(&b, 1), "b is full");
+        assert_eq!((a.used(), b.used()), (6, 4));
+    }
+
+    #[test]
+    fn a_hold_gives_back_when_dropped() {
+        static Q: Quota = Quota::new(10);
+        let h = Q.try_hold(7).unwrap();
+        assert!(Q.try_hold(4).is_none());
+        assert_eq!(Q.used(), 7, "a refused hold gives nothing back");
+        drop(h);
+        assert_eq!(Q.used(), 0);
     }
 }

@@ -18,11 +18,11 @@
 //! stall cannot keep the upload slots from the others for long; alone, a
 //! slow client is never cut. A download over HTTP/1.x whose client took
 //! nothing for [`STALL`] gives way on the same terms, and its connection is
-//! closed, which frees what it held ([`crate::backlog`]). Over HTTP/2 it is
-//! not: hyper asks such a stream for nothing more, so an end could reach it
-//! only by closing the connection and every stream on it; ended without
-//! that, it would keep the chunk hyper holds (up to 1 MiB) while its slot
-//! went to another, so the slots would no longer bound that memory.
+//! closed, which frees what it held ([`crate::backlog`]). Over HTTP/2
+//! hyper asks such a stream for nothing more, so it cannot end itself, and
+//! ended without its connection it would keep the chunk hyper holds (up to
+//! 1 MiB) while its slot went to another: its connection is closed instead,
+//! once every answer on it is held back ([`crate::connections::HeldBack`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

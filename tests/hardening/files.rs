@@ -532,27 +532,10 @@ async fn stalled_http2_downloads_make_room() {
         held.push(read_over_grpc(&mut held_client, &big).await);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (e2, small2) = (e.tcp.clone(), small.clone());
-    let refused = tokio::task::spawn_blocking(move || {
-        request(&e2, "GET", &format!("/files?path={}", s(&small2)), &[], b"")
-    })
-    .await
-    .unwrap();
+    // The blocking helpers, on this worker (the runtime has another).
+    let refused = tokio::task::block_in_place(|| get_file(&e, &small));
     assert_eq!(refused.status, 503, "{}", refused.text());
-    let e2 = e.tcp.clone();
-    tokio::task::spawn_blocking(move || {
-        let deadline = start + Duration::from_secs(50);
-        loop {
-            let r = request(&e2, "GET", &format!("/files?path={}", s(&small)), &[], b"");
-            if r.status == 200 {
-                assert_eq!(r.body, b"hello");
-                return;
-            }
-            assert!(Instant::now() < deadline, "no download was sent again");
-        }
-    })
-    .await
-    .unwrap();
+    tokio::task::block_in_place(|| small_sent_by(&e, &small, start + Duration::from_secs(50)));
     let after = start.elapsed();
     println!("a download was sent again after {after:?}");
     assert!(
