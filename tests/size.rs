@@ -80,8 +80,10 @@ mod skip;
 /// its slot up to others; 8,202,600 (one more) with an HTTP/1.x answer
 /// asked for more only while little of it waits for the socket, and
 /// 8,202,664 with such an answer giving way when it stalls; 8,202,728
-/// with the account databases read by envd instead of libc.
-const BUDGET: u64 = 8_203_000;
+/// with the account databases read by envd instead of libc; 8,210,920 (one
+/// 8 KiB step) with mount points written in place and empty paths refused
+/// for Remove and Move.
+const BUDGET: u64 = 8_211_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::ops::chown_file;
 use super::pin;
-use super::staged::Staged;
+use super::staged::{Published, Staged};
 use super::stop::Stop;
 use super::transfer::OpenedFile;
 use crate::status::{Error, Result};
@@ -17,7 +17,8 @@ use crate::users::User;
 pub const MAX_SOURCES: usize = 1000;
 
 /// Concatenates `sources` into `dest` (created for `user`) through a
-/// temporary file renamed over it, then removes the sources. Sources must be
+/// temporary file renamed over it (or copied into it where it is a mount
+/// point: see [`Staged`]), then removes the sources. Sources must be
 /// regular files (a device or FIFO could block or never end) and none may be
 /// the destination. Returns the path written (a symlinked destination is
 /// written through).
@@ -56,9 +57,12 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
             .map_err(|e| Error::io(format!("copy {} to {}", s.display(), dest.display()), &e))?;
     }
     chown_file(&out, user, &dest)?;
-    staged
+    let published = staged
         .publish(&out, &target.dir, &target.name)
         .map_err(|e| Error::io(dest.display(), &e))?;
+    if let Published::InPlace(f) = published {
+        chown_file(&f, user, &dest)?;
+    }
     // Each source's parent is pinned too: a directory swapped for a symlink
     // since the copy cannot turn this into a removal elsewhere. And a source
     // goes only if its name still leads to the file that was read: a newer

@@ -51,6 +51,18 @@ fn resolve(ctx: &RequestContext, path: &str) -> Result<PathBuf> {
     paths::resolve(path, &ctx.user)
 }
 
+/// `path`, unless it is empty. An empty path means the user's home (E2B's
+/// rule), which a Remove or Move should only touch when asked by name: an
+/// empty string is what a client sends for a field it left out or misnamed.
+fn named<'a>(field: &str, path: &'a str) -> Result<&'a str> {
+    if path.is_empty() {
+        return Err(Error::invalid(format!(
+            "{field} is empty; name the path (\"~\" is the user's home)"
+        )));
+    }
+    Ok(path)
+}
+
 /// The watch options of WatchDir and CreateWatcher (same fields).
 fn options(recursive: bool, include_entry: bool, allow_network_mounts: bool) -> WatchOptions {
     WatchOptions {
@@ -114,8 +126,8 @@ impl FilesystemService {
     }
 
     pub async fn move_entry(&self, ctx: &RequestContext, req: MoveRequest) -> Result<MoveResponse> {
-        let src = resolve(ctx, &req.source)?;
-        let dst = resolve(ctx, &req.destination)?;
+        let src = resolve(ctx, named("source", &req.source)?)?;
+        let dst = resolve(ctx, named("destination", &req.destination)?)?;
         let user = ctx.user.clone();
         walking(move |stop| {
             ops::move_path(&src, &dst, &user, stop)?;
@@ -171,7 +183,7 @@ impl FilesystemService {
     }
 
     pub async fn remove(&self, ctx: &RequestContext, req: RemoveRequest) -> Result<RemoveResponse> {
-        let path = resolve(ctx, &req.path)?;
+        let path = resolve(ctx, named("path", &req.path)?)?;
         if path == std::path::Path::new("/") {
             return Err(Error::invalid("refusing to remove '/'"));
         }

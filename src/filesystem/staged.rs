@@ -10,9 +10,15 @@
 //! Linux 6.6) the file is a hidden sibling from the start: removed when the
 //! write fails or is dropped, and registered ([`super::hidden`]) so that the
 //! next envd image removes it if this one dies with it.
+//!
+//! No rename may replace a mount point: a target that a file is
+//! bind-mounted on (`EBUSY`) is overwritten in place instead, as E2B's envd
+//! writes every file, from the finished file. Only a failure within that
+//! copy (a full disk) can leave such a target partly written.
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
@@ -43,10 +49,10 @@ struct Named {
 
 impl Staged {
     /// A new empty file (mode `mode` less the umask, owned by envd) in `dir`,
-    /// open for writing.
+    /// open for writing (and reading, for [`Published::InPlace`]).
     pub fn create(dir: &pin::Dir, mode: u32) -> std::io::Result<(Staged, File)> {
         let mode = Mode::from_bits_truncate(mode);
-        let flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        let flags = OFlag::O_RDWR | OFlag::O_CLOEXEC;
         match nix::fcntl::openat(dir.fd(), ".", flags | OFlag::O_TMPFILE, mode) {
             Ok(fd) => return Ok((Staged { named: None }, File::from(fd))),
             // The file system (or a kernel before 3.11, which takes the
@@ -73,13 +79,13 @@ impl Staged {
     }
 
     /// Puts the finished `file` (the one [`Staged::create`] gave) in place
-    /// of `name` in `dir`, replacing what is there.
+    /// of `name` in `dir`, replacing what is there; see [`Published`].
     pub fn publish(
         mut self,
         file: &File,
         dir: &pin::Dir,
         name: &std::ffi::OsStr,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Published> {
         let hidden = match self.named.take() {
             // Unregistered here: the rename follows at once.
             Some(n) => n.name,
@@ -93,8 +99,50 @@ impl Staged {
         if renamed.is_err() {
             let _ = nix::unistd::unlinkat(dir.fd(), hidden.as_os_str(), UnlinkatFlags::NoRemoveDir);
         }
-        Ok(renamed?)
+        match renamed {
+            Ok(()) => Ok(Published::Replaced),
+            Err(Errno::EBUSY) => overwrite(file, dir, name).map(Published::InPlace),
+            Err(e) => Err(e.into()),
+        }
     }
+}
+
+/// How [`Staged::publish`] put a file in place.
+#[derive(Debug)]
+pub enum Published {
+    /// Renamed to the target's name, at once.
+    Replaced,
+    /// The target is a mount point: its own file was overwritten with the
+    /// finished file's bytes. Returned so that the caller gives it the
+    /// owner, mode and attributes it gave the finished file.
+    InPlace(File),
+}
+
+/// Overwrites the regular file `name` in `dir` with `file`'s bytes: opened
+/// without following a symlink or waiting (a FIFO), truncated, then copied
+/// into (`copy_file_range` where the file systems allow).
+fn overwrite(file: &File, dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Result<File> {
+    let flags = OFlag::O_WRONLY
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NONBLOCK
+        | OFlag::O_NOCTTY
+        | OFlag::O_CLOEXEC;
+    let target = File::from(nix::fcntl::openat(dir.fd(), name, flags, Mode::empty())?);
+    let kind = target.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "a {} is mounted there; envd writes only regular files",
+                super::transfer::kind_name(&kind)
+            ),
+        ));
+    }
+    target.set_len(0)?;
+    let mut from = file;
+    from.seek(SeekFrom::Start(0))?;
+    std::io::copy(&mut from, &mut &target)?;
+    Ok(target)
 }
 
 /// Gives an `O_TMPFILE` file the name `hidden` in `dir`: through its

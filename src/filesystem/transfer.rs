@@ -15,7 +15,7 @@ use nix::sys::stat::Mode;
 use super::entry::{entry_info, set_metadata, Names};
 use super::ops::chown_file;
 use super::pin;
-use super::staged::Staged;
+use super::staged::{Published, Staged};
 use crate::proto::transfer::write_file_request::Message;
 use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileResponse, WriteHeader};
 use crate::status::{Error, Result};
@@ -217,7 +217,9 @@ where
 
 /// Writes a stream of bytes to `spec.path`: parents created for the user,
 /// ownership to the user, and (unless appending) an atomic replace through a
-/// temporary file beside the target, removed on any failure or cancellation.
+/// temporary file beside the target, removed on any failure or cancellation
+/// (a target that is a mount point is overwritten from the finished file:
+/// see [`Staged`]).
 /// A symlink at the path is written through, by [`super::pin`]'s rules, and
 /// everything after the walk happens through the pinned directory. Returns
 /// the path written. Its caller holds an upload's slot
@@ -253,17 +255,24 @@ where
     let (staged, f) = Staged::create(&target.dir, 0o600)
         .map_err(|e| Error::io(format!("create a file beside {}", shown.display()), &e))?;
     let f = copy_in(data, f, &shown, spec.gzip).await?;
-    // The owner first: a chown clears the set-user-ID and set-group-ID bits
-    // that the mode asks for.
-    chown_file(&f, user, &shown)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(shown.display(), &e))?;
-    if let Some(meta) = &spec.metadata {
-        set_metadata(&f, &shown, meta)?;
-    }
-    staged
+    let finish = |f: &std::fs::File| -> Result<()> {
+        // The owner first: a chown clears the set-user-ID and set-group-ID
+        // bits that the mode asks for.
+        chown_file(f, user, &shown)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(shown.display(), &e))?;
+        if let Some(meta) = &spec.metadata {
+            set_metadata(f, &shown, meta)?;
+        }
+        Ok(())
+    };
+    finish(&f)?;
+    let published = staged
         .publish(&f, &target.dir, &target.name)
         .map_err(|e| Error::io(format!("replace {}", shown.display()), &e))?;
+    if let Published::InPlace(f) = published {
+        finish(&f)?;
+    }
     Ok(shown)
 }
 

@@ -661,3 +661,106 @@ fn a_slow_upload_alone_is_not_cut() {
     assert_eq!(got.len(), 1 << 20);
     assert!(got[..1024].iter().all(|&b| b == 1) && got[1024..].iter().all(|&b| b == 2));
 }
+
+// No rename may replace a mount point, and envd put every upload and
+// compose in place by a rename: a file with another bind-mounted on it (a
+// volume's single file, a container-style `/etc/hosts`) could not be
+// written at all (500, "Device or resource busy"), where E2B's envd writes
+// it in place. Now such a target is overwritten from the finished file.
+#[test]
+fn files_mounted_on_are_written_in_place() {
+    const TEST: &str = "files_mounted_on_are_written_in_place";
+    if !is_root() {
+        skip(TEST, "needs root to mount a file in a namespace");
+        return;
+    }
+    let e = Envd::start_in(OWN_MOUNTS, &[]);
+    let (_t, dir) = empty_dir("d");
+    let target = dir.join("target");
+    std::fs::write(&target, b"the covered file").unwrap();
+    let (_b, outside) = empty_dir("backing");
+    let backing = outside.join("file");
+    std::fs::write(
+        &backing,
+        b"what was mounted there, longer than what replaces it",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &backing,
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    bind_in(&e, &backing, &target);
+
+    let r = upload(&e, &s(&target), b"uploaded");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&backing).unwrap(), b"uploaded");
+    let mode = std::fs::metadata(&backing).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o640, "the mounted file keeps its mode");
+
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::write(&a, b"AAA").unwrap();
+    std::fs::write(&b, b"BB").unwrap();
+    let body = serde_json::json!({"source_paths": [s(&a), s(&b)], "destination": s(&target)});
+    let r = post_json(&e.tcp, "/files/compose", &body.to_string());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&backing).unwrap(), b"AAABB");
+    // The sources went; nothing was left beside the target.
+    assert_eq!(
+        entries(&dir),
+        Some(1),
+        "{:?}",
+        std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
+    );
+    // The file under the mount was never touched.
+    assert_eq!(std::fs::read(&target).unwrap(), b"the covered file");
+    healthy(&e);
+}
+
+// An empty path is the user's home by E2B's rules, and an empty string is
+// what a client sends for a field it left out or misnamed: `Remove {}`
+// emptied the user's home directory, and `Move {"destination": ...}` (no
+// `source`) moved the home away. Both are refused now; "~" still names it.
+#[test]
+fn empty_paths_neither_remove_nor_move_the_home_directory() {
+    const TEST: &str = "empty_paths_neither_remove_nor_move_the_home_directory";
+    if !is_root() {
+        skip(TEST, "needs root to mount over /root in a namespace");
+        return;
+    }
+    let e = Envd::start_in(OWN_MOUNTS, &[]);
+    // root's home, for envd only: a directory of the test's.
+    let (_h, home) = empty_dir("home");
+    std::fs::write(home.join("keep"), b"k").unwrap();
+    bind_in(&e, &home, Path::new("/root"));
+    let (_o, other) = empty_dir("other");
+    std::fs::write(other.join("f"), b"f").unwrap();
+
+    let call = |method: &str, body: &str| {
+        let r = post_json(&e.tcp, &format!("/filesystem.Filesystem/{method}"), body);
+        assert_eq!(r.status, 400, "{method} {body}: {}", r.text());
+        assert!(r.text().contains("is empty"), "{}", r.text());
+    };
+    call("Remove", "{}");
+    call("Remove", r#"{"path":""}"#);
+    let dest = s(&other.join("moved"));
+    call("Move", &format!(r#"{{"destination":"{dest}"}}"#));
+    call(
+        "Move",
+        &format!(r#"{{"source":"","destination":"{dest}"}}"#),
+    );
+    call(
+        "Move",
+        &format!(r#"{{"source":"{}"}}"#, s(&other.join("f"))),
+    );
+    assert_eq!(std::fs::read(home.join("keep")).unwrap(), b"k");
+    assert_eq!(entries(&other), Some(1));
+    // Named, the home is still what "~" and relative paths lead to.
+    let r = post_json(
+        &e.tcp,
+        "/filesystem.Filesystem/Remove",
+        r#"{"path":"~/keep"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!home.join("keep").exists());
+}

@@ -93,6 +93,22 @@ fn upload(e: &Envd, path_query: &str, body: &[u8]) -> Reply {
     )
 }
 
+/// What [`Envd::start_in`] runs envd in for [`bind_in`]: a mount namespace
+/// of its own.
+const OWN_MOUNTS: &[&str] = &["unshare", "--mount", "--propagation", "private"];
+
+/// Bind-mounts `from` on `onto` in the mount namespace of `e` (started in
+/// [`OWN_MOUNTS`]): only envd and what it starts see the mount.
+fn bind_in(e: &Envd, from: &Path, onto: &Path) {
+    let status = std::process::Command::new("nsenter")
+        .args(["-t", &e.pid().to_string(), "-m", "mount", "--bind"])
+        .arg(from)
+        .arg(onto)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot mount {from:?} on {onto:?}");
+}
+
 fn entries(dir: &Path) -> Option<usize> {
     std::fs::read_dir(dir).ok().map(|d| d.count())
 }

@@ -601,7 +601,7 @@ async fn account_databases_swapped_for_fifos_do_not_hang_requests() {
         return;
     }
     // In a mount namespace of its own: the FIFOs cover the files for envd only.
-    let e = Envd::start_in(&["unshare", "--mount", "--propagation", "private"], &[]);
+    let e = Envd::start_in(OWN_MOUNTS, &[]);
     let mut c = e.client().await;
     let limit = Duration::from_secs(10);
     let o = run_within(&mut c, cmd("id", &["-u"]), limit).await;
@@ -611,15 +611,7 @@ async fn account_databases_swapped_for_fifos_do_not_hang_requests() {
     for db in ["passwd", "group"] {
         let fifo = dir.path().join(db);
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        let pid = e.pid().to_string();
-        let target = format!("/etc/{db}");
-        let status = std::process::Command::new("nsenter")
-            .args(["-t", &pid, "-m", "mount", "--bind"])
-            .arg(&fifo)
-            .arg(&target)
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot mount a FIFO over {target}");
+        bind_in(&e, &fifo, &Path::new("/etc").join(db));
     }
 
     let o = tokio::time::timeout(limit, run_within(&mut c, cmd("id", &["-u"]), limit))
