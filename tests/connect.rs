@@ -469,6 +469,19 @@ fn rest_health_metrics_envs_and_init() {
         .collect();
     let out = String::from_utf8(out).unwrap();
     assert_eq!(out, "1\n/tmp\n");
+    // An empty path of a filesystem call is the default workdir too (it was
+    // the user's home before 2026-12-06); "." is still under the home.
+    let stat = |path: &str| {
+        let r = post_json(
+            u,
+            "/filesystem.Filesystem/Stat",
+            &serde_json::json!({ "path": path }).to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["entry"]["path"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(stat(""), "/tmp");
+    assert_ne!(stat("."), "/tmp");
     assert_eq!(post_json(u, "/init", "{bad").status, 400);
     assert_eq!(request(u, "DELETE", "/health", &[], b"").status, 405);
     assert_eq!(request(u, "GET", "/nowhere", &[], b"").status, 404);

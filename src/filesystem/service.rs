@@ -47,13 +47,19 @@ pub struct FilesystemService {
     watchers: Arc<Watchers>,
 }
 
+/// `path` by E2B's rules: empty is the default working directory where
+/// `/init` set one, else (as any relative path) under the user's home.
 fn resolve(ctx: &RequestContext, path: &str) -> Result<PathBuf> {
-    paths::resolve(path, &ctx.user)
+    match ctx.workdir.as_deref() {
+        Some(workdir) if path.is_empty() => paths::resolve(workdir, &ctx.user),
+        _ => paths::resolve(path, &ctx.user),
+    }
 }
 
-/// `path`, unless it is empty. An empty path means the user's home (E2B's
-/// rule), which a Remove or Move should only touch when asked by name: an
-/// empty string is what a client sends for a field it left out or misnamed.
+/// `path`, unless it is empty. An empty path means the default workdir or
+/// the user's home ([`resolve`]), which a Remove or Move should only touch
+/// when asked by name: an empty string is what a client sends for a field it
+/// left out or misnamed.
 fn named<'a>(field: &str, path: &'a str) -> Result<&'a str> {
     if path.is_empty() {
         return Err(Error::invalid(format!(
