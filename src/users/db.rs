@@ -49,6 +49,9 @@ pub fn account(passwd: &Path, key: Key<'_>) -> std::io::Result<Option<Account>> 
 /// cannot be read.
 pub fn groups(group: &Path, name: &str, gid: u32) -> Vec<u32> {
     let mut out = vec![gid];
+    // What `out` holds, for the check each line makes: a file of 65,536
+    // groups naming the user cost a scan of `out` per line (~2e9 steps).
+    let mut seen = std::collections::HashSet::from([gid]);
     let text = match read(group) {
         Ok(t) => t,
         Err(e) => {
@@ -65,10 +68,11 @@ pub fn groups(group: &Path, name: &str, gid: u32) -> Vec<u32> {
             continue;
         };
         let Ok(id) = id.parse::<u32>() else { continue };
-        if members.split(',').any(|m| m == name) && !out.contains(&id) {
+        if members.split(',').any(|m| m == name) && !seen.contains(&id) {
             if out.len() == MAX_GROUPS {
                 break;
             }
+            seen.insert(id);
             out.push(id);
         }
     }
