@@ -83,8 +83,10 @@ mod skip;
 /// with the account databases read by envd instead of libc; 8,210,920 (one
 /// 8 KiB step) with mount points written in place and empty paths refused
 /// for Remove and Move; 8,206,824 (one fewer) with an empty path meaning the
-/// default workdir.
-const BUDGET: u64 = 8_211_000;
+/// default workdir; 8,227,304 (five more) with a mount point's copy on a
+/// filesystem thread (a new `pool::run` call: with the copy on the async
+/// worker instead, it stays 8,206,824).
+const BUDGET: u64 = 8_228_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::ops::chown_file;
 use super::pin;
-use super::staged::{Published, Staged};
+use super::staged::{overwrite, Published, Staged};
 use super::stop::Stop;
 use super::transfer::OpenedFile;
 use crate::status::{Error, Result};
@@ -60,7 +60,8 @@ pub fn compose(sources: &[PathBuf], dest: &Path, user: &User) -> Result<PathBuf>
     let published = staged
         .publish(&out, &target.dir, &target.name)
         .map_err(|e| Error::io(dest.display(), &e))?;
-    if let Published::InPlace(f) = published {
+    if let Published::MountPoint(f) = published {
+        overwrite(&out, &f).map_err(|e| Error::io(dest.display(), &e))?;
         chown_file(&f, user, &dest)?;
     }
     // Each source's parent is pinned too: a directory swapped for a symlink

@@ -49,7 +49,7 @@ struct Named {
 
 impl Staged {
     /// A new empty file (mode `mode` less the umask, owned by envd) in `dir`,
-    /// open for writing (and reading, for [`Published::InPlace`]).
+    /// open for writing (and reading, for [`overwrite`]).
     pub fn create(dir: &pin::Dir, mode: u32) -> std::io::Result<(Staged, File)> {
         let mode = Mode::from_bits_truncate(mode);
         let flags = OFlag::O_RDWR | OFlag::O_CLOEXEC;
@@ -101,7 +101,7 @@ impl Staged {
         }
         match renamed {
             Ok(()) => Ok(Published::Replaced),
-            Err(Errno::EBUSY) => overwrite(file, dir, name).map(Published::InPlace),
+            Err(Errno::EBUSY) => open_mounted(dir, name).map(Published::MountPoint),
             Err(e) => Err(e.into()),
         }
     }
@@ -112,16 +112,17 @@ impl Staged {
 pub enum Published {
     /// Renamed to the target's name, at once.
     Replaced,
-    /// The target is a mount point: its own file was overwritten with the
-    /// finished file's bytes. Returned so that the caller gives it the
-    /// owner, mode and attributes it gave the finished file.
-    InPlace(File),
+    /// The target is a mount point, which no rename replaces: here it is,
+    /// open for writing, for [`overwrite`] (the finished file has no name
+    /// left; its descriptor still reads it).
+    /// The caller then gives it the owner, mode and attributes it gave the
+    /// finished file.
+    MountPoint(File),
 }
 
-/// Overwrites the regular file `name` in `dir` with `file`'s bytes: opened
-/// without following a symlink or waiting (a FIFO), truncated, then copied
-/// into (`copy_file_range` where the file systems allow).
-fn overwrite(file: &File, dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Result<File> {
+/// Opens the regular file `name` in `dir` for writing, without following a
+/// symlink or waiting (a FIFO).
+fn open_mounted(dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Result<File> {
     let flags = OFlag::O_WRONLY
         | OFlag::O_NOFOLLOW
         | OFlag::O_NONBLOCK
@@ -138,11 +139,17 @@ fn overwrite(file: &File, dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Re
             ),
         ));
     }
+    Ok(target)
+}
+
+/// Truncates `target` and copies the finished `file` into it
+/// (`copy_file_range` where the file systems allow).
+pub fn overwrite(file: &File, target: &File) -> std::io::Result<()> {
     target.set_len(0)?;
     let mut from = file;
     from.seek(SeekFrom::Start(0))?;
-    std::io::copy(&mut from, &mut &target)?;
-    Ok(target)
+    std::io::copy(&mut from, &mut &*target)?;
+    Ok(())
 }
 
 /// Gives an `O_TMPFILE` file the name `hidden` in `dir`: through its

@@ -15,7 +15,7 @@ use nix::sys::stat::Mode;
 use super::entry::{entry_info, set_metadata, Names};
 use super::ops::chown_file;
 use super::pin;
-use super::staged::{Published, Staged};
+use super::staged::{overwrite, Published, Staged};
 use crate::proto::transfer::write_file_request::Message;
 use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileResponse, WriteHeader};
 use crate::status::{Error, Result};
@@ -255,30 +255,29 @@ where
     let (staged, f) = Staged::create(&target.dir, 0o600)
         .map_err(|e| Error::io(format!("create a file beside {}", shown.display()), &e))?;
     let f = copy_in(data, f, &shown, spec.gzip).await?;
-    let (user, metadata) = (user.clone(), spec.metadata);
-    // On a filesystem thread: a target that is a mount point is copied into.
-    super::pool::run(move || -> Result<PathBuf> {
-        let finish = |f: &std::fs::File| -> Result<()> {
-            // The owner first: a chown clears the set-user-ID and
-            // set-group-ID bits that the mode asks for.
-            chown_file(f, &user, &shown)?;
-            f.set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(|e| Error::io(shown.display(), &e))?;
-            if let Some(meta) = &metadata {
-                set_metadata(f, &shown, meta)?;
-            }
-            Ok(())
-        };
-        finish(&f)?;
-        let published = staged
-            .publish(&f, &target.dir, &target.name)
-            .map_err(|e| Error::io(format!("replace {}", shown.display()), &e))?;
-        if let Published::InPlace(f) = published {
-            finish(&f)?;
+    let finish = |f: &std::fs::File| -> Result<()> {
+        // The owner first: a chown clears the set-user-ID and set-group-ID
+        // bits that the mode asks for.
+        chown_file(f, user, &shown)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(shown.display(), &e))?;
+        if let Some(meta) = &spec.metadata {
+            set_metadata(f, &shown, meta)?;
         }
-        Ok(shown)
-    })
-    .await?
+        Ok(())
+    };
+    finish(&f)?;
+    let published = staged
+        .publish(&f, &target.dir, &target.name)
+        .map_err(|e| Error::io(format!("replace {}", shown.display()), &e))?;
+    if let Published::MountPoint(t) = published {
+        // On a filesystem thread: the file may be large.
+        let t = super::pool::run(move || overwrite(&f, &t).map(|()| t))
+            .await?
+            .map_err(|e| Error::io(format!("write {}", shown.display()), &e))?;
+        finish(&t)?;
+    }
+    Ok(shown)
 }
 
 /// Opens the target for appending: never through a symlink, never a FIFO or
