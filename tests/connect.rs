@@ -689,6 +689,41 @@ fn files_the_kernel_makes_are_downloaded_whole() {
     assert_eq!(r.header("content-length"), Some("0"));
 }
 
+// Nothing can be made beside a file the kernel makes, and such a file cannot
+// be replaced: an upload to `/proc/PID/oom_score_adj` (or a sysctl, or a
+// cgroup's knob) failed with 403 "create a file beside …". It is written in
+// place now, as a shell's `>` writes it.
+#[test]
+fn files_the_kernel_makes_are_written_in_place() {
+    let envd = Envd::start(&[]);
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let knob = format!("/proc/{}/oom_score_adj", child.id());
+    let r = request(
+        &envd.tcp,
+        "POST",
+        &format!("/files?path={knob}"),
+        &[("content-type", "application/octet-stream")],
+        b"617",
+    );
+    let written = std::fs::read_to_string(&knob);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(written.unwrap(), "617\n");
+    // A knob that refuses the value says so.
+    let r = request(
+        &envd.tcp,
+        "POST",
+        "/files?path=/proc/self/oom_score_adj",
+        &[("content-type", "application/octet-stream")],
+        b"not a number",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+}
+
 // An answer given before the body is read (a wrong token here) must reach
 // a client that is still sending the body: envd closes its side, then reads
 // and drops the rest until the client closes. Without that the socket is

@@ -85,8 +85,9 @@ mod skip;
 /// for Remove and Move; 8,206,824 (one fewer) with an empty path meaning the
 /// default workdir; 8,227,304 (five more) with a mount point's copy on a
 /// filesystem thread (a new `pool::run` call: with the copy on the async
-/// worker instead, it stays 8,206,824).
-const BUDGET: u64 = 8_228_000;
+/// worker instead, it stays 8,206,824); 8,231,400 (one more) with kernel
+/// files (a sysctl, a cgroup knob) written in place.
+const BUDGET: u64 = 8_232_000;
 
 #[test]
 fn static_binary_within_budget() {

@@ -101,7 +101,7 @@ impl Staged {
         }
         match renamed {
             Ok(()) => Ok(Published::Replaced),
-            Err(Errno::EBUSY) => open_mounted(dir, name).map(Published::MountPoint),
+            Err(Errno::EBUSY) => open_in_place(dir, name).map(Published::MountPoint),
             Err(e) => Err(e.into()),
         }
     }
@@ -120,9 +120,9 @@ pub enum Published {
     MountPoint(File),
 }
 
-/// Opens the regular file `name` in `dir` for writing, without following a
-/// symlink or waiting (a FIFO).
-fn open_mounted(dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Result<File> {
+/// Opens the regular file `name` in `dir` for writing in place (not
+/// truncated), without following a symlink or waiting (a FIFO).
+pub fn open_in_place(dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Result<File> {
     let flags = OFlag::O_WRONLY
         | OFlag::O_NOFOLLOW
         | OFlag::O_NONBLOCK
@@ -134,7 +134,7 @@ fn open_mounted(dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Result<File>
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
-                "a {} is mounted there; envd writes only regular files",
+                "a {} is there; envd writes only regular files",
                 super::transfer::kind_name(&kind)
             ),
         ));

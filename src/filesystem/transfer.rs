@@ -15,7 +15,7 @@ use nix::sys::stat::Mode;
 use super::entry::{entry_info, set_metadata, Names};
 use super::ops::chown_file;
 use super::pin;
-use super::staged::{overwrite, Published, Staged};
+use super::staged::{open_in_place, overwrite, Published, Staged};
 use crate::proto::transfer::write_file_request::Message;
 use crate::proto::transfer::{ReadFileResponse, WriteFileRequest, WriteFileResponse, WriteHeader};
 use crate::status::{Error, Result};
@@ -87,10 +87,13 @@ pub fn open_regular_io(path: &Path) -> std::io::Result<OpenedFile> {
 /// (`/proc/meminfo` 0, `/sys/class/net/lo/address` 4,096 for 18 bytes).
 /// Only such sizes are checked, so other files cost no `fstatfs`.
 pub fn generated(file: &std::fs::File, size: u64) -> bool {
-    if size != 0 && size != 4096 {
-        return false;
-    }
-    nix::sys::statfs::fstatfs(file).is_ok_and(|st| {
+    (size == 0 || size == 4096) && kernel_made(file)
+}
+
+/// Whether `fd` is on one of the file systems whose files the kernel makes
+/// (see [`generated`]).
+fn kernel_made<Fd: std::os::fd::AsFd>(fd: Fd) -> bool {
+    nix::sys::statfs::fstatfs(fd).is_ok_and(|st| {
         #[allow(clippy::unnecessary_cast)] // `i64` on glibc, `u64` on musl
         let magic = st.filesystem_type().0 as i64;
         matches!(
@@ -242,6 +245,19 @@ where
         .unwrap_or(DEFAULT_MODE);
     if spec.append {
         let f = open_append(&target, mode, user)?;
+        let f = copy_in(data, f, &shown, spec.gzip).await?;
+        if let Some(meta) = &spec.metadata {
+            set_metadata(&f, &shown, meta)?;
+        }
+        return Ok(shown);
+    }
+    if target.existing.is_some() && kernel_made(target.dir.fd()) {
+        // A file the kernel makes (`/proc/sys/...`, `/sys/...`, a cgroup's
+        // knobs) cannot be replaced, nor can a file be made beside it: it is
+        // written in place, as a shell's `>` writes it, and keeps the owner
+        // and mode the kernel gives it.
+        let f =
+            open_in_place(&target.dir, &target.name).map_err(|e| Error::io(shown.display(), &e))?;
         let f = copy_in(data, f, &shown, spec.gzip).await?;
         if let Some(meta) = &spec.metadata {
             set_metadata(&f, &shown, meta)?;
