@@ -199,7 +199,10 @@ async fn run(cfg: Config, start: envd::config::Start, handover: Option<i32>) -> 
         defaults.clone(),
         cfg.process_settings(),
     ));
-    let filesystem = Arc::new(FilesystemService::new(cfg.filesystem_settings()));
+    let filesystem = Arc::new(FilesystemService::new(
+        cfg.filesystem_settings(),
+        defaults.clone(),
+    ));
     let auth = Arc::new(Auth::new(cfg.access_token()?));
     let in_vm = cfg.in_vm(start);
     let guest = envd::guest::start(&cfg, start, defaults.clone(), process.clone())?;

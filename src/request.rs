@@ -25,9 +25,6 @@ pub struct RequestContext {
     /// What the answer holds of the budget for large answers (a listing
     /// grows it as it reads; see [`crate::answers`]).
     pub answer: crate::answers::Share,
-    /// The default working directory `/init` set, if any: what an empty
-    /// path means (E2B's rule), else the user's home.
-    pub workdir: Option<String>,
 }
 
 impl RequestContext {
@@ -47,7 +44,6 @@ impl RequestContext {
             keepalive: keepalive(headers)?,
             deadline: deadline(headers)?,
             answer,
-            workdir: defaults.workdir(),
         })
     }
 }

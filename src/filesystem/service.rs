@@ -14,6 +14,7 @@ use super::stop::{Abandoned, Stop};
 use super::transfer::{self, ReadStream};
 use super::watch::{watch_dir, WatchOptions};
 use super::watchers::Watchers;
+use crate::defaults::Defaults;
 use crate::paths;
 use crate::proto::filesystem::watch_dir_response::{Event, KeepAlive, StartEvent};
 use crate::proto::filesystem::*;
@@ -45,19 +46,12 @@ pub type WatchStream = BoxStream<WatchDirResponse>;
 #[derive(Debug)]
 pub struct FilesystemService {
     watchers: Arc<Watchers>,
-}
-
-/// `path` by E2B's rules: empty is the default working directory where
-/// `/init` set one, else (as any relative path) under the user's home.
-fn resolve(ctx: &RequestContext, path: &str) -> Result<PathBuf> {
-    match ctx.workdir.as_deref() {
-        Some(workdir) if path.is_empty() => paths::resolve(workdir, &ctx.user),
-        _ => paths::resolve(path, &ctx.user),
-    }
+    /// For the default workdir `/init` sets (what an empty path means).
+    defaults: Arc<Defaults>,
 }
 
 /// `path`, unless it is empty. An empty path means the default workdir or
-/// the user's home ([`resolve`]), which a Remove or Move should only touch
+/// the user's home ([`FilesystemService::resolve`]), which a Remove or Move should only touch
 /// when asked by name: an empty string is what a client sends for a field it
 /// left out or misnamed.
 fn named<'a>(field: &str, path: &'a str) -> Result<&'a str> {
@@ -99,14 +93,22 @@ fn entry(path: &std::path::Path) -> Result<EntryInfo> {
 }
 
 impl FilesystemService {
-    pub fn new(settings: Settings) -> Self {
+    pub fn new(settings: Settings, defaults: Arc<Defaults>) -> Self {
         Self {
             watchers: Watchers::new(settings.watcher_buffer, settings.watcher_idle),
+            defaults,
         }
     }
 
+    /// `path` by E2B's rules: empty is the default working directory where
+    /// `/init` set one, else (as any relative path) under the user's home.
+    fn resolve(&self, ctx: &RequestContext, path: &str) -> Result<PathBuf> {
+        let workdir = path.is_empty().then(|| self.defaults.workdir()).flatten();
+        paths::resolve(workdir.as_deref().unwrap_or(path), &ctx.user)
+    }
+
     pub async fn stat(&self, ctx: &RequestContext, req: StatRequest) -> Result<StatResponse> {
-        let path = resolve(ctx, &req.path)?;
+        let path = self.resolve(ctx, &req.path)?;
         blocking(move || {
             Ok(StatResponse {
                 entry: Some(entry(&path)?),
@@ -120,7 +122,7 @@ impl FilesystemService {
         ctx: &RequestContext,
         req: MakeDirRequest,
     ) -> Result<MakeDirResponse> {
-        let path = resolve(ctx, &req.path)?;
+        let path = self.resolve(ctx, &req.path)?;
         let user = ctx.user.clone();
         blocking(move || {
             ops::make_dir(&path, &user)?;
@@ -132,8 +134,8 @@ impl FilesystemService {
     }
 
     pub async fn move_entry(&self, ctx: &RequestContext, req: MoveRequest) -> Result<MoveResponse> {
-        let src = resolve(ctx, named("source", &req.source)?)?;
-        let dst = resolve(ctx, named("destination", &req.destination)?)?;
+        let src = self.resolve(ctx, named("source", &req.source)?)?;
+        let dst = self.resolve(ctx, named("destination", &req.destination)?)?;
         let user = ctx.user.clone();
         walking(move |stop| {
             ops::move_path(&src, &dst, &user, stop)?;
@@ -149,7 +151,7 @@ impl FilesystemService {
         ctx: &RequestContext,
         req: ListDirRequest,
     ) -> Result<ListDirResponse> {
-        let shown = resolve(ctx, &req.path)?;
+        let shown = self.resolve(ctx, &req.path)?;
         let list = |alone: bool| {
             let (shown, answer) = (shown.clone(), ctx.answer.clone());
             walking(move |stop| Self::list_blocking(&shown, req.depth, &answer, alone, stop))
@@ -189,7 +191,7 @@ impl FilesystemService {
     }
 
     pub async fn remove(&self, ctx: &RequestContext, req: RemoveRequest) -> Result<RemoveResponse> {
-        let path = resolve(ctx, named("path", &req.path)?)?;
+        let path = self.resolve(ctx, named("path", &req.path)?)?;
         if path == std::path::Path::new("/") {
             return Err(Error::invalid("refusing to remove '/'"));
         }
@@ -214,7 +216,7 @@ impl FilesystemService {
         ctx: &RequestContext,
         req: WatchDirRequest,
     ) -> Result<WatchStream> {
-        let path = resolve(ctx, &req.path)?;
+        let path = self.resolve(ctx, &req.path)?;
         let watch = watch_dir(
             path,
             options(req.recursive, req.include_entry, req.allow_network_mounts),
@@ -241,7 +243,7 @@ impl FilesystemService {
         ctx: &RequestContext,
         req: CreateWatcherRequest,
     ) -> Result<CreateWatcherResponse> {
-        let path = resolve(ctx, &req.path)?;
+        let path = self.resolve(ctx, &req.path)?;
         let id = self
             .watchers
             .create(
@@ -272,7 +274,7 @@ impl FilesystemService {
         ctx: &RequestContext,
         req: ReadFileRequest,
     ) -> Result<ReadStream> {
-        let path = resolve(ctx, &req.path)?;
+        let path = self.resolve(ctx, &req.path)?;
         transfer::read_file(path, req.offset.unwrap_or(0), req.length).await
     }
 
@@ -280,6 +282,6 @@ impl FilesystemService {
     where
         S: Stream<Item = Result<WriteFileRequest>> + Unpin + Send,
     {
-        transfer::write_file(input, &ctx.user, |p| resolve(ctx, p)).await
+        transfer::write_file(input, &ctx.user, |p| self.resolve(ctx, p)).await
     }
 }

@@ -85,7 +85,6 @@ fn root_context(timeout: Option<Duration>) -> Result<RequestContext> {
         keepalive: DEFAULT_KEEPALIVE,
         deadline: timeout.and_then(|t| tokio::time::Instant::now().checked_add(t)),
         answer: Default::default(),
-        workdir: None,
     })
 }
 
