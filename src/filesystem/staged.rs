@@ -101,7 +101,9 @@ impl Staged {
         }
         match renamed {
             Ok(()) => Ok(Published::Replaced),
-            Err(Errno::EBUSY) => open_in_place(dir, name).map(Published::MountPoint),
+            Err(Errno::EBUSY) => {
+                open_in_place(dir, name, OFlag::empty(), Mode::empty()).map(Published::MountPoint)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -121,20 +123,28 @@ pub enum Published {
 }
 
 /// Opens the regular file `name` in `dir` for writing in place (not
-/// truncated), without following a symlink or waiting (a FIFO).
-pub fn open_in_place(dir: &pin::Dir, name: &std::ffi::OsStr) -> std::io::Result<File> {
+/// truncated; `extra` adds flags, such as `O_APPEND` or `O_CREAT` with
+/// `mode`), without following a symlink or waiting (a FIFO). Another kind of
+/// file is `InvalidInput`, saying which.
+pub fn open_in_place(
+    dir: &pin::Dir,
+    name: &std::ffi::OsStr,
+    extra: OFlag,
+    mode: Mode,
+) -> std::io::Result<File> {
     let flags = OFlag::O_WRONLY
         | OFlag::O_NOFOLLOW
         | OFlag::O_NONBLOCK
         | OFlag::O_NOCTTY
         | OFlag::O_CLOEXEC;
-    let target = File::from(nix::fcntl::openat(dir.fd(), name, flags, Mode::empty())?);
+    let target = File::from(nix::fcntl::openat(dir.fd(), name, flags | extra, mode)?);
     let kind = target.metadata()?.file_type();
     if !kind.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
-                "a {} is there; envd writes only regular files",
+                "'{}' is a {}; envd writes only regular files",
+                dir.shown_of(name).display(),
                 super::transfer::kind_name(&kind)
             ),
         ));

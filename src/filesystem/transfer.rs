@@ -8,7 +8,6 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
@@ -45,10 +44,16 @@ pub struct OpenedFile {
 /// content then come from the same open file, so a concurrent replace of the
 /// path cannot mix one file's length with another's bytes.
 pub fn open_regular(path: &Path) -> Result<OpenedFile> {
-    open_regular_io(path).map_err(|e| match e.raw_os_error() {
+    open_regular_io(path).map_err(|e| file_error(path, &e))
+}
+
+/// An error opening `path` as a regular file: one that is not (our
+/// `InvalidInput`, which says so) is the caller's, else the OS's.
+fn file_error(path: &Path, e: &std::io::Error) -> Error {
+    match e.raw_os_error() {
         None if e.kind() == std::io::ErrorKind::InvalidInput => Error::invalid(e.to_string()),
-        _ => Error::io(path.display(), &e),
-    })
+        _ => Error::io(path.display(), e),
+    }
 }
 
 /// [`open_regular`] with `io::Error`s (a non-regular file is `InvalidInput`).
@@ -256,8 +261,8 @@ where
         // knobs) cannot be replaced, nor can a file be made beside it: it is
         // written in place, as a shell's `>` writes it, and keeps the owner
         // and mode the kernel gives it.
-        let f =
-            open_in_place(&target.dir, &target.name).map_err(|e| Error::io(shown.display(), &e))?;
+        let f = open_in_place(&target.dir, &target.name, OFlag::empty(), Mode::empty())
+            .map_err(|e| file_error(&shown, &e))?;
         let f = copy_in(data, f, &shown, spec.gzip).await?;
         if let Some(meta) = &spec.metadata {
             set_metadata(&f, &shown, meta)?;
@@ -300,35 +305,18 @@ where
 /// device put there since the walk; a file made here is given to the user.
 fn open_append(target: &pin::Target, mode: u32, user: &User) -> Result<std::fs::File> {
     let shown = target.shown();
-    let flags = OFlag::O_WRONLY
-        | OFlag::O_APPEND
-        | OFlag::O_NOFOLLOW
-        | OFlag::O_NONBLOCK
-        | OFlag::O_NOCTTY
-        | OFlag::O_CLOEXEC;
     let open = |extra: OFlag| {
-        nix::fcntl::openat(
-            target.dir.fd(),
-            target.name.as_os_str(),
-            flags | extra,
-            Mode::from_bits_truncate(mode),
-        )
+        let mode = Mode::from_bits_truncate(mode);
+        open_in_place(&target.dir, &target.name, OFlag::O_APPEND | extra, mode)
     };
-    let failed = |e: Errno| Error::io(shown.display(), &e.into());
-    let (fd, made) = match open(OFlag::O_CREAT | OFlag::O_EXCL) {
-        Ok(fd) => (fd, true),
-        Err(Errno::EEXIST) => (open(OFlag::empty()).map_err(failed)?, false),
+    let failed = |e: std::io::Error| file_error(&shown, &e);
+    let (f, made) = match open(OFlag::O_CREAT | OFlag::O_EXCL) {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            (open(OFlag::empty()).map_err(failed)?, false)
+        }
         Err(e) => return Err(failed(e)),
     };
-    let f = std::fs::File::from(fd);
-    let meta = f.metadata().map_err(|e| Error::io(shown.display(), &e))?;
-    if !meta.file_type().is_file() {
-        return Err(Error::invalid(format!(
-            "'{}' is a {}; envd writes only regular files",
-            shown.display(),
-            kind_name(&meta.file_type())
-        )));
-    }
     if made {
         chown_file(&f, user, &shown)?;
     }
