@@ -177,6 +177,89 @@ async fn sigterm_with_descendants_catches_processes_that_keep_forking() {
     }
 }
 
+// A process that has the tree's signal blocked when it comes, and forks
+// before it takes it, has a child born without it (perl, glibc's
+// posix_spawn and others block every signal around a fork; the forkers
+// above escaped so now and then): envd follows the signal to what such a
+// process forks meanwhile. Here the holder waits until SIGTERM is pending,
+// then forks and unblocks it (and dies of it); the child, in a session of
+// its own that the process group kill does not reach, unblocks it too and
+// sleeps on.
+#[tokio::test]
+async fn sigterm_with_descendants_reaches_children_forked_while_it_was_blocked() {
+    let cg = need_cgroups!("held_back");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let holder = r#"
+        use POSIX;
+        my $t = POSIX::SigSet->new(SIGTERM);
+        sigprocmask(SIG_BLOCK, $t);
+        $| = 1;
+        print "ready\n";
+        my $p = POSIX::SigSet->new;
+        until (sigpending($p) && $p->ismember(SIGTERM)) { select(undef, undef, undef, 0.005) }
+        if (fork) { sigprocmask(SIG_UNBLOCK, $t); sleep 100 }
+        else { sigprocmask(SIG_UNBLOCK, $t); exec "sleep", "1000" }
+    "#;
+    let (mut s, mut o) = started(
+        &mut c,
+        sh(&format!("setsid perl -e '{holder}' & exec sleep 1000")),
+    )
+    .await;
+    read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
+    let leaf = cg.leaf_of(o.pid);
+    let procs = || {
+        std::fs::read_to_string(leaf.join("cgroup.procs"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    c.send_signal(signal_pid(o.pid, Signal::Sigterm, true))
+        .await
+        .unwrap();
+    let emptied = eventually(Duration::from_secs(3), || procs() == 0).await;
+    let left = procs();
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    assert!(
+        emptied,
+        "{left} processes left: the child forked while SIGTERM was held back did not get it"
+    );
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+}
+
+// A process that blocks the signal for good is followed for a bounded time
+// only: the call answers, and the process (which never takes it) lives on.
+#[tokio::test]
+async fn a_signal_blocked_for_good_does_not_hold_the_call() {
+    let cg = need_cgroups!("blocked_for_good");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let blocker = r#"
+        use POSIX;
+        sigprocmask(SIG_BLOCK, POSIX::SigSet->new(SIGTERM));
+        $| = 1;
+        print "ready\n";
+        sleep 1000
+    "#;
+    let (mut s, mut o) = started(&mut c, sh(&format!("exec perl -e '{blocker}'"))).await;
+    read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
+    let leaf = cg.leaf_of(o.pid);
+    let sent = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.send_signal(signal_pid(o.pid, Signal::Sigterm, true)),
+    )
+    .await;
+    let alive = std::fs::read_to_string(leaf.join("cgroup.procs")).unwrap_or_default();
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    sent.expect("the signal call did not answer within 10 s")
+        .unwrap();
+    assert_eq!(
+        alive.trim(),
+        o.pid.to_string(),
+        "the blocker should live on"
+    );
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+}
+
 // Stopping and continuing a whole tree works through the freeze that tree
 // signals take: stopped processes count as frozen, and SIGCONT reaches them.
 // Each goes out beside seven SIGWINCHes to the same tree at once: they share

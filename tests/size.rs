@@ -88,8 +88,10 @@ mod skip;
 /// worker instead, it stays 8,206,824); 8,231,400 (one more) with kernel
 /// files (a sysctl, a cgroup knob) written in place; 8,239,592 (one more,
 /// with less code) after the review's mends: the filesystem service holds
-/// the defaults, and one opener for every write in place.
-const BUDGET: u64 = 8_240_000;
+/// the defaults, and one opener for every write in place; 8,247,784 (one
+/// more) with tree signals followed to what a process that held the signal
+/// back forks before it takes it.
+const BUDGET: u64 = 8_248_000;
 
 #[test]
 fn static_binary_within_budget() {

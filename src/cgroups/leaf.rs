@@ -10,6 +10,7 @@ use std::time::Duration;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
+use super::held_back;
 use super::spare::Spares;
 
 use crate::proto::process::ResourceUsage;
@@ -23,6 +24,16 @@ pub const FREEZE_WAIT: Duration = Duration::from_millis(100);
 /// How much longer a freeze not complete by [`FREEZE_WAIT`] is waited for,
 /// after the first signal passes, for a last round.
 const LATE_FREEZE_WAIT: Duration = Duration::from_secs(1);
+/// The longest a signal follows processes that hold it back after the
+/// thaw ([`Leaf::follow`]).
+const FOLLOW_WAIT: Duration = Duration::from_secs(1);
+/// How many of the processes it signalled a signal checks for holding it
+/// back.
+const MAX_CHECKED: usize = 4096;
+/// How many `/proc/PID/status` reads following a signal makes at most (a
+/// few milliseconds' work each thousand): a command can make thousands of
+/// processes that hold a signal back for good.
+const MAX_FOLLOW_READS: u32 = 32 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Leaf {
@@ -96,20 +107,102 @@ impl Leaf {
     /// makes it megabytes long), and read again while a pass finds processes
     /// it had not signalled (children forked during a pass, where the freeze
     /// did not complete), at most [`SIGNAL_PASSES`] times; and once more
-    /// when a freeze that was late completes. Blocking: a kill per process,
-    /// up to [`FREEZE_WAIT`] for the freeze, and where it was late up to
-    /// [`LATE_FREEZE_WAIT`] more.
+    /// when a freeze that was late completes. A process that had the signal
+    /// blocked is followed after the thaw ([`Leaf::follow`]). Blocking: a
+    /// kill per process, up to [`FREEZE_WAIT`] for the freeze, where it was
+    /// late up to [`LATE_FREEZE_WAIT`] more, and up to [`FOLLOW_WAIT`] for
+    /// processes that hold the signal back.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
-        let held = Hold::freeze(self);
         let mut sent = std::collections::HashSet::new();
-        self.signal_passes(sig, &mut sent)?;
-        // A freeze not complete by FREEZE_WAIT (a loaded machine) let
-        // processes that were not frozen yet fork past the passes: once it
-        // completes, one more round catches what they started.
-        if held.ours && !held.wait_frozen(Duration::ZERO) && held.wait_frozen(LATE_FREEZE_WAIT) {
+        let holding = {
+            let held = Hold::freeze(self);
             self.signal_passes(sig, &mut sent)?;
+            // A freeze not complete by FREEZE_WAIT (a loaded machine) let
+            // processes that were not frozen yet fork past the passes: once
+            // it completes, one more round catches what they started.
+            if held.ours && !held.wait_frozen(Duration::ZERO) && held.wait_frozen(LATE_FREEZE_WAIT)
+            {
+                self.signal_passes(sig, &mut sent)?;
+            }
+            sent.iter()
+                .take(MAX_CHECKED)
+                .copied()
+                .filter(|&pid| held_back::holds_back(pid, sig))
+                .collect::<std::collections::HashSet<i32>>()
+        };
+        if !holding.is_empty() {
+            self.follow(sig, &mut sent, holding)?;
         }
         Ok(())
+    }
+
+    /// After the thaw, while processes that were signalled hold the signal
+    /// back (blocked: see [`held_back`]), what they fork gets it too, as a
+    /// group signal reaches a child forked while it is being sent: a new
+    /// process in the cgroup whose parent held it back, or whose parent is
+    /// gone (envd adopted it; a process that forks and exits, as it takes
+    /// the signal, leaves its child so). Ends with one more round once none
+    /// holds it back, or after [`FOLLOW_WAIT`] (a process may block a
+    /// signal for good).
+    fn follow(
+        &self,
+        sig: nix::sys::signal::Signal,
+        sent: &mut std::collections::HashSet<i32>,
+        mut holding: std::collections::HashSet<i32>,
+    ) -> std::io::Result<()> {
+        use std::io::BufRead;
+        let me = nix::unistd::getpid().as_raw();
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_micros(50);
+        let mut last = false;
+        // Every process that held the signal back: what one forked before
+        // it took the signal is found after it did.
+        let mut held = holding.clone();
+        let mut reads = MAX_FOLLOW_READS;
+        let mut status = |pid: i32| {
+            reads = reads.checked_sub(1)?;
+            held_back::Status::read(pid)
+        };
+        loop {
+            let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
+                Err(e) if gone(&e) => return Ok(()),
+                r => r?,
+            };
+            for line in std::io::BufReader::new(procs).lines() {
+                let line = match line {
+                    Err(e) if gone(&e) => return Ok(()),
+                    r => r?,
+                };
+                let Ok(pid) = line.trim().parse::<i32>() else {
+                    continue;
+                };
+                if sent.contains(&pid) {
+                    continue;
+                }
+                let Some(new) = status(pid) else {
+                    continue;
+                };
+                if new.parent == me || held.contains(&new.parent) {
+                    sent.insert(pid);
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                    holding.insert(pid);
+                }
+            }
+            holding.retain(|&pid| status(pid).is_some_and(|s| s.holds_back(sig)));
+            held.extend(&holding);
+            if last || started.elapsed() >= FOLLOW_WAIT {
+                return Ok(());
+            }
+            if holding.is_empty() {
+                // What a process forked just before it took the signal is
+                // listed by now (a fork returns once its child is in the
+                // cgroup): one more round finds it.
+                last = true;
+                continue;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
     }
 
     /// Reads `cgroup.procs` and signals each process not in `sent`, again
@@ -120,12 +213,6 @@ impl Leaf {
         sent: &mut std::collections::HashSet<i32>,
     ) -> std::io::Result<()> {
         use std::io::BufRead;
-        // A cgroup that is gone (or going) has nothing left to signal: a
-        // signal that kills (even a frozen process dies of one at once) can
-        // end the command, and its leaf be removed, between two passes.
-        let gone = |e: &std::io::Error| {
-            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
-        };
         for _ in 0..SIGNAL_PASSES {
             let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
                 Err(e) if gone(&e) => break,
@@ -203,6 +290,14 @@ impl Leaf {
             }
         });
     }
+}
+
+/// Whether a cgroup file's error says the cgroup is gone (or going): it has
+/// nothing left to signal. A signal that kills (even a frozen process dies
+/// of one at once) can end the command, and its leaf be removed, between
+/// two passes.
+fn gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
 /// A leaf frozen for as long as this lives (`cgroup.freeze`), and thawed

@@ -11,6 +11,7 @@
 //! envd's cgroup and is never frozen.
 
 pub mod freeze;
+mod held_back;
 pub mod leaf;
 pub mod limits;
 pub mod spare;
