@@ -10,40 +10,20 @@ use std::time::Duration;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use super::held_back;
 use super::spare::Spares;
+use super::tree_signal::own_freeze;
 
 use crate::proto::process::ResourceUsage;
 
-/// Passes over `cgroup.procs` a signal other than SIGKILL makes at most.
-const SIGNAL_PASSES: usize = 8;
-/// The longest a signal waits for its cgroup to freeze. A process in an
-/// uninterruptible sleep (a stalled mount) keeps a cgroup from freezing
-/// for as long as it sleeps; the signal then goes out to what is listed.
-pub const FREEZE_WAIT: Duration = Duration::from_millis(100);
-/// How much longer a freeze not complete by [`FREEZE_WAIT`] is waited for,
-/// after the first signal passes, for a last round.
-const LATE_FREEZE_WAIT: Duration = Duration::from_secs(1);
-/// The longest a signal follows processes that hold it back after the
-/// thaw ([`Leaf::follow`]).
-const FOLLOW_WAIT: Duration = Duration::from_secs(1);
-/// How many of the processes it signalled a signal checks for holding it
-/// back.
-const MAX_CHECKED: usize = 4096;
-/// How many `/proc/PID/status` reads following a signal makes at most (a
-/// few milliseconds' work each thousand): a command can make thousands of
-/// processes that hold a signal back for good.
-const MAX_FOLLOW_READS: u32 = 32 * 1024;
-
 #[derive(Debug, Clone)]
 pub struct Leaf {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     /// The spares of the workload cgroup it is in, refilled when it retires
     /// (none for a leaf a previous image made).
     spares: Option<Arc<Spares>>,
-    /// How many tree signals hold the leaf frozen ([`Hold`]): the last one
+    /// How many tree signals hold the leaf frozen (`tree_signal::Hold`): the last one
     /// to end thaws it.
-    holders: Arc<std::sync::Mutex<u32>>,
+    pub(super) holders: Arc<std::sync::Mutex<u32>>,
 }
 
 impl Leaf {
@@ -58,7 +38,7 @@ impl Leaf {
     /// A leaf a previous envd image created (live upgrade, crash recovery):
     /// only a directory that really is a cgroup.
     ///
-    /// A leaf the previous image froze to signal it ([`Hold`]) and could not
+    /// A leaf the previous image froze to signal it (`tree_signal::Hold`) and could not
     /// thaw (it crashed in between) is thawed: envd freezes leaves for
     /// nothing else.
     pub fn adopt(dir: PathBuf) -> Option<Leaf> {
@@ -95,147 +75,6 @@ impl Leaf {
             }
             r => r,
         }
-    }
-
-    /// `sig` to every process in the cgroup, each once. The cgroup is
-    /// frozen meanwhile ([`Hold`]): a process that forks and exits in a loop
-    /// is on a new pid by the time its old one is signalled, and escaped the
-    /// passes below about one time in three; frozen, nothing in the cgroup
-    /// forks, and each process takes its signal as it thaws, before it runs
-    /// again (or at once, when the signal kills it). `cgroup.procs` is read a
-    /// line at a time (a command that forks a hundred thousand processes
-    /// makes it megabytes long), and read again while a pass finds processes
-    /// it had not signalled (children forked during a pass, where the freeze
-    /// did not complete), at most [`SIGNAL_PASSES`] times; and once more
-    /// when a freeze that was late completes. A process that had the signal
-    /// blocked is followed after the thaw ([`Leaf::follow`]). Blocking: a
-    /// kill per process, up to [`FREEZE_WAIT`] for the freeze, where it was
-    /// late up to [`LATE_FREEZE_WAIT`] more, and up to [`FOLLOW_WAIT`] for
-    /// processes that hold the signal back.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
-        let mut sent = std::collections::HashSet::new();
-        let holding = {
-            let held = Hold::freeze(self);
-            self.signal_passes(sig, &mut sent)?;
-            // A freeze not complete by FREEZE_WAIT (a loaded machine) let
-            // processes that were not frozen yet fork past the passes: once
-            // it completes, one more round catches what they started.
-            if held.ours && !held.wait_frozen(Duration::ZERO) && held.wait_frozen(LATE_FREEZE_WAIT)
-            {
-                self.signal_passes(sig, &mut sent)?;
-            }
-            sent.iter()
-                .take(MAX_CHECKED)
-                .copied()
-                .filter(|&pid| held_back::holds_back(pid, sig))
-                .collect::<std::collections::HashSet<i32>>()
-        };
-        if !holding.is_empty() {
-            self.follow(sig, &mut sent, holding)?;
-        }
-        Ok(())
-    }
-
-    /// After the thaw, while processes that were signalled hold the signal
-    /// back (blocked: see [`held_back`]), what they fork gets it too, as a
-    /// group signal reaches a child forked while it is being sent: a new
-    /// process in the cgroup whose parent held it back, or whose parent is
-    /// gone (envd adopted it; a process that forks and exits, as it takes
-    /// the signal, leaves its child so). Ends with one more round once none
-    /// holds it back, or after [`FOLLOW_WAIT`] (a process may block a
-    /// signal for good).
-    fn follow(
-        &self,
-        sig: nix::sys::signal::Signal,
-        sent: &mut std::collections::HashSet<i32>,
-        mut holding: std::collections::HashSet<i32>,
-    ) -> std::io::Result<()> {
-        use std::io::BufRead;
-        let me = nix::unistd::getpid().as_raw();
-        let started = std::time::Instant::now();
-        let mut pause = Duration::from_micros(50);
-        let mut last = false;
-        // Every process that held the signal back: what one forked before
-        // it took the signal is found after it did.
-        let mut held = holding.clone();
-        let mut reads = MAX_FOLLOW_READS;
-        let mut status = |pid: i32| {
-            reads = reads.checked_sub(1)?;
-            held_back::Status::read(pid)
-        };
-        loop {
-            let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
-                Err(e) if gone(&e) => return Ok(()),
-                r => r?,
-            };
-            for line in std::io::BufReader::new(procs).lines() {
-                let line = match line {
-                    Err(e) if gone(&e) => return Ok(()),
-                    r => r?,
-                };
-                let Ok(pid) = line.trim().parse::<i32>() else {
-                    continue;
-                };
-                if sent.contains(&pid) {
-                    continue;
-                }
-                let Some(new) = status(pid) else {
-                    continue;
-                };
-                if new.parent == me || held.contains(&new.parent) {
-                    sent.insert(pid);
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-                    holding.insert(pid);
-                }
-            }
-            holding.retain(|&pid| status(pid).is_some_and(|s| s.holds_back(sig)));
-            held.extend(&holding);
-            if last || started.elapsed() >= FOLLOW_WAIT {
-                return Ok(());
-            }
-            if holding.is_empty() {
-                // What a process forked just before it took the signal is
-                // listed by now (a fork returns once its child is in the
-                // cgroup): one more round finds it.
-                last = true;
-                continue;
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
-    }
-
-    /// Reads `cgroup.procs` and signals each process not in `sent`, again
-    /// while a pass finds such processes, at most [`SIGNAL_PASSES`] times.
-    fn signal_passes(
-        &self,
-        sig: nix::sys::signal::Signal,
-        sent: &mut std::collections::HashSet<i32>,
-    ) -> std::io::Result<()> {
-        use std::io::BufRead;
-        for _ in 0..SIGNAL_PASSES {
-            let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
-                Err(e) if gone(&e) => break,
-                r => r?,
-            };
-            let mut fresh = false;
-            for line in std::io::BufReader::new(procs).lines() {
-                let line = match line {
-                    Err(e) if gone(&e) => return Ok(()),
-                    r => r?,
-                };
-                if let Ok(pid) = line.trim().parse::<i32>() {
-                    if sent.insert(pid) {
-                        fresh = true;
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-                    }
-                }
-            }
-            if !fresh {
-                break;
-            }
-        }
-        Ok(())
     }
 
     /// Whether the OOM killer killed anything in the cgroup, and what the
@@ -292,105 +131,15 @@ impl Leaf {
     }
 }
 
-/// Whether a cgroup file's error says the cgroup is gone (or going): it has
-/// nothing left to signal. A signal that kills (even a frozen process dies
-/// of one at once) can end the command, and its leaf be removed, between
-/// two passes.
-fn gone(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
-}
-
-/// A leaf frozen for as long as this lives (`cgroup.freeze`), and thawed
-/// when the last of the tree signals holding it at once ends. Nothing when
-/// the kernel has no cgroup freezer, or when the leaf was frozen already by
-/// something else (it stays as it was).
-struct Hold<'a> {
-    leaf: &'a Leaf,
-    ours: bool,
-}
-
-/// Whether the leaf itself is frozen (its own `cgroup.freeze`, not an
-/// ancestor's); `None` without a cgroup freezer.
-fn own_freeze(dir: &Path) -> Option<bool> {
-    std::fs::read(dir.join("cgroup.freeze"))
-        .ok()
-        .map(|v| v.starts_with(b"1"))
-}
-
-impl Hold<'_> {
-    fn freeze(leaf: &Leaf) -> Hold<'_> {
-        let dir = &leaf.dir;
-        let ours = {
-            let mut holders = leaf.holders.lock().unwrap_or_else(|e| e.into_inner());
-            let ours = *holders > 0
-                || (own_freeze(dir) == Some(false)
-                    && std::fs::write(dir.join("cgroup.freeze"), "1").is_ok());
-            if ours {
-                *holders += 1;
-            }
-            ours
-        };
-        let held = Hold { leaf, ours };
-        if !ours {
-            return held;
-        }
-        held.wait_frozen(FREEZE_WAIT);
-        held
-    }
-
-    /// Waits up to `limit` (zero: looks once) for every process in the leaf
-    /// to reach the kernel's freezer (`cgroup.events`, read through one
-    /// directory fd); whether they did.
-    fn wait_frozen(&self, limit: Duration) -> bool {
-        let files = Files::open(&self.leaf.dir);
-        let frozen = || {
-            files
-                .as_ref()
-                .and_then(|f| f.read("cgroup.events"))
-                .is_some_and(|e| keyed(&e, "frozen") == Some(1))
-        };
-        let started = std::time::Instant::now();
-        let mut pause = Duration::from_micros(50);
-        loop {
-            if frozen() {
-                return true;
-            }
-            if started.elapsed() >= limit {
-                return false;
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Hold<'_> {
-    fn drop(&mut self) {
-        if !self.ours {
-            return;
-        }
-        // The thaw happens under the lock: a signal that comes meanwhile
-        // waits for it, then freezes the leaf afresh.
-        let mut holders = self.leaf.holders.lock().unwrap_or_else(|e| e.into_inner());
-        *holders = holders.saturating_sub(1);
-        if *holders == 0 {
-            let file = self.leaf.dir.join("cgroup.freeze");
-            if let Err(e) = std::fs::write(&file, "0") {
-                tracing::warn!(file = %file.display(), error = %e, "cannot thaw a command's cgroup");
-            }
-        }
-    }
-}
-
 /// Longest cgroup file read (io.stat grows with the devices).
 const MAX_FILE: usize = 64 * 1024;
 
 /// A cgroup's files, opened relative to one directory fd: no path walk
 /// and no extra system calls per file (a Start's end reads five).
-struct Files(OwnedFd);
+pub(super) struct Files(OwnedFd);
 
 impl Files {
-    fn open(dir: &Path) -> Option<Files> {
+    pub(super) fn open(dir: &Path) -> Option<Files> {
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         // openat, not open: musl's open() follows O_CLOEXEC with an fcntl.
         nix::fcntl::openat(nix::fcntl::AT_FDCWD, dir, flags, Mode::empty())
@@ -398,7 +147,7 @@ impl Files {
             .map(Files)
     }
 
-    fn read(&self, name: &str) -> Option<String> {
+    pub(super) fn read(&self, name: &str) -> Option<String> {
         let fd = nix::fcntl::openat(
             &self.0,
             name,
@@ -448,7 +197,7 @@ impl Files {
 }
 
 /// The value of `key` in `key value` lines (memory.events, cpu.stat).
-fn keyed(text: &str, key: &str) -> Option<u64> {
+pub(super) fn keyed(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok())?

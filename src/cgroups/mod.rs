@@ -15,6 +15,7 @@ mod held_back;
 pub mod leaf;
 pub mod limits;
 pub mod spare;
+mod tree_signal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
