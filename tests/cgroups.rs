@@ -260,6 +260,43 @@ async fn a_signal_blocked_for_good_does_not_hold_the_call() {
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
 }
 
+// A process that exits with the signal still blocked stays a zombie,
+// showing it pending and blocked, until its parent reaps it (here never:
+// its parent execs a sleep). Such a process holds nothing back: the call
+// answers without following it for the full second. SIGWINCH (28), which
+// the sleep ignores, so the tree stays.
+#[tokio::test]
+async fn a_zombie_that_held_the_signal_back_is_not_followed() {
+    let cg = need_cgroups!("zombie_holder");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let holder = r#"
+        use POSIX;
+        sigprocmask(SIG_BLOCK, POSIX::SigSet->new(28));
+        $| = 1;
+        print "ready\n";
+        my $p = POSIX::SigSet->new;
+        until (sigpending($p) && $p->ismember(28)) { select(undef, undef, undef, 0.005) }
+        POSIX::_exit(0)
+    "#;
+    let (mut s, mut o) =
+        started(&mut c, sh(&format!("perl -e '{holder}' & exec sleep 1000"))).await;
+    read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
+    let leaf = cg.leaf_of(o.pid);
+    let started_at = std::time::Instant::now();
+    let sent = c
+        .send_signal(signal_pid(o.pid, Signal::Sigwinch, true))
+        .await;
+    let took = started_at.elapsed();
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    sent.unwrap();
+    assert!(
+        took < Duration::from_millis(900),
+        "the call took {took:?}: it followed a zombie"
+    );
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+}
+
 // Stopping and continuing a whole tree works through the freeze that tree
 // signals take: stopped processes count as frozen, and SIGCONT reaches them.
 // Each goes out beside seven SIGWINCHes to the same tree at once: they share
