@@ -283,18 +283,57 @@ async fn a_zombie_that_held_the_signal_back_is_not_followed() {
         started(&mut c, sh(&format!("perl -e '{holder}' & exec sleep 1000"))).await;
     read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
     let leaf = cg.leaf_of(o.pid);
-    let started_at = std::time::Instant::now();
-    let sent = c
-        .send_signal(signal_pid(o.pid, Signal::Sigwinch, true))
-        .await;
-    let took = started_at.elapsed();
+    let took = signal_timed(&mut c, o.pid, Signal::Sigwinch).await;
     let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
-    sent.unwrap();
     assert!(
         took < Duration::from_millis(900),
         "the call took {took:?}: it followed a zombie"
     );
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+}
+
+// A process that stops itself with the signal blocked cannot fork before
+// a SIGCONT: it is not followed either.
+#[tokio::test]
+async fn a_stopped_process_that_holds_the_signal_back_is_not_followed() {
+    let cg = need_cgroups!("stopped_holder");
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let holder = r#"
+        use POSIX;
+        sigprocmask(SIG_BLOCK, POSIX::SigSet->new(28));
+        $| = 1;
+        print "ready\n";
+        kill "STOP", $$;
+        sleep 1000
+    "#;
+    let (mut s, mut o) = started(&mut c, sh(&format!("exec perl -e '{holder}'"))).await;
+    read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
+    let leaf = cg.leaf_of(o.pid);
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", o.pid))
+            .ok()
+            .and_then(|st| st.rsplit(')').next()?.trim_start().chars().next())
+    };
+    assert!(eventually(Duration::from_secs(5), || state() == Some('T')).await);
+    let took = signal_timed(&mut c, o.pid, Signal::Sigwinch).await;
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    assert!(
+        took < Duration::from_millis(900),
+        "the call took {took:?}: it followed a stopped process"
+    );
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+}
+
+/// How long a tree signal `sig` to `pid` took to answer (it must succeed).
+async fn signal_timed(
+    c: &mut process_client::ProcessClient<tonic::transport::Channel>,
+    pid: u32,
+    sig: Signal,
+) -> Duration {
+    let started_at = std::time::Instant::now();
+    c.send_signal(signal_pid(pid, sig, true)).await.unwrap();
+    started_at.elapsed()
 }
 
 // Stopping and continuing a whole tree works through the freeze that tree

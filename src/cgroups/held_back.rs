@@ -17,8 +17,10 @@ const MAX_STATUS: usize = 8 * 1024;
 /// What `/proc/PID/status` says of a process's signals and parent.
 pub struct Status {
     pub parent: i32,
-    /// It has exited (a zombie keeps what was pending until it is reaped).
-    dead: bool,
+    /// It cannot fork now: it has exited (a zombie keeps what was pending
+    /// until it is reaped), or it is stopped (until a SIGCONT nobody may
+    /// send).
+    idle: bool,
     /// Pending for the process or its main thread.
     pending: u64,
     /// Blocked by its main thread.
@@ -48,7 +50,7 @@ impl Status {
         let mask = |key: &str| u64::from_str_radix(field(key)?, 16).ok();
         Some(Status {
             parent: field("PPid")?.parse().ok()?,
-            dead: field("State")?.starts_with(['Z', 'X']),
+            idle: field("State")?.starts_with(['Z', 'X', 'T', 't']),
             pending: mask("SigPnd")? | mask("ShdPnd")?,
             blocked: mask("SigBlk")?,
         })
@@ -61,7 +63,7 @@ impl Status {
             .and_then(|s| s.checked_sub(1))
             .and_then(|s| 1u64.checked_shl(s))
             .unwrap_or(0);
-        !self.dead && self.pending & self.blocked & bit != 0
+        !self.idle && self.pending & self.blocked & bit != 0
     }
 }
 
