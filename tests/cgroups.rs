@@ -38,18 +38,19 @@ fn escaping_tree() -> StartRequest {
     sh("setsid sh -c 'trap \"\" TERM; echo $$; exec sleep 1000' & wait")
 }
 
+/// The test's cgroup, or a return (with the skip said) from the function
+/// it is in: `()` from a test, `None` from a helper.
 macro_rules! need_cgroups {
     ($name:expr) => {{
         if !is_root() {
-            return skip($name, "creating cgroups needs root");
+            skip($name, "creating cgroups needs root");
+            return Default::default();
         }
         match TestCgroup::create($name) {
             Some(cg) => cg,
             None => {
-                return skip_on_this_machine(
-                    $name,
-                    "no writable cgroup v2 hierarchy with cgroup.freeze",
-                )
+                skip_on_this_machine($name, "no writable cgroup v2 hierarchy with cgroup.freeze");
+                return Default::default();
             }
         }
     }};
@@ -152,26 +153,15 @@ async fn sigterm_with_descendants_catches_processes_that_keep_forking() {
         .await;
         read_until(&mut s, &mut o, |o| o.out().ends_with('\n')).await;
         let leaf = cg.leaf_of(o.pid);
-        let procs = || {
-            std::fs::read_to_string(leaf.join("cgroup.procs"))
-                .map(|s| s.lines().count())
-                .unwrap_or(0)
-        };
         assert!(
-            eventually(Duration::from_secs(5), || procs() >= 9).await,
+            eventually(Duration::from_secs(5), || procs_in(&leaf) >= 9).await,
             "the forkers did not start: {} processes",
-            procs()
+            procs_in(&leaf)
         );
-        c.send_signal(signal_pid(o.pid, Signal::Sigterm, true))
-            .await
-            .unwrap();
-        let emptied = eventually(Duration::from_secs(3), || procs() == 0).await;
-        let left = procs();
-        // Nothing is left running whatever the outcome.
-        let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+        let left = sigterm_tree_until_empty(&mut c, &leaf, o.pid).await;
         assert!(
-            emptied,
-            "round {round}: {left} processes still forking after SIGTERM with descendants"
+            left.is_ok(),
+            "round {round}: {left:?} processes still forking after SIGTERM with descendants"
         );
         read_until(&mut s, &mut o, |o| o.end.is_some()).await;
     }
@@ -208,20 +198,10 @@ async fn sigterm_with_descendants_reaches_children_forked_while_it_was_blocked()
     .await;
     read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
     let leaf = cg.leaf_of(o.pid);
-    let procs = || {
-        std::fs::read_to_string(leaf.join("cgroup.procs"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    };
-    c.send_signal(signal_pid(o.pid, Signal::Sigterm, true))
-        .await
-        .unwrap();
-    let emptied = eventually(Duration::from_secs(3), || procs() == 0).await;
-    let left = procs();
-    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    let left = sigterm_tree_until_empty(&mut c, &leaf, o.pid).await;
     assert!(
-        emptied,
-        "{left} processes left: the child forked while SIGTERM was held back did not get it"
+        left.is_ok(),
+        "{left:?} processes left: the child forked while SIGTERM was held back did not get it"
     );
     read_until(&mut s, &mut o, |o| o.end.is_some()).await;
 }
@@ -263,77 +243,100 @@ async fn a_signal_blocked_for_good_does_not_hold_the_call() {
 // A process that exits with the signal still blocked stays a zombie,
 // showing it pending and blocked, until its parent reaps it (here never:
 // its parent execs a sleep). Such a process holds nothing back: the call
-// answers without following it for the full second. SIGWINCH (28), which
-// the sleep ignores, so the tree stays.
+// answers without following it for the full second.
 #[tokio::test]
 async fn a_zombie_that_held_the_signal_back_is_not_followed() {
-    let cg = need_cgroups!("zombie_holder");
-    let envd = cg.envd();
-    let mut c = envd.client().await;
-    let holder = r#"
-        use POSIX;
-        sigprocmask(SIG_BLOCK, POSIX::SigSet->new(28));
-        $| = 1;
-        print "ready\n";
-        my $p = POSIX::SigSet->new;
+    let exits = "my $p = POSIX::SigSet->new;
         until (sigpending($p) && $p->ismember(28)) { select(undef, undef, undef, 0.005) }
-        POSIX::_exit(0)
-    "#;
-    let (mut s, mut o) =
-        started(&mut c, sh(&format!("perl -e '{holder}' & exec sleep 1000"))).await;
-    read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
-    let leaf = cg.leaf_of(o.pid);
-    let took = signal_timed(&mut c, o.pid, Signal::Sigwinch).await;
-    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+        POSIX::_exit(0)";
+    let command = format!("perl -e '{HOLDS_WINCH} {exits}' & exec sleep 1000");
+    let Some(took) = winch_to_a_holder("zombie_holder", &command, |_| true).await else {
+        return;
+    };
     assert!(
         took < Duration::from_millis(900),
         "the call took {took:?}: it followed a zombie"
     );
-    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
 }
 
 // A process that stops itself with the signal blocked cannot fork before
 // a SIGCONT: it is not followed either.
 #[tokio::test]
 async fn a_stopped_process_that_holds_the_signal_back_is_not_followed() {
-    let cg = need_cgroups!("stopped_holder");
-    let envd = cg.envd();
-    let mut c = envd.client().await;
-    let holder = r#"
-        use POSIX;
-        sigprocmask(SIG_BLOCK, POSIX::SigSet->new(28));
-        $| = 1;
-        print "ready\n";
-        kill "STOP", $$;
-        sleep 1000
-    "#;
-    let (mut s, mut o) = started(&mut c, sh(&format!("exec perl -e '{holder}'"))).await;
-    read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
-    let leaf = cg.leaf_of(o.pid);
-    let state = || {
-        std::fs::read_to_string(format!("/proc/{}/stat", o.pid))
+    let command = format!("exec perl -e '{HOLDS_WINCH} kill \"STOP\", $$; sleep 1000'");
+    let stopped = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|st| st.rsplit(')').next()?.trim_start().chars().next())
+            == Some('T')
     };
-    assert!(eventually(Duration::from_secs(5), || state() == Some('T')).await);
-    let took = signal_timed(&mut c, o.pid, Signal::Sigwinch).await;
-    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    let Some(took) = winch_to_a_holder("stopped_holder", &command, stopped).await else {
+        return;
+    };
     assert!(
         took < Duration::from_millis(900),
         "the call took {took:?}: it followed a stopped process"
     );
-    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
 }
 
-/// How long a tree signal `sig` to `pid` took to answer (it must succeed).
-async fn signal_timed(
-    c: &mut process_client::ProcessClient<tonic::transport::Channel>,
-    pid: u32,
-    sig: Signal,
-) -> Duration {
+/// Perl that blocks SIGWINCH (28: the sleeps beside it ignore it, so the
+/// tree stays) and says "ready".
+const HOLDS_WINCH: &str = r#"use POSIX;
+    sigprocmask(SIG_BLOCK, POSIX::SigSet->new(28));
+    $| = 1;
+    print "ready\n";"#;
+
+/// Starts `command` in a cgroup of its own, waits for "ready" and for
+/// `idle(pid)`, sends SIGWINCH to its tree and kills what is left: how long
+/// the call took (`None`: skipped here).
+async fn winch_to_a_holder(
+    name: &str,
+    command: &str,
+    idle: impl Fn(u32) -> bool,
+) -> Option<Duration> {
+    let cg = need_cgroups!(name);
+    let envd = cg.envd();
+    let mut c = envd.client().await;
+    let (mut s, mut o) = started(&mut c, sh(command)).await;
+    read_until(&mut s, &mut o, |o| o.out().contains("ready")).await;
+    let leaf = cg.leaf_of(o.pid);
+    assert!(eventually(Duration::from_secs(5), || idle(o.pid)).await);
     let started_at = std::time::Instant::now();
-    c.send_signal(signal_pid(pid, sig, true)).await.unwrap();
-    started_at.elapsed()
+    c.send_signal(signal_pid(o.pid, Signal::Sigwinch, true))
+        .await
+        .unwrap();
+    let took = started_at.elapsed();
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    read_until(&mut s, &mut o, |o| o.end.is_some()).await;
+    Some(took)
+}
+
+/// How many processes are in the cgroup `leaf`.
+fn procs_in(leaf: &std::path::Path) -> usize {
+    std::fs::read_to_string(leaf.join("cgroup.procs"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// Sends SIGTERM to `pid`'s tree and waits up to 3 s for its cgroup `leaf`
+/// to empty; how many processes were left if it did not (they are killed:
+/// nothing is left running whatever the outcome).
+async fn sigterm_tree_until_empty(
+    c: &mut process_client::ProcessClient<tonic::transport::Channel>,
+    leaf: &std::path::Path,
+    pid: u32,
+) -> Result<(), usize> {
+    c.send_signal(signal_pid(pid, Signal::Sigterm, true))
+        .await
+        .unwrap();
+    let emptied = eventually(Duration::from_secs(3), || procs_in(leaf) == 0).await;
+    let left = procs_in(leaf);
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    if emptied {
+        Ok(())
+    } else {
+        Err(left)
+    }
 }
 
 // Stopping and continuing a whole tree works through the freeze that tree
