@@ -23,11 +23,12 @@ const LATE_FREEZE_WAIT: Duration = Duration::from_secs(1);
 /// thaw ([`Leaf::follow`]).
 const FOLLOW_WAIT: Duration = Duration::from_secs(1);
 /// How many of the processes it signalled a signal checks for holding it
-/// back.
+/// back, while the leaf is frozen (a `/proc/PID/status` read each, 10–30 µs
+/// here).
 const MAX_CHECKED: usize = 4096;
 /// How many `/proc/PID/status` reads following a signal makes at most (a
-/// few milliseconds' work each thousand): a command can make thousands of
-/// processes that hold a signal back for good.
+/// command can make thousands of processes that hold a signal back for
+/// good); [`FOLLOW_WAIT`] bounds them sooner.
 const MAX_FOLLOW_READS: u32 = 32 * 1024;
 
 impl Leaf {
