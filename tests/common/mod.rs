@@ -35,6 +35,8 @@ enum Launch<'a> {
     Prelude(&'a str),
     /// A command that execs envd.
     Wrapper(&'a [&'a str]),
+    /// Another envd binary than [`binary`].
+    Binary(&'a str),
 }
 
 pub struct Envd {
@@ -70,6 +72,17 @@ impl Envd {
         Self::start_with(extra, Some(Launch::Wrapper(wrapper)))
     }
 
+    /// Like [`Envd::start`], with the static release build `make test`
+    /// made (`ENVD_STATIC`) where there is one: what a measure of envd's
+    /// memory should see, since glibc's allocator (the test build's) keeps
+    /// freed memory in ways musl's does not. Else the test build.
+    pub fn start_static(extra: &[&str]) -> Envd {
+        match std::env::var("ENVD_STATIC").ok().filter(|v| !v.is_empty()) {
+            Some(path) => Self::start_with(extra, Some(Launch::Binary(&path))),
+            None => Self::start(extra),
+        }
+    }
+
     fn start_with(extra: &[&str], launch: Option<Launch<'_>>) -> Envd {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("envd.sock");
@@ -84,6 +97,11 @@ impl Envd {
         let cmd = match launch {
             None => {
                 let mut c = Command::new(binary());
+                c.args(&args);
+                c
+            }
+            Some(Launch::Binary(b)) => {
+                let mut c = Command::new(b);
                 c.args(&args);
                 c
             }
