@@ -248,21 +248,20 @@ where
         .map(|m| m & 0o7777)
         .or_else(|| target.existing.as_ref().map(|m| m.mode() & 0o7777))
         .unwrap_or(DEFAULT_MODE);
-    if spec.append {
-        let f = open_append(&target, mode, user)?;
-        let f = copy_in(data, f, &shown, spec.gzip).await?;
-        if let Some(meta) = &spec.metadata {
-            set_metadata(&f, &shown, meta)?;
-        }
-        return Ok(shown);
-    }
-    if target.existing.is_some() && kernel_made(target.dir.fd()) {
-        // A file the kernel makes (`/proc/sys/...`, `/sys/...`, a cgroup's
-        // knobs) cannot be replaced, nor can a file be made beside it: it is
-        // written in place, as a shell's `>` writes it, and keeps the owner
-        // and mode the kernel gives it.
+    // Written in place: an append, and a file the kernel makes
+    // (`/proc/sys/...`, `/sys/...`, a cgroup's knobs), which cannot be
+    // replaced, nor can a file be made beside it; it is written as a shell's
+    // `>` writes it, and keeps the owner and mode the kernel gives it.
+    let in_place = if spec.append {
+        Some(open_append(&target, mode, user)?)
+    } else if target.existing.is_some() && kernel_made(target.dir.fd()) {
         let f = open_in_place(&target.dir, &target.name, OFlag::empty(), Mode::empty())
             .map_err(|e| file_error(&shown, &e))?;
+        Some(f)
+    } else {
+        None
+    };
+    if let Some(f) = in_place {
         let f = copy_in(data, f, &shown, spec.gzip).await?;
         if let Some(meta) = &spec.metadata {
             set_metadata(&f, &shown, meta)?;
