@@ -85,7 +85,6 @@ impl Leaf {
         sent: &mut std::collections::HashSet<i32>,
         mut holding: std::collections::HashSet<i32>,
     ) -> std::io::Result<()> {
-        use std::io::BufRead;
         let me = nix::unistd::getpid().as_raw();
         let started = std::time::Instant::now();
         let mut pause = Duration::from_micros(50);
@@ -99,29 +98,21 @@ impl Leaf {
             held_back::Status::read(pid)
         };
         loop {
-            let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
-                Err(e) if gone(&e) => return Ok(()),
-                r => r?,
-            };
-            for line in std::io::BufReader::new(procs).lines() {
-                let line = match line {
-                    Err(e) if gone(&e) => return Ok(()),
-                    r => r?,
-                };
-                let Ok(pid) = line.trim().parse::<i32>() else {
-                    continue;
-                };
+            let listed = self.each_listed(|pid| {
                 if sent.contains(&pid) {
-                    continue;
+                    return;
                 }
                 let Some(new) = status(pid) else {
-                    continue;
+                    return;
                 };
                 if new.parent == me || held.contains(&new.parent) {
                     sent.insert(pid);
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
                     holding.insert(pid);
                 }
+            })?;
+            if !listed {
+                return Ok(());
             }
             holding.retain(|&pid| status(pid).is_some_and(|s| s.holds_back(sig)));
             held.extend(&holding);
@@ -147,30 +138,40 @@ impl Leaf {
         sig: nix::sys::signal::Signal,
         sent: &mut std::collections::HashSet<i32>,
     ) -> std::io::Result<()> {
-        use std::io::BufRead;
         for _ in 0..SIGNAL_PASSES {
-            let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
-                Err(e) if gone(&e) => break,
-                r => r?,
-            };
             let mut fresh = false;
-            for line in std::io::BufReader::new(procs).lines() {
-                let line = match line {
-                    Err(e) if gone(&e) => return Ok(()),
-                    r => r?,
-                };
-                if let Ok(pid) = line.trim().parse::<i32>() {
-                    if sent.insert(pid) {
-                        fresh = true;
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-                    }
+            let listed = self.each_listed(|pid| {
+                if sent.insert(pid) {
+                    fresh = true;
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
                 }
-            }
-            if !fresh {
+            })?;
+            if !listed || !fresh {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Calls `each` with every pid in `cgroup.procs`, read a line at a time
+    /// (a command that forks a hundred thousand processes makes it
+    /// megabytes long); `false` when the cgroup is gone ([`gone`]).
+    fn each_listed(&self, mut each: impl FnMut(i32)) -> std::io::Result<bool> {
+        use std::io::BufRead;
+        let procs = match std::fs::File::open(self.dir.join("cgroup.procs")) {
+            Err(e) if gone(&e) => return Ok(false),
+            r => r?,
+        };
+        for line in std::io::BufReader::new(procs).lines() {
+            let line = match line {
+                Err(e) if gone(&e) => return Ok(false),
+                r => r?,
+            };
+            if let Ok(pid) = line.trim().parse::<i32>() {
+                each(pid);
+            }
+        }
+        Ok(true)
     }
 }
 
